@@ -1,0 +1,58 @@
+"""Wire format between the sandbox service and the agent (stdlib only).
+
+A connection to the agent carries one request: a JSON object on one line,
+then frames in both directions. A frame is a 5-byte header (kind, payload
+length) followed by the payload. The same framing is used for streamed HTTP
+responses of the service, so a client reads exec output the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+
+VERSION = 1
+HEADER = struct.Struct(">BI")
+MAX_FRAME = 1 << 20
+CHUNK = 256 * 1024
+
+AGENT_SOCKET = "agent.sock"
+SANDBOX_HOME = "/home/sandbox"
+SANDBOX_USER = "sandbox"
+SANDBOX_UID = 1000
+STATE_MOUNT = "/run/sandbox"
+
+
+class Frame(enum.IntEnum):
+    STDIN = 0
+    STDOUT = 1
+    STDERR = 2
+    EXIT = 3
+    SIGNAL = 4
+    RESIZE = 5
+    EOF = 6
+    DATA = 7
+    END = 8
+    ERROR = 9
+    RESULT = 10
+
+
+def encode(kind: int, payload: bytes = b"") -> bytes:
+    """One frame as bytes."""
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_json(kind: int, obj: object) -> bytes:
+    return encode(kind, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def request_line(op: str, **args: object) -> bytes:
+    return json.dumps({"op": op, **args}, separators=(",", ":")).encode() + b"\n"
+
+
+def exit_status(returncode: int) -> dict:
+    """Exit code as a shell reports it (128+N for a signal), with the signal number."""
+    if returncode < 0:
+        return {"exit_code": 128 - returncode, "signal": -returncode}
+    return {"exit_code": returncode, "signal": None}

