@@ -1,1 +1,30 @@
-"""jupyter-sandbox"""
+"""Disposable, isolated Linux sandboxes for Jupyter: run cells in them, stream their logs, SSH in."""
+
+__version__ = "0.1.0"
+
+from ._errors import (
+    CommandError,
+    CommandTimeout,
+    FileError,
+    FileExists,
+    FileNotFound,
+    InvalidRequest,
+    IsolationUnavailable,
+    PermissionDenied,
+    ProcessNotFound,
+    SandboxError,
+    SandboxExists,
+    SandboxExpired,
+    SandboxNotFound,
+    ServiceUnavailable,
+)
+from ._models import CommandResult, FileInfo, LogEntry, OutputLine, SandboxInfo
+from .client import AsyncFileSystem, AsyncProcess, AsyncSandbox, FileSystem, Process, Sandbox
+
+__all__ = [
+    "AsyncFileSystem", "AsyncProcess", "AsyncSandbox", "CommandError", "CommandResult",
+    "CommandTimeout", "FileError", "FileExists", "FileInfo", "FileNotFound", "FileSystem",
+    "InvalidRequest", "IsolationUnavailable", "LogEntry", "OutputLine", "PermissionDenied",
+    "Process", "ProcessNotFound", "Sandbox", "SandboxError", "SandboxExists", "SandboxExpired",
+    "SandboxInfo", "SandboxNotFound", "ServiceUnavailable", "__version__",
+]

@@ -12,6 +12,12 @@ from . import protocol
 from .protocol import Frame
 
 
+def raise_agent_error(payload: bytes) -> None:
+    """Raise the typed error an ERROR frame reports."""
+    error = json.loads(payload)
+    raise error_from(error["type"], error["message"])
+
+
 class AgentStream:
     """An open request to the agent: frames in, frames out."""
 
@@ -44,8 +50,7 @@ class AgentStream:
         if kind == Frame.RESULT:
             return json.loads(payload)
         if kind == Frame.ERROR:
-            error = json.loads(payload)
-            raise error_from(error["type"], error["message"])
+            raise_agent_error(payload)
         raise SandboxError(f"unexpected frame {kind} from the agent")
 
     async def data(self) -> AsyncIterator[bytes]:
@@ -58,8 +63,7 @@ class AgentStream:
             if kind == Frame.END:
                 return
             if kind == Frame.ERROR:
-                error = json.loads(payload)
-                raise error_from(error["type"], error["message"])
+                raise_agent_error(payload)
             yield payload
 
     async def close(self) -> None:

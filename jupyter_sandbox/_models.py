@@ -1,0 +1,92 @@
+"""Plain data returned by the client API."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Output and exit code of a finished command."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    stdout_bytes: bytes = field(default=b"", repr=False)
+    stderr_bytes: bytes = field(default=b"", repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox as listed by the service."""
+
+    id: str
+    name: str
+    status: str
+    created_at: float
+    timeout: str | float
+    expires_at: float | None
+    owner: str
+    labels: dict[str, str]
+    limits: dict[str, Any]
+    network: str
+    ended_at: float | None = None
+    end_reason: str | None = None
+    limits_note: str | None = None
+    usage: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SandboxInfo:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds until the deadline; None for a "session" sandbox."""
+        return None if self.expires_at is None else max(0.0, self.expires_at - time.time())
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file, directory or symlink inside a sandbox."""
+
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+    target: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FileInfo:
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of a sandbox's log: background process output or an event."""
+
+    seq: int
+    time: float
+    source: str
+    stream: str
+    text: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LogEntry:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class OutputLine:
+    """A line (or final fragment) of a running command's output."""
+
+    stream: str
+    text: str

@@ -1,0 +1,280 @@
+"""``jupyter-sandbox`` (also ``jupyter sandbox``): the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+
+from .. import __version__
+from .._durations import format_duration
+from .._errors import CommandError, SandboxError
+from .._models import SandboxInfo
+from ..client import Sandbox
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        raise SystemExit(2)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    except (SandboxError, ValueError, OSError) as e:
+        print(f"jupyter-sandbox: {e}", file=sys.stderr)
+        code = 1
+    raise SystemExit(code or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jupyter-sandbox", description="Disposable, isolated Linux sandboxes.")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("create", cmd_create, "create a sandbox and print its id")
+    p.add_argument("--name")
+    p.add_argument("--timeout", default="5m",
+                   help='how long it lives: a duration such as "30s", "5m", "1h" (default 5m)')
+    add_limit_options(p)
+
+    p = command("list", cmd_list, "list sandboxes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="include sandboxes that have ended")
+
+    p = command("info", cmd_info, "show a sandbox's state, limits and live usage")
+    p.add_argument("sandbox", help="id or name")
+
+    p = command("exec", cmd_exec, "run a command in a sandbox, streaming its output")
+    p.add_argument("sandbox", help="id or name")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command (after --)")
+    p.add_argument("--cwd")
+    p.add_argument("--timeout", type=float, help="kill the command after this many seconds")
+
+    p = command("upload", cmd_upload, "copy a local file or directory into a sandbox")
+    p.add_argument("sandbox")
+    p.add_argument("src")
+    p.add_argument("dst")
+
+    p = command("download", cmd_download, "copy a file or directory out of a sandbox")
+    p.add_argument("sandbox")
+    p.add_argument("src")
+    p.add_argument("dst")
+
+    p = command("logs", cmd_logs, "print a sandbox's log (background output, events)")
+    p.add_argument("sandbox")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    p.add_argument("--tail", type=int, help="only the last N entries")
+
+    p = command("kill", cmd_kill, "kill sandboxes")
+    p.add_argument("sandboxes", nargs="*", metavar="SANDBOX")
+    p.add_argument("--all", action="store_true", help="kill every sandbox")
+
+    p = command("extend", cmd_extend, "set a sandbox's deadline to a duration from now")
+    p.add_argument("sandbox")
+    p.add_argument("timeout")
+
+    command("status", cmd_status, "show the sandbox service's state")
+
+    p = command("serve", cmd_serve, "run the sandbox service in the foreground")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="also listen on TCP (requests need the token from the runtime file)")
+    return parser
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", help='memory limit, e.g. "512M"')
+    p.add_argument("--cpus", type=float, help="CPU limit, e.g. 0.5")
+    p.add_argument("--pids", type=int, help="process limit")
+    p.add_argument("--network", choices=("none", "host"), default="none")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="environment variable (repeatable)")
+    p.add_argument("--label", action="append", default=[], metavar="K=V",
+                   help="label (repeatable)")
+
+
+def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"invalid {what} {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    sandbox = Sandbox.create(
+        name=args.name, timeout=args.timeout, memory=args.memory, cpus=args.cpus,
+        pids=args.pids, network=args.network, env=parse_pairs(args.env, "--env"),
+        labels=parse_pairs(args.label, "--label"))
+    print(sandbox.id)
+    return 0
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _left(info: SandboxInfo) -> str:
+    if info.status != "running":
+        return info.end_reason or info.status
+    return "session" if info.time_left is None else format_duration(info.time_left)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    sandboxes = Sandbox.list(include_ended=args.all)
+    if args.json:
+        print(json.dumps([s.__dict__ for s in sandboxes], indent=2))
+        return 0
+    rows = [("ID", "NAME", "STATUS", "CREATED", "LEFT", "LIMITS", "LABELS", "OWNER")]
+    for s in sandboxes:
+        limits = " ".join(f"{k}={v}" for k, v in s.limits.items() if v) or "-"
+        labels = ",".join(f"{k}={v}" for k, v in s.labels.items()) or "-"
+        rows.append((s.id, s.name, s.status, _when(s.created_at), _left(s), limits, labels,
+                     s.owner))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = Sandbox.connect(args.sandbox).info()
+    print(json.dumps(info.__dict__, indent=2))
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ValueError("no command given: jupyter-sandbox exec ID -- CMD ...")
+    sandbox = Sandbox.connect(args.sandbox)
+
+    def write(stream):
+        def out(text: str) -> None:
+            stream.write(text)
+            stream.flush()
+        return out
+
+    try:
+        result = sandbox.sh(shlex.join(command) if len(command) > 1 else command[0],
+                            cwd=args.cwd, timeout=args.timeout, check=False,
+                            on_stdout=write(sys.stdout), on_stderr=write(sys.stderr))
+    except CommandError as e:  # a timeout
+        print(f"jupyter-sandbox: {e}", file=sys.stderr)
+        return 124
+    return result.exit_code
+
+
+class ProgressBar:
+    """A one-line progress display on stderr (only on a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.enabled, self.last = label, sys.stderr.isatty(), 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.1:
+            return
+        self.last = now
+        if total:
+            filled = int(30 * done / total)
+            bar = "#" * filled + "-" * (30 - filled)
+            sys.stderr.write(f"\r{self.label} [{bar}] {done / total:4.0%} {done >> 20} MiB")
+        else:
+            sys.stderr.write(f"\r{self.label} {done >> 20} MiB")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    bar = ProgressBar("upload")
+    Sandbox.connect(args.sandbox).fs.upload(args.src, args.dst, progress=bar)
+    bar.close()
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    bar = ProgressBar("download")
+    Sandbox.connect(args.sandbox).fs.download(args.src, args.dst, progress=bar)
+    bar.close()
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    for entry in Sandbox.connect(args.sandbox).logs(follow=args.follow, tail=args.tail):
+        prefix = f"[{entry.source}]" if entry.stream == "event" else f"[{entry.source}:{entry.stream}]"
+        sys.stdout.write(f"{prefix} {entry.text.rstrip(chr(10))}\n")
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    refs = [s.id for s in Sandbox.list()] if args.all else args.sandboxes
+    if not refs:
+        raise ValueError("name the sandboxes to kill, or use --all")
+    for ref in refs:
+        Sandbox.connect(ref).kill()
+        print(f"killed {ref}")
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    info = Sandbox.connect(args.sandbox).extend_timeout(args.timeout)
+    print(f"{info.id} now ends at {_when(info.expires_at)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..client._sync import portal
+    from ..client._async import shared_transport
+
+    async def status() -> dict:
+        return await shared_transport().request("GET", "/v1/status")
+
+    print(json.dumps(portal().call(status()), indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..service.app import AlreadyRunning, Service
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tcp = None
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        tcp = (host or "127.0.0.1", int(port))
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+
+    try:
+        asyncio.run(Service(tcp=tcp).run(ready))
+    except AlreadyRunning as e:
+        print(f"jupyter-sandbox: {e}", file=sys.stderr)
+        return 3
+    return 0

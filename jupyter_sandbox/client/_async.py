@@ -1,0 +1,294 @@
+"""The asyncio client API: ``AsyncSandbox``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal as signals
+import socket
+import sys
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .._config import Paths
+from .._durations import parse_timeout
+from .._errors import CommandError, CommandTimeout, SandboxError, ServiceUnavailable
+from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo
+from ..agent.protocol import Frame
+from ._files import AsyncFileSystem
+from ._transport import Transport, read_frames
+
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Paths, Transport]] = (
+    weakref.WeakKeyDictionary())
+
+
+def shared_transport() -> Transport:
+    """One connection to the service per event loop (HTTP clients are bound to a loop)."""
+    paths = Paths.default()
+    per_loop = _shared.setdefault(asyncio.get_running_loop(), {})
+    if paths not in per_loop:
+        per_loop[paths] = Transport(paths)
+    return per_loop[paths]
+
+
+def default_owner() -> str:
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{program} (pid {os.getpid()} on {socket.gethostname()})"
+
+
+class AsyncProcess:
+    """A background process started with ``spawn``."""
+
+    def __init__(self, sandbox: AsyncSandbox, info: dict[str, Any]) -> None:
+        self.sandbox = sandbox
+        self.pid: int = info["pid"]
+        self.command: str = info["command"]
+        self.exit_code: int | None = info.get("exit_code")
+
+    def __repr__(self) -> str:
+        return f"<AsyncProcess pid={self.pid} {self.command!r}>"
+
+    def _url(self, action: str) -> str:
+        return f"/v1/sandboxes/{self.sandbox.id}/procs/{self.pid}/{action}"
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the process to exit; its exit code (None if still running at timeout)."""
+        params = {"timeout": timeout} if timeout is not None else {}
+        info = await self.sandbox._transport.request(
+            "GET", self._url("wait"), params=params, timeout=None)
+        self.exit_code = info["exit_code"]
+        return self.exit_code
+
+    async def kill(self, signal: int = signals.SIGTERM) -> None:
+        """Send `signal` to the process's group."""
+        await self.sandbox._transport.request("POST", self._url("signal"),
+                                              json={"signal": int(signal)})
+
+    async def is_running(self) -> bool:
+        info = await self.sandbox._transport.request("GET", self._url("wait"),
+                                                     params={"timeout": 0})
+        self.exit_code = info["exit_code"]
+        return bool(info["running"])
+
+    def output(self, follow: bool = True) -> AsyncIterator[OutputLine]:
+        """The process's stdout and stderr lines, following until it exits."""
+        return self.sandbox._log_stream(follow=follow, pid=self.pid, output_only=True)
+
+
+class AsyncSandbox:
+    """A handle on one sandbox. Create, connect or list through the class methods."""
+
+    def __init__(self, info: dict[str, Any], transport: Transport,
+                 lease: str | None = None, lease_ttl: float = 10.0) -> None:
+        self._transport = transport
+        self._info = SandboxInfo.from_json(info)
+        self.id: str = self._info.id
+        self.name: str = self._info.name
+        self.fs = AsyncFileSystem(self)
+        self._lease = lease
+        self._renewer: asyncio.Task | None = None
+        if lease is not None:
+            self._renewer = asyncio.create_task(self._renew_forever(lease_ttl / 3))
+
+    def __repr__(self) -> str:
+        return f"<AsyncSandbox {self.id} name={self.name!r}>"
+
+    @property
+    def owns_lease(self) -> bool:
+        """True while this handle keeps a "session" sandbox alive."""
+        return self._lease is not None
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, *, name: str | None = None, timeout: str | float = "session",
+                     memory: str | int | None = None, cpus: float | None = None,
+                     pids: int | None = None, network: str = "none",
+                     env: dict[str, str] | None = None, labels: dict[str, str] | None = None,
+                     owner: str | None = None) -> AsyncSandbox:
+        """Start a sandbox. ``timeout`` is "session" (lives with this handle) or a duration."""
+        parse_timeout(timeout)  # fail here, before any service is started
+        transport = shared_transport()
+        body = {"name": name, "timeout": timeout, "memory": memory, "cpus": cpus, "pids": pids,
+                "network": network, "env": env, "labels": labels,
+                "owner": owner or default_owner()}
+        info = await transport.request(
+            "POST", "/v1/sandboxes", json={k: v for k, v in body.items() if v is not None},
+            timeout=None)
+        return cls(info, transport, info.get("lease"), info.get("lease_ttl", 10.0))
+
+    @classmethod
+    async def connect(cls, ref: str) -> AsyncSandbox:
+        """Attach to a running sandbox by id or name (it does not become yours to end)."""
+        transport = shared_transport()
+        return cls(await transport.request("GET", f"/v1/sandboxes/{ref}"), transport)
+
+    @classmethod
+    async def list(cls, include_ended: bool = False) -> list[SandboxInfo]:
+        data = await shared_transport().request(
+            "GET", "/v1/sandboxes", params={"all": "1"} if include_ended else {})
+        return [SandboxInfo.from_json(s) for s in data["sandboxes"]]
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    async def _renew_forever(self, interval: float) -> None:
+        while self._lease is not None:
+            await asyncio.sleep(interval)
+            try:
+                await self._transport.request("POST", f"/v1/sandboxes/{self.id}/lease",
+                                              json={"lease": self._lease})
+            except ServiceUnavailable:
+                continue  # the next attempt restarts the service, which re-adopts us
+            except SandboxError:
+                self._lease = None
+
+    def _stop_renewing(self) -> None:
+        self._lease = None
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+
+    async def info(self) -> SandboxInfo:
+        """Current state, limits and live CPU and memory use."""
+        self._info = SandboxInfo.from_json(
+            await self._transport.request("GET", f"/v1/sandboxes/{self.id}"))
+        return self._info
+
+    async def extend_timeout(self, timeout: str | float) -> SandboxInfo:
+        """Set the deadline to `timeout` from now; the sandbox then outlives this handle."""
+        info = await self._transport.request(
+            "POST", f"/v1/sandboxes/{self.id}/timeout", json={"timeout": timeout})
+        self._stop_renewing()
+        self._info = SandboxInfo.from_json(info)
+        return self._info
+
+    async def kill(self) -> None:
+        """End the sandbox now: its processes, files and credentials go."""
+        self._stop_renewing()
+        with contextlib.suppress(SandboxError):
+            await self._transport.request("DELETE", f"/v1/sandboxes/{self.id}")
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def sh(self, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None,
+                 input: str | bytes | None = None, timeout: float | None = None,
+                 check: bool = True, on_stdout: Callable[[str], None] | None = None,
+                 on_stderr: Callable[[str], None] | None = None) -> CommandResult:
+        """Run `cmd` with /bin/sh; raise CommandError on a non-zero exit unless check=False.
+
+        `on_stdout` / `on_stderr` are called with each line as it is produced.
+        """
+        out, err = bytearray(), bytearray()
+        callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        status: dict[str, Any] = {}
+        async for kind, data in self._exec(cmd, cwd=cwd, env=env, input=input, timeout=timeout,
+                                           status=status):
+            (out if kind == "stdout" else err).extend(data)
+            if callbacks[kind] is not None:
+                callbacks[kind](data.decode(errors="replace"))
+        result = CommandResult(out.decode(errors="replace"), err.decode(errors="replace"),
+                               status["exit_code"], bytes(out), bytes(err))
+        if status.get("timed_out"):
+            raise CommandTimeout(f"command timed out after {timeout} s: {cmd!r}", result)
+        if check and result.exit_code != 0:
+            raise CommandError(f"command exited with code {result.exit_code}: {cmd!r}\n"
+                               f"{result.stderr[-2000:]}", result)
+        return result
+
+    async def stream(self, cmd: str, *, cwd: str | None = None,
+                     env: dict[str, str] | None = None, input: str | bytes | None = None,
+                     timeout: float | None = None, check: bool = True
+                     ) -> AsyncIterator[OutputLine]:
+        """Yield the command's output line by line as it is produced."""
+        status: dict[str, Any] = {}
+        async for kind, data in self._exec(cmd, cwd=cwd, env=env, input=input, timeout=timeout,
+                                           status=status):
+            yield OutputLine(kind, data.decode(errors="replace"))
+        if status.get("timed_out"):
+            raise CommandTimeout(f"command timed out after {timeout} s: {cmd!r}")
+        if check and status["exit_code"] != 0:
+            raise CommandError(f"command exited with code {status['exit_code']}: {cmd!r}",
+                               CommandResult("", "", status["exit_code"]))
+
+    async def _exec(self, cmd: str, *, cwd: str | None, env: dict[str, str] | None,
+                    input: str | bytes | None, timeout: float | None,
+                    status: dict[str, Any]) -> AsyncIterator[tuple[str, bytes]]:
+        """(stream, line) pairs of a command's output; fills `status` at the end."""
+        body: dict[str, Any] = {"cmd": cmd, "cwd": cwd, "env": env, "timeout": timeout}
+        if input is not None:
+            data = input.encode() if isinstance(input, str) else input
+            body["input_b64"] = base64.b64encode(data).decode()
+        lines = {Frame.STDOUT: _LineSplitter("stdout"), Frame.STDERR: _LineSplitter("stderr")}
+        async with self._transport.stream("POST", f"/v1/sandboxes/{self.id}/exec", json=body,
+                                          timeout=None) as response:
+            async for kind, payload in read_frames(response):
+                if kind in lines:
+                    for line in lines[kind].feed(payload):
+                        yield lines[kind].name, line
+                elif kind == Frame.EXIT:
+                    status.update(json.loads(payload))
+        for splitter in lines.values():
+            for line in splitter.flush():
+                yield splitter.name, line
+        if "exit_code" not in status:
+            raise SandboxError("the command's connection ended before it exited "
+                               "(the sandbox may have been killed)")
+
+    async def spawn(self, cmd: str, *, cwd: str | None = None,
+                    env: dict[str, str] | None = None) -> AsyncProcess:
+        """Start `cmd` in the background; its output goes to the sandbox log."""
+        info = await self._transport.request(
+            "POST", f"/v1/sandboxes/{self.id}/spawn", json={"cmd": cmd, "cwd": cwd, "env": env})
+        return AsyncProcess(self, info)
+
+    async def processes(self) -> list[AsyncProcess]:
+        data = await self._transport.request("GET", f"/v1/sandboxes/{self.id}/procs")
+        return [AsyncProcess(self, p) for p in data["processes"]]
+
+    def logs(self, follow: bool = False, tail: int | None = None) -> AsyncIterator[LogEntry]:
+        """Log entries (background output and events); `follow` waits for new ones."""
+        return self._log_stream(follow=follow, tail=tail)
+
+    async def _log_stream(self, follow: bool, tail: int | None = None, pid: int | None = None,
+                          output_only: bool = False) -> AsyncIterator[Any]:
+        params = {"follow": "1" if follow else "0"}
+        if tail is not None:
+            params["tail"] = str(tail)
+        if pid is not None:
+            params["pid"] = str(pid)
+        async with self._transport.stream("GET", f"/v1/sandboxes/{self.id}/logs",
+                                          params=params, timeout=None) as response:
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                entry = LogEntry.from_json(json.loads(line))
+                if not output_only:
+                    yield entry
+                elif entry.stream != "event":
+                    yield OutputLine(entry.stream, entry.text)
+
+
+class _LineSplitter:
+    """Splits a byte stream into lines, keeping the newline."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.pending = name, b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        return [line + b"\n" for line in lines]
+
+    def flush(self) -> list[bytes]:
+        rest, self.pending = self.pending, b""
+        return [rest] if rest else []

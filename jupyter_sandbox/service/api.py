@@ -1,0 +1,331 @@
+"""The service's HTTP API: REST for sandboxes, framed streams for exec, files and logs.
+
+Streamed bodies use the agent's framing (``agent.protocol``) or newline-
+delimited JSON for logs. Errors are JSON ``{"error": <class>, "message": ...}``
+with the class's HTTP status, so the client can raise the same typed error.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .._errors import InvalidRequest, SandboxError
+from ..agent.protocol import CHUNK, Frame, encode, encode_json
+from ..agent.remote import raise_agent_error
+from .manager import Live, Manager
+from .state import SandboxRecord
+
+log = logging.getLogger("jupyter_sandbox.service")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FILE_OPS = ("stat", "list", "mkdir", "remove", "rename")
+FRAMED = "application/x-sandbox-frames"
+
+
+def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, Any]:
+    """A sandbox as clients see it."""
+    data = {
+        "id": record.id, "name": record.name, "status": record.status,
+        "created_at": record.created_at,
+        "timeout": "session" if record.timeout is None else record.timeout,
+        "expires_at": record.expires_at, "owner": record.owner, "labels": record.labels,
+        "limits": record.limits, "network": record.network,
+        "ended_at": record.ended_at, "end_reason": record.end_reason,
+    }
+    if live is not None:
+        data["limits_note"] = live.runtime.limits_note
+        data["hostname"] = record.id
+    return data
+
+
+def make_app(manager: Manager, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[_errors_middleware, _auth_middleware(token)],
+                          client_max_size=1 << 20)
+    app["manager"] = manager
+    app["activity"] = Activity()
+    api = Api(manager)
+    app.add_routes([
+        web.get("/v1/status", api.status),
+        web.get("/v1/sandboxes", api.list),
+        web.post("/v1/sandboxes", api.create),
+        web.get("/v1/sandboxes/{ref}", api.info),
+        web.delete("/v1/sandboxes/{ref}", api.kill),
+        web.post("/v1/sandboxes/{ref}/timeout", api.extend),
+        web.post("/v1/sandboxes/{ref}/lease", api.renew),
+        web.post("/v1/sandboxes/{ref}/exec", api.exec),
+        web.post("/v1/sandboxes/{ref}/spawn", api.spawn),
+        web.get("/v1/sandboxes/{ref}/procs", api.procs),
+        web.get("/v1/sandboxes/{ref}/procs/{pid}/wait", api.proc_wait),
+        web.post("/v1/sandboxes/{ref}/procs/{pid}/signal", api.proc_signal),
+        web.get("/v1/sandboxes/{ref}/logs", api.logs),
+        web.post("/v1/sandboxes/{ref}/files/{op}", api.file_op),
+        web.get("/v1/sandboxes/{ref}/files/read", api.read_file),
+        web.put("/v1/sandboxes/{ref}/files/write", api.write_file),
+        web.get("/v1/sandboxes/{ref}/files/tar", api.read_tar),
+        web.put("/v1/sandboxes/{ref}/files/tar", api.write_tar),
+    ])
+    return app
+
+
+class Activity:
+    """When the service was last used, for the idle shutdown."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.last = time.monotonic()
+
+    def idle_for(self) -> float:
+        return 0.0 if self.active else time.monotonic() - self.last
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    activity: Activity = request.app["activity"]
+    activity.active += 1
+    try:
+        return await handler(request)
+    except SandboxError as e:
+        return web.json_response({"error": type(e).__name__, "message": str(e)},
+                                 status=e.status if e.status >= 400 else 500)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return web.json_response({"error": "InvalidRequest", "message": f"bad JSON: {e}"},
+                                 status=400)
+    finally:
+        activity.active -= 1
+        activity.last = time.monotonic()
+
+
+def _auth_middleware(token: str | None):
+    """TCP listeners require the bearer token; the Unix socket is guarded by its mode."""
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("sockname") if request.transport else None
+        if isinstance(peer, tuple):
+            given = request.headers.get("Authorization", "")
+            if token is None or not secrets.compare_digest(given, f"Bearer {token}"):
+                return web.json_response(
+                    {"error": "PermissionDenied", "message": "missing or wrong bearer token"},
+                    status=401)
+        return await handler(request)
+
+    return auth
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    body = await request.json()
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _query_path(request: web.Request) -> str:
+    path = request.query.get("path")
+    if not path:
+        raise InvalidRequest("the 'path' parameter is required")
+    return path
+
+
+def _int(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a whole number") from None
+
+
+class Api:
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def _live(self, request: web.Request) -> Live:
+        return self.manager.get(request.match_info["ref"])
+
+    # -- sandboxes ---------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        backend = self.manager.backend
+        return web.json_response({
+            "pid": request.app["pid"], "version": request.app["version"],
+            "started_at": request.app["started_at"], "sandboxes": len(self.manager.live),
+            "isolation": backend.unavailable or "ok",
+            "cgroups": backend.cgroups.unavailable or f"v{backend.cgroups.version}",
+        })
+
+    async def list(self, request: web.Request) -> web.Response:
+        include_ended = request.query.get("all") in ("1", "true")
+        records = self.manager.list(include_ended)
+        return web.json_response({"sandboxes": [
+            record_json(r, self.manager.live.get(r.id)) for r in records]})
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        allowed = {"name", "timeout", "memory", "cpus", "pids", "network", "env", "labels",
+                   "owner"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise InvalidRequest(f"unknown option(s): {', '.join(sorted(unknown))}")
+        record = await self.manager.create(**body)
+        data = record_json(record, self.manager.live.get(record.id))
+        data["lease"] = record.lease_id
+        data["lease_ttl"] = self.manager.settings.lease_ttl
+        return web.json_response(data, status=201)
+
+    async def info(self, request: web.Request) -> web.Response:
+        live = self._live(request)
+        data = record_json(live.record, live)
+        data["usage"] = self.manager.usage(live)
+        return web.json_response(data)
+
+    async def kill(self, request: web.Request) -> web.Response:
+        record = await self.manager.kill(request.match_info["ref"])
+        return web.json_response(record_json(record))
+
+    async def extend(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        record = self.manager.extend(request.match_info["ref"], body.get("timeout"))
+        return web.json_response(record_json(record))
+
+    async def renew(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        record = self.manager.renew(request.match_info["ref"], body.get("lease", ""))
+        return web.json_response({"lease_expires": record.lease_expires})
+
+    # -- processes ---------------------------------------------------------------------
+
+    def _env(self, live: Live, extra: Any) -> dict[str, str]:
+        if extra is not None and not isinstance(extra, dict):
+            raise InvalidRequest("env must be a mapping of names to values")
+        return {**live.record.env, **{str(k): str(v) for k, v in (extra or {}).items()}}
+
+    async def exec(self, request: web.Request) -> web.StreamResponse:
+        """Run a command; the response streams RESULT, STDOUT/STDERR and EXIT frames."""
+        live = self._live(request)
+        body = await _json(request)
+        stdin = body.get("input_b64")
+        timeout = body.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise InvalidRequest("timeout must be a positive number of seconds")
+        agent = await live.agent.open(
+            "exec", cmd=body.get("cmd"), argv=body.get("argv"), cwd=body.get("cwd"),
+            env=self._env(live, body.get("env")), timeout=timeout, stdin=stdin is not None)
+        async with agent:
+            started = await agent.result()
+            if stdin is not None:
+                await agent.send(Frame.STDIN, base64.b64decode(stdin))
+                await agent.send(Frame.EOF)
+            response = await _framed_response(request)
+            await response.write(encode_json(Frame.RESULT, started))
+            while (frame := await agent.recv()) is not None:
+                await response.write(encode(*frame))
+                if frame[0] == Frame.EXIT:
+                    break
+            await response.write_eof()
+            return response
+
+    async def spawn(self, request: web.Request) -> web.Response:
+        live = self._live(request)
+        body = await _json(request)
+        info = await live.agent.call("spawn", cmd=body.get("cmd"), argv=body.get("argv"),
+                                     cwd=body.get("cwd"), env=self._env(live, body.get("env")))
+        return web.json_response(info)
+
+    async def procs(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._live(request).agent.call("procs"))
+
+    async def proc_wait(self, request: web.Request) -> web.Response:
+        live = self._live(request)
+        timeout = request.query.get("timeout")
+        info = await live.agent.call("proc_wait", pid=_int(request.match_info["pid"], "pid"),
+                                     timeout=float(timeout) if timeout else None)
+        return web.json_response(info)
+
+    async def proc_signal(self, request: web.Request) -> web.Response:
+        live = self._live(request)
+        body = await _json(request)
+        info = await live.agent.call("proc_signal", pid=_int(request.match_info["pid"], "pid"),
+                                     signal=int(body.get("signal", 15)))
+        return web.json_response(info)
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """Log entries as JSON lines; `follow=1` keeps streaming new ones."""
+        live = self._live(request)
+        query = request.query
+        agent = await live.agent.open(
+            "logs", after=_int(query.get("after"), "after") or 0,
+            tail=_int(query.get("tail"), "tail"), follow=query.get("follow") in ("1", "true"),
+            pid=_int(query.get("pid"), "pid"))
+        async with agent:
+            first = await agent.recv()
+            if first is not None and first[0] == Frame.ERROR:
+                raise_agent_error(first[1])
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            frame = first
+            while frame is not None and frame[0] == Frame.RESULT:
+                await response.write(frame[1] + b"\n")
+                frame = await agent.recv()
+            await response.write_eof()
+            return response
+
+    # -- files -------------------------------------------------------------------------
+
+    async def file_op(self, request: web.Request) -> web.Response:
+        op = request.match_info["op"]
+        if op not in FILE_OPS:
+            raise web.HTTPNotFound()
+        body = await _json(request)
+        return web.json_response(await self._live(request).agent.call(op, **body))
+
+    async def read_file(self, request: web.Request) -> web.StreamResponse:
+        return await self._download(request, "read")
+
+    async def read_tar(self, request: web.Request) -> web.StreamResponse:
+        return await self._download(request, "tar_out")
+
+    async def _download(self, request: web.Request, op: str) -> web.StreamResponse:
+        live = self._live(request)
+        async with await live.agent.open(op, path=_query_path(request)) as agent:
+            info = await agent.result()
+            response = web.StreamResponse(headers={
+                "Content-Type": "application/octet-stream", "X-Sandbox-Stat": json.dumps(info)})
+            await response.prepare(request)
+            async for chunk in agent.data():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def write_file(self, request: web.Request) -> web.Response:
+        mode = request.query.get("mode")
+        return await self._upload(request, "write", mode=int(mode, 8) if mode else None)
+
+    async def write_tar(self, request: web.Request) -> web.Response:
+        return await self._upload(request, "tar_in")
+
+    async def _upload(self, request: web.Request, op: str, **args: Any) -> web.Response:
+        live = self._live(request)
+        async with await live.agent.open(op, path=_query_path(request), **args) as agent:
+            try:
+                while chunk := await request.content.read(CHUNK):
+                    await agent.send(Frame.DATA, chunk)
+                await agent.send(Frame.END)
+            except ConnectionError:
+                pass  # the agent refused early; its answer below says why
+            return web.json_response(await agent.result())
+
+
+async def _framed_response(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": FRAMED})
+    await response.prepare(request)
+    return response
+

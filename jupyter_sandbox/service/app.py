@@ -1,0 +1,109 @@
+"""Running the service: one per OS user, on a 0600 Unix socket, found through a runtime file.
+
+It holds an exclusive lock for its whole life so a second one cannot start,
+writes the runtime file once it is listening, and exits by itself after an
+idle period with no sandboxes. Sandboxes are not stopped when the service
+stops: a service started later re-adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+
+from aiohttp import web
+
+from .. import __version__
+from .._config import Paths, Settings
+from ..backends.local import LocalBackend
+from .api import make_app
+from .manager import Manager
+from .state import State
+
+log = logging.getLogger("jupyter_sandbox.service")
+
+
+class AlreadyRunning(RuntimeError):
+    """Another service of this user holds the lock."""
+
+
+class Service:
+    def __init__(self, paths: Paths | None = None, settings: Settings | None = None,
+                 tcp: tuple[str, int] | None = None) -> None:
+        self.paths = paths or Paths.default()
+        self.settings = settings or Settings.from_env()
+        self.tcp = tcp
+        self.stopping = asyncio.Event()
+        self._lock_fd: int | None = None
+
+    def _lock(self) -> None:
+        self.paths.runtime_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning("a sandbox service is already running for this user") from None
+        self._lock_fd = fd
+
+    async def run(self, ready: callable = None) -> None:
+        """Serve until SIGTERM/SIGINT or until idle; `ready()` is called once listening."""
+        os.umask(0o077)
+        self._lock()
+        state = State(self.paths.database)
+        backend = LocalBackend(self.paths.storage_dir)
+        await asyncio.to_thread(backend.prepare)
+        if backend.unavailable:
+            log.error("isolation unavailable: %s", backend.unavailable)
+        manager = Manager(state, backend, self.settings)
+        await manager.start()
+        token = secrets.token_urlsafe(32) if self.tcp else None
+        app = make_app(manager, token)
+        app["pid"], app["version"], app["started_at"] = os.getpid(), __version__, time.time()
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths.socket)
+        await web.UnixSite(runner, str(self.paths.socket)).start()
+        os.chmod(self.paths.socket, 0o600)
+        runtime = {"pid": os.getpid(), "socket": str(self.paths.socket), "version": __version__}
+        if self.tcp:
+            site = web.TCPSite(runner, *self.tcp)
+            await site.start()
+            host, port = site._server.sockets[0].getsockname()[:2]
+            runtime.update(url=f"http://{host}:{port}", token=token)
+        tmp = self.paths.runtime_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runtime))
+        os.replace(tmp, self.paths.runtime_file)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        log.info("serving on %s (pid %d)", self.paths.socket, os.getpid())
+        if ready:
+            ready()
+        idle = asyncio.create_task(self._idle_watch(manager, app["activity"]))
+        try:
+            await self.stopping.wait()
+        finally:
+            idle.cancel()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.runtime_file.unlink()
+            await runner.cleanup()
+            await manager.close()
+            state.close()
+            log.info("service stopped")
+
+    async def _idle_watch(self, manager: Manager, activity) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.settings.idle_timeout / 4))
+            if not manager.live and activity.idle_for() > self.settings.idle_timeout:
+                log.info("idle for %.0f s with no sandboxes: exiting", activity.idle_for())
+                self.stopping.set()
+                return
