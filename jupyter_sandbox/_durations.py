@@ -17,9 +17,8 @@ def parse_duration(value: str | float | int) -> float:
     """Seconds in a duration: 30, "30s", "5m", "1h30m", "250ms"."""
     if isinstance(value, bool):
         raise InvalidRequest(f"invalid duration {value!r}: expected {DURATION_FORMS}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+    number = isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value)
+    if isinstance(value, (int, float)) or number:
         seconds = float(value)
     elif isinstance(value, str) and re.fullmatch(rf"(?:{_DURATION.pattern}\s*)+", value.strip()):
         seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
@@ -45,7 +44,9 @@ def parse_size(value: str | int | None) -> int | None:
         return value
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
     if not match:
-        raise InvalidRequest(f'invalid size {value!r}: expected bytes or a size such as "512M", "2G"')
+        raise InvalidRequest(
+            f'invalid size {value!r}: expected bytes or a size such as "512M", "2G"'
+        )
     number, unit = float(match.group(1)), match.group(2).lower()
     size = int(number * 1024 ** "_kmgt".index(unit or "_"))
     if size < 4 * 1024 * 1024:

@@ -102,9 +102,20 @@ class CommandTimeout(CommandError, TimeoutError):
 ERRORS: dict[str, type[SandboxError]] = {
     cls.__name__: cls
     for cls in (
-        SandboxError, SandboxNotFound, SandboxExpired, SandboxExists, InvalidRequest,
-        IsolationUnavailable, ServiceUnavailable, FileNotFound, FileExists, PermissionDenied,
-        FileError, ProcessNotFound, CommandError, CommandTimeout,
+        SandboxError,
+        SandboxNotFound,
+        SandboxExpired,
+        SandboxExists,
+        InvalidRequest,
+        IsolationUnavailable,
+        ServiceUnavailable,
+        FileNotFound,
+        FileExists,
+        PermissionDenied,
+        FileError,
+        ProcessNotFound,
+        CommandError,
+        CommandTimeout,
     )
 }
 # Error kinds reported by the agent that are not class names of their own.

@@ -90,3 +90,33 @@ class OutputLine:
 
     stream: str
     text: str
+
+
+@dataclass(frozen=True)
+class SshAccess:
+    """How to SSH into a sandbox. The username is the credential: keep ``command`` private."""
+
+    hostname: str
+    port: int
+    username: str
+    command: str
+    expires_at: float | None
+    host_key_fingerprint: str
+    known_hosts_line: str
+    sandbox_id: str = ""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SshAccess:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def __repr__(self) -> str:  # never print the token by accident
+        return (
+            f"SshAccess(hostname={self.hostname!r}, port={self.port}, username='***', "
+            f"expires_at={self.expires_at}, host_key_fingerprint="
+            f"{self.host_key_fingerprint!r})"
+        )
+
+    @property
+    def masked_command(self) -> str:
+        """The command with the token hidden, safe to save or log."""
+        return self.command.replace(self.username, self.username[:4] + "…")

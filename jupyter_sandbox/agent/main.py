@@ -110,8 +110,13 @@ class Log:
     def write(self, source: str, stream: str, text: str) -> None:
         with self.cond:
             self.seq += 1
-            entry = {"seq": self.seq, "time": time.time(), "source": source, "stream": stream,
-                     "text": text}
+            entry = {
+                "seq": self.seq,
+                "time": time.time(),
+                "source": source,
+                "stream": stream,
+                "text": text,
+            }
             self.ring.append(entry)
             try:
                 if os.path.getsize(self.path) > LOG_LIMIT:
@@ -125,20 +130,23 @@ class Log:
                 pass
             self.cond.notify_all()
 
-    def follow(self, after: int, tail: int | None, follow: bool, source: str | None,
-               until=None):
+    def follow(self, after: int, tail: int | None, follow: bool, source: str | None, until=None):
         """Entries newer than `after` (or the last `tail`), then new ones while `follow`."""
         with self.cond:
-            entries = [e for e in self.ring if e["seq"] > after
-                       and (source is None or e["source"] == source)]
+            entries = [
+                e
+                for e in self.ring
+                if e["seq"] > after and (source is None or e["source"] == source)
+            ]
         if tail is not None:
             entries = entries[-tail:] if tail else []
         yield from entries
         last = entries[-1]["seq"] if entries else (self.seq if tail is not None else after)
         while follow:
             with self.cond:
-                self.cond.wait_for(lambda: self.seq > last or (until and until()), timeout=1.0)
-                new = [e for e in self.ring if e["seq"] > last]
+                seen = last
+                self.cond.wait_for(lambda: self.seq > seen or (until and until()), timeout=1.0)
+                new = [e for e in self.ring if e["seq"] > seen]
                 finished = until is not None and until()
             for entry in new:
                 last = entry["seq"]
@@ -160,8 +168,12 @@ class Process:
         self.done = threading.Event()
 
     def info(self) -> dict:
-        return {"pid": self.popen.pid, "command": self.command, "running": self.exit is None,
-                **(self.exit or {"exit_code": None, "signal": None})}
+        return {
+            "pid": self.popen.pid,
+            "command": self.command,
+            "running": self.exit is None,
+            **(self.exit or {"exit_code": None, "signal": None}),
+        }
 
 
 class Agent:
@@ -240,12 +252,22 @@ class Agent:
         return path
 
     def op_ping(self, channel: Channel) -> None:
-        channel.send_json(Frame.RESULT, {"version": protocol.VERSION, "pid": os.getpid(),
-                                         "uptime": time.time() - self.started})
+        channel.send_json(
+            Frame.RESULT,
+            {"version": protocol.VERSION, "pid": os.getpid(), "uptime": time.time() - self.started},
+        )
 
-    def op_exec(self, channel: Channel, cmd: str | None = None, argv: list | None = None,
-                cwd: str | None = None, env: dict | None = None, pty: dict | None = None,
-                timeout: float | None = None, stdin: bool = True) -> None:
+    def op_exec(
+        self,
+        channel: Channel,
+        cmd: str | None = None,
+        argv: list | None = None,
+        cwd: str | None = None,
+        env: dict | None = None,
+        pty: dict | None = None,
+        timeout: float | None = None,
+        stdin: bool = True,
+    ) -> None:
         """Run a command tied to this connection; closing the connection kills it."""
         args = self._argv(cmd, argv)
         workdir = self._cwd(cwd)
@@ -254,15 +276,26 @@ class Agent:
             master, slave = os.openpty()
             set_winsize(master, pty.get("rows", 24), pty.get("cols", 80))
             proc = subprocess.Popen(
-                args, cwd=workdir, env=self._env(env, pty.get("term", "xterm-256color")),
-                stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                preexec_fn=take_controlling_tty)
+                args,
+                cwd=workdir,
+                env=self._env(env, pty.get("term", "xterm-256color")),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                preexec_fn=take_controlling_tty,
+            )
             os.close(slave)
         else:
             proc = subprocess.Popen(
-                args, cwd=workdir, env=self._env(env), start_new_session=True,
+                args,
+                cwd=workdir,
+                env=self._env(env),
+                start_new_session=True,
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
         channel.send_json(Frame.RESULT, {"pid": proc.pid})
         timed_out = threading.Event()
 
@@ -317,7 +350,8 @@ class Agent:
             try:
                 if kind == Frame.STDIN and stdin_fd is not None:
                     os.write(stdin_fd, payload) if master is not None else _write_all(
-                        stdin_fd, payload)
+                        stdin_fd, payload
+                    )
                 elif kind == Frame.EOF:
                     if master is not None:
                         os.write(master, b"\x04")
@@ -340,21 +374,35 @@ class Agent:
             timed_out.set()
             signal_group(proc, signal.SIGKILL)
 
-    def op_spawn(self, channel: Channel, cmd: str | None = None, argv: list | None = None,
-                 cwd: str | None = None, env: dict | None = None) -> None:
+    def op_spawn(
+        self,
+        channel: Channel,
+        cmd: str | None = None,
+        argv: list | None = None,
+        cwd: str | None = None,
+        env: dict | None = None,
+    ) -> None:
         """Start a background process whose output goes to the sandbox log."""
         args = self._argv(cmd, argv)
-        proc = subprocess.Popen(args, cwd=self._cwd(cwd), env=self._env(env),
-                                start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            args,
+            cwd=self._cwd(cwd),
+            env=self._env(env),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         command = cmd if cmd is not None else " ".join(args)
         entry = Process(proc, command)
         with self.procs_lock:
             self.procs[proc.pid] = entry
         source = f"proc:{proc.pid}"
         self.log.write(source, "event", f"started: {command}")
-        pumps = [_thread(self._pump_log, proc.stdout, source, "stdout"),
-                 _thread(self._pump_log, proc.stderr, source, "stderr")]
+        pumps = [
+            _thread(self._pump_log, proc.stdout, source, "stdout"),
+            _thread(self._pump_log, proc.stderr, source, "stderr"),
+        ]
         _thread(self._reap, entry, pumps, source)
         channel.send_json(Frame.RESULT, entry.info())
 
@@ -396,8 +444,14 @@ class Agent:
             signal_group(entry.popen, int(signal))
         channel.send_json(Frame.RESULT, entry.info())
 
-    def op_logs(self, channel: Channel, after: int = 0, tail: int | None = None,
-                follow: bool = False, pid: int | None = None) -> None:
+    def op_logs(
+        self,
+        channel: Channel,
+        after: int = 0,
+        tail: int | None = None,
+        follow: bool = False,
+        pid: int | None = None,
+    ) -> None:
         """Log entries as RESULT frames; with `follow`, until the client goes away."""
         source, until = None, None
         if pid is not None:
@@ -426,8 +480,14 @@ class Agent:
         entries.sort(key=lambda e: e["name"])
         channel.send_json(Frame.RESULT, {"entries": entries})
 
-    def op_mkdir(self, channel: Channel, path: str, parents: bool = True,
-                 exist_ok: bool = True, mode: int = 0o755) -> None:
+    def op_mkdir(
+        self,
+        channel: Channel,
+        path: str,
+        parents: bool = True,
+        exist_ok: bool = True,
+        mode: int = 0o755,
+    ) -> None:
         target = resolve(path)
         if parents:
             os.makedirs(target, mode, exist_ok=exist_ok)
@@ -462,8 +522,9 @@ class Agent:
                 channel.send(Frame.DATA, data)
         channel.send(Frame.END)
 
-    def op_write(self, channel: Channel, path: str, mode: int | None = None,
-                 parents: bool = True) -> None:
+    def op_write(
+        self, channel: Channel, path: str, mode: int | None = None, parents: bool = True
+    ) -> None:
         """Receive DATA frames until END into `path`, atomically."""
         target = resolve(path)
         directory = os.path.dirname(target)
@@ -471,8 +532,9 @@ class Agent:
             os.makedirs(directory, exist_ok=True)
         if os.path.isdir(target):
             raise AgentError("FileError", f"is a directory: {path}")
-        tmp = os.path.join(directory, f".{os.path.basename(target)}.upload-{os.getpid()}-"
-                                      f"{threading.get_ident()}")
+        tmp = os.path.join(
+            directory, f".{os.path.basename(target)}.upload-{os.getpid()}-{threading.get_ident()}"
+        )
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -515,8 +577,9 @@ class Agent:
 
     # -- network ----------------------------------------------------------------------
 
-    def op_connect(self, channel: Channel, host: str = "127.0.0.1", port: int = 0,
-                   path: str | None = None) -> None:
+    def op_connect(
+        self, channel: Channel, host: str = "127.0.0.1", port: int = 0, path: str | None = None
+    ) -> None:
         """Open a TCP (or Unix) connection from inside the sandbox, then relay raw bytes."""
         if path is not None:
             peer = socket.socket(socket.AF_UNIX)
@@ -540,11 +603,24 @@ def resolve(path: str) -> str:
 
 def describe(path: str) -> dict:
     st = os.lstat(path)
-    kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
-            else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
-    return {"name": os.path.basename(path) or path, "path": path, "type": kind,
-            "size": st.st_size, "mode": stat.S_IMODE(st.st_mode), "mtime": st.st_mtime,
-            "target": os.readlink(path) if kind == "symlink" else None}
+    kind = (
+        "dir"
+        if stat.S_ISDIR(st.st_mode)
+        else "file"
+        if stat.S_ISREG(st.st_mode)
+        else "symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else "other"
+    )
+    return {
+        "name": os.path.basename(path) or path,
+        "path": path,
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "mtime": st.st_mtime,
+        "target": os.readlink(path) if kind == "symlink" else None,
+    }
 
 
 def check_member(root: str, member: tarfile.TarInfo) -> None:
@@ -608,6 +684,7 @@ class FrameReader:
 
 def relay(client: socket.socket, peer: socket.socket, client_file) -> None:
     """Copy bytes both ways until both sides are done."""
+
     def upstream() -> None:
         try:
             while data := client_file.read1(CHUNK):
@@ -674,7 +751,7 @@ def terminate_group(proc: subprocess.Popen) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _unlink_quietly(path: str) -> None:

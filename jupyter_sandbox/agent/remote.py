@@ -89,7 +89,8 @@ class AgentClient:
     async def open(self, op: str, **args: Any) -> AgentStream:
         try:
             reader, writer = await asyncio.open_unix_connection(
-                self.socket_path, limit=protocol.MAX_FRAME * 2)
+                self.socket_path, limit=protocol.MAX_FRAME * 2
+            )
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise SandboxExpired(f"the sandbox is not running ({e.strerror})") from None
         writer.write(protocol.request_line(op, **args))

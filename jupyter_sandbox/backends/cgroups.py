@@ -38,8 +38,10 @@ class Group:
 
     def open_procs(self) -> list[int]:
         """File descriptors a child writes "0" to, to join every hierarchy."""
-        return [os.open(os.path.join(p, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-                for p in dict.fromkeys(self.paths.values())]
+        return [
+            os.open(os.path.join(p, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+            for p in dict.fromkeys(self.paths.values())
+        ]
 
     def apply(self, limits: Limits) -> None:
         for name, value in self._settings(limits):
@@ -63,14 +65,17 @@ class Group:
             if os.path.exists(os.path.join(self.paths["memory"], "memory.memsw.limit_in_bytes")):
                 out.append(("memory.memsw.limit_in_bytes", str(limits.memory)))
         if limits.cpus:
-            out += [("cpu.cfs_period_us", str(CPU_PERIOD_US)),
-                    ("cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US)))]
+            out += [
+                ("cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                ("cpu.cfs_quota_us", str(int(limits.cpus * CPU_PERIOD_US))),
+            ]
         if limits.pids:
             out.append(("pids.max", str(limits.pids)))
         return out
 
     def usage(self) -> dict:
         """Memory in bytes, CPU time in seconds and process count, where readable."""
+
         def read(controller: str, name: str) -> str | None:
             path = self.paths.get("unified" if self.version == 2 else controller)
             try:
@@ -81,15 +86,25 @@ class Group:
         if self.version == 2:
             memory, pids = read("memory", "memory.current"), read("pids", "pids.current")
             cpu_stat = read("cpu", "cpu.stat") or ""
-            usec = next((int(line.split()[1]) for line in cpu_stat.splitlines()
-                         if line.startswith("usage_usec")), None)
+            usec = next(
+                (
+                    int(line.split()[1])
+                    for line in cpu_stat.splitlines()
+                    if line.startswith("usage_usec")
+                ),
+                None,
+            )
             cpu = usec / 1e6 if usec is not None else None
         else:
             memory, pids = read("memory", "memory.usage_in_bytes"), read("pids", "pids.current")
             nanos = read("cpuacct", "cpuacct.usage")
             cpu = int(nanos) / 1e9 if nanos else None
-        return {"memory_bytes": int(memory) if memory else None, "cpu_seconds": cpu,
-                "pids": int(pids) if pids else None, "time": time.time()}
+        return {
+            "memory_bytes": int(memory) if memory else None,
+            "cpu_seconds": cpu,
+            "pids": int(pids) if pids else None,
+            "time": time.time(),
+        }
 
     def remove(self) -> None:
         """Remove the directories once their processes are gone (retrying briefly)."""
@@ -116,12 +131,21 @@ class Controller:
         own = _own_cgroups()
         if (ROOT / "cgroup.controllers").exists():
             base = ROOT / own.get("", "/").lstrip("/")
-            enabled = (base / "cgroup.subtree_control").read_text().split() if (
-                base / "cgroup.subtree_control").exists() else []
+            enabled = (
+                (base / "cgroup.subtree_control").read_text().split()
+                if (base / "cgroup.subtree_control").exists()
+                else []
+            )
             if os.access(base, os.W_OK) and {"memory", "pids"} <= set(enabled):
                 return 2, {"unified": base / PARENT}, None
-            return 2, {}, (f"cgroup v2 at {base} is not delegated to this user with the memory "
-                           "and pids controllers enabled")
+            return (
+                2,
+                {},
+                (
+                    f"cgroup v2 at {base} is not delegated to this user with the memory "
+                    "and pids controllers enabled"
+                ),
+            )
         bases = {}
         for name in self.V1_CONTROLLERS:
             mount = ROOT / name
@@ -129,7 +153,14 @@ class Controller:
                 return 1, {}, f"cgroup v1 controller {name!r} is not mounted"
             base = mount / own.get(name, "/").lstrip("/")
             if not os.access(base, os.W_OK):
-                return 1, {}, "cgroup v1 hierarchies are writable only by root; run the service as root or on a host with cgroup v2 delegation"
+                return (
+                    1,
+                    {},
+                    (
+                        "cgroup v1 hierarchies are writable only by root; run the service "
+                        "as root or on a host with cgroup v2 delegation"
+                    ),
+                )
             bases[name] = base / PARENT
         return 1, bases, None
 

@@ -40,12 +40,41 @@ PYTHON = "/usr/bin/python3"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host files a program commonly needs in /etc; nothing with credentials or host identity.
 ETC_ALLOWLIST = (
-    "alternatives", "bash.bashrc", "bash_completion.d", "ca-certificates",
-    "ca-certificates.conf", "environment", "gai.conf", "gitconfig", "host.conf", "inputrc",
-    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "locale.alias", "localtime", "magic",
-    "magic.mime", "manpath.config", "mime.types", "nanorc", "nsswitch.conf", "profile",
-    "profile.d", "protocols", "python3", "python3.11", "services", "shells", "skel", "ssl",
-    "terminfo", "timezone", "vim", "wgetrc", "xdg",
+    "alternatives",
+    "bash.bashrc",
+    "bash_completion.d",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "environment",
+    "gai.conf",
+    "gitconfig",
+    "host.conf",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "locale.alias",
+    "localtime",
+    "magic",
+    "magic.mime",
+    "manpath.config",
+    "mime.types",
+    "nanorc",
+    "nsswitch.conf",
+    "profile",
+    "profile.d",
+    "protocols",
+    "python3",
+    "python3.11",
+    "services",
+    "shells",
+    "skel",
+    "ssl",
+    "terminfo",
+    "timezone",
+    "vim",
+    "wgetrc",
+    "xdg",
 )
 START_TIMEOUT = 20.0
 
@@ -130,8 +159,7 @@ class LocalBackend:
             (self.runtime_dir / libs.name).mkdir(exist_ok=True)
             for lib in libs.iterdir():
                 _install_file(lib, self.runtime_dir / libs.name / lib.name, 0o755)
-        for path in (self.runtime_dir / package.name, target.parent,
-                     self.runtime_dir / libs.name):
+        for path in (self.runtime_dir / package.name, target.parent, self.runtime_dir / libs.name):
             if path.exists():
                 os.chmod(path, 0o755)
         return str(target)
@@ -142,26 +170,50 @@ class LocalBackend:
                 raise IsolationUnavailable(
                     f"sandbox storage {path} is not reachable by unprivileged users ({parent} "
                     "has no search permission for others); set JUPYTER_SANDBOX_DIR to a "
-                    "directory under a world-searchable path such as /var/lib")
+                    "directory under a world-searchable path such as /var/lib"
+                )
 
     def _probe(self) -> str | None:
         """Why isolation cannot work here, or None when it can."""
         if not os.access(PYTHON, os.X_OK):
-            return (f"{PYTHON} is missing: the in-sandbox agent runs on the host's system "
-                    "Python (apt-get install python3)")
-        args = [self.bwrap, "--unshare-all", "--unshare-user", "--uid", str(protocol.SANDBOX_UID),
-                "--ro-bind", "/usr", "/usr", *self._merged_usr_links(), "--proc", "/proc",
-                "--dev", "/dev", "--new-session", "/bin/true"]
+            return (
+                f"{PYTHON} is missing: the in-sandbox agent runs on the host's system "
+                "Python (apt-get install python3)"
+            )
+        args = [
+            self.bwrap,
+            "--unshare-all",
+            "--unshare-user",
+            "--uid",
+            str(protocol.SANDBOX_UID),
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            *self._merged_usr_links(),
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--new-session",
+            "/bin/true",
+        ]
         try:
-            subprocess.run(args, capture_output=True, check=True, timeout=30,
-                           **self._drop_kwargs(self.probe_uid()))
+            subprocess.run(
+                args,
+                capture_output=True,
+                check=True,
+                timeout=30,
+                **self._drop_kwargs(self.probe_uid()),
+            )
         except subprocess.CalledProcessError as e:
             reason = e.stderr.decode(errors="replace").strip()
-            return (f"bubblewrap cannot create a sandbox here ({reason or e}). User namespaces "
-                    "are needed: enable them (sysctl kernel.unprivileged_userns_clone=1, "
-                    "user.max_user_namespaces>0, kernel.apparmor_restrict_unprivileged_userns=0"
-                    "); inside Docker, run the container with --security-opt "
-                    "seccomp=unconfined or use a backend that starts sandboxes elsewhere")
+            return (
+                f"bubblewrap cannot create a sandbox here ({reason or e}). User namespaces "
+                "are needed: enable them (sysctl kernel.unprivileged_userns_clone=1, "
+                "user.max_user_namespaces>0, kernel.apparmor_restrict_unprivileged_userns=0"
+                "); inside Docker, run the container with --security-opt "
+                "seccomp=unconfined or use a backend that starts sandboxes elsewhere"
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"bubblewrap could not be run: {e}"
         return None
@@ -207,16 +259,20 @@ class LocalBackend:
             group.apply(spec.limits)
         info_read, info_write = os.pipe()
         cgroup_fds = group.open_procs() if group else []
-        log = open(directory / "agent.log", "ab")
         try:
             argv = self._argv(spec, directory, listener.fileno(), info_write)
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                pass_fds=(listener.fileno(), info_write, *cgroup_fds),
-                preexec_fn=_join_cgroups(cgroup_fds) if cgroup_fds else None,
-                **self._drop_kwargs(host_uid))
+            with open(directory / "agent.log", "ab") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    pass_fds=(listener.fileno(), info_write, *cgroup_fds),
+                    preexec_fn=_join_cgroups(cgroup_fds) if cgroup_fds else None,
+                    **self._drop_kwargs(host_uid),
+                )
         finally:
-            log.close()
             listener.close()
             os.close(info_write)
             for fd in cgroup_fds:
@@ -233,9 +289,15 @@ class LocalBackend:
         finally:
             os.close(info_read)
         _REAPERS[pid] = proc
-        runtime = Runtime(pid=pid, pid_start=_start_time(pid) or "", directory=str(directory),
-                          host_uid=host_uid, cgroups=group.paths if group else {},
-                          cgroup_version=self.cgroups.version, limits_note=note)
+        runtime = Runtime(
+            pid=pid,
+            pid_start=_start_time(pid) or "",
+            directory=str(directory),
+            host_uid=host_uid,
+            cgroups=group.paths if group else {},
+            cgroup_version=self.cgroups.version,
+            limits_note=note,
+        )
         try:
             await asyncio.wait_for(AgentClient(runtime.socket).call("ping"), START_TIMEOUT)
         except Exception as e:
@@ -267,7 +329,7 @@ class LocalBackend:
         user, uid, home = protocol.SANDBOX_USER, protocol.SANDBOX_UID, protocol.SANDBOX_HOME
         files = {
             "passwd": f"root:x:0:0:root:/root:/bin/bash\n{user}:x:{uid}:{uid}:Sandbox user:"
-                      f"{home}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+            f"{home}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
             "group": f"root:x:0:\n{user}:x:{uid}:\nnogroup:x:65534:\n",
             "hostname": f"{spec.id}\n",
             "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{spec.id}\n::1\tlocalhost ip6-localhost\n",
@@ -277,15 +339,43 @@ class LocalBackend:
             os.chmod(etc / name, 0o644)
 
     def _argv(self, spec: SandboxSpec, directory: Path, listen_fd: int, info_fd: int) -> list[str]:
-        args = [self.bwrap, "--unshare-all", "--unshare-user",
-                "--uid", str(protocol.SANDBOX_UID), "--gid", str(protocol.SANDBOX_UID),
-                "--hostname", spec.id]
+        args = [
+            self.bwrap,
+            "--unshare-all",
+            "--unshare-user",
+            "--uid",
+            str(protocol.SANDBOX_UID),
+            "--gid",
+            str(protocol.SANDBOX_UID),
+            "--hostname",
+            spec.id,
+        ]
         if spec.network == "host":
             args.append("--share-net")
-        args += ["--overlay-src", "/usr", "--tmp-overlay", "/usr", *self._merged_usr_links(),
-                 "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
-                 "--dir", "/var", "--tmpfs", "/var/tmp", "--symlink", "../run", "/var/run",
-                 "--dir", "/etc"]
+        args += [
+            "--overlay-src",
+            "/usr",
+            "--tmp-overlay",
+            "/usr",
+            *self._merged_usr_links(),
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            "--tmpfs",
+            "/run",
+            "--dir",
+            "/var",
+            "--tmpfs",
+            "/var/tmp",
+            "--symlink",
+            "../run",
+            "/var/run",
+            "--dir",
+            "/etc",
+        ]
         for name in ETC_ALLOWLIST:
             if os.path.exists(f"/etc/{name}"):
                 args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
@@ -294,16 +384,43 @@ class LocalBackend:
         for name in ("passwd", "group", "hostname", "hosts"):
             args += ["--ro-bind", str(directory / "etc" / name), f"/etc/{name}"]
         home = protocol.SANDBOX_HOME
-        args += ["--bind", str(directory / "home"), home,
-                 "--bind", str(directory / "state"), protocol.STATE_MOUNT,
-                 "--ro-bind", str(self.runtime_dir / "agent"), AGENT_MOUNT,
-                 "--chdir", home, "--clearenv"]
-        env = {"HOME": home, "USER": protocol.SANDBOX_USER, "LOGNAME": protocol.SANDBOX_USER,
-               "SHELL": "/bin/bash", "PATH": PATH, "LANG": "C.UTF-8", "TERM": "xterm-256color"}
+        args += [
+            "--bind",
+            str(directory / "home"),
+            home,
+            "--bind",
+            str(directory / "state"),
+            protocol.STATE_MOUNT,
+            "--ro-bind",
+            str(self.runtime_dir / "agent"),
+            AGENT_MOUNT,
+            "--chdir",
+            home,
+            "--clearenv",
+        ]
+        env = {
+            "HOME": home,
+            "USER": protocol.SANDBOX_USER,
+            "LOGNAME": protocol.SANDBOX_USER,
+            "SHELL": "/bin/bash",
+            "PATH": PATH,
+            "LANG": "C.UTF-8",
+            "TERM": "xterm-256color",
+        }
         for key, value in env.items():
             args += ["--setenv", key, value]
-        args += ["--new-session", "--info-fd", str(info_fd),
-                 PYTHON, "-E", "-s", "-S", "-B", f"{AGENT_MOUNT}/main.py", str(listen_fd)]
+        args += [
+            "--new-session",
+            "--info-fd",
+            str(info_fd),
+            PYTHON,
+            "-E",
+            "-s",
+            "-S",
+            "-B",
+            f"{AGENT_MOUNT}/main.py",
+            str(listen_fd),
+        ]
         return args
 
     def alive(self, runtime: Runtime) -> bool:
@@ -344,6 +461,7 @@ def _join_cgroups(fds: list[int]):
     def join() -> None:
         for fd in fds:
             os.write(fd, b"0")
+
     return join
 
 
@@ -408,4 +526,5 @@ def _force_rmtree(path: Path) -> None:
             func(name)
 
     shutil.rmtree(path, onexc=make_writable) if sys.version_info >= (3, 12) else shutil.rmtree(
-        path, onerror=make_writable)
+        path, onerror=make_writable
+    )

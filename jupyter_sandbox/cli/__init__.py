@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jupyter-sandbox", description="Disposable, isolated Linux sandboxes.")
+        prog="jupyter-sandbox", description="Disposable, isolated Linux sandboxes."
+    )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -49,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("create", cmd_create, "create a sandbox and print its id")
     p.add_argument("--name")
-    p.add_argument("--timeout", default="5m",
-                   help='how long it lives: a duration such as "30s", "5m", "1h" (default 5m)')
+    p.add_argument(
+        "--timeout",
+        default="5m",
+        help='how long it lives: a duration such as "30s", "5m", "1h" (default 5m)',
+    )
     add_limit_options(p)
 
     p = command("list", cmd_list, "list sandboxes")
@@ -93,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", cmd_serve, "run the sandbox service in the foreground")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--tcp", metavar="HOST:PORT",
-                   help="also listen on TCP (requests need the token from the runtime file)")
+    p.add_argument(
+        "--tcp",
+        metavar="HOST:PORT",
+        help="also listen on TCP (requests need the token from the runtime file)",
+    )
     return parser
 
 
@@ -103,10 +110,14 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=float, help="CPU limit, e.g. 0.5")
     p.add_argument("--pids", type=int, help="process limit")
     p.add_argument("--network", choices=("none", "host"), default="none")
-    p.add_argument("--env", action="append", default=[], metavar="K=V",
-                   help="environment variable (repeatable)")
-    p.add_argument("--label", action="append", default=[], metavar="K=V",
-                   help="label (repeatable)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="environment variable (repeatable)",
+    )
+    p.add_argument("--label", action="append", default=[], metavar="K=V", help="label (repeatable)")
 
 
 def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
@@ -121,9 +132,15 @@ def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
 
 def cmd_create(args: argparse.Namespace) -> int:
     sandbox = Sandbox.create(
-        name=args.name, timeout=args.timeout, memory=args.memory, cpus=args.cpus,
-        pids=args.pids, network=args.network, env=parse_pairs(args.env, "--env"),
-        labels=parse_pairs(args.label, "--label"))
+        name=args.name,
+        timeout=args.timeout,
+        memory=args.memory,
+        cpus=args.cpus,
+        pids=args.pids,
+        network=args.network,
+        env=parse_pairs(args.env, "--env"),
+        labels=parse_pairs(args.label, "--label"),
+    )
     print(sandbox.id)
     return 0
 
@@ -149,8 +166,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     for s in sandboxes:
         limits = " ".join(f"{k}={v}" for k, v in s.limits.items() if v) or "-"
         labels = ",".join(f"{k}={v}" for k, v in s.labels.items()) or "-"
-        rows.append((s.id, s.name, s.status, _when(s.created_at), _left(s), limits, labels,
-                     s.owner))
+        rows.append(
+            (s.id, s.name, s.status, _when(s.created_at), _left(s), limits, labels, s.owner)
+        )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -173,12 +191,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
         def out(text: str) -> None:
             stream.write(text)
             stream.flush()
+
         return out
 
     try:
-        result = sandbox.sh(shlex.join(command) if len(command) > 1 else command[0],
-                            cwd=args.cwd, timeout=args.timeout, check=False,
-                            on_stdout=write(sys.stdout), on_stderr=write(sys.stderr))
+        result = sandbox.sh(
+            shlex.join(command) if len(command) > 1 else command[0],
+            cwd=args.cwd,
+            timeout=args.timeout,
+            check=False,
+            on_stdout=write(sys.stdout),
+            on_stderr=write(sys.stderr),
+        )
     except CommandError as e:  # a timeout
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return 124
@@ -225,7 +249,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     for entry in Sandbox.connect(args.sandbox).logs(follow=args.follow, tail=args.tail):
-        prefix = f"[{entry.source}]" if entry.stream == "event" else f"[{entry.source}:{entry.stream}]"
+        where = entry.source if entry.stream == "event" else f"{entry.source}:{entry.stream}"
+        prefix = f"[{where}]"
         sys.stdout.write(f"{prefix} {entry.text.rstrip(chr(10))}\n")
         sys.stdout.flush()
     return 0
@@ -248,8 +273,8 @@ def cmd_extend(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ..client._sync import portal
     from ..client._async import shared_transport
+    from ..client._sync import portal
 
     async def status() -> dict:
         return await shared_transport().request("GET", "/v1/status")

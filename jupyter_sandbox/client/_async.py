@@ -17,13 +17,14 @@ from typing import Any
 from .._config import Paths
 from .._durations import parse_timeout
 from .._errors import CommandError, CommandTimeout, SandboxError, ServiceUnavailable
-from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo
+from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo, SshAccess
 from ..agent.protocol import Frame
 from ._files import AsyncFileSystem
 from ._transport import Transport, read_frames
 
 _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Paths, Transport]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 def shared_transport() -> Transport:
@@ -59,18 +60,21 @@ class AsyncProcess:
         """Wait for the process to exit; its exit code (None if still running at timeout)."""
         params = {"timeout": timeout} if timeout is not None else {}
         info = await self.sandbox._transport.request(
-            "GET", self._url("wait"), params=params, timeout=None)
+            "GET", self._url("wait"), params=params, timeout=None
+        )
         self.exit_code = info["exit_code"]
         return self.exit_code
 
     async def kill(self, signal: int = signals.SIGTERM) -> None:
         """Send `signal` to the process's group."""
-        await self.sandbox._transport.request("POST", self._url("signal"),
-                                              json={"signal": int(signal)})
+        await self.sandbox._transport.request(
+            "POST", self._url("signal"), json={"signal": int(signal)}
+        )
 
     async def is_running(self) -> bool:
-        info = await self.sandbox._transport.request("GET", self._url("wait"),
-                                                     params={"timeout": 0})
+        info = await self.sandbox._transport.request(
+            "GET", self._url("wait"), params={"timeout": 0}
+        )
         self.exit_code = info["exit_code"]
         return bool(info["running"])
 
@@ -82,8 +86,13 @@ class AsyncProcess:
 class AsyncSandbox:
     """A handle on one sandbox. Create, connect or list through the class methods."""
 
-    def __init__(self, info: dict[str, Any], transport: Transport,
-                 lease: str | None = None, lease_ttl: float = 10.0) -> None:
+    def __init__(
+        self,
+        info: dict[str, Any],
+        transport: Transport,
+        lease: str | None = None,
+        lease_ttl: float = 10.0,
+    ) -> None:
         self._transport = transport
         self._info = SandboxInfo.from_json(info)
         self.id: str = self._info.id
@@ -105,20 +114,39 @@ class AsyncSandbox:
     # -- construction ------------------------------------------------------------------
 
     @classmethod
-    async def create(cls, *, name: str | None = None, timeout: str | float = "session",
-                     memory: str | int | None = None, cpus: float | None = None,
-                     pids: int | None = None, network: str = "none",
-                     env: dict[str, str] | None = None, labels: dict[str, str] | None = None,
-                     owner: str | None = None) -> AsyncSandbox:
+    async def create(
+        cls,
+        *,
+        name: str | None = None,
+        timeout: str | float = "session",
+        memory: str | int | None = None,
+        cpus: float | None = None,
+        pids: int | None = None,
+        network: str = "none",
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        owner: str | None = None,
+    ) -> AsyncSandbox:
         """Start a sandbox. ``timeout`` is "session" (lives with this handle) or a duration."""
         parse_timeout(timeout)  # fail here, before any service is started
         transport = shared_transport()
-        body = {"name": name, "timeout": timeout, "memory": memory, "cpus": cpus, "pids": pids,
-                "network": network, "env": env, "labels": labels,
-                "owner": owner or default_owner()}
+        body = {
+            "name": name,
+            "timeout": timeout,
+            "memory": memory,
+            "cpus": cpus,
+            "pids": pids,
+            "network": network,
+            "env": env,
+            "labels": labels,
+            "owner": owner or default_owner(),
+        }
         info = await transport.request(
-            "POST", "/v1/sandboxes", json={k: v for k, v in body.items() if v is not None},
-            timeout=None)
+            "POST",
+            "/v1/sandboxes",
+            json={k: v for k, v in body.items() if v is not None},
+            timeout=None,
+        )
         return cls(info, transport, info.get("lease"), info.get("lease_ttl", 10.0))
 
     @classmethod
@@ -130,7 +158,8 @@ class AsyncSandbox:
     @classmethod
     async def list(cls, include_ended: bool = False) -> list[SandboxInfo]:
         data = await shared_transport().request(
-            "GET", "/v1/sandboxes", params={"all": "1"} if include_ended else {})
+            "GET", "/v1/sandboxes", params={"all": "1"} if include_ended else {}
+        )
         return [SandboxInfo.from_json(s) for s in data["sandboxes"]]
 
     async def __aenter__(self) -> AsyncSandbox:
@@ -145,8 +174,9 @@ class AsyncSandbox:
         while self._lease is not None:
             await asyncio.sleep(interval)
             try:
-                await self._transport.request("POST", f"/v1/sandboxes/{self.id}/lease",
-                                              json={"lease": self._lease})
+                await self._transport.request(
+                    "POST", f"/v1/sandboxes/{self.id}/lease", json={"lease": self._lease}
+                )
             except ServiceUnavailable:
                 continue  # the next attempt restarts the service, which re-adopts us
             except SandboxError:
@@ -161,13 +191,15 @@ class AsyncSandbox:
     async def info(self) -> SandboxInfo:
         """Current state, limits and live CPU and memory use."""
         self._info = SandboxInfo.from_json(
-            await self._transport.request("GET", f"/v1/sandboxes/{self.id}"))
+            await self._transport.request("GET", f"/v1/sandboxes/{self.id}")
+        )
         return self._info
 
     async def extend_timeout(self, timeout: str | float) -> SandboxInfo:
         """Set the deadline to `timeout` from now; the sandbox then outlives this handle."""
         info = await self._transport.request(
-            "POST", f"/v1/sandboxes/{self.id}/timeout", json={"timeout": timeout})
+            "POST", f"/v1/sandboxes/{self.id}/timeout", json={"timeout": timeout}
+        )
         self._stop_renewing()
         self._info = SandboxInfo.from_json(info)
         return self._info
@@ -178,12 +210,52 @@ class AsyncSandbox:
         with contextlib.suppress(SandboxError):
             await self._transport.request("DELETE", f"/v1/sandboxes/{self.id}")
 
+    # -- SSH -------------------------------------------------------------------------
+
+    async def expose_ssh(
+        self,
+        *,
+        ttl: str | float | None = None,
+        single_use: bool = False,
+        public_key: str | None = None,
+    ) -> SshAccess:
+        """A fresh SSH credential: ``ssh <token>@host`` lands in this sandbox.
+
+        It is valid until `ttl` passes, ``revoke_ssh()`` or the sandbox's end, whichever
+        comes first. `single_use` allows exactly one connection; `public_key` (an
+        OpenSSH public key line) must also be presented by the client.
+        """
+        body = {"ttl": ttl, "single_use": single_use, "public_key": public_key}
+        return SshAccess.from_json(
+            await self._transport.request("POST", f"/v1/sandboxes/{self.id}/ssh", json=body)
+        )
+
+    async def revoke_ssh(self, access: SshAccess | str | None = None) -> int:
+        """Revoke one credential (an SshAccess or its token) or, by default, all of them.
+
+        Live sessions opened with them are closed. Returns how many were revoked.
+        """
+        token = access.username if isinstance(access, SshAccess) else access
+        body = {"token": token} if token else {}
+        data = await self._transport.request(
+            "POST", f"/v1/sandboxes/{self.id}/ssh/revoke", json=body
+        )
+        return int(data["revoked"])
+
     # -- commands ----------------------------------------------------------------------
 
-    async def sh(self, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None,
-                 input: str | bytes | None = None, timeout: float | None = None,
-                 check: bool = True, on_stdout: Callable[[str], None] | None = None,
-                 on_stderr: Callable[[str], None] | None = None) -> CommandResult:
+    async def sh(
+        self,
+        cmd: str,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        input: str | bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+    ) -> CommandResult:
         """Run `cmd` with /bin/sh; raise CommandError on a non-zero exit unless check=False.
 
         `on_stdout` / `on_stderr` are called with each line as it is produced.
@@ -191,46 +263,71 @@ class AsyncSandbox:
         out, err = bytearray(), bytearray()
         callbacks = {"stdout": on_stdout, "stderr": on_stderr}
         status: dict[str, Any] = {}
-        async for kind, data in self._exec(cmd, cwd=cwd, env=env, input=input, timeout=timeout,
-                                           status=status):
+        async for kind, data in self._exec(
+            cmd, cwd=cwd, env=env, input=input, timeout=timeout, status=status
+        ):
             (out if kind == "stdout" else err).extend(data)
             if callbacks[kind] is not None:
                 callbacks[kind](data.decode(errors="replace"))
-        result = CommandResult(out.decode(errors="replace"), err.decode(errors="replace"),
-                               status["exit_code"], bytes(out), bytes(err))
+        result = CommandResult(
+            out.decode(errors="replace"),
+            err.decode(errors="replace"),
+            status["exit_code"],
+            bytes(out),
+            bytes(err),
+        )
         if status.get("timed_out"):
             raise CommandTimeout(f"command timed out after {timeout} s: {cmd!r}", result)
         if check and result.exit_code != 0:
-            raise CommandError(f"command exited with code {result.exit_code}: {cmd!r}\n"
-                               f"{result.stderr[-2000:]}", result)
+            raise CommandError(
+                f"command exited with code {result.exit_code}: {cmd!r}\n{result.stderr[-2000:]}",
+                result,
+            )
         return result
 
-    async def stream(self, cmd: str, *, cwd: str | None = None,
-                     env: dict[str, str] | None = None, input: str | bytes | None = None,
-                     timeout: float | None = None, check: bool = True
-                     ) -> AsyncIterator[OutputLine]:
+    async def stream(
+        self,
+        cmd: str,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        input: str | bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> AsyncIterator[OutputLine]:
         """Yield the command's output line by line as it is produced."""
         status: dict[str, Any] = {}
-        async for kind, data in self._exec(cmd, cwd=cwd, env=env, input=input, timeout=timeout,
-                                           status=status):
+        async for kind, data in self._exec(
+            cmd, cwd=cwd, env=env, input=input, timeout=timeout, status=status
+        ):
             yield OutputLine(kind, data.decode(errors="replace"))
         if status.get("timed_out"):
             raise CommandTimeout(f"command timed out after {timeout} s: {cmd!r}")
         if check and status["exit_code"] != 0:
-            raise CommandError(f"command exited with code {status['exit_code']}: {cmd!r}",
-                               CommandResult("", "", status["exit_code"]))
+            raise CommandError(
+                f"command exited with code {status['exit_code']}: {cmd!r}",
+                CommandResult("", "", status["exit_code"]),
+            )
 
-    async def _exec(self, cmd: str, *, cwd: str | None, env: dict[str, str] | None,
-                    input: str | bytes | None, timeout: float | None,
-                    status: dict[str, Any]) -> AsyncIterator[tuple[str, bytes]]:
+    async def _exec(
+        self,
+        cmd: str,
+        *,
+        cwd: str | None,
+        env: dict[str, str] | None,
+        input: str | bytes | None,
+        timeout: float | None,
+        status: dict[str, Any],
+    ) -> AsyncIterator[tuple[str, bytes]]:
         """(stream, line) pairs of a command's output; fills `status` at the end."""
         body: dict[str, Any] = {"cmd": cmd, "cwd": cwd, "env": env, "timeout": timeout}
         if input is not None:
             data = input.encode() if isinstance(input, str) else input
             body["input_b64"] = base64.b64encode(data).decode()
         lines = {Frame.STDOUT: _LineSplitter("stdout"), Frame.STDERR: _LineSplitter("stderr")}
-        async with self._transport.stream("POST", f"/v1/sandboxes/{self.id}/exec", json=body,
-                                          timeout=None) as response:
+        async with self._transport.stream(
+            "POST", f"/v1/sandboxes/{self.id}/exec", json=body, timeout=None
+        ) as response:
             async for kind, payload in read_frames(response):
                 if kind in lines:
                     for line in lines[kind].feed(payload):
@@ -241,14 +338,17 @@ class AsyncSandbox:
             for line in splitter.flush():
                 yield splitter.name, line
         if "exit_code" not in status:
-            raise SandboxError("the command's connection ended before it exited "
-                               "(the sandbox may have been killed)")
+            raise SandboxError(
+                "the command's connection ended before it exited (the sandbox may have been killed)"
+            )
 
-    async def spawn(self, cmd: str, *, cwd: str | None = None,
-                    env: dict[str, str] | None = None) -> AsyncProcess:
+    async def spawn(
+        self, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None
+    ) -> AsyncProcess:
         """Start `cmd` in the background; its output goes to the sandbox log."""
         info = await self._transport.request(
-            "POST", f"/v1/sandboxes/{self.id}/spawn", json={"cmd": cmd, "cwd": cwd, "env": env})
+            "POST", f"/v1/sandboxes/{self.id}/spawn", json={"cmd": cmd, "cwd": cwd, "env": env}
+        )
         return AsyncProcess(self, info)
 
     async def processes(self) -> list[AsyncProcess]:
@@ -259,15 +359,21 @@ class AsyncSandbox:
         """Log entries (background output and events); `follow` waits for new ones."""
         return self._log_stream(follow=follow, tail=tail)
 
-    async def _log_stream(self, follow: bool, tail: int | None = None, pid: int | None = None,
-                          output_only: bool = False) -> AsyncIterator[Any]:
+    async def _log_stream(
+        self,
+        follow: bool,
+        tail: int | None = None,
+        pid: int | None = None,
+        output_only: bool = False,
+    ) -> AsyncIterator[Any]:
         params = {"follow": "1" if follow else "0"}
         if tail is not None:
             params["tail"] = str(tail)
         if pid is not None:
             params["pid"] = str(pid)
-        async with self._transport.stream("GET", f"/v1/sandboxes/{self.id}/logs",
-                                          params=params, timeout=None) as response:
+        async with self._transport.stream(
+            "GET", f"/v1/sandboxes/{self.id}/logs", params=params, timeout=None
+        ) as response:
             async for line in response.aiter_lines():
                 if not line:
                     continue

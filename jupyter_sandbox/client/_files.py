@@ -56,7 +56,8 @@ class AsyncFileSystem:
 
     async def mkdir(self, path: str, parents: bool = True, exist_ok: bool = True) -> FileInfo:
         return FileInfo.from_json(
-            await self._op("mkdir", path=path, parents=parents, exist_ok=exist_ok))
+            await self._op("mkdir", path=path, parents=parents, exist_ok=exist_ok)
+        )
 
     async def remove(self, path: str, recursive: bool = False) -> None:
         await self._op("remove", path=path, recursive=recursive)
@@ -77,26 +78,29 @@ class AsyncFileSystem:
     async def read_text(self, path: str) -> str:
         return (await self.read_bytes(path)).decode()
 
-    async def upload(self, local: str | os.PathLike, remote: str,
-                     progress: Progress | None = None) -> None:
+    async def upload(
+        self, local: str | os.PathLike, remote: str, progress: Progress | None = None
+    ) -> None:
         """Copy a local file or directory tree to `remote` (modes and symlinks kept)."""
         source = Path(local)
         if not source.exists() and not source.is_symlink():
             raise FileNotFoundError(f"no such local file or directory: {source}")
         if source.is_dir():
-            total = sum(f.stat().st_size for f in source.rglob("*")
-                        if f.is_file() and not f.is_symlink())
+            total = sum(
+                f.stat().st_size for f in source.rglob("*") if f.is_file() and not f.is_symlink()
+            )
             body = _counting(_thread_producer(_write_tar, source), progress, total)
             await self._sandbox._transport.request(
-                "PUT", self._url("tar"), params={"path": remote}, content=body,
-                timeout=None)
+                "PUT", self._url("tar"), params={"path": remote}, content=body, timeout=None
+            )
         else:
             size = source.stat().st_size
             body = _counting(_thread_producer(_read_file, source), progress, size)
             await self._put_file(remote, body, source.stat().st_mode & 0o7777)
 
-    async def download(self, remote: str, local: str | os.PathLike,
-                       progress: Progress | None = None) -> None:
+    async def download(
+        self, remote: str, local: str | os.PathLike, progress: Progress | None = None
+    ) -> None:
         """Copy a file or directory tree out of the sandbox to `local`."""
         info = await self.stat(remote)
         target = Path(local)
@@ -119,17 +123,20 @@ class AsyncFileSystem:
             if tmp.exists():
                 tmp.unlink()
 
-    async def _put_file(self, path: str, body: AsyncIterator[bytes],
-                        mode: int | None) -> FileInfo:
+    async def _put_file(self, path: str, body: AsyncIterator[bytes], mode: int | None) -> FileInfo:
         params = {"path": path}
         if mode is not None:
             params["mode"] = oct(mode)[2:]
-        return FileInfo.from_json(await self._sandbox._transport.request(
-            "PUT", self._url("write"), params=params, content=body, timeout=None))
+        return FileInfo.from_json(
+            await self._sandbox._transport.request(
+                "PUT", self._url("write"), params=params, content=body, timeout=None
+            )
+        )
 
     async def _get(self, op: str, path: str) -> AsyncIterator[bytes]:
         async with self._sandbox._transport.stream(
-                "GET", self._url(op), params={"path": path}, timeout=None) as response:
+            "GET", self._url(op), params={"path": path}, timeout=None
+        ) as response:
             json.loads(response.headers.get("X-Sandbox-Stat", "{}"))
             async for chunk in response.aiter_raw():
                 yield chunk
@@ -137,13 +144,14 @@ class AsyncFileSystem:
 
 async def _chunks_of(data: bytes) -> AsyncIterator[bytes]:
     for start in range(0, len(data), CHUNK):
-        yield data[start:start + CHUNK]
+        yield data[start : start + CHUNK]
     if not data:
         yield b""
 
 
-async def _counting(chunks: AsyncIterator[bytes], progress: Progress | None,
-                    total: int | None) -> AsyncIterator[bytes]:
+async def _counting(
+    chunks: AsyncIterator[bytes], progress: Progress | None, total: int | None
+) -> AsyncIterator[bytes]:
     done = 0
     async for chunk in chunks:
         done += len(chunk)
@@ -183,8 +191,9 @@ def _read_file(source: Path, out: _QueueWriter) -> None:
             out.write(data)
 
 
-async def _thread_producer(produce: Callable[[Path, _QueueWriter], None],
-                           source: Path) -> AsyncIterator[bytes]:
+async def _thread_producer(
+    produce: Callable[[Path, _QueueWriter], None], source: Path
+) -> AsyncIterator[bytes]:
     """Chunks written by `produce` running in a thread, with back-pressure."""
     chunks: queue.Queue = queue.Queue(_QUEUE_DEPTH)
     failure: list[BaseException] = []
@@ -223,8 +232,9 @@ class _QueueReader:
         return data
 
 
-async def _thread_consumer(chunks: AsyncIterator[bytes],
-                           consume: Callable[[_QueueReader], None]) -> None:
+async def _thread_consumer(
+    chunks: AsyncIterator[bytes], consume: Callable[[_QueueReader], None]
+) -> None:
     """Feed chunks to `consume` running in a thread, with back-pressure."""
     pipe: queue.Queue = queue.Queue(_QUEUE_DEPTH)
     worker = asyncio.create_task(asyncio.to_thread(consume, _QueueReader(pipe)))

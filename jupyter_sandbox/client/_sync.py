@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from .._models import CommandResult, FileInfo, LogEntry, OutputLine, SandboxInfo
+from .._models import CommandResult, FileInfo, LogEntry, OutputLine, SandboxInfo, SshAccess
 from ._async import AsyncProcess, AsyncSandbox
 from ._files import Progress
 
@@ -29,8 +29,9 @@ class Portal:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="jupyter-sandbox",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="jupyter-sandbox", daemon=True
+        )
         self.thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -121,12 +122,14 @@ class FileSystem:
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return portal().call(getattr(self._fs, name)(*args, **kwargs))
 
-    def upload(self, local: str | os.PathLike, remote: str,
-               progress: Progress | None = None) -> None:
+    def upload(
+        self, local: str | os.PathLike, remote: str, progress: Progress | None = None
+    ) -> None:
         self._call("upload", local, remote, progress)
 
-    def download(self, remote: str, local: str | os.PathLike,
-                 progress: Progress | None = None) -> None:
+    def download(
+        self, remote: str, local: str | os.PathLike, progress: Progress | None = None
+    ) -> None:
         self._call("download", remote, local, progress)
 
     def read_text(self, path: str) -> str:
@@ -175,15 +178,35 @@ class Sandbox:
         return f"<Sandbox {self.id} name={self.name!r}>"
 
     @classmethod
-    def create(cls, *, name: str | None = None, timeout: str | float = "session",
-               memory: str | int | None = None, cpus: float | None = None,
-               pids: int | None = None, network: str = "none",
-               env: dict[str, str] | None = None, labels: dict[str, str] | None = None,
-               owner: str | None = None) -> Sandbox:
+    def create(
+        cls,
+        *,
+        name: str | None = None,
+        timeout: str | float = "session",
+        memory: str | int | None = None,
+        cpus: float | None = None,
+        pids: int | None = None,
+        network: str = "none",
+        env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        owner: str | None = None,
+    ) -> Sandbox:
         """Start a sandbox. ``timeout`` is "session" (lives with this process) or a duration."""
-        return cls(portal().call(AsyncSandbox.create(
-            name=name, timeout=timeout, memory=memory, cpus=cpus, pids=pids, network=network,
-            env=env, labels=labels, owner=owner)))
+        return cls(
+            portal().call(
+                AsyncSandbox.create(
+                    name=name,
+                    timeout=timeout,
+                    memory=memory,
+                    cpus=cpus,
+                    pids=pids,
+                    network=network,
+                    env=env,
+                    labels=labels,
+                    owner=owner,
+                )
+            )
+        )
 
     @classmethod
     def connect(cls, ref: str) -> Sandbox:
@@ -212,24 +235,66 @@ class Sandbox:
         _owned.pop(self.id, None)
         portal().call(self._inner.kill())
 
-    def sh(self, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None,
-           input: str | bytes | None = None, timeout: float | None = None, check: bool = True,
-           on_stdout: Callable[[str], None] | None = None,
-           on_stderr: Callable[[str], None] | None = None) -> CommandResult:
+    def expose_ssh(
+        self,
+        *,
+        ttl: str | float | None = None,
+        single_use: bool = False,
+        public_key: str | None = None,
+    ) -> SshAccess:
+        """A fresh SSH credential for this sandbox; see :meth:`AsyncSandbox.expose_ssh`."""
+        return portal().call(
+            self._inner.expose_ssh(ttl=ttl, single_use=single_use, public_key=public_key)
+        )
+
+    def revoke_ssh(self, access: SshAccess | str | None = None) -> int:
+        """Revoke one SSH credential or all of them; live sessions are closed."""
+        return portal().call(self._inner.revoke_ssh(access))
+
+    def sh(
+        self,
+        cmd: str,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        input: str | bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+    ) -> CommandResult:
         """Run `cmd` with /bin/sh and return its result; see :meth:`AsyncSandbox.sh`."""
-        return portal().call(self._inner.sh(
-            cmd, cwd=cwd, env=env, input=input, timeout=timeout, check=check,
-            on_stdout=on_stdout, on_stderr=on_stderr))
+        return portal().call(
+            self._inner.sh(
+                cmd,
+                cwd=cwd,
+                env=env,
+                input=input,
+                timeout=timeout,
+                check=check,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        )
 
-    def stream(self, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None,
-               input: str | bytes | None = None, timeout: float | None = None,
-               check: bool = True) -> Iterator[OutputLine]:
+    def stream(
+        self,
+        cmd: str,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        input: str | bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> Iterator[OutputLine]:
         """Iterate over the command's output lines as they are produced."""
-        return portal().iterate(self._inner.stream(
-            cmd, cwd=cwd, env=env, input=input, timeout=timeout, check=check))
+        return portal().iterate(
+            self._inner.stream(cmd, cwd=cwd, env=env, input=input, timeout=timeout, check=check)
+        )
 
-    def spawn(self, cmd: str, *, cwd: str | None = None,
-              env: dict[str, str] | None = None) -> Process:
+    def spawn(
+        self, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None
+    ) -> Process:
         return Process(portal().call(self._inner.spawn(cmd, cwd=cwd, env=env)))
 
     def processes(self) -> list[Process]:

@@ -40,15 +40,17 @@ class Transport:
         remote = os.environ.get("JUPYTER_SANDBOX_URL")
         if remote:
             token = os.environ.get("JUPYTER_SANDBOX_TOKEN", "")
-            return httpx.AsyncClient(base_url=remote, timeout=_TIMEOUT,
-                                     headers={"Authorization": f"Bearer {token}"})
+            return httpx.AsyncClient(
+                base_url=remote, timeout=_TIMEOUT, headers={"Authorization": f"Bearer {token}"}
+            )
         client = await self._try_socket()
         if client is None:
             await asyncio.to_thread(start_service, self.paths)
             client = await self._try_socket()
         if client is None:
             raise ServiceUnavailable(
-                f"the sandbox service did not come up; see {self.paths.log_file}")
+                f"the sandbox service did not come up; see {self.paths.log_file}"
+            )
         return client
 
     async def _try_socket(self) -> httpx.AsyncClient | None:
@@ -56,7 +58,9 @@ class Transport:
             return None
         client = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=str(self.paths.socket)),
-            base_url="http://sandbox-service", timeout=_TIMEOUT)
+            base_url="http://sandbox-service",
+            timeout=_TIMEOUT,
+        )
         try:
             response = await client.get("/v1/status")
             response.raise_for_status()
@@ -125,8 +129,8 @@ async def read_frames(response: httpx.Response) -> AsyncIterator[tuple[int, byte
             kind, size = protocol.HEADER.unpack_from(buffer)
             if len(buffer) < header + size:
                 break
-            payload = bytes(buffer[header:header + size])
-            del buffer[:header + size]
+            payload = bytes(buffer[header : header + size])
+            del buffer[: header + size]
             yield kind, payload
 
 
@@ -137,8 +141,12 @@ def start_service(paths: Paths) -> None:
     with open(paths.log_file, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_sandbox", "serve", "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_fd,),
-            start_new_session=True)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
         # The service writes one line when listening; EOF without it means it exited

@@ -7,7 +7,9 @@ with the class's HTTP status, so the client can raise the same typed error.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
 import secrets
@@ -32,12 +34,18 @@ FRAMED = "application/x-sandbox-frames"
 def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, Any]:
     """A sandbox as clients see it."""
     data = {
-        "id": record.id, "name": record.name, "status": record.status,
+        "id": record.id,
+        "name": record.name,
+        "status": record.status,
         "created_at": record.created_at,
         "timeout": "session" if record.timeout is None else record.timeout,
-        "expires_at": record.expires_at, "owner": record.owner, "labels": record.labels,
-        "limits": record.limits, "network": record.network,
-        "ended_at": record.ended_at, "end_reason": record.end_reason,
+        "expires_at": record.expires_at,
+        "owner": record.owner,
+        "labels": record.labels,
+        "limits": record.limits,
+        "network": record.network,
+        "ended_at": record.ended_at,
+        "end_reason": record.end_reason,
     }
     if live is not None:
         data["limits_note"] = live.runtime.limits_note
@@ -46,31 +54,35 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
 
 
 def make_app(manager: Manager, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[_errors_middleware, _auth_middleware(token)],
-                          client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[_errors_middleware, _auth_middleware(token)], client_max_size=1 << 20
+    )
     app["manager"] = manager
     app["activity"] = Activity()
     api = Api(manager)
-    app.add_routes([
-        web.get("/v1/status", api.status),
-        web.get("/v1/sandboxes", api.list),
-        web.post("/v1/sandboxes", api.create),
-        web.get("/v1/sandboxes/{ref}", api.info),
-        web.delete("/v1/sandboxes/{ref}", api.kill),
-        web.post("/v1/sandboxes/{ref}/timeout", api.extend),
-        web.post("/v1/sandboxes/{ref}/lease", api.renew),
-        web.post("/v1/sandboxes/{ref}/exec", api.exec),
-        web.post("/v1/sandboxes/{ref}/spawn", api.spawn),
-        web.get("/v1/sandboxes/{ref}/procs", api.procs),
-        web.get("/v1/sandboxes/{ref}/procs/{pid}/wait", api.proc_wait),
-        web.post("/v1/sandboxes/{ref}/procs/{pid}/signal", api.proc_signal),
-        web.get("/v1/sandboxes/{ref}/logs", api.logs),
-        web.post("/v1/sandboxes/{ref}/files/{op}", api.file_op),
-        web.get("/v1/sandboxes/{ref}/files/read", api.read_file),
-        web.put("/v1/sandboxes/{ref}/files/write", api.write_file),
-        web.get("/v1/sandboxes/{ref}/files/tar", api.read_tar),
-        web.put("/v1/sandboxes/{ref}/files/tar", api.write_tar),
-    ])
+    app.add_routes(
+        [
+            web.get("/v1/status", api.status),
+            web.get("/v1/events", api.events),
+            web.get("/v1/sandboxes", api.list),
+            web.post("/v1/sandboxes", api.create),
+            web.get("/v1/sandboxes/{ref}", api.info),
+            web.delete("/v1/sandboxes/{ref}", api.kill),
+            web.post("/v1/sandboxes/{ref}/timeout", api.extend),
+            web.post("/v1/sandboxes/{ref}/lease", api.renew),
+            web.post("/v1/sandboxes/{ref}/exec", api.exec),
+            web.post("/v1/sandboxes/{ref}/spawn", api.spawn),
+            web.get("/v1/sandboxes/{ref}/procs", api.procs),
+            web.get("/v1/sandboxes/{ref}/procs/{pid}/wait", api.proc_wait),
+            web.post("/v1/sandboxes/{ref}/procs/{pid}/signal", api.proc_signal),
+            web.get("/v1/sandboxes/{ref}/logs", api.logs),
+            web.post("/v1/sandboxes/{ref}/files/{op}", api.file_op),
+            web.get("/v1/sandboxes/{ref}/files/read", api.read_file),
+            web.put("/v1/sandboxes/{ref}/files/write", api.write_file),
+            web.get("/v1/sandboxes/{ref}/files/tar", api.read_tar),
+            web.put("/v1/sandboxes/{ref}/files/tar", api.write_tar),
+        ]
+    )
     return app
 
 
@@ -92,11 +104,14 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except SandboxError as e:
-        return web.json_response({"error": type(e).__name__, "message": str(e)},
-                                 status=e.status if e.status >= 400 else 500)
+        return web.json_response(
+            {"error": type(e).__name__, "message": str(e)},
+            status=e.status if e.status >= 400 else 500,
+        )
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return web.json_response({"error": "InvalidRequest", "message": f"bad JSON: {e}"},
-                                 status=400)
+        return web.json_response(
+            {"error": "InvalidRequest", "message": f"bad JSON: {e}"}, status=400
+        )
     finally:
         activity.active -= 1
         activity.last = time.monotonic()
@@ -113,7 +128,8 @@ def _auth_middleware(token: str | None):
             if token is None or not secrets.compare_digest(given, f"Bearer {token}"):
                 return web.json_response(
                     {"error": "PermissionDenied", "message": "missing or wrong bearer token"},
-                    status=401)
+                    status=401,
+                )
         return await handler(request)
 
     return auth
@@ -155,23 +171,49 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         backend = self.manager.backend
-        return web.json_response({
-            "pid": request.app["pid"], "version": request.app["version"],
-            "started_at": request.app["started_at"], "sandboxes": len(self.manager.live),
-            "isolation": backend.unavailable or "ok",
-            "cgroups": backend.cgroups.unavailable or f"v{backend.cgroups.version}",
-        })
+        return web.json_response(
+            {
+                "pid": request.app["pid"],
+                "version": request.app["version"],
+                "started_at": request.app["started_at"],
+                "sandboxes": len(self.manager.live),
+                "isolation": backend.unavailable or "ok",
+                "cgroups": backend.cgroups.unavailable or f"v{backend.cgroups.version}",
+            }
+        )
 
     async def list(self, request: web.Request) -> web.Response:
         include_ended = request.query.get("all") in ("1", "true")
         records = self.manager.list(include_ended)
-        return web.json_response({"sandboxes": [
-            record_json(r, self.manager.live.get(r.id)) for r in records]})
+        return web.json_response(
+            {"sandboxes": [record_json(r, self.manager.live.get(r.id)) for r in records]}
+        )
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Sandbox lifecycle events as JSON lines ("created", "updated", "ended")."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+
+        def listener(event: str, record: SandboxRecord) -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait({"event": event, "sandbox": record_json(record)})
+
+        self.manager.listeners.append(listener)
+        try:
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            await response.write(b'{"event":"hello"}\n')
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), 15)
+                except asyncio.TimeoutError:
+                    item = {"event": "keepalive"}
+                await response.write(json.dumps(item).encode() + b"\n")
+        finally:
+            self.manager.listeners.remove(listener)
 
     async def create(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        allowed = {"name", "timeout", "memory", "cpus", "pids", "network", "env", "labels",
-                   "owner"}
+        allowed = {"name", "timeout", "memory", "cpus", "pids", "network", "env", "labels", "owner"}
         unknown = set(body) - allowed
         if unknown:
             raise InvalidRequest(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -217,8 +259,14 @@ class Api:
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidRequest("timeout must be a positive number of seconds")
         agent = await live.agent.open(
-            "exec", cmd=body.get("cmd"), argv=body.get("argv"), cwd=body.get("cwd"),
-            env=self._env(live, body.get("env")), timeout=timeout, stdin=stdin is not None)
+            "exec",
+            cmd=body.get("cmd"),
+            argv=body.get("argv"),
+            cwd=body.get("cwd"),
+            env=self._env(live, body.get("env")),
+            timeout=timeout,
+            stdin=stdin is not None,
+        )
         async with agent:
             started = await agent.result()
             if stdin is not None:
@@ -236,8 +284,13 @@ class Api:
     async def spawn(self, request: web.Request) -> web.Response:
         live = self._live(request)
         body = await _json(request)
-        info = await live.agent.call("spawn", cmd=body.get("cmd"), argv=body.get("argv"),
-                                     cwd=body.get("cwd"), env=self._env(live, body.get("env")))
+        info = await live.agent.call(
+            "spawn",
+            cmd=body.get("cmd"),
+            argv=body.get("argv"),
+            cwd=body.get("cwd"),
+            env=self._env(live, body.get("env")),
+        )
         return web.json_response(info)
 
     async def procs(self, request: web.Request) -> web.Response:
@@ -246,15 +299,21 @@ class Api:
     async def proc_wait(self, request: web.Request) -> web.Response:
         live = self._live(request)
         timeout = request.query.get("timeout")
-        info = await live.agent.call("proc_wait", pid=_int(request.match_info["pid"], "pid"),
-                                     timeout=float(timeout) if timeout else None)
+        info = await live.agent.call(
+            "proc_wait",
+            pid=_int(request.match_info["pid"], "pid"),
+            timeout=float(timeout) if timeout else None,
+        )
         return web.json_response(info)
 
     async def proc_signal(self, request: web.Request) -> web.Response:
         live = self._live(request)
         body = await _json(request)
-        info = await live.agent.call("proc_signal", pid=_int(request.match_info["pid"], "pid"),
-                                     signal=int(body.get("signal", 15)))
+        info = await live.agent.call(
+            "proc_signal",
+            pid=_int(request.match_info["pid"], "pid"),
+            signal=int(body.get("signal", 15)),
+        )
         return web.json_response(info)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
@@ -262,9 +321,12 @@ class Api:
         live = self._live(request)
         query = request.query
         agent = await live.agent.open(
-            "logs", after=_int(query.get("after"), "after") or 0,
-            tail=_int(query.get("tail"), "tail"), follow=query.get("follow") in ("1", "true"),
-            pid=_int(query.get("pid"), "pid"))
+            "logs",
+            after=_int(query.get("after"), "after") or 0,
+            tail=_int(query.get("tail"), "tail"),
+            follow=query.get("follow") in ("1", "true"),
+            pid=_int(query.get("pid"), "pid"),
+        )
         async with agent:
             first = await agent.recv()
             if first is not None and first[0] == Frame.ERROR:
@@ -297,8 +359,12 @@ class Api:
         live = self._live(request)
         async with await live.agent.open(op, path=_query_path(request)) as agent:
             info = await agent.result()
-            response = web.StreamResponse(headers={
-                "Content-Type": "application/octet-stream", "X-Sandbox-Stat": json.dumps(info)})
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "X-Sandbox-Stat": json.dumps(info),
+                }
+            )
             await response.prepare(request)
             async for chunk in agent.data():
                 await response.write(chunk)
@@ -328,4 +394,3 @@ async def _framed_response(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": FRAMED})
     await response.prepare(request)
     return response
-

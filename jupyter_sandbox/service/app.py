@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -35,8 +36,12 @@ class AlreadyRunning(RuntimeError):
 
 
 class Service:
-    def __init__(self, paths: Paths | None = None, settings: Settings | None = None,
-                 tcp: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        paths: Paths | None = None,
+        settings: Settings | None = None,
+        tcp: tuple[str, int] | None = None,
+    ) -> None:
         self.paths = paths or Paths.default()
         self.settings = settings or Settings.from_env()
         self.tcp = tcp
@@ -53,7 +58,7 @@ class Service:
             raise AlreadyRunning("a sandbox service is already running for this user") from None
         self._lock_fd = fd
 
-    async def run(self, ready: callable = None) -> None:
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT or until idle; `ready()` is called once listening."""
         os.umask(0o077)
         self._lock()

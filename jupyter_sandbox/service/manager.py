@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._config import Settings
 from .._durations import parse_duration, parse_size, parse_timeout
 from .._errors import InvalidRequest, SandboxExists, SandboxExpired, SandboxNotFound
 from ..agent.remote import AgentClient
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
-from .._config import Settings
 from .state import ENDED, RUNNING, SandboxRecord, State
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -85,7 +85,8 @@ class Manager:
 
     def get(self, ref: str) -> Live:
         live = self.live.get(ref) or next(
-            (s for s in self.live.values() if s.record.name == ref), None)
+            (s for s in self.live.values() if s.record.name == ref), None
+        )
         if live is not None:
             return live
         record = self.state.get(ref)
@@ -108,37 +109,63 @@ class Manager:
         previous, live.sample = live.sample, sample
         percent = None
         if previous and sample["cpu_seconds"] is not None and sample["time"] > previous["time"]:
-            percent = 100 * (sample["cpu_seconds"] - previous["cpu_seconds"]) / (
-                sample["time"] - previous["time"])
+            percent = (
+                100
+                * (sample["cpu_seconds"] - previous["cpu_seconds"])
+                / (sample["time"] - previous["time"])
+            )
         return {"available": True, "cpu_percent": percent, **sample}
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def create(self, *, name: str | None = None, timeout: Any = None,
-                     memory: Any = None, cpus: Any = None, pids: Any = None,
-                     network: str = "none", env: dict | None = None, labels: dict | None = None,
-                     owner: str = "") -> SandboxRecord:
+    async def create(
+        self,
+        *,
+        name: str | None = None,
+        timeout: Any = None,
+        memory: Any = None,
+        cpus: Any = None,
+        pids: Any = None,
+        network: str = "none",
+        env: dict | None = None,
+        labels: dict | None = None,
+        owner: str = "",
+    ) -> SandboxRecord:
         seconds = parse_timeout(timeout)
-        limits = Limits(memory=parse_size(memory), cpus=_parse_cpus(cpus),
-                        pids=_parse_pids(pids) or self.settings.default_pids)
+        limits = Limits(
+            memory=parse_size(memory),
+            cpus=_parse_cpus(cpus),
+            pids=_parse_pids(pids) or self.settings.default_pids,
+        )
         if network not in ("none", "host"):
             raise InvalidRequest(f'invalid network {network!r}: expected "none" or "host"')
         env = _check_env(env or {})
         labels = {str(k): str(v) for k, v in (labels or {}).items()}
         if name is not None and not NAME_RE.fullmatch(name):
-            raise InvalidRequest(f"invalid name {name!r}: use letters, digits, '.', '_' or '-' "
-                                 "(up to 63), starting with a letter or digit")
+            raise InvalidRequest(
+                f"invalid name {name!r}: use letters, digits, '.', '_' or '-' "
+                "(up to 63), starting with a letter or digit"
+            )
         async with self._create_lock:
             if name is not None and any(s.record.name == name for s in self.live.values()):
                 raise SandboxExists(f"a sandbox named {name!r} is already running")
             sandbox_id = "sb-" + secrets.token_hex(5)
             now = time.time()
             record = SandboxRecord(
-                id=sandbox_id, name=name or sandbox_id, status="starting", created_at=now,
-                timeout=seconds, expires_at=now + seconds if seconds else None,
+                id=sandbox_id,
+                name=name or sandbox_id,
+                status="starting",
+                created_at=now,
+                timeout=seconds,
+                expires_at=now + seconds if seconds else None,
                 lease_id=None if seconds else secrets.token_urlsafe(16),
                 lease_expires=None if seconds else now + self.settings.lease_ttl,
-                owner=owner, labels=labels, env=env, network=network, limits=limits.as_dict())
+                owner=owner,
+                labels=labels,
+                env=env,
+                network=network,
+                limits=limits.as_dict(),
+            )
             host_uid = self._free_uid()
         runtime = await self.backend.start(SandboxSpec(sandbox_id, network, limits, host_uid))
         record.status = RUNNING
@@ -177,7 +204,8 @@ class Manager:
     def renew(self, ref: str, lease_id: str) -> SandboxRecord:
         live = self.get(ref)
         if live.record.lease_id is None or not secrets.compare_digest(
-                live.record.lease_id, str(lease_id)):
+            live.record.lease_id, str(lease_id)
+        ):
             raise InvalidRequest("this lease does not own the sandbox")
         live.record.lease_expires = time.time() + self.settings.lease_ttl
         self.state.save(live.record)

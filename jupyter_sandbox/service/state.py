@@ -117,30 +117,43 @@ class State:
         """The sandbox with this id, or the newest with this name."""
         row = self.db.execute(
             "SELECT * FROM sandboxes WHERE id = ? OR name = ? "
-            "ORDER BY (status = 'running') DESC, created_at DESC LIMIT 1", (ref, ref)).fetchone()
+            "ORDER BY (status = 'running') DESC, created_at DESC LIMIT 1",
+            (ref, ref),
+        ).fetchone()
         return _record(row) if row else None
 
     def forget_ended(self, older_than: float) -> None:
-        self.db.execute("DELETE FROM sandboxes WHERE status = ? AND ended_at < ?",
-                        (ENDED, time.time() - older_than))
+        self.db.execute(
+            "DELETE FROM sandboxes WHERE status = ? AND ended_at < ?",
+            (ENDED, time.time() - older_than),
+        )
 
     # -- SSH credentials ---------------------------------------------------------------
 
-    def add_token(self, token_hash: str, sandbox_id: str, expires_at: float | None,
-                  single_use: bool, public_key: str | None) -> None:
+    def add_token(
+        self,
+        token_hash: str,
+        sandbox_id: str,
+        expires_at: float | None,
+        single_use: bool,
+        public_key: str | None,
+    ) -> None:
         self.db.execute(
             "INSERT INTO ssh_tokens (token_hash, sandbox_id, created_at, expires_at, single_use,"
             " public_key) VALUES (?, ?, ?, ?, ?, ?)",
-            (token_hash, sandbox_id, time.time(), expires_at, int(single_use), public_key))
+            (token_hash, sandbox_id, time.time(), expires_at, int(single_use), public_key),
+        )
 
     def token(self, token_hash: str) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM ssh_tokens WHERE token_hash = ?",
-                               (token_hash,)).fetchone()
+        return self.db.execute(
+            "SELECT * FROM ssh_tokens WHERE token_hash = ?", (token_hash,)
+        ).fetchone()
 
     def use_token(self, token_hash: str) -> bool:
         """Mark a single-use token used; False if it already was."""
         cursor = self.db.execute(
-            "UPDATE ssh_tokens SET used = 1 WHERE token_hash = ? AND used = 0", (token_hash,))
+            "UPDATE ssh_tokens SET used = 1 WHERE token_hash = ? AND used = 0", (token_hash,)
+        )
         return cursor.rowcount == 1
 
     def revoke_tokens(self, sandbox_id: str, token_hash: str | None = None) -> list[str]:
@@ -151,8 +164,9 @@ class State:
             query += " AND token_hash = ?"
             args += (token_hash,)
         hashes = [r[0] for r in self.db.execute(query, args)]
-        self.db.executemany("UPDATE ssh_tokens SET revoked = 1 WHERE token_hash = ?",
-                            [(h,) for h in hashes])
+        self.db.executemany(
+            "UPDATE ssh_tokens SET revoked = 1 WHERE token_hash = ?", [(h,) for h in hashes]
+        )
         return hashes
 
     def delete_tokens(self, sandbox_id: str) -> None:
