@@ -25,6 +25,7 @@ import tarfile
 import termios
 import threading
 import time
+from functools import partial
 
 import protocol
 from protocol import CHUNK, Frame
@@ -130,6 +131,9 @@ class Log:
                 pass
             self.cond.notify_all()
 
+    def _newer(self, seq: int, until) -> bool:
+        return self.seq > seq or bool(until and until())
+
     def follow(self, after: int, tail: int | None, follow: bool, source: str | None, until=None):
         """Entries newer than `after` (or the last `tail`), then new ones while `follow`."""
         with self.cond:
@@ -144,9 +148,8 @@ class Log:
         last = entries[-1]["seq"] if entries else (self.seq if tail is not None else after)
         while follow:
             with self.cond:
-                seen = last
-                self.cond.wait_for(lambda: self.seq > seen or (until and until()), timeout=1.0)
-                new = [e for e in self.ring if e["seq"] > seen]
+                self.cond.wait_for(partial(self._newer, last, until), timeout=1.0)
+                new = [e for e in self.ring if e["seq"] > last]
                 finished = until is not None and until()
             for entry in new:
                 last = entry["seq"]
