@@ -1,0 +1,78 @@
+"""Port forwarding: every forwarded connection is opened by the agent inside the sandbox.
+
+asyncssh's default handler would connect from the gateway host (``ssh -L`` to
+localhost would reach the host's own services), so the gateway answers
+direct-tcpip and direct-streamlocal requests with sessions that relay to an
+agent ``connect`` stream instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from functools import partial
+
+import asyncssh
+from asyncssh.stream import SSHTCPStreamSession, SSHUNIXStreamSession
+
+from .._errors import SandboxError
+from ..agent.protocol import CHUNK
+from ..agent.remote import AgentClient, AgentStream
+
+REMOTE_FORWARD_REFUSED = (
+    "remote forwarding (ssh -R) is not supported by this gateway: nothing can listen on the "
+    "sandbox's behalf"
+)
+
+
+async def tcp_session(agent: AgentClient, host: str, port: int) -> SSHTCPStreamSession:
+    """A direct-tcpip session connected to host:port as seen from inside the sandbox."""
+    stream = await _connect(agent, host=host, port=port)
+    return SSHTCPStreamSession(partial(relay, stream))
+
+
+async def unix_session(agent: AgentClient, path: str) -> SSHUNIXStreamSession:
+    """A direct-streamlocal session connected to a Unix socket inside the sandbox."""
+    stream = await _connect(agent, path=path)
+    return SSHUNIXStreamSession(partial(relay, stream))
+
+
+async def _connect(agent: AgentClient, **where: object) -> AgentStream:
+    try:
+        stream = await agent.open("connect", **where)
+    except SandboxError as e:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(e)) from None
+    try:
+        await stream.result()
+    except SandboxError as e:
+        await stream.close()
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(e)) from None
+    return stream
+
+
+async def relay(
+    stream: AgentStream, reader: asyncssh.SSHReader, writer: asyncssh.SSHWriter
+) -> None:
+    """Copy bytes both ways between an SSH channel and the agent, half-closes included."""
+    try:
+        await asyncio.gather(_to_agent(reader, stream), _to_channel(stream, writer))
+    finally:
+        await stream.close()
+        writer.close()
+
+
+async def _to_agent(reader: asyncssh.SSHReader, stream: AgentStream) -> None:
+    with contextlib.suppress(ConnectionError, asyncssh.Error):
+        while data := await reader.read(CHUNK):
+            stream.writer.write(data)
+            await stream.writer.drain()
+        if stream.writer.can_write_eof():
+            stream.writer.write_eof()
+
+
+async def _to_channel(stream: AgentStream, writer: asyncssh.SSHWriter) -> None:
+    with contextlib.suppress(ConnectionError, asyncssh.Error):
+        while data := await stream.reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()

@@ -1,0 +1,250 @@
+"""The SSH gateway: listens, maps token usernames to sandboxes, enforces abuse limits."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from ..agent.remote import AgentClient
+from . import forwarding, hostkey
+from .limits import FailedLogins, GatewayLimits
+from .logs import quiet_asyncssh
+from .session import SandboxSession
+
+log = logging.getLogger(__name__)
+
+# Modern algorithms only: ssh-audit reports neither failures nor warnings for these.
+ALGORITHMS = {
+    "kex_algs": ["curve25519-sha256", "curve25519-sha256@libssh.org"],
+    "encryption_algs": [
+        "chacha20-poly1305@openssh.com",
+        "aes256-gcm@openssh.com",
+        "aes128-gcm@openssh.com",
+        "aes256-ctr",
+        "aes192-ctr",
+        "aes128-ctr",
+    ],
+    "mac_algs": [
+        "hmac-sha2-256-etm@openssh.com",
+        "hmac-sha2-512-etm@openssh.com",
+        "umac-128-etm@openssh.com",
+    ],
+    "compression_algs": ["none"],
+}
+SERVER_VERSION = "jupyter-sandbox"
+
+
+@dataclass
+class Target:
+    """What a valid token grants: one sandbox, reached through its agent."""
+
+    sandbox_id: str
+    agent: AgentClient
+    env: dict[str, str]
+    token_hash: str
+    public_key: str | None = None  # OpenSSH public key line that must also be presented
+    single_use: bool = False  # the resolver consumes it; the gateway only reports connects
+
+
+Resolver = Callable[[str], Awaitable["Target | None"]]
+EventSink = Callable[[str, str], None]
+
+
+class Gateway:
+    """An SSH server whose usernames are tokens and whose sessions run inside sandboxes."""
+
+    def __init__(
+        self,
+        resolve: Resolver,
+        host_key_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        on_event: EventSink | None = None,
+        *,
+        limits: GatewayLimits | None = None,
+    ) -> None:
+        self.resolve = resolve
+        self.host, self.port = host, port
+        self.on_event = on_event
+        self.limits = limits or GatewayLimits()
+        self.failures = FailedLogins(self.limits)
+        self.host_key = hostkey.load_host_key(Path(host_key_dir))
+        self.host_key_fingerprint = hostkey.fingerprint(self.host_key)
+        self.connections: set[Connection] = set()
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        quiet_asyncssh()
+
+    async def start(self) -> None:
+        """Listen; `self.port` is the real port afterwards."""
+        limits = self.limits
+        self._acceptor = await asyncssh.listen(
+            self.host,
+            self.port,
+            server_factory=lambda: Connection(self),
+            server_host_keys=[self.host_key],
+            encoding=None,
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            login_timeout=limits.login_timeout,
+            keepalive_interval=limits.keepalive_interval,
+            keepalive_count_max=limits.keepalive_count_max,
+            server_version=SERVER_VERSION,
+            **ALGORITHMS,
+        )
+        self.port = self._acceptor.get_port()
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection."""
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+        for connection in list(self.connections):
+            connection.close()
+
+    def close_sessions(self, sandbox_id: str, token_hash: str | None = None) -> None:
+        """Drop live connections to a sandbox (or only those made with one token)."""
+        for connection in list(self.connections):
+            target = connection.target
+            if (
+                target is not None
+                and target.sandbox_id == sandbox_id
+                and (token_hash is None or target.token_hash == token_hash)
+            ):
+                connection.close()
+
+    def known_hosts_line(self, hostname: str, port: int) -> str:
+        """A known_hosts line that pins this gateway's host key."""
+        return hostkey.known_hosts_line(self.host_key, hostname, port)
+
+    def unauthenticated(self) -> int:
+        return sum(1 for c in self.connections if not c.authenticated)
+
+    def event(self, sandbox_id: str, text: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(sandbox_id, text)
+            except Exception:
+                log.exception("SSH event handler failed")
+
+
+class Connection(asyncssh.SSHServer):
+    """One client connection: authentication by token, then forwarding requests."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.source = ""
+        self.target: Target | None = None
+        self.authenticated = False
+
+    # -- connection ------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        peer = conn.get_extra_info("peername") or ("", 0)
+        self.source = str(peer[0])
+        if self.gateway.failures.blocked(self.source):
+            raise ConnectionRefusedError("too many failed logins from this address")
+        if self.gateway.unauthenticated() >= self.gateway.limits.max_unauthenticated:
+            raise ConnectionRefusedError("too many unauthenticated connections")
+        self.conn = conn
+        self.gateway.connections.add(self)
+        _quickack_on_receive(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is None:
+            return
+        self.gateway.connections.discard(self)
+        target = self.target
+        if target is not None and self.authenticated:
+            self.gateway.event(target.sandbox_id, f"SSH connection from {self.source} closed")
+        elif target is not None and target.public_key:
+            self.gateway.failures.record(self.source)  # the right token but not its key
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    # -- authentication --------------------------------------------------------------
+
+    async def begin_auth(self, username: str) -> bool:
+        """Resolve the token; no further auth when it needs no key, deny all when unknown."""
+        self.target = None
+        if not self.gateway.failures.blocked(self.source):
+            self.target = await self.gateway.resolve(username)
+        if self.target is None:
+            self.gateway.failures.record(self.source)
+            return True
+        return self.target.public_key is not None
+
+    def auth_completed(self) -> None:
+        self.authenticated = True
+        target = self.target
+        assert target is not None
+        single = " (single-use token)" if target.single_use else ""
+        self.gateway.event(target.sandbox_id, f"SSH connection from {self.source}{single}")
+
+    def public_key_auth_supported(self) -> bool:
+        return True  # also for unknown tokens, so they look like key-protected ones
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        target = self.target
+        if target is None or not target.public_key:
+            return False
+        try:
+            wanted = asyncssh.import_public_key(target.public_key)
+        except (asyncssh.KeyImportError, ValueError):
+            return False
+        return wanted.public_data == key.public_data
+
+    # -- channels --------------------------------------------------------------------
+
+    def session_requested(self) -> SandboxSession:
+        assert self.target is not None
+        return SandboxSession(self.target)
+
+    # -- forwarding ------------------------------------------------------------------
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Awaitable[asyncssh.SSHTCPSession]:
+        assert self.target is not None
+        return forwarding.tcp_session(self.target.agent, dest_host, dest_port)
+
+    def unix_connection_requested(self, dest_path: str) -> Awaitable[asyncssh.SSHUNIXSession]:
+        assert self.target is not None
+        return forwarding.unix_session(self.target.agent, dest_path)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return self._refuse_listen()
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return self._refuse_listen()
+
+    def _refuse_listen(self) -> bool:
+        if self.conn is not None:
+            self.conn.send_debug(forwarding.REMOTE_FORWARD_REFUSED, always_display=True)
+        return False
+
+
+def _quickack_on_receive(conn: asyncssh.SSHServerConnection) -> None:
+    """Re-arm TCP_QUICKACK after every receive (the kernel clears it), which removes
+    the delayed-ACK stalls of the key exchange with OpenSSH clients."""
+    sock = conn.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    received = conn.data_received
+
+    def data_received(data: bytes, datatype: object = None) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        received(data, datatype)
+
+    conn.data_received = data_received

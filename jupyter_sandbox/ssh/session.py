@@ -1,0 +1,169 @@
+"""Session channels (shell, exec, subsystem) bridged to an agent ``exec`` stream.
+
+One `SandboxSession` per channel: the client's requests choose what to run
+(login shell, ``bash -lc COMMAND`` or the SFTP server), the agent runs it
+inside the sandbox, and two copy loops relay data with flow control both ways:
+client input is queued and the channel paused while the agent is behind;
+agent output is read only while the channel can take more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from .._errors import SandboxError
+from ..agent.protocol import Frame
+from ..agent.remote import AgentStream
+from .sftp import SubsystemUnavailable, sftp_server_argv
+
+if TYPE_CHECKING:
+    from .gateway import Target
+
+LOGIN_SHELL = ["/bin/bash", "-l"]
+CLIENT_ENV = re.compile(r"LANG|LC_[A-Z_]+|TERM")
+LOST = 255  # exit status when the sandbox went away, as OpenSSH reports a lost connection
+INPUT_QUEUE_LIMIT = 16  # queued client messages before the channel stops reading
+
+
+def session_env(base: dict[str, str], client: Any) -> dict[str, str]:
+    """The target's environment plus the locale and TERM variables the client sent."""
+    sent = {k: v for k, v in client.items() if CLIENT_ENV.fullmatch(k)}
+    return {**base, **sent}
+
+
+class SandboxSession(asyncssh.SSHServerSession):
+    """One session channel, served by a command the agent runs inside the sandbox."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.chan: asyncssh.SSHServerChannel | None = None
+        self.pty: dict[str, Any] | None = None
+        self.argv: list[str] | None = None
+        self.sftp = False
+        self.inbound: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.task: asyncio.Task | None = None
+
+    # -- requests from the client ------------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Any
+    ) -> bool:
+        cols, rows = term_size[:2]
+        self.pty = {"rows": rows or 24, "cols": cols or 80, "term": term_type}
+        return True
+
+    def shell_requested(self) -> bool:
+        self.argv = LOGIN_SHELL
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.argv = ["/bin/bash", "-lc", command]
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self.sftp = subsystem == "sftp"
+        return self.sftp
+
+    def session_started(self) -> None:
+        self.task = asyncio.ensure_future(self._serve())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.task is not None:
+            self.task.cancel()  # closing the agent stream ends the command
+
+    # -- input ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._queue(Frame.STDIN, data)
+
+    def eof_received(self) -> bool:
+        if self.pty is None:  # on a tty OpenSSH keeps the terminal open, so do we
+            self._queue(Frame.EOF, b"")
+        return True  # half-open: output may still follow
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        self._queue(Frame.RESIZE, json.dumps({"rows": height, "cols": width}).encode())
+
+    def signal_received(self, signal_name: str) -> None:
+        number = getattr(signal, f"SIG{signal_name}", None)
+        if isinstance(number, signal.Signals):
+            self._queue(Frame.SIGNAL, str(int(number)).encode())
+
+    def break_received(self, msec: int) -> bool:
+        self.signal_received("INT")
+        return True
+
+    def _queue(self, kind: int, payload: bytes) -> None:
+        self.inbound.put_nowait((kind, payload))
+        if self.inbound.qsize() >= INPUT_QUEUE_LIMIT and self.chan is not None:
+            self.chan.pause_reading()
+
+    # -- output flow control ------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # -- the bridge -------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        assert self.chan is not None
+        try:
+            stream = await self._start()
+        except (SandboxError, SubsystemUnavailable) as e:
+            self.chan.write_stderr(f"jupyter-sandbox: {e}\r\n".encode())
+            self.chan.exit(LOST if isinstance(e, SandboxError) else 1)
+            return
+        sender = asyncio.ensure_future(self._to_agent(stream))
+        try:
+            status = await self._from_agent(stream)
+        finally:
+            sender.cancel()
+            await stream.close()
+        self.chan.exit(status)
+
+    async def _start(self) -> AgentStream:
+        argv = await sftp_server_argv(self.target.agent) if self.sftp else self.argv
+        env = session_env(self.target.env, self.chan.get_environment())
+        stream = await self.target.agent.open("exec", argv=argv, env=env, pty=self.pty, stdin=True)
+        try:
+            await stream.result()
+        except SandboxError:
+            await stream.close()
+            raise
+        return stream
+
+    async def _to_agent(self, stream: AgentStream) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                kind, payload = await self.inbound.get()
+                await stream.send(kind, payload)
+                if self.inbound.qsize() < INPUT_QUEUE_LIMIT // 2:
+                    self.chan.resume_reading()
+
+    async def _from_agent(self, stream: AgentStream) -> int:
+        """Command output to the channel; the command's exit status at the end."""
+        while (frame := await stream.recv()) is not None:
+            kind, payload = frame
+            if kind == Frame.EXIT:
+                return json.loads(payload)["exit_code"]
+            if kind == Frame.STDOUT:
+                self.chan.write(payload)
+            elif kind == Frame.STDERR:
+                self.chan.write_stderr(payload)
+            await self.writable.wait()
+        return LOST
