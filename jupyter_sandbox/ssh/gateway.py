@@ -13,30 +13,13 @@ import asyncssh
 
 from ..agent.remote import AgentClient
 from . import forwarding, hostkey
+from .algorithms import server_algorithms
 from .limits import FailedLogins, GatewayLimits
 from .logs import quiet_asyncssh
 from .session import SandboxSession
 
 log = logging.getLogger(__name__)
 
-# Modern algorithms only: ssh-audit reports neither failures nor warnings for these.
-ALGORITHMS = {
-    "kex_algs": ["curve25519-sha256", "curve25519-sha256@libssh.org"],
-    "encryption_algs": [
-        "chacha20-poly1305@openssh.com",
-        "aes256-gcm@openssh.com",
-        "aes128-gcm@openssh.com",
-        "aes256-ctr",
-        "aes192-ctr",
-        "aes128-ctr",
-    ],
-    "mac_algs": [
-        "hmac-sha2-256-etm@openssh.com",
-        "hmac-sha2-512-etm@openssh.com",
-        "umac-128-etm@openssh.com",
-    ],
-    "compression_algs": ["none"],
-}
 SERVER_VERSION = "jupyter-sandbox"
 
 
@@ -68,11 +51,13 @@ class Gateway:
         on_event: EventSink | None = None,
         *,
         limits: GatewayLimits | None = None,
+        post_quantum_only: bool = False,
     ) -> None:
         self.resolve = resolve
         self.host, self.port = host, port
         self.on_event = on_event
         self.limits = limits or GatewayLimits()
+        self.algorithms = server_algorithms(post_quantum_only)
         self.failures = FailedLogins(self.limits)
         self.host_key = hostkey.load_host_key(Path(host_key_dir))
         self.host_key_fingerprint = hostkey.fingerprint(self.host_key)
@@ -96,7 +81,7 @@ class Gateway:
             keepalive_interval=limits.keepalive_interval,
             keepalive_count_max=limits.keepalive_count_max,
             server_version=SERVER_VERSION,
-            **ALGORITHMS,
+            **self.algorithms,
         )
         self.port = self._acceptor.get_port()
 
