@@ -1,0 +1,279 @@
+"""REST and websocket endpoints under ``<base_url>sandbox/api/``; all require Jupyter's auth.
+
+REST changes (POST, DELETE) go through Jupyter's XSRF check when authenticated by
+cookie. Websockets: ``events`` (list snapshot, lifecycle changes, usage samples),
+``sandboxes/<ref>/logs`` (live log entries) and ``tunnel/<ref>`` (raw bytes to the
+service's SSH gateway, for ``jupyter-sandbox tunnel``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized, ws_authenticated
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
+from tornado import web
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from .._errors import SandboxError
+from .._models import SshAccess
+from .hub import Message, SandboxHub
+
+AUTH_RESOURCE = "sandboxes"
+LOG_TAIL = 500
+CHUNK = 64 * 1024
+
+
+@contextlib.contextmanager
+def service_errors() -> Iterator[None]:
+    """Report the service's typed errors with their HTTP status."""
+    try:
+        yield
+    except SandboxError as e:
+        status = e.status if e.status >= 400 else 500
+        raise web.HTTPError(status, str(e), reason=type(e).__name__) from e
+    except ValueError as e:
+        raise web.HTTPError(400, str(e)) from e
+
+
+class _Base(JupyterHandler):
+    auth_resource = AUTH_RESOURCE
+
+    def initialize(self, hub: SandboxHub, ssh_dir: Path | None = None) -> None:
+        self.hub = hub
+        self.ssh_dir = ssh_dir
+
+
+class _Api(_Base, APIHandler):
+    def body(self) -> dict[str, Any]:
+        data = self.get_json_body() or {}
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "the request body must be a JSON object")
+        return data
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data))
+
+
+class SandboxesHandler(_Api):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        with service_errors():
+            self.reply({"sandboxes": await self.hub.list()})
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        with service_errors():
+            self.reply(await self.hub.create(self.body()), 201)
+
+
+class SandboxHandler(_Api):
+    @web.authenticated
+    @authorized
+    async def get(self, ref: str) -> None:
+        with service_errors():
+            self.reply(await self.hub.get(ref))
+
+    @web.authenticated
+    @authorized
+    async def delete(self, ref: str) -> None:
+        with service_errors():
+            await self.hub.kill(ref)
+        self.set_status(204)
+        self.finish()
+
+
+class TimeoutHandler(_Api):
+    @web.authenticated
+    @authorized
+    async def post(self, ref: str) -> None:
+        timeout = self.body().get("timeout")
+        if timeout is None:
+            raise web.HTTPError(400, "'timeout' is required")
+        with service_errors():
+            self.reply(await self.hub.extend(ref, timeout))
+
+
+def access_json(access: SshAccess) -> Message:
+    data = dataclasses.asdict(access)
+    data["token"] = access.username
+    return data
+
+
+class SshHandler(_Api):
+    """POST: the SSH access (reused while valid; ``{"fresh": true}`` for a new one).
+
+    DELETE: revoke every credential of the sandbox.
+    """
+
+    @web.authenticated
+    @authorized("execute")
+    async def post(self, ref: str) -> None:
+        with service_errors():
+            access = await self.hub.ssh_access(ref, fresh=bool(self.body().get("fresh")))
+        self.set_header("Cache-Control", "no-store")
+        self.reply(access_json(access))
+
+    @web.authenticated
+    @authorized
+    async def delete(self, ref: str) -> None:
+        with service_errors():
+            self.reply({"revoked": await self.hub.revoke_ssh(ref)})
+
+
+class TerminalHandler(_Api):
+    """POST: a new JupyterLab terminal running ``ssh`` into the sandbox.
+
+    The terminal's process is OpenSSH with a private config file holding a
+    single-use credential, so the token never shows on screen or in ``ps``.
+    """
+
+    @web.authenticated
+    @authorized("execute")
+    async def post(self, ref: str) -> None:
+        manager = self.settings.get("terminal_manager")
+        if manager is None or self.ssh_dir is None:
+            raise web.HTTPError(503, "terminals are not available on this server")
+        with service_errors():
+            access = await self.hub.terminal_access(ref)
+        model = manager.create(shell_command=["sh", "-c", *ssh_script(access, self.ssh_dir)])
+        self.reply({"name": model["name"], "sandbox": access.sandbox_id}, 201)
+
+
+def ssh_script(access: SshAccess, ssh_dir: Path) -> tuple[str, str]:
+    """A ``sh -c`` script (and its $0) that SSHes in with `access`, then removes its files."""
+    ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stem = ssh_dir / f"{access.sandbox_id}-{access.username[:8]}"
+    known_hosts, config = stem.with_suffix(".known_hosts"), stem.with_suffix(".config")
+    known_hosts.write_text(access.known_hosts_line + "\n")
+    config.touch(mode=0o600)
+    config.write_text(
+        f"Host sandbox\n  HostName {access.hostname}\n  Port {access.port}\n"
+        f"  User {access.username}\n  UserKnownHostsFile {known_hosts}\n"
+        "  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
+    )
+    script = f'ssh -F "$0" sandbox; rm -f "$0" {shlex.quote(str(known_hosts))}'
+    return script, str(config)
+
+
+class _Socket(WebSocketMixin, WebSocketHandler, _Base):
+    """A websocket that needs Jupyter's auth, and the sandboxes' permission."""
+
+    async def _send(self, message: Message | bytes) -> None:
+        binary = isinstance(message, bytes)
+        await self.write_message(message if binary else json.dumps(message), binary=binary)
+
+
+class EventsSocket(_Socket):
+    """Pushes ``snapshot``, ``created``/``updated``/``ended`` and ``usage`` messages."""
+
+    @ws_authenticated
+    @authorized
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        await super().get(*args, **kwargs)
+
+    async def open(self, *args: str, **kwargs: str) -> None:
+        with service_errors():
+            await self.hub.subscribe(self._push)
+
+    def _push(self, message: Message) -> None:
+        with contextlib.suppress(WebSocketClosedError):
+            self.write_message(json.dumps(message))
+
+    def on_close(self) -> None:
+        self.hub.unsubscribe(self._push)
+
+
+class LogsSocket(_Socket):
+    """Streams the sandbox's log entries as JSON, following until it ends."""
+
+    @ws_authenticated
+    @authorized
+    async def get(self, ref: str) -> None:
+        with service_errors():
+            self.sandbox = await self.hub.handle(ref)
+        await super().get(ref)
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        tail = self.get_query_argument("tail", str(LOG_TAIL))
+        self._task = asyncio.create_task(self._stream(int(tail) if tail.isdigit() else LOG_TAIL))
+
+    async def _stream(self, tail: int) -> None:
+        try:
+            async for entry in self.sandbox.logs(follow=True, tail=tail):
+                await self._send(dataclasses.asdict(entry))
+        except SandboxError as e:
+            with contextlib.suppress(WebSocketClosedError):
+                await self._send({"error": type(e).__name__, "message": str(e)})
+        except WebSocketClosedError:
+            return
+        self.close()
+
+    def on_close(self) -> None:
+        self._task.cancel()
+
+
+class TunnelSocket(_Socket):
+    """Carries an SSH connection to the service's gateway, which picks the sandbox by token."""
+
+    @ws_authenticated
+    @authorized("execute")
+    async def get(self, ref: str) -> None:
+        with service_errors():
+            await self.hub.handle(ref)  # 404 now rather than a dead connection later
+            self.address = await self.hub.gateway()
+        await super().get(ref)
+
+    async def open(self, *args: str, **kwargs: str) -> None:
+        try:
+            self.reader, self.writer = await asyncio.open_connection(*self.address)
+        except OSError as e:
+            self.close(1011, f"cannot reach the SSH gateway: {e}")
+            return
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        with contextlib.suppress(WebSocketClosedError, ConnectionError):
+            while data := await self.reader.read(CHUNK):
+                await self._send(data)
+        self.close()
+
+    async def on_message(self, message: str | bytes) -> None:
+        self.writer.write(message.encode() if isinstance(message, str) else message)
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    def on_close(self) -> None:
+        if hasattr(self, "writer"):
+            self._task.cancel()
+            self.writer.close()
+
+
+def handlers(hub: SandboxHub, ssh_dir: Path) -> list[tuple[str, type, dict[str, Any]]]:
+    """URL patterns (relative to base_url) and their handlers."""
+    one = r"sandbox/api/sandboxes/(?P<ref>[\w.-]+)"
+    kwargs = {"hub": hub, "ssh_dir": ssh_dir}
+    return [
+        (pattern, handler, kwargs)
+        for pattern, handler in (
+            (r"sandbox/api/sandboxes", SandboxesHandler),
+            (one, SandboxHandler),
+            (f"{one}/timeout", TimeoutHandler),
+            (f"{one}/ssh", SshHandler),
+            (f"{one}/terminal", TerminalHandler),
+            (f"{one}/logs", LogsSocket),
+            (r"sandbox/api/events", EventsSocket),
+            (r"sandbox/api/tunnel/(?P<ref>[\w.-]+)", TunnelSocket),
+        )
+    ]

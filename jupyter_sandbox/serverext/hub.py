@@ -1,0 +1,208 @@
+"""What the handlers share: the service's event feed, live usage, SSH accesses, owned sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .._errors import SandboxError, SandboxNotFound
+from .._models import SandboxInfo, SshAccess
+from ..client import AsyncSandbox
+from ..client._async import shared_transport
+
+Message = dict[str, Any]
+Subscriber = Callable[[Message], None]
+SessionLister = Callable[[], Awaitable[list[dict[str, Any]]]]
+CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "network", "env", "labels")
+RETRY_DELAY = 1.0
+
+
+class SandboxHub:
+    """One per Jupyter server: the panels subscribe here; the handlers act through it.
+
+    The service is only contacted while someone is looking (a panel is connected)
+    or asks for something, so an idle Jupyter server never keeps it alive.
+    """
+
+    def __init__(
+        self, list_sessions: SessionLister, owner: str, usage_interval: float, log: logging.Logger
+    ) -> None:
+        self._list_sessions = list_sessions
+        self.owner = owner
+        self.usage_interval = usage_interval
+        self.log = log
+        self._subscribers: set[Subscriber] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._handles: dict[str, AsyncSandbox] = {}
+        self._accesses: dict[str, SshAccess] = {}
+        self._gateway: tuple[str, int] | None = None
+
+    # -- the panels' feed ------------------------------------------------------------------
+
+    async def subscribe(self, subscriber: Subscriber) -> None:
+        """Send `subscriber` a snapshot now and every change from then on."""
+        self._subscribers.add(subscriber)
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._follow_events()),
+                asyncio.create_task(self._poll_usage()),
+            ]
+        subscriber({"type": "snapshot", "sandboxes": await self.list()})
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        if not self._subscribers:
+            self._cancel_tasks()
+
+    def _broadcast(self, message: Message) -> None:
+        for subscriber in list(self._subscribers):
+            subscriber(message)
+
+    def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+
+    async def _follow_events(self) -> None:
+        """Relay the service's lifecycle events; after a reconnect, resend a snapshot."""
+        reconnect = False
+        while True:
+            try:
+                async with shared_transport().stream("GET", "/v1/events", timeout=None) as response:
+                    if reconnect:  # changes may have been missed meanwhile
+                        self._broadcast({"type": "snapshot", "sandboxes": await self.list()})
+                    async for line in response.aiter_lines():
+                        await self._relay(json.loads(line) if line else {})
+            except (SandboxError, OSError, ValueError) as e:
+                self.log.debug("sandbox event feed interrupted: %s", e)
+            reconnect = True
+            await asyncio.sleep(RETRY_DELAY)
+
+    async def _relay(self, event: Message) -> None:
+        kind = event.get("event")
+        if kind in ("created", "updated", "ended"):
+            sandbox = SandboxInfo.from_json(event["sandbox"])
+            if kind == "ended":
+                self._forget(sandbox.id)
+            self._broadcast({"type": kind, "sandbox": await self._describe(sandbox)})
+
+    async def _poll_usage(self) -> None:
+        """Live CPU, memory and pids of every running sandbox, for the panels' charts."""
+        while True:
+            await asyncio.sleep(self.usage_interval)
+            try:
+                usage = {info.id: info.usage for info in await self._infos()}
+            except SandboxError as e:
+                self.log.debug("sandbox usage poll failed: %s", e)
+                continue
+            self._broadcast({"type": "usage", "time": time.time(), "usage": usage})
+
+    async def _infos(self) -> list[SandboxInfo]:
+        infos = []
+        for listed in await AsyncSandbox.list():
+            with contextlib.suppress(SandboxNotFound):
+                infos.append(await (await self.handle(listed.id)).info())
+        return infos
+
+    # -- sandboxes -------------------------------------------------------------------------
+
+    async def list(self) -> list[Message]:
+        """Every live sandbox, as the panel shows it."""
+        kernels = await self._kernel_paths()
+        return [self._as_json(info, kernels) for info in await AsyncSandbox.list()]
+
+    async def get(self, ref: str) -> Message:
+        return await self._describe(await (await self.handle(ref)).info())
+
+    async def create(self, options: Message) -> Message:
+        """Start a sandbox; a "session" one lives as long as this Jupyter server."""
+        unknown = set(options) - set(CREATE_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        sandbox = await AsyncSandbox.create(owner=self.owner, **options)
+        self._handles[sandbox.id] = sandbox
+        return await self.get(sandbox.id)
+
+    async def kill(self, ref: str) -> None:
+        sandbox = await self.handle(ref)
+        await sandbox.kill()
+        self._forget(sandbox.id)
+
+    async def extend(self, ref: str, timeout: str | float) -> Message:
+        return await self._describe(await (await self.handle(ref)).extend_timeout(timeout))
+
+    async def handle(self, ref: str) -> AsyncSandbox:
+        """A handle on sandbox `ref` (id or name), reused across requests."""
+        for sandbox in self._handles.values():
+            if ref in (sandbox.id, sandbox.name):
+                return sandbox
+        sandbox = await AsyncSandbox.connect(ref)
+        self._handles[sandbox.id] = sandbox
+        return sandbox
+
+    def _forget(self, sandbox_id: str) -> None:
+        self._accesses.pop(sandbox_id, None)
+        self._handles.pop(sandbox_id, None)
+
+    async def _describe(self, info: SandboxInfo) -> Message:
+        return self._as_json(info, await self._kernel_paths())
+
+    @staticmethod
+    def _as_json(info: SandboxInfo, kernels: dict[str, str]) -> Message:
+        data = dataclasses.asdict(info)
+        data["notebook"] = kernels.get(info.labels.get("kernel", ""))
+        return data
+
+    async def _kernel_paths(self) -> dict[str, str]:
+        """Notebook path of each kernel with a session in this server."""
+        return {
+            s["kernel"]["id"]: s["path"] for s in await self._list_sessions() if s.get("kernel")
+        }
+
+    # -- SSH -------------------------------------------------------------------------------
+
+    async def ssh_access(self, ref: str, fresh: bool = False) -> SshAccess:
+        """The SSH access this server made for `ref`, or a new one if none is still valid."""
+        sandbox = await self.handle(ref)
+        access = self._accesses.get(sandbox.id)
+        if fresh or access is None or (access.expires_at or float("inf")) < time.time() + 5:
+            access = await sandbox.expose_ssh()
+            self._accesses[sandbox.id] = access
+        self._gateway = (access.hostname, access.port)
+        return access
+
+    async def revoke_ssh(self, ref: str) -> int:
+        sandbox = await self.handle(ref)
+        self._accesses.pop(sandbox.id, None)
+        return await sandbox.revoke_ssh()
+
+    async def terminal_access(self, ref: str) -> SshAccess:
+        """A one-connection credential for a terminal session."""
+        access = await (await self.handle(ref)).expose_ssh(single_use=True)
+        self._gateway = (access.hostname, access.port)
+        return access
+
+    async def gateway(self) -> tuple[str, int]:
+        """Host and port of the service's SSH gateway."""
+        if self._gateway is None:
+            status = await shared_transport().request("GET", "/v1/status")
+            ssh = status.get("ssh") or {}
+            if not ssh.get("port"):
+                raise SandboxError("the sandbox service does not report an SSH gateway")
+            self._gateway = (ssh.get("host") or "127.0.0.1", int(ssh["port"]))
+        return self._gateway
+
+    async def close(self) -> None:
+        """Stop following; "session" sandboxes created here end with their handles."""
+        self._subscribers.clear()
+        self._cancel_tasks()
+        for sandbox in list(self._handles.values()):
+            if sandbox.owns_lease:
+                await sandbox.kill()
+        self._handles.clear()
