@@ -1,0 +1,198 @@
+"""The sandboxes a kernel uses, by the names its cells give them.
+
+Names are local to a kernel: sandbox NAME of a kernel is the service's
+``NAME-<first 8 characters of the kernel id>``, so two notebooks that both say
+``%%sandbox`` never share a sandbox by accident. "session" sandboxes created
+here belong to the kernel and end with it; duration ones survive it and are
+found again by name after a restart (the kernel id stays the same).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._durations import parse_size, parse_timeout
+from .._errors import SandboxError, SandboxExpired, SandboxNotFound
+from .._models import SandboxInfo
+from ..client import Sandbox
+
+
+@dataclass(frozen=True)
+class KernelIdentity:
+    """Who owns the sandboxes made here: a kernel (and its notebook) or a plain IPython."""
+
+    id: str
+    notebook: str | None = None
+
+    @classmethod
+    def current(cls) -> KernelIdentity:
+        """The running kernel's id (from its ``kernel-<id>.json`` connection file)."""
+        notebook = os.environ.get("JPY_SESSION_NAME") or None
+        try:
+            from ipykernel.connect import get_connection_file
+
+            stem = Path(get_connection_file()).stem
+        except Exception:  # not in a kernel: terminal IPython
+            return cls(f"ipython-{os.getpid()}", notebook)
+        return cls(stem.removeprefix("kernel-"), notebook)
+
+    @property
+    def short(self) -> str:
+        return self.id.removeprefix("ipython-")[:8]
+
+    @property
+    def owner(self) -> str:
+        return f"kernel {self.id}" + (f" ({self.notebook})" if self.notebook else "")
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"kernel": self.id, **({"notebook": self.notebook} if self.notebook else {})}
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """Creation options given on a cell; None means "not given"."""
+
+    timeout: str | None = None
+    memory: str | None = None
+    cpus: float | None = None
+    network: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def given(self) -> bool:
+        """Whether any option that fixes how a sandbox is made was given."""
+        return any(v is not None for v in (self.timeout, self.memory, self.cpus, self.network))
+
+    def conflicts(self, info: SandboxInfo) -> list[str]:
+        """The options that disagree with an existing sandbox, as "--opt X (it has Y)"."""
+        found = []
+        if self.timeout is not None:
+            wanted = parse_timeout(self.timeout)
+            has = None if info.timeout == "session" else float(info.timeout)
+            if wanted != has:
+                found.append(f"--timeout {self.timeout} (it has {info.timeout})")
+        if self.memory is not None and parse_size(self.memory) != info.limits.get("memory"):
+            found.append(f"--memory {self.memory} (it has {info.limits.get('memory')} bytes)")
+        if self.cpus is not None and self.cpus != info.limits.get("cpus"):
+            found.append(f"--cpus {self.cpus:g} (it has {info.limits.get('cpus')})")
+        if self.network is not None and self.network != info.network:
+            found.append(f"--network {self.network} (it has {info.network})")
+        return found
+
+
+class SandboxConflict(SandboxError):
+    """A cell asked for options that an existing sandbox does not have."""
+
+
+class KernelSandboxes:
+    """Local names to sandbox handles; creates on first use, ends owned ones on shutdown."""
+
+    def __init__(self, identity: KernelIdentity) -> None:
+        self.identity = identity
+        self._named: dict[str, Sandbox] = {}
+        self._owned: dict[str, Sandbox] = {}  # by id: "session" sandboxes created here
+        self._lock = threading.RLock()
+
+    def service_name(self, name: str) -> str:
+        return f"{name}-{self.identity.short}"
+
+    def names(self) -> dict[str, str]:
+        """Sandbox id -> local name, for the sandboxes this kernel has names for."""
+        with self._lock:
+            return {sb.id: name for name, sb in self._named.items()}
+
+    def owns(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._owned
+
+    def open(self, name: str, options: SandboxOptions | None = None) -> Sandbox:
+        """Sandbox `name`, created with `options` on first use."""
+        options = options or SandboxOptions()
+        with self._lock:
+            sandbox = self._named.get(name) or self._adopt(name)
+            if sandbox is None:
+                sandbox = Sandbox.create(
+                    name=self.service_name(name),
+                    timeout=options.timeout or "session",
+                    memory=options.memory,
+                    cpus=options.cpus,
+                    network=options.network or "none",
+                    env=options.env or None,
+                    labels=self.identity.labels,
+                    owner=self.identity.owner,
+                )
+                if options.timeout in (None, "session"):
+                    self._owned[sandbox.id] = sandbox
+            elif options.given:
+                conflicts = options.conflicts(sandbox.info())
+                if conflicts:
+                    raise SandboxConflict(
+                        f"sandbox {name!r} already exists without "
+                        + ", ".join(conflicts)
+                        + f"; end it first with `%sandbox kill {name}` or drop the option"
+                    )
+            self._named[name] = sandbox
+            return sandbox
+
+    def _adopt(self, name: str) -> Sandbox | None:
+        """This kernel's sandbox `name` left from before a restart, if it is still of use."""
+        try:
+            sandbox = Sandbox.connect(self.service_name(name))
+        except (SandboxNotFound, SandboxExpired):
+            return None
+        if sandbox.info().timeout == "session":
+            # Its owner was an earlier process of this kernel that died: the lease is
+            # lapsing and nobody can renew it. Replace it rather than hand it out.
+            sandbox.kill()
+            return None
+        return sandbox
+
+    def find(self, ref: str) -> Sandbox:
+        """A sandbox by local name, else by service id or name."""
+        with self._lock:
+            if ref in self._named:
+                return self._named[ref]
+        for candidate in (self.service_name(ref), ref):
+            try:
+                return Sandbox.connect(candidate)
+            except (SandboxNotFound, SandboxExpired):
+                continue
+        raise SandboxNotFound(
+            f"no sandbox named {ref!r} in this kernel, and no sandbox "
+            f"with that id or name in the service (see `%sandbox list`)"
+        )
+
+    def connect(self, ref: str, name: str | None = None) -> tuple[str, Sandbox]:
+        """Give the sandbox `ref` (id or service name) the local name `name`."""
+        sandbox = Sandbox.connect(ref)
+        name = name or sandbox.name
+        with self._lock:
+            self._named[name] = sandbox
+        return name, sandbox
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop every local name of a sandbox that has ended."""
+        with self._lock:
+            self._owned.pop(sandbox_id, None)
+            for name in [n for n, sb in self._named.items() if sb.id == sandbox_id]:
+                del self._named[name]
+
+    def disown(self, sandbox_id: str) -> None:
+        """The sandbox now has a deadline of its own: it no longer ends with the kernel."""
+        self._owned.pop(sandbox_id, None)
+
+    def kill(self, sandbox: Sandbox) -> None:
+        sandbox.kill()
+        self.forget(sandbox.id)
+
+    def close(self) -> None:
+        """End every "session" sandbox this kernel created, concurrently."""
+        with self._lock:
+            owned = list(self._owned.values())
+        if owned:
+            with ThreadPoolExecutor(len(owned)) as pool:
+                list(pool.map(self.kill, owned))

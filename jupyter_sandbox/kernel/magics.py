@@ -1,0 +1,507 @@
+"""``%%sandbox``, ``%sandbox`` and ``%sandbox_ssh``."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, TypeVar
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from .._durations import DURATION_FORMS, parse_duration
+from .._errors import CommandError, SandboxError, SandboxExpired, SandboxNotFound
+from .._models import OutputLine
+from ..client import AsyncSandbox, Sandbox
+from . import _background, _text
+from ._sandboxes import KernelSandboxes, SandboxOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT = "default"
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+
+class _HelpShown(Exception):
+    """``-h`` was given: the help is printed, nothing else is done."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as IPython usage errors instead of exiting."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault(
+            "formatter_class", lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=88)
+        )
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.format_usage().strip()}\n{self.prog}: error: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _HelpShown
+
+    def parse(self, line: str) -> argparse.Namespace:
+        try:
+            return self.parse_args(shlex.split(line))
+        except ValueError as e:  # unbalanced quotes
+            self.error(str(e))
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _duration(text: str) -> str:
+    if text != "session":
+        try:
+            parse_duration(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {DURATION_FORMS}") from None
+    return text
+
+
+def _cell_parser() -> _Parser:
+    p = _Parser(
+        prog="%%sandbox",
+        description=(
+            "Run the cell as a bash script in sandbox NAME, streaming its output.\n\n"
+            "The sandbox is created on first use with the options given; later cells may\n"
+            "repeat them but not change them. A non-zero exit is an error in the cell;\n"
+            "interrupting the kernel stops the command and keeps the sandbox.\n"
+            "Names are local to the kernel (the service calls it NAME-<kernel id prefix>)."
+        ),
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=DEFAULT,
+        metavar="NAME",
+        help=f'sandbox name (default "{DEFAULT}")',
+    )
+    p.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="T",
+        help=(
+            'lifetime: "session" (default: ends with this kernel) or a duration like "30m"'
+            " (outlives the kernel; find it again with %%sandbox connect)"
+        ),
+    )
+    p.add_argument("--memory", metavar="M", help='memory limit, e.g. "512M", "2G"')
+    p.add_argument("--cpus", type=float, metavar="N", help="CPU limit, e.g. 0.5 or 2")
+    p.add_argument(
+        "--network", choices=("none", "host"), help="none (default: loopback only) or host"
+    )
+    p.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="environment variable for the script (and for the sandbox when "
+        "this cell creates it); repeatable",
+    )
+    p.add_argument(
+        "--image",
+        metavar="DIR",
+        help=(
+            "copy local directory DIR into the sandbox's home before the script runs (a plain "
+            "directory upload, not a container image)"
+        ),
+    )
+    p.add_argument(
+        "--bg",
+        action="store_true",
+        help=(
+            "start the script in the background and return at once; its output goes to the "
+            "sandbox log (%%sandbox logs NAME, or the %%sandbox_ssh widget)"
+        ),
+    )
+    return p
+
+
+def _line_parser() -> _Parser:
+    p = _Parser(
+        prog="%sandbox",
+        description=(
+            "Manage this kernel's sandboxes. NAME is a local name (as in %%sandbox NAME), or a\n"
+            "sandbox id or service name from `%sandbox list`."
+        ),
+    )
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str, *args: tuple[str, dict[str, Any]]) -> None:
+        sub = commands.add_parser(name, help=help, description=help.replace("%%", "%"))
+        for arg, options in args:
+            sub.add_argument(arg, **options)
+
+    name_opt = (
+        "name",
+        {
+            "nargs": "?",
+            "default": DEFAULT,
+            "metavar": "NAME",
+            "help": f'sandbox (default "{DEFAULT}")',
+        },
+    )
+    into = (
+        "--sandbox",
+        {
+            "default": DEFAULT,
+            "metavar": "NAME",
+            "help": f'sandbox (default "{DEFAULT}", created on first use)',
+        },
+    )
+    command(
+        "list",
+        "list the service's sandboxes",
+        ("--all", {"action": "store_true", "help": "include ended sandboxes"}),
+    )
+    command("kill", "end a sandbox now", ("name", {"metavar": "NAME"}))
+    command(
+        "connect",
+        "use an existing sandbox (from another kernel, or a duration sandbox "
+        "from before a restart) under a local name",
+        ("ref", {"metavar": "ID"}),
+        (
+            "name",
+            {
+                "nargs": "?",
+                "metavar": "NAME",
+                "help": "local name (default: the sandbox's service name)",
+            },
+        ),
+    )
+    command(
+        "extend",
+        "set a sandbox's deadline to T from now (a session sandbox then outlives the kernel)",
+        ("name", {"metavar": "NAME"}),
+        ("timeout", {"type": _duration, "metavar": "T"}),
+    )
+    command(
+        "logs",
+        "show a sandbox's log: background output and events",
+        name_opt,
+        (
+            "--tail",
+            {"type": int, "default": 100, "metavar": "N", "help": "last N entries (default 100)"},
+        ),
+        ("--follow", {"action": "store_true", "help": "keep following until interrupted"}),
+    )
+    command(
+        "upload",
+        "copy a local file or directory into a sandbox",
+        into,
+        ("src", {"metavar": "SRC"}),
+        ("dst", {"metavar": "DST"}),
+    )
+    command(
+        "download",
+        "copy a file or directory out of a sandbox",
+        into,
+        ("src", {"metavar": "SRC"}),
+        ("dst", {"metavar": "DST"}),
+    )
+    command("info", "status, lifetime, limits and usage of a sandbox", name_opt)
+    command(
+        "get", "return the Sandbox object: sb = %%sandbox get NAME (created on first use)", name_opt
+    )
+    return p
+
+
+def _ssh_parser() -> _Parser:
+    p = _Parser(
+        prog="%sandbox_ssh",
+        description=(
+            "Expose SSH into sandbox NAME (created on first use) and show a live widget: the ssh\n"
+            "command with a copy button, the host key, the time left, live logs, and Kill,\n"
+            "Extend and Revoke buttons. The token (the ssh user name) is hidden in everything\n"
+            "saved into the notebook; without a widget front end the output is plain text."
+        ),
+    )
+    p.add_argument(
+        "name", nargs="?", default=DEFAULT, metavar="NAME", help=f'sandbox (default "{DEFAULT}")'
+    )
+    p.add_argument(
+        "--ttl",
+        type=_duration,
+        metavar="T",
+        help="the credential expires after T (default: with the sandbox)",
+    )
+    p.add_argument(
+        "--single-use", action="store_true", help="the credential allows one connection only"
+    )
+    return p
+
+
+def _full_help(parser: _Parser) -> str:
+    """The parser's help followed by each subcommand's usage and help."""
+    parts = [parser.format_help()]
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for sub in action.choices.values():
+            parts.append(sub.format_help())
+    return "\n".join(parts)
+
+
+CELL_PARSER, LINE_PARSER, SSH_PARSER = _cell_parser(), _line_parser(), _ssh_parser()
+
+
+# -- errors and output ------------------------------------------------------------------
+
+
+def _concise(error: BaseException) -> BaseException:
+    """Make IPython show `error` as one message, without a Python traceback."""
+    text = f"{type(error).__name__}: {error}"
+    error._render_traceback_ = lambda: text.splitlines()  # type: ignore[attr-defined]
+    return error
+
+
+def _magic(parser: _Parser) -> Callable[[F], F]:
+    """Document a magic with `parser`'s help, and show service errors concisely."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except _HelpShown:
+                return None
+            except SandboxError as e:
+                raise _concise(e) from None
+
+        wrapper.__doc__ = _full_help(parser)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class _Output:
+    """Writes command output to stdout/stderr as it comes, flushing often enough to look live.
+
+    Its methods are called on the client's thread while the main thread waits; the
+    kernel routes output from other threads to the cell being executed.
+    """
+
+    FLUSH_EVERY = 0.05
+
+    def __init__(self) -> None:
+        self.last_flush = 0.0
+
+    def stdout(self, text: str) -> None:
+        self._write(sys.stdout, text)
+
+    def stderr(self, text: str) -> None:
+        self._write(sys.stderr, text)
+
+    def _write(self, stream: Any, text: str) -> None:
+        stream.write(text)
+        now = time.monotonic()
+        if now - self.last_flush > self.FLUSH_EVERY:
+            stream.flush()
+            self.last_flush = now
+
+    def drain(self, lines: Iterable[OutputLine]) -> None:
+        """Write `lines` (stdout, stderr or events) and flush at the end."""
+        try:
+            for line in lines:
+                self._write(sys.stderr if line.stream == "stderr" else sys.stdout, line.text)
+        finally:
+            self.flush()
+
+    @staticmethod
+    def flush() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+# -- the magics -------------------------------------------------------------------------
+
+
+@magics_class
+class SandboxMagics(Magics):
+    """Run cells in sandboxes and manage the sandboxes of this kernel."""
+
+    def __init__(self, shell: Any, sandboxes: KernelSandboxes) -> None:
+        super().__init__(shell)
+        self.sandboxes = sandboxes
+
+    @property
+    def _in_kernel(self) -> bool:
+        return getattr(self.shell, "kernel", None) is not None
+
+    @cell_magic("sandbox")
+    @_magic(CELL_PARSER)
+    def sandbox_cell(self, line: str, cell: str) -> None:
+        args = CELL_PARSER.parse(line)
+        env = dict(args.env)
+        options = SandboxOptions(
+            timeout=args.timeout, memory=args.memory, cpus=args.cpus, network=args.network, env=env
+        )
+        sandbox = self.sandboxes.open(args.name, options)
+        if args.image:
+            self._transfer(sandbox, "upload", args.image, ".")
+        script = "exec bash -c " + shlex.quote(cell)
+        try:
+            if args.bg:
+                process = sandbox.spawn(script, env=env or None)
+                print(
+                    f"started pid {process.pid} in sandbox {args.name!r}; its output goes "
+                    f"to the sandbox log (`%sandbox logs {args.name}`)"
+                )
+                return
+            output = _Output()
+            try:
+                sandbox.sh(
+                    script, env=env or None, on_stdout=output.stdout, on_stderr=output.stderr
+                )
+            finally:
+                output.flush()
+        except CommandError as e:
+            code = e.result.exit_code if e.result else "?"
+            raise _concise(
+                CommandError(
+                    f"the script exited with code {code} in sandbox {args.name!r}", e.result
+                )
+            ) from None
+        except (SandboxExpired, SandboxNotFound) as e:
+            self.sandboxes.forget(sandbox.id)
+            raise _concise(
+                type(e)(
+                    f"sandbox {args.name!r} has ended ({e}); run the cell again to start a new one"
+                )
+            ) from None
+        except KeyboardInterrupt:
+            sys.stderr.write(
+                f"\ninterrupted: the command was stopped; sandbox {args.name!r} is still running\n"
+            )
+            raise
+
+    @line_magic("sandbox")
+    @_magic(LINE_PARSER)
+    def sandbox_line(self, line: str) -> Sandbox | None:
+        if not line.strip():
+            print(_full_help(LINE_PARSER))
+            return None
+        args = LINE_PARSER.parse(line)
+        return getattr(self, f"_{args.command}")(args)
+
+    @line_magic("sandbox_ssh")
+    @_magic(SSH_PARSER)
+    def sandbox_ssh(self, line: str) -> None:
+        args = SSH_PARSER.parse(line)
+        sandbox = self.sandboxes.open(args.name)
+        access = sandbox.expose_ssh(ttl=args.ttl, single_use=args.single_use)
+        widget = None
+        if self._in_kernel and not os.environ.get("NBGRADER_EXECUTION"):
+            try:
+                from .widget import SshWidget
+            except ImportError:  # anywidget is not installed: plain text
+                pass
+            else:
+                widget = SshWidget(sandbox, args.name, access, self.sandboxes)
+        if widget is not None:
+            from IPython.display import display
+
+            display(widget)
+        else:
+            # Terminal IPython saves no output: there the command is shown in full.
+            print(_text.ssh_text(args.name, sandbox.info(), access, reveal=not self._in_kernel))
+
+    # -- %sandbox subcommands -------------------------------------------------------------
+
+    def _list(self, args: argparse.Namespace) -> None:
+        names = self.sandboxes.names()
+        infos = Sandbox.list(include_ended=args.all)
+        if not infos:
+            print("no sandboxes")
+            return
+        rows = [
+            [
+                names.get(i.id, ""),
+                i.id,
+                i.name,
+                i.status,
+                _text.lifetime(i) if i.status == "running" else i.end_reason or "",
+                "this kernel" if self.sandboxes.owns(i.id) else i.owner,
+            ]
+            for i in infos
+        ]
+        print(_text.table(rows, ["NAME", "ID", "SERVICE NAME", "STATUS", "LIFETIME", "OWNER"]))
+
+    def _kill(self, args: argparse.Namespace) -> None:
+        self.sandboxes.kill(self.sandboxes.find(args.name))
+        print(f"killed sandbox {args.name!r}")
+
+    def _connect(self, args: argparse.Namespace) -> None:
+        name, sandbox = self.sandboxes.connect(args.ref, args.name)
+        print(
+            f"sandbox {sandbox.id} is now {name!r} here (`%%sandbox {name}`); "
+            "it is not ended with this kernel"
+        )
+
+    def _extend(self, args: argparse.Namespace) -> None:
+        sandbox = self.sandboxes.find(args.name)
+        info = sandbox.extend_timeout(args.timeout)
+        self.sandboxes.disown(sandbox.id)
+        print(f"sandbox {args.name!r}: {_text.lifetime(info)}; it no longer ends with this kernel")
+
+    def _logs(self, args: argparse.Namespace) -> None:
+        sandbox = self.sandboxes.find(args.name)
+        entries = sandbox.logs(follow=args.follow, tail=args.tail)
+        lines = (
+            OutputLine(
+                "stderr" if e.stream == "stderr" else "stdout",
+                f"[{e.source}] {e.text}" if e.stream == "event" else e.text,
+            )
+            for e in entries
+        )
+        try:
+            _Output().drain(_ending_in_newline(lines))
+        except KeyboardInterrupt:
+            if not args.follow:
+                raise
+
+    def _upload(self, args: argparse.Namespace) -> None:
+        self._transfer(self.sandboxes.open(args.sandbox), "upload", args.src, args.dst)
+
+    def _download(self, args: argparse.Namespace) -> None:
+        self._transfer(self.sandboxes.open(args.sandbox), "download", args.src, args.dst)
+
+    def _info(self, args: argparse.Namespace) -> None:
+        print(_text.info_text(args.name, self.sandboxes.find(args.name).info()))
+
+    def _get(self, args: argparse.Namespace) -> Sandbox:
+        return self.sandboxes.open(args.name)
+
+    def _transfer(self, sandbox: Sandbox, direction: str, src: str, dst: str) -> None:
+        """Upload or download with a progress bar, on the background loop (Ctrl-C stops it)."""
+        progress = _text.TransferProgress(f"{direction} {src} -> {dst}", self._in_kernel)
+
+        async def run() -> None:
+            inner = await AsyncSandbox.connect(sandbox.id)
+            operation = inner.fs.upload if direction == "upload" else inner.fs.download
+            await operation(src, dst, progress=progress.update)
+
+        try:
+            _background.wait(run(), tick=progress.draw)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        progress.finish()
+        print(f"{direction}ed {src} -> {dst} ({_text.size(progress.done)})")
+
+
+def _ending_in_newline(lines: Iterable[OutputLine]) -> Iterable[OutputLine]:
+    for line in lines:
+        yield line if line.text.endswith("\n") else OutputLine(line.stream, line.text + "\n")

@@ -1,0 +1,175 @@
+"""The ``%sandbox_ssh`` widget: SSH command, host key, countdown, live logs, buttons.
+
+The SSH token never enters widget state, which front ends and nbclient save into
+the notebook: the synced state holds only the masked command, and the full
+command travels in a custom message sent to each live view when it asks
+(``{"type": "ready"}``), so a reopened notebook shows nothing secret.
+
+Logs follow the sandbox on the background loop and reach the views as custom
+messages batched every 100 ms; views and the replay buffer keep the last
+``LOG_LIMIT`` lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import traitlets
+
+from .._errors import SandboxError
+from .._models import SshAccess
+from ..client import AsyncSandbox, Sandbox
+from . import _background, _text
+from ._sandboxes import KernelSandboxes
+
+LOG_LIMIT = 1000
+BATCH_SECONDS = 0.1
+TAIL = 200
+EXTEND_BY = 600.0
+_HERE = Path(__file__).parent
+
+
+class SshWidget(anywidget.AnyWidget):
+    """Live view of a sandbox's SSH access. Its text/plain form hides the token."""
+
+    _esm = _HERE / "widget.js"
+    _css = _HERE / "widget.css"
+
+    sandbox_name = traitlets.Unicode().tag(sync=True)
+    sandbox_id = traitlets.Unicode().tag(sync=True)
+    status = traitlets.Unicode("running").tag(sync=True)
+    ssh_status = traitlets.Unicode("active").tag(sync=True)
+    masked_command = traitlets.Unicode().tag(sync=True)
+    host_key_fingerprint = traitlets.Unicode().tag(sync=True)
+    expires_at = traitlets.Float(None, allow_none=True).tag(sync=True)
+    ssh_expires_at = traitlets.Float(None, allow_none=True).tag(sync=True)
+    message = traitlets.Unicode().tag(sync=True)
+
+    def __init__(
+        self, sandbox: Sandbox, name: str, access: SshAccess, sandboxes: KernelSandboxes
+    ) -> None:
+        info = sandbox.info()
+        super().__init__(
+            sandbox_name=name,
+            sandbox_id=sandbox.id,
+            status=info.status,
+            masked_command=access.masked_command,
+            host_key_fingerprint=access.host_key_fingerprint,
+            expires_at=info.expires_at,
+            ssh_expires_at=access.expires_at,
+        )
+        self._sandbox = sandbox
+        self._access = access
+        self._sandboxes = sandboxes
+        self._info = info
+        self._sent: deque[list[str]] = deque(maxlen=LOG_LIMIT)  # replayed to new views
+        self.on_msg(self._on_view_message)
+        self._follower = _background.submit(self._follow_logs())
+
+    def close(self) -> None:
+        self._follower.cancel()
+        super().close()
+
+    def __repr__(self) -> str:
+        return _text.ssh_text(
+            self.sandbox_name, self._info, self._access, ssh_status=self.ssh_status
+        )
+
+    # -- messages from views (handled on the kernel's main thread) --------------------------
+
+    def _on_view_message(self, _widget: Any, content: dict[str, Any], _buffers: Any) -> None:
+        action = {
+            "ready": self._greet,
+            "kill": self.kill,
+            "extend": self.extend,
+            "revoke": self.revoke,
+        }.get(content.get("type"))
+        if action is None:
+            return
+        try:
+            action()
+            self.message = ""
+        except SandboxError as e:
+            self.message = str(e)
+
+    def _greet(self) -> None:
+        """Send a view what is not in the state: the full command, the clock and recent logs."""
+        _background.loop().call_soon_threadsafe(self._send_greeting)
+
+    def _send_greeting(self) -> None:
+        live = self.status == "running" and self.ssh_status == "active"
+        self.send(
+            {
+                "type": "hello",
+                "command": self._access.command if live else None,
+                "now": time.time(),
+                "lines": list(self._sent),
+            }
+        )
+
+    def kill(self) -> None:
+        """End the sandbox."""
+        self._sandboxes.kill(self._sandbox)
+        self._ended("killed")
+
+    def extend(self) -> None:
+        """Push a duration sandbox's deadline 10 minutes further."""
+        if self.expires_at is None:
+            raise SandboxError(
+                "a session sandbox lives as long as its kernel; "
+                "use `%sandbox extend NAME T` to give it a deadline instead"
+            )
+        left = max(0.0, self.expires_at - time.time())
+        self._info = self._sandbox.extend_timeout(left + EXTEND_BY)
+        self.expires_at = self._info.expires_at
+
+    def revoke(self) -> None:
+        """Revoke this SSH credential; its live sessions close."""
+        self._sandbox.revoke_ssh(self._access)
+        self.ssh_status = "revoked"
+        self.send({"type": "hello", "command": None, "now": time.time(), "lines": []})
+
+    def _ended(self, status: str) -> None:
+        self.status = status
+        self.ssh_status = "closed"
+        self._follower.cancel()
+
+    # -- log following (on the background loop) ---------------------------------------------
+
+    async def _follow_logs(self) -> None:
+        pending: list[list[str]] = []
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def flush() -> None:
+            nonlocal timer
+            timer = None
+            lines = pending[-LOG_LIMIT:]
+            self._sent.extend(lines)
+            self.send({"type": "logs", "lines": lines, "skipped": len(pending) - len(lines)})
+            pending.clear()
+
+        try:
+            sandbox = await AsyncSandbox.connect(self.sandbox_id)
+            async for entry in sandbox.logs(follow=True, tail=TAIL):
+                pending.append([entry.stream, entry.source, entry.text.rstrip("\n")])
+                if timer is None:
+                    timer = loop.call_later(BATCH_SECONDS, flush)
+            with contextlib.suppress(SandboxError):
+                self._info = await sandbox.info()
+        except SandboxError:
+            pass
+        finally:
+            if timer is not None:
+                timer.cancel()
+                flush()
+        # The log ends when the sandbox does.
+        if self.status == "running":
+            self.status = self._info.status if self._info.status != "running" else "ended"
+            self.ssh_status = "closed"
