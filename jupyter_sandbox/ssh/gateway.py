@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -91,8 +92,10 @@ class Gateway:
             self._acceptor.close()
             await self._acceptor.wait_closed()
             self._acceptor = None
-        for connection in list(self.connections):
+        connections = list(self.connections)
+        for connection in connections:
             connection.close()
+        await asyncio.gather(*(c.wait_closed() for c in connections))
 
     def close_sessions(self, sandbox_id: str, token_hash: str | None = None) -> None:
         """Drop live connections to a sandbox (or only those made with one token)."""
@@ -156,6 +159,10 @@ class Connection(asyncssh.SSHServer):
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+    async def wait_closed(self) -> None:
+        if self.conn is not None:
+            await self.conn.wait_closed()
 
     # -- authentication --------------------------------------------------------------
 

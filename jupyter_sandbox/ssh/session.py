@@ -50,6 +50,7 @@ class SandboxSession(asyncssh.SSHServerSession):
         self.inbound: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self.writable = asyncio.Event()
         self.writable.set()
+        self.reading_paused = False
         self.task: asyncio.Task | None = None
 
     # -- requests from the client ------------------------------------------------------
@@ -107,7 +108,8 @@ class SandboxSession(asyncssh.SSHServerSession):
 
     def _queue(self, kind: int, payload: bytes) -> None:
         self.inbound.put_nowait((kind, payload))
-        if self.inbound.qsize() >= INPUT_QUEUE_LIMIT and self.chan is not None:
+        if self.inbound.qsize() >= INPUT_QUEUE_LIMIT and not self.reading_paused:
+            self.reading_paused = True
             self.chan.pause_reading()
 
     # -- output flow control ------------------------------------------------------------
@@ -152,7 +154,8 @@ class SandboxSession(asyncssh.SSHServerSession):
             while True:
                 kind, payload = await self.inbound.get()
                 await stream.send(kind, payload)
-                if self.inbound.qsize() < INPUT_QUEUE_LIMIT // 2:
+                if self.reading_paused and self.inbound.qsize() < INPUT_QUEUE_LIMIT // 2:
+                    self.reading_paused = False
                     self.chan.resume_reading()
 
     async def _from_agent(self, stream: AgentStream) -> int:
