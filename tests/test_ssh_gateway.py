@@ -656,8 +656,7 @@ class Tmux:
 
     def __init__(self, command: list[str], cols: int, rows: int) -> None:
         self.socket = f"jsb-ssh-{os.getpid()}-{next(_uids)}"
-        env = {**os.environ, "TERM": "xterm-256color"}
-        self.env = env
+        self.env = {**os.environ, "TERM": "xterm-256color"}
         self.tmux(
             "new-session", "-d", "-x", str(cols), "-y", str(rows), subprocess.list2cmdline(command)
         )
