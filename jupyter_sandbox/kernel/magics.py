@@ -351,7 +351,7 @@ class SandboxMagics(Magics):
         )
         sandbox = self.sandboxes.open(args.name, options)
         if args.image:
-            self._transfer(sandbox, "upload", args.image, ".")
+            self._transfer(sandbox, "upload", args.image, ".", report=False)
         script = "exec bash -c " + shlex.quote(cell)
         try:
             if args.bg:
@@ -485,7 +485,9 @@ class SandboxMagics(Magics):
     def _get(self, args: argparse.Namespace) -> Sandbox:
         return self.sandboxes.open(args.name)
 
-    def _transfer(self, sandbox: Sandbox, direction: str, src: str, dst: str) -> None:
+    def _transfer(
+        self, sandbox: Sandbox, direction: str, src: str, dst: str, report: bool = True
+    ) -> None:
         """Upload or download with a progress bar, on the background loop (Ctrl-C stops it)."""
         progress = _text.TransferProgress(f"{direction} {src} -> {dst}", self._in_kernel)
 
@@ -499,7 +501,8 @@ class SandboxMagics(Magics):
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
         progress.finish()
-        print(f"{direction}ed {src} -> {dst} ({_text.size(progress.done)})")
+        if report:
+            print(f"{direction}ed {src} -> {dst} ({_text.size(progress.done)})")
 
 
 def _ending_in_newline(lines: Iterable[OutputLine]) -> Iterable[OutputLine]:
