@@ -1,0 +1,219 @@
+"""Shared fixtures: a private sandbox service per test session, and leak checks.
+
+Every test session gets its own Jupyter runtime and data directories and its
+own sandbox storage, so tests never touch a real user's service. After each
+test, the fixtures check that no sandbox process, directory or cgroup outlives
+the sandboxes the service still lists; after the session, that nothing at all
+is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from jupyter_sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.05,
+             message: str = "condition") -> object:
+    """Poll `predicate` until it returns something truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def storage_parent() -> str:
+    """Sandboxes of a root service run as other uids: their storage must be searchable."""
+    return "/var/tmp" if os.geteuid() == 0 else tempfile.gettempdir()
+
+
+class ServiceEnv:
+    """The environment of this test session's sandbox service."""
+
+    def __init__(self, base: Path, storage: Path) -> None:
+        self.base = base
+        self.storage = storage
+        self.env = {
+            "JUPYTER_RUNTIME_DIR": str(base / "rt"),
+            "JUPYTER_DATA_DIR": str(base / "data"),
+            "JUPYTER_SANDBOX_DIR": str(storage),
+            "JUPYTER_SANDBOX_LEASE_TTL": "4",
+            "JUPYTER_SANDBOX_IDLE_TIMEOUT": "3600",
+        }
+
+    @property
+    def runtime_file(self) -> Path:
+        return Path(self.env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.env["JUPYTER_DATA_DIR"]) / "sandbox" / "service.log"
+
+    def service_pid(self) -> int | None:
+        try:
+            pid = json.loads(self.runtime_file.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def stop_service(self, sig: int = signal.SIGTERM) -> None:
+        pid = self.service_pid()
+        if pid is None:
+            return
+        os.kill(pid, sig)
+        wait_for(lambda: not _alive(pid), 20, message=f"service {pid} to exit")
+
+    def run_cli(self, *args: str, check: bool = True, timeout: float = 60,
+                input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "jupyter_sandbox", *args], env={**os.environ, **self.env},
+            capture_output=True, text=True, timeout=timeout, check=check, input=input)
+
+    def run_python(self, code: str, **kwargs) -> subprocess.Popen:
+        """A separate Python process in this service environment."""
+        return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **self.env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **kwargs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def sandbox_processes(storage: Path) -> list[int]:
+    """Host pids of processes belonging to sandboxes under `storage` (bwrap and agents)."""
+    pids = []
+    marker = str(storage).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def cgroup_dirs(sandbox_ids: set[str] | None = None) -> list[str]:
+    """Sandbox cgroup directories that exist now (optionally excluding `sandbox_ids`)."""
+    found = []
+    for hierarchy in Path("/sys/fs/cgroup").glob("*"):
+        for parent in hierarchy.rglob("jupyter-sandbox"):
+            for child in parent.iterdir():
+                if child.is_dir() and child.name.startswith("sb-") and (
+                        sandbox_ids is None or child.name not in sandbox_ids):
+                    found.append(str(child))
+    return found
+
+
+@pytest.fixture(scope="session")
+def service_env() -> Iterator[ServiceEnv]:
+    base = Path(tempfile.mkdtemp(prefix="jsb-test-"))
+    storage = Path(tempfile.mkdtemp(prefix="jsb-", dir=storage_parent()))
+    os.chmod(storage, 0o711)
+    env = ServiceEnv(base, storage)
+    saved = {k: os.environ.get(k) for k in env.env}
+    os.environ.update(env.env)
+    yield env
+    for info in Sandbox.list():
+        Sandbox.connect(info.id).kill()
+    env.stop_service()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    leftovers = sandbox_processes(storage)
+    remaining = list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
+    assert not leftovers, f"sandbox processes left after the session: {leftovers}"
+    assert not remaining, f"sandbox directories left after the session: {remaining}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used the service: nothing outlives the listed sandboxes."""
+    if "service_env" not in request.fixturenames:
+        yield
+        return
+    env: ServiceEnv = request.getfixturevalue("service_env")
+    before = {s.id for s in Sandbox.list()} if env.service_pid() else set()
+    yield
+    if env.service_pid() is None:
+        return
+    live = {s.id for s in Sandbox.list()}
+    created = live - before
+    for sandbox_id in created:  # report, then clean up so later tests start clean
+        Sandbox.connect(sandbox_id).kill()
+    assert not created, f"test left sandboxes running: {sorted(created)}"
+    sandboxes_dir = env.storage / "sandboxes"
+    dirs = {p.name for p in sandboxes_dir.iterdir()} if sandboxes_dir.exists() else set()
+    assert dirs <= live, f"directories of ended sandboxes left: {sorted(dirs - live)}"
+    assert not cgroup_dirs(live | _other_sandbox_ids()), "cgroups of ended sandboxes left"
+    owners = {_sandbox_of(pid, env.storage) for pid in sandbox_processes(env.storage)} - {"?"}
+    assert owners <= live, f"processes of ended sandboxes left: {sorted(owners - live)}"
+
+
+def _sandbox_of(pid: int, storage: Path) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return "?"
+    prefix = f"{storage}/sandboxes/"
+    return cmdline.split(prefix, 1)[1].split("/", 1)[0] if prefix in cmdline else "?"
+
+
+def _other_sandbox_ids() -> set[str]:
+    """Sandboxes of other services on this machine (not ours to judge)."""
+    ids = set()
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--hostname" in cmdline:
+            index = cmdline.index(b"--hostname")
+            if index + 1 < len(cmdline):
+                ids.add(cmdline[index + 1].decode(errors="replace"))
+    return ids
+
+
+@pytest.fixture
+def sandbox(service_env: ServiceEnv) -> Iterator[Sandbox]:
+    """A fresh session sandbox, killed after the test."""
+    with Sandbox.create() as sb:
+        yield sb
