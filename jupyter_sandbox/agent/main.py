@@ -447,6 +447,11 @@ class Agent:
             signal_group(entry.popen, int(signal))
         channel.send_json(Frame.RESULT, entry.info())
 
+    def op_note(self, channel: Channel, text: str, source: str = "service") -> None:
+        """Record an event (an SSH login, say) in the sandbox log."""
+        self.log.write(str(source), "event", str(text))
+        channel.send_json(Frame.RESULT, {})
+
     def op_logs(
         self,
         channel: Channel,

@@ -12,8 +12,10 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import __version__
+from .._config import Paths
 from .._durations import format_duration
 from .._errors import CommandError, SandboxError
 from .._models import SandboxInfo
@@ -92,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("extend", cmd_extend, "set a sandbox's deadline to a duration from now")
     p.add_argument("sandbox")
     p.add_argument("timeout")
+
+    p = command("ssh", cmd_ssh, "give SSH access to a sandbox and print the ssh command")
+    p.add_argument("sandbox")
+    p.add_argument(
+        "--ttl",
+        help='how long the credential is valid, e.g. "1h" (default: as long as the sandbox)',
+    )
+    p.add_argument("--single-use", action="store_true", help="allow exactly one connection")
+    p.add_argument("--public-key", metavar="FILE", help="also require this OpenSSH key")
+    p.add_argument("--connect", action="store_true", help="run ssh now instead of printing")
+    p.add_argument("--revoke", action="store_true", help="revoke all SSH access instead")
 
     command("status", cmd_status, "show the sandbox service's state")
 
@@ -269,6 +282,33 @@ def cmd_kill(args: argparse.Namespace) -> int:
 def cmd_extend(args: argparse.Namespace) -> int:
     info = Sandbox.connect(args.sandbox).extend_timeout(args.timeout)
     print(f"{info.id} now ends at {_when(info.expires_at)}")
+    return 0
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    sandbox = Sandbox.connect(args.sandbox)
+    if args.revoke:
+        print(f"revoked {sandbox.revoke_ssh()} credential(s) of {sandbox.id}")
+        return 0
+    public_key = Path(args.public_key).read_text().strip() if args.public_key else None
+    access = sandbox.expose_ssh(ttl=args.ttl, single_use=args.single_use, public_key=public_key)
+    known_hosts = Paths.default().data_dir / "ssh" / "known_hosts"
+    lines = set(known_hosts.read_text().splitlines()) if known_hosts.exists() else set()
+    if access.known_hosts_line not in lines:
+        with open(known_hosts, "a") as f:
+            f.write(access.known_hosts_line + "\n")
+    argv = [
+        "ssh",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        *shlex.split(access.command)[1:],
+    ]
+    if args.connect:
+        os.execvp("ssh", argv)
+    print(access.command)
+    print(f"host key {access.host_key_fingerprint}; pinned in {known_hosts}", file=sys.stderr)
     return 0
 
 

@@ -23,6 +23,7 @@ from .._errors import InvalidRequest, SandboxError
 from ..agent.protocol import CHUNK, Frame, encode, encode_json
 from ..agent.remote import raise_agent_error
 from .manager import Live, Manager
+from .ssh_access import SshAccessManager
 from .state import SandboxRecord
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -53,13 +54,13 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
     return data
 
 
-def make_app(manager: Manager, token: str | None = None) -> web.Application:
+def make_app(manager: Manager, ssh: SshAccessManager, token: str | None = None) -> web.Application:
     app = web.Application(
         middlewares=[_errors_middleware, _auth_middleware(token)], client_max_size=1 << 20
     )
     app["manager"] = manager
     app["activity"] = Activity()
-    api = Api(manager)
+    api = Api(manager, ssh)
     app.add_routes(
         [
             web.get("/v1/status", api.status),
@@ -70,6 +71,8 @@ def make_app(manager: Manager, token: str | None = None) -> web.Application:
             web.delete("/v1/sandboxes/{ref}", api.kill),
             web.post("/v1/sandboxes/{ref}/timeout", api.extend),
             web.post("/v1/sandboxes/{ref}/lease", api.renew),
+            web.post("/v1/sandboxes/{ref}/ssh", api.expose_ssh),
+            web.post("/v1/sandboxes/{ref}/ssh/revoke", api.revoke_ssh),
             web.post("/v1/sandboxes/{ref}/exec", api.exec),
             web.post("/v1/sandboxes/{ref}/spawn", api.spawn),
             web.get("/v1/sandboxes/{ref}/procs", api.procs),
@@ -161,8 +164,9 @@ def _int(value: str | None, name: str) -> int | None:
 
 
 class Api:
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, ssh: SshAccessManager) -> None:
         self.manager = manager
+        self.ssh = ssh
 
     def _live(self, request: web.Request) -> Live:
         return self.manager.get(request.match_info["ref"])
@@ -242,6 +246,20 @@ class Api:
         body = await _json(request)
         record = self.manager.renew(request.match_info["ref"], body.get("lease", ""))
         return web.json_response({"lease_expires": record.lease_expires})
+
+    # -- SSH -------------------------------------------------------------------------
+
+    async def expose_ssh(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        unknown = set(body) - {"ttl", "single_use", "public_key"}
+        if unknown:
+            raise InvalidRequest(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return web.json_response(self.ssh.expose(request.match_info["ref"], **body))
+
+    async def revoke_ssh(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        count = self.ssh.revoke(request.match_info["ref"], body.get("token"))
+        return web.json_response({"revoked": count})
 
     # -- processes ---------------------------------------------------------------------
 

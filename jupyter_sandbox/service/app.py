@@ -26,6 +26,7 @@ from .._config import Paths, Settings
 from ..backends.local import LocalBackend
 from .api import make_app
 from .manager import Manager
+from .ssh_access import SshAccessManager
 from .state import State
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -69,8 +70,10 @@ class Service:
             log.error("isolation unavailable: %s", backend.unavailable)
         manager = Manager(state, backend, self.settings)
         await manager.start()
+        ssh = SshAccessManager(manager, self.paths.data_dir / "ssh")
+        await ssh.start()
         token = secrets.token_urlsafe(32) if self.tcp else None
-        app = make_app(manager, token)
+        app = make_app(manager, ssh, token)
         app["pid"], app["version"], app["started_at"] = os.getpid(), __version__, time.time()
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
@@ -78,7 +81,12 @@ class Service:
             os.unlink(self.paths.socket)
         await web.UnixSite(runner, str(self.paths.socket)).start()
         os.chmod(self.paths.socket, 0o600)
-        runtime = {"pid": os.getpid(), "socket": str(self.paths.socket), "version": __version__}
+        runtime = {
+            "pid": os.getpid(),
+            "socket": str(self.paths.socket),
+            "version": __version__,
+            "ssh_port": ssh.gateway.port,
+        }
         if self.tcp:
             site = web.TCPSite(runner, *self.tcp)
             await site.start()
@@ -101,6 +109,7 @@ class Service:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.runtime_file.unlink()
             await runner.cleanup()
+            await ssh.close()
             await manager.close()
             state.close()
             log.info("service stopped")

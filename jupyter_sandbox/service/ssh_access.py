@@ -1,0 +1,176 @@
+"""SSH credentials of sandboxes: issue, resolve, revoke, expire; runs the gateway.
+
+A credential is a random token used as the SSH username. Only its hash is
+stored. It is valid until its TTL, a revoke or the sandbox's end, whichever
+comes first; when it stops being valid, live sessions opened with it are
+closed within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from .._durations import parse_duration
+from .._errors import InvalidRequest
+from ..ssh import Gateway, Target, generate_token, hash_token
+from .manager import Manager
+from .state import SandboxRecord
+
+log = logging.getLogger("jupyter_sandbox.service")
+DEFAULT_PORT = 2222
+EXPIRY_INTERVAL = 0.5
+
+
+class SshAccessManager:
+    """Issues tokens for sandboxes and lets the gateway resolve them."""
+
+    def __init__(self, manager: Manager, key_dir: Path) -> None:
+        self.manager = manager
+        self.state = manager.state
+        self.key_dir = key_dir
+        self.host = os.environ.get("JUPYTER_SANDBOX_SSH_HOST", "127.0.0.1")
+        self.port = int(os.environ.get("JUPYTER_SANDBOX_SSH_PORT", DEFAULT_PORT))
+        self.public_host = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_HOST")
+        self.public_port = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_PORT")
+        self.gateway: Gateway | None = None
+        self._expiry: dict[str, tuple[str, float]] = {}  # token hash -> (sandbox, deadline)
+        self._task: asyncio.Task | None = None
+        manager.listeners.append(self._on_sandbox_event)
+
+    async def start(self) -> None:
+        """Listen on the configured port, else the last one used, else any free one."""
+        port_file = self.key_dir / "ssh_port"
+        candidates = [self.port]
+        with contextlib.suppress(OSError, ValueError):
+            candidates.append(int(port_file.read_text()))
+        candidates.append(0)
+        for port in dict.fromkeys(candidates):
+            self.gateway = Gateway(self.resolve, self.key_dir, self.host, port, self._on_ssh_event)
+            try:
+                await self.gateway.start()
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+        port_file.write_text(str(self.gateway.port))
+        for row in self.state.db.execute(
+            "SELECT token_hash, sandbox_id, expires_at FROM ssh_tokens "
+            "WHERE revoked = 0 AND expires_at IS NOT NULL"
+        ):
+            self._expiry[row[0]] = (row[1], row[2])
+        self._task = asyncio.create_task(self._expire_forever())
+        log.info("SSH gateway on %s:%d", self.host, self.gateway.port)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.gateway is not None:
+            await self.gateway.close()
+
+    # -- issuing and revoking ----------------------------------------------------------
+
+    def expose(
+        self, ref: str, ttl: Any = None, single_use: bool = False, public_key: str | None = None
+    ) -> dict[str, Any]:
+        """A new credential for a sandbox, as the fields of ``SshAccess``."""
+        live = self.manager.get(ref)
+        assert self.gateway is not None
+        if public_key is not None:
+            try:
+                asyncssh.import_public_key(public_key)
+            except (asyncssh.KeyImportError, ValueError) as e:
+                raise InvalidRequest(f"invalid public_key: {e}") from None
+        expires_at = time.time() + parse_duration(ttl) if ttl is not None else None
+        token = generate_token()
+        token_hash = hash_token(token)
+        self.state.add_token(token_hash, live.record.id, expires_at, bool(single_use), public_key)
+        if expires_at is not None:
+            self._expiry[token_hash] = (live.record.id, expires_at)
+        host = self.public_host or self.host
+        port = int(self.public_port or self.gateway.port)
+        command = f"ssh {token}@{host}" if port == 22 else f"ssh -p {port} {token}@{host}"
+        ends = [t for t in (expires_at, live.record.expires_at) if t is not None]
+        return {
+            "hostname": host,
+            "port": port,
+            "username": token,
+            "command": command,
+            "expires_at": min(ends) if ends else None,
+            "sandbox_id": live.record.id,
+            "host_key_fingerprint": self.gateway.host_key_fingerprint,
+            "known_hosts_line": self.gateway.known_hosts_line(host, port),
+        }
+
+    def revoke(self, ref: str, token: str | None = None) -> int:
+        """Revoke one token of a sandbox, or all; their live sessions are closed."""
+        live = self.manager.get(ref)
+        hashes = self.state.revoke_tokens(live.record.id, hash_token(token) if token else None)
+        for token_hash in hashes:
+            self._expiry.pop(token_hash, None)
+            if self.gateway is not None:
+                self.gateway.close_sessions(live.record.id, token_hash)
+        if hashes:
+            self._note(live.record.id, f"SSH access revoked ({len(hashes)} credential(s))")
+        return len(hashes)
+
+    # -- the gateway's view ------------------------------------------------------------
+
+    async def resolve(self, token: str) -> Target | None:
+        """The sandbox a token grants, or None if it is unknown, used up or no longer valid."""
+        token_hash = hash_token(token)
+        row = self.state.token(token_hash)
+        if row is None or row["revoked"]:
+            return None
+        if row["expires_at"] is not None and row["expires_at"] <= time.time():
+            return None
+        live = self.manager.live.get(row["sandbox_id"])
+        if live is None:
+            return None
+        if row["single_use"] and not self.state.use_token(token_hash):
+            return None
+        return Target(
+            sandbox_id=live.record.id,
+            agent=live.agent,
+            env=dict(live.record.env),
+            token_hash=token_hash,
+            public_key=row["public_key"],
+            single_use=bool(row["single_use"]),
+        )
+
+    def _on_ssh_event(self, sandbox_id: str, text: str) -> None:
+        self._note(sandbox_id, text)
+
+    def _note(self, sandbox_id: str, text: str) -> None:
+        """Put an event line into the sandbox's log."""
+        live = self.manager.live.get(sandbox_id)
+        if live is not None:
+            task = asyncio.ensure_future(live.agent.call("note", source="ssh", text=text))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _on_sandbox_event(self, event: str, record: SandboxRecord) -> None:
+        if event == "ended" and self.gateway is not None:
+            self.gateway.close_sessions(record.id)
+            for token_hash in [h for h, (s, _) in self._expiry.items() if s == record.id]:
+                del self._expiry[token_hash]
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL)
+            now = time.time()
+            for token_hash, (sandbox_id, deadline) in list(self._expiry.items()):
+                if deadline <= now:
+                    del self._expiry[token_hash]
+                    if self.gateway is not None:
+                        self.gateway.close_sessions(sandbox_id, token_hash)
+                    self._note(sandbox_id, "SSH access expired")
