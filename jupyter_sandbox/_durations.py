@@ -7,7 +7,7 @@ import re
 from ._errors import InvalidRequest
 
 SESSION = "session"
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 DURATION_FORMS = '"session", a number of seconds, or a duration such as "30s", "5m", "1h30m"'

@@ -112,11 +112,12 @@ async def raise_for_error(response: httpx.Response) -> None:
     await response.aread()
     try:
         body = response.json()
-        raise error_from(body["error"], body["message"])
-    except (ValueError, KeyError):
+        kind, message = body["error"], body["message"]
+    except (ValueError, KeyError, TypeError):
         raise ServiceUnavailable(
             f"the sandbox service answered {response.status_code}: {response.text[:200]}"
         ) from None
+    raise error_from(kind, message)
 
 
 async def read_frames(response: httpx.Response) -> AsyncIterator[tuple[int, bytes]]:
