@@ -123,7 +123,7 @@ class LocalBackend:
         self.storage = storage_dir
         self.runtime_dir = storage_dir / "runtime"
         self.sandboxes_dir = storage_dir / "sandboxes"
-        self.privileged = os.geteuid() == 0
+        self.privileged = _can_switch_uids()
         self.cgroups = Controller()
         self.bwrap = ""
         self.unavailable: str | None = None
@@ -455,6 +455,17 @@ class LocalBackend:
 
 
 _REAPERS: dict[int, subprocess.Popen] = {}
+
+
+def _can_switch_uids() -> bool:
+    """Root of the host (not root of a user namespace mapping only itself)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/uid_map") as f:
+            return any(int(line.split()[2]) > 1 << 24 for line in f)
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _join_cgroups(fds: list[int]):
