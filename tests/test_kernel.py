@@ -154,6 +154,20 @@ def test_env_image_and_background_process(kernel: Kernel, tmp_path: Path) -> Non
     assert "from-bg\n" in logs.stdout and "bg-err\n" in logs.stderr
 
 
+def test_logs_follow_until_interrupted(kernel: Kernel) -> None:
+    kernel.ok("%%sandbox --bg\nwhile true; do echo tick; sleep 0.1; done")
+    ticks: list = []
+
+    def interrupt_on_third_tick(out) -> None:
+        ticks.append(out)
+        if len(ticks) == 3:
+            kernel.manager.interrupt_kernel()
+
+    reply = kernel.run("%sandbox logs --follow --tail 0", on_output=interrupt_on_third_tick)
+    assert reply.status == "ok", reply.outputs  # interrupting a follow just ends it
+    assert reply.stdout.startswith("tick\ntick\ntick\n") and not reply.stderr
+
+
 def test_upload_and_download_show_progress(kernel: Kernel, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(6 * 1024 * 1024))

@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from IPython.core.error import UsageError
@@ -16,7 +16,6 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from .._durations import DURATION_FORMS, parse_duration
 from .._errors import CommandError, SandboxError, SandboxExpired, SandboxNotFound
-from .._models import OutputLine
 from ..client import AsyncSandbox, Sandbox
 from . import _background, _text
 from ._sandboxes import KernelSandboxes, SandboxOptions
@@ -312,14 +311,6 @@ class _Output:
             stream.flush()
             self.last_flush = now
 
-    def drain(self, lines: Iterable[OutputLine]) -> None:
-        """Write `lines` (stdout, stderr or events) and flush at the end."""
-        try:
-            for line in lines:
-                self._write(sys.stderr if line.stream == "stderr" else sys.stdout, line.text)
-        finally:
-            self.flush()
-
     @staticmethod
     def flush() -> None:
         sys.stdout.flush()
@@ -352,7 +343,7 @@ class SandboxMagics(Magics):
         sandbox = self.sandboxes.open(args.name, options)
         if args.image:
             self._transfer(sandbox, "upload", args.image, ".", report=False)
-        script = "exec bash -c " + shlex.quote(cell)
+        script = "exec bash -c " + shlex.quote(cell.rstrip("\n"))
         try:
             if args.bg:
                 process = sandbox.spawn(script, env=env or None)
@@ -459,19 +450,24 @@ class SandboxMagics(Magics):
 
     def _logs(self, args: argparse.Namespace) -> None:
         sandbox = self.sandboxes.find(args.name)
-        entries = sandbox.logs(follow=args.follow, tail=args.tail)
-        lines = (
-            OutputLine(
-                "stderr" if e.stream == "stderr" else "stdout",
-                f"[{e.source}] {e.text}" if e.stream == "event" else e.text,
-            )
-            for e in entries
-        )
+        output = _Output()
+
+        async def show() -> None:
+            inner = await AsyncSandbox.connect(sandbox.id)
+            async for entry in inner.logs(follow=args.follow, tail=args.tail):
+                text = entry.text if entry.text.endswith("\n") else entry.text + "\n"
+                if entry.stream == "stderr":
+                    output.stderr(text)
+                else:
+                    output.stdout(f"[{entry.source}] {text}" if entry.stream == "event" else text)
+
         try:
-            _Output().drain(_ending_in_newline(lines))
+            _background.wait(show())
         except KeyboardInterrupt:
             if not args.follow:
                 raise
+        finally:
+            output.flush()
 
     def _upload(self, args: argparse.Namespace) -> None:
         self._transfer(self.sandboxes.open(args.sandbox), "upload", args.src, args.dst)
@@ -503,8 +499,3 @@ class SandboxMagics(Magics):
         progress.finish()
         if report:
             print(f"{direction}ed {src} -> {dst} ({_text.size(progress.done)})")
-
-
-def _ending_in_newline(lines: Iterable[OutputLine]) -> Iterable[OutputLine]:
-    for line in lines:
-        yield line if line.text.endswith("\n") else OutputLine(line.stream, line.text + "\n")
