@@ -73,6 +73,7 @@ class Manager:
                 continue
             self.live[record.id] = Live(record, runtime, agent)
             log.info("re-adopted sandbox %s", record.id)
+        await self.reap()  # deadlines and leases that lapsed while no service ran
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def close(self) -> None:
