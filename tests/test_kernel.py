@@ -251,45 +251,31 @@ def test_connect_from_a_second_kernel(start_kernel) -> None:
 # -- SSH ------------------------------------------------------------------------------------
 
 
-def widget_tokens(client: NotebookClient) -> list[str]:
-    """The SSH tokens held by the kernel's widgets (read through the kernel itself)."""
-    code = (
-        "import ipywidgets, json\nprint(json.dumps([w._access.username for w in "
-        "list(ipywidgets.Widget.widgets.values()) if hasattr(w, '_access')]))"
-    )
-    lines: list[str] = []
-    client.kc.execute_interactive(
-        code,
-        output_hook=lambda m: (
-            lines.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None
-        ),
-    )
-    return json.loads("".join(lines))
-
-
 def test_ssh_token_is_never_saved_in_the_notebook(service_env, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
     nb = nbformat.v4.new_notebook(
         cells=[
             nbformat.v4.new_code_cell(LOAD),
             nbformat.v4.new_code_cell("%sandbox_ssh --ttl 10m"),
+            # The tokens the kernel's widgets hold, written where the notebook is not.
+            nbformat.v4.new_code_cell(
+                "import ipywidgets, json, pathlib\n"
+                f"pathlib.Path({str(tokens)!r}).write_text(json.dumps([w._access.username for w in "
+                "list(ipywidgets.Widget.widgets.values()) if hasattr(w, '_access')]))"
+            ),
             nbformat.v4.new_code_cell("%sandbox kill default"),
         ]
     )
-    client = NotebookClient(
+    NotebookClient(
         nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    with client.setup_kernel():
-        for index, cell in enumerate(nb.cells[:2]):
-            client.execute_cell(cell, index)
-        tokens = widget_tokens(client)
-        client.execute_cell(nb.cells[2], 2)
-        client.set_widgets_metadata()
+    ).execute()
     path = tmp_path / "saved.ipynb"
     nbformat.write(nb, path)
     saved = path.read_text()
-    assert len(tokens) == 1 and len(tokens[0]) >= 22
-    assert tokens[0] not in saved
-    assert tokens[0][:4] + "…" in json.dumps(json.loads(saved), ensure_ascii=False)
+    [token] = json.loads(tokens.read_text())
+    assert len(token) >= 22
+    assert token not in saved
+    assert token[:4] + "…" in saved
     widget_state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]
     assert any(s["state"].get("masked_command") for s in widget_state["state"].values())
     bundle = nb.cells[1].outputs[0]["data"]
