@@ -207,12 +207,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
         return out
 
+    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     try:
         result = sandbox.sh(
             shlex.join(command) if len(command) > 1 else command[0],
             cwd=args.cwd,
             timeout=args.timeout,
             check=False,
+            input=piped,
             on_stdout=write(sys.stdout),
             on_stderr=write(sys.stderr),
         )
