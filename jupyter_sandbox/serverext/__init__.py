@@ -7,7 +7,6 @@ when that kernel shuts down or restarts.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import shutil
 import socket
@@ -16,6 +15,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.extension.application import ExtensionApp
+from tornado.ioloop import PeriodicCallback
 from traitlets import Float
 
 from .handlers import handlers
@@ -50,15 +50,14 @@ class SandboxExtension(ExtensionApp):
         self.serverapp.event_logger.add_listener(
             schema_id=KERNEL_ACTIONS, listener=self.reaper.on_kernel_action
         )
+        self.reconciler = PeriodicCallback(self.reaper.tick, self.reconcile_interval * 1000)
+        self.reconciler.start()
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers(self.hub, self.ssh_dir))
 
-    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        self._reconciler = asyncio.create_task(self.reaper.run(self.reconcile_interval))
-
     async def stop_extension(self) -> None:
-        self._reconciler.cancel()
+        self.reconciler.stop()
         await self.hub.close()
         shutil.rmtree(self.ssh_dir, ignore_errors=True)
 

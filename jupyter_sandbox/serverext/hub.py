@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .._errors import SandboxError, SandboxNotFound
+from .._errors import SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo, SshAccess
 from ..client import AsyncSandbox
 from ..client._async import shared_transport
@@ -106,7 +106,7 @@ class SandboxHub:
     async def _infos(self) -> list[SandboxInfo]:
         infos = []
         for listed in await AsyncSandbox.list():
-            with contextlib.suppress(SandboxNotFound):
+            with contextlib.suppress(SandboxNotFound, SandboxExpired):
                 infos.append(await (await self.handle(listed.id)).info())
         return infos
 

@@ -8,14 +8,13 @@ a timer catches kernels that vanished without one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import SandboxError, SandboxNotFound
+from .._errors import SandboxError, SandboxExpired, SandboxNotFound
 from ..client import AsyncSandbox
 
 KERNEL_ACTIONS = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
@@ -30,7 +29,7 @@ class KernelReaper:
         self.log = log
         self._seen: set[str] = set(kernel_ids())
 
-    async def on_kernel_action(self, _logger: Any, _schema_id: str, data: dict[str, Any]) -> None:
+    async def on_kernel_action(self, logger: Any, schema_id: str, data: dict[str, Any]) -> None:
         """jupyter_events listener for kernel_actions."""
         kernel_id = data.get("kernel_id")
         if data.get("status") != "success" or not kernel_id:
@@ -51,13 +50,12 @@ class KernelReaper:
         if gone:
             await self.reap(gone)
 
-    async def run(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.reconcile()
-            except SandboxError as e:
-                self.log.warning("could not reconcile kernel sandboxes: %s", e)
+    async def tick(self) -> None:
+        """One timer round: reconcile, and only log what fails."""
+        try:
+            await self.reconcile()
+        except SandboxError as e:
+            self.log.warning("could not reconcile kernel sandboxes: %s", e)
 
     async def reap(self, kernel_ids: set[str], before: float | None = None) -> list[str]:
         """Kill the "session" sandboxes of `kernel_ids` (created before `before`, if given)."""
@@ -68,7 +66,7 @@ class KernelReaper:
                 and info.labels.get("kernel") in kernel_ids
                 and (before is None or info.created_at < before)
             ):
-                with contextlib.suppress(SandboxNotFound):  # ended meanwhile
+                with contextlib.suppress(SandboxNotFound, SandboxExpired):  # ended meanwhile
                     await (await AsyncSandbox.connect(info.id)).kill()
                 reaped.append(info.id)
         if reaped:
