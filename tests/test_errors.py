@@ -1,0 +1,99 @@
+"""Bad input gets a typed, actionable error, and the service keeps serving everyone."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from jupyter_sandbox import (
+    FileNotFound,
+    InvalidRequest,
+    ProcessNotFound,
+    Sandbox,
+    SandboxExists,
+    SandboxNotFound,
+)
+from jupyter_sandbox.client._async import AsyncProcess
+from jupyter_sandbox.client._sync import Process, portal
+from tests.conftest import ServiceEnv
+
+pytestmark = pytest.mark.unprivileged
+
+
+@pytest.mark.parametrize("timeout", ["soon", "-5s", 0, "5 parsecs", "", True, 10**9])
+def test_bad_timeouts_name_the_accepted_forms(service_env, timeout):
+    with pytest.raises(ValueError, match="invalid duration") as excinfo:
+        Sandbox.create(timeout=timeout)
+    assert '"session"' in str(excinfo.value) or "at most a year" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("memory", "lots", "invalid size"),
+    ("memory", "1k", "at least 4M"),
+    ("cpus", -1, "invalid cpus"),
+    ("pids", 2, "invalid pids"),
+    ("network", "bridge", 'expected "none" or "host"'),
+    ("env", {"1BAD": "x"}, "invalid environment variable name"),
+    ("name", "../etc", "invalid name"),
+])
+def test_bad_create_options(service_env, option, value, message):
+    with pytest.raises(InvalidRequest, match=message):
+        Sandbox.create(**{option: value})
+
+
+def test_unknown_ids_duplicate_names_and_missing_things(service_env):
+    with pytest.raises(SandboxNotFound, match="no sandbox with id or name 'nope'"):
+        Sandbox.connect("nope")
+    with Sandbox.create(name="unique-name") as sb:
+        with pytest.raises(SandboxExists):
+            Sandbox.create(name="unique-name")
+        with pytest.raises(FileNotFound):
+            sb.sh("true", cwd="no/such/dir")
+        with pytest.raises(ProcessNotFound):
+            Process(AsyncProcess(sb._inner, {"pid": 99999, "command": "x"})).wait(1)
+        with pytest.raises(InvalidRequest):
+            sb.sh("true", timeout=-1)
+        assert sb.sh("echo fine").stdout == "fine\n"
+
+
+def raw_request(env: ServiceEnv, request: bytes) -> tuple[int, dict]:
+    """Talk HTTP to the service's socket by hand, as a broken client would."""
+    socket_path = json.loads(env.runtime_file.read_text())["socket"]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(socket_path)
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body.startswith(b"{") else {}
+
+
+def test_malformed_requests_do_not_hurt_the_service(service_env: ServiceEnv, sandbox):
+    status, body = raw_request(
+        service_env, b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{not json")
+    assert status == 400 and body["error"] == "InvalidRequest"
+    status, body = raw_request(
+        service_env, b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 16\r\nConnection: close\r\n\r\n{\"bogus\": true} ")
+    assert status == 400 and "unknown option" in body["message"]
+    status, _ = raw_request(service_env, b"GARBAGE\r\n\r\n")
+    assert status == 400
+    status, body = raw_request(
+        service_env, f"POST /v1/sandboxes/{sandbox.id}/files/chmod HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode())
+    assert status == 404
+    assert sandbox.sh("echo still serving").stdout == "still serving\n"
+
+
+def test_huge_request_bodies_are_refused(service_env: ServiceEnv, sandbox):
+    async def huge_create() -> None:
+        await sandbox._inner._transport.request(
+            "POST", "/v1/sandboxes", json={"labels": {"x": "y" * (4 << 20)}})
+
+    with pytest.raises(Exception, match="413|too large|Request Entity"):
+        portal().call(huge_create())
+    assert sandbox.sh("echo ok").stdout == "ok\n"
