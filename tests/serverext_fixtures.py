@@ -83,9 +83,13 @@ class JupyterProcess:
         self.url = f"http://127.0.0.1:{self.port}{base_url}"
         labext = tmp / "share" / "jupyter" / "labextensions"
         labext.mkdir(parents=True)
-        (labext / "jupyter-sandbox").symlink_to(labextension_dir())
+        if app != "server":
+            (labext / "jupyter-sandbox").symlink_to(labextension_dir())
         self.root = tmp / "notebooks"
         self.root.mkdir()
+        config_d = tmp / "config" / "jupyter_server_config.d"  # as the wheel ships it
+        config_d.mkdir(parents=True)
+        shutil.copy(ROOT / "jupyter-config" / "server-config" / "jupyter_sandbox.json", config_d)
         env = {
             **os.environ,
             **service_env.env,
@@ -93,7 +97,8 @@ class JupyterProcess:
             "JUPYTER_PATH": str(tmp / "share" / "jupyter"),
             "HOME": str(tmp),
         }
-        self.log = open(tmp / f"jupyter-{app}.log", "wb")  # noqa: SIM115
+        self.log_path = tmp / f"jupyter-{app}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -107,7 +112,6 @@ class JupyterProcess:
                 f"--ServerApp.base_url={base_url}",
                 f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={self.root}",
-                f"--ServerApp.jpserver_extensions={json.dumps(EXTENSION)}",
             ],
             env=env,
             stdout=self.log,
@@ -120,7 +124,8 @@ class JupyterProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyter exited with {self.proc.returncode}")
+                log = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"jupyter exited with {self.proc.returncode}:\n{log}")
             try:
                 self.api("GET", "api/status")
                 return

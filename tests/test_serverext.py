@@ -258,3 +258,70 @@ async def test_panel_shows_the_notebook_of_a_kernel_sandbox(jp_fetch) -> None:
     finally:
         await sandbox.kill()
         await jp_fetch("api", "sessions", body(session)["id"], method="DELETE")
+
+
+async def _ssh(access: dict[str, Any], command: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "ssh",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-p",
+        str(access["port"]),
+        f"{access['token']}@{access['hostname']}",
+        command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_ssh_access_is_reused_until_revoked(jp_fetch) -> None:
+    sandbox = await AsyncSandbox.create(timeout="1m")
+    try:
+        path = (*API, "sandboxes", sandbox.id, "ssh")
+        first = body(await jp_fetch(*path, method="POST", body="{}"))
+        assert first["command"].endswith(f"{first['token']}@{first['hostname']}")
+        assert body(await jp_fetch(*path, method="POST", body="{}"))["token"] == first["token"]
+        fresh = body(await jp_fetch(*path, method="POST", body=json.dumps({"fresh": True})))
+        assert fresh["token"] != first["token"]
+        assert await _ssh(first, "hostname") == (0, f"{sandbox.id}\n")
+
+        assert body(await jp_fetch(*path, method="DELETE"))["revoked"] >= 2
+        code, _ = await _ssh(first, "hostname")
+        assert code == 255
+        assert body(await jp_fetch(*path, method="POST", body="{}"))["token"] != first["token"]
+    finally:
+        await sandbox.kill()
+
+
+async def test_terminal_opens_a_shell_in_the_sandbox(jp_fetch, jp_ws_fetch) -> None:
+    sandbox = await AsyncSandbox.create(timeout="1m")
+    try:
+        created = await jp_fetch(
+            *API, "sandboxes", sandbox.id, "terminal", method="POST", body="{}"
+        )
+        name = body(created)["name"]
+        terminal = await jp_ws_fetch("terminals", "websocket", name)
+        screen = await _read_screen(terminal, "$ ")  # the sandbox shell's prompt
+        assert sandbox.id in screen and "token" not in screen.lower()
+        terminal.write_message(json.dumps(["stdin", "hostname\r"]))
+        await _read_screen(terminal, f"{sandbox.id}\r\n")
+        terminal.close()
+        await jp_fetch("api", "terminals", name, method="DELETE")
+    finally:
+        await sandbox.kill()
+
+
+async def _read_screen(terminal: WebSocketClientConnection, text: str) -> str:
+    """Terminal output up to and including `text`."""
+    screen = ""
+    while text not in screen:
+        kind, *data = await recv_json(terminal)
+        screen += data[0] if kind == "stdout" else ""
+    return screen

@@ -17,6 +17,7 @@ import sys
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
+from yarl import URL
 
 CHUNK = 64 * 1024
 
@@ -66,11 +67,16 @@ async def _upstream(ws: aiohttp.ClientWebSocketResponse) -> None:
 
 
 async def tunnel(url: str, headers: dict[str, str]) -> None:
-    """Copy stdin to the websocket at `url` and its messages to stdout until either ends."""
+    """Copy stdin to the websocket at `url` and its messages to stdout until either ends.
+
+    `url` is sent exactly as given: a base_url may contain escapes (JupyterHub's ``%40``).
+    """
     stdout = sys.stdout.buffer
     async with (
         aiohttp.ClientSession() as session,
-        session.ws_connect(url, headers=headers, heartbeat=30, max_msg_size=0) as ws,
+        session.ws_connect(
+            URL(url, encoded=True), headers=headers, heartbeat=30, max_msg_size=0
+        ) as ws,
     ):
         upstream = asyncio.create_task(_upstream(ws))
         async for message in ws:

@@ -147,19 +147,26 @@ class TerminalHandler(_Api):
             raise web.HTTPError(503, "terminals are not available on this server")
         with service_errors():
             access = await self.hub.terminal_access(ref)
-        model = manager.create(shell_command=["sh", "-c", *ssh_script(access, self.ssh_dir)])
+            gateway = await self.hub.gateway()
+        script = ssh_script(access, gateway, self.ssh_dir)
+        model = manager.create(shell_command=["sh", "-c", *script])
         self.reply({"name": model["name"], "sandbox": access.sandbox_id}, 201)
 
 
-def ssh_script(access: SshAccess, ssh_dir: Path) -> tuple[str, str]:
-    """A ``sh -c`` script (and its $0) that SSHes in with `access`, then removes its files."""
+def ssh_script(access: SshAccess, gateway: tuple[str, int], ssh_dir: Path) -> tuple[str, str]:
+    """A ``sh -c`` script (and its $0) that SSHes in with `access`, then removes its files.
+
+    It connects to the gateway's local address and pins the gateway's host key.
+    """
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     stem = ssh_dir / f"{access.sandbox_id}-{access.username[:8]}"
     known_hosts, config = stem.with_suffix(".known_hosts"), stem.with_suffix(".config")
-    known_hosts.write_text(access.known_hosts_line + "\n")
+    host, port = gateway
+    key = access.known_hosts_line.split(maxsplit=1)[1]
+    known_hosts.write_text(f"{host if port == 22 else f'[{host}]:{port}'} {key}\n")
     config.touch(mode=0o600)
     config.write_text(
-        f"Host sandbox\n  HostName {access.hostname}\n  Port {access.port}\n"
+        f"Host sandbox\n  HostName {host}\n  Port {port}\n"
         f"  User {access.username}\n  UserKnownHostsFile {known_hosts}\n"
         "  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
     )

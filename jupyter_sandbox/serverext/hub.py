@@ -7,20 +7,24 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .._config import Paths
 from .._errors import SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo, SshAccess
 from ..client import AsyncSandbox
 from ..client._async import shared_transport
+from ..client._transport import runtime_info
 
 Message = dict[str, Any]
 Subscriber = Callable[[Message], None]
 SessionLister = Callable[[], Awaitable[list[dict[str, Any]]]]
 CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "network", "env", "labels")
 RETRY_DELAY = 1.0
+ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
 class SandboxHub:
@@ -174,7 +178,6 @@ class SandboxHub:
         if fresh or access is None or (access.expires_at or float("inf")) < time.time() + 5:
             access = await sandbox.expose_ssh()
             self._accesses[sandbox.id] = access
-        self._gateway = (access.hostname, access.port)
         return access
 
     async def revoke_ssh(self, ref: str) -> int:
@@ -184,18 +187,18 @@ class SandboxHub:
 
     async def terminal_access(self, ref: str) -> SshAccess:
         """A one-connection credential for a terminal session."""
-        access = await (await self.handle(ref)).expose_ssh(single_use=True)
-        self._gateway = (access.hostname, access.port)
-        return access
+        return await (await self.handle(ref)).expose_ssh(single_use=True)
 
     async def gateway(self) -> tuple[str, int]:
-        """Host and port of the service's SSH gateway."""
+        """Where the service's SSH gateway listens, as seen from this server."""
         if self._gateway is None:
-            status = await shared_transport().request("GET", "/v1/status")
+            status = await shared_transport().request("GET", "/v1/status")  # starts it too
             ssh = status.get("ssh") or {}
-            if not ssh.get("port"):
+            port = ssh.get("port") or (runtime_info(Paths.default()) or {}).get("ssh_port")
+            if not port:
                 raise SandboxError("the sandbox service does not report an SSH gateway")
-            self._gateway = (ssh.get("host") or "127.0.0.1", int(ssh["port"]))
+            host = ssh.get("host") or os.environ.get("JUPYTER_SANDBOX_SSH_HOST", "")
+            self._gateway = (host if host not in ANY_ADDRESS else "127.0.0.1", int(port))
         return self._gateway
 
     async def close(self) -> None:

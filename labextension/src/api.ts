@@ -104,7 +104,7 @@ export function openSocket(
 
 /** `ssh` through the Jupyter URL: `jupyter-sandbox tunnel` carries it over a websocket. */
 export function tunnelCommand(access: ISshAccess): string {
-  const server = PageConfig.getBaseUrl();
+  const server = PageConfig.getBaseUrl().replace(/%/g, '%%'); // ssh expands %-sequences
   const token = PageConfig.getToken();
   const auth = token ? ` --token ${token}` : '';
   const proxy = `jupyter-sandbox tunnel --url ${server}${auth} %h`;
