@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import anywidget
 import traitlets
 
 from .._errors import SandboxError
-from .._models import SshAccess
+from .._models import LogEntry, SshAccess
 from ..client import AsyncSandbox, Sandbox
 from . import _background, _text
 from ._sandboxes import KernelSandboxes
@@ -143,33 +144,55 @@ class SshWidget(anywidget.AnyWidget):
     # -- log following (on the background loop) ---------------------------------------------
 
     async def _follow_logs(self) -> None:
-        pending: list[list[str]] = []
-        loop = asyncio.get_running_loop()
-        timer: asyncio.TimerHandle | None = None
-
-        def flush() -> None:
-            nonlocal timer
-            timer = None
-            lines = pending[-LOG_LIMIT:]
-            self._sent.extend(lines)
-            self.send({"type": "logs", "lines": lines, "skipped": len(pending) - len(lines)})
-            pending.clear()
-
+        batches = _LogBatches(self._send_lines)
         try:
             sandbox = await AsyncSandbox.connect(self.sandbox_id)
             async for entry in sandbox.logs(follow=True, tail=TAIL):
-                pending.append([entry.stream, entry.source, entry.text.rstrip("\n")])
-                if timer is None:
-                    timer = loop.call_later(BATCH_SECONDS, flush)
+                batches.add(entry)
             with contextlib.suppress(SandboxError):
                 self._info = await sandbox.info()
         except SandboxError:
             pass
         finally:
-            if timer is not None:
-                timer.cancel()
-                flush()
+            batches.flush()
         # The log ends when the sandbox does.
         if self.status == "running":
             self.status = self._info.status if self._info.status != "running" else "ended"
             self.ssh_status = "closed"
+
+    def _send_lines(self, lines: list[list[str]], skipped: int) -> None:
+        self._sent.extend(lines)
+        self.send({"type": "logs", "lines": lines, "skipped": skipped})
+
+
+class _LogBatches:
+    """Collects log entries and hands them on at most every BATCH_SECONDS, bounded.
+
+    Entries the sandbox's log dropped before we read them (a burst larger than the
+    log keeps) show up as gaps in ``seq`` and are reported as skipped, like the
+    ones left out of a batch to keep it within LOG_LIMIT.
+    """
+
+    def __init__(self, send: Callable[[list[list[str]], int], None]) -> None:
+        self.send = send
+        self.pending: list[list[str]] = []
+        self.skipped = 0
+        self.last_seq: int | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, entry: LogEntry) -> None:
+        if self.last_seq is not None and entry.seq > self.last_seq + 1:
+            self.skipped += entry.seq - self.last_seq - 1
+        self.last_seq = entry.seq
+        self.pending.append([entry.stream, entry.source, entry.text.rstrip("\n")])
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(BATCH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending or self.skipped:
+            lines = self.pending[-LOG_LIMIT:]
+            self.send(lines, self.skipped + len(self.pending) - len(lines))
+            self.pending, self.skipped = [], 0
