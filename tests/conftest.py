@@ -23,12 +23,18 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox import Sandbox
+from jupyter_sandbox.client._async import shared_transport
+from jupyter_sandbox.client._sync import portal
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.05,
-             message: str = "condition") -> object:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> object:
     """Poll `predicate` until it returns something truthy, or fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -88,17 +94,29 @@ class ServiceEnv:
         os.kill(pid, sig)
         wait_for(lambda: not _alive(pid), 20, message=f"service {pid} to exit")
 
-    def run_cli(self, *args: str, check: bool = True, timeout: float = 60,
-                input: str | None = None) -> subprocess.CompletedProcess:
+    def run_cli(
+        self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "jupyter_sandbox", *args], env={**os.environ, **self.env},
-            capture_output=True, text=True, timeout=timeout, check=check, input=input)
+            [sys.executable, "-m", "jupyter_sandbox", *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            input=input,
+        )
 
     def run_python(self, code: str, **kwargs) -> subprocess.Popen:
         """A separate Python process in this service environment."""
-        return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **self.env},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                **kwargs)
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, **self.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -156,8 +174,10 @@ def service_env() -> Iterator[ServiceEnv]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    leftovers = sandbox_processes(storage)
+    leftovers = {pid: _sandbox_of(pid, storage) for pid in sandbox_processes(storage)}
     remaining = list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
+    if env.log_file.exists():  # kept for a post-mortem of the last session
+        shutil.copy(env.log_file, Path(tempfile.gettempdir()) / "jupyter-sandbox-tests.log")
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
     assert not leftovers, f"sandbox processes left after the session: {leftovers}"
@@ -177,17 +197,18 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     live = {s.id for s in Sandbox.list()}
     created = live - before
+    pool = set(service_status()["pool"])
     for sandbox_id in created:  # report, then clean up so later tests start clean
         Sandbox.connect(sandbox_id).kill()
     assert not created, f"test left sandboxes running: {sorted(created)}"
     sandboxes_dir = env.storage / "sandboxes"
     dirs = {p.name for p in sandboxes_dir.iterdir()} if sandboxes_dir.exists() else set()
-    assert dirs <= live, f"directories of ended sandboxes left: {sorted(dirs - live)}"
+    assert dirs <= live | pool, f"directories of ended sandboxes left: {sorted(dirs - live)}"
     ended = {s.id for s in Sandbox.list(include_ended=True)} - live
     leaked = [d for d in cgroup_dirs() if Path(d).name in ended]
     assert not leaked, f"cgroups of ended sandboxes left: {leaked}"
     owners = {_sandbox_of(pid, env.storage) for pid in sandbox_processes(env.storage)} - {"?"}
-    assert owners <= live, f"processes of ended sandboxes left: {sorted(owners - live)}"
+    assert owners <= live | pool, f"processes of ended sandboxes left: {sorted(owners - live)}"
 
 
 def _sandbox_of(pid: int, storage: Path) -> str:
@@ -197,6 +218,13 @@ def _sandbox_of(pid: int, storage: Path) -> str:
         return "?"
     prefix = f"{storage}/sandboxes/"
     return cmdline.split(prefix, 1)[1].split("/", 1)[0] if prefix in cmdline else "?"
+
+
+def service_status() -> dict:
+    async def status() -> dict:
+        return await shared_transport().request("GET", "/v1/status")
+
+    return portal().call(status())
 
 
 @pytest.fixture

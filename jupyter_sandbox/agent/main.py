@@ -14,14 +14,12 @@ import collections
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tarfile
 import termios
 import threading
 import time
@@ -507,6 +505,8 @@ class Agent:
         target = resolve(path)
         if os.path.isdir(target) and not os.path.islink(target):
             if recursive:
+                import shutil  # imported on use: agent start-up time counts
+
                 shutil.rmtree(target)
             else:
                 os.rmdir(target)
@@ -560,6 +560,8 @@ class Agent:
         target = resolve(path)
         channel.send_json(Frame.RESULT, describe(target))
         writer = FrameWriter(channel)
+        import tarfile  # imported on use: agent start-up time counts
+
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             if os.path.isdir(target) and not os.path.islink(target):
                 for name in sorted(os.listdir(target)):
@@ -575,6 +577,8 @@ class Agent:
         os.makedirs(root, exist_ok=True)
         reader = FrameReader(channel)
         count = 0
+        import tarfile
+
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
                 check_member(root, member)
@@ -631,7 +635,7 @@ def describe(path: str) -> dict:
     }
 
 
-def check_member(root: str, member: tarfile.TarInfo) -> None:
+def check_member(root: str, member) -> None:
     name = os.path.normpath(member.name)
     if os.path.isabs(name) or name == ".." or name.startswith("../"):
         raise AgentError("BadRequest", f"archive member leaves the target: {member.name}")

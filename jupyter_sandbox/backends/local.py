@@ -77,6 +77,7 @@ ETC_ALLOWLIST = (
     "xdg",
 )
 START_TIMEOUT = 20.0
+RUNTIME_FILE = "runtime.json"
 
 
 @dataclass
@@ -143,7 +144,26 @@ class LocalBackend:
         os.chmod(agent_dir, 0o755)
         for name in AGENT_FILES:
             _install_file(AGENT_DIR / name, agent_dir / name, 0o644)
+        self._compile_agent(agent_dir)
         self.unavailable = self._probe()
+
+    @staticmethod
+    def _compile_agent(agent_dir: Path) -> None:
+        """Byte-compile the agent with the sandbox's Python: it then starts in fewer ms."""
+        script = (
+            "import py_compile, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    py_compile.compile(name + '.py', cfile=name + '.pyc', doraise=True)\n"
+        )
+        names = [str(agent_dir / Path(n).stem) for n in AGENT_FILES]
+        subprocess.run(
+            [PYTHON, "-E", "-s", "-S", "-c", script, *names],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        for name in names:
+            os.chmod(name + ".pyc", 0o644)
 
     def _install_bwrap(self) -> str:
         """bwrap must be runnable by the sandbox uid: copy it (and its libraries) if root."""
@@ -254,15 +274,16 @@ class LocalBackend:
         os.chmod(sock_path, 0o600)
         listener.listen(128)
         group = self.cgroups.create(spec.id)
-        note = self._limits_note(spec.limits, group)
+        note = self.limits_note(spec.limits, group)
         if group is not None:
             group.apply(spec.limits)
         info_read, info_write = os.pipe()
         cgroup_fds = group.open_procs() if group else []
-        try:
-            argv = self._argv(spec, directory, listener.fileno(), info_write)
+        argv = self._argv(spec, directory, listener.fileno(), info_write)
+
+        def spawn() -> subprocess.Popen:
             with open(directory / "agent.log", "ab") as log:
-                proc = subprocess.Popen(
+                return subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -272,6 +293,10 @@ class LocalBackend:
                     preexec_fn=_join_cgroups(cgroup_fds) if cgroup_fds else None,
                     **self._drop_kwargs(host_uid),
                 )
+
+        try:
+            # Forking the service takes milliseconds: keep it off the event loop.
+            proc = await asyncio.to_thread(spawn)
         finally:
             listener.close()
             os.close(info_write)
@@ -298,6 +323,7 @@ class LocalBackend:
             cgroup_version=self.cgroups.version,
             limits_note=note,
         )
+        (directory / RUNTIME_FILE).write_text(runtime.to_json())
         try:
             await asyncio.wait_for(AgentClient(runtime.socket).call("ping"), START_TIMEOUT)
         except Exception as e:
@@ -306,7 +332,7 @@ class LocalBackend:
             raise IsolationUnavailable(f"sandbox agent did not start: {error or e}") from None
         return runtime
 
-    def _limits_note(self, limits: Limits, group: Group | None) -> str | None:
+    def limits_note(self, limits: Limits, group: Group | None) -> str | None:
         if group is not None:
             return None
         wanted = [k for k, v in limits.as_dict().items() if v]
@@ -418,10 +444,32 @@ class LocalBackend:
             "-s",
             "-S",
             "-B",
-            f"{AGENT_MOUNT}/main.py",
+            f"{AGENT_MOUNT}/main.pyc",
             str(listen_fd),
         ]
         return args
+
+    def orphans(self, known: set[str]) -> list[Runtime]:
+        """Sandboxes on disk that the service has no record of (its state was lost)."""
+        found = []
+        for directory in self.sandboxes_dir.iterdir():
+            if directory.name in known:
+                continue
+            try:
+                found.append(Runtime.from_json((directory / RUNTIME_FILE).read_text()))
+            except (OSError, ValueError, TypeError):
+                found.append(
+                    Runtime(
+                        pid=0,
+                        pid_start="",
+                        directory=str(directory),
+                        host_uid=-1,
+                        cgroups={},
+                        cgroup_version=0,
+                        limits_note=None,
+                    )
+                )
+        return found
 
     def alive(self, runtime: Runtime) -> bool:
         """Is the sandbox's init still the process we started?"""
@@ -449,9 +497,11 @@ class LocalBackend:
         return group.usage() if group else None
 
     def set_limits(self, runtime: Runtime, limits: Limits) -> None:
+        """Apply the limits of a sandbox claimed from the pool, and say if they hold."""
         group = runtime.group()
         if group is not None:
             group.apply(limits)
+        runtime.limits_note = self.limits_note(limits, group)
 
 
 _REAPERS: dict[int, subprocess.Popen] = {}

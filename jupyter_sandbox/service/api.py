@@ -181,6 +181,7 @@ class Api:
                 "version": request.app["version"],
                 "started_at": request.app["started_at"],
                 "sandboxes": len(self.manager.live),
+                "pool": sorted({*self.manager.pool, *self.manager.pool_starting}),
                 "isolation": backend.unavailable or "ok",
                 "cgroups": backend.cgroups.unavailable or f"v{backend.cgroups.version}",
             }

@@ -26,7 +26,7 @@ from .._errors import InvalidRequest, SandboxExists, SandboxExpired, SandboxNotF
 from ..agent.remote import AgentClient
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
-from .state import ENDED, RUNNING, SandboxRecord, State
+from .state import ENDED, POOLED, RUNNING, SandboxRecord, State
 
 log = logging.getLogger("jupyter_sandbox.service")
 
@@ -53,13 +53,24 @@ class Manager:
         self.settings = settings
         self.live: dict[str, Live] = {}
         self.listeners: list[Callable[[str, SandboxRecord], None]] = []
+        self.pool: dict[str, Runtime] = {}
+        self.pool_starting: set[str] = set()
         self._create_lock = asyncio.Lock()
+        self._reserved_names: set[str | None] = set()
+        self._reserved_uids: set[int | None] = set()
+        self._refilling: asyncio.Future | None = None
+        self._background: set[asyncio.Future] = set()
         self._reaper: asyncio.Task | None = None
 
     # -- startup and shutdown ----------------------------------------------------------
 
     async def start(self) -> None:
         """Re-adopt sandboxes that survived a service restart, then start the reaper."""
+        known = {r.id for r in self.state.running()}
+        for runtime in self.backend.orphans(known):  # started by a service that was killed
+            await self.backend.stop(runtime)
+        for record in self.state.pooled():
+            await self._end(record, Runtime.from_json(record.runtime or "{}"), "pool drained")
         for record in self.state.running():
             runtime = Runtime.from_json(record.runtime) if record.runtime else None
             if runtime is None or not self.backend.alive(runtime):
@@ -75,8 +86,10 @@ class Manager:
             log.info("re-adopted sandbox %s", record.id)
         await self.reap()  # deadlines and leases that lapsed while no service ran
         self._reaper = asyncio.create_task(self._reap_forever())
+        self.refill_pool()
 
     async def close(self) -> None:
+        await self._drain_pool()
         if self._reaper:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -148,42 +161,116 @@ class Manager:
                 "(up to 63), starting with a letter or digit"
             )
         async with self._create_lock:
-            if name is not None and any(s.record.name == name for s in self.live.values()):
+            taken = {s.record.name for s in self.live.values()} | self._reserved_names
+            if name is not None and name in taken:
                 raise SandboxExists(f"a sandbox named {name!r} is already running")
-            sandbox_id = "sb-" + secrets.token_hex(5)
-            now = time.time()
-            record = SandboxRecord(
-                id=sandbox_id,
-                name=name or sandbox_id,
-                status="starting",
-                created_at=now,
-                timeout=seconds,
-                expires_at=now + seconds if seconds else None,
-                lease_id=None if seconds else secrets.token_urlsafe(16),
-                lease_expires=None if seconds else now + self.settings.lease_ttl,
-                owner=owner,
-                labels=labels,
-                env=env,
-                network=network,
-                limits=limits.as_dict(),
-            )
-            host_uid = self._free_uid()
-        runtime = await self.backend.start(SandboxSpec(sandbox_id, network, limits, host_uid))
-        record.status = RUNNING
-        record.runtime = runtime.to_json()
+            if name is not None:
+                self._reserved_names.add(name)
+            pooled = self._take_pooled() if network == "none" else None
+            sandbox_id = pooled[0] if pooled else "sb-" + secrets.token_hex(5)
+            host_uid = None if pooled else self._reserve_uid()
+        try:
+            if pooled is not None:
+                runtime = pooled[1]
+                self.backend.set_limits(runtime, limits)
+            else:
+                spec = SandboxSpec(sandbox_id, network, limits, host_uid)
+                runtime = await self.backend.start(spec)
+        finally:
+            self._reserved_names.discard(name)
+            self._reserved_uids.discard(host_uid)
+        now = time.time()
+        record = SandboxRecord(
+            id=sandbox_id,
+            name=name or sandbox_id,
+            status=RUNNING,
+            created_at=now,
+            timeout=seconds,
+            expires_at=now + seconds if seconds else None,
+            lease_id=None if seconds else secrets.token_urlsafe(16),
+            lease_expires=None if seconds else now + self.settings.lease_ttl,
+            owner=owner,
+            labels=labels,
+            env=env,
+            network=network,
+            limits=limits.as_dict(),
+            runtime=runtime.to_json(),
+        )
         self.live[sandbox_id] = Live(record, runtime, AgentClient(runtime.socket))
         self.state.save(record)
         self._notify("created", record)
-        log.info("created sandbox %s (%s)", sandbox_id, record.name)
+        log.info(
+            "created sandbox %s (%s)%s", sandbox_id, record.name, " from the pool" * bool(pooled)
+        )
+        self.refill_pool()
         return record
 
-    def _free_uid(self) -> int | None:
+    # -- the warm pool -----------------------------------------------------------------
+
+    def _take_pooled(self) -> tuple[str, Runtime] | None:
+        """A pre-started sandbox with default settings, if one is ready."""
+        while self.pool:
+            sandbox_id, runtime = self.pool.popitem()
+            if self.backend.alive(runtime):
+                return sandbox_id, runtime
+            task = asyncio.ensure_future(self._drop_pooled(sandbox_id, runtime))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return None
+
+    async def _drop_pooled(self, sandbox_id: str, runtime: Runtime) -> None:
+        record = self.state.get(sandbox_id)
+        if record is not None:
+            await self._end(record, runtime, "pool drained")
+
+    def refill_pool(self) -> None:
+        """Start sandboxes in the background until the pool is full again."""
+        if self._refilling is None or self._refilling.done():
+            self._refilling = asyncio.ensure_future(self._fill_pool())
+
+    async def _fill_pool(self) -> None:
+        while len(self.pool) < self.settings.pool_size and not self.backend.unavailable:
+            sandbox_id = "sb-" + secrets.token_hex(5)
+            host_uid = self._reserve_uid()
+            limits = Limits(pids=self.settings.default_pids)
+            self.pool_starting.add(sandbox_id)
+            try:
+                runtime = await self.backend.start(
+                    SandboxSpec(sandbox_id, "none", limits, host_uid)
+                )
+            except Exception:
+                log.exception("could not start a pooled sandbox")
+                return
+            finally:
+                self._reserved_uids.discard(host_uid)
+                self.pool_starting.discard(sandbox_id)
+            record = SandboxRecord(
+                id=sandbox_id,
+                name=sandbox_id,
+                status=POOLED,
+                created_at=time.time(),
+                runtime=runtime.to_json(),
+                limits=limits.as_dict(),
+            )
+            self.state.save(record)
+            self.pool[sandbox_id] = runtime
+
+    async def _drain_pool(self) -> None:
+        if self._refilling is not None:
+            self._refilling.cancel()
+        while self.pool:
+            await self._drop_pooled(*self.pool.popitem())
+
+    def _reserve_uid(self) -> int | None:
+        """A host uid no other sandbox uses (only when running as root)."""
         if not self.backend.privileged:
             return None
-        used = {s.runtime.host_uid for s in self.live.values()}
+        used = {s.runtime.host_uid for s in self.live.values()} | self._reserved_uids
+        used |= {runtime.host_uid for runtime in self.pool.values()}
         uid = self.settings.uid_base
         while uid in used:
             uid += 1
+        self._reserved_uids.add(uid)
         return uid
 
     async def kill(self, ref: str, reason: str = "killed") -> SandboxRecord:

@@ -41,8 +41,11 @@ class SshAccessManager:
         self.port = int(os.environ.get("JUPYTER_SANDBOX_SSH_PORT", DEFAULT_PORT))
         self.public_host = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_HOST")
         self.public_port = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_PORT")
-        self.limits = GatewayLimits(max_failures=int(
-            os.environ.get("JUPYTER_SANDBOX_SSH_MAX_FAILURES", GatewayLimits.max_failures)))
+        self.limits = GatewayLimits(
+            max_failures=int(
+                os.environ.get("JUPYTER_SANDBOX_SSH_MAX_FAILURES", GatewayLimits.max_failures)
+            )
+        )
         self.gateway: Gateway | None = None
         self._expiry: dict[str, tuple[str, float]] = {}  # token hash -> (sandbox, deadline)
         self._task: asyncio.Task | None = None
@@ -56,8 +59,9 @@ class SshAccessManager:
             candidates.append(int(port_file.read_text()))
         candidates.append(0)
         for port in dict.fromkeys(candidates):
-            self.gateway = Gateway(self.resolve, self.key_dir, self.host, port,
-                                   self._on_ssh_event, limits=self.limits)
+            self.gateway = Gateway(
+                self.resolve, self.key_dir, self.host, port, self._on_ssh_event, limits=self.limits
+            )
             try:
                 await self.gateway.start()
                 break

@@ -48,6 +48,7 @@ CREATE INDEX IF NOT EXISTS ssh_tokens_sandbox ON ssh_tokens(sandbox_id);
 """
 
 RUNNING = "running"
+POOLED = "pooled"
 ENDED = "ended"
 _JSON_FIELDS = ("labels", "env", "limits")
 
@@ -111,6 +112,10 @@ class State:
 
     def running(self) -> list[SandboxRecord]:
         rows = self.db.execute("SELECT * FROM sandboxes WHERE status = ?", (RUNNING,))
+        return [_record(r) for r in rows]
+
+    def pooled(self) -> list[SandboxRecord]:
+        rows = self.db.execute("SELECT * FROM sandboxes WHERE status = ?", (POOLED,))
         return [_record(r) for r in rows]
 
     def get(self, ref: str) -> SandboxRecord | None:
