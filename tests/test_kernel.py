@@ -127,6 +127,11 @@ def test_conflicting_options_on_a_later_cell(kernel: Kernel) -> None:
     assert reply.error.content["ename"] == "SandboxConflict"
     assert "--network none (it has host)" in reply.error.text
     assert "--memory 512M (it has 268435456 bytes)" in reply.error.text
+    kernel.ok("%%sandbox timed --timeout 5m\ntrue")
+    kernel.ok("%%sandbox timed --timeout 300\ntrue")
+    reply = kernel.run("%%sandbox timed --timeout session\ntrue")
+    assert "--timeout session (it has 5m00s)" in reply.error.text
+    kernel.ok("%sandbox kill timed")
 
 
 def test_help_is_argparse_style(kernel: Kernel) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._durations import parse_size, parse_timeout
+from .._durations import format_duration, parse_size, parse_timeout
 from .._errors import SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo
 from ..client import Sandbox
@@ -72,10 +72,10 @@ class SandboxOptions:
         """The options that disagree with an existing sandbox, as "--opt X (it has Y)"."""
         found = []
         if self.timeout is not None:
-            wanted = parse_timeout(self.timeout)
             has = None if info.timeout == "session" else float(info.timeout)
-            if wanted != has:
-                found.append(f"--timeout {self.timeout} (it has {info.timeout})")
+            if parse_timeout(self.timeout) != has:
+                shown = "session" if has is None else format_duration(has)
+                found.append(f"--timeout {self.timeout} (it has {shown})")
         if self.memory is not None and parse_size(self.memory) != info.limits.get("memory"):
             found.append(f"--memory {self.memory} (it has {info.limits.get('memory')} bytes)")
         if self.cpus is not None and self.cpus != info.limits.get("cpus"):
