@@ -188,6 +188,14 @@ def test_upload_and_download_show_progress(kernel: Kernel, tmp_path: Path) -> No
     assert small.stdout == f"uploaded {tmp_path / 'small.txt'} -> small.txt (5 B)\n"
 
 
+def test_unload_and_reload_keep_the_kernels_sandboxes(kernel: Kernel) -> None:
+    kernel.ok("%%sandbox\necho kept > mark")
+    kernel.ok("%unload_ext jupyter_sandbox.kernel")
+    assert "not found" in kernel.run("%sandbox list").stderr
+    kernel.ok(LOAD)
+    assert kernel.ok("%%sandbox\ncat mark").stdout == "kept\n"
+
+
 # -- lifetime -----------------------------------------------------------------------------
 
 
