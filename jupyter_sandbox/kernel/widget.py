@@ -117,7 +117,8 @@ class SshWidget(anywidget.AnyWidget):
     def kill(self) -> None:
         """End the sandbox."""
         self._sandboxes.kill(self._sandbox)
-        self._ended("killed")
+        self._follower.cancel()
+        self.status, self.ssh_status = "killed", "closed"
 
     def extend(self) -> None:
         """Push a duration sandbox's deadline 10 minutes further."""
@@ -134,12 +135,7 @@ class SshWidget(anywidget.AnyWidget):
         """Revoke this SSH credential; its live sessions close."""
         self._sandbox.revoke_ssh(self._access)
         self.ssh_status = "revoked"
-        self.send({"type": "hello", "command": None, "now": time.time(), "lines": []})
-
-    def _ended(self, status: str) -> None:
-        self.status = status
-        self.ssh_status = "closed"
-        self._follower.cancel()
+        self._greet()  # views drop the command
 
     # -- log following (on the background loop) ---------------------------------------------
 
