@@ -87,6 +87,9 @@ class JupyterProcess:
             (labext / "jupyter-sandbox").symlink_to(labextension_dir())
         self.root = tmp / "notebooks"
         self.root.mkdir()
+        terminal_settings = tmp / "config/lab/user-settings/@jupyterlab/terminal-extension"
+        terminal_settings.mkdir(parents=True)  # text in the DOM, for the browser tests
+        (terminal_settings / "plugin.jupyterlab-settings").write_text('{"screenReaderMode": true}')
         config_d = tmp / "config" / "jupyter_server_config.d"  # as the wheel ships it
         config_d.mkdir(parents=True)
         shutil.copy(ROOT / "jupyter-config" / "server-config" / "jupyter_sandbox.json", config_d)
@@ -112,6 +115,7 @@ class JupyterProcess:
                 f"--ServerApp.base_url={base_url}",
                 f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={self.root}",
+                *(["--expose-app-in-browser"] if app != "server" else []),
             ],
             env=env,
             stdout=self.log,

@@ -46,6 +46,7 @@ export interface ICreateOptions {
   cpus?: number;
   pids?: number;
   network?: string;
+  env?: Record<string, string>;
 }
 
 export type FeedMessage =

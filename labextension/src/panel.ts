@@ -150,6 +150,12 @@ export class SandboxPanel extends Widget {
       field('CPUs', 'cpus', 'e.g. 0.5'),
       field('Processes', 'pids', 'e.g. 256'),
       h('label', {}, 'Network', network),
+      h(
+        'label',
+        {},
+        'Environment',
+        h('textarea', { name: 'env', placeholder: 'KEY=value per line' })
+      ),
       h('button', { class: 'jp-Button jp-mod-accept', type: 'submit' }, 'Create')
     );
     form.onsubmit = event => {
@@ -167,6 +173,13 @@ export class SandboxPanel extends Widget {
         if (value) {
           options[key] = Number(value);
         }
+      }
+      const env = String(data.get('env') || '')
+        .split('\n')
+        .map(line => line.trim().split(/=(.*)/s))
+        .filter(([key]) => key);
+      if (env.length) {
+        options.env = Object.fromEntries(env.map(([key, value]) => [key, value ?? '']));
       }
       void this.act('Create sandbox', async () => {
         await request('POST', ['sandboxes'], options);
