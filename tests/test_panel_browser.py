@@ -236,6 +236,7 @@ def test_panel_in_notebook7(page: Any, service_env: Any, tmp_path: Path) -> None
         with Sandbox.create(name="nb7", timeout="1m", labels={"course": "intro"}) as sandbox:
             panel = open_panel(page, f"{notebook.url}tree?token={notebook.token}")
             expect(card(panel, sandbox.id)).to_contain_text("course=intro")
+            page.wait_for_load_state("networkidle")
             shot(page, "notebook7")
             sandbox.kill()
             expect(card(panel, sandbox.id)).to_have_count(0)
