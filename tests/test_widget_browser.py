@@ -49,6 +49,7 @@ def free_port() -> int:
 @pytest.fixture
 def lab(service_env, tmp_path: Path) -> Iterator[str]:
     """A JupyterLab server (token auth) with the test notebook; yields its notebook URL."""
+    ARTIFACTS.mkdir(exist_ok=True)
     nb = nbformat.v4.new_notebook(
         cells=[nbformat.v4.new_code_cell(c) for c in CELLS],
         metadata={
@@ -96,7 +97,6 @@ def lab(service_env, tmp_path: Path) -> Iterator[str]:
 
 def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
     notebook = tmp_path / "widget.ipynb"
-    ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
