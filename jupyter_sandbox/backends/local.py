@@ -77,7 +77,6 @@ ETC_ALLOWLIST = (
     "xdg",
 )
 START_TIMEOUT = 20.0
-RUNTIME_FILE = "runtime.json"
 
 
 @dataclass
@@ -323,7 +322,6 @@ class LocalBackend:
             cgroup_version=self.cgroups.version,
             limits_note=note,
         )
-        (directory / RUNTIME_FILE).write_text(runtime.to_json())
         try:
             await asyncio.wait_for(AgentClient(runtime.socket).call("ping"), START_TIMEOUT)
         except Exception as e:
@@ -449,27 +447,25 @@ class LocalBackend:
         ]
         return args
 
-    def orphans(self, known: set[str]) -> list[Runtime]:
-        """Sandboxes on disk that the service has no record of (its state was lost)."""
-        found = []
-        for directory in self.sandboxes_dir.iterdir():
+    async def sweep_orphans(self, known: set[str]) -> list[str]:
+        """Stop sandboxes on disk that the service has no record of.
+
+        They are left by a service killed while it started them: no runtime was
+        recorded yet, so they are found by their directory in process command lines.
+        """
+        swept = []
+        for directory in list(self.sandboxes_dir.iterdir()):
             if directory.name in known:
                 continue
-            try:
-                found.append(Runtime.from_json((directory / RUNTIME_FILE).read_text()))
-            except (OSError, ValueError, TypeError):
-                found.append(
-                    Runtime(
-                        pid=0,
-                        pid_start="",
-                        directory=str(directory),
-                        host_uid=-1,
-                        cgroups={},
-                        cgroup_version=0,
-                        limits_note=None,
-                    )
-                )
-        return found
+            marker = f"{directory}/".encode()
+            for pid in _pids_mentioning(marker):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                await _wait_gone(pid)
+            group = self.cgroups.create(directory.name)  # the same paths, to remove them
+            await asyncio.to_thread(self._cleanup, directory, group)
+            swept.append(directory.name)
+        return swept
 
     def alive(self, runtime: Runtime) -> bool:
         """Is the sandbox's init still the process we started?"""
@@ -562,6 +558,20 @@ async def _wait_gone(pid: int) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+def _pids_mentioning(marker: bytes) -> list[int]:
+    """Processes whose command line contains `marker`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
 
 
 def _start_time(pid: int) -> str | None:

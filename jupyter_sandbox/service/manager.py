@@ -60,6 +60,8 @@ class Manager:
         self._reserved_uids: set[int | None] = set()
         self._refilling: asyncio.Future | None = None
         self._background: set[asyncio.Future] = set()
+        self._closing = False
+        self._ending: dict[str, asyncio.Future] = {}
         self._reaper: asyncio.Task | None = None
 
     # -- startup and shutdown ----------------------------------------------------------
@@ -67,8 +69,8 @@ class Manager:
     async def start(self) -> None:
         """Re-adopt sandboxes that survived a service restart, then start the reaper."""
         known = {r.id for r in self.state.running()}
-        for runtime in self.backend.orphans(known):  # started by a service that was killed
-            await self.backend.stop(runtime)
+        for sandbox_id in await self.backend.sweep_orphans(known):
+            log.warning("stopped sandbox %s, left behind by a killed service", sandbox_id)
         for record in self.state.pooled():
             await self._end(record, Runtime.from_json(record.runtime or "{}"), "pool drained")
         for record in self.state.running():
@@ -229,7 +231,11 @@ class Manager:
             self._refilling = asyncio.ensure_future(self._fill_pool())
 
     async def _fill_pool(self) -> None:
-        while len(self.pool) < self.settings.pool_size and not self.backend.unavailable:
+        while (
+            len(self.pool) < self.settings.pool_size
+            and not self.backend.unavailable
+            and not self._closing
+        ):
             sandbox_id = "sb-" + secrets.token_hex(5)
             host_uid = self._reserve_uid()
             limits = Limits(pids=self.settings.default_pids)
@@ -256,8 +262,9 @@ class Manager:
             self.pool[sandbox_id] = runtime
 
     async def _drain_pool(self) -> None:
+        self._closing = True
         if self._refilling is not None:
-            self._refilling.cancel()
+            await self._refilling  # a start cut short would leave its processes behind
         while self.pool:
             await self._drop_pooled(*self.pool.popitem())
 
@@ -300,20 +307,29 @@ class Manager:
         return live.record
 
     async def _end(self, record: SandboxRecord, runtime: Runtime | None, reason: str) -> None:
-        self.live.pop(record.id, None)
+        """Stop a sandbox and record why; concurrent calls wait for the first one."""
         if record.status == ENDED:
             return
-        record.status, record.ended_at, record.end_reason = ENDED, time.time(), reason
-        record.lease_id = None
-        self.state.save(record)
-        self.state.delete_tokens(record.id)
-        self._notify("ended", record)
-        if runtime is not None:
-            try:
-                await self.backend.stop(runtime)
-            except Exception:
-                log.exception("cleaning up sandbox %s failed", record.id)
-        log.info("sandbox %s ended: %s", record.id, reason)
+        if record.id not in self._ending:
+            self._ending[record.id] = asyncio.ensure_future(self._stop(record, runtime, reason))
+        await asyncio.shield(self._ending[record.id])
+
+    async def _stop(self, record: SandboxRecord, runtime: Runtime | None, reason: str) -> None:
+        try:
+            self.state.delete_tokens(record.id)
+            if runtime is not None:
+                try:
+                    await self.backend.stop(runtime)
+                except Exception:
+                    log.exception("cleaning up sandbox %s failed", record.id)
+            self.live.pop(record.id, None)
+            record.status, record.ended_at, record.end_reason = ENDED, time.time(), reason
+            record.lease_id = None
+            self.state.save(record)
+            self._notify("ended", record)
+            log.info("sandbox %s ended: %s", record.id, reason)
+        finally:
+            self._ending.pop(record.id, None)
 
     def _notify(self, event: str, record: SandboxRecord) -> None:
         for listener in list(self.listeners):
