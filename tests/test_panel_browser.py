@@ -35,6 +35,16 @@ NOTEBOOK_CELLS = [
 ]
 
 
+@pytest.fixture
+def jp_asyncio_loop() -> None:
+    """Opt out of pytest-jupyter's autouse loop, which would close Playwright's running one."""
+
+
+@pytest.fixture
+def jp_server_cleanup() -> None:
+    """No in-process server here: nothing for pytest-jupyter to clean up."""
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as p:
