@@ -49,4 +49,19 @@ __all__ = [
     "ServiceUnavailable",
     "SshAccess",
     "__version__",
+    "load_ipython_extension",
+    "unload_ipython_extension",
 ]
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext jupyter_sandbox``: the ``%%sandbox``, ``%sandbox``, ``%sandbox_ssh`` magics."""
+    from .kernel import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    from .kernel import unload_ipython_extension as unload
+
+    unload(ipython)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import itertools
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from protocol import CHUNK, Frame
 
 LOG_DIR = protocol.STATE_MOUNT
 LOG_LIMIT = 1 << 20
-RING_SIZE = 5000
+RING_SIZE = 20000
 KILL_GRACE = 2.0
 
 
@@ -129,6 +130,16 @@ class Log:
                 pass
             self.cond.notify_all()
 
+    def _since(self, seq: int) -> list:
+        """Entries after `seq`; the ring holds consecutive numbers, so slice, don't scan."""
+        if not self.ring:
+            return []
+        start = max(0, seq + 1 - self.ring[0]["seq"])
+        entries = list(itertools.islice(self.ring, start, None))
+        if entries and entries[0]["seq"] != max(seq + 1, self.ring[0]["seq"]):
+            return [e for e in self.ring if e["seq"] > seq]  # not consecutive after all
+        return entries
+
     def _newer(self, seq: int, until) -> bool:
         return self.seq > seq or bool(until and until())
 
@@ -147,7 +158,7 @@ class Log:
         while follow:
             with self.cond:
                 self.cond.wait_for(partial(self._newer, last, until), timeout=1.0)
-                new = [e for e in self.ring if e["seq"] > last]
+                new = self._since(last)
                 finished = until is not None and until()
             for entry in new:
                 last = entry["seq"]

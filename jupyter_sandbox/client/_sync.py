@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
+import contextlib
 import os
 import signal as signals
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -35,34 +36,63 @@ class Portal:
         self.thread.start()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Run `coro` on the portal; Ctrl-C cancels it and waits until it has unwound."""
+        settled = threading.Event()
+
+        async def tracked() -> T:
+            try:
+                return await coro
+            finally:
+                settled.set()
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
         try:
             return future.result()
         except KeyboardInterrupt:
             future.cancel()
-            try:
-                future.result(timeout=5)
-            except (concurrent.futures.CancelledError, Exception):
-                pass
+            settled.wait(5)  # the remote operation is stopped before we go on
             raise
 
-    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+    def iterate(self, agen: AsyncIterator[T]) -> Iteration[T]:
         """A blocking iterator over an async iterator running on the portal."""
+        return Iteration(self, agen)
+
+
+class Iteration(Iterator[T]):
+    """Blocking iteration over an async iterator; ``close()`` (or ``with``) ends it early."""
+
+    def __init__(self, portal: Portal, agen: AsyncIterator[T]) -> None:
+        self._portal, self._agen, self._closed = portal, agen, False
+        _open_iterations.add(self)
+
+    def __next__(self) -> T:
+        if self._closed:
+            raise StopIteration
         try:
-            while True:
-                try:
-                    yield self.call(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            aclose = getattr(agen, "aclose", None)
-            if aclose is not None and self.thread.is_alive():
-                self.call(aclose())
+            return self._portal.call(self._agen.__anext__())
+        except StopAsyncIteration:
+            self._closed = True
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stop following (a log, a command's output) and free the connection."""
+        if not self._closed:
+            self._closed = True
+            aclose = getattr(self._agen, "aclose", None)
+            if aclose is not None and self._portal.thread.is_alive():
+                self._portal.call(aclose())
+
+    def __enter__(self) -> Iteration[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _portal: Portal | None = None
 _portal_lock = threading.Lock()
 _owned: dict[str, Sandbox] = {}
+_open_iterations: weakref.WeakSet[Iteration] = weakref.WeakSet()
 
 
 def portal() -> Portal:
@@ -76,7 +106,10 @@ def portal() -> Portal:
 
 
 def _kill_owned() -> None:
-    """At interpreter exit, end the "session" sandboxes this process still owns."""
+    """At interpreter exit, close open iterations and end the sandboxes this process owns."""
+    for iteration in list(_open_iterations):
+        with contextlib.suppress(Exception):
+            iteration.close()
     for sandbox in list(_owned.values()):
         try:
             sandbox.kill()
@@ -109,7 +142,7 @@ class Process:
     def kill(self, signal: int = signals.SIGTERM) -> None:
         portal().call(self._inner.kill(signal))
 
-    def output(self, follow: bool = True) -> Iterator[OutputLine]:
+    def output(self, follow: bool = True) -> Iteration[OutputLine]:
         return portal().iterate(self._inner.output(follow))
 
 
@@ -286,7 +319,7 @@ class Sandbox:
         input: str | bytes | None = None,
         timeout: float | None = None,
         check: bool = True,
-    ) -> Iterator[OutputLine]:
+    ) -> Iteration[OutputLine]:
         """Iterate over the command's output lines as they are produced."""
         return portal().iterate(
             self._inner.stream(cmd, cwd=cwd, env=env, input=input, timeout=timeout, check=check)
@@ -300,5 +333,5 @@ class Sandbox:
     def processes(self) -> list[Process]:
         return [Process(p) for p in portal().call(self._inner.processes())]
 
-    def logs(self, follow: bool = False, tail: int | None = None) -> Iterator[LogEntry]:
+    def logs(self, follow: bool = False, tail: int | None = None) -> Iteration[LogEntry]:
         return portal().iterate(self._inner.logs(follow=follow, tail=tail))

