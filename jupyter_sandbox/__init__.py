@@ -65,3 +65,11 @@ def unload_ipython_extension(ipython: object) -> None:
     from .kernel import unload_ipython_extension as unload
 
     unload(ipython)
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    return [{"src": "labextension", "dest": "jupyter-sandbox"}]
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    return [{"module": "jupyter_sandbox.serverext"}]

@@ -20,6 +20,7 @@ from .._durations import format_duration
 from .._errors import CommandError, SandboxError
 from .._models import SandboxInfo
 from ..client import Sandbox
+from . import tunnel
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="revoke all SSH access instead")
 
     command("status", cmd_status, "show the sandbox service's state")
+
+    p = command(
+        "tunnel",
+        tunnel.run,
+        "carry SSH to a sandbox over a Jupyter server's websocket (an ssh ProxyCommand)",
+    )
+    tunnel.add_arguments(p)
 
     p = command("serve", cmd_serve, "run the sandbox service in the foreground")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -182,6 +182,10 @@ class Api:
                 "started_at": request.app["started_at"],
                 "sandboxes": len(self.manager.live),
                 "pool": sorted({*self.manager.pool, *self.manager.pool_starting}),
+                "ssh": {
+                    "host": self.ssh.host,
+                    "port": self.ssh.gateway.port if self.ssh.gateway else None,
+                },
                 "isolation": backend.unavailable or "ok",
                 "cgroups": backend.cgroups.unavailable or f"v{backend.cgroups.version}",
             }
