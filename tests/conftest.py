@@ -9,6 +9,7 @@ is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox import Sandbox
+from jupyter_sandbox.backends.cgroups import Controller
 from jupyter_sandbox.client._async import shared_transport
 from jupyter_sandbox.client._sync import portal
 
@@ -149,11 +151,11 @@ def sandbox_processes(storage: Path) -> list[int]:
 
 
 def cgroup_dirs() -> list[str]:
-    """Sandbox cgroup directories that exist now."""
+    """Sandbox cgroup directories that exist now (where this process would create them)."""
     found = []
-    for hierarchy in Path("/sys/fs/cgroup").glob("*"):
-        for parent in hierarchy.rglob("jupyter-sandbox"):
-            found += [str(c) for c in parent.iterdir() if c.is_dir() and c.name.startswith("sb-")]
+    for base in Controller().bases.values():
+        with contextlib.suppress(OSError):
+            found += [str(c) for c in base.iterdir() if c.is_dir() and c.name.startswith("sb-")]
     return found
 
 

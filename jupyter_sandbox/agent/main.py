@@ -32,6 +32,7 @@ from protocol import CHUNK, Frame
 LOG_DIR = protocol.STATE_MOUNT
 LOG_LIMIT = 1 << 20
 RING_SIZE = 20000
+PIPE_CHUNK = 1 << 20
 KILL_GRACE = 2.0
 
 
@@ -69,6 +70,16 @@ class Channel:
         if len(payload) < size:
             return None
         return kind, payload
+
+    def receive_pipe(self) -> int:
+        """Ask for and receive a pipe end; bulk data then bypasses the frames."""
+        self.send(Frame.FD)
+        _, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
+        if len(fds) != 1 or not stat.S_ISFIFO(os.fstat(fds[0]).st_mode):
+            for fd in fds:
+                os.close(fd)
+            raise AgentError("BadRequest", "expected exactly one pipe")
+        return fds[0]
 
     def data_frames(self):
         """Payloads of DATA frames until END; raises if the stream stops early."""
@@ -530,21 +541,35 @@ class Agent:
         os.replace(resolve(src), target)
         channel.send_json(Frame.RESULT, describe(target))
 
-    def op_read(self, channel: Channel, path: str) -> None:
+    def op_read(self, channel: Channel, path: str, pipe: bool = False) -> None:
+        """Send a file: as DATA frames, or with `pipe` into a pipe the client passes."""
         target = resolve(path)
         with open(target, "rb") as f:
             info = describe(target)
             if info["type"] != "file":
                 raise AgentError("FileError", f"not a regular file: {path}")
             channel.send_json(Frame.RESULT, info)
-            while data := f.read(CHUNK):
-                channel.send(Frame.DATA, data)
+            if pipe:
+                out = channel.receive_pipe()
+                try:
+                    while os.sendfile(out, f.fileno(), None, PIPE_CHUNK):
+                        pass
+                finally:
+                    os.close(out)
+            else:
+                while data := f.read(CHUNK):
+                    channel.send(Frame.DATA, data)
         channel.send(Frame.END)
 
     def op_write(
-        self, channel: Channel, path: str, mode: int | None = None, parents: bool = True
+        self,
+        channel: Channel,
+        path: str,
+        mode: int | None = None,
+        parents: bool = True,
+        pipe: bool = False,
     ) -> None:
-        """Receive DATA frames until END into `path`, atomically."""
+        """Receive a file into `path`, atomically: DATA frames until END, or a pipe."""
         target = resolve(path)
         directory = os.path.dirname(target)
         if parents:
@@ -557,8 +582,16 @@ class Agent:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
-                for data in channel.data_frames():
-                    f.write(data)
+                if pipe:
+                    source = channel.receive_pipe()
+                    try:
+                        while os.splice(source, fd, PIPE_CHUNK):
+                            pass
+                    finally:
+                        os.close(source)
+                else:
+                    for data in channel.data_frames():
+                        f.write(data)
             os.chmod(tmp, 0o644 if mode is None else int(mode) & 0o7777)
             os.replace(tmp, target)
         except BaseException:
@@ -566,11 +599,11 @@ class Agent:
             raise
         channel.send_json(Frame.RESULT, describe(target))
 
-    def op_tar_out(self, channel: Channel, path: str) -> None:
+    def op_tar_out(self, channel: Channel, path: str, pipe: bool = False) -> None:
         """Send `path` (file or tree) as a tar stream; symlinks stay symlinks."""
         target = resolve(path)
         channel.send_json(Frame.RESULT, describe(target))
-        writer = FrameWriter(channel)
+        writer = os.fdopen(channel.receive_pipe(), "wb") if pipe else FrameWriter(channel)
         import tarfile  # imported on use: agent start-up time counts
 
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -580,13 +613,15 @@ class Agent:
             else:
                 tar.add(target, arcname=os.path.basename(target), recursive=False)
         writer.flush()
+        if pipe:
+            writer.close()
         channel.send(Frame.END)
 
-    def op_tar_in(self, channel: Channel, path: str) -> None:
+    def op_tar_in(self, channel: Channel, path: str, pipe: bool = False) -> None:
         """Unpack a tar stream into directory `path`, refusing names that leave it."""
         root = resolve(path)
         os.makedirs(root, exist_ok=True)
-        reader = FrameReader(channel)
+        reader = os.fdopen(channel.receive_pipe(), "rb") if pipe else FrameReader(channel)
         count = 0
         import tarfile
 
@@ -595,7 +630,9 @@ class Agent:
                 check_member(root, member)
                 tar.extract(member, root, set_attrs=not member.issym())
                 count += 1
-        reader.drain()
+        drain(reader)
+        if pipe:
+            reader.close()
         channel.send_json(Frame.RESULT, {"files": count})
 
     # -- network ----------------------------------------------------------------------
@@ -700,9 +737,11 @@ class FrameReader:
         data, self.pending = self.pending[:size], self.pending[size:]
         return data
 
-    def drain(self) -> None:
-        while not self.finished:
-            self.read(CHUNK)
+
+def drain(reader) -> None:
+    """Read a stream to its end (tar leaves padding behind the last member)."""
+    while reader.read(CHUNK):
+        pass
 
 
 def relay(client: socket.socket, peer: socket.socket, client_file) -> None:

@@ -36,6 +36,7 @@ class Frame(enum.IntEnum):
     END = 8
     ERROR = 9
     RESULT = 10
+    FD = 11  # "send me the pipe now": the next message carries a descriptor
 
 
 def encode(kind: int, payload: bytes = b"") -> bytes:

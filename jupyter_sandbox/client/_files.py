@@ -11,15 +11,16 @@ import asyncio
 import json
 import os
 import queue
-import tarfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import FileNotFound
+from .._errors import FileNotFound, SandboxError
 from .._models import FileInfo
 from ..agent.protocol import CHUNK
+from ._direct import DirectTransfer
+from ._tar import add_tree, extract_tree
 
 if TYPE_CHECKING:
     from ._async import AsyncSandbox
@@ -34,6 +35,7 @@ class AsyncFileSystem:
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
+        self._direct_transfer: DirectTransfer | bool | None = None
 
     def _url(self, op: str) -> str:
         return f"/v1/sandboxes/{self._sandbox.id}/files/{op}"
@@ -85,17 +87,20 @@ class AsyncFileSystem:
         source = Path(local)
         if not source.exists() and not source.is_symlink():
             raise FileNotFoundError(f"no such local file or directory: {source}")
-        if source.is_dir():
-            total = sum(
-                f.stat().st_size for f in source.rglob("*") if f.is_file() and not f.is_symlink()
-            )
-            body = _counting(_thread_producer(_write_tar, source), progress, total)
+        is_tree = source.is_dir()
+        total = _tree_size(source) if is_tree else source.stat().st_size
+        report = _with_total(progress, total)
+        direct = await self._direct()
+        if direct is not None:
+            send = direct.upload_tree if is_tree else direct.upload_file
+            await asyncio.to_thread(send, source, remote, report)
+        elif is_tree:
+            body = _counting(_thread_producer(add_tree, source), report)
             await self._sandbox._transport.request(
                 "PUT", self._url("tar"), params={"path": remote}, content=body, timeout=None
             )
         else:
-            size = source.stat().st_size
-            body = _counting(_thread_producer(_read_file, source), progress, size)
+            body = _counting(_thread_producer(_read_file, source), report)
             await self._put_file(remote, body, source.stat().st_mode & 0o7777)
 
     async def download(
@@ -104,24 +109,47 @@ class AsyncFileSystem:
         """Copy a file or directory tree out of the sandbox to `local`."""
         info = await self.stat(remote)
         target = Path(local)
-        if info.type == "dir":
-            target.mkdir(parents=True, exist_ok=True)
-            chunks = _counting(self._get("tar", remote), progress, None)
-            await _thread_consumer(chunks, lambda read: _extract_tar(read, target))
-            return
-        if target.is_dir():
+        is_tree = info.type == "dir"
+        if not is_tree and target.is_dir():
             target = target / info.name
-        chunks = _counting(self._get("read", remote), progress, info.size)
+        report = _with_total(progress, None if is_tree else info.size)
+        direct = await self._direct()
+        if direct is not None:
+            receive = direct.download_tree if is_tree else direct.download_file
+            await asyncio.to_thread(receive, remote, target, report)
+        elif is_tree:
+            chunks = _counting(self._get("tar", remote), report)
+            await _thread_consumer(chunks, lambda read: extract_tree(read, target))
+        else:
+            await self._download_file(remote, target, info, report)
+
+    async def _download_file(
+        self, remote: str, target: Path, info: FileInfo, report: Progress | None
+    ) -> None:
         tmp = target.with_name(f".{target.name}.download")
         try:
             with open(tmp, "wb") as f:
-                async for chunk in chunks:
+                async for chunk in _counting(self._get("read", remote), report):
                     f.write(chunk)
             os.chmod(tmp, info.mode)
             os.replace(tmp, target)
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+    async def _direct(self) -> DirectTransfer | None:
+        """The agent's socket, if this process may use it (same machine and user)."""
+        if self._direct_transfer is None:
+            try:
+                data = await self._sandbox._transport.request(
+                    "GET", f"/v1/sandboxes/{self._sandbox.id}/agent"
+                )
+                direct = DirectTransfer(data["socket"])
+                usable = await asyncio.to_thread(direct.usable)
+            except (SandboxError, KeyError):
+                usable = False
+            self._direct_transfer = direct if usable else False
+        return self._direct_transfer or None
 
     async def _put_file(self, path: str, body: AsyncIterator[bytes], mode: int | None) -> FileInfo:
         params = {"path": path}
@@ -150,14 +178,25 @@ async def _chunks_of(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def _counting(
-    chunks: AsyncIterator[bytes], progress: Progress | None, total: int | None
+    chunks: AsyncIterator[bytes], progress: Progress | None
 ) -> AsyncIterator[bytes]:
     done = 0
     async for chunk in chunks:
         done += len(chunk)
         yield chunk
         if progress is not None:
-            progress(done, total)
+            progress(done, None)
+
+
+def _with_total(progress: Progress | None, total: int | None) -> Progress | None:
+    """A progress callback that always reports `total` as the expected size."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(done, total)
+
+
+def _tree_size(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 class _QueueWriter:
@@ -177,12 +216,6 @@ class _QueueWriter:
         if self.buffer:
             self.out.put(bytes(self.buffer))
             self.buffer.clear()
-
-
-def _write_tar(source: Path, out: _QueueWriter) -> None:
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for child in sorted(source.iterdir()):
-            tar.add(child, arcname=child.name, recursive=True)
 
 
 def _read_file(source: Path, out: _QueueWriter) -> None:
@@ -244,21 +277,3 @@ async def _thread_consumer(
     finally:
         await asyncio.to_thread(pipe.put, _DONE)
         await worker
-
-
-def _extract_tar(reader: _QueueReader, target: Path) -> None:
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        for member in tar:
-            tar.extract(member, target, filter=_keep_symlinks_filter)
-    reader.read()
-
-
-def _keep_symlinks_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """`data` safety (nothing written outside `dest`), but symlinks stay as they were."""
-    if member.issym():
-        checked = tarfile.tar_filter(member, dest)
-        where = os.path.realpath(os.path.join(dest, os.path.dirname(checked.name)))
-        if os.path.commonpath([where, os.path.realpath(dest)]) != os.path.realpath(dest):
-            raise tarfile.OutsideDestinationError(member, where)
-        return checked
-    return tarfile.data_filter(member, dest)

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .._errors import InvalidRequest, SandboxError
+from .._errors import InvalidRequest, PermissionDenied, SandboxError
 from ..agent.protocol import CHUNK, Frame, encode, encode_json
 from ..agent.remote import raise_agent_error
 from .manager import Live, Manager
@@ -75,6 +75,7 @@ def make_app(manager: Manager, ssh: SshAccessManager, token: str | None = None) 
             web.post("/v1/sandboxes/{ref}/ssh/revoke", api.revoke_ssh),
             web.post("/v1/sandboxes/{ref}/exec", api.exec),
             web.post("/v1/sandboxes/{ref}/spawn", api.spawn),
+            web.get("/v1/sandboxes/{ref}/agent", api.agent_socket),
             web.get("/v1/sandboxes/{ref}/procs", api.procs),
             web.get("/v1/sandboxes/{ref}/procs/{pid}/wait", api.proc_wait),
             web.post("/v1/sandboxes/{ref}/procs/{pid}/signal", api.proc_signal),
@@ -303,6 +304,14 @@ class Api:
                     break
             await response.write_eof()
             return response
+
+    async def agent_socket(self, request: web.Request) -> web.Response:
+        """Where the agent listens, for bulk transfers by a client on this machine."""
+        if request.transport is None or not isinstance(
+            request.transport.get_extra_info("sockname"), str
+        ):
+            raise PermissionDenied("the agent socket is offered over the Unix socket only")
+        return web.json_response({"socket": self._live(request).runtime.socket})
 
     async def spawn(self, request: web.Request) -> web.Response:
         live = self._live(request)
