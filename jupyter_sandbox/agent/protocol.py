@@ -12,7 +12,8 @@ import enum
 import json
 import struct
 
-VERSION = 1
+VERSION = 2  # 2: file and tar transfers through a passed pipe
+PIPE_VERSION = 2
 HEADER = struct.Struct(">BI")
 MAX_FRAME = 1 << 20
 CHUNK = 256 * 1024

@@ -35,11 +35,12 @@ class DirectTransfer:
         self.socket_path = socket_path
 
     def usable(self) -> bool:
-        """Can this process talk to the agent (same machine, same user)?"""
+        """Can this process talk to the agent (same machine, same user), and pass pipes?"""
         try:
-            with self._connect():
-                return True
-        except OSError:
+            with self._connect() as sock:
+                sock.sendall(protocol.request_line("ping"))
+                return _expect(sock, Frame.RESULT).get("version", 0) >= protocol.PIPE_VERSION
+        except (OSError, SandboxError):
             return False
 
     @contextlib.contextmanager
