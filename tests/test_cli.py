@@ -17,8 +17,17 @@ pytestmark = pytest.mark.unprivileged
 
 def test_create_list_exec_logs_kill(service_env: ServiceEnv, tmp_path):
     cli = service_env.run_cli
-    sandbox_id = cli("create", "--name", "cli-box", "--timeout", "5m", "--env", "GREETING=hi",
-                     "--label", "course=linux101").stdout.strip()
+    sandbox_id = cli(
+        "create",
+        "--name",
+        "cli-box",
+        "--timeout",
+        "5m",
+        "--env",
+        "GREETING=hi",
+        "--label",
+        "course=linux101",
+    ).stdout.strip()
     try:
         assert sandbox_id.startswith("sb-")
         table = cli("list").stdout.splitlines()
@@ -27,8 +36,15 @@ def test_create_list_exec_logs_kill(service_env: ServiceEnv, tmp_path):
         assert "cli-box" in row and "running" in row and "course=linux101" in row
         listed = json.loads(cli("list", "--json").stdout)
         assert [s["name"] for s in listed if s["id"] == sandbox_id] == ["cli-box"]
-        run = cli("exec", "cli-box", "--", "sh", "-c", "echo $GREETING; echo oops >&2; exit 7",
-                  check=False)
+        run = cli(
+            "exec",
+            "cli-box",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING; echo oops >&2; exit 7",
+            check=False,
+        )
         assert (run.returncode, run.stdout, run.stderr) == (7, "hi\n", "oops\n")
         assert cli("exec", sandbox_id, "--", "cat", input="piped\n").stdout == "piped\n"
         (tmp_path / "up").mkdir()
@@ -61,9 +77,12 @@ def test_kill_all_and_errors(service_env: ServiceEnv):
 
 
 def test_follow_logs_streams_until_interrupted(service_env: ServiceEnv, sandbox):
-    proc = subprocess.Popen([*cli_argv(), "logs", "-f", sandbox.id],
-                            env={**os.environ, **service_env.env}, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [*cli_argv(), "logs", "-f", sandbox.id],
+        env={**os.environ, **service_env.env},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         sandbox.spawn("echo first-line")
         assert "started: echo first-line" in proc.stdout.readline()
@@ -80,6 +99,11 @@ def cli_argv() -> list[str]:
 def test_jupyter_subcommand(service_env: ServiceEnv):
     if shutil.which("jupyter") is None:
         pytest.skip("jupyter_core's `jupyter` command is not on PATH")
-    out = subprocess.run(["jupyter", "sandbox", "list", "--json"], capture_output=True,
-                         text=True, env={**os.environ, **service_env.env}, check=True)
+    out = subprocess.run(
+        ["jupyter", "sandbox", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **service_env.env},
+        check=True,
+    )
     assert isinstance(json.loads(out.stdout), list)

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.unprivileged
 
 
 def test_create_with_options_and_run(service_env):
-    with Sandbox.create(timeout="10m", memory="512M", cpus=1, env={"A": "1"},
-                        labels={"course": "linux101"}) as sb:
+    with Sandbox.create(
+        timeout="10m", memory="512M", cpus=1, env={"A": "1"}, labels={"course": "linux101"}
+    ) as sb:
         result = sb.sh("echo $A; whoami; pwd; hostname")
         assert result.stdout.split() == ["1", "sandbox", "/home/sandbox", sb.id]
         assert result.exit_code == 0 and result.stderr == ""
@@ -58,8 +59,9 @@ def test_output_streams_while_the_command_runs(sandbox):
         Sandbox.connect(sandbox.id).fs.write_text("go", "")
 
     threading.Thread(target=release, daemon=True).start()
-    result = sandbox.sh("echo first; while [ ! -e go ]; do sleep 0.01; done; echo second",
-                        on_stdout=on_stdout)
+    result = sandbox.sh(
+        "echo first; while [ ! -e go ]; do sleep 0.01; done; echo second", on_stdout=on_stdout
+    )
     assert lines == ["first\n", "second\n"]
     assert result.stdout == "first\nsecond\n"
 
@@ -85,8 +87,11 @@ def test_keyboard_interrupt_stops_remote_command(sandbox):
 
     with pytest.raises(KeyboardInterrupt):
         sandbox.sh("echo started; exec sleep 300 # marker-ki", on_stdout=interrupt_on_first_line)
-    wait_for(lambda: "marker-ki" not in sandbox.sh("ps -eo args").stdout, 10,
-             message="the interrupted command to be gone")
+    wait_for(
+        lambda: "marker-ki" not in sandbox.sh("ps -eo args").stdout,
+        10,
+        message="the interrupted command to be gone",
+    )
     assert sandbox.sh("echo usable").stdout == "usable\n"
 
 
@@ -94,8 +99,10 @@ def test_background_process(sandbox):
     sandbox.fs.write_text("app/index.html", "hello from the app")
     web = sandbox.spawn("python3 -m http.server 8000", cwd="app")
     assert web.running
-    page = sandbox.sh("for i in $(seq 100); do curl -sf localhost:8000/index.html && exit; "
-                      "sleep 0.1; done; exit 1").stdout
+    page = sandbox.sh(
+        "for i in $(seq 100); do curl -sf localhost:8000/index.html && exit; "
+        "sleep 0.1; done; exit 1"
+    ).stdout
     assert page == "hello from the app"
     assert [p.pid for p in sandbox.processes()] == [web.pid]
     web.kill()
@@ -104,7 +111,9 @@ def test_background_process(sandbox):
     job = sandbox.spawn("echo out; echo err >&2; exit 5")
     assert job.wait(timeout=10) == 5
     assert sorted((o.stream, o.text) for o in job.output()) == [
-        ("stderr", "err\n"), ("stdout", "out\n")]
+        ("stderr", "err\n"),
+        ("stdout", "out\n"),
+    ]
     assert {p.pid for p in Sandbox.connect(sandbox.id).processes()} == {web.pid, job.pid}
 
 

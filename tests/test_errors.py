@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 
+import httpx
 import pytest
 
 from jupyter_sandbox import (
@@ -14,10 +20,11 @@ from jupyter_sandbox import (
     Sandbox,
     SandboxExists,
     SandboxNotFound,
+    ServiceUnavailable,
 )
 from jupyter_sandbox.client._async import AsyncProcess
 from jupyter_sandbox.client._sync import Process, portal
-from tests.conftest import ServiceEnv
+from tests.conftest import ServiceEnv, storage_parent, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -29,15 +36,18 @@ def test_bad_timeouts_name_the_accepted_forms(service_env, timeout):
     assert '"session"' in str(excinfo.value) or "at most a year" in str(excinfo.value)
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("memory", "lots", "invalid size"),
-    ("memory", "1k", "at least 4M"),
-    ("cpus", -1, "invalid cpus"),
-    ("pids", 2, "invalid pids"),
-    ("network", "bridge", 'expected "none" or "host"'),
-    ("env", {"1BAD": "x"}, "invalid environment variable name"),
-    ("name", "../etc", "invalid name"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("memory", "lots", "invalid size"),
+        ("memory", "1k", "at least 4M"),
+        ("cpus", -1, "invalid cpus"),
+        ("pids", 2, "invalid pids"),
+        ("network", "bridge", 'expected "none" or "host"'),
+        ("env", {"1BAD": "x"}, "invalid environment variable name"),
+        ("name", "../etc", "invalid name"),
+    ],
+)
 def test_bad_create_options(service_env, option, value, message):
     with pytest.raises(InvalidRequest, match=message):
         Sandbox.create(**{option: value})
@@ -73,18 +83,24 @@ def raw_request(env: ServiceEnv, request: bytes) -> tuple[int, dict]:
 
 def test_malformed_requests_do_not_hurt_the_service(service_env: ServiceEnv, sandbox):
     status, body = raw_request(
-        service_env, b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{not json")
+        service_env,
+        b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{not json",
+    )
     assert status == 400 and body["error"] == "InvalidRequest"
     status, body = raw_request(
-        service_env, b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: 16\r\nConnection: close\r\n\r\n{\"bogus\": true} ")
+        service_env,
+        b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b'\r\nContent-Length: 16\r\nConnection: close\r\n\r\n{"bogus": true} ',
+    )
     assert status == 400 and "unknown option" in body["message"]
     status, _ = raw_request(service_env, b"GARBAGE\r\n\r\n")
     assert status == 400
     status, body = raw_request(
-        service_env, f"POST /v1/sandboxes/{sandbox.id}/files/chmod HTTP/1.1\r\nHost: x\r\n"
-                     "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode())
+        service_env,
+        f"POST /v1/sandboxes/{sandbox.id}/files/chmod HTTP/1.1\r\nHost: x\r\n"
+        "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode(),
+    )
     assert status == 404
     assert sandbox.sh("echo still serving").stdout == "still serving\n"
 
@@ -92,8 +108,58 @@ def test_malformed_requests_do_not_hurt_the_service(service_env: ServiceEnv, san
 def test_huge_request_bodies_are_refused(service_env: ServiceEnv, sandbox):
     async def huge_create() -> None:
         await sandbox._inner._transport.request(
-            "POST", "/v1/sandboxes", json={"labels": {"x": "y" * (4 << 20)}})
+            "POST", "/v1/sandboxes", json={"labels": {"x": "y" * (4 << 20)}}
+        )
 
-    with pytest.raises(Exception, match="413|too large|Request Entity"):
+    with pytest.raises(ServiceUnavailable, match=r"413|too large|Request Entity"):
         portal().call(huge_create())
     assert sandbox.sh("echo ok").stdout == "ok\n"
+
+
+def test_tcp_listener_requires_the_token(tmp_path):
+    """`serve --tcp` for shared deployments: every request needs the bearer token."""
+    storage = tempfile.mkdtemp(dir=storage_parent())
+    os.chmod(storage, 0o711)
+    env = {
+        **os.environ,
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        "JUPYTER_SANDBOX_DIR": storage,
+        "JUPYTER_SANDBOX_SSH_PORT": "0",
+        "JUPYTER_SANDBOX_POOL": "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve", "--tcp", "127.0.0.1:0"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        runtime_file = tmp_path / "rt" / "jupyter-sandbox.json"
+        wait_for(runtime_file.exists, 30, message="the service to listen")
+        runtime = json.loads(runtime_file.read_text())
+        assert oct(runtime_file.stat().st_mode & 0o777) == "0o600"
+        assert httpx.get(runtime["url"] + "/v1/sandboxes").status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.get(runtime["url"] + "/v1/status", headers=wrong).status_code == 401
+        client = subprocess.run(
+            [sys.executable, "-m", "jupyter_sandbox", "list", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                **env,
+                "JUPYTER_SANDBOX_URL": runtime["url"],
+                "JUPYTER_SANDBOX_TOKEN": runtime["token"],
+                "JUPYTER_RUNTIME_DIR": str(tmp_path / "elsewhere"),
+            },
+        )
+        assert client.returncode == 0 and json.loads(client.stdout) == []
+        agent = httpx.get(
+            runtime["url"] + "/v1/sandboxes/x/agent",
+            headers={"Authorization": f"Bearer {runtime['token']}"},
+        )
+        assert agent.status_code in (403, 404)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(storage, ignore_errors=True)

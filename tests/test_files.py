@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,9 @@ def test_read_write_list_stat_mkdir_rename_remove(sandbox):
     assert sandbox.fs.read_text("notes/a.txt") == "héllo\n"
     assert sandbox.fs.read_bytes("/home/sandbox/notes/b.bin") == b"\x00\xff" * 10
     assert [(f.name, f.type, f.size) for f in sandbox.fs.list("notes")] == [
-        ("a.txt", "file", 7), ("b.bin", "file", 20)]
+        ("a.txt", "file", 7),
+        ("b.bin", "file", 20),
+    ]
     assert sandbox.fs.stat("notes/b.bin").mode == 0o600
     assert sandbox.fs.mkdir("deep/er/dir").type == "dir"
     sandbox.fs.rename("notes/a.txt", "deep/a.txt")
@@ -33,10 +36,10 @@ def test_read_write_list_stat_mkdir_rename_remove(sandbox):
     assert sandbox.sh("ls").stdout == "notes\n"
     with pytest.raises(FileNotFound):
         sandbox.fs.read_text("missing.txt")
-    host_passwd = open("/etc/passwd").read()
+    host_passwd = Path("/etc/passwd").read_text()
     with pytest.raises((PermissionDenied, FileError)):
         sandbox.fs.write_text("/etc/passwd", "root::0:0::/:/bin/sh\n")
-    assert open("/etc/passwd").read() == host_passwd
+    assert Path("/etc/passwd").read_text() == host_passwd
 
 
 def make_tree(root):
@@ -63,8 +66,11 @@ def tree_of(root):
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir",)
             else:
-                out[rel] = ("file", stat.S_IMODE(st.st_mode),
-                            hashlib.sha256(open(path, "rb").read()).hexdigest())
+                out[rel] = (
+                    "file",
+                    stat.S_IMODE(st.st_mode),
+                    hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                )
     return out
 
 
@@ -102,8 +108,13 @@ def test_paths_resolve_inside_the_sandbox(sandbox, service_env: ServiceEnv):
     secret = service_env.storage / "host-secret.txt"
     secret.write_text("host only")
     try:
-        for path in ("../../etc/shadow", "/etc/shadow", str(secret),
-                     f"../../../../..{secret}", "/root/.bashrc"):
+        for path in (
+            "../../etc/shadow",
+            "/etc/shadow",
+            str(secret),
+            f"../../../../..{secret}",
+            "/root/.bashrc",
+        ):
             with pytest.raises((FileNotFound, PermissionDenied)):
                 sandbox.fs.read_bytes(path)
         sandbox.sh(f"ln -s {secret} escape; ln -s ../../../../../../{secret} escape2")
@@ -122,8 +133,10 @@ def test_download_cannot_write_outside_the_target(sandbox, tmp_path):
     """A symlink in the sandbox pointing at a local directory is not written through."""
     outside = tmp_path / "outside"
     outside.mkdir()
-    sandbox.sh(f"mkdir -p tree && ln -s {outside} tree/link && mkdir -p tree/link2 && "
-               "echo x > tree/link2/file")
+    sandbox.sh(
+        f"mkdir -p tree && ln -s {outside} tree/link && mkdir -p tree/link2 && "
+        "echo x > tree/link2/file"
+    )
     sandbox.fs.download("tree", tmp_path / "got")
     assert os.readlink(tmp_path / "got" / "link") == str(outside)
     assert list(outside.iterdir()) == []

@@ -24,7 +24,8 @@ def test_host_files_are_not_writable(sandbox, service_env: ServiceEnv):
         "for d in /usr/bin /etc /home /var /tmp /; do "
         "touch $d/probe-$$ 2>/dev/null && echo wrote:$d; done; "
         f"touch {ROOT}/probe 2>/dev/null && echo wrote:repo; "
-        f"ls {service_env.storage} 2>/dev/null && echo sees:storage; true").stdout
+        f"ls {service_env.storage} 2>/dev/null && echo sees:storage; true"
+    ).stdout
     # /usr takes writes into a throwaway overlay; /tmp is the sandbox's own tmpfs.
     assert "wrote:repo" not in probe and "sees:storage" not in probe
     assert not list(Path("/usr/bin").glob("probe-*"))
@@ -83,18 +84,23 @@ def host_listener():
 
 
 def test_no_network_by_default(sandbox, host_listener):
-    probe = (f"python3 -c \"import socket; s=socket.create_connection(('127.0.0.1', "
-             f"{host_listener}), timeout=3); print(s.recv(100).decode())\"")
+    probe = (
+        f"python3 -c \"import socket; s=socket.create_connection(('127.0.0.1', "
+        f'{host_listener}), timeout=3); print(s.recv(100).decode())"'
+    )
     result = sandbox.sh(probe, check=False)
     assert result.exit_code != 0 and "host-service" not in result.stdout
-    assert sandbox.sh("ls /sys/class/net 2>/dev/null || ip -o link | cut -d: -f2").stdout.split() \
-        in (["lo"], [])
+    assert sandbox.sh(
+        "ls /sys/class/net 2>/dev/null || ip -o link | cut -d: -f2"
+    ).stdout.split() in (["lo"], [])
 
 
 def test_host_network_on_request(service_env, host_listener):
     with Sandbox.create(network="host") as sb:
-        out = sb.sh(f"python3 -c \"import socket; s=socket.create_connection(('127.0.0.1', "
-                    f"{host_listener}), timeout=3); print(s.recv(100).decode())\"").stdout
+        out = sb.sh(
+            f"python3 -c \"import socket; s=socket.create_connection(('127.0.0.1', "
+            f'{host_listener}), timeout=3); print(s.recv(100).decode())"'
+        ).stdout
         assert out.strip() == "host-service"
 
 
@@ -105,11 +111,15 @@ def test_limits_contain_fork_bomb_and_memory_hog(service_env):
             # No cgroups for this user: limits must be reported as not enforced.
             assert "NOT enforced" in info.limits_note
             pytest.skip(f"cgroups unavailable here: {info.limits_note}")
-        bomb = sb.sh("bash -c ':(){ :|:& };:' 2>&1; sleep 1; pkill -9 bash; true", timeout=30,
-                     check=False)
+        bomb = sb.sh(
+            "bash -c ':(){ :|:& };:' 2>&1; sleep 1; pkill -9 bash; true", timeout=30, check=False
+        )
         assert "retry: Resource temporarily unavailable" in bomb.stdout or bomb.exit_code != 0
-        hog = sb.sh("python3 -c \"x = bytearray(400 * 1024 * 1024); x[::4096] = b'x' * "
-                    "(len(x) // 4096); print('survived')\"", check=False)
+        hog = sb.sh(
+            "python3 -c \"x = bytearray(400 * 1024 * 1024); x[::4096] = b'x' * "
+            "(len(x) // 4096); print('survived')\"",
+            check=False,
+        )
         assert hog.exit_code == 137 and "survived" not in hog.stdout
         assert sb.sh("echo still-here").stdout == "still-here\n"
         usage = sb.info().usage
@@ -133,12 +143,16 @@ def test_missing_user_namespaces_fail_loudly(tmp_path):
         "except IsolationUnavailable as e:\n"
         "    print('UNAVAILABLE', e)\n"
         "else:\n"
-        "    print('STARTED')\n")
-    script = ("echo 0 > /proc/sys/user/max_user_namespaces && exec " + sys.executable +
-              " -c \"$0\"")
+        "    print('STARTED')\n"
+    )
+    script = "echo 0 > /proc/sys/user/max_user_namespaces && exec " + sys.executable + ' -c "$0"'
     try:
-        result = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", script,
-                                 code], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "sh", "-c", script, code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     assert "STARTED" not in result.stdout, result

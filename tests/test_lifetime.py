@@ -33,8 +33,12 @@ time.sleep(3600)
 
 
 def start_owner(env: ServiceEnv, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", OWNER, *args],
-                            env={**os.environ, **env.env}, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OWNER, *args],
+        env={**os.environ, **env.env},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     sandbox_id = proc.stdout.readline().strip()
     assert sandbox_id.startswith("sb-")
     if len(args) > 1:
@@ -58,9 +62,13 @@ def test_with_block_kills_session_sandbox(service_env):
 
 def test_script_exit_kills_its_session_sandbox(service_env):
     done = subprocess.run(
-        [sys.executable, "-c", "from jupyter_sandbox import Sandbox; "
-         "print(Sandbox.create().id)"], env={**os.environ, **service_env.env},
-        capture_output=True, text=True, timeout=60, check=True)
+        [sys.executable, "-c", "from jupyter_sandbox import Sandbox; print(Sandbox.create().id)"],
+        env={**os.environ, **service_env.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     sandbox_id = done.stdout.strip()
     assert sandbox_id not in live_ids()
     ended = {s.id: s for s in Sandbox.list(include_ended=True)}[sandbox_id]
@@ -130,8 +138,11 @@ def test_service_sigkill_and_restart_readopts_sandboxes(service_env):
     processes = again.processes()
     assert [p.pid for p in processes] == [ticker.pid] and processes[0].running
     before = again.sh("wc -l < ticks").stdout
-    wait_for(lambda: again.sh("wc -l < ticks").stdout != before, 10,
-             message="the background process to keep running")
+    wait_for(
+        lambda: again.sh("wc -l < ticks").stdout != before,
+        10,
+        message="the background process to keep running",
+    )
     keeper.kill()
     keeper.wait()
     again.kill()
@@ -149,12 +160,22 @@ def test_runtime_file_and_socket_are_private(service_env):
 def test_idle_service_exits_by_itself(tmp_path):
     storage = Path(tempfile.mkdtemp(dir=storage_parent()))
     os.chmod(storage, 0o711)
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
-           "JUPYTER_DATA_DIR": str(tmp_path / "data"), "JUPYTER_SANDBOX_DIR": str(storage),
-           "JUPYTER_SANDBOX_IDLE_TIMEOUT": "1", "JUPYTER_SANDBOX_SSH_PORT": "0"}
+    env = {
+        **os.environ,
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        "JUPYTER_SANDBOX_DIR": str(storage),
+        "JUPYTER_SANDBOX_IDLE_TIMEOUT": "1",
+        "JUPYTER_SANDBOX_SSH_PORT": "0",
+    }
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "jupyter_sandbox", "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_sandbox", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.wait(timeout=30) == 0
         assert "idle for" in proc.stderr.read()
         assert not (tmp_path / "rt" / "jupyter-sandbox.json").exists()

@@ -14,25 +14,55 @@ from tests.conftest import ServiceEnv, wait_for
 pytestmark = pytest.mark.unprivileged
 
 
-def ssh(access: SshAccess, known_hosts: Path, *command: str, key: Path | None = None,
-        timeout: float = 30) -> subprocess.CompletedProcess:
+def ssh(
+    access: SshAccess,
+    known_hosts: Path,
+    *command: str,
+    key: Path | None = None,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess:
     """Run the stock OpenSSH client as a user would, with the host key pinned."""
     known_hosts.write_text(access.known_hosts_line + "\n")
-    options = ["-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
-               "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"]
+    options = [
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ]
     options += ["-i", str(key)] if key else ["-o", "IdentityFile=/dev/null"]
-    return subprocess.run(["ssh", *options, "-p", str(access.port),
-                           f"{access.username}@{access.hostname}", *command],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["ssh", *options, "-p", str(access.port), f"{access.username}@{access.hostname}", *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def live_session(access: SshAccess, known_hosts: Path) -> subprocess.Popen:
     """An open SSH session that prints a line once it is in, then waits."""
     known_hosts.write_text(access.known_hosts_line + "\n")
     proc = subprocess.Popen(
-        ["ssh", "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "BatchMode=yes", "-p", str(access.port), f"{access.username}@{access.hostname}",
-         "echo in; exec sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            "ssh",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-p",
+            str(access.port),
+            f"{access.username}@{access.hostname}",
+            "echo in; exec sleep 600",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline() == "in\n"
     return proc
 
@@ -102,12 +132,24 @@ def test_unknown_expired_and_revoked_tokens_look_the_same(sandbox, tmp_path):
     revoked = sandbox.expose_ssh()
     sandbox.revoke_ssh()
     expired = sandbox.expose_ssh(ttl="200ms")
-    wait_for(lambda: ssh(expired, tmp_path / "kh", "true").returncode == 255, 10,
-             message="the short-lived token to expire")
-    unknown = SshAccess(revoked.hostname, revoked.port, "a" * 25, "", None,
-                        revoked.host_key_fingerprint, revoked.known_hosts_line)
-    errors = {ssh(a, tmp_path / "kh", "true").stderr.strip().splitlines()[-1].split("@", 1)[1]
-              for a in (revoked, expired, unknown)}
+    wait_for(
+        lambda: ssh(expired, tmp_path / "kh", "true").returncode == 255,
+        10,
+        message="the short-lived token to expire",
+    )
+    unknown = SshAccess(
+        revoked.hostname,
+        revoked.port,
+        "a" * 25,
+        "",
+        None,
+        revoked.host_key_fingerprint,
+        revoked.known_hosts_line,
+    )
+    errors = {
+        ssh(a, tmp_path / "kh", "true").stderr.strip().splitlines()[-1].split("@", 1)[1]
+        for a in (revoked, expired, unknown)
+    }
     assert errors == {"127.0.0.1: Permission denied (publickey)."}
 
 
@@ -128,8 +170,7 @@ def test_host_key_persists_and_tokens_never_reach_the_log(service_env: ServiceEn
 def test_cli_ssh_prints_command_and_connects(service_env: ServiceEnv, sandbox):
     printed = service_env.run_cli("ssh", sandbox.id).stdout.strip()
     assert printed.startswith("ssh -p ") and printed.endswith("@127.0.0.1")
-    connected = service_env.run_cli("ssh", sandbox.id, "--connect", check=False,
-                                    input="hostname\n")
+    connected = service_env.run_cli("ssh", sandbox.id, "--connect", check=False, input="hostname\n")
     assert connected.stdout.strip().endswith(sandbox.id)
     revoked = service_env.run_cli("ssh", sandbox.id, "--revoke").stdout
     assert revoked.startswith(f"revoked 2 credential(s) of {sandbox.id}")
