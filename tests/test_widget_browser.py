@@ -111,16 +111,16 @@ def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
             run_cells(page, 0, 1, 2)
 
             # The live view shows the full command (the saved state has it masked).
-            command = page.locator(".jsb-command")
+            command = page.locator(".jsbw-command")
             command.wait_for(timeout=30_000)
             page.wait_for_function(
-                "(() => { const c = document.querySelector('.jsb-command')?.textContent;"
+                "(() => { const c = document.querySelector('.jsbw-command')?.textContent;"
                 " return c && c.startsWith('ssh ') && !c.includes('…'); })()",
                 timeout=30_000,
             )
-            assert page.locator("button", has_text="Copy").is_enabled()
+            assert page.locator("button.jsbw-button", has_text="Copy").is_enabled()
             token = command.inner_text().split()[-1].split("@")[0]
-            page.locator(".jsb-logs", has_text="browser-line-1").wait_for(timeout=30_000)
+            page.locator(".jsbw-logs", has_text="browser-line-1").wait_for(timeout=30_000)
             page.screenshot(path=ARTIFACTS / "widget-live.png", full_page=True)
 
             elapsed = page.evaluate(SHOW_LINES_JS, {"cell": 3, "last": str(LOG_LINES)})
@@ -129,10 +129,10 @@ def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
             assert elapsed < 2000
             page.screenshot(path=ARTIFACTS / "widget-10k-lines.png", full_page=True)
 
-            sandbox_id = page.locator(".jsb-title").inner_text().split("(")[1].rstrip(")")
-            page.locator("button", has_text="Kill").click()
-            page.locator(".jsb-status", has_text="killed").wait_for(timeout=30_000)
-            assert page.locator(".jsb-command").get_attribute("class").count("jsb-inactive")
+            sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
+            page.locator("button.jsbw-button", has_text="Kill").click()
+            page.locator(".jsbw-status", has_text="killed").wait_for(timeout=30_000)
+            assert page.locator(".jsbw-command").get_attribute("class").count("jsbw-inactive")
             assert sandbox_id not in {s.id for s in Sandbox.list()}
             page.screenshot(path=ARTIFACTS / "widget-killed.png", full_page=True)
             # What JupyterLab saves has the widget's text fallback, with the token masked.
@@ -176,7 +176,7 @@ SHOW_LINES_JS = """async ({cell, last}) => {
     window.jupyterapp.commands.execute('notebook:run-cell');
     await new Promise((resolve, reject) => {
         const check = () => {
-            let line = document.querySelector('.jsb-logs')?.lastChild;
+            let line = document.querySelector('.jsbw-logs')?.lastChild;
             for (let i = 0; line && i < 5; i++, line = line.previousSibling) {
                 if (line.textContent === last) return resolve();
             }

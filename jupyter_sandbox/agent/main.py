@@ -211,7 +211,10 @@ class Agent:
     def serve(self, listener: socket.socket) -> None:
         while True:
             conn, _ = listener.accept()
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            try:
+                threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            except RuntimeError:  # no thread to be had: the sandbox hit its pid limit
+                conn.close()
 
     def handle(self, conn: socket.socket) -> None:
         channel = Channel(conn)
@@ -236,6 +239,8 @@ class Agent:
             self._report(channel, "FileError", f"{e.strerror or e}: {getattr(e, 'filename', '')}")
         except (TypeError, ValueError, KeyError) as e:
             self._report(channel, "BadRequest", f"bad request: {e}")
+        except RuntimeError as e:  # typically: can't start a thread at the pid limit
+            self._report(channel, "SandboxError", f"the sandbox is out of resources: {e}")
         finally:
             try:
                 conn.close()
@@ -627,7 +632,7 @@ class Agent:
 
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             for member in tar:
-                check_member(root, member)
+                protocol.check_tar_member(root, member)
                 tar.extract(member, root, set_attrs=not member.issym())
                 count += 1
         drain(reader)
@@ -681,22 +686,6 @@ def describe(path: str) -> dict:
         "mtime": st.st_mtime,
         "target": os.readlink(path) if kind == "symlink" else None,
     }
-
-
-def check_member(root: str, member) -> None:
-    name = os.path.normpath(member.name)
-    if os.path.isabs(name) or name == ".." or name.startswith("../"):
-        raise AgentError("BadRequest", f"archive member leaves the target: {member.name}")
-    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-        raise AgentError("BadRequest", f"unsupported archive member: {member.name}")
-    dest = os.path.realpath(os.path.join(root, os.path.dirname(name)))
-    if os.path.commonpath([dest, os.path.realpath(root)]) != os.path.realpath(root):
-        raise AgentError("BadRequest", f"archive member leaves the target: {member.name}")
-    if member.islnk():
-        link = os.path.normpath(member.linkname)
-        if os.path.isabs(link) or link.startswith(".."):
-            raise AgentError("BadRequest", f"hard link leaves the target: {member.name}")
-    member.mode &= 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)
 
 
 class FrameWriter:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import json
+import os
+import stat
 import struct
 
 VERSION = 2  # 2: file and tar transfers through a passed pipe
@@ -58,3 +60,29 @@ def exit_status(returncode: int) -> dict:
     if returncode < 0:
         return {"exit_code": 128 - returncode, "signal": -returncode}
     return {"exit_code": returncode, "signal": None}
+
+
+def check_tar_member(root: str, member) -> None:
+    """Make a tar member safe to extract under `root`, or raise ValueError.
+
+    Names may not leave `root`, not even through symlinks extracted earlier;
+    only files, directories and links are allowed; set-id bits are dropped.
+    Symlinks themselves keep their targets (they are extracted, never followed).
+    """
+    name = os.path.normpath(member.name)
+    if os.path.isabs(name) or name == ".." or name.startswith("../"):
+        raise ValueError(f"archive member leaves the target: {member.name}")
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise ValueError(f"unsupported archive member: {member.name}")
+    real_root = os.path.realpath(root)
+    parent = os.path.realpath(os.path.join(root, os.path.dirname(name)))
+    if os.path.commonpath([parent, real_root]) != real_root:
+        raise ValueError(f"archive member leaves the target: {member.name}")
+    if member.islnk():
+        link = os.path.normpath(member.linkname)
+        if os.path.isabs(link) or link == ".." or link.startswith("../"):
+            raise ValueError(f"hard link leaves the target: {member.name}")
+    destination = os.path.join(parent, os.path.basename(name))
+    if not member.isdir() and os.path.islink(destination):
+        os.unlink(destination)  # never write through a link an earlier member made
+    member.mode &= 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)

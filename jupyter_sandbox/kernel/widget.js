@@ -38,31 +38,31 @@ function render({ model, el: root }) {
   let command = null;
   let clockOffset = 0; // kernel time minus browser time, in seconds
 
-  const box = el("div", "jsb-ssh");
-  const head = el("div", "jsb-head");
-  const title = el("span", "jsb-title");
-  const status = el("span", "jsb-status");
+  const box = el("div", "jsbw-ssh");
+  const head = el("div", "jsbw-head");
+  const title = el("span", "jsbw-title");
+  const status = el("span", "jsbw-status");
   head.append(title, status);
 
-  const cmdRow = el("div", "jsb-row");
-  const cmd = el("code", "jsb-command");
-  const copy = el("button", "jsb-button", "Copy");
+  const cmdRow = el("div", "jsbw-row");
+  const cmd = el("code", "jsbw-command");
+  const copy = el("button", "jsbw-button", "Copy");
   copy.title = "copy the ssh command";
   cmdRow.append(cmd, copy);
 
-  const hostKey = el("div", "jsb-detail");
-  const sandboxLeft = el("div", "jsb-detail jsb-sandbox-left");
-  const sshLeft = el("div", "jsb-detail jsb-ssh-left");
+  const hostKey = el("div", "jsbw-detail");
+  const sandboxLeft = el("div", "jsbw-detail jsbw-sandbox-left");
+  const sshLeft = el("div", "jsbw-detail jsbw-ssh-left");
 
-  const buttons = el("div", "jsb-row");
-  const kill = el("button", "jsb-button jsb-danger", "Kill");
-  const extend = el("button", "jsb-button", "Extend +10m");
-  const revoke = el("button", "jsb-button", "Revoke SSH");
-  const message = el("span", "jsb-message");
+  const buttons = el("div", "jsbw-row");
+  const kill = el("button", "jsbw-button jsbw-danger", "Kill");
+  const extend = el("button", "jsbw-button", "Extend +10m");
+  const revoke = el("button", "jsbw-button", "Revoke SSH");
+  const message = el("span", "jsbw-message");
   buttons.append(kill, extend, revoke, message);
 
-  const logHead = el("div", "jsb-detail", "logs");
-  const logs = el("pre", "jsb-logs");
+  const logHead = el("div", "jsbw-detail", "logs");
+  const logs = el("pre", "jsbw-logs");
   let lineCount = 0;
   box.append(head, cmdRow, hostKey, sandboxLeft, sshLeft, buttons, logHead, logs);
   root.appendChild(box);
@@ -72,9 +72,9 @@ function render({ model, el: root }) {
   function appendLines(lines, skipped) {
     const atBottom = logs.scrollHeight - logs.scrollTop - logs.clientHeight < 24;
     const fragment = document.createDocumentFragment();
-    if (skipped) fragment.appendChild(el("div", "jsb-event", `… ${skipped} lines skipped`));
+    if (skipped) fragment.appendChild(el("div", "jsbw-event", `… ${skipped} lines skipped`));
     for (const [stream, source, text] of lines) {
-      const line = el("div", `jsb-${stream}`, stream === "event" ? `[${source}] ${text}` : text);
+      const line = el("div", `jsbw-${stream}`, stream === "event" ? `[${source}] ${text}` : text);
       fragment.appendChild(line);
     }
     logs.appendChild(fragment);
@@ -94,7 +94,7 @@ function render({ model, el: root }) {
                                  : `■ ${model.get("status")}`;
     status.dataset.state = running ? (sshActive ? "ok" : "warn") : "ended";
     cmd.textContent = sshActive && command ? command : model.get("masked_command");
-    cmd.classList.toggle("jsb-inactive", !sshActive);
+    cmd.classList.toggle("jsbw-inactive", !sshActive);
     copy.disabled = !(sshActive && command);
     hostKey.textContent = `host key ${model.get("host_key_fingerprint")}`;
     kill.disabled = !running;
