@@ -48,6 +48,19 @@ def wait_for(
         time.sleep(interval)
 
 
+# For tests whose subject is not host key pinning (sandboxes come and go per test).
+UNPINNED_SSH = [
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "LogLevel=ERROR",
+]
+
+
 def storage_parent() -> str:
     """Sandboxes of a root service run as other uids: their storage must be searchable."""
     return "/var/tmp" if os.geteuid() == 0 else tempfile.gettempdir()

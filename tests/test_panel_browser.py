@@ -21,6 +21,7 @@ import pytest
 from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
+from tests.conftest import UNPINNED_SSH
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -115,16 +116,7 @@ def run_copied(command: str, remote: str) -> str:
             f"{sys.executable} -m jupyter_sandbox.cli.tunnel",
         )
     )
-    argv[1:1] = [
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "LogLevel=ERROR",
-    ]
+    argv[1:1] = UNPINNED_SSH
     result = subprocess.run([*argv, remote], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()

@@ -12,6 +12,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection
 
 from jupyter_sandbox import AsyncSandbox, SandboxExpired, SandboxNotFound
+from tests.conftest import UNPINNED_SSH
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 pytestmark = pytest.mark.usefixtures("service_env")
@@ -263,12 +264,7 @@ async def test_panel_shows_the_notebook_of_a_kernel_sandbox(jp_fetch) -> None:
 async def _ssh(access: dict[str, Any], command: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         "ssh",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "BatchMode=yes",
+        *UNPINNED_SSH,
         "-p",
         str(access["port"]),
         f"{access['token']}@{access['hostname']}",

@@ -14,6 +14,23 @@ from tests.conftest import ServiceEnv, wait_for
 pytestmark = pytest.mark.unprivileged
 
 
+def pinned(access: SshAccess, known_hosts: Path) -> list[str]:
+    """The ssh command line a careful user runs: the gateway's host key pinned."""
+    known_hosts.write_text(access.known_hosts_line + "\n")
+    return [
+        "ssh",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+        "-p",
+        str(access.port),
+        f"{access.username}@{access.hostname}",
+    ]
+
+
 def ssh(
     access: SshAccess,
     known_hosts: Path,
@@ -21,44 +38,19 @@ def ssh(
     key: Path | None = None,
     timeout: float = 30,
 ) -> subprocess.CompletedProcess:
-    """Run the stock OpenSSH client as a user would, with the host key pinned."""
-    known_hosts.write_text(access.known_hosts_line + "\n")
-    options = [
-        "-o",
-        f"UserKnownHostsFile={known_hosts}",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "IdentitiesOnly=yes",
-    ]
-    options += ["-i", str(key)] if key else ["-o", "IdentityFile=/dev/null"]
+    """Run the stock OpenSSH client once."""
+    identity = ["-o", "IdentitiesOnly=yes"]
+    identity += ["-i", str(key)] if key else ["-o", "IdentityFile=/dev/null"]
+    argv = pinned(access, known_hosts)
     return subprocess.run(
-        ["ssh", *options, "-p", str(access.port), f"{access.username}@{access.hostname}", *command],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        [*argv[:1], *identity, *argv[1:], *command], capture_output=True, text=True, timeout=timeout
     )
 
 
 def live_session(access: SshAccess, known_hosts: Path) -> subprocess.Popen:
     """An open SSH session that prints a line once it is in, then waits."""
-    known_hosts.write_text(access.known_hosts_line + "\n")
     proc = subprocess.Popen(
-        [
-            "ssh",
-            "-o",
-            f"UserKnownHostsFile={known_hosts}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-p",
-            str(access.port),
-            f"{access.username}@{access.hostname}",
-            "echo in; exec sleep 600",
-        ],
+        [*pinned(access, known_hosts), "echo in; exec sleep 600"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -15,6 +15,7 @@ from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
 from jupyter_sandbox.cli.tunnel import tunnel_url
+from tests.conftest import UNPINNED_SSH
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's ssh")
 TUNNEL = f"{sys.executable} -m jupyter_sandbox.cli.tunnel"
@@ -43,14 +44,7 @@ def ssh(
             "ssh",
             "-o",
             f"ProxyCommand={proxy}",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
+            *UNPINNED_SSH,
             target,
             command,
         ],

@@ -276,13 +276,7 @@ class AsyncSandbox:
             bytes(out),
             bytes(err),
         )
-        if status.get("timed_out"):
-            raise CommandTimeout(f"command timed out after {timeout} s: {cmd!r}", result)
-        if check and result.exit_code != 0:
-            raise CommandError(
-                f"command exited with code {result.exit_code}: {cmd!r}\n{result.stderr[-2000:]}",
-                result,
-            )
+        _raise_for_status(cmd, status, timeout, check, result)
         return result
 
     async def stream(
@@ -301,13 +295,7 @@ class AsyncSandbox:
             cmd, cwd=cwd, env=env, input=input, timeout=timeout, status=status
         ):
             yield OutputLine(kind, data.decode(errors="replace"))
-        if status.get("timed_out"):
-            raise CommandTimeout(f"command timed out after {timeout} s: {cmd!r}")
-        if check and status["exit_code"] != 0:
-            raise CommandError(
-                f"command exited with code {status['exit_code']}: {cmd!r}",
-                CommandResult("", "", status["exit_code"]),
-            )
+        _raise_for_status(cmd, status, timeout, check, CommandResult("", "", status["exit_code"]))
 
     async def _exec(
         self,
@@ -382,6 +370,19 @@ class AsyncSandbox:
                     yield entry
                 elif entry.stream != "event":
                     yield OutputLine(entry.stream, entry.text)
+
+
+def _raise_for_status(
+    cmd: str, status: dict[str, Any], timeout: float | None, check: bool, result: CommandResult
+) -> None:
+    """CommandTimeout if the command was killed for its timeout, CommandError if it failed."""
+    if status.get("timed_out"):
+        raise CommandTimeout(f"command timed out after {timeout} s: {cmd!r}", result)
+    if check and result.exit_code != 0:
+        raise CommandError(
+            f"command exited with code {result.exit_code}: {cmd!r}\n{result.stderr[-2000:]}",
+            result,
+        )
 
 
 class _LineSplitter:

@@ -62,7 +62,7 @@ class DirectTransfer:
         mode = local.stat().st_mode & 0o7777
         with self._request("write", path=remote, mode=mode) as sock:
             _expect(sock, Frame.FD)
-            with _pipe_to(sock) as pipe, open(local, "rb") as f:
+            with _pipe(sock, agent_reads=True) as pipe, open(local, "rb") as f:
                 _pump(
                     lambda: os.splice(f.fileno(), pipe, PIPE_SIZE),
                     progress,
@@ -76,7 +76,7 @@ class DirectTransfer:
             _expect(sock, Frame.FD)
             tmp = target.with_name(f".{target.name}.download")
             try:
-                with _pipe_from(sock) as pipe, open(tmp, "wb") as f:
+                with _pipe(sock, agent_reads=False) as pipe, open(tmp, "wb") as f:
                     _pump(lambda: os.splice(pipe, f.fileno(), PIPE_SIZE), progress, info["size"])
                 _expect(sock, Frame.END)
                 os.chmod(tmp, info["mode"])
@@ -90,7 +90,7 @@ class DirectTransfer:
         with self._request("tar_in", path=remote) as sock:
             _expect(sock, Frame.FD)
             with (
-                _pipe_to(sock) as pipe,
+                _pipe(sock, agent_reads=True) as pipe,
                 _Counting(os.fdopen(pipe, "wb", closefd=False), progress) as out,
             ):
                 add_tree(local, out)
@@ -101,7 +101,7 @@ class DirectTransfer:
             _expect(sock, Frame.RESULT)
             _expect(sock, Frame.FD)
             with (
-                _pipe_from(sock) as pipe,
+                _pipe(sock, agent_reads=False) as pipe,
                 _Counting(os.fdopen(pipe, "rb", closefd=False), progress) as source,
             ):
                 extract_tree(source, target)
@@ -109,33 +109,18 @@ class DirectTransfer:
 
 
 @contextlib.contextmanager
-def _pipe_to(sock: socket.socket) -> Iterator[int]:
-    """A pipe whose read end goes to the agent; yields the write end."""
+def _pipe(sock: socket.socket, agent_reads: bool) -> Iterator[int]:
+    """A pipe with one end passed to the agent; yields the end this side keeps."""
     read_end, write_end = os.pipe()
+    give, keep = (read_end, write_end) if agent_reads else (write_end, read_end)
     try:
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        socket.send_fds(sock, [b"\0"], [read_end])
-        os.close(read_end)
-        read_end = -1
-        yield write_end
+        fcntl.fcntl(keep, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        socket.send_fds(sock, [b"\0"], [give])
+        os.close(give)
+        give = -1
+        yield keep
     finally:
-        for fd in (read_end, write_end):
-            if fd >= 0:
-                os.close(fd)
-
-
-@contextlib.contextmanager
-def _pipe_from(sock: socket.socket) -> Iterator[int]:
-    """A pipe whose write end goes to the agent; yields the read end."""
-    read_end, write_end = os.pipe()
-    try:
-        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        socket.send_fds(sock, [b"\0"], [write_end])
-        os.close(write_end)
-        write_end = -1
-        yield read_end
-    finally:
-        for fd in (read_end, write_end):
+        for fd in (give, keep):
             if fd >= 0:
                 os.close(fd)
 

@@ -269,10 +269,19 @@ class Api:
 
     # -- processes ---------------------------------------------------------------------
 
-    def _env(self, live: Live, extra: Any) -> dict[str, str]:
+    @staticmethod
+    def _command(live: Live, body: dict[str, Any]) -> dict[str, Any]:
+        """What to run, where, with the sandbox's environment plus the request's."""
+        extra = body.get("env")
         if extra is not None and not isinstance(extra, dict):
             raise InvalidRequest("env must be a mapping of names to values")
-        return {**live.record.env, **{str(k): str(v) for k, v in (extra or {}).items()}}
+        env = {**live.record.env, **{str(k): str(v) for k, v in (extra or {}).items()}}
+        return {
+            "cmd": body.get("cmd"),
+            "argv": body.get("argv"),
+            "cwd": body.get("cwd"),
+            "env": env,
+        }
 
     async def exec(self, request: web.Request) -> web.StreamResponse:
         """Run a command; the response streams RESULT, STDOUT/STDERR and EXIT frames."""
@@ -284,10 +293,7 @@ class Api:
             raise InvalidRequest("timeout must be a positive number of seconds")
         agent = await live.agent.open(
             "exec",
-            cmd=body.get("cmd"),
-            argv=body.get("argv"),
-            cwd=body.get("cwd"),
-            env=self._env(live, body.get("env")),
+            **self._command(live, body),
             timeout=timeout,
             stdin=stdin is not None,
         )
@@ -316,13 +322,7 @@ class Api:
     async def spawn(self, request: web.Request) -> web.Response:
         live = self._live(request)
         body = await _json(request)
-        info = await live.agent.call(
-            "spawn",
-            cmd=body.get("cmd"),
-            argv=body.get("argv"),
-            cwd=body.get("cwd"),
-            env=self._env(live, body.get("env")),
-        )
+        info = await live.agent.call("spawn", **self._command(live, body))
         return web.json_response(info)
 
     async def procs(self, request: web.Request) -> web.Response:
