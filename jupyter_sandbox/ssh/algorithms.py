@@ -17,8 +17,10 @@ POST_QUANTUM_KEX = (
     "sntrup761x25519-sha512@openssh.com",
 )
 CLASSIC_KEX = ("curve25519-sha256", "curve25519-sha256@libssh.org")
+# No chacha20-poly1305: asyncssh computes it packet by packet in Python and moved
+# about 250 MiB/s here against about 380 MiB/s for AES (hardware-accelerated via
+# `cryptography`); clients that prefer chacha20 then pick AES from this list.
 CIPHERS = (
-    "chacha20-poly1305@openssh.com",
     "aes256-gcm@openssh.com",
     "aes128-gcm@openssh.com",
     "aes256-ctr",
