@@ -536,7 +536,6 @@ def test_file_transfer_64mib_byte_identical(gw: Gw, token: str, workdir: Path, t
     _round_trip(workdir, *transfer, 64 * MiB, subdir)
 
 
-@pytest.mark.skipif(not os.environ.get("JSB_SLOW_TESTS"), reason="set JSB_SLOW_TESTS=1")
 @pytest.mark.parametrize("tool", ["scp -O", "sftp"])
 def test_file_transfer_256mib_byte_identical(gw: Gw, token: str, workdir: Path, tool: str) -> None:
     transfer = _sftp(gw, token) if tool == "sftp" else _scp(gw, token, "-O")
