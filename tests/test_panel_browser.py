@@ -244,3 +244,70 @@ def test_panel_in_notebook7(page: Any, service_env: Any, tmp_path: Path) -> None
             expect(card(panel, sandbox.id)).to_have_count(0)
     finally:
         notebook.stop()
+
+
+REFRESH_S = 2.0  # SandboxExtension.usage_interval: the panel redraws on every sample
+
+CARD_PROBE = """card => {
+  const points = card.querySelector('.jsb-chart-memory polyline').getAttribute('points');
+  card.jsbProbe = points;  // an expando: only this very node has it
+  return points;
+}"""
+
+
+def test_refresh_leaves_form_and_cards_alone(page: Any, service_env: Any, tmp_path: Path) -> None:
+    """Typing in the form and selecting text in a card survive the periodic refresh."""
+    lab = server(tmp_path, service_env, "lab")
+    try:
+        (lab.root / "course" / "image" / "data").mkdir(parents=True)
+        (lab.root / "course" / "image" / "data" / "hello.txt").write_text("from the image\n")
+        with Sandbox.create(name="busy", timeout="2m") as busy:
+            panel = open_panel(page, f"{lab.url}lab?token={lab.token}")
+            busy_card = card(panel, busy.id)
+            expect(busy_card.locator(".jsb-chart-memory polyline")).to_have_attribute(
+                "points", re.compile(r"\S")
+            )
+            points = busy_card.evaluate(CARD_PROBE)
+
+            # Type slowly into the name field, across several refreshes.
+            page.locator("[data-action=new]").click()
+            form = panel.locator(".jsb-form")
+            name = form.locator("[name=name]")
+            name.click()
+            typed = "typed-slowly"
+            started = time.monotonic()
+            page.keyboard.type(typed, delay=int(2.5 * REFRESH_S * 1000 / len(typed)))
+            assert time.monotonic() - started > 2 * REFRESH_S
+            expect(name).to_have_value(typed)
+            expect(name).to_be_focused()
+            # The card was refreshed meanwhile, in place.
+            assert busy_card.evaluate("c => c.jsbProbe") == points
+            chart = busy_card.locator(".jsb-chart-memory polyline")
+            assert chart.get_attribute("points") != points
+
+            # A selection inside a card is not lost to refreshes either.
+            select_id = (
+                "card => { const range = document.createRange();"
+                " range.selectNodeContents(card.querySelector('.jsb-id'));"
+                " const s = getSelection(); s.removeAllRanges(); s.addRange(range); }"
+            )
+            busy_card.evaluate(select_id)
+            before = chart.get_attribute("points")
+            expect(chart).not_to_have_attribute("points", before)  # a refresh...
+            before = chart.get_attribute("points")
+            expect(chart).not_to_have_attribute("points", before)  # ...and another
+            assert page.evaluate("getSelection().toString()") == busy.id
+
+            # The image directory: uploaded into the new sandbox's home.
+            name.click()
+            form.locator("[name=timeout]").fill("1m")
+            form.locator("[name=image]").fill("course/image")
+            form.locator("[type=submit]").click()
+            made = panel.locator(".jsb-sandbox", has_text=typed)
+            expect(made).to_be_visible()
+            with Sandbox.connect(made.get_attribute("data-id")) as sandbox:
+                assert sandbox.fs.read_text("data/hello.txt") == "from the image\n"
+                sandbox.kill()
+            shot(page, "refresh")
+    finally:
+        lab.stop()

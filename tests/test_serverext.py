@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection
 
 from jupyter_sandbox import AsyncSandbox, SandboxExpired, SandboxNotFound
+from jupyter_sandbox.client import AsyncFileSystem
 from tests.conftest import UNPINNED_SSH
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
@@ -158,6 +160,88 @@ async def test_errors_keep_their_status(jp_fetch) -> None:
     with pytest.raises(HTTPClientError) as e:
         await jp_fetch(*API, "sandboxes", method="POST", body=json.dumps({"timeout": "soon"}))
     assert e.value.code == 400
+
+
+async def test_create_uploads_image_directory(jp_fetch, jp_root_dir) -> None:
+    """The form's "Image directory" (relative to root_dir) lands in the sandbox's home."""
+    image = jp_root_dir / "course" / "image"
+    (image / "data").mkdir(parents=True)
+    (image / "data" / "hello.txt").write_text("hello from the image\n")
+    (image / "run.sh").write_text("echo ran\n")
+    (image / "run.sh").chmod(0o755)
+    created = await jp_fetch(
+        *API,
+        "sandboxes",
+        method="POST",
+        body=json.dumps({"name": "imaged", "timeout": "1m", "image": "course/image/"}),
+    )
+    assert created.code == 201
+    sandbox = await AsyncSandbox.connect(body(created)["id"])
+    try:
+        assert (await sandbox.sh("cat data/hello.txt")).stdout == "hello from the image\n"
+        assert (await sandbox.sh("./run.sh")).stdout == "ran\n"  # mode kept
+        assert await sandbox.fs.read_text("data/hello.txt") == "hello from the image\n"
+    finally:
+        await sandbox.kill()
+
+
+def _image_cases(root: Path) -> dict[str, tuple[str, str]]:
+    """name: (the "image" sent, a part of the 400 message)."""
+    outside = root.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "secret.txt").write_text("secret")
+    (root / "escape").symlink_to(outside)
+    (root / "file.txt").write_text("not a directory")
+    return {
+        "dotdot": ("../outside", "outside the server's root"),
+        "nested-dotdot": ("course/../../outside", "outside the server's root"),
+        "absolute-outside": (str(outside), "outside the server's root"),
+        "symlink-outside": ("escape", "outside the server's root"),
+        "missing": ("no/such/dir", "does not exist"),
+        "file": ("file.txt", "is not a directory"),
+        "empty": ("", "must be a directory path"),
+        "not-a-string": (["x"], "must be a directory path"),  # type: ignore[dict-item]
+    }
+
+
+IMAGE_CASES = ["dotdot", "nested-dotdot", "absolute-outside", "symlink-outside"]
+IMAGE_CASES += ["missing", "file", "empty", "not-a-string"]
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+async def test_create_refuses_bad_image_directory(jp_fetch, jp_root_dir, case: str) -> None:
+    image, message = _image_cases(jp_root_dir)[case]
+    with pytest.raises(HTTPClientError) as e:
+        await jp_fetch(
+            *API,
+            "sandboxes",
+            method="POST",
+            body=json.dumps({"name": f"bad-{case}", "timeout": "1m", "image": image}),
+        )
+    assert e.value.code == 400
+    assert message in body(e.value.response)["message"]
+    assert await AsyncSandbox.list() == []  # refused before any sandbox was made
+
+
+async def test_failed_image_upload_kills_the_sandbox(
+    jp_fetch, jp_root_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (jp_root_dir / "image").mkdir()
+
+    async def broken(self: Any, local: Any, remote: str, progress: Any = None) -> None:
+        raise PermissionError(13, "Permission denied", str(local))
+
+    monkeypatch.setattr(AsyncFileSystem, "upload", broken)
+    with pytest.raises(HTTPClientError) as e:
+        await jp_fetch(
+            *API,
+            "sandboxes",
+            method="POST",
+            body=json.dumps({"name": "half-made", "timeout": "1m", "image": "image"}),
+        )
+    assert e.value.code == 400
+    assert "cannot upload the image directory" in body(e.value.response)["message"]
+    assert await AsyncSandbox.list() == []
 
 
 async def test_log_websocket_streams_live(jp_fetch, jp_ws_fetch) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,8 +75,31 @@ class SandboxesHandler(_Api):
     @web.authenticated
     @authorized
     async def post(self) -> None:
+        options = self.body()
+        image = options.pop("image", None)
+        if image is not None:
+            image = image_dir(self.settings["server_root_dir"], image)
         with service_errors():
-            self.reply(await self.hub.create(self.body()), 201)
+            self.reply(await self.hub.create(options, image=image), 201)
+
+
+def image_dir(root_dir: str, path: Any) -> Path:
+    """The directory `path` (relative to the server's root) as an absolute path.
+
+    It must be a directory inside `root_dir` once symlinks and ``..`` are resolved;
+    otherwise the request fails with 400.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise web.HTTPError(400, "'image' must be a directory path relative to the server root")
+    root = Path(os.path.expanduser(root_dir)).resolve()
+    target = (root / path.strip()).resolve()
+    if not target.is_relative_to(root):
+        raise web.HTTPError(400, f"image directory {path!r} is outside the server's root directory")
+    if not target.exists():
+        raise web.HTTPError(400, f"image directory {path!r} does not exist")
+    if not target.is_dir():
+        raise web.HTTPError(400, f"image {path!r} is not a directory")
+    return target
 
 
 class SandboxHandler(_Api):

@@ -10,10 +10,11 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from .._config import Paths
-from .._errors import SandboxError, SandboxExpired, SandboxNotFound
+from .._errors import InvalidRequest, SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo, SshAccess
 from ..client import AsyncSandbox
 from ..client._async import shared_transport
@@ -124,13 +125,26 @@ class SandboxHub:
     async def get(self, ref: str) -> Message:
         return await self._describe(await (await self.handle(ref)).info())
 
-    async def create(self, options: Message) -> Message:
-        """Start a sandbox; a "session" one lives as long as this Jupyter server."""
+    async def create(self, options: Message, image: Path | None = None) -> Message:
+        """Start a sandbox; a "session" one lives as long as this Jupyter server.
+
+        `image`, a local directory, is uploaded into the sandbox's home first, as
+        ``%%sandbox --image DIR`` does; if that fails the sandbox is killed.
+        """
         unknown = set(options) - set(CREATE_OPTIONS)
         if unknown:
             raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
         sandbox = await AsyncSandbox.create(owner=self.owner, **options)
         self._handles[sandbox.id] = sandbox
+        if image is not None:
+            try:
+                await sandbox.fs.upload(image, ".")
+            except BaseException as e:
+                await sandbox.kill()  # ignores a sandbox that has ended already
+                self._forget(sandbox.id)
+                if isinstance(e, OSError) and not isinstance(e, SandboxError):
+                    raise InvalidRequest(f"cannot upload the image directory: {e}") from e
+                raise
         return await self.get(sandbox.id)
 
     async def kill(self, ref: str) -> None:

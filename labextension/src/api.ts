@@ -47,6 +47,8 @@ export interface ICreateOptions {
   pids?: number;
   network?: string;
   env?: Record<string, string>;
+  /** A directory on the server (relative to its root) uploaded into the sandbox's home. */
+  image?: string;
 }
 
 export type FeedMessage =

@@ -79,21 +79,73 @@ function timeLeft(sandbox: ISandbox): string {
   return `${formatDuration(sandbox.expires_at - Date.now() / 1000)} left`;
 }
 
-/** A polyline chart of the last samples, scaled to `max`. */
-function sparkline(values: number[], max: number, cls: string): SVGSVGElement {
+/** An empty polyline chart; `plot` draws into it. */
+function sparkline(cls: string): SVGSVGElement {
   const ns = 'http://www.w3.org/2000/svg';
   const svg = document.createElementNS(ns, 'svg');
   svg.setAttribute('viewBox', `0 0 ${HISTORY} 20`);
   svg.setAttribute('preserveAspectRatio', 'none');
   svg.setAttribute('class', `jsb-chart ${cls}`);
-  const line = document.createElementNS(ns, 'polyline');
+  svg.append(document.createElementNS(ns, 'polyline'));
+  return svg;
+}
+
+/** Draw the last samples into a `sparkline`, scaled to `max`. */
+function plot(chart: SVGSVGElement, values: number[], max: number): void {
   const offset = HISTORY - values.length;
   const points = values.map(
     (v, i) => `${offset + i},${(20 - (Math.min(v, max) / (max || 1)) * 19).toFixed(1)}`
   );
-  line.setAttribute('points', points.join(' '));
-  svg.append(line);
-  return svg;
+  setAttr(chart.firstElementChild as Element, 'points', points.join(' '));
+}
+
+/*
+ * The panel updates its nodes in place and only where something changed, so that a
+ * refresh (every usage sample) never disturbs a selection, a focused input or a scroll.
+ */
+
+function setText(node: Node, text: string): void {
+  if (node.textContent !== text) {
+    node.textContent = text;
+  }
+}
+
+function setAttr(node: Element, name: string, value: string): void {
+  if (node.getAttribute(name) !== value) {
+    node.setAttribute(name, value);
+  }
+}
+
+function setValue(node: HTMLInputElement, value: string): void {
+  if (node.value !== value) {
+    node.value = value;
+  }
+}
+
+/** Make `node` a child of `parent` (appended) or not, without moving it needlessly. */
+function place(parent: Element, node: Element, present: boolean): void {
+  if (present && node.parentElement !== parent) {
+    parent.append(node);
+  } else if (!present) {
+    node.remove();
+  }
+}
+
+/** A sandbox's card and the nodes that change. */
+interface ICard {
+  node: HTMLElement;
+  name: HTMLElement;
+  status: HTMLElement;
+  owner: HTMLElement;
+  left: HTMLElement;
+  limits: HTMLElement;
+  labels: HTMLElement;
+  cpu: HTMLElement;
+  cpuChart: SVGSVGElement;
+  memory: HTMLElement;
+  memoryChart: SVGSVGElement;
+  ssh: HTMLInputElement;
+  tunnel: HTMLInputElement;
 }
 
 export class SandboxPanel extends Widget {
@@ -152,6 +204,15 @@ export class SandboxPanel extends Widget {
       h('label', {}, 'Network', network),
       h(
         'label',
+        {
+          title:
+            "A directory on the Jupyter server, relative to its root, copied into the sandbox's home (as %%sandbox --image DIR)"
+        },
+        'Image directory',
+        h('input', { name: 'image', placeholder: 'e.g. course/image' })
+      ),
+      h(
+        'label',
         {},
         'Environment',
         h('textarea', { name: 'env', placeholder: 'KEY=value per line' })
@@ -162,7 +223,7 @@ export class SandboxPanel extends Widget {
       event.preventDefault();
       const data = new FormData(form);
       const options: ICreateOptions = { network: String(data.get('network')) };
-      for (const key of ['name', 'timeout', 'memory'] as const) {
+      for (const key of ['name', 'timeout', 'memory', 'image'] as const) {
         const value = String(data.get(key) || '').trim();
         if (value) {
           options[key] = value;
@@ -236,31 +297,93 @@ export class SandboxPanel extends Widget {
     }
   }
 
+  /** Bring the cards up to date: new ones added, ended ones removed, the rest updated. */
   private render(): void {
     const sandboxes = [...this.sandboxes.values()].sort(
       (a, b) => b.created_at - a.created_at
     );
-    this.count.textContent = String(sandboxes.length);
-    const cards = sandboxes.map(s => this.card(s));
-    if (!cards.length) {
-      cards.push(
-        h('p', { class: 'jsb-empty' }, 'No sandboxes. Create one here or with %%sandbox.')
-      );
+    setText(this.count, String(sandboxes.length));
+    for (const [id, card] of this.cards) {
+      if (!this.sandboxes.has(id)) {
+        card.node.remove();
+        this.cards.delete(id);
+      }
     }
-    this.list.replaceChildren(...cards);
+    const nodes: Element[] = sandboxes.map(sandbox => {
+      let card = this.cards.get(sandbox.id);
+      if (!card) {
+        card = this.card(sandbox);
+        this.cards.set(sandbox.id, card);
+      }
+      this.fill(card, sandbox);
+      return card.node;
+    });
+    if (!nodes.length) {
+      nodes.push(this.empty);
+    }
+    this.empty.remove();
+    nodes.forEach((node, i) => {
+      const current = this.list.children[i] ?? null;
+      if (current !== node) {
+        this.list.insertBefore(node, current);
+      }
+    });
   }
 
   /** Refresh the countdowns without waiting for the next message. */
   private tick(): void {
-    for (const node of this.list.querySelectorAll<HTMLElement>('.jsb-left')) {
-      const sandbox = this.sandboxes.get(node.dataset.id ?? '');
+    for (const [id, card] of this.cards) {
+      const sandbox = this.sandboxes.get(id);
       if (sandbox) {
-        node.textContent = timeLeft(sandbox);
+        setText(card.left, timeLeft(sandbox));
       }
     }
   }
 
-  private card(sandbox: ISandbox): HTMLElement {
+  /** A new card; `fill` fills it in. */
+  private card(sandbox: ISandbox): ICard {
+    const { id } = sandbox;
+    const span = (cls: string) => h('span', { class: cls });
+    const card: ICard = {
+      node: h('section', { class: 'jsb-sandbox', 'data-id': id }),
+      name: h('strong', { class: 'jsb-name' }),
+      status: span('jsb-status'),
+      owner: h('div', { class: 'jsb-owner' }),
+      left: h('span', { class: 'jsb-left', 'data-id': id }),
+      limits: span('jsb-limits'),
+      labels: h('div', { class: 'jsb-labels' }),
+      cpu: span('jsb-cpu'),
+      cpuChart: sparkline('jsb-chart-cpu'),
+      memory: span('jsb-memory'),
+      memoryChart: sparkline('jsb-chart-memory'),
+      ssh: h('input', { class: 'jsb-ssh', readonly: '' }),
+      tunnel: h('input', { class: 'jsb-tunnel', readonly: '' })
+    };
+    card.node.append(
+      h(
+        'div',
+        { class: 'jsb-title' },
+        card.name,
+        h('span', { class: 'jsb-id' }, id),
+        card.status
+      ),
+      card.owner,
+      h('div', { class: 'jsb-meta' }, card.left, card.limits),
+      card.labels,
+      h(
+        'div',
+        { class: 'jsb-usage' },
+        card.cpu,
+        card.cpuChart,
+        card.memory,
+        card.memoryChart
+      ),
+      this.actions(id)
+    );
+    return card;
+  }
+
+  private fill(card: ICard, sandbox: ISandbox): void {
     const { id, limits, usage } = sandbox;
     const samples = this.history.get(id) ?? [];
     const memoryMax = limits.memory || Math.max(...samples.map(s => s.memory), 64 << 20);
@@ -274,64 +397,54 @@ export class SandboxPanel extends Widget {
       limits.pids ? `${limits.pids} pids` : '',
       sandbox.network === 'host' ? 'network' : ''
     ].filter(Boolean);
-    const labels = Object.entries(sandbox.labels).map(([k, v]) =>
-      h('span', { class: 'jsb-label' }, `${k}=${v}`)
+    setAttr(card.node, 'data-status', sandbox.status);
+    setText(card.name, sandbox.name);
+    setAttr(card.status, 'class', `jsb-status jsb-status-${sandbox.status}`);
+    setText(card.status, sandbox.status);
+    setAttr(card.owner, 'title', sandbox.owner);
+    setText(card.owner, owner);
+    setText(card.left, timeLeft(sandbox));
+    setAttr(card.limits, 'title', sandbox.limits_note ?? '');
+    setText(card.limits, limitText.join(' · ') || 'no limits');
+    const labels = Object.entries(sandbox.labels).map(([k, v]) => `${k}=${v}`);
+    if (
+      labels.join('\n') !== [...card.labels.children].map(l => l.textContent).join('\n')
+    ) {
+      card.labels.replaceChildren(
+        ...labels.map(text => h('span', { class: 'jsb-label' }, text))
+      );
+    }
+    setText(card.cpu, `CPU ${Math.round(usage?.cpu_percent ?? 0)}%`);
+    plot(
+      card.cpuChart,
+      samples.map(s => s.cpu),
+      cpuMax
     );
-    const card = h(
-      'section',
-      { class: 'jsb-sandbox', 'data-id': id, 'data-status': sandbox.status },
-      h(
-        'div',
-        { class: 'jsb-title' },
-        h('strong', { class: 'jsb-name' }, sandbox.name),
-        h('span', { class: 'jsb-id' }, id),
-        h('span', { class: `jsb-status jsb-status-${sandbox.status}` }, sandbox.status)
-      ),
-      h('div', { class: 'jsb-owner', title: sandbox.owner }, owner),
-      h(
-        'div',
-        { class: 'jsb-meta' },
-        h('span', { class: 'jsb-left', 'data-id': id }, timeLeft(sandbox)),
-        h(
-          'span',
-          { class: 'jsb-limits', title: sandbox.limits_note ?? '' },
-          limitText.join(' · ') || 'no limits'
-        )
-      ),
-      h('div', { class: 'jsb-labels' }, ...labels),
-      h(
-        'div',
-        { class: 'jsb-usage' },
-        h('span', { class: 'jsb-cpu' }, `CPU ${Math.round(usage?.cpu_percent ?? 0)}%`),
-        sparkline(
-          samples.map(s => s.cpu),
-          cpuMax,
-          'jsb-chart-cpu'
-        ),
-        h('span', { class: 'jsb-memory' }, formatBytes(usage?.memory_bytes ?? 0)),
-        sparkline(
-          samples.map(s => s.memory),
-          memoryMax,
-          'jsb-chart-memory'
-        )
-      ),
-      this.actions(sandbox)
+    setText(card.memory, formatBytes(usage?.memory_bytes ?? 0));
+    plot(
+      card.memoryChart,
+      samples.map(s => s.memory),
+      memoryMax
     );
     const access = this.accesses.get(id);
     if (access) {
-      card.append(
-        h('input', { class: 'jsb-ssh', readonly: '', value: access.command }),
-        h('input', { class: 'jsb-tunnel', readonly: '', value: tunnelCommand(access) })
-      );
+      setValue(card.ssh, access.command);
+      setValue(card.tunnel, tunnelCommand(access));
     }
+    place(card.node, card.ssh, !!access);
+    place(card.node, card.tunnel, !!access);
     const log = this.logViews.get(id);
-    if (log) {
-      card.append(log);
+    for (const view of card.node.querySelectorAll('.jsb-logs')) {
+      if (view !== log) {
+        view.remove();
+      }
     }
-    return card;
+    if (log && card.node.lastElementChild !== log) {
+      card.node.append(log); // below the SSH commands
+    }
   }
 
-  private actions(sandbox: ISandbox): HTMLElement {
+  private actions(id: string): HTMLElement {
     const button = (
       action: string,
       label: string,
@@ -346,7 +459,8 @@ export class SandboxPanel extends Widget {
       node.onclick = () => void this.act(title, run);
       return node;
     };
-    const { id } = sandbox;
+    // The card outlives updates: look the sandbox up when a button is pressed.
+    const current = () => this.sandboxes.get(id) as ISandbox;
     return h(
       'div',
       { class: 'jsb-actions' },
@@ -366,13 +480,13 @@ export class SandboxPanel extends Widget {
         await this.openTerminal(name);
       }),
       button('logs', 'Logs', 'Show or hide live logs', async () => this.toggleLogs(id)),
-      button('extend', 'Extend', 'Set a new deadline', () => this.extend(sandbox)),
+      button('extend', 'Extend', 'Set a new deadline', () => this.extend(current())),
       button('revoke', 'Revoke SSH', 'Revoke all SSH access', async () => {
         await request('DELETE', ['sandboxes', id, 'ssh']);
         this.accesses.delete(id);
         this.render();
       }),
-      button('kill', 'Kill', 'Kill the sandbox', () => this.kill(sandbox))
+      button('kill', 'Kill', 'Kill the sandbox', () => this.kill(current()))
     );
   }
 
@@ -454,6 +568,12 @@ export class SandboxPanel extends Widget {
   private readonly count = h('span', { class: 'jsb-count' }, '0');
   private readonly form = this.buildForm();
   private readonly list = h('div', { class: 'jsb-list' });
+  private readonly empty = h(
+    'p',
+    { class: 'jsb-empty' },
+    'No sandboxes. Create one here or with %%sandbox.'
+  );
+  private readonly cards = new Map<string, ICard>();
   private socket: WebSocket | null = null;
   private sandboxes = new Map<string, ISandbox>();
   private readonly history = new Map<string, ISample[]>();
