@@ -14,11 +14,12 @@ import fcntl
 import json
 import os
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .._errors import SandboxError, SandboxExpired
+from .._errors import FileError, SandboxError, SandboxExpired
 from ..agent import protocol
 from ..agent.protocol import Frame
 from ..agent.remote import raise_agent_error
@@ -26,6 +27,7 @@ from ._tar import add_tree, extract_tree
 
 Progress = Callable[[int, "int | None"], None]
 PIPE_SIZE = 1 << 20
+PROGRESS_INTERVAL = 0.1
 
 
 class DirectTransfer:
@@ -77,7 +79,7 @@ class DirectTransfer:
             tmp = target.with_name(f".{target.name}.download")
             try:
                 with _pipe(sock, agent_reads=False) as pipe, open(tmp, "wb") as f:
-                    _pump(lambda: os.splice(pipe, f.fileno(), PIPE_SIZE), progress, info["size"])
+                    _write_with_fresh_process(pipe, f.fileno(), progress, info["size"])
                 _expect(sock, Frame.END)
                 os.chmod(tmp, info["mode"])
                 os.replace(tmp, target)
@@ -123,6 +125,24 @@ def _pipe(sock: socket.socket, agent_reads: bool) -> Iterator[int]:
         for fd in (give, keep):
             if fd >= 0:
                 os.close(fd)
+
+
+def _write_with_fresh_process(
+    source: int, target: int, progress: Progress | None, total: int
+) -> None:
+    """Copy a pipe into a file with a short-lived `cat` (see the agent's twin for why)."""
+    writer = subprocess.Popen(["cat"], stdin=source, stdout=target, stderr=subprocess.PIPE)
+    while True:
+        try:
+            writer.wait(PROGRESS_INTERVAL)
+            break
+        except subprocess.TimeoutExpired:
+            if progress is not None:
+                progress(os.fstat(target).st_size, total)
+    if writer.returncode:
+        raise FileError(f"writing the download failed: {writer.stderr.read().decode().strip()}")
+    if progress is not None:
+        progress(os.fstat(target).st_size, total)
 
 
 def _pump(step: Callable[[], int], progress: Progress | None, total: int | None) -> None:
