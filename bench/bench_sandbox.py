@@ -164,12 +164,20 @@ def bench_transfer(rows: list, mib: int) -> None:
             # first large write after a quiet spell is often much faster than the next.
             for run in range(3):
                 steps = [
-                    lambda r=run: copy.extend(timed_synced(lambda: subprocess.run(
-                        ["cp", str(source), str(work / f"copy{r}")], check=True), 1)),
-                    lambda r=run: up.extend(timed_synced(
-                        lambda: sb.fs.upload(source, f"blob{r}"), 1)),
-                    lambda r=run: down.extend(timed_synced(
-                        lambda: sb.fs.download("blob0", work / f"back{r}"), 1)),
+                    lambda r=run: copy.extend(
+                        timed_synced(
+                            lambda: subprocess.run(
+                                ["cp", str(source), str(work / f"copy{r}")], check=True
+                            ),
+                            1,
+                        )
+                    ),
+                    lambda r=run: up.extend(
+                        timed_synced(lambda: sb.fs.upload(source, f"blob{r}"), 1)
+                    ),
+                    lambda r=run: down.extend(
+                        timed_synced(lambda: sb.fs.download("blob0", work / f"back{r}"), 1)
+                    ),
                 ]
                 for step in steps[run:] + steps[:run]:
                     step()

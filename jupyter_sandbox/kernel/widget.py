@@ -164,7 +164,7 @@ class SshWidget(anywidget.AnyWidget):
 class _LogBatches:
     """Collects log entries and hands them on at most every BATCH_SECONDS, bounded.
 
-    Entries the sandbox's log dropped before we read them (a burst larger than the
+    Entries not read (older than the tail, or dropped from a burst larger than the
     log keeps) show up as gaps in ``seq`` and are reported as skipped, like the
     ones left out of a batch to keep it within LOG_LIMIT.
     """
@@ -177,8 +177,11 @@ class _LogBatches:
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, entry: LogEntry) -> None:
-        if self.last_seq is not None and entry.seq > self.last_seq + 1:
-            self.skipped += entry.seq - self.last_seq - 1
+        # Log entries are numbered from 1: anything before the first one we get (older
+        # than the tail we asked for) counts as skipped too.
+        previous = 0 if self.last_seq is None else self.last_seq
+        if entry.seq > previous + 1:
+            self.skipped += entry.seq - previous - 1
         self.last_seq = entry.seq
         self.pending.append([entry.stream, entry.source, entry.text.rstrip("\n")])
         if self.timer is None:
