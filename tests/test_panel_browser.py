@@ -21,7 +21,7 @@ import pytest
 from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
-from tests.conftest import UNPINNED_SSH
+from tests.conftest import UNPINNED_SSH, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -306,6 +306,12 @@ def test_refresh_leaves_form_and_cards_alone(page: Any, service_env: Any, tmp_pa
             made = panel.locator(".jsb-sandbox", has_text=typed)
             expect(made).to_be_visible()
             with Sandbox.connect(made.get_attribute("data-id")) as sandbox:
+                # The card shows up once the sandbox exists; the image follows it in.
+                wait_for(
+                    lambda: sandbox.fs.exists("data/hello.txt"),
+                    30,
+                    message="the image directory to be uploaded",
+                )
                 assert sandbox.fs.read_text("data/hello.txt") == "from the image\n"
                 sandbox.kill()
             shot(page, "refresh")
