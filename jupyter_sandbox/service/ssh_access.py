@@ -46,6 +46,8 @@ class SshAccessManager:
                 os.environ.get("JUPYTER_SANDBOX_SSH_MAX_FAILURES", GatewayLimits.max_failures)
             )
         )
+        # Only post-quantum key exchange: passes ssh-audit cleanly, needs OpenSSH >= 9.9.
+        self.post_quantum_only = os.environ.get("JUPYTER_SANDBOX_SSH_PQ_ONLY") == "1"
         self.gateway: Gateway | None = None
         self._expiry: dict[str, tuple[str, float]] = {}  # token hash -> (sandbox, deadline)
         self._task: asyncio.Task | None = None
@@ -60,7 +62,13 @@ class SshAccessManager:
         candidates.append(0)
         for port in dict.fromkeys(candidates):
             self.gateway = Gateway(
-                self.resolve, self.key_dir, self.host, port, self._on_ssh_event, limits=self.limits
+                self.resolve,
+                self.key_dir,
+                self.host,
+                port,
+                self._on_ssh_event,
+                limits=self.limits,
+                post_quantum_only=self.post_quantum_only,
             )
             try:
                 await self.gateway.start()
