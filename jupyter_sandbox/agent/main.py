@@ -400,7 +400,7 @@ class Agent:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             timed_out.set()
-            signal_group(proc, signal.SIGKILL)
+            kill_group(proc)
 
     def op_spawn(
         self,
@@ -800,6 +800,16 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the command's process group until it is empty (it may still be forking)."""
+    for _ in range(200):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.01)
+
+
 def terminate_group(proc: subprocess.Popen) -> None:
     """SIGHUP the command's process group, then SIGKILL it if it lingers."""
     signal_group(proc, signal.SIGHUP)
@@ -807,7 +817,7 @@ def terminate_group(proc: subprocess.Popen) -> None:
     try:
         proc.wait(KILL_GRACE)
     except subprocess.TimeoutExpired:
-        signal_group(proc, signal.SIGKILL)
+        kill_group(proc)
 
 
 def _write_all(fd: int, data: bytes) -> None:
