@@ -14,10 +14,11 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import aiohttp
-from yarl import URL
+if TYPE_CHECKING:
+    import aiohttp
 
 CHUNK = 64 * 1024
 
@@ -71,6 +72,9 @@ async def tunnel(url: str, headers: dict[str, str]) -> None:
 
     `url` is sent exactly as given: a base_url may contain escapes (JupyterHub's ``%40``).
     """
+    import aiohttp  # imported on use: the other CLI commands start faster without it
+    from yarl import URL
+
     stdout = sys.stdout.buffer
     async with (
         aiohttp.ClientSession() as session,
@@ -89,6 +93,8 @@ async def tunnel(url: str, headers: dict[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import aiohttp
+
     if not args.url:
         raise ValueError("give the Jupyter server's URL with --url or $JUPYTER_SERVER_URL")
     headers = {}
