@@ -77,7 +77,9 @@ class ServiceEnv:
             "JUPYTER_DATA_DIR": str(base / "data"),
             "JUPYTER_SANDBOX_DIR": str(storage),
             "JUPYTER_SANDBOX_LEASE_TTL": "4",
-            "JUPYTER_SANDBOX_IDLE_TIMEOUT": "3600",
+            # Short, so a service whose test run was killed before its teardown still
+            # goes away by itself (its sandboxes' leases lapse and get reaped first).
+            "JUPYTER_SANDBOX_IDLE_TIMEOUT": "120",
             # Tests fail logins on purpose, all from 127.0.0.1; the limit itself is
             # tested against the gateway directly.
             "JUPYTER_SANDBOX_SSH_MAX_FAILURES": "100000",
@@ -241,6 +243,21 @@ def service_status() -> dict:
         return await shared_transport().request("GET", "/v1/status")
 
     return portal().call(status())
+
+
+@pytest.fixture
+def separate_service_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment of a second, separate service (its own dirs, any free SSH port)."""
+    storage = Path(tempfile.mkdtemp(prefix="jsb-", dir=storage_parent()))
+    os.chmod(storage, 0o711)
+    yield {
+        **os.environ,
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        "JUPYTER_SANDBOX_DIR": str(storage),
+        "JUPYTER_SANDBOX_SSH_PORT": "0",
+    }
+    shutil.rmtree(storage, ignore_errors=True)
 
 
 @pytest.fixture

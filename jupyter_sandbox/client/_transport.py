@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -149,6 +150,9 @@ def start_service(paths: Paths) -> None:
             start_new_session=True,
         )
     os.close(write_fd)
+    # The service outlives this process's interest in it; reap it whenever it exits
+    # so it never lingers as a zombie of a long-lived client such as a kernel.
+    threading.Thread(target=proc.wait, name="jupyter-sandbox-service", daemon=True).start()
     with os.fdopen(read_fd, "rb") as ready:
         # The service writes one line when listening; EOF without it means it exited
         # (another service won the race, or startup failed).
