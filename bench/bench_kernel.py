@@ -17,30 +17,15 @@ seen by a Jupyter client.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import signal
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from bench_sandbox import private_service
+
 LINES = 10_000
-
-
-def private_service_env() -> tuple[dict[str, str], list[Path]]:
-    base = Path(tempfile.mkdtemp(prefix="jsb-bench-"))
-    parent = "/var/tmp" if os.geteuid() == 0 else tempfile.gettempdir()
-    storage = Path(tempfile.mkdtemp(prefix="jsb-bench-", dir=parent))
-    os.chmod(storage, 0o711)
-    env = {
-        "JUPYTER_RUNTIME_DIR": str(base / "rt"),
-        "JUPYTER_DATA_DIR": str(base / "data"),
-        "JUPYTER_SANDBOX_DIR": str(storage),
-    }
-    return env, [base, storage]
 
 
 def execute(client, code: str) -> float:
@@ -113,31 +98,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
-    env, dirs = private_service_env()
-    os.environ.update(env)
     from jupyter_client.manager import KernelManager
 
-    runtime = Path(env["JUPYTER_RUNTIME_DIR"])
-    runtime.mkdir(parents=True)
-    manager = KernelManager(connection_file=str(runtime / f"kernel-{uuid.uuid4()}.json"))
-    manager.start_kernel()
-    client = manager.client()
-    client.start_channels()
-    try:
-        client.wait_for_ready(timeout=60)
-        execute(client, "%load_ext jupyter_sandbox.kernel")
-        bench_cells(client, args.runs)
-        bench_widget_logs(client)
-    finally:
-        manager.shutdown_kernel()
-        client.stop_channels()
-        service = json.loads((runtime / "jupyter-sandbox.json").read_text())["pid"]
-        os.kill(service, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while Path(f"/proc/{service}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for directory in dirs:
-            shutil.rmtree(directory, ignore_errors=True)
+    with private_service(pool=2):
+        runtime = Path(os.environ["JUPYTER_RUNTIME_DIR"])
+        runtime.mkdir(parents=True)
+        manager = KernelManager(connection_file=str(runtime / f"kernel-{uuid.uuid4()}.json"))
+        manager.start_kernel()
+        client = manager.client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=60)
+            execute(client, "%load_ext jupyter_sandbox.kernel")
+            bench_cells(client, args.runs)
+            bench_widget_logs(client)
+        finally:
+            manager.shutdown_kernel()
+            client.stop_channels()
 
 
 if __name__ == "__main__":

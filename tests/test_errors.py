@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
 import httpx
 import pytest
@@ -24,7 +21,7 @@ from jupyter_sandbox import (
 )
 from jupyter_sandbox.client._async import AsyncProcess
 from jupyter_sandbox.client._sync import Process, portal
-from tests.conftest import ServiceEnv, storage_parent, wait_for
+from tests.conftest import ServiceEnv, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -116,18 +113,9 @@ def test_huge_request_bodies_are_refused(service_env: ServiceEnv, sandbox):
     assert sandbox.sh("echo ok").stdout == "ok\n"
 
 
-def test_tcp_listener_requires_the_token(tmp_path):
+def test_tcp_listener_requires_the_token(tmp_path, separate_service_env):
     """`serve --tcp` for shared deployments: every request needs the bearer token."""
-    storage = tempfile.mkdtemp(dir=storage_parent())
-    os.chmod(storage, 0o711)
-    env = {
-        **os.environ,
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
-        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
-        "JUPYTER_SANDBOX_DIR": storage,
-        "JUPYTER_SANDBOX_SSH_PORT": "0",
-        "JUPYTER_SANDBOX_POOL": "0",
-    }
+    env = {**separate_service_env, "JUPYTER_SANDBOX_POOL": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_sandbox", "serve", "--tcp", "127.0.0.1:0"],
         env=env,
@@ -162,4 +150,3 @@ def test_tcp_listener_requires_the_token(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
-        shutil.rmtree(storage, ignore_errors=True)

@@ -8,14 +8,12 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from jupyter_sandbox import Sandbox, SandboxExpired, SandboxNotFound
-from tests.conftest import ServiceEnv, storage_parent, wait_for
+from tests.conftest import ServiceEnv, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -157,29 +155,15 @@ def test_runtime_file_and_socket_are_private(service_env):
     assert second.returncode == 3 and "already running" in second.stderr
 
 
-def test_idle_service_exits_by_itself(tmp_path):
-    storage = Path(tempfile.mkdtemp(dir=storage_parent()))
-    os.chmod(storage, 0o711)
-    env = {
-        **os.environ,
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
-        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
-        "JUPYTER_SANDBOX_DIR": str(storage),
-        "JUPYTER_SANDBOX_IDLE_TIMEOUT": "1",
-        "JUPYTER_SANDBOX_SSH_PORT": "0",
-    }
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_sandbox", "serve"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.wait(timeout=30) == 0
-        assert "idle for" in proc.stderr.read()
-        assert not (tmp_path / "rt" / "jupyter-sandbox.json").exists()
-    finally:
-        import shutil
-
-        shutil.rmtree(storage, ignore_errors=True)
+def test_idle_service_exits_by_itself(tmp_path, separate_service_env):
+    env = {**separate_service_env, "JUPYTER_SANDBOX_IDLE_TIMEOUT": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.wait(timeout=30) == 0
+    assert "idle for" in proc.stderr.read()
+    assert not (tmp_path / "rt" / "jupyter-sandbox.json").exists()

@@ -8,7 +8,6 @@ than a few chunks in memory however large it is.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import queue
 import threading
@@ -165,7 +164,6 @@ class AsyncFileSystem:
         async with self._sandbox._transport.stream(
             "GET", self._url(op), params={"path": path}, timeout=None
         ) as response:
-            json.loads(response.headers.get("X-Sandbox-Stat", "{}"))
             async for chunk in response.aiter_raw():
                 yield chunk
 
