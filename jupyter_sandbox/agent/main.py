@@ -11,6 +11,7 @@ can only ever reach what the sandbox itself can reach.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import itertools
 import json
@@ -181,6 +182,22 @@ class Log:
                 yield None  # lets the caller notice a closed client
 
 
+class Started:
+    """A command's process once it exists; threads started before it wait here."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.proc: subprocess.Popen | None = None
+
+    def set(self, proc: subprocess.Popen | None) -> None:
+        self.proc = proc
+        self._event.set()
+
+    def wait(self) -> subprocess.Popen | None:
+        self._event.wait()
+        return self.proc
+
+
 class Process:
     """A background process started by `spawn`; its output goes to the log."""
 
@@ -242,10 +259,12 @@ class Agent:
         except RuntimeError as e:  # typically: can't start a thread at the pid limit
             self._report(channel, "SandboxError", f"the sandbox is out of resources: {e}")
         finally:
-            try:
+            # shutdown() ends the connection for the peer even while a file object
+            # made from the socket (or a lingering pump thread) still refers to it.
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
     @staticmethod
     def _report(channel: Channel, kind: str, message: str) -> None:
@@ -296,106 +315,128 @@ class Agent:
         timeout: float | None = None,
         stdin: bool = True,
     ) -> None:
-        """Run a command tied to this connection; closing the connection kills it."""
+        """Run a command tied to this connection; closing the connection kills it.
+
+        Every helper thread starts before the command does: a command that fills the
+        sandbox's pid limit (a fork bomb) would otherwise leave none to be had.
+        """
         args = self._argv(cmd, argv)
         workdir = self._cwd(cwd)
-        master = None
+        started = Started()
         if pty is not None:
             master, slave = os.openpty()
             set_winsize(master, pty.get("rows", 24), pty.get("cols", 80))
-            proc = subprocess.Popen(
-                args,
-                cwd=workdir,
-                env=self._env(env, pty.get("term", "xterm-256color")),
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                start_new_session=True,
-                preexec_fn=take_controlling_tty,
-            )
-            os.close(slave)
+            outputs = [(master, Frame.STDOUT)]
+            stdin_fd, child_ends = master, [slave]
+            io = {
+                "stdin": slave,
+                "stdout": slave,
+                "stderr": slave,
+                "preexec_fn": take_controlling_tty,
+            }
+            term = pty.get("term", "xterm-256color")
         else:
-            proc = subprocess.Popen(
-                args,
-                cwd=workdir,
-                env=self._env(env),
-                start_new_session=True,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        channel.send_json(Frame.RESULT, {"pid": proc.pid})
+            master, term = None, None
+            out_read, out_write = os.pipe()
+            err_read, err_write = os.pipe()
+            in_read, stdin_fd = os.pipe() if stdin else (subprocess.DEVNULL, None)
+            outputs = [(out_read, Frame.STDOUT), (err_read, Frame.STDERR)]
+            child_ends = [out_write, err_write] + ([in_read] if stdin else [])
+            io = {"stdin": in_read, "stdout": out_write, "stderr": err_write}
         timed_out = threading.Event()
-
-        pumps = []
-        if master is not None:
-            pumps.append(_thread(self._pump_fd, channel, master, Frame.STDOUT))
-        else:
-            pumps.append(_thread(self._pump_fd, channel, proc.stdout.fileno(), Frame.STDOUT))
-            pumps.append(_thread(self._pump_fd, channel, proc.stderr.fileno(), Frame.STDERR))
-        _thread(self._exec_input, channel, proc, master)
+        pumps = [
+            _thread(self._pump_fd, channel, fd, kind, started, master is None)
+            for fd, kind in outputs
+        ]
+        _thread(self._exec_input, channel, started, stdin_fd, master)
         if timeout:
-            _thread(self._exec_timeout, proc, float(timeout), timed_out)
+            _thread(self._exec_timeout, started, float(timeout), timed_out)
+        proc = None
+        try:
+            proc = subprocess.Popen(
+                args, cwd=workdir, env=self._env(env, term), start_new_session=True, **io
+            )
+            channel.send_json(Frame.RESULT, {"pid": proc.pid})
+        except BaseException:
+            if proc is not None:  # started, but nobody is there to see it
+                kill_group(proc)
+            started.set(None)
+            raise
+        finally:
+            for fd in child_ends:
+                os.close(fd)
+        started.set(proc)
         returncode = proc.wait()
         for pump in pumps:
             pump.join(0.2 if master is None else 1.0)
         status = protocol.exit_status(returncode)
         status["timed_out"] = timed_out.is_set()
-        try:
+        with contextlib.suppress(OSError):
             channel.send_json(Frame.EXIT, status)
-        except OSError:
-            pass
         if master is not None:
             os.close(master)
 
     @staticmethod
-    def _pump_fd(channel: Channel, fd: int, kind: int) -> None:
-        while True:
-            try:
-                data = os.read(fd, CHUNK)
-            except OSError:  # EIO on a pty whose last process has gone
+    def _pump_fd(channel: Channel, fd: int, kind: int, started: Started, owned: bool) -> None:
+        """Forward output once the command is announced; close `fd` at its end if `owned`."""
+        try:
+            if started.wait() is None:
                 return
-            if not data:
-                return
-            try:
-                channel.send(kind, data)
-            except OSError:
-                return
+            while True:
+                try:
+                    data = os.read(fd, CHUNK)
+                except OSError:  # EIO on a pty whose last process has gone
+                    return
+                if not data:
+                    return
+                try:
+                    channel.send(kind, data)
+                except OSError:
+                    return
+        finally:
+            if owned:
+                os.close(fd)
 
-    def _exec_input(self, channel: Channel, proc: subprocess.Popen, master: int | None) -> None:
+    def _exec_input(
+        self, channel: Channel, started: Started, stdin_fd: int | None, master: int | None
+    ) -> None:
         """Client frames for a running command; end of connection kills it."""
-        stdin_fd = master if master is not None else (proc.stdin.fileno() if proc.stdin else None)
-        while True:
-            try:
-                frame = channel.recv()
-            except OSError:
-                frame = None
-            if frame is None:
-                if proc.poll() is None:
-                    terminate_group(proc)
-                return
-            kind, payload = frame
-            try:
-                if kind == Frame.STDIN and stdin_fd is not None:
-                    os.write(stdin_fd, payload) if master is not None else _write_all(
-                        stdin_fd, payload
-                    )
-                elif kind == Frame.EOF:
-                    if master is not None:
+        proc = started.wait()
+        try:
+            while proc is not None:
+                try:
+                    frame = channel.recv()
+                except OSError:
+                    frame = None
+                if frame is None:
+                    if proc.poll() is None:
+                        terminate_group(proc)
+                    return
+                kind, payload = frame
+                try:
+                    if kind == Frame.STDIN and stdin_fd is not None:
+                        _write_all(stdin_fd, payload)
+                    elif kind == Frame.EOF and master is not None:
                         os.write(master, b"\x04")
-                    elif proc.stdin:
-                        proc.stdin.close()
+                    elif kind == Frame.EOF and stdin_fd is not None:
+                        os.close(stdin_fd)
                         stdin_fd = None
-                elif kind == Frame.SIGNAL:
-                    signal_group(proc, int(payload or signal.SIGINT))
-                elif kind == Frame.RESIZE and master is not None:
-                    size = json.loads(payload)
-                    set_winsize(master, size["rows"], size["cols"])
-            except (OSError, ValueError):
-                pass
+                    elif kind == Frame.SIGNAL:
+                        signal_group(proc, int(payload or signal.SIGINT))
+                    elif kind == Frame.RESIZE and master is not None:
+                        size = json.loads(payload)
+                        set_winsize(master, size["rows"], size["cols"])
+                except (OSError, ValueError):
+                    pass
+        finally:
+            if master is None and stdin_fd is not None:
+                os.close(stdin_fd)
 
     @staticmethod
-    def _exec_timeout(proc: subprocess.Popen, timeout: float, timed_out: threading.Event) -> None:
+    def _exec_timeout(started: Started, timeout: float, timed_out: threading.Event) -> None:
+        proc = started.wait()
+        if proc is None:
+            return
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
