@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from ..agent import protocol
 from ..agent.remote import AgentClient
 from .cgroups import Controller, Group, Limits
 
+log = logging.getLogger("jupyter_sandbox.service")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
 AGENT_FILES = ("main.py", "protocol.py")
 AGENT_MOUNT = "/run/sandbox-agent"
@@ -610,13 +613,23 @@ def _install_file(source: Path, target: Path, mode: int) -> None:
     os.replace(tmp, target)
 
 
-def _force_rmtree(path: Path) -> None:
+def _force_rmtree(path: Path, attempts: int = 20) -> None:
+    """Remove a sandbox's directory, whatever modes its user left inside.
+
+    A process of the sandbox may still be finishing a write while its namespace
+    is torn down, so a removal that raced with it is tried again.
+    """
+
     def make_writable(func, name, _exc) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(name), 0o700)
             os.chmod(name, 0o700)
             func(name)
 
-    shutil.rmtree(path, onexc=make_writable) if sys.version_info >= (3, 12) else shutil.rmtree(
-        path, onerror=make_writable
-    )
+    errors = {"onexc" if sys.version_info >= (3, 12) else "onerror": make_writable}
+    for _ in range(attempts):
+        shutil.rmtree(path, **errors)
+        if not path.exists():
+            return
+        time.sleep(0.05)
+    log.warning("could not remove %s", path)
