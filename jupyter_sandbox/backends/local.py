@@ -94,6 +94,19 @@ class SandboxSpec:
 
 
 @dataclass
+class LaunchFds:
+    """Descriptors that a sandbox's bwrap inherits, by their numbers in the service."""
+
+    listen: int  # the agent's listening socket
+    info: int  # bwrap reports the sandbox's pid here
+    seccomp: int | None = None  # base syscall filter, installed by bwrap before the agent
+    lockdown: int | None = None  # second filter, installed by the agent after its setup
+
+    def passed(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.listen, self.info, self.seccomp, self.lockdown) if fd)
+
+
+@dataclass
 class Runtime:
     """What the service keeps to find, use and stop a running sandbox."""
 
@@ -241,7 +254,8 @@ class LocalBackend:
             group.apply(spec.limits)
         info_read, info_write = os.pipe()
         cgroup_fds = group.open_procs() if group else []
-        argv = self._argv(spec, directory, listener.fileno(), info_write)
+        fds = LaunchFds(listen=listener.fileno(), info=info_write)
+        argv = self._argv(spec, directory, fds)
 
         def spawn() -> subprocess.Popen:
             with open(directory / "agent.log", "ab") as log:
@@ -251,7 +265,7 @@ class LocalBackend:
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
-                    pass_fds=(listener.fileno(), info_write, *cgroup_fds),
+                    pass_fds=(*fds.passed(), *cgroup_fds),
                     preexec_fn=_join_cgroups(cgroup_fds) if cgroup_fds else None,
                     **self._drop_kwargs(host_uid),
                 )
@@ -312,9 +326,11 @@ class LocalBackend:
                 os.chown(path, host_uid, host_uid)
         write_etc(directory / "etc", spec.id)
 
-    def _argv(self, spec: SandboxSpec, directory: Path, listen_fd: int, info_fd: int) -> list[str]:
+    def _argv(self, spec: SandboxSpec, directory: Path, fds: LaunchFds) -> list[str]:
+        """bwrap's command line: the sandbox, then the agent with its descriptors."""
+        agent_fds = [str(fds.listen)] + ([str(fds.lockdown)] if fds.lockdown is not None else [])
         return [
-            *sandbox_argv(self.bwrap, spec.id, directory, spec.network),
+            *sandbox_argv(self.bwrap, spec.id, directory, spec.network, fds.seccomp),
             "--bind",
             str(directory / "state"),
             protocol.STATE_MOUNT,
@@ -322,14 +338,14 @@ class LocalBackend:
             str(self.runtime_dir / "agent"),
             AGENT_MOUNT,
             "--info-fd",
-            str(info_fd),
+            str(fds.info),
             PYTHON,
             "-E",
             "-s",
             "-S",
             "-B",
             f"{AGENT_MOUNT}/main.pyc",
-            str(listen_fd),
+            *agent_fds,
         ]
 
     async def sweep_orphans(self, known: set[str]) -> list[str]:
@@ -418,10 +434,17 @@ def minimal_argv(bwrap: str) -> list[str]:
     ]
 
 
-def sandbox_argv(bwrap: str, hostname: str, directory: Path, network: str = "none") -> list[str]:
+def sandbox_argv(
+    bwrap: str,
+    hostname: str,
+    directory: Path,
+    network: str = "none",
+    seccomp_fd: int | None = None,
+) -> list[str]:
     """bwrap options for a sandbox whose /etc files and home are under `directory`.
 
-    The caller appends its own binds and the command to run.
+    With `seccomp_fd`, bwrap installs the syscall filter read from it. The caller
+    appends its own binds and the command to run.
     """
     home = protocol.SANDBOX_HOME
     uid = str(protocol.SANDBOX_UID)
@@ -438,6 +461,8 @@ def sandbox_argv(bwrap: str, hostname: str, directory: Path, network: str = "non
     ]
     if network == "host":
         args.append("--share-net")
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
     args += [
         "--overlay-src",
         "/usr",
