@@ -27,6 +27,7 @@ import threading
 import time
 from functools import partial
 
+import isolation
 import protocol
 from protocol import CHUNK, Frame
 
@@ -201,15 +202,16 @@ class Started:
 class Process:
     """A background process started by `spawn`; its output goes to the log."""
 
-    def __init__(self, popen: subprocess.Popen, command: str) -> None:
+    def __init__(self, popen: subprocess.Popen, pid: int, command: str) -> None:
         self.popen = popen
+        self.pid = pid  # as the sandbox user sees it
         self.command = command
         self.exit: dict | None = None
         self.done = threading.Event()
 
     def info(self) -> dict:
         return {
-            "pid": self.popen.pid,
+            "pid": self.pid,
             "command": self.command,
             "running": self.exit is None,
             **(self.exit or {"exit_code": None, "signal": None}),
@@ -217,7 +219,8 @@ class Process:
 
 
 class Agent:
-    def __init__(self) -> None:
+    def __init__(self, isolated: isolation.Isolation) -> None:
+        self.isolated = isolated
         self.log = Log(LOG_DIR)
         self.procs: dict[int, Process] = {}
         self.procs_lock = threading.Lock()
@@ -353,10 +356,10 @@ class Agent:
             _thread(self._exec_timeout, started, float(timeout), timed_out)
         proc = None
         try:
-            proc = subprocess.Popen(
+            proc = self.isolated.popen(
                 args, cwd=workdir, env=self._env(env, term), start_new_session=True, **io
             )
-            channel.send_json(Frame.RESULT, {"pid": proc.pid})
+            channel.send_json(Frame.RESULT, {"pid": self.isolated.inner_pid(proc.pid)})
         except BaseException:
             if proc is not None:  # started, but nobody is there to see it
                 kill_group(proc)
@@ -453,7 +456,7 @@ class Agent:
     ) -> None:
         """Start a background process whose output goes to the sandbox log."""
         args = self._argv(cmd, argv)
-        proc = subprocess.Popen(
+        proc = self.isolated.popen(
             args,
             cwd=self._cwd(cwd),
             env=self._env(env),
@@ -463,10 +466,10 @@ class Agent:
             stderr=subprocess.PIPE,
         )
         command = cmd if cmd is not None else " ".join(args)
-        entry = Process(proc, command)
+        entry = Process(proc, self.isolated.inner_pid(proc.pid), command)
         with self.procs_lock:
-            self.procs[proc.pid] = entry
-        source = f"proc:{proc.pid}"
+            self.procs[entry.pid] = entry
+        source = f"proc:{entry.pid}"
         self.log.write(source, "event", f"started: {command}")
         pumps = [
             _thread(self._pump_log, proc.stdout, source, "stdout"),
@@ -530,7 +533,7 @@ class Agent:
         source, until = None, None
         if pid is not None:
             entry = self._proc(pid)
-            source, until = f"proc:{entry.popen.pid}", entry.done.is_set
+            source, until = f"proc:{entry.pid}", entry.done.is_set
         channel.sock.settimeout(None)
         for item in self.log.follow(int(after), tail, bool(follow), source, until):
             if item is None:
@@ -880,17 +883,35 @@ def _thread(target, *args) -> threading.Thread:
     return thread
 
 
+def watch_user_init(agent: Agent) -> None:
+    """End the agent, and so the sandbox, when the user init is gone."""
+    status = agent.isolated.wait_user_init()
+    message = f"the sandbox's init process ended (wait status {status}): the sandbox stops"
+    agent.log.write("agent", "event", message)
+    print(message, file=sys.stderr, flush=True)
+    os._exit(protocol.EXIT_USER_INIT_LOST)
+
+
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     listen_fd = int(sys.argv[1])
-    os.closerange(3, listen_fd)  # descriptors bwrap was handed for the setup only
-    os.closerange(listen_fd + 1, 1 << 16)
+    lockdown_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    keep = sorted({listen_fd, lockdown_fd or listen_fd})
+    for low, high in zip([2, *keep], [*keep, 1 << 16]):
+        os.closerange(low + 1, high)  # descriptors bwrap was handed for the setup only
+    lockdown = isolation.read_filter(lockdown_fd) if lockdown_fd is not None else None
+    try:
+        isolated = isolation.enter(lockdown)
+    except isolation.SetupError as e:
+        sys.exit(f"sandbox agent: cannot isolate itself from user code: {e}")
     listener = socket.socket(fileno=listen_fd)
     os.set_inheritable(listen_fd, False)
     os.chdir(protocol.SANDBOX_HOME)
     sys.stdin.close()
-    Agent().serve(listener)
+    agent = Agent(isolated)
+    _thread(watch_user_init, agent)
+    agent.serve(listener)
 
 
 if __name__ == "__main__":

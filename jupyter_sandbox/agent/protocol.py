@@ -25,6 +25,7 @@ SANDBOX_HOME = "/home/sandbox"
 SANDBOX_USER = "sandbox"
 SANDBOX_UID = 1000
 STATE_MOUNT = "/run/sandbox"
+EXIT_USER_INIT_LOST = 73  # the agent's exit code when the sandbox's init process died
 
 
 class Frame(enum.IntEnum):

@@ -37,7 +37,7 @@ from .cgroups import Controller, Group, Limits
 
 log = logging.getLogger("jupyter_sandbox.service")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
-AGENT_FILES = ("main.py", "protocol.py")
+AGENT_FILES = ("main.py", "protocol.py", "isolation.py")
 AGENT_MOUNT = "/run/sandbox-agent"
 PYTHON = "/usr/bin/python3"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -339,6 +339,12 @@ class LocalBackend:
             AGENT_MOUNT,
             "--info-fd",
             str(fds.info),
+            # Held by the agent for its own setup only (isolation.py drops both at once),
+            # in the sandbox's user namespace: mount its own /proc, drop the bounding set.
+            "--cap-add",
+            "CAP_SYS_ADMIN",
+            "--cap-add",
+            "CAP_SETPCAP",
             PYTHON,
             "-E",
             "-s",
