@@ -8,6 +8,8 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 
+from ._durations import parse_size
+
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
@@ -57,22 +59,66 @@ class Paths:
         return self.data_dir / "service.log"
 
 
+def host_memory() -> int:
+    """Bytes of RAM on this host."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_cpus() -> int:
+    """CPUs this service may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def _env_switch(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise ValueError(f'{name}={value!r}: expected "on" or "off"')
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Service tunables, read from JUPYTER_SANDBOX_* environment variables."""
+    """Service tunables, read from JUPYTER_SANDBOX_* environment variables.
+
+    Every sandbox gets these limits unless its creator asks for others
+    (``Sandbox.create(memory=..., cpus=..., pids=..., fds=...)``):
+
+    * memory: 1 GiB, or a quarter of the host's RAM if that is less
+      (JUPYTER_SANDBOX_DEFAULT_MEMORY, e.g. "2G"); the writable tmpfs (/tmp 3/8 of it,
+      /dev/shm 1/8, /var/tmp 1/16, /run 1/32 up to 16 MiB) are sized from it;
+    * cpus: 2, or the host's CPU count if that is less (JUPYTER_SANDBOX_DEFAULT_CPUS);
+    * pids: 1024 processes and threads;
+    * fds: 4096 open files per process (RLIMIT_NOFILE, JUPYTER_SANDBOX_DEFAULT_FDS).
+
+    The syscall filter is on; JUPYTER_SANDBOX_SECCOMP=off turns it off, and every
+    sandbox's info then says so.
+    """
 
     idle_timeout: float = 600.0
     lease_ttl: float = 10.0
     reap_interval: float = 0.5
     uid_base: int = 1_200_000
+    default_memory: int = min(1 << 30, host_memory() // 4)
+    default_cpus: float = float(min(2, host_cpus()))
     default_pids: int = 1024
+    default_fds: int = 4096
     pool_size: int = 2
+    seccomp: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
+        memory = os.environ.get("JUPYTER_SANDBOX_DEFAULT_MEMORY")
         return cls(
             idle_timeout=_env_float("JUPYTER_SANDBOX_IDLE_TIMEOUT", cls.idle_timeout),
             lease_ttl=_env_float("JUPYTER_SANDBOX_LEASE_TTL", cls.lease_ttl),
             uid_base=int(_env_float("JUPYTER_SANDBOX_UID_BASE", cls.uid_base)),
+            default_memory=parse_size(memory) if memory else cls.default_memory,
+            default_cpus=_env_float("JUPYTER_SANDBOX_DEFAULT_CPUS", cls.default_cpus),
+            default_fds=int(_env_float("JUPYTER_SANDBOX_DEFAULT_FDS", cls.default_fds)),
             pool_size=int(_env_float("JUPYTER_SANDBOX_POOL", cls.pool_size)),
+            seccomp=_env_switch("JUPYTER_SANDBOX_SECCOMP", cls.seccomp),
         )

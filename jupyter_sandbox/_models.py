@@ -39,6 +39,7 @@ class SandboxInfo:
     ended_at: float | None = None
     end_reason: str | None = None
     limits_note: str | None = None
+    syscall_filter: str | None = None  # "on: <policy> ..." or "OFF (...)"
     usage: dict[str, Any] | None = None
 
     @classmethod

@@ -19,14 +19,40 @@ PARENT = "jupyter-sandbox"
 CPU_PERIOD_US = 100_000
 
 
+MiB = 1 << 20
+DEFAULT_MEMORY = 1 << 30  # also the basis of tmpfs sizes when no memory limit is given
+# Shares of the memory limit for each tmpfs a sandbox can write (its RAM is charged to
+# the sandbox): together well under the limit, so that filling them all fails with
+# ENOSPC and leaves room for the agent and the user's processes.
+TMPFS_SHARES = {"/tmp": 3 / 8, "/var/tmp": 1 / 16, "/dev/shm": 1 / 8, "/run": 1 / 32}
+TMPFS_MAX = {"/run": 16 * MiB}
+
+
 @dataclass
 class Limits:
+    """What a sandbox may use: bytes of memory, CPUs, processes, open files per process."""
+
     memory: int | None = None
     cpus: float | None = None
     pids: int | None = None
+    fds: int | None = None
+
+    def tmpfs_sizes(self) -> dict[str, int]:
+        """Bytes for each writable tmpfs, in mount order (/dev/shm after /dev)."""
+        basis = self.memory or DEFAULT_MEMORY
+        return {
+            path: min(int(basis * share), TMPFS_MAX.get(path, basis))
+            for path, share in TMPFS_SHARES.items()
+        }
 
     def as_dict(self) -> dict:
-        return {"memory": self.memory, "cpus": self.cpus, "pids": self.pids}
+        return {
+            "memory": self.memory,
+            "cpus": self.cpus,
+            "pids": self.pids,
+            "fds": self.fds,
+            "tmpfs": self.tmpfs_sizes(),
+        }
 
 
 @dataclass

