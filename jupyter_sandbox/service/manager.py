@@ -1,0 +1,442 @@
+"""Sandbox lifecycle: create, look up, extend, kill; leases, expiry and the reaper.
+
+The manager is the only place that decides when a sandbox ends. A sandbox
+ends when it is killed, when its deadline passes (a duration timeout), when
+the lease of its owner is not renewed in time ("session" sandboxes), or when
+its processes are found dead. Deadlines are enforced by the reaper loop here,
+whether or not any client is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import resource
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .._config import Settings, host_cpus, host_memory
+from .._durations import parse_duration, parse_size, parse_timeout
+from .._errors import InvalidRequest, SandboxExists, SandboxExpired, SandboxNotFound
+from ..agent.remote import AgentClient
+from ..backends.cgroups import Limits
+from ..backends.local import LocalBackend, Runtime, SandboxSpec
+from .state import ENDED, POOLED, RUNNING, SandboxRecord, State
+
+log = logging.getLogger("jupyter_sandbox.service")
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENDED_KEPT_FOR = 86400.0
+HEALTH_INTERVAL = 2.0
+
+
+@dataclass
+class Live:
+    """A running sandbox: its record, how to reach it, its last usage sample."""
+
+    record: SandboxRecord
+    runtime: Runtime
+    agent: AgentClient
+    sample: dict | None = None
+
+
+class Manager:
+    def __init__(self, state: State, backend: LocalBackend, settings: Settings) -> None:
+        self.state = state
+        self.backend = backend
+        self.settings = settings
+        self.live: dict[str, Live] = {}
+        self.listeners: list[Callable[[str, SandboxRecord], None]] = []
+        self.pool: dict[str, Runtime] = {}
+        self.pool_starting: set[str] = set()
+        self._create_lock = asyncio.Lock()
+        self._reserved_names: set[str | None] = set()
+        self._reserved_uids: set[int | None] = set()
+        self._refilling: asyncio.Future | None = None
+        self._background: set[asyncio.Future] = set()
+        self._closing = False
+        self._ending: dict[str, asyncio.Future] = {}
+        self._reaper: asyncio.Task | None = None
+
+    # -- startup and shutdown ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Re-adopt sandboxes that survived a service restart, then start the reaper."""
+        known = {r.id for r in self.state.running()}
+        for sandbox_id in await self.backend.sweep_orphans(known):
+            log.warning("stopped sandbox %s, left behind by a killed service", sandbox_id)
+        for record in self.state.pooled():
+            await self._end(record, Runtime.from_json(record.runtime or "{}"), "pool drained")
+        for record in self.state.running():
+            runtime = Runtime.from_json(record.runtime) if record.runtime else None
+            if runtime is None or not self.backend.alive(runtime):
+                await self._end(record, runtime, "lost while the service was down")
+                continue
+            agent = AgentClient(runtime.socket)
+            try:
+                await asyncio.wait_for(agent.call("ping"), 5)
+            except Exception:
+                await self._end(record, runtime, "agent did not answer after a service restart")
+                continue
+            self.live[record.id] = Live(record, runtime, agent)
+            log.info("re-adopted sandbox %s", record.id)
+        await self.reap()  # deadlines and leases that lapsed while no service ran
+        self._reaper = asyncio.create_task(self._reap_forever())
+        self.refill_pool()
+
+    async def close(self) -> None:
+        await self._drain_pool()
+        if self._reaper:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+
+    # -- queries -----------------------------------------------------------------------
+
+    def get(self, ref: str) -> Live:
+        live = self.live.get(ref) or next(
+            (s for s in self.live.values() if s.record.name == ref), None
+        )
+        if live is not None:
+            return live
+        record = self.state.get(ref)
+        if record is not None and record.status == ENDED:
+            raise SandboxExpired(f"sandbox {ref!r} has ended: {record.end_reason}")
+        raise SandboxNotFound(f"no sandbox with id or name {ref!r}")
+
+    def list(self, include_ended: bool = False) -> list[SandboxRecord]:
+        records = [s.record for s in self.live.values()]
+        if include_ended:
+            rows = self.state.db.execute("SELECT id FROM sandboxes WHERE status = ?", (ENDED,))
+            records += [r for (i,) in rows if (r := self.state.get(i)) is not None]
+        return sorted(records, key=lambda r: r.created_at)
+
+    def usage(self, live: Live) -> dict[str, Any]:
+        """Live CPU and memory use; CPU percent over the time since the last sample."""
+        sample = self.backend.usage(live.runtime)
+        if sample is None:
+            return {"available": False, "reason": live.runtime.limits_note}
+        previous, live.sample = live.sample, sample
+        percent = None
+        if previous and sample["cpu_seconds"] is not None and sample["time"] > previous["time"]:
+            percent = (
+                100
+                * (sample["cpu_seconds"] - previous["cpu_seconds"])
+                / (sample["time"] - previous["time"])
+            )
+        return {"available": True, "cpu_percent": percent, **sample}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        name: str | None = None,
+        timeout: Any = None,
+        memory: Any = None,
+        cpus: Any = None,
+        pids: Any = None,
+        fds: Any = None,
+        network: str = "none",
+        env: dict | None = None,
+        labels: dict | None = None,
+        owner: str = "",
+    ) -> SandboxRecord:
+        """Start a sandbox; limits not given take the defaults of `Settings`."""
+        seconds = parse_timeout(timeout)
+        defaults = self.default_limits()
+        limits = Limits(
+            memory=_parse_memory(memory) or defaults.memory,
+            cpus=_parse_cpus(cpus) or defaults.cpus,
+            pids=_parse_pids(pids) or defaults.pids,
+            fds=_parse_fds(fds) or defaults.fds,
+        )
+        if network not in ("none", "host"):
+            raise InvalidRequest(f'invalid network {network!r}: expected "none" or "host"')
+        env = _check_env(env or {})
+        labels = {str(k): str(v) for k, v in (labels or {}).items()}
+        if name is not None and not NAME_RE.fullmatch(name):
+            raise InvalidRequest(
+                f"invalid name {name!r}: use letters, digits, '.', '_' or '-' "
+                "(up to 63), starting with a letter or digit"
+            )
+        async with self._create_lock:
+            taken = {s.record.name for s in self.live.values()} | self._reserved_names
+            if name is not None and name in taken:
+                raise SandboxExists(f"a sandbox named {name!r} is already running")
+            if name is not None:
+                self._reserved_names.add(name)
+            # A pooled sandbox's tmpfs sizes and fd limit were fixed when it started.
+            fixed = (limits.memory, limits.fds) == (defaults.memory, defaults.fds)
+            pooled = self._take_pooled() if network == "none" and fixed else None
+            sandbox_id = pooled[0] if pooled else "sb-" + secrets.token_hex(5)
+            host_uid = None if pooled else self._reserve_uid()
+        try:
+            if pooled is not None:
+                runtime = pooled[1]
+                self.backend.set_limits(runtime, limits)
+            else:
+                spec = SandboxSpec(sandbox_id, network, limits, host_uid, self.settings.seccomp)
+                runtime = await self.backend.start(spec)
+        finally:
+            self._reserved_names.discard(name)
+            self._reserved_uids.discard(host_uid)
+        now = time.time()
+        record = SandboxRecord(
+            id=sandbox_id,
+            name=name or sandbox_id,
+            status=RUNNING,
+            created_at=now,
+            timeout=seconds,
+            expires_at=now + seconds if seconds else None,
+            lease_id=None if seconds else secrets.token_urlsafe(16),
+            lease_expires=None if seconds else now + self.settings.lease_ttl,
+            owner=owner,
+            labels=labels,
+            env=env,
+            network=network,
+            limits=limits.as_dict(),
+            runtime=runtime.to_json(),
+        )
+        self.live[sandbox_id] = Live(record, runtime, AgentClient(runtime.socket))
+        self.state.save(record)
+        self._notify("created", record)
+        log.info(
+            "created sandbox %s (%s)%s", sandbox_id, record.name, " from the pool" * bool(pooled)
+        )
+        self.refill_pool()
+        return record
+
+    def default_limits(self) -> Limits:
+        return Limits(
+            memory=self.settings.default_memory,
+            cpus=self.settings.default_cpus,
+            pids=self.settings.default_pids,
+            fds=min(self.settings.default_fds, _max_fds()),
+        )
+
+    # -- the warm pool -----------------------------------------------------------------
+
+    def _take_pooled(self) -> tuple[str, Runtime] | None:
+        """A pre-started sandbox with default settings, if one is ready."""
+        while self.pool:
+            sandbox_id, runtime = self.pool.popitem()
+            if self.backend.alive(runtime):
+                return sandbox_id, runtime
+            task = asyncio.ensure_future(self._drop_pooled(sandbox_id, runtime))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return None
+
+    async def _drop_pooled(self, sandbox_id: str, runtime: Runtime) -> None:
+        record = self.state.get(sandbox_id)
+        if record is not None:
+            await self._end(record, runtime, "pool drained")
+
+    def refill_pool(self) -> None:
+        """Start sandboxes in the background until the pool is full again."""
+        if self._refilling is None or self._refilling.done():
+            self._refilling = asyncio.ensure_future(self._fill_pool())
+
+    async def _fill_pool(self) -> None:
+        while (
+            len(self.pool) < self.settings.pool_size
+            and not self.backend.unavailable
+            and not self._closing
+        ):
+            sandbox_id = "sb-" + secrets.token_hex(5)
+            host_uid = self._reserve_uid()
+            limits = self.default_limits()
+            self.pool_starting.add(sandbox_id)
+            try:
+                runtime = await self.backend.start(
+                    SandboxSpec(sandbox_id, "none", limits, host_uid, self.settings.seccomp)
+                )
+            except Exception:
+                log.exception("could not start a pooled sandbox")
+                return
+            finally:
+                self._reserved_uids.discard(host_uid)
+                self.pool_starting.discard(sandbox_id)
+            record = SandboxRecord(
+                id=sandbox_id,
+                name=sandbox_id,
+                status=POOLED,
+                created_at=time.time(),
+                runtime=runtime.to_json(),
+                limits=limits.as_dict(),
+            )
+            self.state.save(record)
+            self.pool[sandbox_id] = runtime
+
+    async def _drain_pool(self) -> None:
+        self._closing = True
+        if self._refilling is not None:
+            await self._refilling  # a start cut short would leave its processes behind
+        while self.pool:
+            await self._drop_pooled(*self.pool.popitem())
+
+    def _reserve_uid(self) -> int | None:
+        """A host uid no other sandbox uses (only when running as root)."""
+        if not self.backend.privileged:
+            return None
+        used = {s.runtime.host_uid for s in self.live.values()} | self._reserved_uids
+        used |= {runtime.host_uid for runtime in self.pool.values()}
+        uid = self.settings.uid_base
+        while uid in used:
+            uid += 1
+        self._reserved_uids.add(uid)
+        return uid
+
+    async def kill(self, ref: str, reason: str = "killed") -> SandboxRecord:
+        live = self.get(ref)
+        await self._end(live.record, live.runtime, reason)
+        return live.record
+
+    def extend(self, ref: str, timeout: Any) -> SandboxRecord:
+        """Set a new deadline, counted from now; "session" is not a deadline."""
+        live = self.get(ref)
+        seconds = parse_duration(timeout)
+        live.record.timeout = seconds
+        live.record.expires_at = time.time() + seconds
+        live.record.lease_id = live.record.lease_expires = None
+        self.state.save(live.record)
+        self._notify("updated", live.record)
+        return live.record
+
+    def renew(self, ref: str, lease_id: str) -> SandboxRecord:
+        live = self.get(ref)
+        if live.record.lease_id is None or not secrets.compare_digest(
+            live.record.lease_id, str(lease_id)
+        ):
+            raise InvalidRequest("this lease does not own the sandbox")
+        live.record.lease_expires = time.time() + self.settings.lease_ttl
+        self.state.save(live.record)
+        return live.record
+
+    async def _end(self, record: SandboxRecord, runtime: Runtime | None, reason: str) -> None:
+        """Stop a sandbox and record why; concurrent calls wait for the first one."""
+        if record.status == ENDED:
+            return
+        if record.id not in self._ending:
+            self._ending[record.id] = asyncio.ensure_future(self._stop(record, runtime, reason))
+        await asyncio.shield(self._ending[record.id])
+
+    async def _stop(self, record: SandboxRecord, runtime: Runtime | None, reason: str) -> None:
+        try:
+            self.state.delete_tokens(record.id)
+            if runtime is not None:
+                try:
+                    await self.backend.stop(runtime)
+                except Exception:
+                    log.exception("cleaning up sandbox %s failed", record.id)
+            self.live.pop(record.id, None)
+            record.status, record.ended_at, record.end_reason = ENDED, time.time(), reason
+            record.lease_id = None
+            self.state.save(record)
+            self._notify("ended", record)
+            log.info("sandbox %s ended: %s", record.id, reason)
+        finally:
+            self._ending.pop(record.id, None)
+
+    def _notify(self, event: str, record: SandboxRecord) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, record)
+            except Exception:
+                log.exception("sandbox event listener failed")
+
+    # -- the reaper --------------------------------------------------------------------
+
+    async def _reap_forever(self) -> None:
+        last_health = 0.0
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            try:
+                await self.reap(check_health=time.monotonic() - last_health > HEALTH_INTERVAL)
+            except Exception:
+                log.exception("reaper pass failed")
+            if time.monotonic() - last_health > HEALTH_INTERVAL:
+                last_health = time.monotonic()
+
+    async def reap(self, check_health: bool = True) -> None:
+        """End every sandbox past its deadline, or whose processes are gone."""
+        now = time.time()
+        for live in list(self.live.values()):
+            deadline = live.record.deadline()
+            if deadline is not None and deadline[0] <= now:
+                await self._end(live.record, live.runtime, deadline[1])
+            elif check_health and not self.backend.alive(live.runtime):
+                await self._end(live.record, live.runtime, "its processes exited")
+        self.state.forget_ended(ENDED_KEPT_FOR)
+
+
+MIN_MEMORY = 64 << 20  # the agent, a shell and the tmpfs shares need about this much
+
+
+def _parse_memory(value: Any) -> int | None:
+    memory = parse_size(value)
+    if memory is None:
+        return None
+    if memory < MIN_MEMORY:
+        raise InvalidRequest(f"invalid memory {value!r}: a sandbox needs at least 64M")
+    if memory > host_memory():
+        raise InvalidRequest(
+            f"invalid memory {value!r}: more than this host's {host_memory() / (1 << 30):.1f}G "
+            "of RAM"
+        )
+    return memory
+
+
+def _parse_cpus(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        cpus = 0.0
+    if isinstance(value, bool) or not 0.01 <= cpus <= host_cpus():
+        raise InvalidRequest(
+            f"invalid cpus {value!r}: expected a number from 0.01 to this host's "
+            f"{host_cpus()} CPUs, such as 0.5 or 2"
+        )
+    return cpus
+
+
+def _parse_whole(name: str, value: Any, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(
+            f"invalid {name} {value!r}: expected a whole number from {low} to {high}"
+        )
+    return value
+
+
+def _parse_pids(value: Any) -> int | None:
+    return _parse_whole("pids", value, 8, 1 << 22)
+
+
+def _parse_fds(value: Any) -> int | None:
+    """Open files per process: bwrap's child cannot raise them past the service's own."""
+    return _parse_whole("fds", value, 64, _max_fds())
+
+
+def _max_fds() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+
+
+def _check_env(env: dict) -> dict[str, str]:
+    if not isinstance(env, dict):
+        raise InvalidRequest("env must be a mapping of names to values")
+    for key in env:
+        if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
+            raise InvalidRequest(f"invalid environment variable name {key!r}")
+    return {k: str(v) for k, v in env.items()}
