@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,13 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+# Machine-wide: root services' storages and the registry of host-uid ranges.
+SYSTEM_DIR = Path("/var/lib/jupyter-sandbox")
+
+
 @dataclass(frozen=True)
 class Paths:
-    """Files of one user's sandbox service."""
+    """Files of one sandbox service."""
 
     runtime_dir: Path
     data_dir: Path
@@ -33,7 +38,7 @@ class Paths:
         elif os.geteuid() == 0:
             # Sandboxes of a root service run as unprivileged uids, which must be able
             # to reach their directories; root's home is usually closed to them.
-            storage_dir = Path("/var/lib/jupyter-sandbox")
+            storage_dir = service_storage(data_dir)
         else:
             storage_dir = data_dir / "sandboxes"
         return cls(Path(jupyter_runtime_dir()), data_dir, storage_dir)
@@ -57,6 +62,15 @@ class Paths:
     @property
     def log_file(self) -> Path:
         return self.data_dir / "service.log"
+
+
+def service_storage(data_dir: Path) -> Path:
+    """The default storage of a root service: its own, named after its data directory.
+
+    Stable across restarts, so a restarted service finds its sandboxes again.
+    """
+    key = hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest()[:16]
+    return SYSTEM_DIR / "services" / key
 
 
 def host_memory() -> int:
