@@ -29,6 +29,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
@@ -194,6 +195,7 @@ def _user_init(ready: int, lockdown: bytes | None) -> None:
             if os.path.exists(path):
                 _mount(path, path, None, MS_BIND | MS_REC)
                 _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | PROC_FLAGS)
+        _rename(b"sandbox-init")
         lock_down(lockdown)
         os.closerange(3, ready)
         os.closerange(ready + 1, 1 << 16)
@@ -210,6 +212,16 @@ def _user_init(ready: int, lockdown: bytes | None) -> None:
             signal.pause()
         except BaseException:  # nothing may end this process
             pass
+
+
+def _rename(name: bytes) -> None:
+    """What ``ps`` shows for this process: `name`, over the agent's command line."""
+    comm = ctypes.create_string_buffer(name)
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(comm), 0, 0, 0)
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of stat
+    ctypes.memmove(arg_start, name.ljust(arg_end - arg_start, b"\0"), arg_end - arg_start)
 
 
 def lock_down(lockdown: bytes | None) -> None:
