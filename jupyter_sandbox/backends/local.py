@@ -691,43 +691,37 @@ async def _wait_exit(pidfd: int) -> None:
 def _sandbox_processes(directory: Path, bwrap: str, host_uid: int | None) -> list[int]:
     """Pidfds of the processes that are provably the bwrap of the sandbox in `directory`.
 
-    That is: running this service's bwrap binary (the same file, not a program that
-    only names it), with the sandbox's directory in its arguments, and, when the
-    service runs as root, as the sandbox's own host uid. Killing these (the pid
-    namespace's init among them) ends every process of the sandbox.
+    That is: running the bwrap this service installs (its executable is that file,
+    or was before a restart replaced it; no sandbox can run a file there), with the
+    sandbox's directory in its arguments, and, when the service runs as root, as the
+    sandbox's own host uid. A process that only names the directory is left alone.
+    Killing these (the pid namespace's init among them) ends every process inside.
     """
-    try:
-        st = os.stat(bwrap)
-    except OSError:
-        return []
-    binary, prefix = (st.st_dev, st.st_ino), os.fsencode(f"{directory}/")
+    prefix = os.fsencode(f"{directory}/")
     pidfds = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or not _is_bwrap_of(entry, binary, bwrap, prefix, host_uid):
+        if not entry.isdigit() or not _is_bwrap_of(entry, bwrap, prefix, host_uid):
             continue
         try:
             pidfd = os.pidfd_open(int(entry))
         except OSError:
             continue
-        # Checked again through the pidfd's process: the pid may have been reused.
-        if _is_bwrap_of(entry, binary, bwrap, prefix, host_uid):
+        # Checked again now that the pidfd holds the process: the pid may have been reused.
+        if _is_bwrap_of(entry, bwrap, prefix, host_uid):
             pidfds.append(pidfd)
         else:
             os.close(pidfd)
     return pidfds
 
 
-def _is_bwrap_of(
-    pid: str, binary: tuple[int, int], bwrap: str, prefix: bytes, host_uid: int | None
-) -> bool:
+def _is_bwrap_of(pid: str, bwrap: str, prefix: bytes, host_uid: int | None) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             args = f.read().split(b"\0")
         with open(f"/proc/{pid}/status") as f:
             uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
         try:
-            exe = os.stat(f"/proc/{pid}/exe")
-            same_binary = (exe.st_dev, exe.st_ino) == binary
+            same_binary = os.readlink(f"/proc/{pid}/exe") in (bwrap, f"{bwrap} (deleted)")
         except PermissionError:  # not ours to inspect (non-dumpable): its argv must say so
             same_binary = uid == os.getuid() and args[0] == os.fsencode(bwrap)
     except (OSError, StopIteration, ValueError):

@@ -65,7 +65,8 @@ class Service:
         self._lock()
         state = State(self.paths.database)
         backend = LocalBackend(self.paths.storage_dir)
-        await asyncio.to_thread(backend.prepare)
+        # Claims the storage and host uids, for as long as this process lives.
+        await asyncio.to_thread(backend.prepare, self.paths.data_dir, self.settings.uid_base)
         if backend.unavailable:
             log.error("isolation unavailable: %s", backend.unavailable)
         manager = Manager(state, backend, self.settings)

@@ -22,7 +22,13 @@ from typing import Any
 
 from .._config import Settings, host_cpus, host_memory
 from .._durations import parse_duration, parse_size, parse_timeout
-from .._errors import InvalidRequest, SandboxExists, SandboxExpired, SandboxNotFound
+from .._errors import (
+    InvalidRequest,
+    IsolationUnavailable,
+    SandboxExists,
+    SandboxExpired,
+    SandboxNotFound,
+)
 from ..agent.remote import AgentClient
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
@@ -69,7 +75,12 @@ class Manager:
     async def start(self) -> None:
         """Re-adopt sandboxes that survived a service restart, then start the reaper."""
         known = {r.id for r in self.state.running()}
-        for sandbox_id in await self.backend.sweep_orphans(known):
+        try:
+            swept = await self.backend.sweep_orphans(known)
+        except Exception:  # cleaning up never stops the service from starting
+            log.exception("sweeping sandboxes left behind failed; trying again at the next start")
+            swept = []
+        for sandbox_id in swept:
             log.warning("stopped sandbox %s, left behind by a killed service", sandbox_id)
         for record in self.state.pooled():
             await self._end(record, Runtime.from_json(record.runtime or "{}"), "pool drained")
@@ -283,14 +294,17 @@ class Manager:
             await self._drop_pooled(*self.pool.popitem())
 
     def _reserve_uid(self) -> int | None:
-        """A host uid no other sandbox uses (only when running as root)."""
-        if not self.backend.privileged:
+        """A host uid of this service's own range that none of its sandboxes uses (as root)."""
+        uids = self.backend.claim.uids
+        if not self.backend.privileged or uids is None:
             return None
         used = {s.runtime.host_uid for s in self.live.values()} | self._reserved_uids
         used |= {runtime.host_uid for runtime in self.pool.values()}
-        uid = self.settings.uid_base
-        while uid in used:
-            uid += 1
+        uid = next((u for u in range(uids.first, uids.first + uids.size) if u not in used), None)
+        if uid is None:
+            raise IsolationUnavailable(
+                f"all {uids.size} host uids of this service are in use: end some sandboxes"
+            )
         self._reserved_uids.add(uid)
         return uid
 
