@@ -55,8 +55,10 @@ SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "ioctl": (16, 29),
     "socket": (41, 198),
     "clone": (56, 220),
+    "ptrace": (101, 117),
     "syslog": (103, 116),
     "uselib": (134, None),
+    "personality": (135, 92),
     "modify_ldt": (154, None),
     "pivot_root": (155, 41),
     "chroot": (161, 51),
@@ -161,6 +163,8 @@ ENOSYS_ALWAYS = (
     "fspick",
     "mount_setattr",
 )
+# Flatpak blocks these outside its devel mode; sandboxes are for debugging too.
+DEVEL_ALLOWED = ("ptrace", "personality")
 # What the agent needs for its own setup and gives up before user code runs.
 LOCKDOWN_EPERM = ("unshare", "mount", "umount2", "setns", "pivot_root", "chroot")
 POLICY = "flatpak-devel"

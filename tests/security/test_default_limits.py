@@ -1,0 +1,129 @@
+"""Limits every sandbox gets without asking: attacks on the host's memory, CPU and files.
+
+A sandbox that nobody gave limits must still not be able to take the host's RAM
+(through its processes or through tmpfs, which lives in RAM), its CPUs, its
+process table or its file table; absurd limits are refused with a message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jupyter_sandbox import InvalidRequest, Sandbox
+from jupyter_sandbox._config import Settings, host_cpus, host_memory
+from jupyter_sandbox.backends.cgroups import Controller
+
+pytestmark = pytest.mark.unprivileged
+
+SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+
+
+def tmpfs_bytes(sandbox: Sandbox) -> dict[str, int]:
+    lines = sandbox.sh(f"df -B1 --output=target,size {' '.join(SCRATCH)}").stdout.splitlines()
+    return {target: int(size) for target, size in (line.split() for line in lines[1:])}
+
+
+def cgroup_value(sandbox: Sandbox, v1: tuple[str, str], v2: str) -> str | None:
+    """A limit as the kernel holds it for the sandbox's cgroup; None without cgroups."""
+    controller = Controller()
+    if controller.unavailable:
+        return None
+    if controller.version == 2:
+        return (controller.bases["unified"] / sandbox.id / v2).read_text().split()[0]
+    return (controller.bases[v1[0]] / sandbox.id / v1[1]).read_text().strip()
+
+
+def test_a_default_sandbox_is_limited(sandbox):
+    """Nobody asked for limits: memory, CPUs, processes, open files and every writable
+    tmpfs are bounded anyway, and info() shows the numbers."""
+    defaults = Settings.from_env()
+    info = sandbox.info()
+    assert info.limits["memory"] == defaults.default_memory <= host_memory() // 4
+    assert info.limits["cpus"] == defaults.default_cpus <= host_cpus()
+    assert info.limits["pids"] == defaults.default_pids
+    assert info.limits["fds"] == defaults.default_fds
+    assert sandbox.sh("ulimit -n; ulimit -Hn").stdout.split() == [str(defaults.default_fds)] * 2
+    sizes = tmpfs_bytes(sandbox)
+    assert sizes == info.limits["tmpfs"]
+    assert sum(sizes.values()) < info.limits["memory"] * 0.7  # room for the processes
+    memory = cgroup_value(sandbox, ("memory", "memory.limit_in_bytes"), "memory.max")
+    if memory is None:
+        assert "NOT enforced" in info.limits_note
+        assert "open files and tmpfs sizes are enforced" in info.limits_note
+    else:
+        assert int(memory) == defaults.default_memory
+        quota = cgroup_value(sandbox, ("cpu", "cpu.cfs_quota_us"), "cpu.max")
+        assert int(quota) == int(defaults.default_cpus * 100_000)
+        pids = cgroup_value(sandbox, ("pids", "pids.max"), "pids.max")
+        assert int(pids) == defaults.default_pids
+    assert "no disk quota" in info.limits_note
+
+
+def test_nothing_else_bwrap_built_is_writable(sandbox):
+    """bwrap's own root, /usr's overlay and /dev are tmpfs with no size: writing there
+    would fill host RAM past every tmpfs limit, so they are read-only."""
+    result = sandbox.sh("for d in / /usr /dev /etc /var; do touch $d/fill-$$; done", check=False)
+    assert result.stderr.count("Read-only file system") == 5
+
+
+def test_filling_every_tmpfs_fails_cleanly_under_a_small_memory_limit(service_env):
+    """Under memory=200M, fill /dev/shm, then /tmp, /var/tmp and /run (RAM the sandbox's
+    cgroup pays for): each write ends in ENOSPC, the agent is not OOM-killed, the
+    sandbox answers and the home is intact."""
+    with Sandbox.create(memory="200M") as sb:
+        sb.fs.write_text("precious.txt", "keep me\n")
+        assert sum(tmpfs_bytes(sb).values()) < 200 * 2**20 * 0.7
+        for path in ("/dev/shm", "/tmp", "/var/tmp", "/run"):
+            fill = sb.sh(f"head -c 300M /dev/zero > {path}/fill", check=False, timeout=60)
+            assert fill.exit_code != 0 and "No space left on device" in fill.stderr, path
+        assert sb.sh("true").exit_code == 0
+        assert sb.sh("echo alive").stdout == "alive\n"
+        assert sb.fs.read_text("precious.txt") == "keep me\n"
+        assert sb.info().status == "running"
+
+
+def test_overrides_apply(service_env):
+    """Per-sandbox limits replace the defaults, tmpfs sizes follow the memory limit."""
+    with Sandbox.create(memory="256M", cpus=0.5, pids=100, fds=256) as sb:
+        info = sb.info()
+        assert (info.limits["memory"], info.limits["cpus"]) == (256 * 2**20, 0.5)
+        assert (info.limits["pids"], info.limits["fds"]) == (100, 256)
+        assert sb.sh("ulimit -n").stdout == "256\n"
+        assert tmpfs_bytes(sb)["/tmp"] == 96 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"memory": "100T"}, "RAM"),
+        ({"memory": "16M"}, "at least 64M"),
+        ({"memory": "-1G"}, "invalid size"),
+        ({"cpus": host_cpus() + 1}, "CPUs"),
+        ({"cpus": 0}, "CPUs"),
+        ({"cpus": -2}, "CPUs"),
+        ({"pids": 0}, "whole number from 8"),
+        ({"fds": 10}, "whole number from 64"),
+        ({"fds": 1 << 40}, "whole number from 64"),
+    ],
+)
+def test_absurd_limits_are_refused(service_env, options, message):
+    """Limits the host cannot honour (more RAM or CPUs than it has) or that leave nothing
+    to run on are refused before any sandbox starts, saying what is accepted."""
+    with pytest.raises(InvalidRequest, match=message):
+        Sandbox.create(**options)
+
+
+def test_limits_note_is_honest_where_cgroups_are_missing(tmp_path: Path):
+    """Without cgroups (an ordinary user on cgroup v1), the note must not pretend:
+    memory, CPU and process limits are NOT enforced, open files and tmpfs sizes are."""
+    from jupyter_sandbox.backends.cgroups import Limits
+    from jupyter_sandbox.backends.local import LocalBackend
+
+    backend = LocalBackend(tmp_path)
+    if not backend.cgroups.unavailable:
+        backend.cgroups.unavailable = "cgroup v1 hierarchies are writable only by root"
+    note = backend.limits_note(Limits(memory=1 << 30, cpus=1.0, pids=64, fds=512), None)
+    assert note.startswith("limits NOT enforced (memory, cpus, pids)")
+    assert "open files and tmpfs sizes are enforced" in note and "no disk quota" in note
