@@ -3,7 +3,8 @@
 The walk is iterative and descriptor-relative: one open directory at a time
 (plus the parent of the tree), entries removed with ``dir_fd``, directories
 opened with ``O_NOFOLLOW`` so no symlink is ever followed, and the way back up
-through ``..`` checked against the device and inode recorded on the way down.
+through ``..`` checked against the device and inode recorded on the way down;
+a filesystem mounted inside the tree is never entered.
 Directories the sandbox made unreadable or unwritable are given back their
 owner's permissions first. Names are passed back exactly as read, so newlines
 and bytes that are not UTF-8 are no obstacle.
@@ -101,6 +102,8 @@ def _empty_below(fd: int, levels: list[_Level]) -> int:
                 os.close(fd)
                 fd = child
                 levels.append(_Level(name, _identity(fd)))
+                if levels[-1].identity[0] != levels[0].identity[0]:
+                    raise OSError(errno.EXDEV, "another filesystem is mounted here", name)
                 _clear(fd, levels[-1])
                 continue
             if len(levels) == 1:
