@@ -14,11 +14,14 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
+
 from .._config import Paths
 from .._durations import parse_timeout
-from .._errors import CommandError, CommandTimeout, SandboxError, ServiceUnavailable
+from .._errors import CommandError, CommandTimeout, SandboxError, ServiceUnavailable, error_from
 from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo, SshAccess
 from ..agent.protocol import Frame
+from ..untrusted.streams import GRACE
 from ._files import AsyncFileSystem
 from ._transport import Transport, read_frames
 
@@ -60,7 +63,7 @@ class AsyncProcess:
         """Wait for the process to exit; its exit code (None if still running at timeout)."""
         params = {"timeout": timeout} if timeout is not None else {}
         info = await self.sandbox._transport.request(
-            "GET", self._url("wait"), params=params, timeout=None
+            "GET", self._url("wait"), params=params, timeout=_backstop(timeout)
         )
         self.exit_code = info["exit_code"]
         return self.exit_code
@@ -316,7 +319,7 @@ class AsyncSandbox:
             body["input_b64"] = base64.b64encode(data).decode()
         lines = {Frame.STDOUT: _LineSplitter("stdout"), Frame.STDERR: _LineSplitter("stderr")}
         async with self._transport.stream(
-            "POST", f"/v1/sandboxes/{self.id}/exec", json=body, timeout=None
+            "POST", f"/v1/sandboxes/{self.id}/exec", json=body, timeout=_backstop(timeout)
         ) as response:
             async for kind, payload in read_frames(response):
                 if kind in lines:
@@ -324,6 +327,9 @@ class AsyncSandbox:
                         yield lines[kind].name, line
                 elif kind == Frame.EXIT:
                     status.update(json.loads(payload))
+                elif kind == Frame.ERROR:
+                    error = json.loads(payload)
+                    raise error_from(error["type"], error["message"])
         for splitter in lines.values():
             for line in splitter.flush():
                 yield splitter.name, line
@@ -372,6 +378,17 @@ class AsyncSandbox:
                     yield entry
                 elif entry.stream != "event":
                     yield OutputLine(entry.stream, entry.text)
+
+
+def _backstop(timeout: float | None) -> httpx.Timeout | None:
+    """How long to wait for the service to answer a command with a timeout.
+
+    The service itself ends such a command within its timeout plus GRACE even if
+    the agent is silent; this only guards against a service that hangs.
+    """
+    if timeout is None:
+        return None
+    return httpx.Timeout(timeout + 3 * GRACE, connect=5.0)
 
 
 def _raise_for_status(

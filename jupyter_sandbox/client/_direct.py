@@ -5,16 +5,21 @@ agent's socket directly. It hands the agent one end of a pipe (SCM_RIGHTS) and
 the kernel moves the bytes with splice/sendfile: no HTTP, no copies through
 Python, no file descriptor of the host's files ever enters the sandbox. Where
 the agent socket cannot be reached, the caller falls back to HTTP streaming.
+
+The agent is as untrusted here as anywhere: its frames are checked by
+``untrusted.messages``, what it sends is written by ``untrusted.extract``, and
+every wait on it is bounded by ``untrusted.streams``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
+import select
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +27,15 @@ from typing import Any
 from .._errors import FileError, SandboxError, SandboxExpired
 from ..agent import protocol
 from ..agent.protocol import Frame
-from ..agent.remote import raise_agent_error
-from ._tar import add_tree, extract_tree
+from ..untrusted import messages
+from ..untrusted.extract import FileDownload, extract_tree
+from ..untrusted.streams import INACTIVITY, PipeReader, PipeWriter, silent, wait_for_fd
+from ._tar import add_tree
 
 Progress = Callable[[int, "int | None"], None]
 PIPE_SIZE = 1 << 20
 PROGRESS_INTERVAL = 0.1
+PING_TIMEOUT = 5.0
 
 
 class DirectTransfer:
@@ -39,75 +47,102 @@ class DirectTransfer:
     def usable(self) -> bool:
         """Can this process talk to the agent (same machine, same user), and pass pipes?"""
         try:
-            with self._connect() as sock:
-                sock.sendall(protocol.request_line("ping"))
-                return _expect(sock, Frame.RESULT).get("version", 0) >= protocol.PIPE_VERSION
+            with _Connection.open(self.socket_path, "ping", PING_TIMEOUT) as conn:
+                return conn.expect(Frame.RESULT)["version"] >= protocol.PIPE_VERSION
         except (OSError, SandboxError):
             return False
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[socket.socket]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(self.socket_path)
-            yield sock
-        finally:
-            sock.close()
-
-    @contextlib.contextmanager
-    def _request(self, op: str, **args: Any) -> Iterator[socket.socket]:
-        with self._connect() as sock:
-            sock.sendall(protocol.request_line(op, pipe=True, **args))
-            yield sock
+    def _request(self, op: str, **args: Any) -> _Connection:
+        return _Connection.open(self.socket_path, op, INACTIVITY, pipe=True, **args)
 
     def upload_file(self, local: Path, remote: str, progress: Progress | None) -> dict:
         mode = local.stat().st_mode & 0o7777
-        with self._request("write", path=remote, mode=mode) as sock:
-            _expect(sock, Frame.FD)
-            with _pipe(sock, agent_reads=True) as pipe, open(local, "rb") as f:
+        with self._request("write", path=remote, mode=mode) as conn:
+            conn.expect(Frame.FD)
+            with _pipe(conn.sock, agent_reads=True) as pipe, open(local, "rb") as f:
+                os.set_blocking(pipe, False)
                 _pump(
-                    lambda: os.splice(f.fileno(), pipe, PIPE_SIZE),
+                    lambda: _splice_into(f.fileno(), pipe),
                     progress,
                     os.fstat(f.fileno()).st_size,
                 )
-            return _expect(sock, Frame.RESULT)
+            return conn.expect(Frame.RESULT)
 
     def download_file(self, remote: str, target: Path, progress: Progress | None) -> dict:
-        with self._request("read", path=remote) as sock:
-            info = _expect(sock, Frame.RESULT)
-            _expect(sock, Frame.FD)
-            tmp = target.with_name(f".{target.name}.download")
-            try:
-                with _pipe(sock, agent_reads=False) as pipe, open(tmp, "wb") as f:
-                    _write_with_fresh_process(pipe, f.fileno(), progress, info["size"])
-                _expect(sock, Frame.END)
-                os.chmod(tmp, info["mode"])
-                os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+        """Copy one file; at most (and exactly) the size the agent announced is accepted."""
+        with self._request("read", path=remote) as conn:
+            info = conn.expect(Frame.RESULT)
+            with FileDownload(target, info) as out:
+                conn.expect(Frame.FD)
+                with _pipe(conn.sock, agent_reads=False) as pipe:
+                    _write_with_fresh_process(pipe, out, progress)
+                    _expect_end_of(pipe, out.size)
+                conn.expect(Frame.END)
+                out.commit()
             return info
 
     def upload_tree(self, local: Path, remote: str, progress: Progress | None) -> dict:
-        with self._request("tar_in", path=remote) as sock:
-            _expect(sock, Frame.FD)
+        with self._request("tar_in", path=remote) as conn:
+            conn.expect(Frame.FD)
             with (
-                _pipe(sock, agent_reads=True) as pipe,
-                _Counting(os.fdopen(pipe, "wb", closefd=False), progress) as out,
+                contextlib.suppress(BrokenPipeError),  # the agent stopped reading: see its answer
+                _pipe(conn.sock, agent_reads=True) as pipe,
+                _Counting(PipeWriter(pipe), progress) as out,
             ):
                 add_tree(local, out)
-            return _expect(sock, Frame.RESULT)
+            return conn.expect(Frame.RESULT)
 
     def download_tree(self, remote: str, target: Path, progress: Progress | None) -> None:
-        with self._request("tar_out", path=remote) as sock:
-            _expect(sock, Frame.RESULT)
-            _expect(sock, Frame.FD)
-            with (
-                _pipe(sock, agent_reads=False) as pipe,
-                _Counting(os.fdopen(pipe, "rb", closefd=False), progress) as source,
-            ):
-                extract_tree(source, target)
-            _expect(sock, Frame.END)
+        with self._request("tar_out", path=remote) as conn:
+            conn.expect(Frame.RESULT)
+            conn.expect(Frame.FD)
+            with _pipe(conn.sock, agent_reads=False) as pipe:
+                extract_tree(_Counting(PipeReader(pipe), progress), target)
+            conn.expect(Frame.END)
+
+
+class _Connection:
+    """One request on the agent socket; every frame checked, every wait bounded."""
+
+    def __init__(self, sock: socket.socket, op: str, timeout: float) -> None:
+        self.sock, self.op, self.timeout = sock, op, timeout
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, socket_path: str, op: str, timeout: float, **args: Any) -> Iterator[_Connection]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            sock.sendall(protocol.request_line(op, **args))
+            yield cls(sock, op, timeout)
+        finally:
+            sock.close()
+
+    def _recv_exactly(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            try:
+                chunk = self.sock.recv(size - len(data))
+            except TimeoutError:
+                raise silent(self.timeout) from None
+            if not chunk:
+                raise SandboxExpired("the sandbox went away during a transfer")
+            data += chunk
+        return bytes(data)
+
+    def expect(self, kind: Frame) -> dict:
+        """Read the next frame; it must be `kind` (an ERROR frame raises its error)."""
+        got, size = protocol.HEADER.unpack(self._recv_exactly(protocol.HEADER.size))
+        frame = messages.check_header(self.op, got, size)
+        payload = self._recv_exactly(size) if size else b""
+        if frame == Frame.ERROR:
+            raise messages.agent_error(payload)
+        if frame != kind:
+            raise messages.ProtocolViolation(
+                f"the sandbox's agent sent a {frame.name} frame (expected {kind.name})"
+            )
+        return messages.parse_result(self.op, payload) if kind == Frame.RESULT else {}
 
 
 @contextlib.contextmanager
@@ -127,22 +162,56 @@ def _pipe(sock: socket.socket, agent_reads: bool) -> Iterator[int]:
                 os.close(fd)
 
 
-def _write_with_fresh_process(
-    source: int, target: int, progress: Progress | None, total: int
-) -> None:
-    """Copy a pipe into a file with a short-lived `cat` (see the agent's twin for why)."""
-    writer = subprocess.Popen(["cat"], stdin=source, stdout=target, stderr=subprocess.PIPE)
+def _write_with_fresh_process(source: int, out: FileDownload, progress: Progress | None) -> None:
+    """Copy the announced size from a pipe into the file with a short-lived `head -c`.
+
+    A fresh process writes into the page cache at memory speed where a long-lived
+    one is throttled (see the agent's twin). Progress is watched: a pipe that stays
+    silent for INACTIVITY seconds ends the copy.
+    """
+    writer = subprocess.Popen(
+        ["head", "-c", str(out.size)], stdin=source, stdout=out.fd, stderr=subprocess.PIPE
+    )
+    done, quiet_since = -1, time.monotonic()
+    try:
+        while True:
+            try:
+                writer.wait(PROGRESS_INTERVAL)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now, size = time.monotonic(), os.fstat(out.fd).st_size
+            if size != done:
+                done, quiet_since = size, now
+                if progress is not None:
+                    progress(size, out.size)
+            elif now - quiet_since > INACTIVITY:
+                raise silent(INACTIVITY)
+    finally:
+        if writer.returncode is None:
+            writer.kill()
+            writer.wait()
+        writer.stderr.close()
+    if writer.returncode:
+        raise FileError(f"writing the download failed (head exited {writer.returncode})")
+    if progress is not None:
+        progress(os.fstat(out.fd).st_size, out.size)
+
+
+def _expect_end_of(pipe: int, size: int) -> None:
+    """The pipe must end after the announced size: a sandbox may not send more."""
+    wait_for_fd(pipe, select.POLLIN, INACTIVITY)
+    if os.read(pipe, 1):
+        raise FileError(f"the sandbox sent more than the {size} bytes it announced")
+
+
+def _splice_into(source: int, pipe: int) -> int:
+    """Move up to PIPE_SIZE bytes into the agent's pipe; wait at most INACTIVITY for room."""
     while True:
         try:
-            writer.wait(PROGRESS_INTERVAL)
-            break
-        except subprocess.TimeoutExpired:
-            if progress is not None:
-                progress(os.fstat(target).st_size, total)
-    if writer.returncode:
-        raise FileError(f"writing the download failed: {writer.stderr.read().decode().strip()}")
-    if progress is not None:
-        progress(os.fstat(target).st_size, total)
+            return os.splice(source, pipe, PIPE_SIZE, flags=os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            wait_for_fd(pipe, select.POLLOUT, INACTIVITY)
 
 
 def _pump(step: Callable[[], int], progress: Progress | None, total: int | None) -> None:
@@ -181,26 +250,4 @@ class _Counting:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(BrokenPipeError):
-            self.inner.close()
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise SandboxExpired("the sandbox went away during a transfer")
-        data += chunk
-    return data
-
-
-def _expect(sock: socket.socket, kind: int) -> dict:
-    """Read the next frame; it must be `kind` (an ERROR frame raises its error)."""
-    got, size = protocol.HEADER.unpack(_recv_exactly(sock, protocol.HEADER.size))
-    payload = _recv_exactly(sock, size) if size else b""
-    if got == Frame.ERROR:
-        raise_agent_error(payload)
-    if got != kind:
-        raise SandboxError(f"unexpected frame {got} from the agent (wanted {kind})")
-    return json.loads(payload) if payload else {}
+        pass

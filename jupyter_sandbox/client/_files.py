@@ -8,6 +8,8 @@ than a few chunks in memory however large it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import queue
 import threading
@@ -15,11 +17,16 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import FileNotFound, SandboxError
+import httpx
+
+from .._errors import FileError, FileNotFound, SandboxError, error_from
 from .._models import FileInfo
-from ..agent.protocol import CHUNK
+from ..agent.protocol import CHUNK, Frame
+from ..untrusted.extract import FileDownload, extract_tree
+from ..untrusted.streams import INACTIVITY
 from ._direct import DirectTransfer
-from ._tar import add_tree, extract_tree
+from ._tar import add_tree
+from ._transport import read_frames
 
 if TYPE_CHECKING:
     from ._async import AsyncSandbox
@@ -27,6 +34,10 @@ if TYPE_CHECKING:
 Progress = Callable[[int, "int | None"], None]
 _QUEUE_DEPTH = 8
 _DONE = object()
+_FAILED = object()
+# The service ends a transfer whose agent went silent after INACTIVITY seconds and
+# says so; waiting twice that long only guards against a service that hangs.
+_DOWNLOAD_TIMEOUT = httpx.Timeout(2 * INACTIVITY, connect=5.0)
 
 
 class AsyncFileSystem:
@@ -73,8 +84,15 @@ class AsyncFileSystem:
         return await self.write_bytes(path, text.encode(), mode)
 
     async def read_bytes(self, path: str) -> bytes:
-        chunks = [chunk async for chunk in self._get("read", path)]
-        return b"".join(chunks)
+        """The file's contents; exactly the size the sandbox announced for it."""
+        async with self._get("read", path) as (info, data):
+            chunks = [chunk async for chunk in data]
+        content = b"".join(chunks)
+        if len(content) != info["size"]:
+            raise FileError(
+                f"the sandbox sent {len(content)} of the {info['size']} bytes it announced"
+            )
+        return content
 
     async def read_text(self, path: str) -> str:
         return (await self.read_bytes(path)).decode()
@@ -105,36 +123,34 @@ class AsyncFileSystem:
     async def download(
         self, remote: str, local: str | os.PathLike, progress: Progress | None = None
     ) -> None:
-        """Copy a file or directory tree out of the sandbox to `local`."""
+        """Copy a file or directory tree out of the sandbox to `local`.
+
+        Whatever the sandbox sends is written by ``untrusted.extract``: nothing
+        outside `local`, no link followed, no set-id, device or FIFO file made.
+        """
         info = await self.stat(remote)
+        if info.type not in ("file", "dir", "symlink"):
+            raise FileError(f"not a regular file or directory in the sandbox: {info.path}")
         target = Path(local)
         is_tree = info.type == "dir"
-        if not is_tree and target.is_dir():
-            target = target / info.name
         report = _with_total(progress, None if is_tree else info.size)
         direct = await self._direct()
         if direct is not None:
             receive = direct.download_tree if is_tree else direct.download_file
             await asyncio.to_thread(receive, remote, target, report)
         elif is_tree:
-            chunks = _counting(self._get("tar", remote), report)
-            await _thread_consumer(chunks, lambda read: extract_tree(read, target))
+            async with self._get("tar", remote) as (_, data):
+                chunks = _counting(data, report)
+                await _thread_consumer(chunks, lambda read: extract_tree(read, target))
         else:
-            await self._download_file(remote, target, info, report)
+            await self._download_file(remote, target, report)
 
-    async def _download_file(
-        self, remote: str, target: Path, info: FileInfo, report: Progress | None
-    ) -> None:
-        tmp = target.with_name(f".{target.name}.download")
-        try:
-            with open(tmp, "wb") as f:
-                async for chunk in _counting(self._get("read", remote), report):
-                    f.write(chunk)
-            os.chmod(tmp, info.mode)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+    async def _download_file(self, remote: str, target: Path, report: Progress | None) -> None:
+        async with self._get("read", remote) as (info, data):
+            with FileDownload(target, info) as out:
+                async for chunk in _counting(data, report):
+                    out.write(chunk)
+                out.commit()
 
     async def _direct(self) -> DirectTransfer | None:
         """The agent's socket, if this process may use it (same machine and user)."""
@@ -160,12 +176,32 @@ class AsyncFileSystem:
             )
         )
 
-    async def _get(self, op: str, path: str) -> AsyncIterator[bytes]:
+    @contextlib.asynccontextmanager
+    async def _get(
+        self, op: str, path: str
+    ) -> AsyncIterator[tuple[dict[str, Any], AsyncIterator[bytes]]]:
+        """The sandbox's description of `path` and an iterator over its bytes."""
         async with self._sandbox._transport.stream(
-            "GET", self._url(op), params={"path": path}, timeout=None
+            "GET", self._url(op), params={"path": path}, timeout=_DOWNLOAD_TIMEOUT
         ) as response:
-            async for chunk in response.aiter_raw():
-                yield chunk
+            frames = read_frames(response)
+            kind, payload = await anext(frames, (None, b""))
+            if kind != Frame.RESULT:
+                raise SandboxError("the service's download answer did not start with RESULT")
+            yield json.loads(payload), _data_of(frames)
+
+
+async def _data_of(frames: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[bytes]:
+    """DATA payloads until END; an ERROR frame raises its error."""
+    async for kind, payload in frames:
+        if kind == Frame.DATA:
+            yield payload
+        elif kind == Frame.END:
+            return
+        elif kind == Frame.ERROR:
+            error = json.loads(payload)
+            raise error_from(error["type"], error["message"])
+    raise SandboxError("the download was cut off before its end")
 
 
 async def _chunks_of(data: bytes) -> AsyncIterator[bytes]:
@@ -245,6 +281,10 @@ async def _thread_producer(
         raise failure[0]
 
 
+class _SourceFailed(Exception):
+    """What a consumer sees when the chunks it reads failed (their error is raised)."""
+
+
 class _QueueReader:
     """A file object reading chunks from a bounded queue until _DONE."""
 
@@ -254,6 +294,8 @@ class _QueueReader:
     def read(self, size: int = -1) -> bytes:
         while not self.finished and (size < 0 or len(self.pending) < size):
             chunk = self.source.get()
+            if chunk is _FAILED:
+                raise _SourceFailed()
             if chunk is _DONE:
                 self.finished = True
             else:
@@ -268,7 +310,8 @@ async def _thread_consumer(
 ) -> None:
     """Feed chunks to `consume` running in a thread, with back-pressure.
 
-    If `consume` fails, feeding stops and its exception is raised here.
+    If `consume` fails, feeding stops and its exception is raised here; if the
+    chunks fail, `consume` is stopped and their exception is raised.
     """
     pipe: queue.Queue = queue.Queue(_QUEUE_DEPTH)
     worker = asyncio.ensure_future(asyncio.to_thread(consume, _QueueReader(pipe)))
@@ -286,6 +329,10 @@ async def _thread_consumer(
         async for chunk in chunks:
             if not await feed(chunk):
                 break
-    finally:
-        await feed(_DONE)
-        await worker
+    except BaseException:
+        await feed(_FAILED)
+        with contextlib.suppress(Exception):
+            await worker
+        raise
+    await feed(_DONE)
+    await worker

@@ -17,6 +17,7 @@ import httpx
 from .._config import Paths
 from .._errors import ServiceUnavailable, error_from
 from ..agent import protocol
+from ..untrusted.messages import MAX_RESULT
 
 START_TIMEOUT = 30.0
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
@@ -105,6 +106,8 @@ class Transport:
         except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
             await self.reset()
             raise ServiceUnavailable(f"lost the sandbox service: {e}") from None
+        except httpx.TimeoutException as e:
+            raise ServiceUnavailable(f"the sandbox service stopped answering ({e!r})") from None
 
 
 async def raise_for_error(response: httpx.Response) -> None:
@@ -129,6 +132,8 @@ async def read_frames(response: httpx.Response) -> AsyncIterator[tuple[int, byte
         buffer += chunk
         while len(buffer) >= header:
             kind, size = protocol.HEADER.unpack_from(buffer)
+            if size > MAX_RESULT:
+                raise ServiceUnavailable(f"the sandbox service sent a frame of {size} bytes")
             if len(buffer) < header + size:
                 break
             payload = bytes(buffer[header : header + size])
@@ -140,7 +145,9 @@ def start_service(paths: Paths) -> None:
     """Start `jupyter-sandbox serve` detached and wait until it listens (or fails)."""
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     read_fd, write_fd = os.pipe()
-    with open(paths.log_file, "ab") as log:
+    log_fd = os.open(paths.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(log_fd, 0o600)  # the service's log is private, even one made before this rule
+    with os.fdopen(log_fd, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_sandbox", "serve", "--ready-fd", str(write_fd)],
             stdin=subprocess.DEVNULL,

@@ -19,9 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .._errors import InvalidRequest, PermissionDenied, SandboxError
+from .._errors import CommandTimeout, FileError, InvalidRequest, PermissionDenied, SandboxError
 from ..agent.protocol import CHUNK, Frame, encode, encode_json
-from ..agent.remote import raise_agent_error
+from ..agent.remote import AgentStream
+from ..untrusted import messages
+from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
 from .manager import Live, Manager
 from .ssh_access import SshAccessManager
 from .state import SandboxRecord
@@ -29,6 +31,7 @@ from .state import SandboxRecord
 log = logging.getLogger("jupyter_sandbox.service")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FILE_OPS = ("stat", "list", "mkdir", "remove", "rename")
+REMOVE_TIMEOUT = 600.0  # a recursive remove of a large tree may take that long
 FRAMED = "application/x-sandbox-frames"
 
 
@@ -286,13 +289,18 @@ class Api:
         }
 
     async def exec(self, request: web.Request) -> web.StreamResponse:
-        """Run a command; the response streams RESULT, STDOUT/STDERR and EXIT frames."""
+        """Run a command; the response streams RESULT, STDOUT/STDERR and EXIT frames.
+
+        A command with a timeout ends within that timeout plus GRACE even if the
+        agent stops answering: the stream then ends with an ERROR frame.
+        """
         live = self._live(request)
         body = await _json(request)
         stdin = body.get("input_b64")
         timeout = body.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidRequest("timeout must be a positive number of seconds")
+        deadline = _Deadline(None if timeout is None else timeout + GRACE)
         agent = await live.agent.open(
             "exec",
             **self._command(live, body),
@@ -300,16 +308,20 @@ class Api:
             stdin=stdin is not None,
         )
         async with agent:
-            started = await agent.result()
-            if stdin is not None:
-                await agent.send(Frame.STDIN, base64.b64decode(stdin))
-                await agent.send(Frame.EOF)
+            try:
+                started = await agent.result(deadline.left(ANSWER_TIMEOUT))
+                if stdin is not None:
+                    with contextlib.suppress(ConnectionError):  # its frames below say why
+                        await agent.send(Frame.STDIN, base64.b64decode(stdin), deadline.left())
+                        await agent.send(Frame.EOF, b"", deadline.left())
+            except AgentTimeout as e:
+                raise _command_timeout(timeout, deadline, e) from None
             response = await _framed_response(request)
             await response.write(encode_json(Frame.RESULT, started))
-            while (frame := await agent.recv()) is not None:
-                await response.write(encode(*frame))
-                if frame[0] == Frame.EXIT:
-                    break
+            try:
+                await _relay_command(agent, response, deadline)
+            except SandboxError as e:
+                await response.write(_error_frame(_command_timeout(timeout, deadline, e)))
             await response.write_eof()
             return response
 
@@ -333,10 +345,12 @@ class Api:
     async def proc_wait(self, request: web.Request) -> web.Response:
         live = self._live(request)
         timeout = request.query.get("timeout")
+        seconds = _number(timeout, "timeout")
         info = await live.agent.call(
             "proc_wait",
+            answer_timeout=None if seconds is None else seconds + GRACE,
             pid=_int(request.match_info["pid"], "pid"),
-            timeout=float(timeout) if timeout else None,
+            timeout=seconds,
         )
         return web.json_response(info)
 
@@ -354,23 +368,25 @@ class Api:
         """Log entries as JSON lines; `follow=1` keeps streaming new ones."""
         live = self._live(request)
         query = request.query
+        follow = query.get("follow") in ("1", "true")
+        silence = None if follow else ANSWER_TIMEOUT  # following may wait for new entries
         agent = await live.agent.open(
             "logs",
             after=_int(query.get("after"), "after") or 0,
             tail=_int(query.get("tail"), "tail"),
-            follow=query.get("follow") in ("1", "true"),
+            follow=follow,
             pid=_int(query.get("pid"), "pid"),
         )
         async with agent:
-            first = await agent.recv()
-            if first is not None and first[0] == Frame.ERROR:
-                raise_agent_error(first[1])
+            entry = await _next_log_entry(agent, silence)
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
-            frame = first
-            while frame is not None and frame[0] == Frame.RESULT:
-                await response.write(frame[1] + b"\n")
-                frame = await agent.recv()
+            try:
+                while entry is not None:
+                    await response.write(json.dumps(entry).encode() + b"\n")
+                    entry = await _next_log_entry(agent, silence)
+            except SandboxError as e:
+                log.warning("log stream of %s ended: %s", live.record.id, e)
             await response.write_eof()
             return response
 
@@ -381,7 +397,9 @@ class Api:
         if op not in FILE_OPS:
             raise web.HTTPNotFound()
         body = await _json(request)
-        return web.json_response(await self._live(request).agent.call(op, **body))
+        answer_timeout = REMOVE_TIMEOUT if op == "remove" else ANSWER_TIMEOUT
+        agent = self._live(request).agent
+        return web.json_response(await agent.call(op, answer_timeout=answer_timeout, **body))
 
     async def read_file(self, request: web.Request) -> web.StreamResponse:
         return await self._download(request, "read")
@@ -390,18 +408,24 @@ class Api:
         return await self._download(request, "tar_out")
 
     async def _download(self, request: web.Request, op: str) -> web.StreamResponse:
+        """A file's bytes (or a tree's tar stream) as frames: RESULT, DATA..., END or ERROR.
+
+        A file may not send more than the size it announced; a silent agent ends
+        the transfer with an ERROR frame after INACTIVITY seconds.
+        """
         live = self._live(request)
         async with await live.agent.open(op, path=_query_path(request)) as agent:
             info = await agent.result()
-            response = web.StreamResponse(
-                headers={
-                    "Content-Type": "application/octet-stream",
-                    "X-Sandbox-Stat": json.dumps(info),
-                }
-            )
-            await response.prepare(request)
-            async for chunk in agent.data():
-                await response.write(chunk)
+            if op == "read" and info["type"] != "file":
+                raise FileError(f"not a regular file: {info['path']}")
+            response = await _framed_response(request)
+            await response.write(encode_json(Frame.RESULT, info))
+            try:
+                async for chunk in agent.data(info["size"] if op == "read" else None):
+                    await response.write(encode(Frame.DATA, chunk))
+                await response.write(encode(Frame.END))
+            except SandboxError as e:
+                await response.write(_error_frame(e))
             await response.write_eof()
             return response
 
@@ -417,11 +441,75 @@ class Api:
         async with await live.agent.open(op, path=_query_path(request), **args) as agent:
             try:
                 while chunk := await request.content.read(CHUNK):
-                    await agent.send(Frame.DATA, chunk)
-                await agent.send(Frame.END)
+                    await agent.send(Frame.DATA, chunk, INACTIVITY)
+                await agent.send(Frame.END, b"", INACTIVITY)
             except ConnectionError:
                 pass  # the agent refused early; its answer below says why
-            return web.json_response(await agent.result())
+            return web.json_response(await agent.result(INACTIVITY))
+
+
+def _number(value: str | None, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number of seconds") from None
+
+
+class _Deadline:
+    """Seconds left of an optional overall limit."""
+
+    def __init__(self, seconds: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.clock = loop.time
+        self.end = None if seconds is None else loop.time() + seconds
+
+    def left(self, cap: float | None = None) -> float | None:
+        if self.end is None:
+            return cap
+        remaining = max(0.0, self.end - self.clock())
+        return remaining if cap is None else min(cap, remaining)
+
+
+def _command_timeout(
+    timeout: float | None, deadline: _Deadline, error: SandboxError
+) -> SandboxError:
+    """CommandTimeout if the agent went silent past the command's timeout, else `error`."""
+    if timeout is None or not isinstance(error, AgentTimeout) or deadline.left():
+        return error
+    return CommandTimeout(
+        f"the command did not end within its timeout of {timeout:g} s (+{GRACE:g} s): {error}"
+    )
+
+
+async def _relay_command(
+    agent: AgentStream, response: web.StreamResponse, deadline: _Deadline
+) -> None:
+    """The command's output and EXIT frames, checked, until EXIT or the agent's end."""
+    while (frame := await agent.recv(deadline.left())) is not None:
+        kind, payload = frame
+        if kind == Frame.ERROR:
+            raise messages.agent_error(payload)
+        if kind == Frame.RESULT:
+            raise messages.ProtocolViolation("the sandbox's agent sent a second RESULT frame")
+        await response.write(encode(kind, payload))
+        if kind == Frame.EXIT:
+            return
+
+
+async def _next_log_entry(agent: AgentStream, silence: float | None) -> dict[str, Any] | None:
+    """The next checked log entry, or None at the end of the log."""
+    frame = await agent.recv(silence)
+    if frame is None or frame[0] == Frame.END:
+        return None
+    if frame[0] == Frame.ERROR:
+        raise messages.agent_error(frame[1])
+    return messages.parse_result("logs", frame[1])
+
+
+def _error_frame(error: SandboxError) -> bytes:
+    return encode_json(Frame.ERROR, {"type": type(error).__name__, "message": str(error)})
 
 
 async def _framed_response(request: web.Request) -> web.StreamResponse:

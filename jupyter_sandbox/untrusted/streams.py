@@ -1,0 +1,73 @@
+"""Time bounds on everything read from (or written to) a sandbox.
+
+A stopped, stalled or hostile agent must never hang the host: every answer
+has a deadline, and every transfer an inactivity limit, after which the
+operation ends with ``AgentTimeout``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+
+from .._errors import SandboxError
+
+ANSWER_TIMEOUT = 30.0  # seconds for the first answer to a request
+INACTIVITY = 30.0  # seconds a sandbox may stay silent in the middle of a transfer
+GRACE = 5.0  # beyond a command's own timeout, for the agent to end it and say so
+CHUNK = 256 * 1024
+
+
+class AgentTimeout(SandboxError):
+    """The sandbox's agent did not answer (or stopped sending) in time."""
+
+    status = 504
+
+
+def silent(seconds: float) -> AgentTimeout:
+    return AgentTimeout(f"the sandbox's agent sent nothing for {seconds:g} s; gave up on it")
+
+
+def wait_for_fd(fd: int, events: int, seconds: float) -> None:
+    """Wait until `fd` is ready for `events` (poll flags); AgentTimeout after `seconds`."""
+    poller = select.poll()
+    poller.register(fd, events)
+    if not poller.poll(seconds * 1000):
+        raise silent(seconds)
+
+
+class PipeReader:
+    """A binary file object over a pipe; no read waits longer than `inactivity`."""
+
+    def __init__(self, fd: int, inactivity: float = INACTIVITY) -> None:
+        self.fd, self.inactivity = fd, inactivity
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            parts = []
+            while part := self.read(CHUNK):
+                parts.append(part)
+            return b"".join(parts)
+        wait_for_fd(self.fd, select.POLLIN, self.inactivity)
+        return os.read(self.fd, size)
+
+
+class PipeWriter:
+    """A binary file object over a non-blocking pipe end; no write waits longer than
+    `inactivity` for the sandbox to take more."""
+
+    def __init__(self, fd: int, inactivity: float = INACTIVITY) -> None:
+        os.set_blocking(fd, False)
+        self.fd, self.inactivity = fd, inactivity
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                wait_for_fd(self.fd, select.POLLOUT, self.inactivity)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
