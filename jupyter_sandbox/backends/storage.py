@@ -242,7 +242,8 @@ def _make_system_dir(path: Path) -> None:
     """A machine-wide directory of root's: made if missing, refused if anyone could plant in it."""
     for directory in (SYSTEM_DIR, path):
         with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, 0o711)
+            os.mkdir(directory, 0o700)
+            os.chmod(directory, 0o711)  # the sandboxes' uids pass through to their own
         st = os.lstat(directory)
         if st.st_uid != 0 or st.st_mode & 0o022 or not os.path.isdir(directory):
             raise StorageInUse(
