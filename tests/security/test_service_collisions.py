@@ -44,7 +44,9 @@ print(sb.fs.read_text("kept.txt"), sb.sh("wc -l < ticks").stdout.strip())
 
 LIST = "from jupyter_sandbox import Sandbox; print(' '.join(s.id for s in Sandbox.list()))"
 
-KILL_ALL = "from jupyter_sandbox import Sandbox\nfor s in Sandbox.list(): s.kill()"
+KILL_ALL = (
+    "from jupyter_sandbox import Sandbox\nfor s in Sandbox.list(): Sandbox.connect(s.id).kill()"
+)
 
 
 class Service:
@@ -114,15 +116,16 @@ class Service:
         return bool(wait_for(lambda: self.tick_count(sandbox_id)[1] > before, 15))
 
     def tear_down(self) -> None:
-        if self.pid() is not None:
-            with contextlib.suppress(AssertionError):
+        try:
+            if self.pid() is not None:
                 self.python(KILL_ALL)
-        self.stop()
-        for pid in sandbox_processes(self.storage):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.storage, ignore_errors=True)
-        _forget_uid_claims(self.storage)
+            self.stop()
+        finally:
+            for pid in sandbox_processes(self.storage):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(self.storage, ignore_errors=True)
+            _forget_uid_claims(self.storage)
 
 
 def _uid(pid: int) -> int | None:
