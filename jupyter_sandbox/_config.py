@@ -106,7 +106,9 @@ class Settings:
       /dev/shm 1/8, /var/tmp 1/16, /run 1/32 up to 16 MiB) are sized from it;
     * cpus: 2, or the host's CPU count if that is less (JUPYTER_SANDBOX_DEFAULT_CPUS);
     * pids: 1024 processes and threads;
-    * fds: 4096 open files per process (RLIMIT_NOFILE, JUPYTER_SANDBOX_DEFAULT_FDS).
+    * fds: 4096 open files per process (RLIMIT_NOFILE, JUPYTER_SANDBOX_DEFAULT_FDS);
+    * disk: 10 GiB for the home, as a filesystem of its own where the service runs as
+      root (JUPYTER_SANDBOX_DEFAULT_DISK, e.g. "20G").
 
     The syscall filter is on; JUPYTER_SANDBOX_SECCOMP=off turns it off, and every
     sandbox's info then says so.
@@ -120,12 +122,14 @@ class Settings:
     default_cpus: float = float(min(2, host_cpus()))
     default_pids: int = 1024
     default_fds: int = 4096
+    default_disk: int = 10 << 30
     pool_size: int = 2
     seccomp: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
         memory = os.environ.get("JUPYTER_SANDBOX_DEFAULT_MEMORY")
+        disk = os.environ.get("JUPYTER_SANDBOX_DEFAULT_DISK")
         return cls(
             idle_timeout=_env_float("JUPYTER_SANDBOX_IDLE_TIMEOUT", cls.idle_timeout),
             lease_ttl=_env_float("JUPYTER_SANDBOX_LEASE_TTL", cls.lease_ttl),
@@ -133,6 +137,7 @@ class Settings:
             default_memory=parse_size(memory) if memory else cls.default_memory,
             default_cpus=_env_float("JUPYTER_SANDBOX_DEFAULT_CPUS", cls.default_cpus),
             default_fds=int(_env_float("JUPYTER_SANDBOX_DEFAULT_FDS", cls.default_fds)),
+            default_disk=parse_size(disk) if disk else cls.default_disk,
             pool_size=int(_env_float("JUPYTER_SANDBOX_POOL", cls.pool_size)),
             seccomp=_env_switch("JUPYTER_SANDBOX_SECCOMP", cls.seccomp),
         )

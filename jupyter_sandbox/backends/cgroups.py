@@ -30,12 +30,14 @@ TMPFS_MAX = {"/run": 16 * MiB}
 
 @dataclass
 class Limits:
-    """What a sandbox may use: bytes of memory, CPUs, processes, open files per process."""
+    """What a sandbox may use: bytes of memory, CPUs, processes, open files per process,
+    bytes of disk for its home (the last two are not cgroup limits)."""
 
     memory: int | None = None
     cpus: float | None = None
     pids: int | None = None
     fds: int | None = None
+    disk: int | None = None
 
     def tmpfs_sizes(self) -> dict[str, int]:
         """Bytes for each writable tmpfs, in mount order (/dev/shm after /dev)."""
@@ -51,6 +53,7 @@ class Limits:
             "cpus": self.cpus,
             "pids": self.pids,
             "fds": self.fds,
+            "disk": self.disk,
             "tmpfs": self.tmpfs_sizes(),
         }
 

@@ -33,7 +33,7 @@ from .._config import Settings
 from .._errors import IsolationUnavailable
 from ..agent import protocol
 from ..agent.remote import AgentClient
-from . import seccomp
+from . import homes, seccomp
 from .cgroups import Controller, Group, Limits
 from .removal import remove_tree
 from .storage import MANIFEST, Storage
@@ -122,6 +122,7 @@ class Runtime:
     cgroup_version: int
     limits_note: str | None
     syscall_filter: str = ""  # what info() says about it: seccomp.describe()
+    home_quota: int = 0  # bytes the home's own filesystem holds; 0: a plain directory
 
     @property
     def socket(self) -> str:
@@ -149,6 +150,7 @@ class LocalBackend:
         self.sandboxes_dir = storage_dir / "sandboxes"
         self.privileged = _can_switch_uids()
         self.cgroups = Controller()
+        self.home_quota_unavailable = homes.unavailable(self.privileged)
         self.bwrap = ""
         self.unavailable: str | None = None
 
@@ -265,13 +267,14 @@ class LocalBackend:
         directory = self.sandboxes_dir / spec.id
         host_uid = spec.host_uid if self.privileged and spec.host_uid else os.getuid()
         self._make_dirs(directory, host_uid, spec)
+        home_quota = await asyncio.to_thread(self._limit_home, directory, host_uid, spec)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock_path = directory / protocol.AGENT_SOCKET
         listener.bind(str(sock_path))
         os.chmod(sock_path, 0o600)
         listener.listen(128)
         group = self.cgroups.create(spec.id)
-        note = self.limits_note(spec.limits, group)
+        note = self.limits_note(spec.limits, group, home_quota)
         if group is not None:
             group.apply(spec.limits)
         info_read, info_write = os.pipe()
@@ -324,6 +327,7 @@ class LocalBackend:
             cgroup_version=self.cgroups.version,
             limits_note=note,
             syscall_filter=seccomp.describe(spec.syscall_filter),
+            home_quota=home_quota,
         )
         try:
             await asyncio.wait_for(AgentClient(runtime.socket).call("ping"), START_TIMEOUT)
@@ -333,20 +337,34 @@ class LocalBackend:
             raise IsolationUnavailable(f"sandbox agent did not start: {error or e}") from None
         return runtime
 
-    def limits_note(self, limits: Limits, group: Group | None) -> str:
-        """What of `limits` does not hold here, and why; the home never has a quota."""
-        quota = (
-            f"the home has no disk quota: it is a plain directory under {self.sandboxes_dir} "
-            "(no per-sandbox filesystem quota is set up), so only the host disk bounds it"
-        )
-        if group is not None:
-            return quota
-        wanted = [k for k in ("memory", "cpus", "pids") if getattr(limits, k)]
-        reason = self.cgroups.unavailable or "cgroups unavailable"
-        return (
-            f"limits NOT enforced ({', '.join(wanted) or 'no accounting either'}): {reason}; "
-            f"open files and tmpfs sizes are enforced; {quota}"
-        )
+    def limits_note(self, limits: Limits, group: Group | None, home_quota: int) -> str | None:
+        """What of `limits` does not hold here, and why; None when all of it does."""
+        notes = []
+        if group is None:
+            wanted = [k for k in ("memory", "cpus", "pids") if getattr(limits, k)]
+            reason = self.cgroups.unavailable or "cgroups unavailable"
+            notes.append(
+                f"limits NOT enforced ({', '.join(wanted) or 'no accounting either'}): {reason}; "
+                "open files and tmpfs sizes are enforced"
+            )
+        if not home_quota:
+            reason = self.home_quota_unavailable or "mounting its image failed (see the log)"
+            notes.append(
+                f"the home has no disk quota, only the host disk bounds it: it is a plain "
+                f"directory because {reason}"
+            )
+        return "; ".join(notes) or None
+
+    def _limit_home(self, directory: Path, host_uid: int, spec: SandboxSpec) -> int:
+        """Give the home a filesystem of `spec.limits.disk` bytes; its size, or 0 if not."""
+        if self.home_quota_unavailable or not spec.limits.disk:
+            return 0
+        try:
+            homes.mount_home(directory / "home", spec.limits.disk, host_uid)
+        except OSError:
+            log.exception("no disk quota for the home of %s", spec.id)
+            return 0
+        return spec.limits.disk
 
     def _make_dirs(self, directory: Path, host_uid: int, spec: SandboxSpec) -> None:
         directory.mkdir(mode=0o711)
@@ -446,6 +464,7 @@ class LocalBackend:
             group.remove()
         if directory.parent != self.sandboxes_dir or not os.path.lexists(directory):
             return True
+        homes.unmount_home(directory / "home")
         return remove_tree(directory, keep_last=MANIFEST)
 
     def usage(self, runtime: Runtime) -> dict | None:
@@ -457,7 +476,7 @@ class LocalBackend:
         group = runtime.group()
         if group is not None:
             group.apply(limits)
-        runtime.limits_note = self.limits_note(limits, group)
+        runtime.limits_note = self.limits_note(limits, group, runtime.home_quota)
 
 
 def merged_usr_links() -> list[str]:

@@ -334,6 +334,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..backends.storage import StorageInUse
     from ..service.app import AlreadyRunning, Service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -352,4 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except AlreadyRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return 3
+    except StorageInUse as e:  # another service's storage or host uids: not this one's
+        print(f"jupyter-sandbox: {e}", file=sys.stderr)
+        return 4
     return 0

@@ -167,6 +167,7 @@ class Manager:
             cpus=_parse_cpus(cpus) or defaults.cpus,
             pids=_parse_pids(pids) or defaults.pids,
             fds=_parse_fds(fds) or defaults.fds,
+            disk=defaults.disk,
         )
         if network not in ("none", "host"):
             raise InvalidRequest(f'invalid network {network!r}: expected "none" or "host"')
@@ -230,6 +231,7 @@ class Manager:
             cpus=self.settings.default_cpus,
             pids=self.settings.default_pids,
             fds=min(self.settings.default_fds, _max_fds()),
+            disk=self.settings.default_disk,
         )
 
     # -- the warm pool -----------------------------------------------------------------
