@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -19,13 +21,18 @@ from .._config import Paths
 from .._durations import format_duration
 from .._errors import CommandError, SandboxError
 from .._models import SandboxInfo
+from .._ssh_config import HOST_ALIAS, temporary_ssh_config
 from ..client import Sandbox
 from . import tunnel
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "remote_command") or (extra[0].startswith("-") and extra[0] != "--"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.remote_command = extra[1:] if extra[0] == "--" else extra
     if not getattr(args, "func", None):
         parser.print_help()
         raise SystemExit(2)
@@ -104,8 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--single-use", action="store_true", help="allow exactly one connection")
     p.add_argument("--public-key", metavar="FILE", help="also require this OpenSSH key")
-    p.add_argument("--connect", action="store_true", help="run ssh now instead of printing")
+    p.add_argument(
+        "--connect",
+        action="store_true",
+        help="run ssh now instead of printing (then: -- COMMAND runs COMMAND in the sandbox)",
+    )
     p.add_argument("--revoke", action="store_true", help="revoke all SSH access instead")
+    p.set_defaults(remote_command=[])  # with --connect, a command after -- (set by main)
 
     command("status", cmd_status, "show the sandbox service's state")
 
@@ -307,19 +319,30 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     if access.known_hosts_line not in lines:
         with open(known_hosts, "a") as f:
             f.write(access.known_hosts_line + "\n")
-    argv = [
-        "ssh",
-        "-o",
-        f"UserKnownHostsFile={known_hosts}",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        *shlex.split(access.command)[1:],
-    ]
     if args.connect:
-        os.execvp("ssh", argv)
+        with temporary_ssh_config(
+            access.hostname, access.port, access.username, known_hosts
+        ) as config:
+            return run_in_foreground(["ssh", "-F", str(config), HOST_ALIAS, *args.remote_command])
+    if args.remote_command:
+        raise ValueError("a command needs --connect")
     print(access.command)
     print(f"host key {access.host_key_fingerprint}; pinned in {known_hosts}", file=sys.stderr)
     return 0
+
+
+def run_in_foreground(argv: list[str]) -> int:
+    """Run `argv` and wait for it, ignoring the keyboard's signals meanwhile (they reach
+    the child too, which decides), so this process is still there to clean up after."""
+    proc = subprocess.Popen(argv)
+    keyboard = (signal.SIGINT, signal.SIGQUIT)
+    saved = [signal.signal(sig, signal.SIG_IGN) for sig in keyboard]
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in zip(keyboard, saved):
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
 
 
 def cmd_status(args: argparse.Namespace) -> int:

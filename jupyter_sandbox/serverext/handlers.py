@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .._errors import SandboxError
 from .._models import SshAccess
+from .._ssh_config import HOST_ALIAS, write_ssh_config
 from .hub import Message, SandboxHub
 
 AUTH_RESOURCE = "sandboxes"
@@ -183,18 +185,13 @@ def ssh_script(access: SshAccess, gateway: tuple[str, int], ssh_dir: Path) -> tu
     It connects to the gateway's local address and pins the gateway's host key.
     """
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stem = ssh_dir / f"{access.sandbox_id}-{access.username[:8]}"
+    stem = ssh_dir / f"{access.sandbox_id}-{secrets.token_hex(8)}"  # argv shows its name
     known_hosts, config = stem.with_suffix(".known_hosts"), stem.with_suffix(".config")
     host, port = gateway
     key = access.known_hosts_line.split(maxsplit=1)[1]
     known_hosts.write_text(f"{host if port == 22 else f'[{host}]:{port}'} {key}\n")
-    config.touch(mode=0o600)
-    config.write_text(
-        f"Host sandbox\n  HostName {host}\n  Port {port}\n"
-        f"  User {access.username}\n  UserKnownHostsFile {known_hosts}\n"
-        "  StrictHostKeyChecking yes\n  LogLevel ERROR\n"
-    )
-    script = f'ssh -F "$0" sandbox; rm -f "$0" {shlex.quote(str(known_hosts))}'
+    write_ssh_config(config, host, port, access.username, known_hosts)
+    script = f'ssh -F "$0" {HOST_ALIAS}; rm -f "$0" {shlex.quote(str(known_hosts))}'
     return script, str(config)
 
 

@@ -32,6 +32,12 @@ from .state import State
 log = logging.getLogger("jupyter_sandbox.service")
 
 
+def private_log(paths: Paths) -> None:
+    """Make the service log (which may have been created by a shell redirect) 0600."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(paths.log_file, 0o600)
+
+
 class AlreadyRunning(RuntimeError):
     """Another service of this user holds the lock."""
 
@@ -63,6 +69,7 @@ class Service:
         """Serve until SIGTERM/SIGINT or until idle; `ready()` is called once listening."""
         os.umask(0o077)
         self._lock()
+        private_log(self.paths)
         state = State(self.paths.database)
         backend = LocalBackend(self.paths.storage_dir)
         # Claims the storage and host uids, for as long as this process lives.

@@ -41,11 +41,7 @@ class SshAccessManager:
         self.port = int(os.environ.get("JUPYTER_SANDBOX_SSH_PORT", DEFAULT_PORT))
         self.public_host = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_HOST")
         self.public_port = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_PORT")
-        self.limits = GatewayLimits(
-            max_failures=int(
-                os.environ.get("JUPYTER_SANDBOX_SSH_MAX_FAILURES", GatewayLimits.max_failures)
-            )
-        )
+        self.limits = GatewayLimits.from_env()
         # Only post-quantum key exchange: passes ssh-audit cleanly, needs OpenSSH >= 9.9.
         self.post_quantum_only = os.environ.get("JUPYTER_SANDBOX_SSH_PQ_ONLY") == "1"
         self.gateway: Gateway | None = None

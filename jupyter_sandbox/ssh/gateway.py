@@ -1,4 +1,10 @@
-"""The SSH gateway: listens, maps token usernames to sandboxes, enforces abuse limits."""
+"""The SSH gateway: listens, maps token usernames to sandboxes, enforces abuse limits.
+
+Abuse limits never refuse a valid token: logins in progress are capped per
+source and in total by dropping the idlest one (`limits.StartupLimiter`), every
+connection must log in within `login_timeout` of its TCP accept, and a source
+with too many failed logins only gets its unknown tokens answered slowly.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +22,15 @@ import asyncssh
 from ..agent.remote import AgentClient
 from . import forwarding, hostkey
 from .algorithms import server_algorithms
-from .limits import FailedLogins, GatewayLimits
+from .limits import FailedLogins, GatewayLimits, StartupLimiter
 from .logs import quiet_asyncssh
+from .peers import source_of
 from .session import SandboxSession
 
 log = logging.getLogger(__name__)
 
 SERVER_VERSION = "jupyter-sandbox"
+BACKLOG = 128
 
 
 @dataclass
@@ -57,9 +66,10 @@ class Gateway:
         self.resolve = resolve
         self.host, self.port = host, port
         self.on_event = on_event
-        self.limits = limits or GatewayLimits()
+        self.limits = (limits or GatewayLimits()).within_fd_limit()
         self.algorithms = server_algorithms(post_quantum_only)
         self.failures = FailedLogins(self.limits)
+        self.startups = StartupLimiter(self.limits)
         self.host_key = hostkey.load_host_key(Path(host_key_dir))
         self.host_key_fingerprint = hostkey.fingerprint(self.host_key)
         self.connections: set[Connection] = set()
@@ -78,7 +88,8 @@ class Gateway:
             line_editor=False,
             agent_forwarding=False,
             x11_forwarding=False,
-            login_timeout=limits.login_timeout,
+            login_timeout=limits.login_timeout,  # asyncssh starts it at the TCP accept
+            backlog=max(BACKLOG, limits.per_source_startups.start),
             keepalive_interval=limits.keepalive_interval,
             keepalive_count_max=limits.keepalive_count_max,
             server_version=SERVER_VERSION,
@@ -113,7 +124,8 @@ class Gateway:
         return hostkey.known_hosts_line(self.host_key, hostname, port)
 
     def unauthenticated(self) -> int:
-        return sum(1 for c in self.connections if not c.authenticated)
+        """Connections still logging in."""
+        return self.startups.total
 
     def event(self, sandbox_id: str, text: str) -> None:
         if self.on_event is not None:
@@ -129,36 +141,45 @@ class Connection(asyncssh.SSHServer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.conn: asyncssh.SSHServerConnection | None = None
-        self.source = ""
+        self.address = ""  # the peer's address, for the sandbox's log
+        self.source = ""  # whom abuse limits count this connection against
+        self.last_active = 0.0
         self.target: Target | None = None
         self.authenticated = False
 
     # -- connection ------------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        peer = conn.get_extra_info("peername") or ("", 0)
-        self.source = str(peer[0])
-        if self.gateway.failures.blocked(self.source):
-            raise ConnectionRefusedError("too many failed logins from this address")
-        if self.gateway.unauthenticated() >= self.gateway.limits.max_unauthenticated:
-            raise ConnectionRefusedError("too many unauthenticated connections")
+        peer = conn.get_extra_info("peername")
+        self.source = source_of(peer, conn.get_extra_info("sockname"))
+        self.address = str(peer[0])
+        self.last_active = time.monotonic()
         self.conn = conn
         self.gateway.connections.add(self)
-        _quickack_on_receive(conn)
+        _track_receives(conn, self)
+        victim = self.gateway.startups.admit(self)
+        if victim is not None:
+            victim.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is None:
             return
         self.gateway.connections.discard(self)
+        self.gateway.startups.remove(self)
         target = self.target
         if target is not None and self.authenticated:
-            self.gateway.event(target.sandbox_id, f"SSH connection from {self.source} closed")
+            self.gateway.event(target.sandbox_id, f"SSH connection from {self.address} closed")
         elif target is not None and target.public_key:
             self.gateway.failures.record(self.source)  # the right token but not its key
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a login in progress making room for another)."""
+        if self.conn is not None:
+            self.conn.abort()
 
     async def wait_closed(self) -> None:
         if self.conn is not None:
@@ -167,21 +188,26 @@ class Connection(asyncssh.SSHServer):
     # -- authentication --------------------------------------------------------------
 
     async def begin_auth(self, username: str) -> bool:
-        """Resolve the token; no further auth when it needs no key, deny all when unknown."""
-        self.target = None
-        if not self.gateway.failures.blocked(self.source):
-            self.target = await self.gateway.resolve(username)
-        if self.target is None:
-            self.gateway.failures.record(self.source)
-            return True
-        return self.target.public_key is not None
+        """Resolve the token; no further auth when it needs no key, deny all when unknown.
+
+        A valid token always gets in, whatever the source's failures; a blocked source's
+        unknown tokens are only answered late."""
+        self.target = await self.gateway.resolve(username)
+        if self.target is not None:
+            return self.target.public_key is not None
+        blocked = self.gateway.failures.blocked(self.source)
+        self.gateway.failures.record(self.source)
+        if blocked:
+            await asyncio.sleep(self.gateway.limits.blocked_delay)
+        return True
 
     def auth_completed(self) -> None:
         self.authenticated = True
+        self.gateway.startups.remove(self)
         target = self.target
         assert target is not None
         single = " (single-use token)" if target.single_use else ""
-        self.gateway.event(target.sandbox_id, f"SSH connection from {self.source}{single}")
+        self.gateway.event(target.sandbox_id, f"SSH connection from {self.address}{single}")
 
     def public_key_auth_supported(self) -> bool:
         return True  # also for unknown tokens, so they look like key-protected ones
@@ -226,17 +252,19 @@ class Connection(asyncssh.SSHServer):
         return False
 
 
-def _quickack_on_receive(conn: asyncssh.SSHServerConnection) -> None:
-    """Re-arm TCP_QUICKACK after every receive (the kernel clears it), which removes
-    the delayed-ACK stalls of the key exchange with OpenSSH clients."""
+def _track_receives(conn: asyncssh.SSHServerConnection, owner: Connection) -> None:
+    """Note every receive's time (the start-up limits drop the idlest login first) and
+    re-arm TCP_QUICKACK after it (the kernel clears it), which removes the delayed-ACK
+    stalls of the key exchange with OpenSSH clients."""
     sock = conn.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
+    quickack = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
     received = conn.data_received
 
     def data_received(data: bytes, datatype: object = None) -> None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        owner.last_active = time.monotonic()
+        if quickack:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         received(data, datatype)
 
     conn.data_received = data_received

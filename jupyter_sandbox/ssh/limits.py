@@ -1,26 +1,202 @@
-"""Abuse limits: failed-login rate limiting per source address."""
+"""Abuse limits: start-up limits on logins in progress, failed-login blocking per source.
+
+Both count by *source* (see `peers.source_of`): a local user, an IPv4 address or
+an IPv6 /64. Neither ever refuses a valid token: failed logins only slow down
+unknown tokens, and the start-up limits make room for a new connection by
+dropping the idlest login in progress of the source that holds the most.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import resource
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 MAX_TRACKED = 4096
+BITE_LOG_INTERVAL = 10.0  # at most one log line about the start-up limits this often
+ENV_PREFIX = "JUPYTER_SANDBOX_SSH_"
 
 
-@dataclass
+@dataclass(frozen=True)
+class MaxStartups:
+    """sshd's MaxStartups ``start:rate:full``: past `start` logins in progress, each new
+    connection makes the limit bite with probability `rate` percent, rising linearly to
+    100 at `full`."""
+
+    start: int
+    rate: int
+    full: int
+
+    @classmethod
+    def parse(cls, text: str) -> MaxStartups:
+        """``"start:rate:full"``, or one number for a hard limit with no early drop."""
+        try:
+            numbers = [int(part) for part in text.split(":")]
+        except ValueError:
+            numbers = []
+        if len(numbers) == 1:
+            numbers = [numbers[0], 100, numbers[0]]
+        if len(numbers) != 3:
+            raise ValueError(f"expected start:rate:full (like 10:30:100), not {text!r}")
+        start, rate, full = numbers
+        if not (1 <= start <= full and 0 <= rate <= 100):
+            raise ValueError(f"need 1 <= start <= full and 0 <= rate <= 100 in {text!r}")
+        return cls(start, rate, full)
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.rate}:{self.full}"
+
+    def bites(self, pending: int, draw: Callable[[], float] = random.random) -> bool:
+        """Does one more connection, with `pending` logins already in progress, bite?"""
+        if pending < self.start:
+            return False
+        if pending >= self.full:
+            return True
+        percent = self.rate + (100 - self.rate) * (pending - self.start) / (self.full - self.start)
+        return draw() * 100 < percent
+
+
+@dataclass(frozen=True)
 class GatewayLimits:
     """Abuse and liveness settings of the gateway."""
 
-    max_failures: int = 10  # failed logins from one address within failure_window ...
+    max_failures: int = 10  # failed logins from one source within failure_window ...
     failure_window: float = 60.0
-    block_time: float = 300.0  # ... block that address this long
-    max_unauthenticated: int = 64  # connections still logging in, all sources together
-    login_timeout: float = 20.0
+    block_time: float = 300.0  # ... make its unknown tokens wait blocked_delay, this long
+    blocked_delay: float = 2.0
+    # Logins in progress. A class of 150 logging in at the same instant from one machine
+    # must fit under `start` of both, with room to spare.
+    per_source_startups: MaxStartups = field(default_factory=lambda: MaxStartups(200, 30, 400))
+    startups: MaxStartups = field(default_factory=lambda: MaxStartups(400, 30, 1000))
+    login_timeout: float = 20.0  # from the TCP accept, before the version banner too
     keepalive_interval: float = 30.0
     keepalive_count_max: int = 3
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> GatewayLimits:
+        """Defaults, overridden by ``JUPYTER_SANDBOX_SSH_MAX_FAILURES``, ``_MAX_STARTUPS``,
+        ``_PER_SOURCE_MAX_STARTUPS`` (both ``start:rate:full``) and ``_LOGIN_TIMEOUT``."""
+        limits = cls()
+        settings = {
+            "max_failures": ("MAX_FAILURES", int),
+            "startups": ("MAX_STARTUPS", MaxStartups.parse),
+            "per_source_startups": ("PER_SOURCE_MAX_STARTUPS", MaxStartups.parse),
+            "login_timeout": ("LOGIN_TIMEOUT", float),
+        }
+        for name, (suffix, parse) in settings.items():
+            text = environ.get(ENV_PREFIX + suffix)
+            if text:
+                try:
+                    limits = replace(limits, **{name: parse(text)})
+                except ValueError as e:
+                    raise ValueError(f"{ENV_PREFIX}{suffix}: {e}") from None
+        return limits
+
+    def within_fd_limit(self) -> GatewayLimits:
+        """These limits, with logins in progress held to half the process's fd limit."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        budget = soft // 2 if soft != resource.RLIM_INFINITY else self.startups.full
+        if self.startups.full <= budget:
+            return self
+        log.warning("SSH start-up limit %s lowered to fit the fd limit of %d", self.startups, soft)
+
+        def fit(startups: MaxStartups) -> MaxStartups:
+            full = min(startups.full, budget)
+            return MaxStartups(min(startups.start, full), startups.rate, full)
+
+        return replace(
+            self, startups=fit(self.startups), per_source_startups=fit(self.per_source_startups)
+        )
+
+
+class Pending(Protocol):
+    """A connection still logging in."""
+
+    source: str
+    last_active: float  # monotonic time of its last received byte (or its accept)
+
+    def abort(self) -> None: ...
+
+
+class StartupLimiter:
+    """Logins in progress per source and in total; makes room when a limit bites.
+
+    Unlike sshd, which drops the new connection, this drops the idlest login in
+    progress: of the new connection's own source when its per-source limit bites,
+    else of the source holding the most. A fresh, fast handshake always gets its
+    chance, and a flood only ever displaces its own connections.
+    """
+
+    def __init__(
+        self,
+        limits: GatewayLimits,
+        draw: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits
+        self.draw = draw
+        self.clock = clock
+        self.by_source: dict[str, set[Pending]] = {}
+        self.total = 0
+        self._bites = 0
+        self._bites_logged_at: float | None = None
+
+    def admit(self, conn: Pending) -> Pending | None:
+        """Count `conn` in; the connection to drop to make room for it, if any."""
+        mine = self.by_source.get(conn.source, ())
+        if self.limits.per_source_startups.bites(len(mine), self.draw):
+            victim = _idlest(mine)
+        elif self.limits.startups.bites(self.total, self.draw):
+            victim = _idlest(max(self.by_source.values(), key=len))
+        else:
+            victim = None
+        if victim is not None:
+            self.remove(victim)
+            self._bitten(victim)
+        self.by_source.setdefault(conn.source, set()).add(conn)
+        self.total += 1
+        return victim
+
+    def remove(self, conn: Pending) -> None:
+        """`conn` logged in or went away."""
+        pending = self.by_source.get(conn.source)
+        if pending is None or conn not in pending:
+            return
+        pending.discard(conn)
+        self.total -= 1
+        if not pending:
+            del self.by_source[conn.source]
+
+    def _bitten(self, victim: Pending) -> None:
+        """Log the first bite at once, later ones as a count at most every interval."""
+        self._bites += 1
+        now = self.clock()
+        if self._bites_logged_at is not None and now - self._bites_logged_at < BITE_LOG_INTERVAL:
+            return
+        log.warning(
+            "SSH start-up limit: dropped %d idle login(s) in progress, the last from %s "
+            "(%d in progress from it, %d in all; limits per source %s, in all %s)",
+            self._bites,
+            victim.source,
+            len(self.by_source.get(victim.source, ())),
+            self.total,
+            self.limits.per_source_startups,
+            self.limits.startups,
+        )
+        self._bites = 0
+        self._bites_logged_at = now
+
+
+def _idlest(pending: Iterable[Pending]) -> Pending | None:
+    return min(pending, key=lambda conn: conn.last_active, default=None)
 
 
 class FailedLogins:
@@ -41,6 +217,8 @@ class FailedLogins:
         times.append(now)
         self._expire(times, now)
         if len(times) >= self.limits.max_failures:
+            if source not in self.blocked_until:
+                log.warning("SSH: %d failed logins from %s, slowing it down", len(times), source)
             self.blocked_until[source] = now + self.limits.block_time
             times.clear()
 

@@ -9,9 +9,13 @@ ASYNCSSH_LOGGERS = ("asyncssh", "asyncssh.sftp")
 
 
 class RedactUsernames(logging.Filter):
-    """Blanks the arguments of every asyncssh record that mentions a user."""
+    """Blanks the arguments of every asyncssh record that mentions a user, and the packet
+    dumps of debug level 3 (a userauth request carries the username)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "packet", None) and isinstance(record.msg, str):
+            record.msg = record.msg.split("\n", 1)[0] + f" {REDACTED}"
+            record.packet = b""
         if isinstance(record.msg, str) and "user" in record.msg.lower() and record.args:
             count = len(record.args) if isinstance(record.args, tuple) else 1
             record.args = (REDACTED,) * count

@@ -30,6 +30,18 @@ LOGIN_SHELL = ["/bin/bash", "-l"]
 CLIENT_ENV = re.compile(r"LANG|LC_[A-Z_]+|TERM")
 LOST = 255  # exit status when the sandbox went away, as OpenSSH reports a lost connection
 INPUT_QUEUE_LIMIT = 16  # queued client messages before the channel stops reading
+MAX_TERM_CELLS = 10_000  # rows or columns of a pty (tmux's limit too; the kernel's is 65535)
+DEFAULT_TERM_SIZE = (80, 24)
+TERM_TYPE = re.compile(r"[\w.+-]{0,64}")
+
+
+def clamp_term_size(cols: int, rows: int) -> tuple[int, int]:
+    """A client's terminal size within 1..MAX_TERM_CELLS; 0 (unset) is the default."""
+
+    def clamp(value: int, default: int) -> int:
+        return min(value, MAX_TERM_CELLS) if value > 0 else default
+
+    return clamp(cols, DEFAULT_TERM_SIZE[0]), clamp(rows, DEFAULT_TERM_SIZE[1])
 
 
 def session_env(base: dict[str, str], client: Any) -> dict[str, str]:
@@ -61,8 +73,11 @@ class SandboxSession(asyncssh.SSHServerSession):
     def pty_requested(
         self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Any
     ) -> bool:
-        cols, rows = term_size[:2]
-        self.pty = {"rows": rows or 24, "cols": cols or 80, "term": term_type}
+        """A pty of a sane type and a size clamped to MAX_TERM_CELLS (pixels are unused)."""
+        if not TERM_TYPE.fullmatch(term_type):
+            return False  # the client goes on without a pty, as OpenSSH's does when refused
+        cols, rows = clamp_term_size(*term_size[:2])
+        self.pty = {"rows": rows, "cols": cols, "term": term_type}
         return True
 
     def shell_requested(self) -> bool:
@@ -95,7 +110,8 @@ class SandboxSession(asyncssh.SSHServerSession):
         return True  # half-open: output may still follow
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
-        self._queue(Frame.RESIZE, json.dumps({"rows": height, "cols": width}).encode())
+        cols, rows = clamp_term_size(width, height)
+        self._queue(Frame.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
 
     def signal_received(self, signal_name: str) -> None:
         number = getattr(signal, f"SIG{signal_name}", None)
