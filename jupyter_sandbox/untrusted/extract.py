@@ -73,10 +73,10 @@ def open_directory(path: str | os.PathLike, parents: bool = False) -> int:
 
 @dataclass
 class Limits:
-    """Bounds of one tree download; `max_bytes` defaults to the target's free space."""
+    """Bounds of one tree download: by default the target's free space, MAX_MEMBERS."""
 
     max_bytes: int | None = None
-    max_members: int = MAX_MEMBERS
+    max_members: int | None = None
 
 
 # -- one file ------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class TreeExtraction:
     def __init__(self, root_fd: int, limits: Limits) -> None:
         self.cursor = _Cursor(root_fd)
         self.budget = limits.max_bytes if limits.max_bytes is not None else free_space(root_fd)
-        self.members_left = limits.max_members
+        self.members_left = limits.max_members or MAX_MEMBERS
         self.mask = umask()
         self.files: dict[tuple[str, ...], tuple[int, int]] = {}  # written here: (dev, inode)
         self.modes_later: list[tuple[list[str], int]] = []

@@ -122,7 +122,7 @@ def _mapping(value: object, what: str) -> dict[str, Any]:
 
 
 def _bad(what: str, key: str) -> ProtocolViolation:
-    return ProtocolViolation(f"the sandbox's agent sent a {what} with a bad {key!r}")
+    return ProtocolViolation(f"the sandbox's agent sent a bad {key!r} in its {what}")
 
 
 def _integer(data: dict, key: str, low: int, high: int, what: str, optional: bool = False):
