@@ -7,13 +7,19 @@ process table or its file table; absurd limits are refused with a message.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from jupyter_sandbox import InvalidRequest, Sandbox
 from jupyter_sandbox._config import Settings, host_cpus, host_memory
+from jupyter_sandbox.backends import homes
 from jupyter_sandbox.backends.cgroups import Controller
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -49,16 +55,21 @@ def test_a_default_sandbox_is_limited(sandbox):
     assert sizes == info.limits["tmpfs"]
     assert sum(sizes.values()) < info.limits["memory"] * 0.7  # room for the processes
     memory = cgroup_value(sandbox, ("memory", "memory.limit_in_bytes"), "memory.max")
+    note = info.limits_note or ""
     if memory is None:
-        assert "NOT enforced" in info.limits_note
-        assert "open files and tmpfs sizes are enforced" in info.limits_note
+        assert "NOT enforced" in note and "open files and tmpfs sizes are enforced" in note
     else:
         assert int(memory) == defaults.default_memory
         quota = cgroup_value(sandbox, ("cpu", "cpu.cfs_quota_us"), "cpu.max")
         assert int(quota) == int(defaults.default_cpus * 100_000)
         pids = cgroup_value(sandbox, ("pids", "pids.max"), "pids.max")
         assert int(pids) == defaults.default_pids
-    assert "no disk quota" in info.limits_note
+    assert info.limits["disk"] == defaults.default_disk
+    home = int(sandbox.sh("df -B1 --output=size ~").stdout.split()[1])
+    if homes.unavailable(privileged=os.geteuid() == 0):
+        assert "the home has no disk quota" in note
+    else:
+        assert 0.9 * defaults.default_disk < home <= defaults.default_disk
 
 
 def test_nothing_else_bwrap_built_is_writable(sandbox):
@@ -116,14 +127,60 @@ def test_absurd_limits_are_refused(service_env, options, message):
 
 
 def test_limits_note_is_honest_where_cgroups_are_missing(tmp_path: Path):
-    """Without cgroups (an ordinary user on cgroup v1), the note must not pretend:
-    memory, CPU and process limits are NOT enforced, open files and tmpfs sizes are."""
+    """Without cgroups and without root (an ordinary user on cgroup v1), the note must
+    not pretend: memory, CPU and process limits are NOT enforced, open files and tmpfs
+    sizes are, and the home has no quota."""
     from jupyter_sandbox.backends.cgroups import Limits
     from jupyter_sandbox.backends.local import LocalBackend
 
     backend = LocalBackend(tmp_path)
-    if not backend.cgroups.unavailable:
+    if not backend.cgroups.unavailable:  # root here: what an ordinary user's service finds
         backend.cgroups.unavailable = "cgroup v1 hierarchies are writable only by root"
-    note = backend.limits_note(Limits(memory=1 << 30, cpus=1.0, pids=64, fds=512), None)
+        backend.home_quota_unavailable = homes.unavailable(privileged=False)
+    note = backend.limits_note(Limits(memory=1 << 30, cpus=1.0, pids=64, fds=512), None, 0)
     assert note.startswith("limits NOT enforced (memory, cpus, pids)")
-    assert "open files and tmpfs sizes are enforced" in note and "no disk quota" in note
+    assert "open files and tmpfs sizes are enforced" in note
+    assert "the home has no disk quota" in note and "root" in note
+
+
+HOME_FILL = r"""
+import json, sys
+from jupyter_sandbox import Sandbox
+with Sandbox.create() as sb:
+    sb.fs.write_text("precious.txt", "keep me\n")
+    fill = sb.sh("head -c 100M /dev/zero > ~/fill", check=False, timeout=60)
+    size = int(sb.sh("df -B1 --output=size ~").stdout.split()[1])
+    print(json.dumps({
+        "size": size, "stderr": fill.stderr, "note": sb.info().limits_note,
+        "alive": sb.sh("echo alive").stdout, "file": sb.fs.read_text("precious.txt"),
+        "id": sb.id,
+    }))
+"""
+
+
+@pytest.mark.skipif(homes.unavailable(os.geteuid() == 0) is not None, reason="needs root")
+def test_a_full_home_stops_at_its_quota(tmp_path, separate_service_env):
+    """Filling the home (persistent, on the host's disk) with a 64M quota: the write
+    fails with ENOSPC at the quota, the sandbox answers, its files are intact, and the
+    home's filesystem is gone from the host's mounts once the sandbox ends."""
+    env = {**separate_service_env, "JUPYTER_SANDBOX_POOL": "0"}
+    env["JUPYTER_SANDBOX_DEFAULT_DISK"] = "64M"
+    service = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve"], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for((tmp_path / "rt" / "jupyter-sandbox.json").exists, 30, message="the service")
+        out = subprocess.run(
+            [sys.executable, "-c", HOME_FILL], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+    finally:
+        service.terminate()
+        service.wait(30)
+    assert 48 << 20 < seen["size"] <= 64 << 20  # ext4 keeps some for itself
+    assert "No space left on device" in seen["stderr"]
+    assert seen["note"] is None or "disk quota" not in seen["note"]
+    assert seen["alive"] == "alive\n" and seen["file"] == "keep me\n"
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert seen["id"] not in mounts
