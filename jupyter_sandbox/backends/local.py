@@ -40,17 +40,7 @@ from .storage import MANIFEST, Storage
 
 log = logging.getLogger("jupyter_sandbox.service")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
-# The agent's script first, then the modules it imports (agent/remote.py is the host's).
-AGENT_FILES = (
-    "main.py",
-    "protocol.py",
-    "channel.py",
-    "isolation.py",
-    "logs.py",
-    "processes.py",
-    "files.py",
-    "relay.py",
-)
+AGENT_FILES = ("main.py", "protocol.py", "isolation.py")
 AGENT_MOUNT = "/run/sandbox-agent"
 PYTHON = "/usr/bin/python3"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -153,6 +143,7 @@ class LocalBackend:
     """Starts, finds and stops bubblewrap sandboxes under one storage directory."""
 
     claim: Storage  # this service's hold on its storage (and host uids), from prepare()
+    unremoved: set[Path]  # sandbox directories whose removal failed, to try again
 
     def __init__(self, storage_dir: Path) -> None:
         self.storage = storage_dir
@@ -177,6 +168,7 @@ class LocalBackend:
         self.claim = Storage.claim(
             self.storage, data_dir=data_dir, shared=self.privileged, uid_base=uids
         )
+        self.unremoved = set()
         for path in (self.runtime_dir, self.sandboxes_dir):
             path.mkdir(exist_ok=True)
             os.chmod(path, 0o711 if self.privileged else 0o700)
@@ -193,20 +185,14 @@ class LocalBackend:
 
     @staticmethod
     def _compile_agent(agent_dir: Path) -> None:
-        """Byte-compile the agent with the sandbox's Python: it then starts in fewer ms.
-
-        The script becomes ``main.pyc``, run as is; each module gets the cache file
-        that its import looks for in ``__pycache__`` (the sources stay, for tracebacks).
-        """
+        """Byte-compile the agent with the sandbox's Python: it then starts in fewer ms."""
         script = (
             "import py_compile, sys\n"
-            "main, *modules = sys.argv[1:]\n"
-            "print(py_compile.compile(main + '.py', cfile=main + '.pyc', doraise=True))\n"
-            "for name in modules:\n"
-            "    print(py_compile.compile(name + '.py', doraise=True))\n"
+            "for name in sys.argv[1:]:\n"
+            "    py_compile.compile(name + '.py', cfile=name + '.pyc', doraise=True)\n"
         )
         names = [str(agent_dir / Path(n).stem) for n in AGENT_FILES]
-        done = subprocess.run(
+        subprocess.run(
             [PYTHON, "-E", "-s", "-S", "-c", script, *names],
             check=True,
             capture_output=True,
@@ -474,14 +460,21 @@ class LocalBackend:
         """Remove a stopped sandbox's cgroups and directory; True once the directory is gone.
 
         The manifest goes last, so a directory whose removal failed is still known
-        as this storage's and swept at the next start.
+        as this storage's: it is tried again at every later cleanup, and swept at the
+        next start.
         """
         if group is not None:
             group.remove()
-        if directory.parent != self.sandboxes_dir or not os.path.lexists(directory):
+        if directory.parent != self.sandboxes_dir:
             return True
-        homes.unmount_home(directory / "home")
-        return remove_tree(directory, keep_last=MANIFEST)
+        for path in [*self.unremoved, directory]:
+            self.unremoved.discard(path)
+            if not os.path.lexists(path):
+                continue
+            homes.unmount_home(path / "home")
+            if not remove_tree(path, keep_last=MANIFEST, attempts=10 if path == directory else 1):
+                self.unremoved.add(path)
+        return directory not in self.unremoved
 
     def usage(self, runtime: Runtime) -> dict | None:
         group = runtime.group()
