@@ -6,6 +6,11 @@ from a short list of harmless host files; a persistent home; no host path
 writable. When the service runs as root, bwrap itself runs as an unprivileged
 host uid of the sandbox's own, so a breakout lands as nobody in particular.
 
+Every sandbox runs under a syscall filter (``seccomp``) and default limits:
+memory, CPUs and pids through cgroups where the host allows them, open files
+per process (RLIMIT_NOFILE), tmpfs sizes within the memory limit, and, as root,
+a home of limited size (``homes``). ``limits_note`` says what does not hold.
+
 The service creates the agent's listening socket and hands it to bwrap as an
 inherited descriptor: the socket file lives in a directory the sandbox cannot
 see, so a sandbox can never swap it for a link to some other host socket.

@@ -265,12 +265,12 @@ def _ioctl_block() -> list[Insn | str]:
 
 
 def _socket_block() -> list[Insn | str]:
-    checks = [Insn(BPF_JEQ_K, family, jt="family_ok") for family in ALLOWED_FAMILIES]
+    checks = [Insn(BPF_JEQ_K, family, jt="socket_family_ok") for family in ALLOWED_FAMILIES]
     return [
         Insn(BPF_LD_W_ABS, _arg_low(0)),
         *checks,
         _ret(_errno(errno.EAFNOSUPPORT)),
-        "family_ok",
+        "socket_family_ok",
         _ret(RET_ALLOW),
     ]
 
