@@ -8,6 +8,7 @@ all of them while the project's own ``ssh`` processes run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -16,12 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from jupyter_sandbox import Sandbox
 from jupyter_sandbox.serverext.handlers import ssh_script
 from jupyter_sandbox.ssh import generate_token
 from tests.conftest import UNPINNED_SSH, ServiceEnv, wait_for
+from tests.test_ssh_gateway import Gw, Loop
 
 pytestmark = pytest.mark.unprivileged
 CLI = [sys.executable, "-m", "jupyter_sandbox"]
@@ -141,6 +144,29 @@ def test_service_log_is_private_and_never_holds_a_token(
     log = service_env.log_file.read_text()
     assert "SSH gateway on" in log  # the log is the service's
     assert access.username[:-1] not in log and unknown not in log
+
+
+def test_asyncssh_debug_logs_and_packet_dumps_hold_no_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack: read the gateway's log with asyncssh at its most verbose (debug level 3
+    dumps every packet, and a userauth request carries the username, the token)."""
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="asyncssh")
+    asyncssh.set_debug_level(3)
+    loop = Loop()
+    gateway = Gw(loop, tmp_path)
+    token = generate_token()
+    try:
+        result = subprocess.run(gateway.ssh(token, "true"), capture_output=True, timeout=60)
+    finally:
+        gateway.close()
+        loop.stop()
+        asyncssh.set_debug_level(1)
+    assert result.returncode == 255 and b"Permission denied" in result.stderr
+    assert "MSG_USERAUTH_REQUEST" in caplog.text  # the packet records were captured ...
+    pieces = {token[i : i + 8] for i in range(len(token) - 7)}
+    assert not [p for p in pieces if p in caplog.text]  # ... nor any piece of the token
 
 
 @pytest.mark.parametrize("started_by", ["client", "hand"])
