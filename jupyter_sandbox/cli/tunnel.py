@@ -6,6 +6,9 @@ bridges it to the sandbox service's SSH gateway. For hosts where a laptop can
 reach only the Jupyter server (JupyterHub, cloud notebooks)::
 
     ssh -o ProxyCommand='jupyter-sandbox tunnel --url https://hub/user/me/ %h' <token>@<sandbox>
+
+The Jupyter token comes from ``$JUPYTER_TOKEN`` or ``--token-file``; ``--token`` puts
+it in argv, where every local user can read it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -34,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token",
         default=os.environ.get("JUPYTER_TOKEN"),
         help="a Jupyter (or JupyterHub API) token (default: $JUPYTER_TOKEN)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the token from FILE instead (argv is visible to every local user)",
     )
     parser.add_argument(
         "--cookie",
@@ -98,8 +107,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.url:
         raise ValueError("give the Jupyter server's URL with --url or $JUPYTER_SERVER_URL")
     headers = {}
-    if args.token:
-        headers["Authorization"] = f"token {args.token}"
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+    except OSError as e:
+        print(f"jupyter-sandbox tunnel: cannot read --token-file: {e}", file=sys.stderr)
+        return 1
+    if token:
+        headers["Authorization"] = f"token {token}"
     if args.cookie:
         headers["Cookie"] = args.cookie
     try:

@@ -19,23 +19,29 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
+from jupyter_sandbox._ssh_config import HOST_ALIAS, write_ssh_config
 from jupyter_sandbox.serverext.handlers import ssh_script
 from jupyter_sandbox.ssh import generate_token
 from tests.conftest import UNPINNED_SSH, ServiceEnv, wait_for
 from tests.test_ssh_gateway import Gw, Loop
+from tests.test_tunnel import server  # noqa: F401
 
 pytestmark = pytest.mark.unprivileged
 CLI = [sys.executable, "-m", "jupyter_sandbox"]
 TOKEN_IN_CONFIG = re.compile(r'^\s*User "?([a-z0-9]+)"?$', re.MULTILINE)
 
 
-def processes_showing(secret: str) -> list[str]:
-    """Every process whose argv or environment (as far as we may read them) holds `secret`."""
+def processes_showing(secret: str, *, besides: int | None = None) -> list[str]:
+    """Every process (but `besides`) whose argv or environment, as far as we may read
+    them, holds `secret`."""
     found = []
     needle = secret.encode()
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if pid == str(besides):
+            continue
         for part in ("cmdline", "environ"):
             try:
                 data = Path(f"/proc/{pid}/{part}").read_bytes()
@@ -123,6 +129,44 @@ def test_terminal_ssh_keeps_the_token_out_of_every_argv_and_environ(
         shell.wait()
     assert shell.returncode == 0, err
     assert list((tmp_path / "ssh").iterdir()) == []  # config and known_hosts removed
+
+
+def test_ssh_through_the_jupyter_tunnel_can_keep_both_tokens_out_of_argv(
+    server: JupyterProcess,  # noqa: F811
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """Attack: the same scan while ssh runs through `jupyter-sandbox tunnel` as a
+    ProxyCommand, set up with a private ssh config and `--token-file`: neither the SSH
+    token nor the Jupyter token (which grants the whole Jupyter server) shows."""
+    access = sandbox.expose_ssh()
+    token_file = tmp_path / "jupyter-token"
+    token_file.write_text(server.token + "\n")
+    token_file.chmod(0o600)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"{sandbox.id} {access.known_hosts_line.split(maxsplit=1)[1]}\n")
+    config = tmp_path / "ssh_config"
+    write_ssh_config(config, sandbox.id, 22, access.username, known_hosts)
+    proxy = f"{sys.executable} -m jupyter_sandbox.cli.tunnel --url {server.url.replace('%', '%%')}"
+    with open(config, "a") as f:
+        f.write(f"  ProxyCommand {proxy} --token-file {token_file} %h\n")
+    ssh = subprocess.Popen(
+        ["ssh", "-F", str(config), HOST_ALIAS, "echo ready; read line; echo bye $line"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert ssh.stdout.readline() == "ready\n"
+        assert processes_showing(access.username) == []
+        # The test's Jupyter server got its token on its command line; nothing else has it.
+        assert processes_showing(server.token, besides=server.proc.pid) == []
+        out, err = ssh.communicate("done\n", timeout=30)
+    finally:
+        ssh.kill()
+        ssh.wait()
+    assert (ssh.returncode, out) == (0, "bye done\n"), err
 
 
 def test_service_log_is_private_and_never_holds_a_token(
