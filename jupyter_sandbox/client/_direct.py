@@ -29,7 +29,14 @@ from ..agent import protocol
 from ..agent.protocol import Frame
 from ..untrusted import messages
 from ..untrusted.extract import FileDownload, extract_tree
-from ..untrusted.streams import INACTIVITY, PipeReader, PipeWriter, silent, wait_for_fd
+from ..untrusted.streams import (
+    INACTIVITY,
+    AgentSpoke,
+    PipeReader,
+    PipeWriter,
+    silent,
+    wait_for_fd,
+)
 from ._tar import add_tree
 
 Progress = Callable[[int, "int | None"], None]
@@ -97,8 +104,15 @@ class DirectTransfer:
             conn.expect(Frame.RESULT)
             conn.expect(Frame.FD)
             with _pipe(conn.sock, agent_reads=False) as pipe:
-                extract_tree(_Counting(PipeReader(pipe), progress), target)
-            conn.expect(Frame.END)
+                source = PipeReader(pipe, watch=conn.sock.fileno())
+                try:
+                    extract_tree(_Counting(source, progress), target)
+                    complete = True
+                except AgentSpoke:
+                    complete = False
+            conn.expect(Frame.END)  # or the error the agent reported instead
+            if not complete:
+                raise messages.ProtocolViolation("the sandbox's agent ended the archive early")
 
 
 class _Connection:

@@ -79,8 +79,8 @@ def check_header(op: str, kind: int, size: int) -> Frame:
     limit = 0 if frame in _EMPTY else _LIMITS.get(frame, MAX_FRAME)
     if size > limit:
         raise ProtocolViolation(
-            f"the sandbox's agent announced a {frame.name} frame of {size} bytes "
-            f"(at most {limit} allowed)"
+            f"the sandbox's agent announced a frame of {size} bytes "
+            f"({frame.name}, at most {limit} allowed)"
         )
     return frame
 

@@ -36,11 +36,34 @@ def wait_for_fd(fd: int, events: int, seconds: float) -> None:
         raise silent(seconds)
 
 
-class PipeReader:
-    """A binary file object over a pipe; no read waits longer than `inactivity`."""
+class AgentSpoke(Exception):
+    """The agent sent something on its socket while a pipe transfer waited for data
+    (typically an ERROR frame): read that instead."""
 
-    def __init__(self, fd: int, inactivity: float = INACTIVITY) -> None:
-        self.fd, self.inactivity = fd, inactivity
+
+def wait_for_data(fd: int, seconds: float, watch: int | None = None) -> None:
+    """Wait until `fd` is readable; AgentSpoke if `watch` becomes readable first."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if watch is not None:
+        poller.register(watch, select.POLLIN)
+    ready = {ready_fd for ready_fd, _ in poller.poll(seconds * 1000)}
+    if fd in ready:
+        return
+    if ready:
+        raise AgentSpoke()
+    raise silent(seconds)
+
+
+class PipeReader:
+    """A binary file object over a pipe; no read waits longer than `inactivity`.
+
+    With `watch` (the agent's socket), a frame arriving there while the pipe is
+    silent ends the read with AgentSpoke.
+    """
+
+    def __init__(self, fd: int, inactivity: float = INACTIVITY, watch: int | None = None) -> None:
+        self.fd, self.inactivity, self.watch = fd, inactivity, watch
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
@@ -48,7 +71,7 @@ class PipeReader:
             while part := self.read(CHUNK):
                 parts.append(part)
             return b"".join(parts)
-        wait_for_fd(self.fd, select.POLLIN, self.inactivity)
+        wait_for_data(self.fd, self.inactivity, self.watch)
         return os.read(self.fd, size)
 
 
