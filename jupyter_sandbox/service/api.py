@@ -227,8 +227,8 @@ class Api:
 
     async def create(self, request: web.Request) -> web.Response:
         body = await _json(request)
-        allowed = {"name", "timeout", "memory", "cpus", "pids", "fds", "network", "env"}
-        allowed |= {"labels", "owner"}
+        allowed = {"name", "timeout", "memory", "cpus", "pids", "fds", "disk", "network"}
+        allowed |= {"env", "labels", "owner"}
         unknown = set(body) - allowed
         if unknown:
             raise InvalidRequest(f"unknown option(s): {', '.join(sorted(unknown))}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import resource
 import secrets
@@ -154,6 +155,7 @@ class Manager:
         cpus: Any = None,
         pids: Any = None,
         fds: Any = None,
+        disk: Any = None,
         network: str = "none",
         env: dict | None = None,
         labels: dict | None = None,
@@ -167,7 +169,7 @@ class Manager:
             cpus=_parse_cpus(cpus) or defaults.cpus,
             pids=_parse_pids(pids) or defaults.pids,
             fds=_parse_fds(fds) or defaults.fds,
-            disk=defaults.disk,
+            disk=self._parse_disk(disk) or defaults.disk,
         )
         if network not in ("none", "host"):
             raise InvalidRequest(f'invalid network {network!r}: expected "none" or "host"')
@@ -184,8 +186,12 @@ class Manager:
                 raise SandboxExists(f"a sandbox named {name!r} is already running")
             if name is not None:
                 self._reserved_names.add(name)
-            # A pooled sandbox's tmpfs sizes and fd limit were fixed when it started.
-            fixed = (limits.memory, limits.fds) == (defaults.memory, defaults.fds)
+            # A pooled sandbox's tmpfs sizes, fd limit and home were fixed when it started.
+            fixed = (limits.memory, limits.fds, limits.disk) == (
+                defaults.memory,
+                defaults.fds,
+                defaults.disk,
+            )
             pooled = self._take_pooled() if network == "none" and fixed else None
             sandbox_id = pooled[0] if pooled else "sb-" + secrets.token_hex(5)
             host_uid = None if pooled else self._reserve_uid()
@@ -233,6 +239,19 @@ class Manager:
             fds=min(self.settings.default_fds, _max_fds()),
             disk=self.settings.default_disk,
         )
+
+    def _parse_disk(self, value: Any) -> int | None:
+        """Bytes for a home: at least 16M, at most the size of the disk that holds it."""
+        disk = parse_size(value)
+        if disk is None:
+            return None
+        stats = os.statvfs(self.backend.storage)
+        if not 16 << 20 <= disk <= stats.f_blocks * stats.f_frsize:
+            raise InvalidRequest(
+                f"invalid disk {value!r}: expected at least 16M and at most the "
+                f"{stats.f_blocks * stats.f_frsize / (1 << 30):.0f}G of the disk sandboxes are on"
+            )
+        return disk
 
     # -- the warm pool -----------------------------------------------------------------
 

@@ -117,6 +117,8 @@ def test_overrides_apply(service_env):
         ({"pids": 0}, "whole number from 8"),
         ({"fds": 10}, "whole number from 64"),
         ({"fds": 1 << 40}, "whole number from 64"),
+        ({"disk": "8M"}, "at least 16M"),
+        ({"disk": "100T"}, "at most"),
     ],
 )
 def test_absurd_limits_are_refused(service_env, options, message):
@@ -143,44 +145,43 @@ def test_limits_note_is_honest_where_cgroups_are_missing(tmp_path: Path):
     assert "the home has no disk quota" in note and "root" in note
 
 
-HOME_FILL = r"""
-import json, sys
-from jupyter_sandbox import Sandbox
-with Sandbox.create() as sb:
-    sb.fs.write_text("precious.txt", "keep me\n")
-    fill = sb.sh("head -c 100M /dev/zero > ~/fill", check=False, timeout=60)
-    size = int(sb.sh("df -B1 --output=size ~").stdout.split()[1])
-    print(json.dumps({
-        "size": size, "stderr": fill.stderr, "note": sb.info().limits_note,
-        "alive": sb.sh("echo alive").stdout, "file": sb.fs.read_text("precious.txt"),
-        "id": sb.id,
-    }))
-"""
-
-
 @pytest.mark.skipif(homes.unavailable(os.geteuid() == 0) is not None, reason="needs root")
-def test_a_full_home_stops_at_its_quota(tmp_path, separate_service_env):
-    """Filling the home (persistent, on the host's disk) with a 64M quota: the write
+def test_a_full_home_stops_at_its_quota(service_env):
+    """Filling the home (persistent, on the host's disk) under a 64M quota: the write
     fails with ENOSPC at the quota, the sandbox answers, its files are intact, and the
     home's filesystem is gone from the host's mounts once the sandbox ends."""
+    with Sandbox.create(disk="64M") as sb:
+        sb.fs.write_text("precious.txt", "keep me\n")
+        fill = sb.sh("head -c 100M /dev/zero > ~/fill", check=False, timeout=60)
+        assert "No space left on device" in fill.stderr
+        size = int(sb.sh("df -B1 --output=size ~").stdout.split()[1])
+        assert 48 << 20 < size <= 64 << 20  # ext4 keeps some for itself
+        assert sb.info().limits_note is None or "disk quota" not in sb.info().limits_note
+        assert sb.sh("echo alive").stdout == "alive\n"
+        assert sb.fs.read_text("precious.txt") == "keep me\n"
+    assert sb.id not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_the_default_home_quota_is_configurable(tmp_path, separate_service_env):
+    """JUPYTER_SANDBOX_DEFAULT_DISK sets every sandbox's home quota (and info shows it)."""
     env = {**separate_service_env, "JUPYTER_SANDBOX_POOL": "0"}
     env["JUPYTER_SANDBOX_DEFAULT_DISK"] = "64M"
     service = subprocess.Popen(
         [sys.executable, "-m", "jupyter_sandbox", "serve"], env=env, stderr=subprocess.DEVNULL
     )
+    code = (
+        "import json\n"
+        "from jupyter_sandbox import Sandbox\n"
+        "with Sandbox.create() as sb:\n"
+        "    print(json.dumps(sb.info().limits['disk']))\n"
+    )
     try:
         wait_for((tmp_path / "rt" / "jupyter-sandbox.json").exists, 30, message="the service")
         out = subprocess.run(
-            [sys.executable, "-c", HOME_FILL], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
         )
-        assert out.returncode == 0, out.stderr
-        seen = json.loads(out.stdout)
     finally:
         service.terminate()
         service.wait(30)
-    assert 48 << 20 < seen["size"] <= 64 << 20  # ext4 keeps some for itself
-    assert "No space left on device" in seen["stderr"]
-    assert seen["note"] is None or "disk quota" not in seen["note"]
-    assert seen["alive"] == "alive\n" and seen["file"] == "keep me\n"
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert seen["id"] not in mounts
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == 64 << 20
