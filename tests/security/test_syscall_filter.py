@@ -195,6 +195,7 @@ def test_info_reports_the_filter(sandbox):
     assert status[:2] == ["Seccomp:", "2"] and int(status[3]) >= 2  # base and lockdown
 
 
+@pytest.mark.unprivileged
 def test_filter_off_needs_configuration_and_says_so(tmp_path, separate_service_env):
     """With JUPYTER_SANDBOX_SECCOMP=off (and only then), sandboxes run unfiltered; their
     info says OFF, and the kernel's own answers to the probe differ from the filter's."""
