@@ -58,7 +58,11 @@ class Log:
             self.ring_bytes -= len(self.ring.popleft()["text"]) + ENTRY_OVERHEAD
 
     def write(self, source: str, stream: str, text: str) -> None:
-        """Add an entry (several if `text` is longer than an entry may be)."""
+        """Add an entry (several if `text` is longer than an entry may be).
+
+        NUL becomes U+FFFD: log text is for reading, and the host refuses NUL in text.
+        """
+        text = text.replace("\0", "\ufffd")
         for start in range(0, max(len(text), 1), ENTRY_BYTES):
             self._write(source, stream, text[start : start + ENTRY_BYTES])
 
