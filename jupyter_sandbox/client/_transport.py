@@ -92,6 +92,8 @@ class Transport:
                 if attempt == 2 or kwargs.get("content") is not None:
                     raise ServiceUnavailable(f"lost the sandbox service: {e}") from None
                 continue
+            except httpx.TimeoutException as e:
+                raise ServiceUnavailable(f"the sandbox service stopped answering ({e!r})") from None
             await raise_for_error(response)
             return response.json()
         raise AssertionError("unreachable")
