@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox._config import SYSTEM_DIR, service_storage
-from jupyter_sandbox.backends.storage import MANIFEST, UID_RANGE_FILE, UID_REGISTRY
+from jupyter_sandbox.backends.storage import MANIFEST, UID_RANGE_FILE, UID_REGISTRY, Storage
 from tests.conftest import sandbox_processes, wait_for
 
 CREATE = """
@@ -274,3 +274,29 @@ def test_sweep_ends_only_its_own_sandboxes_and_their_processes(
         bystander.kill()
         bystander.wait()
         shutil.rmtree(foreign)
+
+
+@root_only
+def test_uid_range_never_holds_a_users_or_subordinate_id(tmp_path: Path) -> None:
+    """Attack: a service configured to take host uids from 0 (JUPYTER_SANDBOX_UID_BASE=0).
+    Its range must still hold no user's or group's id, no /etc/subuid or /etc/subgid id,
+    nothing useradd would hand out next, and no id of a running process."""
+    storage = tmp_path / "storage"
+    claim = Storage.claim(storage, uid_base=0)
+    try:
+        uids = claim.uids
+        assert uids is not None and uids.size > 0
+        for path in ("/etc/passwd", "/etc/group"):
+            ids = [int(line.split(":")[2]) for line in Path(path).read_text().splitlines()]
+            assert not [i for i in ids if i in uids], path
+        for path in ("/etc/subuid", "/etc/subgid"):
+            for line in Path(path).read_text().splitlines():
+                _, start, count = line.split(":")
+                assert not uids.overlaps(int(start), int(start) + int(count) - 1), line
+        assert uids.first > 600_100_000  # above useradd's default SUB_UID_MAX
+        assert not {_uid(int(p)) for p in os.listdir("/proc") if p.isdigit()} & set(
+            range(uids.first, uids.first + uids.size)
+        )
+    finally:
+        claim.close()
+        _forget_uid_claims(storage)
