@@ -15,7 +15,7 @@ import resource
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class GatewayLimits:
     blocked_delay: float = 2.0
     # Logins in progress. A class of 150 logging in at the same instant from one machine
     # must fit under `start` of both, with room to spare.
-    per_source_startups: MaxStartups = field(default_factory=lambda: MaxStartups(200, 30, 400))
-    startups: MaxStartups = field(default_factory=lambda: MaxStartups(400, 30, 1000))
+    per_source_startups: MaxStartups = MaxStartups(200, 30, 400)
+    startups: MaxStartups = MaxStartups(400, 30, 1000)
     login_timeout: float = 20.0  # from the TCP accept, before the version banner too
     keepalive_interval: float = 30.0
     keepalive_count_max: int = 3
@@ -160,9 +160,10 @@ class StartupLimiter:
             victim = None
         if victim is not None:
             self.remove(victim)
-            self._bitten(victim)
         self.by_source.setdefault(conn.source, set()).add(conn)
         self.total += 1
+        if victim is not None:
+            self._bitten(victim)
         return victim
 
     def remove(self, conn: Pending) -> None:

@@ -133,6 +133,7 @@ def test_idle_flood_does_not_lock_out_a_token_holder(
         started = time.monotonic()
         result = run(gateway.ssh(token, "echo in"))
         login_time = time.monotonic() - started
+        print(f"valid login behind 200 idle connections: {login_time:.2f} s")
         assert (result.returncode, result.stdout) == (0, b"in\n"), result.stderr
         assert login_time < 5.0, f"a valid login took {login_time:.1f} s"
         wait_for(lambda: all(map(closed, flood)), timeout=limits.login_timeout + 10)
