@@ -18,8 +18,7 @@ import fcntl
 import os
 import select
 import socket
-import subprocess
-import time
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ from ._tar import add_tree
 
 Progress = Callable[[int, "int | None"], None]
 PIPE_SIZE = 1 << 20
-PROGRESS_INTERVAL = 0.1
 PING_TIMEOUT = 5.0
 
 
@@ -177,39 +175,33 @@ def _pipe(sock: socket.socket, agent_reads: bool) -> Iterator[int]:
 
 
 def _write_with_fresh_process(source: int, out: FileDownload, progress: Progress | None) -> None:
-    """Copy the announced size from a pipe into the file with a short-lived `head -c`.
+    """Splice exactly the announced size from a pipe into the file, in a fresh thread.
 
-    A fresh process writes into the page cache at memory speed where a long-lived
-    one is throttled (see the agent's twin). Progress is watched: a pipe that stays
-    silent for INACTIVITY seconds ends the copy.
+    Linux throttles a task by how many pages it has dirtied so far, so a fresh
+    thread writes into the page cache at memory speed where a long-lived one would
+    crawl (see the agent's twin). A pipe silent for INACTIVITY seconds ends the copy.
     """
-    writer = subprocess.Popen(
-        ["head", "-c", str(out.size)], stdin=source, stdout=out.fd, stderr=subprocess.PIPE
-    )
-    done, quiet_since = -1, time.monotonic()
-    try:
-        while True:
-            try:
-                writer.wait(PROGRESS_INTERVAL)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            now, size = time.monotonic(), os.fstat(out.fd).st_size
-            if size != done:
-                done, quiet_since = size, now
+    failure: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            done = 0
+            while done < out.size:
+                wait_for_fd(source, select.POLLIN, INACTIVITY)
+                moved = os.splice(source, out.fd, min(out.size - done, PIPE_SIZE))
+                if not moved:
+                    return  # the sandbox sent less: commit() says how much
+                done += moved
                 if progress is not None:
-                    progress(size, out.size)
-            elif now - quiet_since > INACTIVITY:
-                raise silent(INACTIVITY)
-    finally:
-        if writer.returncode is None:
-            writer.kill()
-            writer.wait()
-        writer.stderr.close()
-    if writer.returncode:
-        raise FileError(f"writing the download failed (head exited {writer.returncode})")
-    if progress is not None:
-        progress(os.fstat(out.fd).st_size, out.size)
+                    progress(done, out.size)
+        except BaseException as e:
+            failure.append(e)
+
+    writer = threading.Thread(target=copy, name="jupyter-sandbox-download")
+    writer.start()
+    writer.join()
+    if failure:
+        raise failure[0]
 
 
 def _expect_end_of(pipe: int, size: int) -> None:
