@@ -1,13 +1,14 @@
 """Puts the agent out of reach of the code it runs (stdlib only, ctypes).
 
-bwrap starts the agent with CAP_SYS_ADMIN in the sandbox's user namespace. While
-it is still single-threaded, the agent makes itself non-dumpable (no ptrace, no
-``/proc/PID/mem``, no ``pidfd_getfd``), keeps a descriptor of the current
-``/proc``, then unshares a mount and a pid namespace. Its first child, the "user
-init", becomes pid 1 of the new pid namespace and mounts a ``/proc`` that shows
-only that namespace. Every command the agent forks lands there too: the agent has
-no pid in it, so ``kill -1``, ``prlimit``, ``ptrace`` and ``pidfd_open`` cannot
-name it. The agent's threads and the user init then install the lockdown syscall
+bwrap starts the agent with CAP_SYS_ADMIN in the sandbox's user namespace. The
+agent makes itself non-dumpable (no ptrace, no ``/proc/PID/mem``, no
+``pidfd_getfd``), then one thread of it, the spawner, unshares a mount and a pid
+namespace for itself. Its first child, the "user init", becomes pid 1 of the new
+pid namespace and mounts a ``/proc`` that shows only that namespace. Every
+command the agent starts is forked by the spawner and lands there too: the agent
+has no pid in it, so ``kill -1``, ``prlimit``, ``ptrace`` and ``pidfd_open``
+cannot name it, and in that mount namespace the agent's state directory is
+hidden. The agent's threads and the user init then install the lockdown syscall
 filter, if one was given, and drop every capability before any user code runs.
 
 The user init is the one process user code can still name. A pid namespace's
@@ -25,6 +26,9 @@ import struct
 import subprocess
 import threading
 
+import protocol
+
+CLONE_FS = 0x00000200
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -46,7 +50,7 @@ MAX_FILTER = 4096  # BPF_MAXINSNS
 _libc = ctypes.CDLL(None, use_errno=True)
 _ulong = ctypes.c_ulong
 _libc.prctl.argtypes = [ctypes.c_int, _ulong, _ulong, _ulong, _ulong]
-_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [_ulong, ctypes.c_void_p]
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [_ulong, ctypes.c_char_p]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.capset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
 
@@ -60,10 +64,9 @@ class SockFprog(ctypes.Structure):
 
 
 class Isolation:
-    """The agent's side of the setup: the old ``/proc``, the user init, the spawner."""
+    """The agent's side of the setup: the user init and the spawner."""
 
-    def __init__(self, old_proc: int, spawner: Spawner) -> None:
-        self.old_proc = old_proc
+    def __init__(self, spawner: Spawner) -> None:
         self.spawner = spawner
         self.user_init = spawner.user_init
 
@@ -73,11 +76,8 @@ class Isolation:
 
     def inner_pid(self, pid: int) -> int:
         """`pid` (as the agent names it) as the sandbox user sees it, from NSpid."""
-        fd = os.open(f"{pid}/status", os.O_RDONLY, dir_fd=self.old_proc)
-        try:
-            status = os.read(fd, 1 << 16)
-        finally:
-            os.close(fd)
+        with open(f"/proc/{pid}/status", "rb") as f:  # the agent's /proc: it names both
+            status = f.read()
         for line in status.splitlines():
             if line.startswith(b"NSpid:"):
                 return int(line.split()[-1])
@@ -93,12 +93,12 @@ class Isolation:
 
 
 class Spawner:
-    """The one thread whose children land in the user's pid namespace.
+    """The one thread whose children land in the user's namespaces.
 
     Namespaces are per thread: after ``unshare(CLONE_NEWPID)`` a thread may fork
     into the new namespace but can never start a thread again, so this thread
     unshares it alone and forks on behalf of all others; the rest of the agent
-    keeps starting threads.
+    keeps starting threads, and keeps its own mount namespace and ``/proc``.
     """
 
     def __init__(self, lockdown: bytes | None) -> None:
@@ -149,21 +149,21 @@ class Spawner:
 def enter(lockdown: bytes | None) -> Isolation:
     """Set the agent apart from user code; see the module docstring.
 
-    Must run while the agent is single-threaded and before it reads any request.
+    Must run before the agent reads any request.
     """
     _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
-    old_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
     spawner = Spawner(lockdown)
     if spawner.error is not None:
         raise SetupError(spawner.error)
     lock_down(lockdown)
-    return Isolation(old_proc, spawner)
+    return Isolation(spawner)
 
 
 def _start_user_init(lockdown: bytes | None) -> int:
-    """On the spawner thread: a new pid namespace, its init, then this thread locked down."""
+    """On the spawner thread: new mount and pid namespaces, the init, then lock down."""
+    _check(_libc.unshare(CLONE_FS | CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("none", protocol.STATE_MOUNT, "tmpfs", MS_RDONLY | PROC_FLAGS, "size=4k,mode=0555")
     _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     ready_read, ready_write = os.pipe()
     pid = os.fork()
@@ -264,9 +264,11 @@ def read_filter(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    source_b, fstype_b = (None if s is None else s.encode() for s in (source, fstype))
-    _check(_libc.mount(source_b, target.encode(), fstype_b, flags, None), f"mount {target}")
+def _mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    source_b, fstype_b, data_b = (None if s is None else s.encode() for s in (source, fstype, data))
+    _check(_libc.mount(source_b, target.encode(), fstype_b, flags, data_b), f"mount {target}")
 
 
 def _check(result: int, what: str) -> None:

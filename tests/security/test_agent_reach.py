@@ -231,6 +231,14 @@ def test_agent_is_not_among_the_visible_processes(sandbox: Sandbox, service_env:
     assert init_ns[-1] == "1" and user_ns[-1] == str(sleeper.pid)  # the pid the user sees
 
 
+def test_agent_state_is_hidden_from_user_code(victim: Sandbox):
+    """Attack: forge or erase the sandbox log by writing to the agent's state directory."""
+    assert victim.sh("ls -A /run/sandbox").stdout == ""
+    forged = victim.sh("echo '{}' >> /run/sandbox/log.jsonl", check=False)
+    assert forged.exit_code != 0 and "Read-only file system" in forged.stderr
+    assert_agent_serves(victim)
+
+
 def test_user_processes_have_no_capabilities(sandbox: Sandbox):
     """Attack: look for capabilities left from the agent's setup (it held CAP_SYS_ADMIN)."""
     status = sandbox.sh("cat /proc/self/status /proc/1/status").stdout
