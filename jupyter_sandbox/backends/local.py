@@ -98,6 +98,7 @@ ETC_ALLOWLIST = (
     "xdg",
 )
 START_TIMEOUT = 20.0
+SWEEP_WAIT = 5.0  # seconds a start waits for leftovers to be removed
 GENERATED_ETC = ("passwd", "group", "hostname", "hosts")
 
 
@@ -159,6 +160,7 @@ class LocalBackend:
 
     claim: Storage  # this service's hold on its storage (and host uids), from prepare()
     unremoved: set[Path]  # sandbox directories whose removal failed, to try again
+    removing: set[asyncio.Future]  # removals of leftovers that outlasted the start
 
     def __init__(self, storage_dir: Path) -> None:
         self.storage = storage_dir
@@ -183,7 +185,7 @@ class LocalBackend:
         self.claim = Storage.claim(
             self.storage, data_dir=data_dir, shared=self.privileged, uid_base=uids
         )
-        self.unremoved = set()
+        self.unremoved, self.removing = set(), set()
         for path in (self.runtime_dir, self.sandboxes_dir):
             path.mkdir(exist_ok=True)
             os.chmod(path, 0o711 if self.privileged else 0o700)
@@ -434,10 +436,11 @@ class LocalBackend:
         They are left by a service killed while it started them (no runtime was
         recorded yet), or by a removal that failed earlier. Only directories whose
         manifest names this storage are touched, and only processes that are
-        provably their sandbox's are killed. A directory that cannot be cleaned up
-        is logged and tried again at the next start; it never stops this one.
+        provably their sandbox's are killed. The start waits for the removals for
+        at most SWEEP_WAIT seconds; longer ones go on in the background. A directory
+        that cannot be removed is logged and tried again later; it never stops a start.
         """
-        swept = []
+        stopped, removals = [], []
         for directory in sorted(self.sandboxes_dir.iterdir()):
             if directory.name in known:
                 continue
@@ -455,12 +458,25 @@ class LocalBackend:
                         await _wait_exit(pidfd)
                     finally:
                         os.close(pidfd)
-                group = self.cgroups.create(directory.name)  # the same paths, to remove them
-                if await asyncio.to_thread(self._cleanup, directory, group):
-                    swept.append(directory.name)
             except Exception:
-                log.exception("could not clean up %s; trying again at the next start", directory)
-        return swept
+                log.exception("could not stop the sandbox in %s; trying again later", directory)
+                continue
+            stopped.append(directory.name)
+            group = self.cgroups.create(directory.name)  # the same paths, to remove them
+            removals.append(asyncio.ensure_future(self._remove_orphan(directory, group)))
+        if removals:
+            await asyncio.wait(removals, timeout=SWEEP_WAIT)
+            for task in removals:
+                if not task.done():
+                    self.removing.add(task)
+                    task.add_done_callback(self.removing.discard)
+        return stopped
+
+    async def _remove_orphan(self, directory: Path, group: Group | None) -> None:
+        try:
+            await asyncio.to_thread(self._cleanup, directory, group)
+        except Exception:
+            log.exception("could not clean up %s; trying again later", directory)
 
     def alive(self, runtime: Runtime) -> bool:
         """Is the sandbox's init still the process we started?"""
