@@ -116,6 +116,8 @@ def _empty_below(fd: int, levels: list[_Level]) -> int:
                 raise OSError(errno.EXDEV, "a directory was moved during its removal")
             try:
                 os.rmdir(level.name, dir_fd=fd)
+            except FileNotFoundError:
+                pass  # someone else removed it meanwhile
             except OSError as e:
                 if e.errno != errno.ENOTEMPTY:
                     raise
