@@ -273,8 +273,8 @@ def _identity(directory: Path, data_dir: Path | None) -> str:
     """The storage's id, made once; refused if the storage belongs to another service."""
     path = directory / IDENTITY_FILE
     recorded = _read_json(path)
-    if recorded is None:
-        identity = secrets.token_hex(8)
+    if recorded is None or not isinstance(recorded.get("id"), str):
+        identity = secrets.token_hex(8)  # damaged: its sandboxes are then left alone
         _write_json(path, {"id": identity, "data_dir": _where(data_dir), "created": time.time()})
         return identity
     owner = recorded.get("data_dir")
@@ -316,10 +316,9 @@ def _reserved_ids() -> list[tuple[int, int]]:
     defs = dict(LOGIN_DEFAULTS)
     with contextlib.suppress(OSError), open("/etc/login.defs") as f:
         for line in f:
-            key, _, value = line.partition("#")[0].strip().partition(" ")
-            if key in defs:
-                with contextlib.suppress(ValueError):
-                    defs[key] = int(value.strip())
+            fields = line.partition("#")[0].split()
+            if len(fields) == 2 and fields[0] in defs and fields[1].isdigit():
+                defs[fields[0]] = int(fields[1])
     for kind in ("UID", "GID", "SUB_UID", "SUB_GID"):
         reserved.append((defs[f"{kind}_MIN"], defs[f"{kind}_MAX"]))
     return reserved
