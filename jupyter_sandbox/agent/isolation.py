@@ -24,6 +24,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import threading
 
 import protocol
@@ -44,6 +45,7 @@ CAPABILITY_VERSION_3 = 0x20080522
 PROC_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
 # What bwrap covers read-only in the /proc it mounts; the new /proc gets the same.
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
+FAILED = "sandbox agent: cannot isolate itself from user code"
 SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 MAX_FILTER = 4096  # BPF_MAXINSNS
 
@@ -68,7 +70,6 @@ class Isolation:
 
     def __init__(self, spawner: Spawner) -> None:
         self.spawner = spawner
-        self.user_init = spawner.user_init
 
     def popen(self, args: list, **kwargs) -> subprocess.Popen:
         """``subprocess.Popen``, started in the user's pid namespace."""
@@ -85,9 +86,10 @@ class Isolation:
 
     def wait_user_init(self) -> int:
         """Block until the user init ends; its wait status."""
+        pid = self.spawner.user_init()
         while True:
             try:
-                return os.waitpid(self.user_init, 0)[1]
+                return os.waitpid(pid, 0)[1]
             except InterruptedError:
                 continue
 
@@ -99,17 +101,23 @@ class Spawner:
     into the new namespace but can never start a thread again, so this thread
     unshares it alone and forks on behalf of all others; the rest of the agent
     keeps starting threads, and keeps its own mount namespace and ``/proc``.
+
+    The agent serves while this thread still sets up (start-up time counts); a
+    request for a command waits for it. If the setup fails, the agent ends.
     """
 
     def __init__(self, lockdown: bytes | None) -> None:
         self.lockdown = lockdown
-        self.user_init = 0
-        self.error: str | None = None
+        self._user_init = 0
         self._requests: list = []
         self._cond = threading.Condition()
         self._ready = threading.Event()
         threading.Thread(target=self._run, daemon=True, name="spawner").start()
+
+    def user_init(self) -> int:
+        """The user init's pid, once it is ready."""
         self._ready.wait()
+        return self._user_init
 
     def call(self, function, *args, **kwargs):
         """`function(*args, **kwargs)` run on the spawner thread."""
@@ -126,12 +134,11 @@ class Spawner:
 
     def _run(self) -> None:
         try:
-            self.user_init = _start_user_init(self.lockdown)
-        except BaseException as e:  # reported by the agent
-            self.error = str(e)
-            return
-        finally:
-            self._ready.set()
+            self._user_init = _start_user_init(self.lockdown)
+        except BaseException as e:  # no isolation, no agent
+            print(f"{FAILED}: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
+        self._ready.set()
         while True:
             try:
                 with self._cond:
@@ -153,8 +160,6 @@ def enter(lockdown: bytes | None) -> Isolation:
     """
     _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     spawner = Spawner(lockdown)
-    if spawner.error is not None:
-        raise SetupError(spawner.error)
     lock_down(lockdown)
     return Isolation(spawner)
 

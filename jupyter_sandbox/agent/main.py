@@ -154,7 +154,7 @@ def main() -> None:
     try:
         isolated = isolation.enter(lockdown)
     except isolation.SetupError as e:
-        sys.exit(f"sandbox agent: cannot isolate itself from user code: {e}")
+        sys.exit(f"{isolation.FAILED}: {e}")
     listener = socket.socket(fileno=listen_fd)
     os.set_inheritable(listen_fd, False)
     os.chdir(protocol.SANDBOX_HOME)
