@@ -219,10 +219,12 @@ class LocalBackend:
             [PYTHON, "-E", "-s", "-S", "-c", script, *names],
             check=True,
             capture_output=True,
+            text=True,
             timeout=60,
         )
-        for name in names:
-            os.chmod(name + ".pyc", 0o644)
+        for compiled in done.stdout.splitlines():
+            os.chmod(compiled, 0o644)
+            os.chmod(os.path.dirname(compiled), 0o755)
 
     def _install_bwrap(self) -> str:
         """bwrap must be runnable by the sandbox uid: copy it (and its libraries) if root."""
