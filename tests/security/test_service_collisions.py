@@ -25,7 +25,7 @@ import pytest
 
 from jupyter_sandbox._config import SYSTEM_DIR, service_storage
 from jupyter_sandbox.backends.storage import MANIFEST, UID_RANGE_FILE, UID_REGISTRY, Storage
-from tests.conftest import sandbox_processes, wait_for
+from tests.conftest import _alive, sandbox_processes, wait_for
 
 CREATE = """
 from jupyter_sandbox import Sandbox
@@ -95,10 +95,11 @@ class Service:
         return None
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the service and wait until its process is gone (not only its runtime file)."""
         pid = self.pid()
         if pid is not None:
             os.kill(pid, sig)
-            wait_for(lambda: self.pid() is None, 20, message=f"service {pid} to exit")
+            wait_for(lambda: not _alive(pid), 20, message=f"service {pid} to exit")
 
     def host_uids(self, sandbox_id: str = "") -> set[int]:
         """Host uids of this service's sandbox processes (of one sandbox), from /proc."""
