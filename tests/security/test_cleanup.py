@@ -23,7 +23,7 @@ import pytest
 from jupyter_sandbox import Sandbox
 from jupyter_sandbox.backends.removal import remove_tree
 from jupyter_sandbox.backends.storage import IDENTITY_FILE, MANIFEST, UID_RANGE_FILE
-from tests.conftest import ServiceEnv, storage_parent
+from tests.conftest import ServiceEnv, storage_parent, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -160,7 +160,8 @@ def test_service_starts_over_a_hostile_leftover_and_removes_it(
     build_on_host(directory / "home" / "junk", "1200,10000", canary, sandbox_uid(service_env))
     with Sandbox.create() as sb:
         assert sb.sh("true").exit_code == 0
-    assert not os.path.lexists(directory)
+    # A start waits a few seconds for leftovers at most; a long removal goes on meanwhile.
+    wait_for(lambda: not os.path.lexists(directory), 60, message="the leftover to be removed")
     assert "stopped sandbox sb-leftover01" in service_env.log_file.read_text()
 
 
