@@ -180,8 +180,11 @@ def test_service_starts_when_a_leftover_cannot_be_removed(service_env: ServiceEn
     try:
         with Sandbox.create() as sb:
             assert sb.sh("true").exit_code == 0
-        log = service_env.log_file.read_text()
-        assert f"could not remove {directory}" in log
+        wait_for(
+            lambda: f"could not remove {directory}" in service_env.log_file.read_text(),
+            60,
+            message="the failed removal to be logged",
+        )
         assert (directory / MANIFEST).exists()  # still known as this storage's
     finally:
         subprocess.run(["umount", str(mount)], check=True)
