@@ -42,8 +42,8 @@ def mount_home(home: Path, size: int, owner: int) -> None:
     finally:
         os.close(fd)
     options = f"lazy_itable_init=1,lazy_journal_init=1,root_owner={owner}:{owner}"
-    _run([MKFS, "-q", "-F", "-m", "0", "-E", options, str(image)])
-    _run([MOUNT, "-o", "loop,nosuid,nodev,discard", str(image), str(home)])
+    _run([MKFS, "-q", "-F", "-m", "0", "-E", options, IMAGE], home.parent)
+    _run([MOUNT, "-o", "loop,nosuid,nodev,discard", IMAGE, home.name], home.parent)
     os.rmdir(home / "lost+found")
     os.chmod(home, 0o700)
 
@@ -51,11 +51,16 @@ def mount_home(home: Path, size: int, owner: int) -> None:
 def unmount_home(home: Path) -> None:
     """Detach a home mounted by `mount_home` (lazily, should anything still hold it)."""
     if os.path.ismount(home):
-        _run([UMOUNT, "--lazy", str(home)])
+        _run([UMOUNT, "--lazy", home.name], home.parent)
 
 
-def _run(argv: list[str | None]) -> None:
+def _run(argv: list[str | None], cwd: Path) -> None:
+    """Run a tool in the sandbox's directory, naming its files relative to it.
+
+    Relative names keep the storage path out of the tool's command line, where
+    anything that looks for a sandbox's processes by their arguments would find it.
+    """
     try:
-        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        subprocess.run(argv, check=True, capture_output=True, timeout=60, cwd=cwd)
     except subprocess.CalledProcessError as e:
         raise OSError(f"{argv[0]} failed: {e.stderr.decode(errors='replace').strip()}") from None
