@@ -12,15 +12,18 @@ hidden. The agent's threads and the user init then install the lockdown syscall
 filter, if one was given, and drop every capability before any user code runs.
 
 The user init is the one process user code can still name. A pid namespace's
-init gets no signal it has no handler for from inside the namespace; it has no
-handlers (every signal is ignored, so its children are reaped by the kernel) and
-it only sleeps, so it spends no CPU time a lowered ``RLIMIT_CPU`` could count.
+init gets no signal it has no handler for from inside the namespace; it ignores
+every signal (so its children are reaped by the kernel) and blocks every signal,
+including the two glibc keeps handlers for (32 and 33, which glibc's
+``sigprocmask`` refuses to block), so no signal ever wakes it: it only sleeps
+and spends no CPU time a lowered ``RLIMIT_CPU`` could count.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import signal
 import struct
 import subprocess
@@ -41,6 +44,9 @@ PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECCOMP_MODE_FILTER = 2
+SIG_BLOCK = 0
+# rt_sigprocmask's syscall number: glibc's wrapper leaves its own signals unblocked.
+RT_SIGPROCMASK = {"x86_64": 14, "aarch64": 135, "riscv64": 135, "ppc64le": 174, "s390x": 175}
 CAPABILITY_VERSION_3 = 0x20080522
 PROC_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
 # What bwrap covers read-only in the /proc it mounts; the new /proc gets the same.
@@ -55,6 +61,7 @@ _libc.prctl.argtypes = [ctypes.c_int, _ulong, _ulong, _ulong, _ulong]
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [_ulong, ctypes.c_char_p]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.capset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+_libc.syscall.restype = ctypes.c_long
 
 
 class SetupError(Exception):
@@ -194,6 +201,7 @@ def _user_init(ready: int, lockdown: bytes | None) -> None:
             except (OSError, ValueError):
                 pass
     try:
+        _block_every_signal()
         _mount("proc", "/proc", "proc", PROC_FLAGS)
         for name in PROC_READ_ONLY:
             path = f"/proc/{name}"
@@ -217,6 +225,16 @@ def _user_init(ready: int, lockdown: bytes | None) -> None:
             signal.pause()
         except BaseException:  # nothing may end this process
             pass
+
+
+def _block_every_signal() -> None:
+    """Block all signals of this thread with the raw syscall (glibc's own ones too)."""
+    number = RT_SIGPROCMASK.get(platform.machine())
+    if number is None:
+        raise SetupError(f"rt_sigprocmask: unknown architecture {platform.machine()}")
+    every = ctypes.c_uint64((1 << 64) - 1)
+    size = ctypes.sizeof(every)
+    _check(_libc.syscall(number, SIG_BLOCK, ctypes.byref(every), None, size), "rt_sigprocmask")
 
 
 def _rename(name: bytes) -> None:

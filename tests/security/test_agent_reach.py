@@ -100,6 +100,46 @@ def test_prlimit_on_every_visible_process_leaves_the_agent(victim: Sandbox):
     assert_agent_serves(victim)
 
 
+def test_signals_to_pid_one_spend_none_of_its_cpu_limit(victim: Sandbox):
+    """Attack: lower pid 1's RLIMIT_CPU to 1 s, then flood it with the signals glibc
+    keeps handlers for (32, 33) from several processes, so that each delivery wakes it
+    until the kernel kills it at its CPU limit (and the sandbox ends with it).
+
+    Pid 1 must spend no CPU time at all while flooded, and the agent must still serve.
+    """
+    out = run_inside(
+        victim,
+        """
+        import resource, time
+        def ticks():
+            fields = open("/proc/1/stat").read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        resource.prlimit(1, resource.RLIMIT_CPU, (1, 1))
+        before = ticks()
+        children = []
+        for n in range(4):
+            pid = os.fork()
+            if pid == 0:
+                sent, end = 0, time.monotonic() + 3
+                while time.monotonic() < end:
+                    os.kill(1, 32 + n % 2)
+                    sent += 1
+                print("sent", sent, flush=True)
+                os._exit(0)
+            children.append(pid)
+        for pid in children:
+            os.waitpid(pid, 0)
+        print("ticks", before, ticks(), flush=True)
+        """,
+    )
+    sent = [int(line.split()[1]) for line in out.splitlines() if line.startswith("sent")]
+    assert len(sent) == 4 and min(sent) > 1000, out
+    before, after = (int(n) for n in out.split("ticks")[1].split())
+    assert after == before, out
+    assert victim.sh("true", timeout=10).exit_code == 0
+    assert_agent_serves(victim)
+
+
 def test_ptrace_reaches_only_the_users_own_processes(victim: Sandbox):
     """Attack: PTRACE_ATTACH and PTRACE_SEIZE on every visible pid, to take over the agent."""
     out = run_inside(
