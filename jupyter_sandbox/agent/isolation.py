@@ -7,9 +7,12 @@ namespace for itself. Its first child, the "user init", becomes pid 1 of the new
 pid namespace and mounts a ``/proc`` that shows only that namespace. Every
 command the agent starts is forked by the spawner and lands there too: the agent
 has no pid in it, so ``kill -1``, ``prlimit``, ``ptrace`` and ``pidfd_open``
-cannot name it, and in that mount namespace the agent's state directory is
-hidden. The agent's threads and the user init then install the lockdown syscall
-filter, if one was given, and drop every capability before any user code runs.
+cannot name it. The agent's state directory is covered by an empty read-only
+tmpfs in the agent's own mount namespace (which the spawner's copies), so no path,
+not even a link user code plants, resolves into it: the agent reaches its state
+only through a directory descriptor opened before. The agent's threads and the
+user init then install the lockdown syscall filter, if one was given, and drop
+every capability before any user code runs.
 
 The user init is the one process user code can still name. A pid namespace's
 init gets no signal it has no handler for from inside the namespace; it ignores
@@ -75,8 +78,9 @@ class SockFprog(ctypes.Structure):
 class Isolation:
     """The agent's side of the setup: the user init and the spawner."""
 
-    def __init__(self, spawner: Spawner) -> None:
+    def __init__(self, spawner: Spawner, state_dir: int) -> None:
         self.spawner = spawner
+        self.state_dir = state_dir  # a descriptor: no path leads there any more
 
     def popen(self, args: list, **kwargs) -> subprocess.Popen:
         """``subprocess.Popen``, started in the user's pid namespace."""
@@ -166,16 +170,26 @@ def enter(lockdown: bytes | None) -> Isolation:
     Must run before the agent reads any request.
     """
     _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    state_dir = _cover_state()
     spawner = Spawner(lockdown)
     lock_down(lockdown)
-    return Isolation(spawner)
+    return Isolation(spawner, state_dir)
+
+
+def _cover_state() -> int:
+    """While single-threaded: a mount namespace of the agent's own, with its state
+    directory covered; a descriptor of that directory, the one way left to it."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS) for the agent")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    state_dir = os.open(protocol.STATE_MOUNT, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _mount("none", protocol.STATE_MOUNT, "tmpfs", MS_RDONLY | PROC_FLAGS, "size=4k,mode=0555")
+    return state_dir
 
 
 def _start_user_init(lockdown: bytes | None) -> int:
     """On the spawner thread: new mount and pid namespaces, the init, then lock down."""
     _check(_libc.unshare(CLONE_FS | CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    _mount("none", protocol.STATE_MOUNT, "tmpfs", MS_RDONLY | PROC_FLAGS, "size=4k,mode=0555")
     _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     ready_read, ready_write = os.pipe()
     pid = os.fork()

@@ -21,14 +21,16 @@ LOG_LIMIT = 1 << 20  # bytes of log.jsonl; it is rotated before it would grow pa
 RING_SIZE = 20000  # entries kept in memory
 RING_BYTES = 8 << 20  # characters of text kept in memory
 ENTRY_BYTES = 16 << 10  # bytes of output per entry
+LOG_NAME = "log.jsonl"
 ENTRY_OVERHEAD = 200  # what an entry costs in memory besides its text, roughly
 
 
 class Log:
     """Numbered entries, kept in a bounded ring and appended to a bounded file."""
 
-    def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, "log.jsonl")
+    def __init__(self, directory: int) -> None:
+        self.directory = directory  # a descriptor; file names are relative to it
+        self.name = LOG_NAME
         self.ring: collections.deque = collections.deque()
         self.ring_bytes = 0
         self.seq = 0
@@ -37,9 +39,9 @@ class Log:
         self._load()
 
     def _load(self) -> None:
-        for path in (self.path + ".1", self.path):
+        for name in (self.name + ".1", self.name):
             try:
-                with open(path, "rb") as f:
+                with open(name, "rb", opener=self._opener) as f:
                     data = f.read(LOG_LIMIT + 1)  # more is not one of ours: the rest is skipped
             except OSError:
                 continue
@@ -84,17 +86,24 @@ class Log:
         """Append a line to the file, rotating it first if it would pass LOG_LIMIT."""
         try:
             if self._file is None:
-                self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open
+                self._file = self._open_for_append()
             if self._file.tell() and self._file.tell() + len(line) > LOG_LIMIT:
                 self._file.close()
                 self._file = None
-                os.replace(self.path, self.path + ".1")
-                self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+                d = self.directory
+                os.replace(self.name, self.name + ".1", src_dir_fd=d, dst_dir_fd=d)
+                self._file = self._open_for_append()
             self._file.write(line)
         except OSError:  # a full disk loses file entries, never the ring
             if self._file is not None:
                 self._file.close()
             self._file = None
+
+    def _opener(self, name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW, 0o600, dir_fd=self.directory)
+
+    def _open_for_append(self):
+        return open(self.name, "ab", buffering=0, opener=self._opener)
 
     def _since(self, seq: int) -> list:
         """Entries after `seq`; the ring holds consecutive numbers, so slice, don't scan."""

@@ -33,7 +33,6 @@ from logs import Log
 from processes import Processes
 from protocol import Frame
 
-LOG_DIR = protocol.STATE_MOUNT
 REQUEST_LIMIT = 1 << 20
 
 
@@ -42,7 +41,7 @@ class Agent:
 
     def __init__(self, isolated: isolation.Isolation) -> None:
         self.isolated = isolated
-        self.log = Log(LOG_DIR)
+        self.log = Log(isolated.state_dir)
         self.processes = Processes(self.log, isolated)
         self.started = time.time()
         self.handlers = {

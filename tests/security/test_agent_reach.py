@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from jupyter_sandbox import Sandbox
+from jupyter_sandbox import FileNotFound, Sandbox, SandboxError
 from tests.conftest import ServiceEnv, sandbox_processes, wait_for
 
 pytestmark = pytest.mark.unprivileged
@@ -276,6 +276,35 @@ def test_agent_state_is_hidden_from_user_code(victim: Sandbox):
     assert victim.sh("ls -A /run/sandbox").stdout == ""
     forged = victim.sh("echo '{}' >> /run/sandbox/log.jsonl", check=False)
     assert forged.exit_code != 0 and "Read-only file system" in forged.stderr
+    assert_agent_serves(victim)
+
+
+@pytest.mark.parametrize("target", ["/run/sandbox", "../../../run/sandbox"])
+def test_links_to_the_state_directory_lead_the_agent_nowhere(
+    victim: Sandbox, service_env: ServiceEnv, target: str
+):
+    """Attack: plant `out -> /run/sandbox` in the home, so that the owner's file calls on
+    `out/...` (or the plain path /run/sandbox/...) write into the agent's state directory
+    on the host (outside the home's quota) or read and overwrite the agent's own log.
+
+    Every such call must fail with a typed error and leave the state directory as it was.
+    """
+    victim.sh(f"ln -s {target} out")
+    state = service_env.storage / "sandboxes" / victim.id / "state"
+    before = sorted(p.name for p in state.iterdir())
+    assert "log.jsonl" in before  # the agent's log is there, and only reachable from the host
+    for path in ("out/planted.bin", "/run/sandbox/planted.bin"):
+        with pytest.raises(SandboxError):
+            victim.fs.write_bytes(path, b"Z" * 4096)
+        with pytest.raises(SandboxError):
+            victim.fs.mkdir(path)
+    for path in ("out/log.jsonl", "/run/sandbox/log.jsonl"):
+        with pytest.raises(FileNotFound):
+            victim.fs.read_bytes(path)
+        with pytest.raises(SandboxError):
+            victim.fs.remove(path)
+    assert victim.fs.list("out") == []
+    assert sorted(p.name for p in state.iterdir()) == before
     assert_agent_serves(victim)
 
 
