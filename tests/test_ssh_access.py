@@ -120,6 +120,47 @@ def test_public_key_is_required_as_well(sandbox, tmp_path):
         sandbox.expose_ssh(public_key="ssh-ed25519 not-a-key")
 
 
+def keypair(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+def test_a_wrong_key_does_not_use_up_a_single_use_token(sandbox, tmp_path):
+    """Attack: whoever saw a single-use, key-bound token (but not the key) presents it with
+    another key, and with none, to burn it. The key's holder still gets in, once."""
+    key, wrong = keypair(tmp_path / "right"), keypair(tmp_path / "wrong")
+    access = sandbox.expose_ssh(single_use=True, public_key=Path(f"{key}.pub").read_text())
+    for attempt in (wrong, None):
+        denied = ssh(access, tmp_path / "kh", "echo in", key=attempt)
+        assert (denied.returncode, denied.stdout) == (255, ""), denied
+    assert ssh(access, tmp_path / "kh", "echo in", key=key).stdout == "in\n"
+    again = ssh(access, tmp_path / "kh", "echo in", key=key)
+    assert (again.returncode, again.stdout) == (255, ""), again
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["token-only", "token-and-key"])
+def test_racing_logins_with_a_single_use_token_let_exactly_one_in(sandbox, tmp_path, keyed):
+    """Attack: several correct logins with one single-use token at the same instant, to
+    get more than one session out of it. Exactly one gets in."""
+    key = keypair(tmp_path / "key") if keyed else None
+    public_key = Path(f"{key}.pub").read_text() if key else None
+    access = sandbox.expose_ssh(single_use=True, public_key=public_key)
+    pinned(access, tmp_path / "kh")
+    identity = ["-o", "IdentitiesOnly=yes", "-i", str(key) if key else "/dev/null"]
+    argv = pinned(access, tmp_path / "kh")
+    procs = [
+        subprocess.Popen(
+            [*argv[:1], *identity, *argv[1:], "echo in"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    assert sorted(outputs) == [""] * 5 + ["in\n"], outputs
+
+
 def test_unknown_expired_and_revoked_tokens_look_the_same(sandbox, tmp_path):
     revoked = sandbox.expose_ssh()
     sandbox.revoke_ssh()

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,10 @@ class SshAccessManager:
     # -- the gateway's view ------------------------------------------------------------
 
     async def resolve(self, token: str) -> Target | None:
-        """The sandbox a token grants, or None if it is unknown, used up or no longer valid."""
+        """The sandbox a token grants, or None if it is unknown, used up or no longer valid.
+
+        A single-use token is used up by the login that completes (`Target.claim`), not
+        by one that only presents it, so a wrong key cannot burn it."""
         token_hash = hash_token(token)
         row = self.state.token(token_hash)
         if row is None or row["revoked"]:
@@ -148,7 +152,7 @@ class SshAccessManager:
         live = self.manager.live.get(row["sandbox_id"])
         if live is None:
             return None
-        if row["single_use"] and not self.state.use_token(token_hash):
+        if row["single_use"] and row["used"]:
             return None
         return Target(
             sandbox_id=live.record.id,
@@ -157,6 +161,7 @@ class SshAccessManager:
             token_hash=token_hash,
             public_key=row["public_key"],
             single_use=bool(row["single_use"]),
+            claim=partial(self.state.use_token, token_hash) if row["single_use"] else None,
         )
 
     def _on_ssh_event(self, sandbox_id: str, text: str) -> None:

@@ -20,11 +20,10 @@ from pathlib import Path
 import asyncssh
 
 from ..agent.remote import AgentClient
-from . import forwarding, hostkey
+from . import forwarding, hostkey, peers
 from .algorithms import server_algorithms
 from .limits import FailedLogins, GatewayLimits, StartupLimiter
 from .logs import quiet_asyncssh
-from .peers import source_of
 from .session import SandboxSession
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,9 @@ class Target:
     env: dict[str, str]
     token_hash: str
     public_key: str | None = None  # OpenSSH public key line that must also be presented
-    single_use: bool = False  # the resolver consumes it; the gateway only reports connects
+    single_use: bool = False
+    # Uses the token up when a login with it completes: False if another login was first.
+    claim: Callable[[], bool] | None = None
 
 
 Resolver = Callable[[str], Awaitable["Target | None"]]
@@ -146,26 +147,50 @@ class Connection(asyncssh.SSHServer):
         self.last_active = 0.0
         self.target: Target | None = None
         self.authenticated = False
+        self._identifying: asyncio.Future | None = None
 
     # -- connection ------------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        peer = conn.get_extra_info("peername")
-        self.source = source_of(peer, conn.get_extra_info("sockname"))
+        peer, local = conn.get_extra_info("peername"), conn.get_extra_info("sockname")
+        try:
+            source = peers.source_of(peer, local)
+        except peers.Unavailable:
+            source = peers.UNKNOWN_LOCAL
+            self._identifying = asyncio.ensure_future(self._identify_from_proc(peer, local))
+        self.source = peers.UNKNOWN_LOCAL if source is peers.GONE else source
         self.address = str(peer[0])
         self.last_active = time.monotonic()
         self.conn = conn
         self.gateway.connections.add(self)
         _track_receives(conn, self)
+        self._admit()
+        if source is peers.GONE:  # the client closed already: nobody to serve
+            asyncio.get_running_loop().call_soon(self.abort)
+
+    def _admit(self) -> None:
         victim = self.gateway.startups.admit(self)
         if victim is not None:
             victim.abort()
+
+    async def _identify_from_proc(self, peer: tuple, local: tuple) -> None:
+        """Count a connection admitted as `UNKNOWN_LOCAL` against its user once known."""
+        source = await peers.source_from_proc(peer, local)
+        if source is peers.GONE:
+            self.abort()
+        elif source != self.source and not self.authenticated and self.conn is not None:
+            self.gateway.startups.remove(self)
+            self.source = source
+            if self in self.gateway.connections:
+                self._admit()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is None:
             return
         self.gateway.connections.discard(self)
         self.gateway.startups.remove(self)
+        if self._identifying is not None:
+            self._identifying.cancel()
         target = self.target
         if target is not None and self.authenticated:
             self.gateway.event(target.sandbox_id, f"SSH connection from {self.address} closed")
@@ -202,10 +227,14 @@ class Connection(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
-        self.authenticated = True
+        """Serve the login, unless its single-use token was used up by another meanwhile."""
         self.gateway.startups.remove(self)
         target = self.target
         assert target is not None
+        if target.claim is not None and not target.claim():
+            self.close()
+            return
+        self.authenticated = True
         single = " (single-use token)" if target.single_use else ""
         self.gateway.event(target.sandbox_id, f"SSH connection from {self.address}{single}")
 
@@ -224,7 +253,9 @@ class Connection(asyncssh.SSHServer):
 
     # -- channels --------------------------------------------------------------------
 
-    def session_requested(self) -> SandboxSession:
+    def session_requested(self) -> SandboxSession | bool:
+        if not self.authenticated:
+            return False
         assert self.target is not None
         return SandboxSession(self.target)
 
@@ -233,12 +264,15 @@ class Connection(asyncssh.SSHServer):
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> Awaitable[asyncssh.SSHTCPSession]:
-        assert self.target is not None
-        return forwarding.tcp_session(self.target.agent, dest_host, dest_port)
+        return forwarding.tcp_session(self._granted().agent, dest_host, dest_port)
 
     def unix_connection_requested(self, dest_path: str) -> Awaitable[asyncssh.SSHUNIXSession]:
-        assert self.target is not None
-        return forwarding.unix_session(self.target.agent, dest_path)
+        return forwarding.unix_session(self._granted().agent, dest_path)
+
+    def _granted(self) -> Target:
+        if not self.authenticated or self.target is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "")
+        return self.target
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return self._refuse_listen()

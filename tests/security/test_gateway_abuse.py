@@ -8,19 +8,23 @@ Each test fails if a client without a token can keep a token holder out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from jupyter_sandbox.ssh import GatewayLimits, generate_token
+from jupyter_sandbox.ssh import GatewayLimits, generate_token, peers
 from jupyter_sandbox.ssh.limits import MaxStartups, StartupLimiter
 from jupyter_sandbox.ssh.peers import source_of
 from jupyter_sandbox.ssh.session import MAX_TERM_CELLS
@@ -413,3 +417,100 @@ def test_sources_are_users_for_local_peers_and_networks_for_remote_ones() -> Non
     assert sources == {f"local uid {os.getuid()}"}
     assert source_of(("2001:db8:1:2:aa::1", 5), ("2001:db8::9", 22)) == "2001:db8:1:2::/64"
     assert source_of(("::ffff:192.0.2.1", 5, 0, 0), ("::", 22, 0, 0)) == "192.0.2.1"
+
+
+# -- peer lookup ---------------------------------------------------------------------------
+
+SOCKET_HOG = """
+import resource, socket, sys, time
+pairs, hold = int(sys.argv[1]), float(sys.argv[2])
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(4096)
+keep = []
+for _ in range(pairs):
+    client = socket.socket()
+    client.connect(server.getsockname())
+    keep += [client, server.accept()[0]]
+print("ready", flush=True)
+time.sleep(hold)
+"""
+HOGS, HOG_PAIRS = 3, 9000  # 54k sockets, in processes within a 20k fd limit
+
+
+def connect_close_flood(port: int, stop: threading.Event) -> int:
+    """Connect to the gateway and close at once, as fast as possible, until `stop`."""
+    count = 0
+    while not stop.is_set():
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.connect(("127.0.0.1", port))
+            count += 1
+    return count
+
+
+@root_only
+@needs_openssh
+def test_a_huge_socket_table_and_a_connect_flood_do_not_stall_logins(
+    loop: Loop,  # noqa: F811
+    workdir: Path,  # noqa: F811
+    sandbox,  # noqa: F811
+) -> None:
+    """Attack: a local user with no token holds 54k idle loopback sockets (a big socket
+    table) and connects and closes in a loop, so that every accept's owner lookup is
+    slow and the gateway's loop stalls (whole-table reads of /proc/net/tcp did this). A
+    valid login still gets in quickly while the flood runs."""
+    gateway = Gw(loop, workdir, limits=GatewayLimits(login_timeout=SHORT_DEADLINE))
+    hogs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SOCKET_HOG, str(HOG_PAIRS), "120"], stdout=subprocess.PIPE
+        )
+        for _ in range(HOGS)
+    ]
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            token = gateway.issue(sandbox)
+            assert all(hog.stdout.readline() == b"ready\n" for hog in hogs)
+            floods = [pool.submit(connect_close_flood, gateway.port, stop) for _ in range(2)]
+            started = time.monotonic()
+            logins = [run(gateway.ssh(token, "echo in")) for _ in range(3)]
+            login_time = (time.monotonic() - started) / len(logins)
+            stop.set()
+            flooded = sum(flood.result(30) for flood in floods)
+            print(
+                f"mean login time with a 54k socket table and {flooded} connects: "
+                f"{login_time:.2f} s"
+            )
+            assert all((r.returncode, r.stdout) == (0, b"in\n") for r in logins), logins
+            assert login_time < 3.0, f"a valid login took {login_time:.1f} s"
+        finally:
+            stop.set()
+            for hog in hogs:
+                hog.kill()
+                hog.wait(30)
+            gateway.close()
+
+
+@pytest.mark.unprivileged
+def test_a_closed_client_is_charged_to_nobody() -> None:
+    """Attack: a client connects and closes at once; its socket, gone or in TIME_WAIT,
+    shows uid 0, which charged the flood to root's share. It names no user now."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.socket()
+        client.connect(server.getsockname())
+        accepted, peer = server.accept()
+        with accepted:
+            local = accepted.getsockname()
+            assert source_of(peer, local) == f"local uid {os.getuid()}"
+            client.close()
+            wait_for(lambda: source_of(peer, local) is peers.GONE, timeout=5)
+        wait_for(lambda: source_of(peer, local) is peers.GONE, timeout=5)
+        assert (
+            peers.proc_net_uid(peers.plain(peer[0]), peer[1], peers.plain(local[0]), local[1])
+            is peers.GONE
+        )
