@@ -77,7 +77,7 @@ class DirectTransfer:
         """Copy one file; at most (and exactly) the size the agent announced is accepted."""
         with self._request("read", path=remote) as conn:
             info = conn.expect(Frame.RESULT)
-            with FileDownload(target, info) as out:
+            with FileDownload(target, info, remote) as out:
                 conn.expect(Frame.FD)
                 with _pipe(conn.sock, agent_reads=False) as pipe:
                     _write_with_fresh_process(pipe, out, progress)

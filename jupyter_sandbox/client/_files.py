@@ -147,7 +147,7 @@ class AsyncFileSystem:
 
     async def _download_file(self, remote: str, target: Path, report: Progress | None) -> None:
         async with self._get("read", remote) as (info, data):
-            with FileDownload(target, info) as out:
+            with FileDownload(target, info, remote) as out:
                 async for chunk in _counting(data, report):
                     out.write(chunk)
                 out.commit()

@@ -85,19 +85,21 @@ class Limits:
 class FileDownload:
     """A sandbox file on its way to `target`, written to a private temp file.
 
-    If `target` is a directory, the file goes into it under the sandbox's name for
-    it (one checked component). An existing symlink at the target is refused, never
-    followed or replaced. At most `size` bytes are accepted, and exactly `size` must
-    arrive before ``commit()`` renames the file into place.
+    If `target` is a directory, the file goes into it under the last component of
+    `remote`, the path the user asked for (the agent's name for the file is never
+    used). The user named the destination either way, so an existing regular file
+    there is replaced, as ``cp`` would; an existing symlink or directory is refused,
+    never followed or replaced. At most `size` bytes are accepted, and exactly
+    `size` must arrive before ``commit()`` renames the file into place.
     """
 
-    def __init__(self, target: str | os.PathLike, info: dict[str, Any]) -> None:
+    def __init__(self, target: str | os.PathLike, info: dict[str, Any], remote: str) -> None:
         target = Path(target)
         self.size: int = info["size"]
         if info["type"] != "file":
             raise FileError(f"not a regular file in the sandbox: {info['path']}")
         if target.is_dir() and not target.is_symlink():
-            directory, self.name = target, names.check_name(info["name"])
+            directory, self.name = target, names.remote_name(remote)
         else:
             directory, self.name = target.parent, names.check_name(target.name, "target name")
         self.dir_fd = open_directory(directory)

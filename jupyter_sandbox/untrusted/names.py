@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 
 from .._errors import FileError
 
@@ -26,6 +27,14 @@ def check_name(name: object, what: str = "file name") -> str:
         raise FileError(f"the sandbox sent an unsafe {what}: {name!r}")
     if _size(name) > MAX_NAME:
         raise FileError(f"the sandbox sent a {what} longer than {MAX_NAME} bytes")
+    return name
+
+
+def remote_name(remote: str) -> str:
+    """The host name for a download of `remote` into a directory: its last component."""
+    name = posixpath.basename(remote.rstrip("/"))
+    if name in ("", ".", "..") or "\0" in name or len(os.fsencode(name)) > MAX_NAME:
+        raise FileError(f"{remote!r} has no file name to download into a directory under")
     return name
 
 

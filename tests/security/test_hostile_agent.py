@@ -466,7 +466,8 @@ def test_file_that_streams_more_than_announced_is_refused(sandbox, hostile, host
 
 def test_file_announcements_are_checked(sandbox, hostile, host):
     """Attack: a file larger than the host's disk, one that sends less than announced,
-    a setuid mode, and names '../../evil' and 'a/b' for the file put into a directory."""
+    a setuid mode, and names '../../evil' and 'a/b' for the file put into a directory
+    (refused as malformed answers; a safe name is ignored, see the next test)."""
     (host / "target").mkdir()
     read_answer(hostile, file_info(1 << 60), b"")
     with pytest.raises(SandboxError):
@@ -482,6 +483,23 @@ def test_file_announcements_are_checked(sandbox, hostile, host):
         with pytest.raises(SandboxError):
             sandbox.fs.download("f.txt", host / "target")
     assert sorted(os.listdir(host / "target")) == ["tool"]
+
+
+def test_agent_never_names_the_host_file(sandbox, hostile, host):
+    """Attack: `download("f.txt", <dir>)` answered with the name '.bashrc', so the file
+    would replace `<dir>/.bashrc`; the file must land as `<dir>/f.txt` instead."""
+    home = host / "target"
+    home.mkdir()
+    (home / ".bashrc").write_text("# the user's own\n")
+    read_answer(hostile, file_info(5, name=".bashrc", path="/home/sandbox/.bashrc"), b"pwned")
+    sandbox.fs.download("sub/f.txt", home)
+    assert (home / ".bashrc").read_text() == "# the user's own\n"
+    assert (home / "f.txt").read_bytes() == b"pwned"
+    (home / "f.txt").write_text("older copy\n")
+    sandbox.fs.download("f.txt", home)  # the user named it: replacing it is what cp does
+    assert (home / "f.txt").read_bytes() == b"pwned"
+    with pytest.raises(FileError, match="no file name"):
+        sandbox.fs.download("..", home)
 
 
 def test_file_download_never_writes_through_a_symlink(sandbox, hostile, host):
