@@ -117,8 +117,9 @@ class Spawner:
     request for a command waits for it. If the setup fails, the agent ends.
     """
 
-    def __init__(self, lockdown: bytes | None) -> None:
+    def __init__(self, lockdown: bytes | None, user_cgroup: list[int]) -> None:
         self.lockdown = lockdown
+        self.user_cgroup = user_cgroup
         self._user_init = 0
         self._requests: list = []
         self._cond = threading.Condition()
@@ -145,7 +146,7 @@ class Spawner:
 
     def _run(self) -> None:
         try:
-            self._user_init = _start_user_init(self.lockdown)
+            self._user_init = _start_user_init(self.lockdown, self.user_cgroup)
         except BaseException as e:  # no isolation, no agent
             print(f"{FAILED}: {e}", file=sys.stderr, flush=True)
             os._exit(1)
@@ -164,16 +165,29 @@ class Spawner:
                 continue
 
 
-def enter(lockdown: bytes | None) -> Isolation:
+def enter(lockdown: bytes | None, user_cgroup: list[int]) -> Isolation:
     """Set the agent apart from user code; see the module docstring.
 
+    `user_cgroup`: descriptors of the user's cgroup ``tasks`` files, which the
+    spawner writes "0" to, moving itself (alone) there before it forks user code.
     Must run before the agent reads any request.
     """
     _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     state_dir = _cover_state()
-    spawner = Spawner(lockdown)
+    spawner = Spawner(lockdown, user_cgroup)
     lock_down(lockdown)
     return Isolation(spawner, state_dir)
+
+
+def _join_user_cgroup(tasks_fds: list[int]) -> None:
+    """Move the calling thread alone into the user's cgroup, then close the descriptors."""
+    for fd in tasks_fds:
+        try:
+            os.write(fd, b"0")
+        except OSError as e:
+            raise SetupError(f"cannot join the user's cgroup: {e}") from None
+        finally:
+            os.close(fd)
 
 
 def _cover_state() -> int:
@@ -186,8 +200,13 @@ def _cover_state() -> int:
     return state_dir
 
 
-def _start_user_init(lockdown: bytes | None) -> int:
-    """On the spawner thread: new mount and pid namespaces, the init, then lock down."""
+def _start_user_init(lockdown: bytes | None, user_cgroup: list[int]) -> int:
+    """On the spawner thread: new mount and pid namespaces, the init, then into the
+    user's cgroup and lock down.
+
+    The init stays in the agent's cgroup: in the user's, an OOM there (user code
+    filling a memfd, say) could pick it, and the sandbox would end with it.
+    """
     _check(_libc.unshare(CLONE_FS | CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
@@ -202,6 +221,7 @@ def _start_user_init(lockdown: bytes | None) -> int:
     if error:
         os.waitpid(pid, 0)
         raise SetupError(error.decode(errors="replace"))
+    _join_user_cgroup(user_cgroup)
     lock_down(lockdown)
     return pid
 

@@ -1,8 +1,9 @@
 """The agent: runs inside every sandbox and does all work there (stdlib only).
 
-Started by the backend as ``python3 -E -s -S main.pyc LISTEN_FD [LOCKDOWN_FD]``
-with the listening Unix socket inherited as LISTEN_FD and, optionally, a
-syscall filter to install after its setup as LOCKDOWN_FD. It first puts itself
+Started by the backend as ``python3 -E -s -S main.pyc LISTEN_FD LOCKDOWN_FD USER_CGROUP``
+with the listening Unix socket inherited as LISTEN_FD, a syscall filter to
+install after its setup as LOCKDOWN_FD, and the user's cgroup ``tasks`` files
+as USER_CGROUP (numbers separated by commas); "-" stands for none. It first puts itself
 out of reach of user code (``isolation``), then serves: each accepted connection
 carries one request (see ``protocol``) and is served by its own thread.
 Everything the agent does (processes, files, TCP connections) happens inside
@@ -145,13 +146,14 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     listen_fd = int(sys.argv[1])
-    lockdown_fd = int(sys.argv[2]) if len(sys.argv) > 2 else None
-    keep = sorted({listen_fd, listen_fd if lockdown_fd is None else lockdown_fd})
+    lockdown_fd = None if sys.argv[2] == "-" else int(sys.argv[2])
+    user_cgroup = [] if sys.argv[3] == "-" else [int(fd) for fd in sys.argv[3].split(",")]
+    keep = sorted({listen_fd, *([] if lockdown_fd is None else [lockdown_fd]), *user_cgroup})
     for low, high in zip([2, *keep], [*keep, 1 << 16]):
         os.closerange(low + 1, high)  # descriptors bwrap was handed for the setup only
     lockdown = isolation.read_filter(lockdown_fd) if lockdown_fd is not None else None
     try:
-        isolated = isolation.enter(lockdown)
+        isolated = isolation.enter(lockdown, user_cgroup)
     except isolation.SetupError as e:
         sys.exit(f"{isolation.FAILED}: {e}")
     listener = socket.socket(fileno=listen_fd)

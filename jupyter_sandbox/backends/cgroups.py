@@ -4,6 +4,19 @@ bubblewrap has no cgroup support of its own: the backend creates a group per
 sandbox, opens its ``cgroup.procs`` files before starting bwrap, and the child
 moves itself in (writing "0") just before exec, so every sandbox process is
 accounted from the first instruction.
+
+On cgroup v1 a sandbox's group has two children. ``user`` holds user code and
+gets the limits the user asked for; ``agent`` holds bwrap and the agent, which
+share the parent's limits (the user's plus a reserve of their own), so that user
+code filling its memory (with a memfd, say, which is in no process's RSS) or its
+pids never makes the OOM killer pick the agent nor leaves it without threads.
+The agent's spawner thread moves itself alone into ``user`` (v1 groups threads
+separately) through descriptors of its ``tasks`` files, once it forked the user
+init (which stays in ``agent``, out of the user's OOM killer's reach) and before
+it forks user code; the agent's memory stays charged to ``agent``, its main
+thread's group.
+cgroup v2 cannot split a process's threads for memory: there the agent shares
+the user's limits.
 """
 
 from __future__ import annotations
@@ -26,6 +39,9 @@ DEFAULT_MEMORY = 1 << 30  # also the basis of tmpfs sizes when no memory limit i
 # ENOSPC and leaves room for the agent and the user's processes.
 TMPFS_SHARES = {"/tmp": 3 / 8, "/var/tmp": 1 / 16, "/dev/shm": 1 / 8, "/run": 1 / 32}
 TMPFS_MAX = {"/run": 16 * MiB}
+AGENT, USER = "agent", "user"  # a v1 group's children
+AGENT_MEMORY = 96 * MiB  # what the agent may use on top of the user's memory limit
+AGENT_PIDS = 256  # and on top of the user's pid limit
 
 
 @dataclass
@@ -65,19 +81,41 @@ class Group:
     version: int
     paths: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def split(self) -> bool:
+        """Whether the agent and user code have groups of their own (cgroup v1)."""
+        return self.version == 1
+
+    def _dirs(self, child: str = "") -> list[str]:
+        """Each hierarchy's directory of the sandbox, or of its `child` when split."""
+        child = child if self.split else ""
+        return [os.path.join(p, child) for p in dict.fromkeys(self.paths.values())]
+
     def open_procs(self) -> list[int]:
-        """File descriptors a child writes "0" to, to join every hierarchy."""
-        return [
-            os.open(os.path.join(p, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-            for p in dict.fromkeys(self.paths.values())
-        ]
+        """File descriptors a child writes "0" to, to join every hierarchy (the agent's)."""
+        return [_open_write(os.path.join(p, "cgroup.procs")) for p in self._dirs(AGENT)]
+
+    def open_user_tasks(self) -> list[int]:
+        """Descriptors a thread writes "0" to, to move itself alone into the user's group;
+        none when not split."""
+        return (
+            [_open_write(os.path.join(p, "tasks")) for p in self._dirs(USER)] if self.split else []
+        )
 
     def apply(self, limits: Limits) -> None:
-        for name, value in self._settings(limits):
+        settings = [("", name, value) for name, value in self._settings(limits)]
+        if self.split:  # the user's limits on its group, with the agent's reserve around both
+            reserve = Limits(
+                memory=limits.memory and limits.memory + AGENT_MEMORY,
+                pids=limits.pids and limits.pids + AGENT_PIDS,
+            )
+            parent = [("", name, value) for name, value in self._settings(reserve)]
+            settings = parent + [(USER, name, value) for _, name, value in settings]
+        for child, name, value in settings:
             controller, _, _ = name.partition(".")
             path = self.paths.get("unified" if self.version == 2 else controller)
             if path is not None:
-                Path(path, name).write_text(value)
+                Path(path, child, name).write_text(value)
 
     def _settings(self, limits: Limits) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -103,12 +141,13 @@ class Group:
         return out
 
     def usage(self) -> dict:
-        """Memory in bytes, CPU time in seconds and process count, where readable."""
+        """User code's memory in bytes, CPU time in seconds and process count, where
+        readable."""
 
         def read(controller: str, name: str) -> str | None:
             path = self.paths.get("unified" if self.version == 2 else controller)
             try:
-                return Path(path, name).read_text() if path else None
+                return Path(path, USER if self.split else "", name).read_text() if path else None
             except OSError:
                 return None
 
@@ -137,7 +176,8 @@ class Group:
 
     def remove(self) -> None:
         """Remove the directories once their processes are gone (retrying briefly)."""
-        for path in dict.fromkeys(self.paths.values()):
+        children = [*self._dirs(USER), *self._dirs(AGENT)] if self.split else []
+        for path in [*children, *dict.fromkeys(self.paths.values())]:
             for _ in range(100):
                 try:
                     os.rmdir(path)
@@ -207,11 +247,18 @@ class Controller:
                 path = base / sandbox_id
                 path.mkdir(exist_ok=True)
                 group.paths[name] = str(path)
+                if group.split:
+                    for child in (AGENT, USER):
+                        (path / child).mkdir(exist_ok=True)
         except OSError as e:
             group.remove()
             self.unavailable = f"cannot create cgroups: {e}"
             return None
         return group
+
+
+def _open_write(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
 
 
 def _own_cgroups() -> dict[str, str]:

@@ -121,9 +121,12 @@ class LaunchFds:
     info: int  # bwrap reports the sandbox's pid here
     seccomp: int | None = None  # base syscall filter, installed by bwrap before the agent
     lockdown: int | None = None  # second filter, installed by the agent after its setup
+    # The user's cgroup ``tasks`` files: the agent's spawner thread moves itself there.
+    user_cgroup: tuple[int, ...] = ()
 
     def passed(self) -> tuple[int, ...]:
-        return tuple(fd for fd in (self.listen, self.info, self.seccomp, self.lockdown) if fd)
+        fds = (self.listen, self.info, self.seccomp, self.lockdown, *self.user_cgroup)
+        return tuple(fd for fd in fds if fd)
 
 
 @dataclass
@@ -306,7 +309,8 @@ class LocalBackend:
             group.apply(spec.limits)
         info_read, info_write = os.pipe()
         cgroup_fds = group.open_procs() if group else []
-        fds = LaunchFds(listen=listener.fileno(), info=info_write)
+        user_cgroup = tuple(group.open_user_tasks()) if group else ()
+        fds = LaunchFds(listen=listener.fileno(), info=info_write, user_cgroup=user_cgroup)
         if spec.syscall_filter:
             fds.seccomp = seccomp.memfd(seccomp.base_program(), "sandbox-seccomp")
             fds.lockdown = seccomp.memfd(seccomp.lockdown_program(), "sandbox-lockdown")
@@ -330,7 +334,7 @@ class LocalBackend:
             proc = await asyncio.to_thread(spawn)
         finally:
             listener.close()
-            for fd in (info_write, fds.seccomp, fds.lockdown, *cgroup_fds):
+            for fd in (info_write, fds.seccomp, fds.lockdown, *fds.user_cgroup, *cgroup_fds):
                 if fd is not None:
                     os.close(fd)
         try:
@@ -374,6 +378,11 @@ class LocalBackend:
                 f"limits NOT enforced ({', '.join(wanted) or 'no accounting either'}): {reason}; "
                 "open files and tmpfs sizes are enforced"
             )
+        if group is None or not group.split:
+            notes.append(
+                "the agent shares these limits with user code: code that exhausts them can "
+                "stop the sandbox's agent too"
+            )
         if not home_quota:
             reason = self.home_quota_unavailable or "mounting its image failed (see the log)"
             notes.append(
@@ -406,7 +415,11 @@ class LocalBackend:
 
     def _argv(self, spec: SandboxSpec, directory: Path, fds: LaunchFds) -> list[str]:
         """bwrap's command line: the sandbox, then the agent with its descriptors."""
-        agent_fds = [str(fds.listen)] + ([str(fds.lockdown)] if fds.lockdown is not None else [])
+        agent_fds = [
+            str(fds.listen),
+            "-" if fds.lockdown is None else str(fds.lockdown),
+            ",".join(map(str, fds.user_cgroup)) or "-",
+        ]
         return [
             *sandbox_argv(self.bwrap, spec.id, directory, spec.network, fds.seccomp, spec.limits),
             "--bind",

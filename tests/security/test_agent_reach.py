@@ -383,3 +383,71 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _agent_has_limits_of_its_own(sandbox: Sandbox) -> None:
+    """Skip where the agent shares its cgroup limits with user code (no cgroups, or v2)."""
+    note = sandbox.info().limits_note or ""
+    if "agent shares these limits" in note or "NOT enforced" in note:
+        pytest.skip(f"the agent has no limits of its own here: {note}")
+
+
+def test_filling_a_memfd_to_the_memory_limit_leaves_the_agent(service_env: ServiceEnv):
+    """Attack: under memory=256M, write into a memfd until the memory cgroup refuses.
+    Those pages are in no process's RSS, so an OOM killer that weighed the agent with
+    user code would pick it (the biggest RSS) and end the sandbox.
+
+    The OOM must stay among user code: the agent serves and the home is intact.
+    """
+    with Sandbox.create(memory="256M") as sb:
+        _agent_has_limits_of_its_own(sb)
+        sb.fs.write_text("work.txt", "precious\n")
+        filler = sb.spawn(
+            "exec python3 -c 'import os\n"
+            'fd = os.memfd_create("fill")\n'
+            "while True: os.write(fd, bytes(1 << 20))'"
+        )
+        assert filler.wait(timeout=60) != 0  # killed or refused: it never filled forever
+        assert sb.sh("true", timeout=10).exit_code == 0
+        assert_agent_serves(sb)
+        assert sb.info().status == "running"
+
+
+def test_forking_to_the_pid_limit_leaves_the_agent(service_env: ServiceEnv):
+    """Attack: fork until pids.max and hold every process, so that the agent (whose
+    threads shared that limit) cannot start the thread a request needs.
+
+    File operations still answer, and a command either runs or fails with a typed
+    error; once the forks are gone, everything works again.
+    """
+    with Sandbox.create(pids=64) as sb:
+        _agent_has_limits_of_its_own(sb)
+        sb.fs.write_text("work.txt", "precious\n")
+        holder = sb.spawn(
+            "exec python3 -c '"
+            "import os, time\n"
+            "n = 0\n"
+            "while True:\n"
+            "    try: pid = os.fork()\n"
+            "    except OSError: break\n"
+            "    if pid == 0: time.sleep(600); os._exit(0)\n"
+            "    n += 1\n"
+            'print("forked", n, flush=True)\n'
+            "time.sleep(600)'"
+        )
+
+        def forked() -> bool:
+            with sb.logs(tail=20) as entries:
+                return any("forked" in entry.text for entry in entries)
+
+        wait_for(forked, 30, message="the fork holder at the pid limit")
+        assert sb.fs.read_text("work.txt") == "precious\n"
+        sb.fs.write_text("more.txt", "x\n")
+        try:
+            assert sb.sh("true", timeout=10).exit_code == 0
+        except SandboxError as e:  # no process to be had: said so, with a type
+            assert "Resource temporarily unavailable" in str(e) or "resources" in str(e), e
+        holder.kill()
+        sb.sh("pkill -9 -u $(id -u) python3", check=False, timeout=10)
+        wait_for(lambda: sb.sh("true", timeout=10).exit_code == 0, 30, message="recovery")
+        assert_agent_serves(sb)

@@ -18,7 +18,7 @@ import pytest
 from jupyter_sandbox import InvalidRequest, Sandbox
 from jupyter_sandbox._config import Settings, host_cpus, host_memory
 from jupyter_sandbox.backends import homes
-from jupyter_sandbox.backends.cgroups import Controller
+from jupyter_sandbox.backends.cgroups import USER, Controller
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.unprivileged
@@ -32,13 +32,13 @@ def tmpfs_bytes(sandbox: Sandbox) -> dict[str, int]:
 
 
 def cgroup_value(sandbox: Sandbox, v1: tuple[str, str], v2: str) -> str | None:
-    """A limit as the kernel holds it for the sandbox's cgroup; None without cgroups."""
+    """A limit as the kernel holds it for user code's cgroup; None without cgroups."""
     controller = Controller()
     if controller.unavailable:
         return None
     if controller.version == 2:
         return (controller.bases["unified"] / sandbox.id / v2).read_text().split()[0]
-    return (controller.bases[v1[0]] / sandbox.id / v1[1]).read_text().strip()
+    return (controller.bases[v1[0]] / sandbox.id / USER / v1[1]).read_text().strip()
 
 
 def test_a_default_sandbox_is_limited(sandbox):
