@@ -102,6 +102,50 @@ def test_malformed_requests_do_not_hurt_the_service(service_env: ServiceEnv, san
     assert sandbox.sh("echo still serving").stdout == "still serving\n"
 
 
+def post_json(env: ServiceEnv, path: str, body: object) -> tuple[int, dict]:
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    return raw_request(env, head.encode() + data)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"labels": [1]},
+        {"labels": {"a": {"b": 1}}},
+        {"owner": {"a": 1}},
+        {"name": 5},
+        {"env": ["A=1"]},
+    ],
+)
+def test_create_options_of_the_wrong_type_are_invalid_requests(service_env: ServiceEnv, body):
+    """Attack: create options of a type the service does not expect (not a 500)."""
+    status, answer = post_json(service_env, "/v1/sandboxes", body)
+    assert (status, answer["error"]) == (400, "InvalidRequest"), answer
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "message"),
+    [
+        ("stat", {"path": ".", "answer_timeout": 0.001}, "unknown argument"),
+        ("stat", {"path": ".", "pipe": True}, "unknown argument"),
+        ("stat", {}, "needs the argument"),
+        ("list", {"path": ["."]}, "must be of type str"),
+        ("mkdir", {"path": "d", "mode": "0777"}, "must be of type int"),
+        ("remove", {"path": "d", "recursive": "yes"}, "must be of type bool"),
+        ("rename", {"src": "a"}, "needs the argument"),
+    ],
+)
+def test_file_op_arguments_are_checked(service_env: ServiceEnv, sandbox, op, body, message):
+    """Attack: file operations with arguments of the service's own call, of the agent's
+    protocol, missing or of the wrong type: each is InvalidRequest, never a 500."""
+    status, answer = post_json(service_env, f"/v1/sandboxes/{sandbox.id}/files/{op}", body)
+    assert (status, answer["error"]) == (400, "InvalidRequest"), answer
+    assert message in answer["message"]
+    assert sandbox.fs.stat(".").type == "dir"
+
+
 def test_huge_request_bodies_are_refused(service_env: ServiceEnv, sandbox):
     async def huge_create() -> None:
         await sandbox._inner._transport.request(

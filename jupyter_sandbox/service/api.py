@@ -30,7 +30,14 @@ from .state import SandboxRecord
 
 log = logging.getLogger("jupyter_sandbox.service")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-FILE_OPS = ("stat", "list", "mkdir", "remove", "rename")
+# The arguments each file operation takes and their types; the paths (str) are required.
+FILE_OPS: dict[str, dict[str, type]] = {
+    "stat": {"path": str},
+    "list": {"path": str},
+    "mkdir": {"path": str, "parents": bool, "exist_ok": bool, "mode": int},
+    "remove": {"path": str, "recursive": bool},
+    "rename": {"src": str, "dst": str},
+}
 REMOVE_TIMEOUT = 600.0  # a recursive remove of a large tree may take that long
 FRAMED = "application/x-sandbox-frames"
 
@@ -396,7 +403,7 @@ class Api:
         op = request.match_info["op"]
         if op not in FILE_OPS:
             raise web.HTTPNotFound()
-        body = await _json(request)
+        body = _file_op_args(op, await _json(request))
         answer_timeout = REMOVE_TIMEOUT if op == "remove" else ANSWER_TIMEOUT
         agent = self._live(request).agent
         return web.json_response(await agent.call(op, answer_timeout=answer_timeout, **body))
@@ -446,6 +453,22 @@ class Api:
             except ConnectionError:
                 pass  # the agent refused early; its answer below says why
             return web.json_response(await agent.result(INACTIVITY))
+
+
+def _file_op_args(op: str, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` if it has exactly the arguments `op` takes, of their types; else InvalidRequest."""
+    arguments = FILE_OPS[op]
+    unknown = set(body) - set(arguments)
+    if unknown:
+        raise InvalidRequest(f"unknown argument(s) for {op}: {', '.join(sorted(unknown))}")
+    missing = [name for name, kind in arguments.items() if kind is str and name not in body]
+    if missing:
+        raise InvalidRequest(f"{op} needs the argument(s) {', '.join(missing)}")
+    for name, value in body.items():
+        kind = arguments[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise InvalidRequest(f"{op}: {name!r} must be of type {kind.__name__}")
+    return body
 
 
 def _number(value: str | None, name: str) -> float | None:

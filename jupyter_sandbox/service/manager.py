@@ -174,8 +174,10 @@ class Manager:
         if network not in ("none", "host"):
             raise InvalidRequest(f'invalid network {network!r}: expected "none" or "host"')
         env = _check_env(env or {})
-        labels = {str(k): str(v) for k, v in (labels or {}).items()}
-        if name is not None and not NAME_RE.fullmatch(name):
+        labels = _check_labels(labels or {})
+        if not isinstance(owner, str):
+            raise InvalidRequest("owner must be a string")
+        if name is not None and not (isinstance(name, str) and NAME_RE.fullmatch(name)):
             raise InvalidRequest(
                 f"invalid name {name!r}: use letters, digits, '.', '_' or '-' "
                 "(up to 63), starting with a letter or digit"
@@ -466,6 +468,14 @@ def _parse_fds(value: Any) -> int | None:
 def _max_fds() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+
+
+def _check_labels(labels: object) -> dict[str, str]:
+    if not isinstance(labels, dict) or not all(
+        isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in labels.values()
+    ):
+        raise InvalidRequest("labels must be a mapping of names to strings or numbers")
+    return {str(k): str(v) for k, v in labels.items()}
 
 
 def _check_env(env: dict) -> dict[str, str]:
