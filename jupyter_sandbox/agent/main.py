@@ -79,8 +79,11 @@ class Agent:
             self._report(channel, "FileExists", f"already exists: {e.filename}")
         except PermissionError as e:
             self._report(channel, "PermissionDenied", f"permission denied: {e.filename}")
+        except BlockingIOError as e:  # EAGAIN: typically fork() at the pid limit
+            self._report(channel, "SandboxError", f"the sandbox is out of resources: {e}")
         except (IsADirectoryError, NotADirectoryError, OSError) as e:
-            self._report(channel, "FileError", f"{e.strerror or e}: {getattr(e, 'filename', '')}")
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            self._report(channel, "FileError", f"{e.strerror or e}{where}")
         except (TypeError, ValueError, KeyError) as e:
             self._report(channel, "BadRequest", f"bad request: {e}")
         except RuntimeError as e:  # typically: can't start a thread at the pid limit

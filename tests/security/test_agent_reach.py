@@ -446,7 +446,7 @@ def test_forking_to_the_pid_limit_leaves_the_agent(service_env: ServiceEnv):
         try:
             assert sb.sh("true", timeout=10).exit_code == 0
         except SandboxError as e:  # no process to be had: said so, with a type
-            assert "Resource temporarily unavailable" in str(e) or "resources" in str(e), e
+            assert "the sandbox is out of resources" in str(e), e
         holder.kill()
         sb.sh("pkill -9 -u $(id -u) python3", check=False, timeout=10)
         wait_for(lambda: sb.sh("true", timeout=10).exit_code == 0, 30, message="recovery")
