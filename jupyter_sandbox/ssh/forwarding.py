@@ -53,12 +53,21 @@ async def _connect(agent: AgentClient, **where: object) -> AgentStream:
 async def relay(
     stream: AgentStream, reader: asyncssh.SSHReader, writer: asyncssh.SSHWriter
 ) -> None:
-    """Copy bytes both ways between an SSH channel and the agent, half-closes included."""
+    """Copy bytes both ways between an SSH channel and the agent, half-closes included,
+    until both directions end or the channel closes (client gone, connection lost,
+    sandbox ended, access revoked); then the agent stream is closed."""
+    copying = asyncio.gather(_to_agent(reader, stream), _to_channel(stream, writer))
+    closed = asyncio.ensure_future(writer.channel.wait_closed())
     try:
-        await asyncio.gather(_to_agent(reader, stream), _to_channel(stream, writer))
+        await asyncio.wait({copying, closed}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        copying.cancel()
+        closed.cancel()
+        await asyncio.wait({copying})
         await stream.close()
         writer.close()
+    if not copying.cancelled():
+        copying.result()
 
 
 async def _to_agent(reader: asyncssh.SSHReader, stream: AgentStream) -> None:

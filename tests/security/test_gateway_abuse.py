@@ -28,7 +28,17 @@ from jupyter_sandbox.ssh import GatewayLimits, generate_token, peers
 from jupyter_sandbox.ssh.limits import MaxStartups, StartupLimiter
 from jupyter_sandbox.ssh.peers import source_of
 from jupyter_sandbox.ssh.session import MAX_TERM_CELLS
-from tests.test_ssh_gateway import Gw, Loop, loop, run, sandbox, wait_for, workdir  # noqa: F401
+from tests.test_ssh_gateway import (  # noqa: F401
+    Gw,
+    Loop,
+    Tunnel,
+    free_port,
+    loop,
+    run,
+    sandbox,
+    wait_for,
+    workdir,
+)
 
 ROOT = os.geteuid() == 0
 root_only = pytest.mark.skipif(not ROOT, reason="sandboxes of the gateway tests run as root")
@@ -514,3 +524,98 @@ def test_a_closed_client_is_charged_to_nobody() -> None:
             peers.proc_net_uid(peers.plain(peer[0]), peer[1], peers.plain(local[0]), local[1])
             is peers.GONE
         )
+
+
+# -- forwarding ------------------------------------------------------------------------------
+
+SILENT_SERVER = """
+import socket
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", {port}))
+server.listen(256)
+held = []
+while True:
+    held.append(server.accept()[0])
+"""
+LOCAL_FORWARDS, STDIO_FORWARDS = 45, 5
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@root_only
+@needs_openssh
+def test_forwards_to_a_silent_server_free_their_fds_when_the_client_leaves(
+    loop: Loop,  # noqa: F811
+    workdir: Path,  # noqa: F811
+    sandbox,  # noqa: F811
+) -> None:
+    """Attack: open 50 forwards (-L and -W) to a server inside the sandbox that never
+    writes, then disconnect; each relay kept reading its agent stream for good, leaking
+    the gateway's fds. The gateway's open fds return to their baseline."""
+    gateway = Gw(loop, workdir)
+    try:
+        _forward_and_leave(gateway, sandbox)
+    finally:
+        gateway.close()
+
+
+def _forward_and_leave(gateway: Gw, sandbox) -> None:  # noqa: F811
+    port = free_port()
+    sandbox.sh(f"cat > silent.py <<'EOF'\n{SILENT_SERVER.format(port=port)}EOF")
+    sandbox.spawn("exec python3 silent.py")
+    wait_for(lambda: sandbox.can_connect(port), what="the silent server")
+    token = gateway.issue(sandbox)
+    baseline = open_fds()
+    for leave in (_openssh_forwards_killed, _asyncssh_forwards_closed):
+        opened = leave(gateway, token, port, baseline)
+        wait_for(lambda: open_fds() <= baseline, timeout=15, what="the fds to be freed")
+        print(
+            f"{leave.__name__}: gateway fds {baseline} before, {opened} with forwards, "
+            f"back to {open_fds()}"
+        )
+
+
+def _openssh_forwards_killed(gateway: Gw, token: str, port: int, baseline: int) -> int:
+    """-L and -W forwards from stock ssh clients, which are then killed."""
+    local = free_port()
+    forward = gateway.ssh(token)
+    forward[1:1] = ["-N", "-L", f"{local}:127.0.0.1:{port}"]
+    stdio = gateway.ssh(token)
+    stdio[1:1] = ["-W", f"127.0.0.1:{port}"]
+    clients: list[socket.socket] = []
+    with contextlib.ExitStack() as stack:
+        tunnel = stack.enter_context(Tunnel(forward))
+        stdios = [stack.enter_context(Tunnel(stdio)) for _ in range(STDIO_FORWARDS)]
+        wait_for(lambda: _connects(local), what="the tunnel")
+        for _ in range(LOCAL_FORWARDS):
+            clients.append(socket.create_connection(("127.0.0.1", local), timeout=10))
+        wait_for(lambda: open_fds() >= baseline + LOCAL_FORWARDS + STDIO_FORWARDS, timeout=30)
+        opened = open_fds()
+        for proc in [tunnel, *stdios]:
+            proc.proc.kill()
+        close_all(clients)
+    return opened
+
+
+def _asyncssh_forwards_closed(gateway: Gw, token: str, port: int, baseline: int) -> int:
+    """Direct-tcpip channels, half of them half-closed, then a clean disconnect."""
+
+    async def forward_and_disconnect() -> int:
+        async with asyncssh.connect(
+            "127.0.0.1", gateway.port, username=token, known_hosts=None
+        ) as conn:
+            for i in range(LOCAL_FORWARDS + STDIO_FORWARDS):
+                _, writer = await conn.open_connection("127.0.0.1", port)
+                if i % 2:
+                    writer.write_eof()
+            return open_fds()
+
+    return asyncio.run(forward_and_disconnect())
+
+
+def _connects(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
