@@ -6,15 +6,15 @@ moves itself in (writing "0") just before exec, so every sandbox process is
 accounted from the first instruction.
 
 On cgroup v1 a sandbox's group has two children. ``user`` holds user code and
-gets the limits the user asked for; ``agent`` holds bwrap and the agent, which
-share the parent's limits (the user's plus a reserve of their own), so that user
-code filling its memory (with a memfd, say, which is in no process's RSS) or its
-pids never makes the OOM killer pick the agent nor leaves it without threads.
-The agent's spawner thread moves itself alone into ``user`` (v1 groups threads
-separately) through descriptors of its ``tasks`` files, once it forked the user
-init (which stays in ``agent``, out of the user's OOM killer's reach) and before
-it forks user code; the agent's memory stays charged to ``agent``, its main
-thread's group.
+gets the limits the user asked for; ``agent`` holds bwrap and the agent. The
+parent holds the user's memory and pids plus a reserve for the agent, and the
+user's CPU quota (which the two share at equal weights). So user code filling its
+memory (with a memfd, say, which is in no process's RSS) or its pids never makes
+the OOM killer pick the agent, nor leaves the agent without threads. The agent's
+spawner thread moves itself alone into ``user`` (v1 groups threads separately)
+through descriptors of its ``tasks`` files, once it forked the user init (which
+stays in ``agent``, out of reach of an OOM in ``user``) and before it forks user
+code; the agent's memory stays charged to ``agent``, its main thread's group.
 cgroup v2 cannot split a process's threads for memory: there the agent shares
 the user's limits.
 """
@@ -107,6 +107,7 @@ class Group:
         if self.split:  # the user's limits on its group, with the agent's reserve around both
             reserve = Limits(
                 memory=limits.memory and limits.memory + AGENT_MEMORY,
+                cpus=limits.cpus,
                 pids=limits.pids and limits.pids + AGENT_PIDS,
             )
             parent = [("", name, value) for name, value in self._settings(reserve)]
