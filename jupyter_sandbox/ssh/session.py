@@ -60,6 +60,10 @@ class SandboxSession(asyncssh.SSHServerSession):
         self.argv: list[str] | None = None
         self.sftp = False
         self.inbound: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        # Requests the client can repeat at will wait in `inbound` at most once each: the
+        # latest terminal size (sent when its turn comes) and each signal.
+        self.size_pending: bytes | None = None
+        self.signals_pending: set[bytes] = set()
         self.writable = asyncio.Event()
         self.writable.set()
         self.reading_paused = False
@@ -111,12 +115,16 @@ class SandboxSession(asyncssh.SSHServerSession):
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         cols, rows = clamp_term_size(width, height)
-        self._queue(Frame.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
+        if self.size_pending is None:
+            self._queue(Frame.RESIZE, b"")  # stands for whatever size is latest when sent
+        self.size_pending = json.dumps({"rows": rows, "cols": cols}).encode()
 
     def signal_received(self, signal_name: str) -> None:
         number = getattr(signal, f"SIG{signal_name}", None)
-        if isinstance(number, signal.Signals):
-            self._queue(Frame.SIGNAL, str(int(number)).encode())
+        payload = str(int(number)).encode() if isinstance(number, signal.Signals) else None
+        if payload is not None and payload not in self.signals_pending:
+            self.signals_pending.add(payload)
+            self._queue(Frame.SIGNAL, payload)
 
     def break_received(self, msec: int) -> bool:
         self.signal_received("INT")
@@ -169,6 +177,10 @@ class SandboxSession(asyncssh.SSHServerSession):
         with contextlib.suppress(ConnectionError):
             while True:
                 kind, payload = await self.inbound.get()
+                if kind == Frame.RESIZE:
+                    payload, self.size_pending = self.size_pending or b"", None
+                elif kind == Frame.SIGNAL:
+                    self.signals_pending.discard(payload)
                 await stream.send(kind, payload)
                 if self.reading_paused and self.inbound.qsize() < INPUT_QUEUE_LIMIT // 2:
                     self.reading_paused = False

@@ -24,10 +24,11 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from jupyter_sandbox.agent.protocol import Frame
 from jupyter_sandbox.ssh import GatewayLimits, generate_token, peers
 from jupyter_sandbox.ssh.limits import MaxStartups, StartupLimiter
 from jupyter_sandbox.ssh.peers import source_of
-from jupyter_sandbox.ssh.session import MAX_TERM_CELLS
+from jupyter_sandbox.ssh.session import MAX_TERM_CELLS, SandboxSession
 from tests.test_ssh_gateway import (  # noqa: F401
     Gw,
     Loop,
@@ -524,6 +525,94 @@ def test_a_closed_client_is_charged_to_nobody() -> None:
             peers.proc_net_uid(peers.plain(peer[0]), peer[1], peers.plain(local[0]), local[1])
             is peers.GONE
         )
+
+
+# -- window changes ----------------------------------------------------------------------------
+
+WINDOW_CHANGES = 200_000
+
+
+class PausableChannel:
+    """The channel's flow-control side, which is all the input queue touches."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+class RecordingStream:
+    """The agent stream's sending side: records frames."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, bytes]] = []
+
+    async def send(self, kind: int, payload: bytes) -> None:
+        self.sent.append((kind, payload))
+
+
+@pytest.mark.unprivileged
+def test_window_change_and_signal_floods_are_coalesced() -> None:
+    """Attack: 200k window-change and signal requests while the agent is behind; each
+    one was queued (1M grew the service by 40 MB). The queue holds one resize (the latest
+    size) and each signal once, and the agent gets the latest size."""
+    session = SandboxSession(target=None)  # type: ignore[arg-type]
+    session.chan = PausableChannel()  # type: ignore[assignment]
+    for i in range(WINDOW_CHANGES):
+        session.terminal_size_changed(80 + i % 100, 24, 0, 0)
+        session.signal_received("INT")
+    session.terminal_size_changed(123, 45, 0, 0)
+    assert session.inbound.qsize() == 2
+    stream = RecordingStream()
+
+    async def drain() -> None:
+        sender = asyncio.ensure_future(session._to_agent(stream))
+        while not session.inbound.empty():
+            await asyncio.sleep(0)
+        sender.cancel()
+
+    asyncio.run(drain())
+    assert stream.sent == [(Frame.RESIZE, b'{"rows": 45, "cols": 123}'), (Frame.SIGNAL, b"2")]
+
+
+@root_only
+def test_a_window_change_flood_leaves_the_last_size(
+    loop: Loop,  # noqa: F811
+    workdir: Path,  # noqa: F811
+    sandbox,  # noqa: F811
+) -> None:
+    """Attack: 200k window changes on a real session as fast as the client can send. The
+    pty ends with the last size and the session and gateway keep serving."""
+    gateway = Gw(loop, workdir)
+    token = gateway.issue(sandbox)
+
+    async def session() -> str:
+        async with asyncssh.connect(
+            "127.0.0.1", gateway.port, username=token, known_hosts=None, client_keys=None
+        ) as conn:
+            proc = await conn.create_process(
+                "stty -echo; echo ready; read line; stty size",
+                term_type="xterm",
+                encoding="utf-8",
+            )
+            assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == "ready"
+            for i in range(WINDOW_CHANGES):
+                proc.change_terminal_size(100 + i % 50, 40, 0, 0)
+            proc.change_terminal_size(123, 45, 0, 0)
+            proc.stdin.write("go\n")
+            size = await asyncio.wait_for(proc.stdout.readline(), 60)
+            await asyncio.wait_for(proc.wait(), 20)
+            return size.strip()
+
+    try:
+        assert gateway.loop.run(session(), timeout=120) == "45 123"
+        assert run(gateway.ssh(token, "echo alive")).stdout == b"alive\n"
+    finally:
+        gateway.close()
 
 
 # -- forwarding ------------------------------------------------------------------------------
