@@ -143,6 +143,21 @@ def test_limits_note_is_honest_where_cgroups_are_missing(tmp_path: Path):
     assert note.startswith("limits NOT enforced (memory, cpus, pids)")
     assert "open files and tmpfs sizes are enforced" in note
     assert "the home has no disk quota" in note and "root" in note
+    assert "the agent shares these limits with user code" in note
+
+
+def test_limits_note_says_the_agent_shares_cgroup_v2_limits(tmp_path: Path):
+    """On cgroup v2 a process's threads cannot be in different memory groups, so user
+    code that fills the limits can stop the agent too: the note must say so."""
+    from jupyter_sandbox.backends.cgroups import Group, Limits
+    from jupyter_sandbox.backends.local import LocalBackend
+
+    backend = LocalBackend(tmp_path)
+    limits = Limits(memory=1 << 30, cpus=1.0, pids=64)
+    v2 = backend.limits_note(limits, Group(2, {"unified": str(tmp_path)}), 1 << 30)
+    assert v2 is not None and "the agent shares these limits with user code" in v2
+    v1 = backend.limits_note(limits, Group(1, {"memory": str(tmp_path)}), 1 << 30)
+    assert v1 is None or "agent shares" not in v1
 
 
 @pytest.mark.skipif(homes.unavailable(os.geteuid() == 0) is not None, reason="needs root")
