@@ -15,6 +15,7 @@ import json
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .._errors import FileError, SandboxError, SandboxExpired
@@ -23,6 +24,20 @@ from ..untrusted.messages import ProtocolViolation
 from ..untrusted.streams import ANSWER_TIMEOUT, INACTIVITY, AgentTimeout
 from . import protocol
 from .protocol import Frame
+
+PARSE_ON_LOOP = 64 << 10  # bytes of a RESULT parsed on the event loop; larger ones are not
+# Larger results are parsed in this one thread, one at a time: however many hostile
+# agents answer at once, one parse uses the memory and the loop keeps serving.
+_large_results = ThreadPoolExecutor(1, thread_name_prefix="agent-results")
+
+
+async def parse_result(op: str, payload: bytes) -> dict[str, Any]:
+    """``messages.parse_result``, off the event loop for payloads over PARSE_ON_LOOP."""
+    if len(payload) <= PARSE_ON_LOOP:
+        return messages.parse_result(op, payload)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_large_results, messages.parse_result, op, payload)
+
 
 T = TypeVar("T")
 
@@ -83,7 +98,7 @@ class AgentStream:
             raise SandboxExpired("the sandbox went away during the request")
         kind, payload = frame
         if kind == Frame.RESULT:
-            return messages.parse_result(self.op, payload)
+            return await parse_result(self.op, payload)
         if kind == Frame.ERROR:
             raise messages.agent_error(payload)
         raise ProtocolViolation(f"the sandbox's agent answered {self.op} with a {kind.name} frame")

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from .._errors import CommandTimeout, FileError, InvalidRequest, PermissionDenied, SandboxError
 from ..agent.protocol import CHUNK, Frame, encode, encode_json
-from ..agent.remote import AgentStream
+from ..agent.remote import AgentStream, parse_result
 from ..untrusted import messages
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
 from .manager import Live, Manager
@@ -528,7 +528,7 @@ async def _next_log_entry(agent: AgentStream, silence: float | None) -> dict[str
         return None
     if frame[0] == Frame.ERROR:
         raise messages.agent_error(frame[1])
-    return messages.parse_result("logs", frame[1])
+    return await parse_result("logs", frame[1])
 
 
 def _error_frame(error: SandboxError) -> bytes:

@@ -27,7 +27,13 @@ from .._errors import (
 from ..agent.protocol import MAX_FRAME, Frame
 from . import names
 
-MAX_RESULT = 16 << 20  # a RESULT frame: a listing of a directory of ~100,000 entries
+# RESULT frames, by what they hold (each operation's bound is in OPS).
+SMALL_RESULT = 4 << 10  # a few numbers: ping, note, exec, remove, tar_in, connect
+FILE_RESULT = 96 << 10  # one file description (a path of up to names.MAX_PATH)
+PROCESS_RESULT = MAX_FRAME + (4 << 10)  # one process, with the command the user ran
+LIST_RESULT = 4 << 20  # a listing of at most MAX_ENTRIES, or a list of processes
+MAX_ENTRIES = 20_000
+MAX_RESULT = LIST_RESULT  # the largest RESULT of any operation
 MAX_ERROR = 64 << 10
 MAX_EXIT = 4 << 10
 MAX_MESSAGE = 2000  # characters of an error message passed on
@@ -60,7 +66,7 @@ class ProtocolViolation(SandboxError):
 # -- frames --------------------------------------------------------------------------
 
 _EMPTY = (Frame.END, Frame.EOF, Frame.FD)
-_LIMITS = {Frame.RESULT: MAX_RESULT, Frame.ERROR: MAX_ERROR, Frame.EXIT: MAX_EXIT}
+_LIMITS = {Frame.ERROR: MAX_ERROR, Frame.EXIT: MAX_EXIT}
 
 
 def check_header(op: str, kind: int, size: int) -> Frame:
@@ -76,7 +82,10 @@ def check_header(op: str, kind: int, size: int) -> Frame:
         raise ProtocolViolation(f"the sandbox's agent sent an unknown frame kind {kind}") from None
     if frame not in allowed and frame not in (Frame.RESULT, Frame.ERROR):
         raise ProtocolViolation(f"the sandbox's agent sent an unexpected {frame.name} frame")
-    limit = 0 if frame in _EMPTY else _LIMITS.get(frame, MAX_FRAME)
+    if frame == Frame.RESULT:
+        limit = OPS[op].max_result if op in OPS else SMALL_RESULT
+    else:
+        limit = 0 if frame in _EMPTY else _LIMITS.get(frame, MAX_FRAME)
     if size > limit:
         raise ProtocolViolation(
             f"the sandbox's agent announced a frame of {size} bytes "
@@ -166,7 +175,7 @@ def _choice(data: dict, key: str, choices: tuple[str, ...], what: str) -> str:
 
 def _list(data: dict, key: str, item: Callable[[object], dict], what: str) -> list[dict]:
     value = data.get(key)
-    if not isinstance(value, list):
+    if not isinstance(value, list) or len(value) > MAX_ENTRIES:
         raise _bad(what, key)
     return [item(entry) for entry in value]
 
@@ -272,31 +281,31 @@ def _empty(value: object) -> dict[str, Any]:
 
 
 class Op:
-    """What may answer one operation: the RESULT's shape and the other frame kinds."""
+    """What may answer one operation: the RESULT's shape and largest size, other frames."""
 
-    def __init__(self, result: Callable[[object], dict], *frames: Frame) -> None:
-        self.result, self.frames = result, frames
+    def __init__(self, result: Callable[[object], dict], max_result: int, *frames: Frame) -> None:
+        self.result, self.max_result, self.frames = result, max_result, frames
 
 
 OPS: dict[str, Op] = {
-    "ping": Op(_ping),
-    "exec": Op(_started, Frame.STDOUT, Frame.STDERR, Frame.EXIT),
-    "spawn": Op(process_info),
-    "procs": Op(_processes),
-    "proc_wait": Op(process_info),
-    "proc_signal": Op(process_info),
-    "note": Op(_empty),
-    "logs": Op(log_entry, Frame.END),
-    "stat": Op(file_info),
-    "list": Op(_listing),
-    "mkdir": Op(file_info),
-    "remove": Op(_empty),
-    "rename": Op(file_info),
-    "read": Op(file_info, Frame.DATA, Frame.END, Frame.FD),
-    "write": Op(file_info, Frame.FD),
-    "tar_out": Op(file_info, Frame.DATA, Frame.END, Frame.FD),
-    "tar_in": Op(_unpacked, Frame.FD),
-    "connect": Op(_connected),
+    "ping": Op(_ping, SMALL_RESULT),
+    "exec": Op(_started, SMALL_RESULT, Frame.STDOUT, Frame.STDERR, Frame.EXIT),
+    "spawn": Op(process_info, PROCESS_RESULT),
+    "procs": Op(_processes, LIST_RESULT),
+    "proc_wait": Op(process_info, PROCESS_RESULT),
+    "proc_signal": Op(process_info, PROCESS_RESULT),
+    "note": Op(_empty, SMALL_RESULT),
+    "logs": Op(log_entry, PROCESS_RESULT, Frame.END),
+    "stat": Op(file_info, FILE_RESULT),
+    "list": Op(_listing, LIST_RESULT),
+    "mkdir": Op(file_info, FILE_RESULT),
+    "remove": Op(_empty, SMALL_RESULT),
+    "rename": Op(file_info, FILE_RESULT),
+    "read": Op(file_info, FILE_RESULT, Frame.DATA, Frame.END, Frame.FD),
+    "write": Op(file_info, FILE_RESULT, Frame.FD),
+    "tar_out": Op(file_info, FILE_RESULT, Frame.DATA, Frame.END, Frame.FD),
+    "tar_in": Op(_unpacked, SMALL_RESULT, Frame.FD),
+    "connect": Op(_connected, SMALL_RESULT),
 }
 
 

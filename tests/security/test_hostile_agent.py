@@ -31,7 +31,7 @@ from jupyter_sandbox import CommandTimeout, FileError, Sandbox, SandboxError
 from jupyter_sandbox.agent.protocol import HEADER, Frame, encode
 from jupyter_sandbox.client._async import shared_transport
 from jupyter_sandbox.client._sync import portal
-from jupyter_sandbox.untrusted import extract
+from jupyter_sandbox.untrusted import extract, messages
 from jupyter_sandbox.untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY
 from tests.conftest import wait_for
 from tests.security._trees import remove, walk
@@ -526,7 +526,7 @@ def answer_stat(agent: HostileAgent, payload: bytes, kind: int = Frame.RESULT) -
     "answer",
     [
         pytest.param(b"{not json", id="garbage-json"),
-        pytest.param(b"[" * 100000 + b"]" * 100000, id="deep-json"),
+        pytest.param(b"[" * 40000 + b"]" * 40000, id="deep-json"),
         pytest.param(json.dumps(dir_info("../../evil")).encode(), id="name-dotdot"),
         pytest.param(json.dumps(dir_info("a/b")).encode(), id="name-slash"),
         pytest.param(json.dumps(dir_info(type="chardev")).encode(), id="type"),
@@ -563,6 +563,28 @@ def test_huge_frame_headers_are_refused_before_reading(sandbox, hostile):
     with pytest.raises(SandboxError, match="4294967295 bytes"):
         sandbox.fs.stat("x")
     assert time.monotonic() - started < 10
+
+
+def test_results_are_bounded_per_operation(sandbox, hostile):
+    """Attack: a stat and an exec answered with 1 MiB RESULT frames (well under the old
+    single 16 MiB bound, so many sessions at once made the service parse gigabytes),
+    and a listing of more entries than any listing may have."""
+    padding = {"padding": "x" * MiB}
+    hostile.on("stat", lambda conn, request: conn.send_json(Frame.RESULT, padding))
+    with pytest.raises(SandboxError, match=rf"at most {messages.FILE_RESULT} allowed"):
+        sandbox.fs.stat("x")
+
+    def exec_(conn: Conn, request: dict) -> None:
+        conn.send_json(Frame.RESULT, {"pid": 7, **padding})
+        never_answer(conn, request)
+
+    hostile.on("exec", exec_)
+    with pytest.raises(SandboxError, match=rf"at most {messages.SMALL_RESULT} allowed"):
+        sandbox.sh("true", timeout=30)
+    entries = [{"name": "e"}] * (messages.MAX_ENTRIES + 1)
+    hostile.on("list", lambda conn, request: conn.send_json(Frame.RESULT, {"entries": entries}))
+    with pytest.raises(SandboxError, match="bad 'entries'"):
+        sandbox.fs.list(".")
 
 
 @pytest.mark.parametrize(
