@@ -7,14 +7,16 @@ accounted from the first instruction.
 
 On cgroup v1 a sandbox's group has two children. ``user`` holds user code and
 gets the limits the user asked for; ``agent`` holds bwrap and the agent. The
-parent holds the user's memory and pids plus a reserve for the agent, and the
-user's CPU quota (which the two share at equal weights). So user code filling its
-memory (with a memfd, say, which is in no process's RSS) or its pids never makes
-the OOM killer pick the agent, nor leaves the agent without threads. The agent's
-spawner thread moves itself alone into ``user`` (v1 groups threads separately)
-through descriptors of its ``tasks`` files, once it forked the user init (which
-stays in ``agent``, out of reach of an OOM in ``user``) and before it forks user
-code; the agent's memory stays charged to ``agent``, its main thread's group.
+parent holds the user's memory and pids plus a reserve for the agent (for
+memory: its own, and the sandbox's tmpfs sizes, which files the agent writes
+there for the owner are charged to), and the user's CPU quota (which the two
+share at equal weights). So user code filling its memory (with a memfd, say,
+which is in no process's RSS) or its pids never makes the OOM killer pick the
+agent, nor leaves the agent without threads. The agent's spawner thread moves
+itself alone into ``user`` (v1 groups threads separately) through descriptors of
+its ``tasks`` files, once it forked the user init (which stays in ``agent``, out
+of reach of an OOM in ``user``) and before it forks user code; the agent's memory
+stays charged to ``agent``, its main thread's group.
 cgroup v2 cannot split a process's threads for memory: there the agent shares
 the user's limits.
 """
@@ -40,7 +42,7 @@ DEFAULT_MEMORY = 1 << 30  # also the basis of tmpfs sizes when no memory limit i
 TMPFS_SHARES = {"/tmp": 3 / 8, "/var/tmp": 1 / 16, "/dev/shm": 1 / 8, "/run": 1 / 32}
 TMPFS_MAX = {"/run": 16 * MiB}
 AGENT, USER = "agent", "user"  # a v1 group's children
-AGENT_MEMORY = 96 * MiB  # what the agent may use on top of the user's memory limit
+AGENT_MEMORY = 96 * MiB  # what the agent's processes may use besides the user's memory
 AGENT_PIDS = 256  # and on top of the user's pid limit
 
 
@@ -105,8 +107,11 @@ class Group:
     def apply(self, limits: Limits) -> None:
         settings = [("", name, value) for name, value in self._settings(limits)]
         if self.split:  # the user's limits on its group, with the agent's reserve around both
+            # The agent's own memory, and the tmpfs files it may write for the owner
+            # (charged to it, like an upload into /tmp), on top of the user's.
+            agent_memory = AGENT_MEMORY + sum(limits.tmpfs_sizes().values())
             reserve = Limits(
-                memory=limits.memory and limits.memory + AGENT_MEMORY,
+                memory=limits.memory and limits.memory + agent_memory,
                 cpus=limits.cpus,
                 pids=limits.pids and limits.pids + AGENT_PIDS,
             )

@@ -392,16 +392,22 @@ def _agent_has_limits_of_its_own(sandbox: Sandbox) -> None:
         pytest.skip(f"the agent has no limits of its own here: {note}")
 
 
-def test_filling_a_memfd_to_the_memory_limit_leaves_the_agent(service_env: ServiceEnv):
+@pytest.mark.parametrize("owner_upload", [0, 90 << 20], ids=["alone", "after-tmp-upload"])
+def test_filling_a_memfd_to_the_memory_limit_leaves_the_agent(
+    service_env: ServiceEnv, owner_upload: int
+):
     """Attack: under memory=256M, write into a memfd until the memory cgroup refuses.
     Those pages are in no process's RSS, so an OOM killer that weighed the agent with
-    user code would pick it (the biggest RSS) and end the sandbox.
+    user code would pick it (the biggest RSS) and end the sandbox. The owner may have
+    uploaded a file into /tmp (RAM the agent wrote, so charged to the agent) before.
 
     The OOM must stay among user code: the agent serves and the home is intact.
     """
     with Sandbox.create(memory="256M") as sb:
         _agent_has_limits_of_its_own(sb)
         sb.fs.write_text("work.txt", "precious\n")
+        if owner_upload:
+            sb.fs.write_bytes("/tmp/upload.bin", bytes(owner_upload))
         filler = sb.spawn(
             "exec python3 -c 'import os\n"
             'fd = os.memfd_create("fill")\n'
