@@ -74,6 +74,7 @@ class Gateway:
         self.host_key = hostkey.load_host_key(Path(host_key_dir))
         self.host_key_fingerprint = hostkey.fingerprint(self.host_key)
         self.connections: set[Connection] = set()
+        self.proc_reader = peers.ProcReader()  # only where sock_diag is missing
         self._acceptor: asyncssh.SSHAcceptor | None = None
         quiet_asyncssh()
 
@@ -175,7 +176,7 @@ class Connection(asyncssh.SSHServer):
 
     async def _identify_from_proc(self, peer: tuple, local: tuple) -> None:
         """Count a connection admitted as `UNKNOWN_LOCAL` against its user once known."""
-        source = await peers.source_from_proc(peer, local)
+        source = await self.gateway.proc_reader.source_of(peer, local)
         if source is peers.GONE:
             self.abort()
         elif source != self.source and not self.authenticated and self.conn is not None:

@@ -26,6 +26,7 @@ INODE_FIELD = 9
 IPV6_NETWORK = 64
 UNKNOWN_LOCAL = "local unknown"  # a local peer whose owner could not be asked
 PROC_TIMEOUT = 1.0  # the fallback read of /proc/net, in a thread
+PROC_QUEUE = 32  # fallback reads waiting their turn
 NETLINK_TIMEOUT = 0.05  # the kernel answers while sending; this only bounds a surprise
 
 NETLINK_SOCK_DIAG = 4
@@ -66,20 +67,29 @@ def source_of(peer: tuple, local: tuple) -> str | _Gone:
     return str(peer_ip)
 
 
-async def source_from_proc(peer: tuple, local: tuple) -> str | _Gone:
-    """`source_of` a local peer from /proc/net, in a thread, one at a time and within
-    PROC_TIMEOUT; `UNKNOWN_LOCAL` when busy or late, so a flood cannot queue reads."""
-    if _proc_reader.locked():
-        return UNKNOWN_LOCAL
-    async with _proc_reader:
-        read = asyncio.to_thread(proc_net_uid, plain(peer[0]), peer[1], plain(local[0]), local[1])
+class ProcReader:
+    """`source_of` local peers from /proc/net, where sock_diag is missing: whole tables are
+    read in a thread, one at a time, each within PROC_TIMEOUT, with at most PROC_QUEUE
+    waiting; `UNKNOWN_LOCAL` past those bounds, so a flood cannot stall or pile up reads."""
+
+    def __init__(self) -> None:
+        self._one_at_a_time = asyncio.Lock()
+        self._waiting = 0
+
+    async def source_of(self, peer: tuple, local: tuple) -> str | _Gone:
+        if self._waiting >= PROC_QUEUE:
+            return UNKNOWN_LOCAL
+        self._waiting += 1
         try:
-            return _local_source(await asyncio.wait_for(read, PROC_TIMEOUT))
+            async with self._one_at_a_time:
+                read = asyncio.to_thread(
+                    proc_net_uid, plain(peer[0]), peer[1], plain(local[0]), local[1]
+                )
+                return _local_source(await asyncio.wait_for(read, PROC_TIMEOUT))
         except (TimeoutError, OSError):
             return UNKNOWN_LOCAL
-
-
-_proc_reader = asyncio.Lock()
+        finally:
+            self._waiting -= 1
 
 
 def _local_source(uid: int | _Gone | None) -> str | _Gone:

@@ -508,7 +508,8 @@ def test_a_huge_socket_table_and_a_connect_flood_do_not_stall_logins(
 @pytest.mark.unprivileged
 def test_a_closed_client_is_charged_to_nobody() -> None:
     """Attack: a client connects and closes at once; its socket, gone or in TIME_WAIT,
-    shows uid 0, which charged the flood to root's share. It names no user now."""
+    shows uid 0, which charged the flood to root's share. It names no user now, asked by
+    sock_diag or by the /proc/net fallback."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -517,14 +518,14 @@ def test_a_closed_client_is_charged_to_nobody() -> None:
         accepted, peer = server.accept()
         with accepted:
             local = accepted.getsockname()
-            assert source_of(peer, local) == f"local uid {os.getuid()}"
+            me = f"local uid {os.getuid()}"
+            assert source_of(peer, local) == me
+            assert asyncio.run(peers.ProcReader().source_of(peer, local)) == me
             client.close()
             wait_for(lambda: source_of(peer, local) is peers.GONE, timeout=5)
+            assert asyncio.run(peers.ProcReader().source_of(peer, local)) is peers.GONE
         wait_for(lambda: source_of(peer, local) is peers.GONE, timeout=5)
-        assert (
-            peers.proc_net_uid(peers.plain(peer[0]), peer[1], peers.plain(local[0]), local[1])
-            is peers.GONE
-        )
+        assert asyncio.run(peers.ProcReader().source_of(peer, local)) is peers.GONE
 
 
 # -- window changes ----------------------------------------------------------------------------
@@ -708,3 +709,33 @@ def _asyncssh_forwards_closed(gateway: Gw, token: str, port: int, baseline: int)
 def _connects(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@root_only
+@needs_openssh
+def test_without_sock_diag_local_peers_are_found_off_the_loop(
+    loop: Loop,  # noqa: F811
+    workdir: Path,  # noqa: F811
+    sandbox,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the kernel has no sock_diag (made so here), an idle local connection is
+    first counted as an unknown local peer, then against its user from /proc/net, read
+    in a thread; a valid login still gets in."""
+
+    def unavailable(*args: object) -> None:
+        raise peers.Unavailable("no sock_diag")
+
+    monkeypatch.setattr(peers, "local_peer_uid", unavailable)
+    gateway = Gw(loop, workdir)
+    idle: list[socket.socket] = []
+    try:
+        token = gateway.issue(sandbox)
+        idle = idle_connections(gateway.port, 3)
+        by_source = gateway.gateway.startups.by_source
+        wait_for(lambda: len(by_source.get(f"local uid {os.getuid()}", ())) == 3)
+        assert peers.UNKNOWN_LOCAL not in by_source
+        assert run(gateway.ssh(token, "echo in")).stdout == b"in\n"
+    finally:
+        close_all(idle)
+        gateway.close()
