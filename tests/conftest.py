@@ -213,20 +213,22 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if env.service_pid() is None:
         return
-    live = {s.id for s in Sandbox.list()}
-    created = live - before
-    pool = set(service_status()["pool"])
+    created = {s.id for s in Sandbox.list()} - before
     for sandbox_id in created:  # report, then clean up so later tests start clean
         Sandbox.connect(sandbox_id).kill()
     assert not created, f"test left sandboxes running: {sorted(created)}"
+    # What exists is looked at before asking what is live or pooled: the pool refills in
+    # the background, and a sandbox it starts after this look is in neither set.
     sandboxes_dir = env.storage / "sandboxes"
     dirs = {p.name for p in sandboxes_dir.iterdir()} if sandboxes_dir.exists() else set()
-    assert dirs <= live | pool, f"directories of ended sandboxes left: {sorted(dirs - live)}"
+    owners = {_sandbox_of(pid, env.storage) for pid in sandbox_processes(env.storage)} - {"?"}
+    live = {s.id for s in Sandbox.list()}
+    known = live | set(service_status()["pool"])
+    assert dirs <= known, f"directories of ended sandboxes left: {sorted(dirs - known)}"
     ended = {s.id for s in Sandbox.list(include_ended=True)} - live
     leaked = [d for d in cgroup_dirs() if Path(d).name in ended]
     assert not leaked, f"cgroups of ended sandboxes left: {leaked}"
-    owners = {_sandbox_of(pid, env.storage) for pid in sandbox_processes(env.storage)} - {"?"}
-    assert owners <= live | pool, f"processes of ended sandboxes left: {sorted(owners - live)}"
+    assert owners <= known, f"processes of ended sandboxes left: {sorted(owners - known)}"
 
 
 def _sandbox_of(pid: int, storage: Path) -> str:
