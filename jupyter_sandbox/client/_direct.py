@@ -33,6 +33,7 @@ from ..untrusted.streams import (
     AgentSpoke,
     PipeReader,
     PipeWriter,
+    Throughput,
     silent,
     wait_for_fd,
 )
@@ -185,13 +186,14 @@ def _write_with_fresh_process(source: int, out: FileDownload, progress: Progress
 
     def copy() -> None:
         try:
-            done = 0
+            done, throughput = 0, Throughput()
             while done < out.size:
                 wait_for_fd(source, select.POLLIN, INACTIVITY)
                 moved = os.splice(source, out.fd, min(out.size - done, PIPE_SIZE))
                 if not moved:
                     return  # the sandbox sent less: commit() says how much
                 done += moved
+                throughput.add(moved)
                 if progress is not None:
                     progress(done, out.size)
         except BaseException as e:

@@ -23,7 +23,7 @@ from .._errors import FileError, FileNotFound, SandboxError, error_from
 from .._models import FileInfo
 from ..agent.protocol import CHUNK, Frame
 from ..untrusted.extract import FileDownload, extract_tree
-from ..untrusted.streams import INACTIVITY
+from ..untrusted.streams import INACTIVITY, Throughput
 from ._direct import DirectTransfer
 from ._tar import add_tree
 from ._transport import read_frames
@@ -192,9 +192,11 @@ class AsyncFileSystem:
 
 
 async def _data_of(frames: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[bytes]:
-    """DATA payloads until END; an ERROR frame raises its error."""
+    """DATA payloads until END; an ERROR frame raises its error, a trickle AgentTimeout."""
+    throughput = Throughput()
     async for kind, payload in frames:
         if kind == Frame.DATA:
+            throughput.add(len(payload))
             yield payload
         elif kind == Frame.END:
             return

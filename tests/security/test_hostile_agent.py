@@ -31,7 +31,7 @@ from jupyter_sandbox import CommandTimeout, FileError, Sandbox, SandboxError
 from jupyter_sandbox.agent.protocol import HEADER, Frame, encode
 from jupyter_sandbox.client._async import shared_transport
 from jupyter_sandbox.client._sync import portal
-from jupyter_sandbox.untrusted import extract, messages
+from jupyter_sandbox.untrusted import extract, messages, streams
 from jupyter_sandbox.untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY
 from tests.conftest import wait_for
 from tests.security._trees import remove, walk
@@ -679,4 +679,28 @@ def test_silent_agent_ends_transfers_with_a_typed_error(sandbox, hostile, host):
             with pytest.raises(SandboxError, match=r"did not answer|sent nothing"):
                 future.result(ANSWER_TIMEOUT + INACTIVITY)
     assert time.monotonic() - started < max(ANSWER_TIMEOUT, INACTIVITY) + 15
+    assert not (host / "target").exists()
+
+
+def test_trickling_agent_ends_transfers_with_a_typed_error(sandbox, hostile, host, monkeypatch):
+    """Attack: a file announced as 100 MiB that arrives one byte every 0.2 s, just often
+    enough never to be silent for the inactivity limit: a download and a read each end
+    with AgentTimeout once a window brought less than the minimum rate."""
+    monkeypatch.setattr(streams, "RATE_WINDOW", 2.0)
+
+    def trickle() -> Iterator[bytes]:  # ends (short) after 12 s, so an unbounded host fails
+        for _ in range(60):
+            if hostile.stop.wait(0.2):
+                return
+            yield b"x"
+
+    read_answer(hostile, file_info(100 * MiB), trickle)
+    for transfer in (
+        lambda: sandbox.fs.download("f.txt", host / "target"),
+        lambda: sandbox.fs.read_bytes("f.txt"),
+    ):
+        started = time.monotonic()
+        with pytest.raises(SandboxError, match="KiB/s"):
+            transfer()
+        assert time.monotonic() - started < 2.0 + 5
     assert not (host / "target").exists()
