@@ -27,7 +27,7 @@ from .._errors import FileError, SandboxError, SandboxExpired
 from ..agent import protocol
 from ..agent.protocol import Frame
 from ..untrusted import messages
-from ..untrusted.extract import FileDownload, extract_tree
+from ..untrusted.extract import FileDownload, Limits, extract_tree
 from ..untrusted.streams import (
     INACTIVITY,
     AgentSpoke,
@@ -74,11 +74,13 @@ class DirectTransfer:
                 )
             return conn.expect(Frame.RESULT)
 
-    def download_file(self, remote: str, target: Path, progress: Progress | None) -> dict:
+    def download_file(
+        self, remote: str, target: Path, progress: Progress | None, limits: Limits
+    ) -> dict:
         """Copy one file; at most (and exactly) the size the agent announced is accepted."""
         with self._request("read", path=remote) as conn:
             info = conn.expect(Frame.RESULT)
-            with FileDownload(target, info, remote) as out:
+            with FileDownload(target, info, remote, limits) as out:
                 conn.expect(Frame.FD)
                 with _pipe(conn.sock, agent_reads=False) as pipe:
                     _write_with_fresh_process(pipe, out, progress)
@@ -98,14 +100,16 @@ class DirectTransfer:
                 add_tree(local, out)
             return conn.expect(Frame.RESULT)
 
-    def download_tree(self, remote: str, target: Path, progress: Progress | None) -> None:
+    def download_tree(
+        self, remote: str, target: Path, progress: Progress | None, limits: Limits
+    ) -> None:
         with self._request("tar_out", path=remote) as conn:
             conn.expect(Frame.RESULT)
             conn.expect(Frame.FD)
             with _pipe(conn.sock, agent_reads=False) as pipe:
                 source = PipeReader(pipe, watch=conn.sock.fileno())
                 try:
-                    extract_tree(_Counting(source, progress), target)
+                    extract_tree(_Counting(source, progress), target, limits)
                     complete = True
                 except AgentSpoke:
                     complete = False

@@ -22,7 +22,7 @@ import httpx
 from .._errors import FileError, FileNotFound, SandboxError, error_from
 from .._models import FileInfo
 from ..agent.protocol import CHUNK, Frame
-from ..untrusted.extract import FileDownload, extract_tree
+from ..untrusted.extract import FileDownload, Limits, extract_tree
 from ..untrusted.streams import INACTIVITY, Throughput
 from ._direct import DirectTransfer
 from ._tar import add_tree
@@ -134,20 +134,31 @@ class AsyncFileSystem:
         target = Path(local)
         is_tree = info.type == "dir"
         report = _with_total(progress, None if is_tree else info.size)
+        limits = Limits(max_bytes=await self._capacity())
         direct = await self._direct()
         if direct is not None:
             receive = direct.download_tree if is_tree else direct.download_file
-            await asyncio.to_thread(receive, remote, target, report)
+            await asyncio.to_thread(receive, remote, target, report, limits)
         elif is_tree:
             async with self._get("tar", remote) as (_, data):
                 chunks = _counting(data, report)
-                await _thread_consumer(chunks, lambda read: extract_tree(read, target))
+                await _thread_consumer(chunks, lambda read: extract_tree(read, target, limits))
         else:
-            await self._download_file(remote, target, report)
+            await self._download_file(remote, target, report, limits)
 
-    async def _download_file(self, remote: str, target: Path, report: Progress | None) -> None:
+    async def _capacity(self) -> int | None:
+        """The most the sandbox can hold: its disk limit and its tmpfs sizes."""
+        limits = (await self._sandbox.info()).limits
+        try:
+            return int(limits["disk"]) + sum(int(size) for size in limits["tmpfs"].values())
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    async def _download_file(
+        self, remote: str, target: Path, report: Progress | None, limits: Limits
+    ) -> None:
         async with self._get("read", remote) as (info, data):
-            with FileDownload(target, info, remote) as out:
+            with FileDownload(target, info, remote, limits) as out:
                 async for chunk in _counting(data, report):
                     out.write(chunk)
                 out.commit()

@@ -55,6 +55,13 @@ def free_space(directory: str | os.PathLike) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def host_budget(directory_fd: int) -> int:
+    """Bytes a download may write under `directory_fd`: the free space but a margin
+    (a tenth of it, at most 1 GiB), so a sandbox never fills the host's disk."""
+    free = free_space(directory_fd)
+    return free - min(free // 10, 1 << 30)
+
+
 def _temp_name(name: str) -> str:
     return f".{name[:64]}.{secrets.token_hex(8)}.part"
 
@@ -73,10 +80,16 @@ def open_directory(path: str | os.PathLike, parents: bool = False) -> int:
 
 @dataclass
 class Limits:
-    """Bounds of one tree download: by default the target's free space, MAX_MEMBERS."""
+    """Bounds of one download: `max_bytes` (what the sandbox can hold) within the
+    target's ``host_budget``, and MAX_MEMBERS."""
 
     max_bytes: int | None = None
     max_members: int | None = None
+
+
+def _budget(directory_fd: int, limits: Limits) -> int:
+    budget = host_budget(directory_fd)
+    return budget if limits.max_bytes is None else min(budget, limits.max_bytes)
 
 
 # -- one file ------------------------------------------------------------------------
@@ -93,7 +106,9 @@ class FileDownload:
     `size` must arrive before ``commit()`` renames the file into place.
     """
 
-    def __init__(self, target: str | os.PathLike, info: dict[str, Any], remote: str) -> None:
+    def __init__(
+        self, target: str | os.PathLike, info: dict[str, Any], remote: str, limits: Limits
+    ) -> None:
         target = Path(target)
         self.size: int = info["size"]
         if info["type"] != "file":
@@ -106,8 +121,11 @@ class FileDownload:
         self.fd = -1
         try:
             self._check_destination()
-            if self.size > free_space(self.dir_fd):
-                raise FileError(f"{self.size} bytes do not fit in the free space of {directory}")
+            if self.size > _budget(self.dir_fd, limits):
+                raise FileError(
+                    f"{self.size} bytes are more than the sandbox can hold "
+                    f"or than fit in the free space of {directory}"
+                )
             self.tmp = _temp_name(self.name)
             self.fd = os.open(self.tmp, _NEW_FILE, allowed_mode(info["mode"]), dir_fd=self.dir_fd)
         except BaseException:
@@ -261,7 +279,7 @@ class TreeExtraction:
 
     def __init__(self, root_fd: int, limits: Limits) -> None:
         self.cursor = _Cursor(root_fd)
-        self.budget = limits.max_bytes if limits.max_bytes is not None else free_space(root_fd)
+        self.budget = _budget(root_fd, limits)
         self.members_left = limits.max_members or MAX_MEMBERS
         self.mask = umask()
         self.files: dict[tuple[str, ...], tuple[int, int]] = {}  # written here: (dev, inode)

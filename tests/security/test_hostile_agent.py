@@ -704,3 +704,19 @@ def test_trickling_agent_ends_transfers_with_a_typed_error(sandbox, hostile, hos
             transfer()
         assert time.monotonic() - started < 2.0 + 5
     assert not (host / "target").exists()
+
+
+def test_downloads_are_bounded_by_what_the_sandbox_can_hold(sandbox, hostile, host):
+    """Attack: a file, and a tree member, announced one byte larger than the sandbox's
+    disk and tmpfs limits together: no sandbox could hold it, so it is refused before
+    any byte is written, however much space the host has."""
+    limits = sandbox.info().limits
+    capacity = limits["disk"] + sum(limits["tmpfs"].values())
+    read_answer(hostile, file_info(capacity + 1), b"")
+    with pytest.raises(FileError, match="more than the sandbox can hold"):
+        sandbox.fs.download("f.txt", host / "target")
+    assert not (host / "target").exists()
+    tree_answer(hostile, raw_header(b"huge", size=capacity + 1))
+    with pytest.raises(FileError, match="larger than"):
+        sandbox.fs.download("tree", host / "target")
+    assert os.listdir(host / "target") == []
