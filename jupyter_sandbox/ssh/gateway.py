@@ -179,11 +179,13 @@ class Connection(asyncssh.SSHServer):
         source = await self.gateway.proc_reader.source_of(peer, local)
         if source is peers.GONE:
             self.abort()
-        elif source != self.source and not self.authenticated and self.conn is not None:
+            return
+        pending = not self.authenticated and self in self.gateway.connections
+        if pending:
             self.gateway.startups.remove(self)
-            self.source = source
-            if self in self.gateway.connections:
-                self._admit()
+        self.source = source
+        if pending:
+            self._admit()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is None:
