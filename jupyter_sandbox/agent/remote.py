@@ -141,6 +141,29 @@ class AgentStream:
         await self.close()
 
 
+class _ResetEndsReader(asyncio.StreamReader):
+    """A reader that still yields what arrived before a connection reset, then ends.
+
+    An agent that refuses a request closes its end with our unread frames still
+    queued there; the kernel then resets the connection. Its answer, sent just
+    before, is already in our buffer and must be read, not dropped with the reset.
+    """
+
+    def set_exception(self, exc: BaseException) -> None:
+        if isinstance(exc, ConnectionError):
+            self.feed_eof()
+        else:
+            super().set_exception(exc)
+
+
+async def _open_unix_connection(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = _ResetEndsReader(limit=protocol.MAX_FRAME * 2, loop=loop)
+    stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.create_unix_connection(lambda: stream_protocol, path)
+    return reader, asyncio.StreamWriter(transport, stream_protocol, reader, loop)
+
+
 class AgentClient:
     """Talks to the agent of one sandbox through its Unix socket."""
 
@@ -153,9 +176,7 @@ class AgentClient:
             raise SandboxError(f"no such agent operation: {op}")
         try:
             reader, writer = await _within(
-                asyncio.open_unix_connection(self.socket_path, limit=protocol.MAX_FRAME * 2),
-                ANSWER_TIMEOUT,
-                "accept the connection",
+                _open_unix_connection(self.socket_path), ANSWER_TIMEOUT, "accept the connection"
             )
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise SandboxExpired(f"the sandbox is not running ({e.strerror})") from None
