@@ -162,6 +162,12 @@ class Gw:
     def close(self) -> None:
         self.loop.run(self.gateway.close())
 
+    def __enter__(self) -> Gw:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 # -- fixtures ---------------------------------------------------------------------------
 

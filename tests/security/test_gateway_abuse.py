@@ -229,8 +229,7 @@ def test_a_class_of_150_logs_in_at_the_same_instant(
     """Burst: 150 logins at once from one machine, as a class at the start of a lesson
     (exactly 64 got in before). With the default limits all of them succeed."""
     caplog.set_level(logging.INFO)
-    gateway = Gw(loop, workdir)
-    try:
+    with Gw(loop, workdir) as gateway:
         tokens = [gateway.issue(sandbox) for _ in range(150)]
         started = time.monotonic()
         procs = [
@@ -247,8 +246,6 @@ def test_a_class_of_150_logs_in_at_the_same_instant(
         print(f"150 simultaneous logins: {len(logins)} in, {elapsed:.1f} s, exits {set(codes)}")
         assert len(logins) == 150 and codes == [0] * 150
         assert start_up_lines(caplog) == []  # a class fits without the limit biting
-    finally:
-        gateway.close()
 
 
 # -- failed logins -----------------------------------------------------------------------
@@ -265,8 +262,7 @@ def test_brute_force_never_blocks_a_valid_token(
     (10 locked it out for 5 minutes before). The source is blocked, which slows its unknown
     tokens down, but a valid token from it still gets in."""
     limits = GatewayLimits(max_failures=10, blocked_delay=1.0)
-    gateway = Gw(loop, workdir, limits=limits)
-    try:
+    with Gw(loop, workdir, limits=limits) as gateway:
         token = gateway.issue(sandbox)
         assert set(bad_logins(gateway, 50)) == {255}
         assert gateway.gateway.failures.blocked("local uid 0")
@@ -275,8 +271,6 @@ def test_brute_force_never_blocks_a_valid_token(
         started = time.monotonic()
         assert run(gateway.ssh(generate_token(), "true")).returncode == 255
         assert time.monotonic() - started >= limits.blocked_delay
-    finally:
-        gateway.close()
 
 
 @root_only
@@ -289,8 +283,7 @@ def test_cycling_loopback_addresses_is_still_one_local_user(
     """Attack: unknown tokens from 127.0.0.2 ... 127.0.0.50 (any local user may bind any
     of 127.0.0.0/8) to dodge a per-address block. They all count against one local user,
     root; `nobody`, another local user, is counted apart and unaffected."""
-    gateway = Gw(loop, workdir, limits=GatewayLimits(max_failures=10))
-    try:
+    with Gw(loop, workdir, limits=GatewayLimits(max_failures=10)) as gateway:
         token = gateway.issue(sandbox)
         sources = [f"127.0.0.{n}" for n in range(2, 51)]
         assert set(bad_logins(gateway, len(sources), sources=sources)) == {255}
@@ -304,8 +297,6 @@ def test_cycling_loopback_addresses_is_still_one_local_user(
         assert from_nobody.returncode == 0, from_nobody.stderr
         from_root = run(["ssh", "-b", "127.0.0.99", *gateway.ssh(token, "true")[1:]])
         assert from_root.returncode == 0, from_root.stderr
-    finally:
-        gateway.close()
 
 
 # -- pty sizes ---------------------------------------------------------------------------
@@ -645,11 +636,8 @@ def test_forwards_to_a_silent_server_free_their_fds_when_the_client_leaves(
     """Attack: open 50 forwards (-L and -W) to a server inside the sandbox that never
     writes, then disconnect; each relay kept reading its agent stream for good, leaking
     the gateway's fds. The gateway's open fds return to their baseline."""
-    gateway = Gw(loop, workdir)
-    try:
+    with Gw(loop, workdir) as gateway:
         _forward_and_leave(gateway, sandbox)
-    finally:
-        gateway.close()
 
 
 def _forward_and_leave(gateway: Gw, sandbox) -> None:  # noqa: F811
