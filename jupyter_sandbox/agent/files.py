@@ -169,14 +169,30 @@ def op_tar_out(channel: Channel, path: str, pipe: bool = False) -> None:
 
     with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         if os.path.isdir(target) and not os.path.islink(target):
-            for name in sorted(os.listdir(target)):
-                tar.add(os.path.join(target, name), arcname=name, recursive=True)
+            for full, name in tree_entries(target):
+                tar.add(full, arcname=name, recursive=False)
         else:
             tar.add(target, arcname=os.path.basename(target), recursive=False)
     writer.flush()
     if pipe:
         writer.close()
     channel.send(Frame.END)
+
+
+def tree_entries(root: str):
+    """(path, name relative to `root`) of everything below `root`, parents first.
+
+    The walk keeps its own stack, so a tree of any depth goes out (tarfile's
+    recursive add stops at Python's recursion limit); symlinks are never entered.
+    """
+    stack = [("", root)]
+    while stack:
+        prefix, directory = stack.pop()
+        for name in sorted(os.listdir(directory)):
+            full, relative = os.path.join(directory, name), prefix + name
+            yield full, relative
+            if os.path.isdir(full) and not os.path.islink(full):
+                stack.append((relative + "/", full))
 
 
 def op_tar_in(channel: Channel, path: str, pipe: bool = False) -> None:

@@ -80,11 +80,6 @@ def test_fifos_never_hang_a_download(sandbox, fs, tmp_path):
     assert not (tmp_path / "lone").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent's tar_out walks trees with tarfile's recursive add (RecursionError); "
-    "the host side is proven by test_hostile_agent.py::test_deep_tree_from_the_agent_downloads",
-)
 def test_deep_tree_downloads(sandbox, fs, tmp_path):
     """A 1,200-deep tree (past Python's recursion limit) downloads completely."""
     deep = "$(printf 'd/%.0s' $(seq 1200))"
