@@ -201,7 +201,8 @@ def hostile(request, sandbox, bystander) -> Iterator[HostileAgent]:
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs) -> tuple:
     info = tarfile.TarInfo(name)
-    info.type, info.size, info.mode = kind, len(data), attrs.pop("mode", 0o644)
+    directory_or_file = 0o755 if kind == tarfile.DIRTYPE else 0o644  # as tar writes them
+    info.type, info.size, info.mode = kind, len(data), attrs.pop("mode", directory_or_file)
     for key, value in attrs.items():
         setattr(info, key, value)
     return info, data
