@@ -165,6 +165,14 @@ def sandbox_processes(storage: Path) -> list[int]:
     return pids
 
 
+def sandbox_mounts(storage: Path) -> set[str]:
+    """Ids of sandboxes under `storage` with something mounted in their directory."""
+    prefix = f"{storage}/sandboxes/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return {p[len(prefix) :].split("/", 1)[0] for p in points if p.startswith(prefix)}
+
+
 def cgroup_dirs() -> list[str]:
     """Sandbox cgroup directories that exist now (where this process would create them)."""
     found = []
@@ -192,6 +200,7 @@ def service_env() -> Iterator[ServiceEnv]:
         else:
             os.environ[key] = value
     leftovers = {pid: _sandbox_of(pid, storage) for pid in sandbox_processes(storage)}
+    mounted = sandbox_mounts(storage)
     remaining = list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
     if env.log_file.exists():  # kept for a post-mortem of the last session
         kept = Path(tempfile.gettempdir()) / f"jupyter-sandbox-tests-{os.getuid()}.log"
@@ -200,6 +209,7 @@ def service_env() -> Iterator[ServiceEnv]:
     shutil.rmtree(storage, ignore_errors=True)
     assert not leftovers, f"sandbox processes left after the session: {leftovers}"
     assert not remaining, f"sandbox directories left after the session: {remaining}"
+    assert not mounted, f"sandbox homes still mounted after the session: {mounted}"
 
 
 @pytest.fixture(autouse=True)
@@ -222,6 +232,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     sandboxes_dir = env.storage / "sandboxes"
     dirs = {p.name for p in sandboxes_dir.iterdir()} if sandboxes_dir.exists() else set()
     owners = {_sandbox_of(pid, env.storage) for pid in sandbox_processes(env.storage)} - {"?"}
+    mounted = sandbox_mounts(env.storage)
     live = {s.id for s in Sandbox.list()}
     known = live | set(service_status()["pool"])
     assert dirs <= known, f"directories of ended sandboxes left: {sorted(dirs - known)}"
@@ -229,6 +240,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     leaked = [d for d in cgroup_dirs() if Path(d).name in ended]
     assert not leaked, f"cgroups of ended sandboxes left: {leaked}"
     assert owners <= known, f"processes of ended sandboxes left: {sorted(owners - known)}"
+    assert mounted <= known, f"homes of ended sandboxes still mounted: {sorted(mounted - known)}"
 
 
 def _sandbox_of(pid: int, storage: Path) -> str:
