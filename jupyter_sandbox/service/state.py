@@ -31,7 +31,9 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     limits TEXT NOT NULL DEFAULT '{}',
     runtime TEXT,
     ended_at REAL,
-    end_reason TEXT
+    end_reason TEXT,
+    failure TEXT,
+    failed_at REAL
 );
 CREATE INDEX IF NOT EXISTS sandboxes_status ON sandboxes(status);
 CREATE TABLE IF NOT EXISTS ssh_tokens (
@@ -49,7 +51,10 @@ CREATE INDEX IF NOT EXISTS ssh_tokens_sandbox ON ssh_tokens(sandbox_id);
 
 RUNNING = "running"
 POOLED = "pooled"
+FAILED = "failed"  # ended unexpectedly: processes stopped, files kept until deadline or kill
 ENDED = "ended"
+# Columns added after the first release, with their types: added to older databases.
+ADDED_COLUMNS = {"failure": "TEXT", "failed_at": "REAL"}
 _JSON_FIELDS = ("labels", "env", "limits")
 
 
@@ -73,6 +78,8 @@ class SandboxRecord:
     runtime: str | None = None
     ended_at: float | None = None
     end_reason: str | None = None
+    failure: str | None = None  # why it failed, in words; set while status is FAILED
+    failed_at: float | None = None
 
     @property
     def live(self) -> bool:
@@ -98,6 +105,10 @@ class State:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(sandboxes)")}
+        for name, kind in ADDED_COLUMNS.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE sandboxes ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -114,6 +125,10 @@ class State:
         rows = self.db.execute("SELECT * FROM sandboxes WHERE status = ?", (RUNNING,))
         return [_record(r) for r in rows]
 
+    def failed(self) -> list[SandboxRecord]:
+        rows = self.db.execute("SELECT * FROM sandboxes WHERE status = ?", (FAILED,))
+        return [_record(r) for r in rows]
+
     def pooled(self) -> list[SandboxRecord]:
         rows = self.db.execute("SELECT * FROM sandboxes WHERE status = ?", (POOLED,))
         return [_record(r) for r in rows]
@@ -122,7 +137,7 @@ class State:
         """The sandbox with this id, or the newest with this name."""
         row = self.db.execute(
             "SELECT * FROM sandboxes WHERE id = ? OR name = ? "
-            "ORDER BY (status = 'running') DESC, created_at DESC LIMIT 1",
+            "ORDER BY (status IN ('running', 'failed')) DESC, created_at DESC LIMIT 1",
             (ref, ref),
         ).fetchone()
         return _record(row) if row else None
