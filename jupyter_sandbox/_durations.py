@@ -2,31 +2,51 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from ._errors import InvalidRequest
 
 SESSION = "session"
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)", re.ASCII)
+_DURATIONS = re.compile(rf"(?:{_DURATION.pattern}\s*)+", re.ASCII)
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE | re.ASCII)
+_NUMBER = re.compile(r"\s*\d+(\.\d+)?\s*", re.ASCII)
+MAX_BYTES = 1 << 62  # larger than any disk or memory
+MAX_SECONDS = 366 * 86400  # the longest duration accepted: a year
 DURATION_FORMS = '"session", a number of seconds, or a duration such as "30s", "5m", "1h30m"'
 
 
 def parse_duration(value: str | float | int) -> float:
     """Seconds in a duration: 30, "30s", "5m", "1h30m", "250ms"."""
     if isinstance(value, bool):
-        raise InvalidRequest(f"invalid duration {value!r}: expected {DURATION_FORMS}")
-    number = isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value)
+        raise InvalidRequest(f"invalid duration {shown(value)}: expected {DURATION_FORMS}")
+    number = isinstance(value, str) and _NUMBER.fullmatch(value)
     if isinstance(value, (int, float)) or number:
-        seconds = float(value)
-    elif isinstance(value, str) and re.fullmatch(rf"(?:{_DURATION.pattern}\s*)+", value.strip()):
+        seconds = _float(value)
+    elif isinstance(value, str) and _DURATIONS.fullmatch(value.strip()):
         seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
     else:
-        raise InvalidRequest(f"invalid duration {value!r}: expected {DURATION_FORMS}")
-    if not 0 < seconds <= 366 * 86400:
-        raise InvalidRequest(f"invalid duration {value!r}: must be more than 0 and at most a year")
+        raise InvalidRequest(f"invalid duration {shown(value)}: expected {DURATION_FORMS}")
+    if not 0 < seconds <= MAX_SECONDS:
+        raise InvalidRequest(
+            f"invalid duration {shown(value)}: must be more than 0 and at most a year"
+        )
     return seconds
+
+
+def _float(value: str | float | int) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float
+        return math.inf
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """`value`'s repr for an error message, cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "…" + text[-4:]
 
 
 def parse_timeout(value: str | float | int | None) -> float | None:
@@ -45,12 +65,15 @@ def parse_size(value: str | int | None) -> int | None:
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
     if not match:
         raise InvalidRequest(
-            f'invalid size {value!r}: expected bytes or a size such as "512M", "2G"'
+            f'invalid size {shown(value)}: expected bytes or a size such as "512M", "2G"'
         )
     number, unit = float(match.group(1)), match.group(2).lower()
-    size = int(number * 1024 ** "_kmgt".index(unit or "_"))
+    size = number * 1024 ** "_kmgt".index(unit or "_")
+    if not size < MAX_BYTES:
+        raise InvalidRequest(f"invalid size {shown(value)}: larger than any disk or memory")
+    size = int(size)
     if size < 4 * 1024 * 1024:
-        raise InvalidRequest(f"invalid size {value!r}: at least 4M is needed to run anything")
+        raise InvalidRequest(f"invalid size {shown(value)}: at least 4M is needed to run anything")
     return size
 
 

@@ -17,7 +17,6 @@ from jupyter_sandbox import (
     Sandbox,
     SandboxExists,
     SandboxNotFound,
-    ServiceUnavailable,
 )
 from jupyter_sandbox.client._async import AsyncProcess
 from jupyter_sandbox.client._sync import Process, portal
@@ -128,8 +127,8 @@ def test_create_options_of_the_wrong_type_are_invalid_requests(service_env: Serv
 @pytest.mark.parametrize(
     ("op", "body", "message"),
     [
-        ("stat", {"path": ".", "answer_timeout": 0.001}, "unknown argument"),
-        ("stat", {"path": ".", "pipe": True}, "unknown argument"),
+        ("stat", {"path": ".", "answer_timeout": 0.001}, "unknown option"),
+        ("stat", {"path": ".", "pipe": True}, "unknown option"),
         ("stat", {}, "needs the argument"),
         ("list", {"path": ["."]}, "must be of type str"),
         ("mkdir", {"path": "d", "mode": "0777"}, "must be of type int"),
@@ -152,7 +151,7 @@ def test_huge_request_bodies_are_refused(service_env: ServiceEnv, sandbox):
             "POST", "/v1/sandboxes", json={"labels": {"x": "y" * (4 << 20)}}
         )
 
-    with pytest.raises(ServiceUnavailable, match=r"413|too large|Request Entity"):
+    with pytest.raises(InvalidRequest, match="the request body is larger than 1 MiB"):
         portal().call(huge_create())
     assert sandbox.sh("echo ok").stdout == "ok\n"
 

@@ -13,18 +13,22 @@ import contextlib
 import json
 import logging
 import secrets
+import signal
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, NoReturn
 
 from aiohttp import web
 
+from .._durations import MAX_SECONDS, shown
 from .._errors import CommandTimeout, FileError, InvalidRequest, PermissionDenied, SandboxError
 from ..agent.protocol import CHUNK, Frame, encode, encode_json
 from ..agent.remote import AgentStream, parse_result
 from ..untrusted import messages
+from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
-from .manager import Live, Manager
+from . import openapi
+from .manager import Live, Manager, check_env
 from .ssh_access import SshAccessManager
 from .state import SandboxRecord
 
@@ -38,8 +42,14 @@ FILE_OPS: dict[str, dict[str, type]] = {
     "remove": {"path": str, "recursive": bool},
     "rename": {"src": str, "dst": str},
 }
+CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "fds", "disk", "network")
+CREATE_OPTIONS += ("env", "labels", "owner")
+EXEC_OPTIONS = ("cmd", "argv", "cwd", "env", "timeout", "input_b64")
+FLAGS = ("1", "true", "0", "false", "")
 REMOVE_TIMEOUT = 600.0  # a recursive remove of a large tree may take that long
 FRAMED = "application/x-sandbox-frames"
+MAX_BODY = 1 << 20  # bytes of a JSON request body (uploads stream and have no such bound)
+MAX_SIGNAL = signal.NSIG - 1
 
 
 def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, Any]:
@@ -67,13 +77,14 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
 
 def make_app(manager: Manager, ssh: SshAccessManager, token: str | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[_errors_middleware, _auth_middleware(token)], client_max_size=1 << 20
+        middlewares=[_errors_middleware, _auth_middleware(token)], client_max_size=MAX_BODY
     )
     app["manager"] = manager
     app["activity"] = Activity()
     api = Api(manager, ssh)
     app.add_routes(
         [
+            web.get("/v1/openapi.json", api.openapi),
             web.get("/v1/status", api.status),
             web.get("/v1/events", api.events),
             web.get("/v1/sandboxes", api.list),
@@ -91,7 +102,7 @@ def make_app(manager: Manager, ssh: SshAccessManager, token: str | None = None) 
             web.get("/v1/sandboxes/{ref}/procs/{pid}/wait", api.proc_wait),
             web.post("/v1/sandboxes/{ref}/procs/{pid}/signal", api.proc_signal),
             web.get("/v1/sandboxes/{ref}/logs", api.logs),
-            web.post("/v1/sandboxes/{ref}/files/{op}", api.file_op),
+            *(web.post(f"/v1/sandboxes/{{ref}}/files/{op}", api.file_op) for op in FILE_OPS),
             web.get("/v1/sandboxes/{ref}/files/read", api.read_file),
             web.put("/v1/sandboxes/{ref}/files/write", api.write_file),
             web.get("/v1/sandboxes/{ref}/files/tar", api.read_tar),
@@ -123,13 +134,31 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
             {"error": type(e).__name__, "message": str(e)},
             status=e.status if e.status >= 400 else 500,
         )
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = _HTTP_MESSAGES.get(e.status) or e.text or e.reason
+        return web.json_response({"error": "InvalidRequest", "message": message}, status=e.status)
+    except Exception:
+        log.exception("request %s %s failed", request.method, request.path)
         return web.json_response(
-            {"error": "InvalidRequest", "message": f"bad JSON: {e}"}, status=400
+            {
+                "error": "SandboxError",
+                "message": "the sandbox service failed to handle this request; "
+                "its log says why (jupyter-sandbox status shows where it is)",
+            },
+            status=500,
         )
     finally:
         activity.active -= 1
         activity.last = time.monotonic()
+
+
+_HTTP_MESSAGES = {
+    404: "no such endpoint: the service's API is described at GET /v1/openapi.json",
+    405: "this endpoint does not take that method (see GET /v1/openapi.json)",
+    413: f"the request body is larger than {MAX_BODY >> 20} MiB",
+}
 
 
 def _auth_middleware(token: str | None):
@@ -150,13 +179,39 @@ def _auth_middleware(token: str | None):
     return auth
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+async def _json(request: web.Request, allowed: Iterable[str]) -> dict[str, Any]:
+    """The request's JSON object (empty if there is no body); only the `allowed` keys."""
     if not request.can_read_body:
         return {}
-    body = await request.json()
+    text = await request.text()
+    try:
+        body = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown option(s): {', '.join(sorted(unknown))} (accepted: {', '.join(allowed)})"
+        )
     return body
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise InvalidRequest(f"the request body contains {name}, which is not a JSON number")
+
+
+def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """`body[name]` if it is absent, null or of type `kind` (never a bool for numbers)."""
+    value = body.get(name)
+    numeric = kind in (int, float) or kind == (int, float)
+    if value is None or (isinstance(value, kind) and not (numeric and isinstance(value, bool))):
+        return value
+    what = {str: "a string", bool: "true or false", int: "a whole number"}.get(kind, "a number")
+    raise InvalidRequest(f"{name} must be {what}")
 
 
 def _query_path(request: web.Request) -> str:
@@ -166,13 +221,25 @@ def _query_path(request: web.Request) -> str:
     return path
 
 
-def _int(value: str | None, name: str) -> int | None:
+def _int(value: str | None, name: str, low: int = 0, high: int = MAX_SIZE) -> int | None:
+    """A whole-number query or path parameter from `low` to `high`, or None if not given."""
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise InvalidRequest(f"{name} must be a whole number") from None
+        number = None
+    if number is None or not low <= number <= high:
+        raise InvalidRequest(f"{name} must be a whole number from {low} to {high}")
+    return number
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    """A true/false query parameter: 1 or true, 0 or false (absent: false)."""
+    value = request.query.get(name, "0").lower()
+    if value not in FLAGS:
+        raise InvalidRequest(f"{name} must be 1, true, 0 or false, not {shown(value)}")
+    return value in ("1", "true")
 
 
 class Api:
@@ -184,6 +251,10 @@ class Api:
         return self.manager.get(request.match_info["ref"])
 
     # -- sandboxes ---------------------------------------------------------------------
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of this API, with this host's limits."""
+        return web.json_response(openapi.document(openapi.Bounds.of(self.manager)))
 
     async def status(self, request: web.Request) -> web.Response:
         backend = self.manager.backend
@@ -204,8 +275,7 @@ class Api:
         )
 
     async def list(self, request: web.Request) -> web.Response:
-        include_ended = request.query.get("all") in ("1", "true")
-        records = self.manager.list(include_ended)
+        records = self.manager.list(_flag(request, "all"))
         return web.json_response(
             {"sandboxes": [record_json(r, self.manager.live.get(r.id)) for r in records]}
         )
@@ -233,12 +303,7 @@ class Api:
             self.manager.listeners.remove(listener)
 
     async def create(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        allowed = {"name", "timeout", "memory", "cpus", "pids", "fds", "disk", "network"}
-        allowed |= {"env", "labels", "owner"}
-        unknown = set(body) - allowed
-        if unknown:
-            raise InvalidRequest(f"unknown option(s): {', '.join(sorted(unknown))}")
+        body = await _json(request, CREATE_OPTIONS)
         record = await self.manager.create(**body)
         data = record_json(record, self.manager.live.get(record.id))
         data["lease"] = record.lease_id
@@ -256,27 +321,26 @@ class Api:
         return web.json_response(record_json(record))
 
     async def extend(self, request: web.Request) -> web.Response:
-        body = await _json(request)
+        body = await _json(request, ("timeout",))
         record = self.manager.extend(request.match_info["ref"], body.get("timeout"))
         return web.json_response(record_json(record))
 
     async def renew(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        record = self.manager.renew(request.match_info["ref"], body.get("lease", ""))
+        body = await _json(request, ("lease",))
+        record = self.manager.renew(request.match_info["ref"], _optional(body, "lease", str) or "")
         return web.json_response({"lease_expires": record.lease_expires})
 
     # -- SSH -------------------------------------------------------------------------
 
     async def expose_ssh(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        unknown = set(body) - {"ttl", "single_use", "public_key"}
-        if unknown:
-            raise InvalidRequest(f"unknown option(s): {', '.join(sorted(unknown))}")
+        body = await _json(request, ("ttl", "single_use", "public_key"))
+        _optional(body, "single_use", bool)
+        _optional(body, "public_key", str)
         return web.json_response(self.ssh.expose(request.match_info["ref"], **body))
 
     async def revoke_ssh(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        count = self.ssh.revoke(request.match_info["ref"], body.get("token"))
+        body = await _json(request, ("token",))
+        count = self.ssh.revoke(request.match_info["ref"], _optional(body, "token", str))
         return web.json_response({"revoked": count})
 
     # -- processes ---------------------------------------------------------------------
@@ -284,16 +348,16 @@ class Api:
     @staticmethod
     def _command(live: Live, body: dict[str, Any]) -> dict[str, Any]:
         """What to run, where, with the sandbox's environment plus the request's."""
-        extra = body.get("env")
-        if extra is not None and not isinstance(extra, dict):
-            raise InvalidRequest("env must be a mapping of names to values")
-        env = {**live.record.env, **{str(k): str(v) for k, v in (extra or {}).items()}}
-        return {
-            "cmd": body.get("cmd"),
-            "argv": body.get("argv"),
-            "cwd": body.get("cwd"),
-            "env": env,
-        }
+        cmd, argv = _optional(body, "cmd", str), _optional(body, "argv", list)
+        if argv is not None and not all(isinstance(a, str) for a in argv):
+            raise InvalidRequest("argv must be a list of strings")
+        if not cmd and not argv:
+            raise InvalidRequest("give the command to run: cmd (a shell command) or argv")
+        cwd = _optional(body, "cwd", str)
+        if any("\0" in text for text in [cmd or "", *(argv or ()), cwd or ""]):
+            raise InvalidRequest("a command and its working directory cannot contain NUL bytes")
+        env = {**live.record.env, **check_env(_optional(body, "env", dict) or {})}
+        return {"cmd": cmd, "argv": argv, "cwd": cwd, "env": env}
 
     async def exec(self, request: web.Request) -> web.StreamResponse:
         """Run a command; the response streams RESULT, STDOUT/STDERR and EXIT frames.
@@ -302,11 +366,13 @@ class Api:
         agent stops answering: the stream then ends with an ERROR frame.
         """
         live = self._live(request)
-        body = await _json(request)
-        stdin = body.get("input_b64")
-        timeout = body.get("timeout")
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise InvalidRequest("timeout must be a positive number of seconds")
+        body = await _json(request, EXEC_OPTIONS)
+        stdin = _stdin(body)
+        timeout = _optional(body, "timeout", (int, float))
+        if timeout is not None and not 0 < timeout <= MAX_SECONDS:
+            raise InvalidRequest(
+                f"timeout must be a number of seconds, more than 0 and at most {MAX_SECONDS}"
+            )
         deadline = _Deadline(None if timeout is None else timeout + GRACE)
         agent = await live.agent.open(
             "exec",
@@ -319,7 +385,7 @@ class Api:
                 started = await agent.result(deadline.left(ANSWER_TIMEOUT))
                 if stdin is not None:
                     with contextlib.suppress(ConnectionError):  # its frames below say why
-                        await agent.send(Frame.STDIN, base64.b64decode(stdin), deadline.left())
+                        await agent.send(Frame.STDIN, stdin, deadline.left())
                         await agent.send(Frame.EOF, b"", deadline.left())
             except AgentTimeout as e:
                 raise _command_timeout(timeout, deadline, e) from None
@@ -342,7 +408,7 @@ class Api:
 
     async def spawn(self, request: web.Request) -> web.Response:
         live = self._live(request)
-        body = await _json(request)
+        body = await _json(request, ("cmd", "argv", "cwd", "env"))
         info = await live.agent.call("spawn", **self._command(live, body))
         return web.json_response(info)
 
@@ -351,23 +417,25 @@ class Api:
 
     async def proc_wait(self, request: web.Request) -> web.Response:
         live = self._live(request)
-        timeout = request.query.get("timeout")
-        seconds = _number(timeout, "timeout")
+        seconds = _number(request.query.get("timeout"), "timeout")
         info = await live.agent.call(
             "proc_wait",
             answer_timeout=None if seconds is None else seconds + GRACE,
-            pid=_int(request.match_info["pid"], "pid"),
+            pid=_int(request.match_info["pid"], "pid", 1, MAX_PID),
             timeout=seconds,
         )
         return web.json_response(info)
 
     async def proc_signal(self, request: web.Request) -> web.Response:
         live = self._live(request)
-        body = await _json(request)
+        body = await _json(request, ("signal",))
+        number = _optional(body, "signal", int)
+        if number is not None and not 1 <= number <= MAX_SIGNAL:
+            raise InvalidRequest(f"signal must be a signal number from 1 to {MAX_SIGNAL}")
         info = await live.agent.call(
             "proc_signal",
-            pid=_int(request.match_info["pid"], "pid"),
-            signal=int(body.get("signal", 15)),
+            pid=_int(request.match_info["pid"], "pid", 1, MAX_PID),
+            signal=signal.SIGTERM if number is None else number,
         )
         return web.json_response(info)
 
@@ -375,14 +443,14 @@ class Api:
         """Log entries as JSON lines; `follow=1` keeps streaming new ones."""
         live = self._live(request)
         query = request.query
-        follow = query.get("follow") in ("1", "true")
+        follow = _flag(request, "follow")
         silence = None if follow else ANSWER_TIMEOUT  # following may wait for new entries
         agent = await live.agent.open(
             "logs",
             after=_int(query.get("after"), "after") or 0,
             tail=_int(query.get("tail"), "tail"),
             follow=follow,
-            pid=_int(query.get("pid"), "pid"),
+            pid=_int(query.get("pid"), "pid", 1, MAX_PID),
         )
         async with agent:
             entry = await _next_log_entry(agent, silence)
@@ -400,10 +468,8 @@ class Api:
     # -- files -------------------------------------------------------------------------
 
     async def file_op(self, request: web.Request) -> web.Response:
-        op = request.match_info["op"]
-        if op not in FILE_OPS:
-            raise web.HTTPNotFound()
-        body = _file_op_args(op, await _json(request))
+        op = request.path.rsplit("/", 1)[1]
+        body = _file_op_args(op, await _json(request, FILE_OPS[op]))
         answer_timeout = REMOVE_TIMEOUT if op == "remove" else ANSWER_TIMEOUT
         agent = self._live(request).agent
         return web.json_response(await agent.call(op, answer_timeout=answer_timeout, **body))
@@ -437,8 +503,7 @@ class Api:
             return response
 
     async def write_file(self, request: web.Request) -> web.Response:
-        mode = request.query.get("mode")
-        return await self._upload(request, "write", mode=int(mode, 8) if mode else None)
+        return await self._upload(request, "write", mode=_mode(request.query.get("mode")))
 
     async def write_tar(self, request: web.Request) -> web.Response:
         return await self._upload(request, "tar_in")
@@ -456,11 +521,8 @@ class Api:
 
 
 def _file_op_args(op: str, body: dict[str, Any]) -> dict[str, Any]:
-    """`body` if it has exactly the arguments `op` takes, of their types; else InvalidRequest."""
+    """`body` if it has the arguments `op` needs, of their types; else InvalidRequest."""
     arguments = FILE_OPS[op]
-    unknown = set(body) - set(arguments)
-    if unknown:
-        raise InvalidRequest(f"unknown argument(s) for {op}: {', '.join(sorted(unknown))}")
     missing = [name for name, kind in arguments.items() if kind is str and name not in body]
     if missing:
         raise InvalidRequest(f"{op} needs the argument(s) {', '.join(missing)}")
@@ -468,16 +530,46 @@ def _file_op_args(op: str, body: dict[str, Any]) -> dict[str, Any]:
         kind = arguments[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise InvalidRequest(f"{op}: {name!r} must be of type {kind.__name__}")
+    if not 0 <= body.get("mode", 0) <= 0o7777:
+        raise InvalidRequest(f"{op}: 'mode' must be permission bits from 0 to 0o7777")
     return body
 
 
+def _mode(value: str | None) -> int | None:
+    """Permission bits given in octal ("644"), or None if not given."""
+    if not value:
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise InvalidRequest(f"mode must be octal permission bits such as 644, not {shown(value)}")
+    return mode
+
+
+def _stdin(body: dict[str, Any]) -> bytes | None:
+    """The command's input, sent base64-encoded as `input_b64`; None if there is none."""
+    text = _optional(body, "input_b64", str)
+    if text is None:
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise InvalidRequest("input_b64 must be base64 (RFC 4648, standard alphabet)") from None
+
+
 def _number(value: str | None, name: str) -> float | None:
+    """Seconds from 0 to a year given as a query parameter, or None if not given."""
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        raise InvalidRequest(f"{name} must be a number of seconds") from None
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise InvalidRequest(f"{name} must be a number of seconds from 0 to {MAX_SECONDS}")
+    return seconds
 
 
 class _Deadline:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._config import Settings, host_cpus, host_memory
-from .._durations import parse_duration, parse_size, parse_timeout
+from .._durations import parse_duration, parse_size, parse_timeout, shown
 from .._errors import (
     InvalidRequest,
     IsolationUnavailable,
@@ -120,7 +120,7 @@ class Manager:
         record = self.state.get(ref)
         if record is not None and record.status == ENDED:
             raise SandboxExpired(f"sandbox {ref!r} has ended: {record.end_reason}")
-        raise SandboxNotFound(f"no sandbox with id or name {ref!r}")
+        raise SandboxNotFound(f"no sandbox with id or name {shown(ref)}")
 
     def list(self, include_ended: bool = False) -> list[SandboxRecord]:
         records = [s.record for s in self.live.values()]
@@ -172,14 +172,14 @@ class Manager:
             disk=self._parse_disk(disk) or defaults.disk,
         )
         if network not in ("none", "host"):
-            raise InvalidRequest(f'invalid network {network!r}: expected "none" or "host"')
-        env = _check_env(env or {})
+            raise InvalidRequest(f'invalid network {shown(network)}: expected "none" or "host"')
+        env = check_env(env or {})
         labels = _check_labels(labels or {})
         if not isinstance(owner, str):
             raise InvalidRequest("owner must be a string")
         if name is not None and not (isinstance(name, str) and NAME_RE.fullmatch(name)):
             raise InvalidRequest(
-                f"invalid name {name!r}: use letters, digits, '.', '_' or '-' "
+                f"invalid name {shown(name)}: use letters, digits, '.', '_' or '-' "
                 "(up to 63), starting with a letter or digit"
             )
         async with self._create_lock:
@@ -238,7 +238,7 @@ class Manager:
             memory=self.settings.default_memory,
             cpus=self.settings.default_cpus,
             pids=self.settings.default_pids,
-            fds=min(self.settings.default_fds, _max_fds()),
+            fds=min(self.settings.default_fds, max_fds()),
             disk=self.settings.default_disk,
         )
 
@@ -248,9 +248,9 @@ class Manager:
         if disk is None:
             return None
         stats = os.statvfs(self.backend.storage)
-        if not 16 << 20 <= disk <= stats.f_blocks * stats.f_frsize:
+        if not MIN_DISK <= disk <= stats.f_blocks * stats.f_frsize:
             raise InvalidRequest(
-                f"invalid disk {value!r}: expected at least 16M and at most the "
+                f"invalid disk {shown(value)}: expected at least 16M and at most the "
                 f"{stats.f_blocks * stats.f_frsize / (1 << 30):.0f}G of the disk sandboxes are on"
             )
         return disk
@@ -415,6 +415,9 @@ class Manager:
 
 
 MIN_MEMORY = 64 << 20  # the agent, a shell and the tmpfs shares need about this much
+MIN_DISK = 16 << 20
+MIN_PIDS, MAX_PIDS = 8, 1 << 22
+MIN_FDS = 64
 
 
 def _parse_memory(value: Any) -> int | None:
@@ -422,11 +425,11 @@ def _parse_memory(value: Any) -> int | None:
     if memory is None:
         return None
     if memory < MIN_MEMORY:
-        raise InvalidRequest(f"invalid memory {value!r}: a sandbox needs at least 64M")
+        raise InvalidRequest(f"invalid memory {shown(value)}: a sandbox needs at least 64M")
     if memory > host_memory():
         raise InvalidRequest(
-            f"invalid memory {value!r}: more than this host's {host_memory() / (1 << 30):.1f}G "
-            "of RAM"
+            f"invalid memory {shown(value)}: more than this host's "
+            f"{host_memory() / (1 << 30):.1f}G of RAM"
         )
     return memory
 
@@ -436,11 +439,11 @@ def _parse_cpus(value: Any) -> float | None:
         return None
     try:
         cpus = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         cpus = 0.0
     if isinstance(value, bool) or not 0.01 <= cpus <= host_cpus():
         raise InvalidRequest(
-            f"invalid cpus {value!r}: expected a number from 0.01 to this host's "
+            f"invalid cpus {shown(value)}: expected a number from 0.01 to this host's "
             f"{host_cpus()} CPUs, such as 0.5 or 2"
         )
     return cpus
@@ -451,21 +454,21 @@ def _parse_whole(name: str, value: Any, low: int, high: int) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidRequest(
-            f"invalid {name} {value!r}: expected a whole number from {low} to {high}"
+            f"invalid {name} {shown(value)}: expected a whole number from {low} to {high}"
         )
     return value
 
 
 def _parse_pids(value: Any) -> int | None:
-    return _parse_whole("pids", value, 8, 1 << 22)
+    return _parse_whole("pids", value, MIN_PIDS, MAX_PIDS)
 
 
 def _parse_fds(value: Any) -> int | None:
     """Open files per process: bwrap's child cannot raise them past the service's own."""
-    return _parse_whole("fds", value, 64, _max_fds())
+    return _parse_whole("fds", value, MIN_FDS, max_fds())
 
 
-def _max_fds() -> int:
+def max_fds() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
 
@@ -478,10 +481,19 @@ def _check_labels(labels: object) -> dict[str, str]:
     return {str(k): str(v) for k, v in labels.items()}
 
 
-def _check_env(env: dict) -> dict[str, str]:
+def check_env(env: object) -> dict[str, str]:
+    """Environment variables: names of letters, digits and '_'; values without NUL bytes."""
     if not isinstance(env, dict):
-        raise InvalidRequest("env must be a mapping of names to values")
-    for key in env:
+        raise InvalidRequest("env must be a mapping of names to strings")
+    for key, value in env.items():
         if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
-            raise InvalidRequest(f"invalid environment variable name {key!r}")
+            raise InvalidRequest(f"invalid environment variable name {shown(key)}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (str, int, float))
+            or "\0" in str(value)
+        ):
+            raise InvalidRequest(
+                f"environment variable {key} must be a string (or number) without NUL bytes"
+            )
     return {k: str(v) for k, v in env.items()}
