@@ -149,6 +149,29 @@ def bench_exec(rows: list) -> None:
     )
 
 
+def bench_output(rows: list, mib: int = 32) -> None:
+    """`sh()` of one line of `mib` MiB with no newline, beside as many bytes in short lines."""
+    from jupyter_sandbox import Sandbox
+
+    produce = f"head -c {mib * MiB} /dev/zero | tr '\\0' a"
+    shapes = {"one line": produce, "short lines": f"{produce} | fold -w 63"}
+    times: dict[str, list[float]] = {name: [] for name in shapes}
+    with private_service(1), Sandbox.create() as sb:
+        sb.sh("true")
+        for _ in range(3):  # interleaved, so a busy moment of the machine hits both
+            for name, cmd in shapes.items():
+                times[name] += timed(lambda c=cmd: sb.sh(c), 1)
+    one, short = (statistics.median(times[name]) / 1000 for name in shapes)
+    rows.append(
+        (
+            f"`sh()` of {mib} MiB as one line (no newline)",
+            f"{one:.2f} s ({one / short:.1f} times short lines)",
+            f"{mib} MiB in 64-byte lines: {short:.2f} s",
+            "≤ 2 times short lines",
+        )
+    )
+
+
 def bench_transfer(rows: list, mib: int) -> None:
     from jupyter_sandbox import Sandbox
 
@@ -280,6 +303,7 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
     bench_create(rows, args.sandboxes)
     bench_exec(rows)
+    bench_output(rows)
     bench_transfer(rows, args.mib)
     bench_idle_memory(rows, args.idle)
     print("| measurement | jupyter-sandbox | baseline | target |")

@@ -25,6 +25,8 @@ from ..untrusted.streams import GRACE
 from ._files import AsyncFileSystem
 from ._transport import Transport, read_frames
 
+LINE_PIECE = 64 << 10  # bytes: a longer line reaches callbacks and stream() in pieces
+
 _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Paths, Transport]] = (
     weakref.WeakKeyDictionary()
 )
@@ -407,16 +409,40 @@ def _raise_for_status(
 
 
 class _LineSplitter:
-    """Splits a byte stream into lines, keeping the newline."""
+    """Splits a byte stream into lines, keeping the newline; a longer line comes in pieces.
+
+    Each byte is copied a bounded number of times however long its line, and a piece
+    of a long line never ends inside a UTF-8 character.
+    """
 
     def __init__(self, name: str) -> None:
-        self.name, self.pending = name, b""
+        self.name, self.pending = name, bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        self.pending += data
-        *lines, self.pending = self.pending.split(b"\n")
-        return [line + b"\n" for line in lines]
+        pieces = []
+        end = data.rfind(b"\n") + 1
+        if end:
+            head = bytes(self.pending + data[:end])
+            self.pending = bytearray(data[end:])
+            pieces = [line + b"\n" for line in head.split(b"\n")[:-1]]
+        else:
+            self.pending += data
+        if len(self.pending) >= LINE_PIECE:
+            cut = _utf8_prefix(self.pending)
+            pieces.append(bytes(self.pending[:cut]))
+            del self.pending[:cut]
+        return pieces
 
     def flush(self) -> list[bytes]:
-        rest, self.pending = self.pending, b""
+        rest, self.pending = bytes(self.pending), bytearray()
         return [rest] if rest else []
+
+
+def _utf8_prefix(data: bytearray) -> int:
+    """Length of the longest prefix of `data` that does not end inside a UTF-8 character."""
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 != 0x80:  # not a continuation byte: a character starts here
+            length = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            return len(data) if length <= back else len(data) - back
+    return len(data)
