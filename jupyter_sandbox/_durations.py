@@ -87,3 +87,32 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+def format_relative(seconds: float) -> str:
+    """A time difference from now in words: "in 4 min", "3 s ago", "in 1 h 5 min"."""
+    return f"in {_span(seconds)}" if seconds >= 0 else f"{_span(-seconds)} ago"
+
+
+def _span(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours = round(seconds / 3600)
+    if minutes < 24 * 60:
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def format_size(size: float) -> str:
+    """Bytes in binary units: "1 GiB", "256 MiB", "1.5 KiB", "12 B"."""
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        value = size / 1024**power
+        if value >= 1:
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size:.0f} B"

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from jupyter_sandbox import Sandbox
+from jupyter_sandbox.cli import INFO_FIELDS, SANDBOX_FIELDS, STATUS_FIELDS
 from tests.conftest import ServiceEnv
 
 pytestmark = pytest.mark.unprivileged
@@ -56,10 +57,10 @@ def test_create_list_exec_logs_kill(service_env: ServiceEnv, tmp_path):
         Sandbox.connect(sandbox_id).spawn("echo from-background").wait(10)
         logs = cli("logs", "cli-box").stdout
         assert "from-background" in logs and "exited with code 0" in logs
-        info = json.loads(cli("info", "cli-box").stdout)
+        info = json.loads(cli("info", "cli-box", "--json").stdout)
         assert info["id"] == sandbox_id and info["usage"] is not None
         assert "now ends at" in cli("extend", "cli-box", "10m").stdout
-        assert json.loads(cli("status").stdout)["sandboxes"] >= 1
+        assert json.loads(cli("status", "--json").stdout)["sandboxes"] >= 1
     finally:
         assert cli("kill", sandbox_id).stdout.strip() == f"killed {sandbox_id}"
     missing = cli("exec", sandbox_id, "--", "true", check=False)
@@ -107,3 +108,65 @@ def test_jupyter_subcommand(service_env: ServiceEnv):
         check=True,
     )
     assert isinstance(json.loads(out.stdout), list)
+
+
+def test_json_output_has_the_documented_fields_and_no_secrets(service_env: ServiceEnv, sandbox):
+    cli = service_env.run_cli
+    lease = sandbox._inner._lease  # the session sandbox's lease: whoever has it owns it
+    assert lease
+    with Sandbox.create(timeout="5m", memory="256M", labels={"course": "os"}) as sb:
+        token = sb.expose_ssh().username
+        listed = json.loads(cli("list", "--json").stdout)
+        mine = next(s for s in listed if s["id"] == sb.id)
+        assert list(mine) == list(SANDBOX_FIELDS)
+        assert mine["status"] == "running" and mine["limits"]["memory"] == 256 << 20
+        assert mine["labels"] == {"course": "os"} and mine["timeout"] == 300
+        assert 0 < mine["expires_at"] - mine["created_at"] <= 300
+        info = json.loads(cli("info", sb.id, "--json").stdout)
+        assert list(info) == [*SANDBOX_FIELDS, *INFO_FIELDS]
+        assert info["usage"]["available"] in (True, False)
+        status = json.loads(cli("status", "--json").stdout)
+        assert list(status) == [*STATUS_FIELDS, "log_file"]
+        assert status["pid"] == service_env.service_pid() and status["sandboxes"] >= 1
+        commands = [("list",), ("list", "--all", "--json"), ("status",), ("status", "--json")]
+        for ref in (sb.id, sandbox.id):
+            commands += [("info", ref), ("info", ref, "--json")]
+        outputs = [cli(*command).stdout for command in commands]
+        assert not [out for out in outputs if token in out], "an SSH token was printed"
+        assert not [out for out in outputs if lease in out], "a lease was printed"
+
+
+def columns(header: str, row: str) -> dict[str, str]:
+    """The cells of `row` under each column title of `header` (aligned by position)."""
+    titles = header.split()
+    starts = [header.index(title) for title in titles]
+    ends = [*starts[1:], None]
+    return {t: row[a:b].strip() for t, a, b in zip(titles, starts, ends)}
+
+
+def test_human_output_has_relative_times_and_sizes_in_aligned_columns(
+    service_env: ServiceEnv, sandbox
+):
+    cli = service_env.run_cli
+    with Sandbox.create(timeout="5m", memory="256M", disk="1G", name="human") as sb:
+        header, *rows = cli("list").stdout.splitlines()
+        by_id = {row.split()[0]: columns(header, row) for row in rows}
+        timed, session = by_id[sb.id], by_id[sandbox.id]
+        assert (timed["NAME"], timed["STATUS"]) == ("human", "running")
+        assert timed["ENDS"] in ("in 5 min", "in 4 min"), timed
+        assert timed["CREATED"].endswith(" s ago"), timed
+        assert (timed["MEMORY"], timed["DISK"]) == ("256 MiB", "1 GiB"), timed
+        assert session["ENDS"] == "session", session
+        info = dict(
+            line.split(None, 1) for line in cli("info", "human").stdout.splitlines() if " " in line
+        )
+        assert info["status"] == "running"
+        assert info["memory"] == "256 MiB" and info["disk"] == "1 GiB"
+        assert info["ends"].startswith(("in 5 min", "in 4 min"))
+        assert info["created"].split(" (")[0].endswith(" s ago")
+        status = cli("status").stdout
+        assert f"pid {service_env.service_pid()}" in status
+        assert str(service_env.log_file) in status
+    header, *rows = cli("list", "--all").stdout.splitlines()
+    ended = columns(header, next(row for row in rows if row.startswith(sb.id)))
+    assert (ended["STATUS"], ended["ENDS"], ended["REASON"]) == ("ended", "-", "killed")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from .._config import Paths
-from .._durations import format_duration
+from .._durations import format_relative, format_size
 from .._errors import CommandError, SandboxError
 from .._models import SandboxInfo
 from .._ssh_config import HOST_ALIAS, temporary_ssh_config
@@ -68,11 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_limit_options(p)
 
     p = command("list", cmd_list, "list sandboxes")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON array of objects with the fields " + ", ".join(SANDBOX_FIELDS),
+    )
     p.add_argument("--all", action="store_true", help="include sandboxes that have ended")
 
     p = command("info", cmd_info, "show a sandbox's state, limits and live usage")
     p.add_argument("sandbox", help="id or name")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON object: the fields of list --json and " + ", ".join(INFO_FIELDS),
+    )
 
     p = command("exec", cmd_exec, "run a command in a sandbox, streaming its output")
     p.add_argument("sandbox", help="id or name")
@@ -119,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="revoke all SSH access instead")
     p.set_defaults(remote_command=[])  # with --connect, a command after -- (set by main)
 
-    command("status", cmd_status, "show the sandbox service's state")
+    p = command("status", cmd_status, "show the sandbox service's state")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON object with the fields " + ", ".join((*STATUS_FIELDS, "log_file")),
+    )
 
     p = command(
         "tunnel",
@@ -184,34 +198,154 @@ def _when(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _left(info: SandboxInfo) -> str:
-    if info.status != "running":
-        return info.end_reason or info.status
-    return "session" if info.time_left is None else format_duration(info.time_left)
+# What `list --json` and `info --json` print for each sandbox (times in seconds since
+# 1970, sizes in bytes, as the service reports them); `info` adds INFO_FIELDS.
+SANDBOX_FIELDS = (
+    "id",
+    "name",
+    "status",
+    "created_at",
+    "timeout",
+    "expires_at",
+    "owner",
+    "labels",
+    "limits",
+    "network",
+    "failure",
+    "failed_at",
+    "ended_at",
+    "end_reason",
+)
+INFO_FIELDS = ("limits_note", "syscall_filter", "usage")
+STATUS_FIELDS = ("pid", "version", "started_at", "sandboxes", "pool", "ssh", "isolation", "cgroups")
+
+
+def sandbox_json(info: SandboxInfo, fields: tuple[str, ...] = SANDBOX_FIELDS) -> dict:
+    return {name: getattr(info, name, None) for name in fields}
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _ago(timestamp: float | None) -> str:
+    return "-" if timestamp is None else format_relative(timestamp - time.time())
+
+
+def _ends(info: SandboxInfo) -> str:
+    """When the sandbox ends: "in 4 min", "session", or "-" once it has ended."""
+    if info.status == "ended":
+        return "-"
+    return "session" if info.expires_at is None else _ago(info.expires_at)
+
+
+def _reason(info: SandboxInfo) -> str:
+    """Why a sandbox failed or ended, in words; "" while it runs."""
+    return getattr(info, "failure", None) or info.end_reason or ""
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else format_size(value)
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows under a header, in columns as wide as their widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     sandboxes = Sandbox.list(include_ended=args.all)
     if args.json:
-        print(json.dumps([s.__dict__ for s in sandboxes], indent=2))
+        print_json([sandbox_json(s) for s in sandboxes])
         return 0
-    rows = [("ID", "NAME", "STATUS", "CREATED", "LEFT", "LIMITS", "LABELS", "OWNER")]
+    if not sandboxes:
+        print("no sandboxes" + ("" if args.all else " running (--all shows ended ones)"))
+        return 0
+    rows = [("ID", "NAME", "STATUS", "CREATED", "ENDS", "MEMORY", "CPUS", "DISK", "LABELS")]
+    rows[0] += ("OWNER", "REASON")
     for s in sandboxes:
-        limits = " ".join(f"{k}={v}" for k, v in s.limits.items() if v) or "-"
         labels = ",".join(f"{k}={v}" for k, v in s.labels.items()) or "-"
+        cpus = s.limits.get("cpus")
         rows.append(
-            (s.id, s.name, s.status, _when(s.created_at), _left(s), limits, labels, s.owner)
+            (
+                s.id,
+                s.name,
+                s.status,
+                _ago(s.created_at),
+                _ends(s),
+                _size(s.limits.get("memory")),
+                "-" if cpus is None else f"{cpus:g}",
+                _size(s.limits.get("disk")),
+                labels,
+                s.owner or "-",
+                _reason(s),
+            )
         )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    print_table(rows)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = Sandbox.connect(args.sandbox).info()
-    print(json.dumps(info.__dict__, indent=2))
+    if args.json:
+        print_json(sandbox_json(info, SANDBOX_FIELDS + INFO_FIELDS))
+        return 0
+    limits = info.limits
+    failed_at = getattr(info, "failed_at", None)
+    status = info.status
+    if _reason(info):
+        when = failed_at if getattr(info, "failure", None) else info.ended_at
+        status += f": {_reason(info)} ({_ago(when)})"
+    lines = [
+        ("id", info.id),
+        ("name", info.name),
+        ("status", status),
+        ("created", f"{_ago(info.created_at)} ({_when(info.created_at)})"),
+        ("ends", _lifetime(info)),
+        ("network", info.network),
+        ("memory", _size(limits.get("memory"))),
+        ("cpus", "-" if limits.get("cpus") is None else f"{limits['cpus']:g}"),
+        ("processes", str(limits.get("pids") or "-")),
+        ("open files", str(limits.get("fds") or "-")),
+        ("disk", _size(limits.get("disk"))),
+    ]
+    tmpfs = limits.get("tmpfs") or {}
+    if tmpfs:
+        lines.append(("tmpfs", ", ".join(f"{p} {format_size(n)}" for p, n in tmpfs.items())))
+    lines += [
+        ("labels", ", ".join(f"{k}={v}" for k, v in info.labels.items()) or "-"),
+        ("owner", info.owner or "-"),
+        ("usage", _usage(info.usage)),
+    ]
+    if info.limits_note:
+        lines.append(("note", info.limits_note))
+    if info.syscall_filter:
+        lines.append(("syscalls", info.syscall_filter))
+    print_table(lines)
     return 0
+
+
+def _lifetime(info: SandboxInfo) -> str:
+    if info.status == "ended":
+        return f"ended {_ago(info.ended_at)}"
+    if info.expires_at is None:
+        return "session (ends with the program that created it)"
+    return f"{_ago(info.expires_at)} ({_when(info.expires_at)})"
+
+
+def _usage(usage: dict | None) -> str:
+    if not usage or not usage.get("available"):
+        return (usage or {}).get("reason") or "not measured"
+    parts = []
+    if usage.get("memory_bytes") is not None:
+        parts.append(f"memory {format_size(usage['memory_bytes'])}")
+    if usage.get("pids") is not None:
+        parts.append(f"{usage['pids']} processes")
+    if usage.get("cpu_seconds") is not None:
+        parts.append(f"cpu {usage['cpu_seconds']:.2f} s")
+    return ", ".join(parts) or "not measured"
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -352,7 +486,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def status() -> dict:
         return await shared_transport().request("GET", "/v1/status")
 
-    print(json.dumps(portal().call(status()), indent=2))
+    answer = portal().call(status())
+    data = {name: answer.get(name) for name in STATUS_FIELDS}
+    data["log_file"] = str(Paths.default().log_file)
+    if args.json:
+        print_json(data)
+        return 0
+    ssh = data["ssh"] or {}
+    print_table(
+        [
+            ("service", f"running, pid {data['pid']}, version {data['version']}"),
+            ("started", _ago(data["started_at"])),
+            ("sandboxes", f"{data['sandboxes']} live, {len(data['pool'] or [])} ready in the pool"),
+            ("ssh", f"{ssh.get('host')}:{ssh.get('port')}" if ssh.get("port") else "off"),
+            ("isolation", data["isolation"]),
+            ("cgroups", data["cgroups"]),
+            ("log", data["log_file"]),
+        ]
+    )
     return 0
 
 
