@@ -56,6 +56,11 @@ class Paths:
         return self.runtime_dir / "jupyter-sandbox.lock"
 
     @property
+    def supervisor_file(self) -> Path:
+        """The supervisor's pid, locked for as long as it runs."""
+        return self.runtime_dir / "jupyter-sandbox-supervisor.pid"
+
+    @property
     def database(self) -> Path:
         return self.data_dir / "state.sqlite3"
 

@@ -142,8 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tunnel.add_arguments(p)
 
-    p = command("serve", cmd_serve, "run the sandbox service in the foreground")
+    p = command(
+        "serve",
+        cmd_serve,
+        "run the sandbox service in the foreground, restarted whenever it crashes",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-supervisor",
+        action="store_true",
+        help="run the service alone, with nothing to restart it (for init systems that do)",
+    )
     p.add_argument(
         "--tcp",
         metavar="HOST:PORT",
@@ -508,10 +517,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.no_supervisor:
+        return serve_unsupervised(args)
+    from ..service.supervisor import ALREADY_RUNNING, Supervisor, SupervisorRunning
+
+    service_args = ["--tcp", args.tcp] if args.tcp else []
+    try:
+        return Supervisor(service_args, ready_fd=args.ready_fd).run()
+    except SupervisorRunning as e:
+        print(f"jupyter-sandbox: {e}", file=sys.stderr)
+        return ALREADY_RUNNING
+
+
+def serve_unsupervised(args: argparse.Namespace) -> int:
     from ..backends.storage import StorageInUse
     from ..service.app import AlreadyRunning, Service
+    from ..service.supervisor import ALREADY_RUNNING, STORAGE_IN_USE
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     tcp = None
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
@@ -526,8 +549,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(Service(tcp=tcp).run(ready))
     except AlreadyRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
-        return 3
+        return ALREADY_RUNNING
     except StorageInUse as e:  # another service's storage or host uids: not this one's
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
-        return 4
+        return STORAGE_IN_USE
     return 0

@@ -1,15 +1,19 @@
-"""Finding (or starting) the user's sandbox service and talking HTTP to it."""
+"""Talking HTTP to the user's sandbox service, with only typed errors coming out.
+
+Whatever happens underneath (the service killed mid-upload, a connection cut
+mid-stream, a service that stops answering), callers get a ``ServiceUnavailable``
+that says what happened to their call and what to do. A request that never
+reached the service, or one that is safe to repeat, is sent again once the
+service is back; any other is never repeated behind the caller's back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,16 +22,57 @@ from .._config import Paths
 from .._errors import ServiceUnavailable, error_from
 from ..agent import protocol
 from ..untrusted.messages import MAX_RESULT
+from ._service import find_or_start, is_supervised
 
-START_TIMEOUT = 30.0
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+_SAFE_METHODS = ("GET", "HEAD", "DELETE")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a request does, in the words of the error if the service is lost during it."""
+
+    during: str  # "the upload"
+    outcome: str  # what became of the call, and what to do
+    idempotent: bool = False  # safe to send again after a lost answer
+
+
+UPLOAD = Call("the upload", "the upload did not complete: run it again")
+WRITE = Call("the write", "the file was not written: write it again")
+DOWNLOAD = Call("the download", "the download did not complete: run it again")
+READ = Call("the read", "nothing was read: read the file again")
+COMMAND = Call(
+    "the command",
+    "the command was stopped with it and its output from then on is lost: run it again "
+    "(work started with spawn() outlives the service)",
+)
+LOGS = Call("the log stream", "the sandbox's log is kept: read or follow it again", True)
+CREATE = Call(
+    "the creation of a sandbox",
+    "the sandbox may or may not have been created: check Sandbox.list() before creating another",
+)
+SPAWN = Call(
+    "the start of a background process",
+    "it may or may not have started: check processes() before starting it again",
+)
+
+
+def plain_call(method: str, url: str) -> Call:
+    """The description of a request no caller described."""
+    if method in _SAFE_METHODS:
+        return Call(f"the request {method} {url}", "nothing was changed: try again", True)
+    return Call(
+        f"the request {method} {url}",
+        "it may or may not have taken effect: check before trying again",
+    )
 
 
 class Transport:
-    """An HTTP client bound to the service; restarts the service if it went away."""
+    """An HTTP client bound to the service; finds it again after it restarts."""
 
     def __init__(self, paths: Paths | None = None) -> None:
         self.paths = paths or Paths.default()
+        self.remote = os.environ.get("JUPYTER_SANDBOX_URL")
         self._client: httpx.AsyncClient | None = None
         self._lock = asyncio.Lock()
 
@@ -39,21 +84,14 @@ class Transport:
         return self._client
 
     async def _connect(self) -> httpx.AsyncClient:
-        remote = os.environ.get("JUPYTER_SANDBOX_URL")
-        if remote:
+        if self.remote:
             token = os.environ.get("JUPYTER_SANDBOX_TOKEN", "")
             return httpx.AsyncClient(
-                base_url=remote, timeout=_TIMEOUT, headers={"Authorization": f"Bearer {token}"}
+                base_url=self.remote,
+                timeout=_TIMEOUT,
+                headers={"Authorization": f"Bearer {token}"},
             )
-        client = await self._try_socket()
-        if client is None:
-            await asyncio.to_thread(start_service, self.paths)
-            client = await self._try_socket()
-        if client is None:
-            raise ServiceUnavailable(
-                f"the sandbox service did not come up; see {self.paths.log_file}"
-            )
-        return client
+        return await find_or_start(self.paths, self._try_socket)
 
     async def _try_socket(self) -> httpx.AsyncClient | None:
         if not self.paths.socket.exists():
@@ -81,35 +119,68 @@ class Transport:
     async def close(self) -> None:
         await self.reset()
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> Any:
+    async def request(
+        self, method: str, url: str, *, call: Call | None = None, **kwargs: Any
+    ) -> Any:
         """A request whose JSON answer is returned, or whose error is raised typed."""
+        call = call or plain_call(method, url)
         for attempt in (1, 2):
             client = await self.client()
             try:
                 response = await client.request(method, url, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
-                await self.reset()
-                if attempt == 2 or kwargs.get("content") is not None:
-                    raise ServiceUnavailable(f"lost the sandbox service: {e}") from None
+            except httpx.TransportError as e:
+                await self._give_up_or_retry(e, call, attempt, answered=False)
                 continue
-            except httpx.TimeoutException as e:
-                raise ServiceUnavailable(f"the sandbox service stopped answering ({e!r})") from None
             await raise_for_error(response)
             return response.json()
         raise AssertionError("unreachable")
 
     @contextlib.asynccontextmanager
-    async def stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        client = await self.client()
-        try:
-            async with client.stream(method, url, **kwargs) as response:
-                await raise_for_error(response)
-                yield response
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
-            await self.reset()
-            raise ServiceUnavailable(f"lost the sandbox service: {e}") from None
-        except httpx.TimeoutException as e:
-            raise ServiceUnavailable(f"the sandbox service stopped answering ({e!r})") from None
+    async def stream(
+        self, method: str, url: str, *, call: Call | None = None, **kwargs: Any
+    ) -> AsyncIterator[httpx.Response]:
+        """A streamed response; losing the service while it is read raises typed too."""
+        call = call or plain_call(method, url)
+        for attempt in (1, 2):
+            client = await self.client()
+            answered = False
+            try:
+                async with client.stream(method, url, **kwargs) as response:
+                    answered = True
+                    await raise_for_error(response)
+                    yield response
+                    return
+            except httpx.TransportError as e:
+                await self._give_up_or_retry(e, call, attempt, answered)
+
+    async def _give_up_or_retry(
+        self, error: httpx.TransportError, call: Call, attempt: int, answered: bool
+    ) -> None:
+        """Return if the request may be sent again; else raise what a person can act on."""
+        if isinstance(error, httpx.TimeoutException):
+            raise ServiceUnavailable(
+                f"the sandbox service stopped answering during {call.during} "
+                f"({type(error).__name__}); {call.outcome}; if this keeps happening, see "
+                f"{self.paths.log_file}"
+            ) from None
+        await self.reset()
+        # A refused connection sent nothing, so any request may go again; an answer lost
+        # halfway may go again only if repeating it changes nothing.
+        never_sent = isinstance(error, httpx.ConnectError)
+        if attempt == 1 and not answered and (never_sent or call.idempotent):
+            return
+        raise ServiceUnavailable(f"{self._lost(call)}; {call.outcome}") from None
+
+    def _lost(self, call: Call) -> str:
+        if self.remote:
+            return (
+                f"lost the connection to the sandbox service at {self.remote} during {call.during}"
+            )
+        if is_supervised(self.paths):
+            then = "it is restarting, and keeps the sandboxes and their files"
+        else:
+            then = "the next call starts it again, and it keeps the sandboxes and their files"
+        return f"the sandbox service stopped during {call.during}; {then}"
 
 
 async def raise_for_error(response: httpx.Response) -> None:
@@ -141,44 +212,3 @@ async def read_frames(response: httpx.Response) -> AsyncIterator[tuple[int, byte
             payload = bytes(buffer[header : header + size])
             del buffer[: header + size]
             yield kind, payload
-
-
-def start_service(paths: Paths) -> None:
-    """Start `jupyter-sandbox serve` detached and wait until it listens (or fails)."""
-    paths.data_dir.mkdir(parents=True, exist_ok=True)
-    read_fd, write_fd = os.pipe()
-    log_fd = os.open(paths.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.fchmod(log_fd, 0o600)  # the service's log is private, even one made before this rule
-    with os.fdopen(log_fd, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_sandbox", "serve", "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-    os.close(write_fd)
-    # The service outlives this process's interest in it; reap it whenever it exits
-    # so it never lingers as a zombie of a long-lived client such as a kernel.
-    threading.Thread(target=proc.wait, name="jupyter-sandbox-service", daemon=True).start()
-    with os.fdopen(read_fd, "rb") as ready:
-        # The service writes one line when listening; EOF without it means it exited
-        # (another service won the race, or startup failed).
-        line = ready.readline()
-    if line:
-        return
-    try:
-        proc.wait(START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return
-    if proc.returncode not in (0, 3):  # 3: another service is already running
-        tail = paths.log_file.read_text(errors="replace")[-2000:] if paths.log_file.exists() else ""
-        raise ServiceUnavailable(f"the sandbox service failed to start:\n{tail}")
-
-
-def runtime_info(paths: Paths) -> dict[str, Any] | None:
-    try:
-        return json.loads(paths.runtime_file.read_text())
-    except (OSError, ValueError):
-        return None

@@ -18,7 +18,7 @@ from .._errors import InvalidRequest, SandboxError, SandboxExpired, SandboxNotFo
 from .._models import SandboxInfo, SshAccess
 from ..client import AsyncSandbox
 from ..client._async import shared_transport
-from ..client._transport import runtime_info
+from ..client._service import runtime_info
 
 Message = dict[str, Any]
 Subscriber = Callable[[Message], None]

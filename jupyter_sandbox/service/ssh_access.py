@@ -51,11 +51,18 @@ class SshAccessManager:
         manager.listeners.append(self._on_sandbox_event)
 
     async def start(self) -> None:
-        """Listen on the configured port, else the last one used, else any free one."""
+        """Listen on the port used last, so the `ssh -p PORT` commands handed out still
+        work after a restart; else on the configured port, else on any free one.
+
+        The last port counts only while the configured port is the one it was chosen
+        for: a new configuration takes effect at the next start.
+        """
         port_file = self.key_dir / "ssh_port"
         candidates = [self.port]
         with contextlib.suppress(OSError, ValueError):
-            candidates.append(int(port_file.read_text()))
+            last, configured = (int(n) for n in port_file.read_text().split())
+            if configured == self.port:
+                candidates.insert(0, last)
         candidates.append(0)
         for port in dict.fromkeys(candidates):
             self.gateway = Gateway(
@@ -73,7 +80,7 @@ class SshAccessManager:
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
-        port_file.write_text(str(self.gateway.port))
+        port_file.write_text(f"{self.gateway.port} {self.port}")
         for row in self.state.db.execute(
             "SELECT token_hash, sandbox_id, expires_at FROM ssh_tokens "
             "WHERE revoked = 0 AND expires_at IS NOT NULL"

@@ -1,0 +1,97 @@
+"""Finding the user's sandbox service, waiting for it while it restarts, or starting it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .._config import Paths
+from .._errors import ServiceUnavailable
+from ..service.supervisor import ALREADY_RUNNING, service_environment, supervisor_pid
+
+START_TIMEOUT = 30.0
+_POLL = 0.1
+
+T = TypeVar("T")
+
+
+def is_supervised(paths: Paths) -> bool:
+    """Is a supervisor running that restarts the service when it dies?"""
+    return supervisor_pid(paths) is not None
+
+
+async def find_or_start(paths: Paths, connect: Callable[[], Awaitable[T | None]]) -> T:
+    """`connect()`'s answer once the service answers, starting the service if none runs.
+
+    While the service restarts under its supervisor (or another client starts one),
+    this waits for it rather than starting a second one.
+    """
+    deadline = time.monotonic() + START_TIMEOUT
+    started = False
+    while True:
+        found = await connect()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(
+                f"the sandbox service did not come up within {START_TIMEOUT:.0f} s; "
+                f"see {paths.log_file}"
+            )
+        if not started and not is_supervised(paths):
+            started = True
+            await asyncio.to_thread(start_service, paths)
+            continue
+        await asyncio.sleep(_POLL)
+
+
+def start_service(paths: Paths) -> None:
+    """Start `jupyter-sandbox serve` detached and wait until it listens (or fails).
+
+    It runs under its supervisor, which restarts it after a crash; neither gets this
+    process's credentials in its environment.
+    """
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    log_fd = os.open(paths.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(log_fd, 0o600)  # the service's log is private, even one made before this rule
+    with os.fdopen(log_fd, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_sandbox", "serve", "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            env=service_environment(os.environ),
+        )
+    os.close(write_fd)
+    # The service outlives this process's interest in it; reap it whenever it exits
+    # so it never lingers as a zombie of a long-lived client such as a kernel.
+    threading.Thread(target=proc.wait, name="jupyter-sandbox-service", daemon=True).start()
+    with os.fdopen(read_fd, "rb") as ready:
+        # The service writes one line when listening; EOF without it means it exited
+        # (another service won the race, or startup failed).
+        line = ready.readline()
+    if line:
+        return
+    try:
+        proc.wait(START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return
+    if proc.returncode not in (0, ALREADY_RUNNING):
+        tail = paths.log_file.read_text(errors="replace")[-2000:] if paths.log_file.exists() else ""
+        raise ServiceUnavailable(f"the sandbox service failed to start:\n{tail}")
+
+
+def runtime_info(paths: Paths) -> dict[str, Any] | None:
+    try:
+        return json.loads(paths.runtime_file.read_text())
+    except (OSError, ValueError):
+        return None
