@@ -23,7 +23,7 @@ from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo, SshAcces
 from ..agent.protocol import Frame
 from ..untrusted.streams import GRACE
 from ._files import AsyncFileSystem
-from ._transport import Transport, read_frames
+from ._transport import COMMAND, CREATE, LOGS, SPAWN, Transport, read_frames
 
 LINE_PIECE = 64 << 10  # bytes: a longer line reaches callbacks and stream() in pieces
 
@@ -155,6 +155,7 @@ class AsyncSandbox:
             "/v1/sandboxes",
             json={k: v for k, v in body.items() if v is not None},
             timeout=None,
+            call=CREATE,
         )
         return cls(info, transport, info.get("lease"), info.get("lease_ttl", 10.0))
 
@@ -323,7 +324,11 @@ class AsyncSandbox:
             body["input_b64"] = base64.b64encode(data).decode()
         lines = {Frame.STDOUT: _LineSplitter("stdout"), Frame.STDERR: _LineSplitter("stderr")}
         async with self._transport.stream(
-            "POST", f"/v1/sandboxes/{self.id}/exec", json=body, timeout=_backstop(timeout)
+            "POST",
+            f"/v1/sandboxes/{self.id}/exec",
+            json=body,
+            timeout=_backstop(timeout),
+            call=COMMAND,
         ) as response:
             async for kind, payload in read_frames(response):
                 if kind in lines:
@@ -347,7 +352,10 @@ class AsyncSandbox:
     ) -> AsyncProcess:
         """Start `cmd` in the background; its output goes to the sandbox log."""
         info = await self._transport.request(
-            "POST", f"/v1/sandboxes/{self.id}/spawn", json={"cmd": cmd, "cwd": cwd, "env": env}
+            "POST",
+            f"/v1/sandboxes/{self.id}/spawn",
+            json={"cmd": cmd, "cwd": cwd, "env": env},
+            call=SPAWN,
         )
         return AsyncProcess(self, info)
 
@@ -372,7 +380,7 @@ class AsyncSandbox:
         if pid is not None:
             params["pid"] = str(pid)
         async with self._transport.stream(
-            "GET", f"/v1/sandboxes/{self.id}/logs", params=params, timeout=None
+            "GET", f"/v1/sandboxes/{self.id}/logs", params=params, timeout=None, call=LOGS
         ) as response:
             async for line in response.aiter_lines():
                 if not line:

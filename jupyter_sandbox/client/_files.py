@@ -26,13 +26,14 @@ from ..untrusted.extract import FileDownload, Limits, extract_tree
 from ..untrusted.streams import INACTIVITY, Throughput
 from ._direct import DirectTransfer
 from ._tar import add_tree
-from ._transport import read_frames
+from ._transport import DOWNLOAD, READ, UPLOAD, WRITE, Call, read_frames
 
 if TYPE_CHECKING:
     from ._async import AsyncSandbox
 
 Progress = Callable[[int, "int | None"], None]
 _QUEUE_DEPTH = 8
+_QUERIES = ("stat", "list")  # file operations that change nothing
 _DONE = object()
 _FAILED = object()
 # The service ends a transfer whose agent went silent after INACTIVITY seconds and
@@ -51,7 +52,12 @@ class AsyncFileSystem:
         return f"/v1/sandboxes/{self._sandbox.id}/files/{op}"
 
     async def _op(self, op: str, **args: Any) -> Any:
-        return await self._sandbox._transport.request("POST", self._url(op), json=args)
+        call = Call(
+            f"the file operation {op} of {args.get('path') or args.get('src')!r}",
+            "look at the file before trying again" if op not in _QUERIES else "try again",
+            idempotent=op in _QUERIES,
+        )
+        return await self._sandbox._transport.request("POST", self._url(op), json=args, call=call)
 
     async def stat(self, path: str) -> FileInfo:
         return FileInfo.from_json(await self._op("stat", path=path))
@@ -78,14 +84,14 @@ class AsyncFileSystem:
         return FileInfo.from_json(await self._op("rename", src=src, dst=dst))
 
     async def write_bytes(self, path: str, data: bytes, mode: int | None = None) -> FileInfo:
-        return await self._put_file(path, _chunks_of(data), mode)
+        return await self._put_file(path, _chunks_of(data), mode, WRITE)
 
     async def write_text(self, path: str, text: str, mode: int | None = None) -> FileInfo:
         return await self.write_bytes(path, text.encode(), mode)
 
     async def read_bytes(self, path: str) -> bytes:
         """The file's contents; exactly the size the sandbox announced for it."""
-        async with self._get("read", path) as (info, data):
+        async with self._get("read", path, READ) as (info, data):
             chunks = [chunk async for chunk in data]
         content = b"".join(chunks)
         if len(content) != info["size"]:
@@ -114,11 +120,16 @@ class AsyncFileSystem:
         elif is_tree:
             body = _counting(_thread_producer(add_tree, source), report)
             await self._sandbox._transport.request(
-                "PUT", self._url("tar"), params={"path": remote}, content=body, timeout=None
+                "PUT",
+                self._url("tar"),
+                params={"path": remote},
+                content=body,
+                timeout=None,
+                call=UPLOAD,
             )
         else:
             body = _counting(_thread_producer(_read_file, source), report)
-            await self._put_file(remote, body, source.stat().st_mode & 0o7777)
+            await self._put_file(remote, body, source.stat().st_mode & 0o7777, UPLOAD)
 
     async def download(
         self, remote: str, local: str | os.PathLike, progress: Progress | None = None
@@ -140,7 +151,7 @@ class AsyncFileSystem:
             receive = direct.download_tree if is_tree else direct.download_file
             await asyncio.to_thread(receive, remote, target, report, limits)
         elif is_tree:
-            async with self._get("tar", remote) as (_, data):
+            async with self._get("tar", remote, DOWNLOAD) as (_, data):
                 chunks = _counting(data, report)
                 await _thread_consumer(chunks, lambda read: extract_tree(read, target, limits))
         else:
@@ -157,7 +168,7 @@ class AsyncFileSystem:
     async def _download_file(
         self, remote: str, target: Path, report: Progress | None, limits: Limits
     ) -> None:
-        async with self._get("read", remote) as (info, data):
+        async with self._get("read", remote, DOWNLOAD) as (info, data):
             with FileDownload(target, info, remote, limits) as out:
                 async for chunk in _counting(data, report):
                     out.write(chunk)
@@ -177,23 +188,25 @@ class AsyncFileSystem:
             self._direct_transfer = direct if usable else False
         return self._direct_transfer or None
 
-    async def _put_file(self, path: str, body: AsyncIterator[bytes], mode: int | None) -> FileInfo:
+    async def _put_file(
+        self, path: str, body: AsyncIterator[bytes], mode: int | None, call: Call
+    ) -> FileInfo:
         params = {"path": path}
         if mode is not None:
             params["mode"] = oct(mode)[2:]
         return FileInfo.from_json(
             await self._sandbox._transport.request(
-                "PUT", self._url("write"), params=params, content=body, timeout=None
+                "PUT", self._url("write"), params=params, content=body, timeout=None, call=call
             )
         )
 
     @contextlib.asynccontextmanager
     async def _get(
-        self, op: str, path: str
+        self, op: str, path: str, call: Call
     ) -> AsyncIterator[tuple[dict[str, Any], AsyncIterator[bytes]]]:
         """The sandbox's description of `path` and an iterator over its bytes."""
         async with self._sandbox._transport.stream(
-            "GET", self._url(op), params={"path": path}, timeout=_DOWNLOAD_TIMEOUT
+            "GET", self._url(op), params={"path": path}, timeout=_DOWNLOAD_TIMEOUT, call=call
         ) as response:
             frames = read_frames(response)
             kind, payload = await anext(frames, (None, b""))
