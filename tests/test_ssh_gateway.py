@@ -34,8 +34,13 @@ from jupyter_sandbox.ssh.tokens import ALPHABET, token_matches
 TOOLS = ("ssh", "scp", "sftp", "ssh-keygen", "rsync", "tmux", "curl", "ssh-audit")
 APT_PACKAGES = "openssh-client openssh-sftp-server rsync tmux curl (and pip install ssh-audit)"
 MISSING = [t for t in TOOLS if shutil.which(t) is None]
-if not any(os.path.exists(path) for path in SFTP_SERVERS):
-    MISSING.append("sftp-server")
+HAVE_OPENSSH_SFTP = any(os.path.exists(path) for path in SFTP_SERVERS)
+# Transfers run with OpenSSH's sftp-server and with the built-in one (which needs nothing).
+needs_openssh_sftp = pytest.mark.skipif(
+    not HAVE_OPENSSH_SFTP and not os.environ.get("CI"),
+    reason="needs sftp-server: apt-get install openssh-sftp-server",
+)
+SFTP_SERVER_KINDS = [pytest.param("openssh", marks=needs_openssh_sftp), "builtin"]
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="runs as root"),
     # On CI a missing tool is a failure, not a skip: the install step must provide it.
@@ -129,7 +134,7 @@ class Gw:
     def port(self) -> int:
         return self.gateway.port
 
-    def issue(self, sandbox: Sandbox, public_key: str | None = None) -> str:
+    def issue(self, sandbox: Sandbox, public_key: str | None = None, sftp: str = "auto") -> str:
         token = generate_token()
         self.tokens[token] = Target(
             sandbox_id=sandbox.runtime.directory.rsplit("/", 1)[-1],
@@ -137,6 +142,7 @@ class Gw:
             env={"JSB_TEST": "1"},
             token_hash=hash_token(token),
             public_key=public_key,
+            sftp=sftp,
         )
         return token
 
@@ -208,8 +214,14 @@ def gw(loop: Loop, workdir: Path) -> Iterator[Gw]:
 
 
 @pytest.fixture
-def token(gw: Gw, sandbox: Sandbox) -> str:
-    return gw.issue(sandbox)
+def sftp_server() -> str:
+    """The SFTP server setting of `token`; SFTP tests parametrize it over SFTP_SERVER_KINDS."""
+    return "auto"
+
+
+@pytest.fixture
+def token(gw: Gw, sandbox: Sandbox, sftp_server: str) -> str:
+    return gw.issue(sandbox, sftp=sftp_server)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -506,19 +518,31 @@ def _sftp(gw: Gw, token: str) -> tuple[Callable, Callable]:
     return upload, download
 
 
-@pytest.mark.parametrize("tool", ["scp -O", "scp", "sftp"])
+def transfer_cases(*tools: str) -> list:
+    """(tool, SFTP server) pairs: legacy `scp -O` (no SFTP) once, SFTP tools with each server."""
+    cases = []
+    for tool in tools:
+        kinds = ["auto"] if tool == "scp -O" else SFTP_SERVER_KINDS
+        for kind in kinds:
+            value, marks = (kind, ()) if isinstance(kind, str) else (kind.values[0], kind.marks)
+            cases.append(pytest.param(tool, value, marks=marks, id=f"{tool}-{value}"))
+    return cases
+
+
+@pytest.mark.parametrize(("tool", "sftp_server"), transfer_cases("scp -O", "scp", "sftp"))
 def test_file_transfer_64mib_byte_identical(gw: Gw, token: str, workdir: Path, tool: str) -> None:
     transfer = _sftp(gw, token) if tool == "sftp" else _scp(gw, token, *tool.split()[1:])
     subdir = "subdir" if tool == "scp -O" else "sub dir"  # legacy scp hands paths to a shell
     _round_trip(workdir, *transfer, 64 * MiB, subdir)
 
 
-@pytest.mark.parametrize("tool", ["scp -O", "sftp"])
+@pytest.mark.parametrize(("tool", "sftp_server"), transfer_cases("scp -O", "sftp"))
 def test_file_transfer_256mib_byte_identical(gw: Gw, token: str, workdir: Path, tool: str) -> None:
     transfer = _sftp(gw, token) if tool == "sftp" else _scp(gw, token, "-O")
     _round_trip(workdir, *transfer, 256 * MiB, "subdir")
 
 
+@pytest.mark.parametrize("sftp_server", SFTP_SERVER_KINDS)
 def test_sftp_cannot_follow_symlinks_out_of_the_sandbox(
     gw: Gw, token: str, sandbox: Sandbox, workdir: Path
 ) -> None:

@@ -25,6 +25,10 @@ SANDBOX_HOME = "/home/sandbox"
 SANDBOX_USER = "sandbox"
 SANDBOX_UID = 1000
 STATE_MOUNT = "/run/sandbox"
+AGENT_MOUNT = "/run/sandbox-agent"  # the agent's files, read-only, byte-compiled
+PYTHON = "/usr/bin/python3"  # the sandbox's Python: runs the agent and its programs
+# The built-in SFTP server, for sandboxes without OpenSSH's (a program, not an agent module).
+SFTP_SERVER = f"{AGENT_MOUNT}/sftp_server.pyc"
 EXIT_USER_INIT_LOST = 73  # the agent's exit code when the sandbox's init process died
 
 

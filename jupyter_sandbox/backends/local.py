@@ -45,9 +45,11 @@ from .storage import MANIFEST, Storage
 
 log = logging.getLogger("jupyter_sandbox.service")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
-# The agent's script first, then the modules it imports (agent/remote.py is the host's).
+# The programs (the agent, the SFTP server), then the modules the agent imports
+# (agent/remote.py is the host's).
+AGENT_PROGRAMS = ("main.py", "sftp_server.py")
 AGENT_FILES = (
-    "main.py",
+    *AGENT_PROGRAMS,
     "protocol.py",
     "channel.py",
     "isolation.py",
@@ -56,8 +58,8 @@ AGENT_FILES = (
     "files.py",
     "relay.py",
 )
-AGENT_MOUNT = "/run/sandbox-agent"
-PYTHON = "/usr/bin/python3"
+AGENT_MOUNT = protocol.AGENT_MOUNT
+PYTHON = protocol.PYTHON
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host files a program commonly needs in /etc; nothing with credentials or host identity.
 ETC_ALLOWLIST = (
@@ -207,19 +209,19 @@ class LocalBackend:
     def _compile_agent(agent_dir: Path) -> None:
         """Byte-compile the agent with the sandbox's Python: it then starts in fewer ms.
 
-        The script becomes ``main.pyc``, run as is; each module gets the cache file
+        Each program becomes ``NAME.pyc``, run as is; each module gets the cache file
         that its import looks for in ``__pycache__`` (the sources stay, for tracebacks).
         """
         script = (
             "import py_compile, sys\n"
-            "main, *modules = sys.argv[1:]\n"
-            "print(py_compile.compile(main + '.py', cfile=main + '.pyc', doraise=True))\n"
-            "for name in modules:\n"
-            "    print(py_compile.compile(name + '.py', doraise=True))\n"
+            "programs, *names = sys.argv[1:]\n"
+            "for i, name in enumerate(names):\n"
+            "    cfile = name + '.pyc' if i < int(programs) else None\n"
+            "    print(py_compile.compile(name + '.py', cfile=cfile, doraise=True))\n"
         )
         names = [str(agent_dir / Path(n).stem) for n in AGENT_FILES]
         done = subprocess.run(
-            [PYTHON, "-E", "-s", "-S", "-c", script, *names],
+            [PYTHON, "-E", "-s", "-S", "-c", script, str(len(AGENT_PROGRAMS)), *names],
             check=True,
             capture_output=True,
             text=True,

@@ -23,6 +23,7 @@ import asyncssh
 from .._durations import parse_duration
 from .._errors import InvalidRequest
 from ..ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
+from ..ssh.sftp import sftp_choice
 from .manager import Manager
 from .state import SandboxRecord
 
@@ -43,6 +44,7 @@ class SshAccessManager:
         self.public_host = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_HOST")
         self.public_port = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_PORT")
         self.limits = GatewayLimits.from_env()
+        self.sftp = sftp_choice()
         # Only post-quantum key exchange: passes ssh-audit cleanly, needs OpenSSH >= 9.9.
         self.post_quantum_only = os.environ.get("JUPYTER_SANDBOX_SSH_PQ_ONLY") == "1"
         self.gateway: Gateway | None = None
@@ -169,6 +171,7 @@ class SshAccessManager:
             public_key=row["public_key"],
             single_use=bool(row["single_use"]),
             claim=partial(self.state.use_token, token_hash) if row["single_use"] else None,
+            sftp=self.sftp,
         )
 
     def _on_ssh_event(self, sandbox_id: str, text: str) -> None:

@@ -44,6 +44,7 @@ class Target:
     single_use: bool = False
     # Uses the token up when a login with it completes: False if another login was first.
     claim: Callable[[], bool] | None = None
+    sftp: str = "auto"  # which SFTP server runs in the sandbox: see ssh.sftp
 
 
 Resolver = Callable[[str], Awaitable["Target | None"]]

@@ -163,7 +163,8 @@ class SandboxSession(asyncssh.SSHServerSession):
         self.chan.exit(status)
 
     async def _start(self) -> AgentStream:
-        argv = await sftp_server_argv(self.target.agent) if self.sftp else self.argv
+        target = self.target
+        argv = await sftp_server_argv(target.agent, target.sftp) if self.sftp else self.argv
         env = session_env(self.target.env, self.chan.get_environment())
         stream = await self.target.agent.open("exec", argv=argv, env=env, pty=self.pty, stdin=True)
         try:
