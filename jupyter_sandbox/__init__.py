@@ -15,6 +15,7 @@ from ._errors import (
     SandboxError,
     SandboxExists,
     SandboxExpired,
+    SandboxFailed,
     SandboxNotFound,
     ServiceUnavailable,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "SandboxError",
     "SandboxExists",
     "SandboxExpired",
+    "SandboxFailed",
     "SandboxInfo",
     "SandboxNotFound",
     "ServiceUnavailable",

@@ -31,6 +31,13 @@ class SandboxExpired(SandboxError):
     status = 410
 
 
+class SandboxFailed(SandboxError):
+    """The sandbox ended unexpectedly (out of memory, killed, host restart); its files are
+    kept until its deadline or a kill: download them, ``restart()`` it, or ``kill()`` it."""
+
+    status = 409
+
+
 class SandboxExists(SandboxError):
     """A live sandbox already has that name."""
 
@@ -105,6 +112,7 @@ ERRORS: dict[str, type[SandboxError]] = {
         SandboxError,
         SandboxNotFound,
         SandboxExpired,
+        SandboxFailed,
         SandboxExists,
         InvalidRequest,
         IsolationUnavailable,

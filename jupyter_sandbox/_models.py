@@ -38,6 +38,8 @@ class SandboxInfo:
     network: str
     ended_at: float | None = None
     end_reason: str | None = None
+    failure: str | None = None  # why it failed ("out of memory: limit 256 MiB"), when failed
+    failed_at: float | None = None
     limits_note: str | None = None
     syscall_filter: str | None = None  # "on: <policy> ..." or "OFF (...)"
     usage: dict[str, Any] | None = None

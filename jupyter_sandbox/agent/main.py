@@ -3,7 +3,9 @@
 Started by the backend as ``python3 -E -s -S main.pyc LISTEN_FD LOCKDOWN_FD USER_CGROUP``
 with the listening Unix socket inherited as LISTEN_FD, a syscall filter to
 install after its setup as LOCKDOWN_FD, and the user's cgroup ``tasks`` files
-as USER_CGROUP (numbers separated by commas); "-" stands for none. It first puts itself
+as USER_CGROUP (numbers separated by commas); "-" stands for none. A last
+argument ``files-only`` makes it serve file operations and logs only, and run
+no command (the files of a sandbox that failed stay reachable). It first puts itself
 out of reach of user code (``isolation``), then serves: each accepted connection
 carries one request (see ``protocol``) and is served by its own thread.
 Everything the agent does (processes, files, TCP connections) happens inside
@@ -40,14 +42,15 @@ REQUEST_LIMIT = 1 << 20
 class Agent:
     """Accepts connections and dispatches each request to the handler of its operation."""
 
-    def __init__(self, isolated: isolation.Isolation) -> None:
+    def __init__(self, isolated: isolation.Isolation, files_only: bool = False) -> None:
         self.isolated = isolated
         self.log = Log(isolated.state_dir)
         self.processes = Processes(self.log, isolated)
         self.started = time.time()
+        parts = (self, files) if files_only else (self, self.processes, files, relay)
         self.handlers = {
             name[3:]: getattr(part, name)
-            for part in (self, self.processes, files, relay)
+            for part in parts
             for name in dir(part)
             if name.startswith("op_")
         }
@@ -151,6 +154,7 @@ def main() -> None:
     listen_fd = int(sys.argv[1])
     lockdown_fd = None if sys.argv[2] == "-" else int(sys.argv[2])
     user_cgroup = [] if sys.argv[3] == "-" else [int(fd) for fd in sys.argv[3].split(",")]
+    files_only = sys.argv[4:] == [protocol.FILES_ONLY]
     keep = sorted({listen_fd, *([] if lockdown_fd is None else [lockdown_fd]), *user_cgroup})
     for low, high in zip([2, *keep], [*keep, 1 << 16]):
         os.closerange(low + 1, high)  # descriptors bwrap was handed for the setup only
@@ -163,7 +167,7 @@ def main() -> None:
     os.set_inheritable(listen_fd, False)
     os.chdir(protocol.SANDBOX_HOME)
     sys.stdin.close()
-    agent = Agent(isolated)
+    agent = Agent(isolated, files_only)
     start_thread(agent.watch_user_init)
     agent.serve(listener)
 

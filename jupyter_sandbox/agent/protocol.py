@@ -30,6 +30,7 @@ PYTHON = "/usr/bin/python3"  # the sandbox's Python: runs the agent and its prog
 # The built-in SFTP server, for sandboxes without OpenSSH's (a program, not an agent module).
 SFTP_SERVER = f"{AGENT_MOUNT}/sftp_server.pyc"
 EXIT_USER_INIT_LOST = 73  # the agent's exit code when the sandbox's init process died
+FILES_ONLY = "files-only"  # the agent's last argument when it serves file operations only
 
 
 class Frame(enum.IntEnum):

@@ -180,6 +180,32 @@ class Group:
             "time": time.time(),
         }
 
+    def out_of_memory(self) -> list[tuple[str, int | None]]:
+        """Where the OOM killer struck: (child group, or "" for the sandbox's, limit in bytes).
+
+        Read before `remove`: the counters go with the groups. cgroup v1 counts kills
+        in ``memory.oom_control`` (``oom_kill N``; kernels before 4.13 only have
+        ``memory.failcnt``, the times the limit was hit), v2 in ``memory.events``.
+        """
+        base = self.paths.get("unified" if self.version == 2 else "memory")
+        if base is None:
+            return []
+        found = []
+        for child in ("", AGENT, USER) if self.split else ("",):
+            if self.version == 2:
+                counters = _counters(Path(base, "memory.events"))
+                killed = counters.get("oom_kill", 0)
+                limit = _read_int(Path(base, "memory.max"))
+            else:
+                counters = _counters(Path(base, child, "memory.oom_control"))
+                killed = counters.get("oom_kill")
+                if killed is None:
+                    killed = _read_int(Path(base, child, "memory.failcnt")) or 0
+                limit = _read_int(Path(base, child, "memory.limit_in_bytes"))
+            if killed:
+                found.append((child, limit))
+        return found
+
     def remove(self) -> None:
         """Remove the directories once their processes are gone (retrying briefly)."""
         children = [*self._dirs(USER), *self._dirs(AGENT)] if self.split else []
@@ -261,6 +287,24 @@ class Controller:
             self.unavailable = f"cannot create cgroups: {e}"
             return None
         return group
+
+
+def _counters(path: Path) -> dict[str, int]:
+    """``name value`` lines of a cgroup file; empty when it cannot be read."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v) for k, _, v in (line.partition(" ") for line in lines) if v.isdigit()}
+
+
+def _read_int(path: Path) -> int | None:
+    """A number in a cgroup file; None for "max", an unreadable file or an unlimited v1 limit."""
+    try:
+        value = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if value < 1 << 62 else None
 
 
 def _open_write(path: str) -> int:

@@ -33,9 +33,22 @@ def unavailable(privileged: bool) -> str | None:
     return None
 
 
+def has_image(home: Path) -> bool:
+    """Was `home` given an image of its own (by `mount_home`)?"""
+    return (home.parent / IMAGE).is_file()
+
+
 def mount_home(home: Path, size: int, owner: int) -> None:
-    """Make the empty directory `home` an ext4 filesystem of `size` bytes owned by `owner`."""
+    """Make the empty directory `home` an ext4 filesystem of `size` bytes owned by `owner`.
+
+    A home that has its image already (its sandbox starts again) mounts that image,
+    files and all; its size stays the one it was made with.
+    """
     image = home.parent / IMAGE
+    if has_image(home):
+        if not os.path.ismount(home):
+            _mount(home)
+        return
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.ftruncate(fd, size)
@@ -43,9 +56,13 @@ def mount_home(home: Path, size: int, owner: int) -> None:
         os.close(fd)
     options = f"lazy_itable_init=1,lazy_journal_init=1,root_owner={owner}:{owner}"
     _run([MKFS, "-q", "-F", "-m", "0", "-E", options, IMAGE], home.parent)
-    _run([MOUNT, "-o", "loop,nosuid,nodev,discard", IMAGE, home.name], home.parent)
+    _mount(home)
     os.rmdir(home / "lost+found")
     os.chmod(home, 0o700)
+
+
+def _mount(home: Path) -> None:
+    _run([MOUNT, "-o", "loop,nosuid,nodev,discard", IMAGE, home.name], home.parent)
 
 
 def unmount_home(home: Path) -> None:

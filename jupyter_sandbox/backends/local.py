@@ -38,7 +38,7 @@ from .._config import Settings
 from .._errors import IsolationUnavailable
 from ..agent import protocol
 from ..agent.remote import AgentClient
-from . import homes, seccomp
+from . import failures, homes, seccomp
 from .cgroups import Controller, Group, Limits
 from .removal import remove_tree
 from .storage import MANIFEST, Storage
@@ -101,6 +101,7 @@ ETC_ALLOWLIST = (
 )
 START_TIMEOUT = 20.0
 SWEEP_WAIT = 5.0  # seconds a start waits for leftovers to be removed
+EXIT_WAIT = 1.0  # seconds to wait for the exit status of a bwrap whose agent is gone
 GENERATED_ETC = ("passwd", "group", "hostname", "hosts")
 
 
@@ -144,6 +145,10 @@ class Runtime:
     limits_note: str | None
     syscall_filter: str = ""  # what info() says about it: seccomp.describe()
     home_quota: int = 0  # bytes the home's own filesystem holds; 0: a plain directory
+    agent_pid: int = 0  # the agent's host pid and start time; 0 when not known
+    agent_start: str = ""
+    boot_id: str = ""  # the host's boot when the sandbox started
+    files_only: bool = False  # an agent serving file operations only, for a failed sandbox
 
     @property
     def socket(self) -> str:
@@ -288,7 +293,14 @@ class LocalBackend:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def start(self, spec: SandboxSpec) -> Runtime:
+    async def start(
+        self, spec: SandboxSpec, *, resume: bool = False, files_only: bool = False
+    ) -> Runtime:
+        """Start a sandbox; with `resume`, again over the directory and home it had.
+
+        With `files_only` its agent serves file operations and logs only: no command
+        of the user's runs (the files of a failed sandbox stay reachable that way).
+        """
         self.ensure_available()
         if spec.syscall_filter and not seccomp.supported():
             raise IsolationUnavailable(
@@ -298,10 +310,14 @@ class LocalBackend:
             )
         directory = self.sandboxes_dir / spec.id
         host_uid = spec.host_uid if self.privileged and spec.host_uid else os.getuid()
-        self._make_dirs(directory, host_uid, spec)
-        home_quota = await asyncio.to_thread(self._limit_home, directory, host_uid, spec)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock_path = directory / protocol.AGENT_SOCKET
+        if resume:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock_path)  # the previous agent's
+        else:
+            self._make_dirs(directory, host_uid, spec)
+        home_quota = await asyncio.to_thread(self._limit_home, directory, host_uid, spec, resume)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(sock_path))
         os.chmod(sock_path, 0o600)
         listener.listen(128)
@@ -316,7 +332,7 @@ class LocalBackend:
         if spec.syscall_filter:
             fds.seccomp = seccomp.memfd(seccomp.base_program(), "sandbox-seccomp")
             fds.lockdown = seccomp.memfd(seccomp.lockdown_program(), "sandbox-lockdown")
-        argv = self._argv(spec, directory, fds)
+        argv = self._argv(spec, directory, fds, files_only)
 
         def spawn() -> subprocess.Popen:
             with open(directory / "agent.log", "ab") as log:
@@ -346,7 +362,12 @@ class LocalBackend:
             proc.kill()
             await asyncio.to_thread(proc.wait)
             error = (directory / "agent.log").read_text(errors="replace").strip()
-            self._cleanup(directory, group)
+            if resume:  # its files stay
+                if group is not None:
+                    group.remove()
+                homes.unmount_home(directory / "home")
+            else:
+                self._cleanup(directory, group)
             raise IsolationUnavailable(f"sandbox failed to start: {error or e}") from None
         finally:
             os.close(info_read)
@@ -361,13 +382,17 @@ class LocalBackend:
             limits_note=note,
             syscall_filter=seccomp.describe(spec.syscall_filter),
             home_quota=home_quota,
+            boot_id=boot_id(),
+            files_only=files_only,
         )
         try:
             await asyncio.wait_for(AgentClient(runtime.socket).call("ping"), START_TIMEOUT)
         except Exception as e:
             error = (directory / "agent.log").read_text(errors="replace").strip()
-            await self.stop(runtime)
+            await (self.halt(runtime) if resume else self.stop(runtime))
             raise IsolationUnavailable(f"sandbox agent did not start: {error or e}") from None
+        runtime.agent_pid = _only_child(pid) or 0
+        runtime.agent_start = _start_time(runtime.agent_pid) or "" if runtime.agent_pid else ""
         return runtime
 
     def limits_note(self, limits: Limits, group: Group | None, home_quota: int) -> str | None:
@@ -393,10 +418,16 @@ class LocalBackend:
             )
         return "; ".join(notes) or None
 
-    def _limit_home(self, directory: Path, host_uid: int, spec: SandboxSpec) -> int:
-        """Give the home a filesystem of `spec.limits.disk` bytes; its size, or 0 if not."""
+    def _limit_home(
+        self, directory: Path, host_uid: int, spec: SandboxSpec, resume: bool = False
+    ) -> int:
+        """Give the home a filesystem of `spec.limits.disk` bytes; its size, or 0 if not.
+
+        A home that has its image already (a sandbox started again) mounts that image."""
         if self.home_quota_unavailable or not spec.limits.disk:
             return 0
+        if resume and not homes.has_image(directory / "home"):
+            return 0  # it was a plain directory, and stays one
         try:
             homes.mount_home(directory / "home", spec.limits.disk, host_uid)
         except OSError:
@@ -415,12 +446,15 @@ class LocalBackend:
                 os.chown(path, host_uid, host_uid)
         write_etc(directory / "etc", spec.id)
 
-    def _argv(self, spec: SandboxSpec, directory: Path, fds: LaunchFds) -> list[str]:
+    def _argv(
+        self, spec: SandboxSpec, directory: Path, fds: LaunchFds, files_only: bool = False
+    ) -> list[str]:
         """bwrap's command line: the sandbox, then the agent with its descriptors."""
         agent_fds = [
             str(fds.listen),
             "-" if fds.lockdown is None else str(fds.lockdown),
             ",".join(map(str, fds.user_cgroup)) or "-",
+            *([protocol.FILES_ONLY] if files_only else []),
         ]
         return [
             *sandbox_argv(self.bwrap, spec.id, directory, spec.network, fds.seccomp, spec.limits),
@@ -499,8 +533,45 @@ class LocalBackend:
         """Is the sandbox's init still the process we started?"""
         return bool(runtime.pid_start) and _start_time(runtime.pid) == runtime.pid_start
 
-    async def stop(self, runtime: Runtime) -> None:
-        """Kill every process of the sandbox and delete its files and cgroups."""
+    async def failure(
+        self, runtime: Runtime, memory: int | None = None, service_was_down: bool = False
+    ) -> str | None:
+        """Why the sandbox can no longer serve, in words; None while it can.
+
+        It cannot once its init is gone, its agent is gone (its bwrap exited, its
+        process is not the one started, or its socket refuses connections) even with
+        processes of the user's still running, or the host restarted since it started.
+        Cheap enough for every sandbox every few seconds: no request to the agent.
+        `memory` is the sandbox's memory limit, named when it ran out of memory;
+        `service_was_down` says the end happened while no service ran.
+        """
+        proc = _REAPERS.get(runtime.pid)
+        init_alive = self.alive(runtime)
+        if runtime.agent_pid:
+            agent_alive = _start_time(runtime.agent_pid) == runtime.agent_start
+        else:
+            agent_alive = init_alive and _listening(runtime.socket)
+        if init_alive and agent_alive and (proc is None or proc.poll() is None):
+            return None
+        if proc is not None:  # its exit status says more than anything: wait for it briefly
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, EXIT_WAIT)
+        group = runtime.group()
+        kills = group.out_of_memory() if group else []
+        if kills:
+            return failures.out_of_memory(kills, memory)
+        if proc is not None and proc.returncode is not None:
+            return failures.bwrap_exit(proc.returncode, init_alive)
+        return failures.gone(
+            init_alive,
+            rebooted=bool(runtime.boot_id) and runtime.boot_id != boot_id(),
+            service_was_down=service_was_down,
+        )
+
+    async def halt(self, runtime: Runtime) -> None:
+        """Kill every process of the sandbox and remove its cgroups; its files stay.
+
+        A home on an image of its own is unmounted (a later start mounts it again)."""
         if self.alive(runtime):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(runtime.pid, signal.SIGKILL)  # init of the pid namespace: all go
@@ -508,6 +579,15 @@ class LocalBackend:
         proc = _REAPERS.pop(runtime.pid, None)
         if proc is not None:
             await asyncio.to_thread(proc.wait)
+        group = runtime.group()
+        if group is not None:
+            await asyncio.to_thread(group.remove)
+        if Path(runtime.directory).parent == self.sandboxes_dir:
+            await asyncio.to_thread(homes.unmount_home, Path(runtime.directory) / "home")
+
+    async def stop(self, runtime: Runtime) -> None:
+        """Kill every process of the sandbox and delete its files and cgroups."""
+        await self.halt(runtime)
         await asyncio.to_thread(self._cleanup, Path(runtime.directory), runtime.group())
 
     def _cleanup(self, directory: Path, group: Group | None) -> bool:
@@ -697,6 +777,40 @@ def install_bwrap(target_dir: Path) -> str:
 
 
 _REAPERS: dict[int, subprocess.Popen] = {}
+
+
+def boot_id() -> str:
+    """This boot of the host: it changes when the host restarts."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _only_child(pid: int) -> int | None:
+    """The one child of `pid` (bwrap's init has the agent alone), or None."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if len(children) == 1 else None
+
+
+def _listening(path: str) -> bool:
+    """Does something listen on the Unix socket `path` (a refused connect says no)?"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (BlockingIOError, InterruptedError):
+        return True  # the backlog is full: someone listens, and is busy
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _can_switch_uids() -> bool:

@@ -214,6 +214,17 @@ class AsyncSandbox:
         self._info = SandboxInfo.from_json(info)
         return self._info
 
+    async def restart(self) -> SandboxInfo:
+        """Start a failed sandbox again: the same id, name, home, limits and deadline.
+
+        A sandbox fails when it ends unexpectedly (``info().failure`` says why); its
+        files stay until then. Restarting a running sandbox raises InvalidRequest.
+        """
+        self._info = SandboxInfo.from_json(
+            await self._transport.request("POST", f"/v1/sandboxes/{self.id}/restart", timeout=None)
+        )
+        return self._info
+
     async def kill(self) -> None:
         """End the sandbox now: its processes, files and credentials go."""
         self._stop_renewing()

@@ -268,6 +268,10 @@ class Sandbox:
         _owned.pop(self.id, None)
         return info
 
+    def restart(self) -> SandboxInfo:
+        """Start a failed sandbox again: the same id, name, home, limits and deadline."""
+        return portal().call(self._inner.restart())
+
     def kill(self) -> None:
         _owned.pop(self.id, None)
         portal().call(self._inner.kill())

@@ -21,14 +21,22 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from .._durations import MAX_SECONDS, shown
-from .._errors import CommandTimeout, FileError, InvalidRequest, PermissionDenied, SandboxError
+from .._errors import (
+    CommandTimeout,
+    FileError,
+    InvalidRequest,
+    PermissionDenied,
+    SandboxError,
+    SandboxExpired,
+    SandboxFailed,
+)
 from ..agent.protocol import CHUNK, Frame, encode, encode_json
 from ..agent.remote import AgentStream, parse_result
 from ..untrusted import messages
 from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
 from . import openapi
-from .manager import Live, Manager, check_env
+from .manager import Live, Manager, check_env, failed_message
 from .ssh_access import SshAccessManager
 from .state import SandboxRecord
 
@@ -67,6 +75,8 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
         "network": record.network,
         "ended_at": record.ended_at,
         "end_reason": record.end_reason,
+        "failure": record.failure,
+        "failed_at": record.failed_at,
     }
     if live is not None:
         data["limits_note"] = live.runtime.limits_note
@@ -91,6 +101,7 @@ def make_app(manager: Manager, ssh: SshAccessManager, token: str | None = None) 
             web.post("/v1/sandboxes", api.create),
             web.get("/v1/sandboxes/{ref}", api.info),
             web.delete("/v1/sandboxes/{ref}", api.kill),
+            web.post("/v1/sandboxes/{ref}/restart", api.restart),
             web.post("/v1/sandboxes/{ref}/timeout", api.extend),
             web.post("/v1/sandboxes/{ref}/lease", api.renew),
             web.post("/v1/sandboxes/{ref}/ssh", api.expose_ssh),
@@ -128,7 +139,10 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     activity: Activity = request.app["activity"]
     activity.active += 1
     try:
-        return await handler(request)
+        try:
+            return await handler(request)
+        except SandboxExpired as e:
+            raise await _failed_instead(request, e) from None
     except SandboxError as e:
         return web.json_response(
             {"error": type(e).__name__, "message": str(e)},
@@ -152,6 +166,17 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         activity.active -= 1
         activity.last = time.monotonic()
+
+
+async def _failed_instead(request: web.Request, error: SandboxExpired) -> SandboxError:
+    """SandboxFailed if the sandbox's agent went away because the sandbox failed, else `error`.
+
+    A call that finds the agent gone is often the first to notice a failure."""
+    manager: Manager = request.app["manager"]
+    live = manager.find(request.match_info.get("ref", ""))
+    if live is not None and await manager.check(live):
+        return SandboxFailed(failed_message(live.record))
+    return error
 
 
 _HTTP_MESSAGES = {
@@ -248,7 +273,12 @@ class Api:
         self.ssh = ssh
 
     def _live(self, request: web.Request) -> Live:
-        return self.manager.get(request.match_info["ref"])
+        """The sandbox of the request, to run something in: SandboxFailed if it failed."""
+        return self.manager.running(request.match_info["ref"])
+
+    async def _files(self, request: web.Request) -> Live:
+        """The sandbox of the request, for its files and logs (also when it failed)."""
+        return await self.manager.files(request.match_info["ref"])
 
     # -- sandboxes ---------------------------------------------------------------------
 
@@ -311,7 +341,8 @@ class Api:
         return web.json_response(data, status=201)
 
     async def info(self, request: web.Request) -> web.Response:
-        live = self._live(request)
+        live = self.manager.get(request.match_info["ref"])
+        await self.manager.check(live)
         data = record_json(live.record, live)
         data["usage"] = self.manager.usage(live)
         return web.json_response(data)
@@ -319,6 +350,10 @@ class Api:
     async def kill(self, request: web.Request) -> web.Response:
         record = await self.manager.kill(request.match_info["ref"])
         return web.json_response(record_json(record))
+
+    async def restart(self, request: web.Request) -> web.Response:
+        record = await self.manager.restart(request.match_info["ref"])
+        return web.json_response(record_json(record, self.manager.live.get(record.id)))
 
     async def extend(self, request: web.Request) -> web.Response:
         body = await _json(request, ("timeout",))
@@ -404,7 +439,7 @@ class Api:
             request.transport.get_extra_info("sockname"), str
         ):
             raise PermissionDenied("the agent socket is offered over the Unix socket only")
-        return web.json_response({"socket": self._live(request).runtime.socket})
+        return web.json_response({"socket": (await self._files(request)).runtime.socket})
 
     async def spawn(self, request: web.Request) -> web.Response:
         live = self._live(request)
@@ -441,7 +476,7 @@ class Api:
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """Log entries as JSON lines; `follow=1` keeps streaming new ones."""
-        live = self._live(request)
+        live = await self._files(request)
         query = request.query
         follow = _flag(request, "follow")
         silence = None if follow else ANSWER_TIMEOUT  # following may wait for new entries
@@ -471,7 +506,7 @@ class Api:
         op = request.path.rsplit("/", 1)[1]
         body = _file_op_args(op, await _json(request, FILE_OPS[op]))
         answer_timeout = REMOVE_TIMEOUT if op == "remove" else ANSWER_TIMEOUT
-        agent = self._live(request).agent
+        agent = (await self._files(request)).agent
         return web.json_response(await agent.call(op, answer_timeout=answer_timeout, **body))
 
     async def read_file(self, request: web.Request) -> web.StreamResponse:
@@ -486,7 +521,7 @@ class Api:
         A file may not send more than the size it announced; a silent agent ends
         the transfer with an ERROR frame after INACTIVITY seconds.
         """
-        live = self._live(request)
+        live = await self._files(request)
         async with await live.agent.open(op, path=_query_path(request)) as agent:
             info = await agent.result()
             if op == "read" and info["type"] != "file":
@@ -509,7 +544,7 @@ class Api:
         return await self._upload(request, "tar_in")
 
     async def _upload(self, request: web.Request, op: str, **args: Any) -> web.Response:
-        live = self._live(request)
+        live = await self._files(request)
         async with await live.agent.open(op, path=_query_path(request), **args) as agent:
             try:
                 while chunk := await request.content.read(CHUNK):

@@ -1,10 +1,15 @@
 """Sandbox lifecycle: create, look up, extend, kill; leases, expiry and the reaper.
 
 The manager is the only place that decides when a sandbox ends. A sandbox
-ends when it is killed, when its deadline passes (a duration timeout), when
-the lease of its owner is not renewed in time ("session" sandboxes), or when
-its processes are found dead. Deadlines are enforced by the reaper loop here,
-whether or not any client is connected.
+ends when it is killed, when its deadline passes (a duration timeout), or when
+the lease of its owner is not renewed in time ("session" sandboxes). Deadlines
+are enforced by the reaper loop here, whether or not any client is connected.
+
+A sandbox found unusable (its agent or its init gone: out of memory, killed, a
+host restart) *fails*: what is left of its processes is stopped, its files stay.
+Its file operations go to an agent started again over its directory for files
+only; commands and SSH logins get SandboxFailed, which says why and what to do;
+`restart` starts it again as it was; its deadline or a kill ends it as any other.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import resource
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._config import Settings, host_cpus, host_memory
@@ -28,12 +33,13 @@ from .._errors import (
     IsolationUnavailable,
     SandboxExists,
     SandboxExpired,
+    SandboxFailed,
     SandboxNotFound,
 )
 from ..agent.remote import AgentClient
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
-from .state import ENDED, POOLED, RUNNING, SandboxRecord, State
+from .state import ENDED, FAILED, POOLED, RUNNING, SandboxRecord, State
 
 log = logging.getLogger("jupyter_sandbox.service")
 
@@ -51,6 +57,8 @@ class Live:
     runtime: Runtime
     agent: AgentClient
     sample: dict | None = None
+    # Held while its processes change: failing, starting again, serving files, ending.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
 class Manager:
@@ -75,7 +83,7 @@ class Manager:
 
     async def start(self) -> None:
         """Re-adopt sandboxes that survived a service restart, then start the reaper."""
-        known = {r.id for r in self.state.running()}
+        known = {r.id for r in (*self.state.running(), *self.state.failed())}
         try:
             swept = await self.backend.sweep_orphans(known)
         except Exception:  # cleaning up never stops the service from starting
@@ -85,18 +93,29 @@ class Manager:
             log.warning("stopped sandbox %s, left behind by a killed service", sandbox_id)
         for record in self.state.pooled():
             await self._end(record, Runtime.from_json(record.runtime or "{}"), "pool drained")
+        for record in self.state.failed():
+            if record.runtime is None:
+                await self._end(record, None, "failed, and its directory is not known")
+                continue
+            runtime = Runtime.from_json(record.runtime)
+            await self.backend.halt(runtime)  # a files-only agent the last service started
+            self.live[record.id] = Live(record, runtime, AgentClient(runtime.socket))
         for record in self.state.running():
             runtime = Runtime.from_json(record.runtime) if record.runtime else None
-            if runtime is None or not self.backend.alive(runtime):
+            if runtime is None:
                 await self._end(record, runtime, "lost while the service was down")
                 continue
-            agent = AgentClient(runtime.socket)
-            try:
-                await asyncio.wait_for(agent.call("ping"), 5)
-            except Exception:
-                await self._end(record, runtime, "agent did not answer after a service restart")
+            live = Live(record, runtime, AgentClient(runtime.socket))
+            self.live[record.id] = live
+            reason = await self.backend.failure(runtime, _memory(record), service_was_down=True)
+            if reason is None:
+                try:
+                    await asyncio.wait_for(live.agent.call("ping"), 5)
+                except Exception:
+                    reason = "its agent did not answer after a service restart"
+            if reason is not None:
+                await self._fail(live, reason)
                 continue
-            self.live[record.id] = Live(record, runtime, agent)
             log.info("re-adopted sandbox %s", record.id)
         await self.reap()  # deadlines and leases that lapsed while no service ran
         self._reaper = asyncio.create_task(self._reap_forever())
@@ -111,16 +130,44 @@ class Manager:
 
     # -- queries -----------------------------------------------------------------------
 
-    def get(self, ref: str) -> Live:
-        live = self.live.get(ref) or next(
+    def find(self, ref: str) -> Live | None:
+        """The running or failed sandbox with this id or name, if any."""
+        return self.live.get(ref) or next(
             (s for s in self.live.values() if s.record.name == ref), None
         )
+
+    def get(self, ref: str) -> Live:
+        live = self.find(ref)
         if live is not None:
             return live
         record = self.state.get(ref)
         if record is not None and record.status == ENDED:
             raise SandboxExpired(f"sandbox {ref!r} has ended: {record.end_reason}")
         raise SandboxNotFound(f"no sandbox with id or name {shown(ref)}")
+
+    def running(self, ref: str) -> Live:
+        """A sandbox that can run commands; SandboxFailed for one that failed."""
+        live = self.get(ref)
+        if live.record.status == FAILED:
+            raise SandboxFailed(failed_message(live.record))
+        return live
+
+    async def files(self, ref: str) -> Live:
+        """A sandbox whose agent serves file operations: a running one (checked first),
+        or a failed one, whose agent is started again over its directory for files only."""
+        live = self.get(ref)
+        await self.check(live)
+        if live.record.status == FAILED:
+            await self._serve_files(live)
+        return live
+
+    async def check(self, live: Live) -> bool:
+        """Fail a running sandbox now if it can no longer serve; True if it has failed."""
+        if live.record.status == RUNNING:
+            reason = await self.backend.failure(live.runtime, _memory(live.record))
+            if reason is not None:
+                await self._fail(live, reason)
+        return live.record.status == FAILED
 
     def list(self, include_ended: bool = False) -> list[SandboxRecord]:
         records = [s.record for s in self.live.values()]
@@ -131,6 +178,8 @@ class Manager:
 
     def usage(self, live: Live) -> dict[str, Any]:
         """Live CPU and memory use; CPU percent over the time since the last sample."""
+        if live.record.status == FAILED:
+            return {"available": False, "reason": "the sandbox failed: nothing of it runs"}
         sample = self.backend.usage(live.runtime)
         if sample is None:
             return {"available": False, "reason": live.runtime.limits_note}
@@ -185,7 +234,14 @@ class Manager:
         async with self._create_lock:
             taken = {s.record.name for s in self.live.values()} | self._reserved_names
             if name is not None and name in taken:
-                raise SandboxExists(f"a sandbox named {name!r} is already running")
+                failed = any(
+                    s.record.name == name and s.record.status == FAILED for s in self.live.values()
+                )
+                raise SandboxExists(
+                    f"a sandbox named {name!r} failed and is kept: restart or kill it first"
+                    if failed
+                    else f"a sandbox named {name!r} is already running"
+                )
             if name is not None:
                 self._reserved_names.add(name)
             # A pooled sandbox's tmpfs sizes, fd limit and home were fixed when it started.
@@ -333,8 +389,74 @@ class Manager:
 
     async def kill(self, ref: str, reason: str = "killed") -> SandboxRecord:
         live = self.get(ref)
-        await self._end(live.record, live.runtime, reason)
+        await self._end_live(live, reason)
         return live.record
+
+    async def restart(self, ref: str) -> SandboxRecord:
+        """Start a failed sandbox again: the same id, name, home, limits and deadline."""
+        live = self.get(ref)
+        async with live.lock:
+            record = live.record
+            if record.status != FAILED:
+                raise InvalidRequest(
+                    f"sandbox {record.name!r} is {record.status}: only a failed sandbox can be "
+                    "restarted (kill it and create a new one to start afresh)"
+                )
+            await self.backend.halt(live.runtime)  # its files-only agent, if one runs
+            runtime = await self.backend.start(self._spec(live), resume=True)
+            live.runtime, live.agent, live.sample = runtime, AgentClient(runtime.socket), None
+            record.status, record.failure, record.failed_at = RUNNING, None, None
+            record.runtime = runtime.to_json()
+            self.state.save(record)
+        self._notify("restarted", record)
+        log.info("restarted sandbox %s (%s)", record.id, record.name)
+        return record
+
+    async def _fail(self, live: Live, reason: str) -> None:
+        """Mark a running sandbox failed: stop what is left of its processes, keep its files."""
+        async with live.lock:
+            record = live.record
+            if record.status != RUNNING or self.live.get(record.id) is not live:
+                return  # another call failed, restarted or ended it meanwhile
+            try:
+                await self.backend.halt(live.runtime)
+            except Exception:
+                log.exception("stopping what is left of sandbox %s failed", record.id)
+            record.status, record.failure, record.failed_at = FAILED, reason, time.time()
+            live.sample = None
+            self.state.save(record)
+        self._notify("failed", record)
+        log.warning("sandbox %s failed: %s; its files are kept", record.id, reason)
+
+    async def _serve_files(self, live: Live) -> None:
+        """Make sure a failed sandbox has an agent serving its files (started once, kept)."""
+        async with live.lock:
+            runtime = live.runtime
+            if live.record.status != FAILED:
+                return
+            if runtime.files_only:
+                if await self.backend.failure(runtime) is None:
+                    return
+                await self.backend.halt(runtime)  # that agent ended too: start another
+            live.runtime = await self.backend.start(self._spec(live), resume=True, files_only=True)
+            live.agent = AgentClient(live.runtime.socket)
+            live.record.runtime = live.runtime.to_json()
+            self.state.save(live.record)
+            log.info("serving the files of failed sandbox %s", live.record.id)
+
+    def _spec(self, live: Live) -> SandboxSpec:
+        """What a sandbox was started with, to start it again over its directory."""
+        record = live.record
+        names = ("memory", "cpus", "pids", "fds", "disk")
+        limits = Limits(**{name: record.limits.get(name) for name in names})
+        return SandboxSpec(
+            record.id, record.network, limits, live.runtime.host_uid, self.settings.seccomp
+        )
+
+    async def _end_live(self, live: Live, reason: str) -> None:
+        """End a sandbox once no start or failure of it is under way."""
+        async with live.lock:
+            await self._end(live.record, live.runtime, reason)
 
     def extend(self, ref: str, timeout: Any) -> SandboxRecord:
         """Set a new deadline, counted from now; "session" is not a deadline."""
@@ -403,15 +525,29 @@ class Manager:
                 last_health = time.monotonic()
 
     async def reap(self, check_health: bool = True) -> None:
-        """End every sandbox past its deadline, or whose processes are gone."""
+        """End every sandbox past its deadline; fail every one that can no longer serve."""
         now = time.time()
         for live in list(self.live.values()):
             deadline = live.record.deadline()
             if deadline is not None and deadline[0] <= now:
-                await self._end(live.record, live.runtime, deadline[1])
-            elif check_health and not self.backend.alive(live.runtime):
-                await self._end(live.record, live.runtime, "its processes exited")
+                await self._end_live(live, deadline[1])
+            elif check_health:
+                await self.check(live)
         self.state.forget_ended(ENDED_KEPT_FOR)
+
+
+def failed_message(record: SandboxRecord) -> str:
+    """What SandboxFailed says: which sandbox, why, and the ways out."""
+    name = repr(record.name) + (f" ({record.id})" if record.name != record.id else "")
+    return (
+        f"sandbox {name} failed: {record.failure}. Its files are kept until its deadline "
+        "or a kill: download its files, restart it with sb.restart(), or kill it"
+    )
+
+
+def _memory(record: SandboxRecord) -> int | None:
+    memory = record.limits.get("memory")
+    return memory if isinstance(memory, int) else None
 
 
 MIN_MEMORY = 64 << 20  # the agent, a shell and the tmpfs shares need about this much

@@ -24,8 +24,8 @@ from .._durations import parse_duration
 from .._errors import InvalidRequest
 from ..ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
 from ..ssh.sftp import sftp_choice
-from .manager import Manager
-from .state import SandboxRecord
+from .manager import Manager, failed_message
+from .state import FAILED, SandboxRecord
 
 log = logging.getLogger("jupyter_sandbox.service")
 DEFAULT_PORT = 2222
@@ -105,7 +105,7 @@ class SshAccessManager:
         self, ref: str, ttl: Any = None, single_use: bool = False, public_key: str | None = None
     ) -> dict[str, Any]:
         """A new credential for a sandbox, as the fields of ``SshAccess``."""
-        live = self.manager.get(ref)
+        live = self.manager.running(ref)
         assert self.gateway is not None
         if public_key is not None:
             try:
@@ -163,6 +163,10 @@ class SshAccessManager:
             return None
         if row["single_use"] and row["used"]:
             return None
+        if live.record.status == FAILED:
+            return Target(
+                live.record.id, live.agent, {}, token_hash, refusal=failed_message(live.record)
+            )
         return Target(
             sandbox_id=live.record.id,
             agent=live.agent,
@@ -180,13 +184,14 @@ class SshAccessManager:
     def _note(self, sandbox_id: str, text: str) -> None:
         """Put an event line into the sandbox's log."""
         live = self.manager.live.get(sandbox_id)
-        if live is not None:
+        if live is not None and live.record.status != FAILED:
             task = asyncio.ensure_future(live.agent.call("note", source="ssh", text=text))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _on_sandbox_event(self, event: str, record: SandboxRecord) -> None:
-        if event == "ended" and self.gateway is not None:
+        if event in ("failed", "ended") and self.gateway is not None:
             self.gateway.close_sessions(record.id)
+        if event == "ended" and self.gateway is not None:
             for token_hash in [h for h, (s, _) in self._expiry.items() if s == record.id]:
                 del self._expiry[token_hash]
 

@@ -45,6 +45,8 @@ class Target:
     # Uses the token up when a login with it completes: False if another login was first.
     claim: Callable[[], bool] | None = None
     sftp: str = "auto"  # which SFTP server runs in the sandbox: see ssh.sftp
+    # Why a valid token gets no login (its sandbox failed): shown to the user, then denied.
+    refusal: str | None = None
 
 
 Resolver = Callable[[str], Awaitable["Target | None"]]
@@ -222,6 +224,11 @@ class Connection(asyncssh.SSHServer):
         A valid token always gets in, whatever the source's failures; a blocked source's
         unknown tokens are only answered late."""
         self.target = await self.gateway.resolve(username)
+        if self.target is not None and self.target.refusal is not None:
+            if self.conn is not None:  # OpenSSH prints the banner on stderr
+                self.conn.send_auth_banner(self.target.refusal + "\n")
+            self.target = None
+            return True  # no method succeeds
         if self.target is not None:
             return self.target.public_key is not None
         blocked = self.gateway.failures.blocked(self.source)

@@ -336,10 +336,11 @@ def test_user_can_trace_its_own_processes(sandbox: Sandbox):
     assert "seize 0" in out
 
 
-def test_user_init_death_ends_the_sandbox_with_a_reason(service_env: ServiceEnv):
+def test_user_init_death_fails_the_sandbox_with_a_reason(service_env: ServiceEnv):
     """Attack from outside the model (the host kills it): the user init dies.
 
-    The agent must notice, say why, and end rather than serve a sandbox without an init.
+    The agent must notice, say why, and end rather than serve a sandbox without an init;
+    the sandbox fails (its files are kept) with that reason.
     """
     sb = Sandbox.create()
     try:
@@ -349,10 +350,10 @@ def test_user_init_death_ends_the_sandbox_with_a_reason(service_env: ServiceEnv)
             for pid in sandbox_tree(service_env, sb.id)
             if _status(pid)["Name"] == "sandbox-init"
         )
-        with open(directory / "agent.log", "rb") as agent_log:  # readable once deleted
-            os.kill(init, signal.SIGKILL)
-            wait_for(lambda: sb.id not in {s.id for s in Sandbox.list()}, 20, message="end")
-            assert b"init process ended" in agent_log.read()
+        os.kill(init, signal.SIGKILL)
+        wait_for(lambda: sb.info().status == "failed", 20, message="the sandbox to fail")
+        assert "init process ended" in sb.info().failure
+        assert b"init process ended" in (directory / "agent.log").read_bytes()
     finally:
         sb.kill()
 

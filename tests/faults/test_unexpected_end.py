@@ -1,0 +1,257 @@
+"""An unexpected end never deletes files: the sandbox fails, visibly, and keeps its home.
+
+Each test ends a real sandbox the way it happens on a real host: the agent SIGKILLed
+from the host, the sandbox's init SIGKILLed, the agent killed while a background
+process of the user's still runs, the agent out of memory, the processes gone while
+no service ran. After each: list() and info() say "failed" with the reason in words,
+every file written before is intact and downloadable, commands and SSH logins are
+refused with SandboxFailed (which names the reason), restart() gives a working
+sandbox with the same files, and kill() removes everything (the leak checks of
+conftest.py then look for any process, mount, cgroup or directory left).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jupyter_sandbox import InvalidRequest, Sandbox, SandboxExpired, SandboxFailed
+from jupyter_sandbox.backends.cgroups import AGENT, Controller
+from tests.conftest import UNPINNED_SSH, ServiceEnv, sandbox_processes, wait_for
+
+FAIL_WITHIN = 10.0  # seconds: the reaper looks every few seconds
+
+
+@pytest.fixture
+def sandbox(service_env: ServiceEnv) -> Iterator[Sandbox]:
+    """A sandbox with files of every kind in its home, killed after the test."""
+    sb = Sandbox.create(timeout="10m")
+    try:
+        sb.fs.write_text("notes.txt", "written through the API\n")
+        sb.fs.write_bytes("data/blob.bin", bytes(range(256)) * 4096)
+        sb.sh("mkdir -p made/deep && echo from a command > made/deep/out.txt")
+        yield sb
+    finally:
+        sb.kill()
+
+
+def written_files(sb: Sandbox) -> dict[str, bytes]:
+    """What the `sandbox` fixture wrote, as read back now."""
+    return {
+        path: sb.fs.read_bytes(path) for path in ("notes.txt", "data/blob.bin", "made/deep/out.txt")
+    }
+
+
+EXPECTED = {
+    "notes.txt": b"written through the API\n",
+    "data/blob.bin": bytes(range(256)) * 4096,
+    "made/deep/out.txt": b"from a command\n",
+}
+
+
+def processes_of(env: ServiceEnv, sandbox_id: str) -> dict[str, int]:
+    """Host pids of a sandbox's outer bwrap, its init (bwrap's child) and its agent."""
+    marker = f"/sandboxes/{sandbox_id}/"
+    bwraps = [p for p in sandbox_processes(env.storage) if marker in _cmdline(p)]
+    init = next(p for p in bwraps if _parent(p) in bwraps)
+    outer = _parent(init)
+    agent = next(p for p in _children(init) if "main.pyc" in _cmdline(p))
+    return {"outer": outer, "init": init, "agent": agent}
+
+
+def assert_failed(env: ServiceEnv, sb: Sandbox, reason: str, tmp_path: Path) -> None:
+    """Failed with `reason`, files intact and downloadable, commands refused, no process."""
+    wait_for(lambda: sb.info().status == "failed", FAIL_WITHIN, message="the sandbox to fail")
+    info = sb.info()
+    assert reason in info.failure, info.failure
+    assert info.failed_at is not None
+    listed = {s.id: s for s in Sandbox.list()}[sb.id]
+    assert (listed.status, listed.failure) == ("failed", info.failure)
+    with pytest.raises(SandboxFailed) as refused:
+        sb.sh("true")
+    assert reason in str(refused.value) and "restart" in str(refused.value)
+    with pytest.raises(SandboxFailed):
+        sb.spawn("sleep 1")
+    with pytest.raises(SandboxFailed):
+        sb.expose_ssh()
+    assert written_files(sb) == EXPECTED
+    assert sorted(f.name for f in sb.fs.list("made")) == ["deep"]
+    sb.fs.download(".", tmp_path / "home")
+    for path, content in EXPECTED.items():
+        assert (tmp_path / "home" / path).read_bytes() == content
+    # What serves the files is an agent started for files only.
+    assert "files-only" in _cmdline(processes_of(env, sb.id)["agent"])
+
+
+def assert_restarts(sb: Sandbox) -> None:
+    """restart() gives a working sandbox with the same files; a second one is refused."""
+    info = sb.restart()
+    assert (info.status, info.failure, info.failed_at) == ("running", None, None)
+    assert sb.sh("cat made/deep/out.txt").stdout == "from a command\n"
+    assert written_files(sb) == EXPECTED
+    with pytest.raises(InvalidRequest, match="only a failed sandbox"):
+        sb.restart()
+
+
+def assert_killed_clean(env: ServiceEnv, sb: Sandbox) -> None:
+    directory = env.storage / "sandboxes" / sb.id
+    sb.kill()
+    assert not directory.exists()
+    with pytest.raises(SandboxExpired, match="killed"):
+        sb.info()
+
+
+@pytest.mark.unprivileged
+def test_agent_sigkilled_from_the_host(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
+    """The host SIGKILLs the agent: the sandbox fails as "killed by signal 9 (SIGKILL)"."""
+    os.kill(processes_of(service_env, sandbox.id)["agent"], signal.SIGKILL)
+    assert_failed(service_env, sandbox, "its agent was killed by signal 9 (SIGKILL)", tmp_path)
+    assert_restarts(sandbox)
+    assert_killed_clean(service_env, sandbox)
+
+
+@pytest.mark.unprivileged
+def test_init_sigkilled_from_the_host(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
+    """The host SIGKILLs bwrap's init (pid 1 of the sandbox): every process in it ends."""
+    os.kill(processes_of(service_env, sandbox.id)["init"], signal.SIGKILL)
+    assert_failed(
+        service_env, sandbox, "its init process was killed by signal 9 (SIGKILL)", tmp_path
+    )
+    assert_restarts(sandbox)
+    assert_killed_clean(service_env, sandbox)
+
+
+@pytest.mark.unprivileged
+def test_agent_killed_while_a_background_process_runs(
+    service_env: ServiceEnv, sandbox: Sandbox, tmp_path
+):
+    """Background processes keep bwrap's init alive once the agent is gone; the sandbox
+    must still fail at once (not stay "running" while every call fails), and those
+    processes must be stopped."""
+    sandbox.spawn("while true; do date >> ticks.log; sleep 0.2; done")
+    sandbox.spawn("sleep 1000")
+    wait_for(lambda: sandbox.fs.exists("ticks.log"), message="the background process")
+    before = processes_of(service_env, sandbox.id)
+    os.kill(before["agent"], signal.SIGKILL)
+    wait_for(lambda: not _alive(before["agent"]), message="the agent to end")
+    with pytest.raises(SandboxFailed, match="killed by signal 9"):
+        sandbox.sh("true")  # the first call after the kill already knows
+    assert_failed(service_env, sandbox, "its agent was killed by signal 9 (SIGKILL)", tmp_path)
+    assert not _alive(before["init"])  # with the user's processes under it
+    size = len(sandbox.fs.read_bytes("ticks.log"))
+    assert size > 0 and len(sandbox.fs.read_bytes("ticks.log")) == size  # nothing writes
+    assert_restarts(sandbox)
+    assert_killed_clean(service_env, sandbox)
+
+
+@pytest.mark.unprivileged
+def test_processes_gone_while_no_service_ran(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
+    """The service stops, the sandbox's processes end (as at a host restart), a service
+    starts again: the sandbox is failed with that reason, not deleted as lost."""
+    init = processes_of(service_env, sandbox.id)["init"]
+    service_env.stop_service()
+    os.kill(init, signal.SIGKILL)
+    wait_for(lambda: not _alive(init), message="the sandbox's init to end")
+    assert_failed(service_env, sandbox, "its processes ended while no service ran", tmp_path)
+    assert_restarts(sandbox)
+    assert_killed_clean(service_env, sandbox)
+
+
+@pytest.mark.unprivileged
+def test_failed_sandbox_ends_at_its_deadline(service_env: ServiceEnv, sandbox: Sandbox):
+    """Failed keeps the files until the deadline, not forever: then the sandbox ends."""
+    os.kill(processes_of(service_env, sandbox.id)["agent"], signal.SIGKILL)
+    wait_for(lambda: sandbox.info().status == "failed", FAIL_WITHIN, message="failure")
+    assert sandbox.fs.read_text("notes.txt") == "written through the API\n"
+    sandbox.extend_timeout(1)
+    directory = service_env.storage / "sandboxes" / sandbox.id
+    wait_for(lambda: not directory.exists(), 15, message="the deadline to end it")
+    with pytest.raises(SandboxExpired, match="expired"):
+        sandbox.info()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the agent's own memory group is v1 as root")
+def test_agent_out_of_memory(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
+    """The agent runs out of memory and the kernel's OOM killer ends it.
+
+    On cgroup v1 as root the agent has a memory group of its own (``agent``), with
+    room beyond anything user code can take. To push the agent itself over, the test
+    does what a root operator could: it writes a limit of 16 MiB above the agent's
+    current use into that group's ``memory.limit_in_bytes``, then uploads 64 MiB into
+    the sandbox's /tmp. The agent writes that tmpfs file, its pages are charged to the
+    agent's group and cannot be reclaimed (no swap), so the OOM killer strikes there.
+    """
+    controller = Controller()
+    if controller.version != 1 or controller.unavailable:
+        pytest.skip(f"needs cgroup v1 as root: {controller.unavailable or 'v2 here'}")
+    group = controller.bases["memory"] / sandbox.id / AGENT
+    used = int((group / "memory.usage_in_bytes").read_text())
+    limit = (used + (16 << 20)) // (1 << 20) << 20
+    (group / "memory.limit_in_bytes").write_text(str(limit))
+    with pytest.raises((SandboxFailed, SandboxExpired)):
+        sandbox.fs.write_bytes("/tmp/big", bytes(64 << 20))
+    assert_failed(service_env, sandbox, f"out of memory: limit {limit >> 20} MiB", tmp_path)
+    assert_restarts(sandbox)
+    assert_killed_clean(service_env, sandbox)
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs ssh: apt-get install openssh-client")
+@pytest.mark.unprivileged
+def test_ssh_login_to_a_failed_sandbox_is_refused_with_the_reason(
+    service_env: ServiceEnv, sandbox: Sandbox
+):
+    """A token issued before the failure no longer logs in: stderr says why and what to do.
+    After restart() the same token logs in again."""
+    access = sandbox.expose_ssh()
+    # LogLevel INFO (OpenSSH's default) shows the banner; ssh takes an option's first value.
+    command = ["ssh", "-o", "LogLevel=INFO", *UNPINNED_SSH, "-p", str(access.port)]
+    command += [f"{access.username}@{access.hostname}"]
+    assert _ssh(command, "cat notes.txt").stdout == "written through the API\n"
+    os.kill(processes_of(service_env, sandbox.id)["agent"], signal.SIGKILL)
+    wait_for(lambda: sandbox.info().status == "failed", FAIL_WITHIN, message="failure")
+    refused = _ssh(command, "true")
+    assert refused.returncode == 255
+    assert "failed: its agent was killed by signal 9 (SIGKILL)" in refused.stderr
+    assert "restart it with sb.restart()" in refused.stderr
+    sandbox.restart()
+    assert _ssh(command, "cat notes.txt").stdout == "written through the API\n"
+
+
+def _ssh(command: list[str], remote: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command, remote], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
