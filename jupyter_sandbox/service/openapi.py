@@ -439,7 +439,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
             "get": _operation("info", "SandboxInfo", ON_SANDBOX),
             "delete": _operation("kill", "Sandbox", ON_SANDBOX),
         },
-        f"{one}/restart": {"post": _operation("restart", "SandboxInfo", ON_SANDBOX)},
+        f"{one}/restart": {"post": _operation("restart", "Sandbox", ON_SANDBOX)},
         f"{one}/timeout": {
             "post": _operation("extend", "Sandbox", ON_SANDBOX, body="Extend", body_required=True)
         },
