@@ -10,14 +10,21 @@ sandbox built like the service's (same namespaces, /usr overlay, /etc files,
 unprivileged host uid), so both sides pay for isolation. Both are driven by the
 stock `ssh` and `sftp` binaries; the script prints a Markdown table and removes
 everything it started or created.
+
+SFTP runs twice on each side: with OpenSSH's sftp-server and with the built-in server
+(agent/sftp_server.py), a second service with JUPYTER_SANDBOX_SFTP=builtin for the
+gateway and a session variable that sshd's ForceCommand reads for sshd. A second table
+shows the four.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import filecmp
 import os
+import py_compile
 import re
 import shlex
 import shutil
@@ -37,11 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sandbox import MiB, percentile, private_service, timed
 
+from jupyter_sandbox.agent import sftp_server
 from jupyter_sandbox.backends.local import install_bwrap, sandbox_argv, write_etc
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 SESSION_UID = 65534  # host uid of sshd's sandboxes: unprivileged, as the service's are
+BUILTIN_ENV = "JSB_BENCH_SFTP"  # sshd sessions with this set to "builtin" get the built-in server
+BUILTIN_IN_SSHD = ".sftp_server.pyc"  # in the home of sshd's sandboxes
 TIMEOUT = 600
 
 # Sink/source server used through `ssh -L`: a 32-byte header "get N" (send N bytes)
@@ -88,6 +98,7 @@ class Target:
     identity: Path | None = None
     stream_port: int = 0  # the sink/source server, as seen from where forwarding connects
     notes: list[str] = field(default_factory=list)
+    session_env: dict[str, str] = field(default_factory=dict)  # sent with SetEnv
 
     def options(self) -> list[str]:
         """Client options shared by ssh and sftp: no user config, pinned host key."""
@@ -105,6 +116,8 @@ class Target:
             # sntrup761x25519 (about 75 ms more here): both get the same exchange
             "KexAlgorithms": "curve25519-sha256",
         }
+        if self.session_env:
+            opts["SetEnv"] = " ".join(f"{k}={v}" for k, v in self.session_env.items())
         return ["-F", "/dev/null", *(f"-o{key}={value}" for key, value in opts.items())]
 
     def ssh(self, *args: str) -> list[str]:
@@ -155,8 +168,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def write_session_files(work: Path) -> Path:
-    """Home, /etc files and the ForceCommand script of sshd's sandboxes."""
+    """Home (with the built-in SFTP server), /etc files and the ForceCommand script."""
     (work / "home").mkdir(mode=0o700)
+    builtin = work / "home" / BUILTIN_IN_SSHD
+    py_compile.compile(sftp_server.__file__, cfile=str(builtin), doraise=True)
+    os.chmod(builtin, 0o644)
     os.chown(work / "home", SESSION_UID, SESSION_UID)
     write_etc(work / "etc", "sshd-bench")
     drop = ["setpriv", f"--reuid={SESSION_UID}", f"--regid={SESSION_UID}", "--clear-groups"]
@@ -164,9 +180,11 @@ def write_session_files(work: Path) -> Path:
     script = work / "force-command"
     # A subsystem request reaches ForceCommand with SSH_ORIGINAL_COMMAND set to the
     # Subsystem's command, so sftp-server also runs inside the sandbox.
+    builtin = f"/usr/bin/python3 -E -s -S -B {BUILTIN_IN_SSHD}"
     script.write_text(
         "#!/bin/sh\n"
-        'case "$SSH_ORIGINAL_COMMAND" in\n'
+        f'case "$SSH_ORIGINAL_COMMAND${BUILTIN_ENV}" in\n'
+        f"  {SFTP_SERVER}builtin) set -- {builtin} ;;\n"
         f"  {SFTP_SERVER}) set -- {SFTP_SERVER} ;;\n"
         '  "") set -- /bin/bash -l ;;\n'
         '  *) set -- /bin/sh -c "$SSH_ORIGINAL_COMMAND" ;;\n'
@@ -209,6 +227,7 @@ MaxStartups 200
 # root's bash would source ~/.bashrc (Debian's SSH_SOURCE_BASHRC): keep the host's
 # dotfiles out of sshd's numbers
 SetEnv SHLVL=1
+AcceptEnv {BUILTIN_ENV}
 Subsystem sftp {SFTP_SERVER}
 ForceCommand {write_session_files(work)}
 """
@@ -257,11 +276,14 @@ def host_stream_server() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def gateway(work: Path) -> Iterator[Target]:
-    """A sandbox of a private service, reachable over its SSH gateway; killed afterwards."""
+def gateway(work: Path, sftp: str = "openssh") -> Iterator[Target]:
+    """A sandbox of a private service, reachable over its SSH gateway; killed afterwards.
+
+    `sftp` is the service's JUPYTER_SANDBOX_SFTP.
+    """
     from jupyter_sandbox import Sandbox
 
-    with private_service(1):
+    with private_service(1), sftp_setting(sftp):
         sb = Sandbox.create(timeout="10m")
         try:
             access = sb.expose_ssh()
@@ -270,7 +292,7 @@ def gateway(work: Path) -> Iterator[Target]:
                 port = next(int(line.text.split()[1]) for line in lines if "ready" in line.text)
             (work / "known_hosts").write_text(access.known_hosts_line + "\n")
             yield Target(
-                "jupyter-sandbox gateway",
+                "jupyter-sandbox gateway" + ("" if sftp == "openssh" else f" ({sftp} SFTP)"),
                 access.hostname,
                 access.port,
                 access.username,
@@ -279,6 +301,20 @@ def gateway(work: Path) -> Iterator[Target]:
             )
         finally:
             sb.kill()
+
+
+@contextlib.contextmanager
+def sftp_setting(value: str) -> Iterator[None]:
+    """JUPYTER_SANDBOX_SFTP for the service started meanwhile (it reads it at its start)."""
+    saved = os.environ.get("JUPYTER_SANDBOX_SFTP")
+    os.environ["JUPYTER_SANDBOX_SFTP"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("JUPYTER_SANDBOX_SFTP")
+        else:
+            os.environ["JUPYTER_SANDBOX_SFTP"] = saved
 
 
 # -- measurements ---------------------------------------------------------------------------
@@ -404,16 +440,22 @@ def concurrent(target: Target, sessions: int) -> tuple[int, float, str]:
 # -- report -----------------------------------------------------------------------------------
 
 
-def measure(targets: list[Target], args: argparse.Namespace, work: Path) -> dict[str, dict]:
-    """Every measurement for every target, the servers taking turns within each."""
+def measure(
+    targets: list[Target], sftp_targets: list[Target], args: argparse.Namespace, work: Path
+) -> dict[str, dict]:
+    """Every measurement for every target, the servers taking turns within each.
+
+    SFTP is measured for `sftp_targets` as well, all taking turns.
+    """
     source = work / "blob"
     with open(source, "wb") as f:
         for _ in range(args.mib):
             f.write(os.urandom(MiB))
     out: dict[str, dict] = {t.label: {"algorithms": negotiated(t)} for t in targets}
+    out.update({t.label: {} for t in sftp_targets})
     for label, ms in latency(targets, args.runs).items():
         out[label]["latency"] = ms
-    for label, ms in sftp_times(targets, source, work, args.repeats).items():
+    for label, ms in sftp_times(targets + sftp_targets, source, work, args.repeats).items():
         for name in ("put", "get"):  # MiB/s without and with the session's set-up
             out[label][name] = (
                 args.mib / ((ms[name] - ms["connect"]) / 1000),
@@ -464,6 +506,22 @@ def table(ours: dict, theirs: dict, args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def sftp_table(results: dict[str, dict], labels: dict[str, str], args: argparse.Namespace) -> list:
+    """SFTP MiB/s transfer (whole session) by SFTP server (rows) and SSH server (columns)."""
+    rows = [
+        f"| SFTP server, {args.mib} MiB | gateway put | gateway get | sshd put | sshd get |",
+        "|---|---|---|---|---|",
+    ]
+    for server, (ours, theirs) in labels.items():
+        cells = [
+            f"{results[label][key][0]:.0f} ({results[label][key][1]:.0f})"
+            for label in (ours, theirs)
+            for key in ("put", "get")
+        ]
+        rows.append(f"| {server} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="`ssh host true` runs per server")
@@ -480,13 +538,24 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             (work / "sshd").mkdir()
             (work / "gateway").mkdir()
+            (work / "gateway-builtin").mkdir()
             sshd = stack.enter_context(openssh_server(work / "sshd"))
             sshd.stream_port = stack.enter_context(host_stream_server())
             ours = stack.enter_context(gateway(work / "gateway"))
-            results = measure([ours, sshd], args, work)
+            ours_builtin = stack.enter_context(gateway(work / "gateway-builtin", "builtin"))
+            sshd_builtin = dataclasses.replace(
+                sshd, label="OpenSSH sshd (builtin SFTP)", session_env={BUILTIN_ENV: "builtin"}
+            )
+            results = measure([ours, sshd], [ours_builtin, sshd_builtin], args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(table(results[ours.label], results[sshd.label], args)))
+    print()
+    labels = {
+        "OpenSSH sftp-server": (ours.label, sshd.label),
+        "built-in (agent/sftp_server.py)": (ours_builtin.label, sshd_builtin.label),
+    }
+    print("\n".join(sftp_table(results, labels, args)))
 
 
 if __name__ == "__main__":

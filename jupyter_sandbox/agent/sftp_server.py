@@ -8,7 +8,8 @@ status codes, limits (packets up to 256 KiB; reads and writes up to 255 KiB) and
 
 Requests are answered in order. Everything that arrived in one read is served before the
 replies go out in one write, so the many READ and WRITE requests a client keeps in flight
-cost one system call each way per batch. It is not a boundary (it has the user's rights,
+cost one system call each way per batch; input and READ data go through buffers that are
+reused, not allocated per request. It is not a boundary (it has the user's rights,
 nothing more): a malformed request gets a "Bad message" status, an oversized packet ends
 the session.
 """
@@ -255,6 +256,9 @@ class Server:
 
     def __init__(self) -> None:
         self.handles: dict[int, Handle] = {}
+        # READ replies carry buffers of their own, used again once the replies are out.
+        self.spare: list[bytearray] = []
+        self.lent: list[bytearray] = []
         self.next_handle = 0
         self.ops = {
             OPEN: self.open,
@@ -290,6 +294,11 @@ class Server:
             b"home-directory": self.home_directory,
             b"users-groups-by-id@openssh.com": self.users_groups_by_id,
         }
+
+    def replies_sent(self) -> None:
+        """The replies handed out so far are written: their buffers can be reused."""
+        self.spare += self.lent
+        self.lent.clear()
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -389,10 +398,13 @@ class Server:
             raise BadMessage from None
         if handle is None:
             return status(request_id, FAILURE)
-        data = os.pread(handle.fd, min(length, MAX_IO), offset) if length else b""
-        if not data:
+        buf = self.spare.pop() if self.spare else bytearray(MAX_IO)
+        size = os.preadv(handle.fd, [memoryview(buf)[: min(length, MAX_IO)]], offset)
+        if not size:
+            self.spare.append(buf)
             return status(request_id, EOF)
-        return [DATA_HEAD.pack(9 + len(data), DATA, request_id, len(data)), data]
+        self.lent.append(buf)
+        return [DATA_HEAD.pack(9 + size, DATA, request_id, size), memoryview(buf)[:size]]
 
     def write(self, request_id: int, r: Reader) -> bytes:
         handle = self._file(r)
@@ -697,27 +709,23 @@ def packet_end(data: bytes, pos: int) -> int:
 
 
 def serve(server: Server, infd: int, outfd: int) -> None:
-    """Serve the packets that arrive on `infd` until it ends, replies to `outfd`."""
-    pending = b""
+    """Serve the packets that arrive on `infd` until it ends, replies to `outfd`.
+
+    Input is read into one buffer that always has room for a whole packet after the
+    incomplete one it may hold: no allocation, and one copy, per read.
+    """
+    buf = bytearray(READ_SIZE + 4 + MAX_PACKET)
+    view = memoryview(buf)
+    have = 0
     while True:
-        chunks, have = [pending], len(pending)
-        head = pending[:4]
-        need = packet_end(head, 0) if len(head) == 4 else 4
-        while have < need:  # at least one whole packet
-            chunk = os.read(infd, READ_SIZE)
-            if not chunk:
-                return
-            chunks.append(chunk)
-            have += len(chunk)
-            if len(head) < 4:
-                head += chunk[: 4 - len(head)]
-                if len(head) == 4:
-                    need = packet_end(head, 0)
-        data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
-        view, pos, out, size = memoryview(data), 0, [], 0
-        while len(data) - pos >= 4:
-            end = packet_end(data, pos)
-            if end > len(data):
+        received = os.readv(infd, [view[have:]])
+        if not received:
+            return
+        have += received
+        pos, out, size = 0, [], 0
+        while have - pos >= 4:
+            end = packet_end(buf, pos)
+            if end > have:
                 break
             before = len(out)
             server.handle(view[pos + 4 : end], out)
@@ -725,10 +733,14 @@ def serve(server: Server, infd: int, outfd: int) -> None:
             size += sum(len(part) for part in out[before:])
             if size >= FLUSH_SIZE:
                 write_all(outfd, out)
+                server.replies_sent()
                 out, size = [], 0
         if out:
             write_all(outfd, out)
-        pending = data[pos:]
+            server.replies_sent()
+        if pos:
+            buf[: have - pos] = buf[pos:have]
+            have -= pos
 
 
 def enlarge_pipe(fd: int) -> None:
