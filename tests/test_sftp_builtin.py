@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from jupyter_sandbox.agent import protocol
 from jupyter_sandbox.agent import sftp_server as builtin
 from jupyter_sandbox.ssh import sftp
 from tests.test_ssh_gateway import (  # noqa: F401
@@ -35,6 +39,8 @@ from tests.test_ssh_gateway import (  # noqa: F401
 from tests.test_ssh_gateway import pytestmark as gateway_marks
 
 MiB = 1 << 20
+ROOT = os.geteuid() == 0
+NOBODY = 65534
 SERVER = Path(builtin.__file__)
 SERVER_NAMES = {"builtin": "sftp_server.pyc", "openssh": "sftp-server"}
 
@@ -171,10 +177,12 @@ def test_scp_file_both_ways_byte_identical(gw: Gw, token: str, workdir: Path) ->
         [str(source), f"{token}@127.0.0.1:copy.bin"],
         [f"{token}@127.0.0.1:copy.bin", str(workdir / "back.bin")],
         [f"{token}@127.0.0.1:~/copy.bin", str(workdir / "tilde.bin")],
+        [f"{token}@127.0.0.1:~sandbox/copy.bin", str(workdir / "user.bin")],  # expand-path
     ):
         result = run([*scp, *args])
         assert result.returncode == 0, result.stderr.decode()
-    assert digest(workdir / "back.bin") == digest(workdir / "tilde.bin") == digest(source)
+    copies = [digest(workdir / name) for name in ("back.bin", "tilde.bin", "user.bin")]
+    assert copies == [digest(source)] * 3
 
 
 @through_gateway
@@ -224,13 +232,14 @@ def test_sftp_batch_commands(gw: Gw, token: str, workdir: Path) -> None:
         token,
         f"mkdir work\nput {source} work/data.bin\ncd work\n"
         "rename data.bin renamed.bin\nln -s renamed.bin soft\nln renamed.bin hard\n"
+        "cp renamed.bin copied.bin\n"
         f"chmod 640 renamed.bin\nmkdir gone\nrmdir gone\nput {empty} scratch\nrm scratch\n"
         "ls -l\ndf .\ndf -h\n",
     )
     long_lines = {
         line.split()[-1]: line.split() for line in out.splitlines() if " sandbox " in line
     }
-    assert set(long_lines) == {"hard", "renamed.bin", "soft"}
+    assert set(long_lines) == {"copied.bin", "hard", "renamed.bin", "soft"}
     assert long_lines["renamed.bin"][:5] == ["-rw-r-----", "?", "sandbox", "sandbox", "4097"]
     assert long_lines["soft"][0].startswith("l")
     df_header = next(line for line in out.splitlines() if "Avail" in line)
@@ -238,8 +247,9 @@ def test_sftp_batch_commands(gw: Gw, token: str, workdir: Path) -> None:
     state = sh(gw, token, "cd work && stat -c '%n %a %h %F' * && readlink soft && ls -A")
     assert "renamed.bin 640 2 regular file" in state
     assert "soft 777 1 symbolic link" in state
-    assert state.splitlines()[-4:] == ["renamed.bin", "hard", "renamed.bin", "soft"]
-    assert sh(gw, token, "cmp work/hard work/renamed.bin && echo same") == "same\n"
+    assert state.splitlines()[-5:] == ["renamed.bin", "copied.bin", "hard", "renamed.bin", "soft"]
+    same = "cmp hard renamed.bin && cmp copied.bin renamed.bin && echo same"
+    assert sh(gw, token, f"cd work && {same}") == "same\n"
 
 
 @through_gateway
@@ -320,16 +330,27 @@ def test_rsync_over_ssh_beside_the_builtin_server(gw: Gw, token: str, workdir: P
 
 
 class Wire:
-    """The built-in server as a child process, spoken to in raw SFTP packets."""
+    """The built-in server as a child process, spoken to in raw SFTP packets.
 
-    def __init__(self, cwd: Path) -> None:
-        self.cwd = cwd
+    It runs on the sandbox's Python in a directory of its own, as an unprivileged user
+    when the tests run as root (in a sandbox it has the sandbox user's rights).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.cwd = directory / "files"
+        self.cwd.mkdir()
+        server = directory / "sftp_server.py"
+        shutil.copyfile(SERVER, server)
+        user = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if ROOT else {}
+        if ROOT:
+            os.chown(self.cwd, NOBODY, NOBODY)
         self.proc = subprocess.Popen(
-            [sys.executable, "-E", "-s", "-S", str(SERVER)],
-            cwd=cwd,
+            [protocol.PYTHON, "-E", "-s", "-S", str(server)],
+            cwd=self.cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            **user,
         )
 
     def send(self, kind: int, body: bytes = b"") -> None:
@@ -364,20 +385,23 @@ def s(value: bytes) -> bytes:
 
 
 @pytest.fixture
-def wire(tmp_path: Path):
-    w = Wire(tmp_path)
+def wire():
+    directory = Path(tempfile.mkdtemp(prefix="jsb-sftp-", dir="/var/tmp"))
+    directory.chmod(0o755)
+    w = Wire(directory)
     w.send(builtin.INIT, struct.pack(">I", 3))
     kind, version, extensions = w.recv()
     assert (kind, version) == (builtin.VERSION_REPLY, 3)
     assert b"limits@openssh.com" in extensions
     yield w
     w.close()
+    shutil.rmtree(directory)
 
 
 @pytest.mark.unprivileged
-def test_pipelined_reads_answered_in_order(wire: Wire, tmp_path: Path) -> None:
+def test_pipelined_reads_answered_in_order(wire: Wire) -> None:
     content = os.urandom(3 * MiB + 5)
-    (tmp_path / "f").write_bytes(content)
+    (wire.cwd / "f").write_bytes(content)
     wire.request(builtin.OPEN, 1, s(b"f"), struct.pack(">II", builtin.FXF_READ, 0))
     kind, _, body = wire.recv()
     assert kind == builtin.HANDLE
@@ -432,3 +456,77 @@ def test_oversized_packet_ends_the_session(wire: Wire) -> None:
     wire.proc.stdin.flush()
     assert wire.proc.wait(10) != 0
     assert b"over the limit of 262144 bytes" in wire.proc.stderr.read()
+
+
+REQUEST_TYPES = [
+    builtin.OPEN,
+    builtin.CLOSE,
+    builtin.READ,
+    builtin.WRITE,
+    builtin.LSTAT,
+    builtin.FSTAT,
+    builtin.SETSTAT,
+    builtin.FSETSTAT,
+    builtin.OPENDIR,
+    builtin.READDIR,
+    builtin.REMOVE,
+    builtin.MKDIR,
+    builtin.RMDIR,
+    builtin.REALPATH,
+    builtin.STAT,
+    builtin.RENAME,
+    builtin.READLINK,
+    builtin.SYMLINK,
+    builtin.EXTENDED,
+    0,
+    99,
+    255,
+]
+SENTINEL = 0xFFFFFFFF  # request id of the limits request that closes each example
+
+
+def fields() -> st.SearchStrategy[bytes]:
+    """Request fields, well-formed or not: names, handles, numbers, attributes, junk."""
+    name = st.text("abc", min_size=0, max_size=3).map(lambda t: s(t.encode()))
+    extension = st.sampled_from([n for n, _ in builtin.EXTENSIONS] + [b"x@y"]).map(s)
+    handle = st.integers(0, 3).map(lambda n: s(struct.pack(">I", n)))
+    u32 = st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">I", n))
+    u64 = st.integers(0, 2**64 - 1).map(lambda n: struct.pack(">Q", n))
+    attrs = st.tuples(st.integers(0, 2**32 - 1), st.binary(max_size=40)).map(
+        lambda t: struct.pack(">I", t[0]) + t[1]
+    )
+    return st.one_of(name, extension, handle, u32, u64, attrs, st.binary(max_size=12))
+
+
+@pytest.mark.unprivileged
+def test_any_request_gets_exactly_one_answer_in_order(wire: Wire) -> None:
+    """Whatever the fields, every request with an id is answered, once, in order."""
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(REQUEST_TYPES),
+                st.integers(0, 1000),
+                st.lists(fields(), max_size=6),
+                st.integers(0, 64),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    def check(requests: list) -> None:
+        expected = []
+        for kind, request_id, parts, cut in requests:
+            body = struct.pack(">I", request_id) + b"".join(parts)
+            body = body[: len(body) - cut] if cut < len(body) else body
+            wire.send(kind, body)
+            if len(body) >= 4:
+                expected.append(request_id)
+        wire.request(builtin.EXTENDED, SENTINEL, s(b"limits@openssh.com"))
+        answered = [wire.recv()[:2] for _ in expected]
+        assert [request_id for _, request_id in answered] == expected
+        assert wire.recv()[:2] == (builtin.EXTENDED_REPLY, SENTINEL)
+
+    check()
+    assert wire.proc.poll() is None

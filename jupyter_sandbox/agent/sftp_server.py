@@ -442,8 +442,8 @@ class Server:
     def copy_data(self, request_id: int, r: Reader) -> bytes:
         source, read_offset, length = self._file(r), r.u64(), r.u64()
         target, write_offset = self._file(r), r.u64()
-        if source is None or target is None or source is target or source.path == target.path:
-            return status(request_id, FAILURE)
+        if source is None or target is None or _same_file(source.fd, target.fd):
+            return status(request_id, FAILURE)  # a copy onto itself would never reach EOF
         until_eof = length == 0
         while until_eof or length > 0:
             data = os.pread(source.fd, MAX_IO if until_eof else min(MAX_IO, length), read_offset)
@@ -624,6 +624,11 @@ def _known_name(lookup, number: int) -> bytes:
         return lookup(number)[0].encode()
     except KeyError:
         return b""
+
+
+def _same_file(fd: int, other: int) -> bool:
+    first, second = os.fstat(fd), os.fstat(other)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _chmod(target: bytes | int, mode: int, follow: bool) -> None:
