@@ -165,6 +165,36 @@ def sandbox_processes(storage: Path) -> list[int]:
     return pids
 
 
+def sandbox_pids(storage: Path, sandbox_id: str) -> dict[str, int]:
+    """Host pids of a sandbox's outer bwrap, its init (bwrap's child) and its agent."""
+    marker = f"/sandboxes/{sandbox_id}/"
+    bwraps = [p for p in sandbox_processes(storage) if marker in _cmdline(p)]
+    init = next(p for p in bwraps if _parent(p) in bwraps)
+    agent = next(p for p in _children(init) if "main.pyc" in _cmdline(p))
+    return {"outer": _parent(init), "init": init, "agent": agent}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def sandbox_mounts(storage: Path) -> set[str]:
     """Ids of sandboxes under `storage` with something mounted in their directory."""
     prefix = f"{storage}/sandboxes/"

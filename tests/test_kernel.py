@@ -18,7 +18,7 @@ from nbclient.exceptions import CellExecutionError
 from jupyter_sandbox import Sandbox
 
 pytest.register_assert_rewrite("kernel_fixtures")
-from conftest import wait_for  # noqa: E402
+from conftest import sandbox_pids, wait_for  # noqa: E402
 from kernel_fixtures import LOAD, Kernel  # noqa: E402
 
 pytest_plugins = ["kernel_fixtures"]
@@ -206,6 +206,23 @@ def test_owner_and_labels_name_the_kernel_and_notebook(start_kernel) -> None:
     assert info.labels == {"kernel": kernel.id, "notebook": "/home/me/work.ipynb"}
     assert info.owner == f"kernel {kernel.id} (/home/me/work.ipynb)"
     assert "this kernel" in kernel.ok("%sandbox list").stdout
+
+
+def test_a_failed_sandbox_says_why_and_restarts_with_its_files(service_env, kernel: Kernel):
+    """The host kills a cell's sandbox's agent: the next cell is refused with the reason and
+    the magics that help, `%sandbox list` shows it failed, `%sandbox restart` brings it back."""
+    kernel.ok("%%sandbox\necho kept > work.txt")
+    sandbox = sandbox_of(kernel)
+    os.kill(sandbox_pids(service_env.storage, sandbox.id)["agent"], signal.SIGKILL)
+    reply = kernel.run("%%sandbox\ncat work.txt")
+    assert reply.status == "error" and reply.error is not None
+    assert "SandboxFailed" in reply.error.text and "killed by signal 9" in reply.error.text
+    assert "%sandbox restart default" in reply.error.text
+    listed = kernel.ok("%sandbox list").stdout
+    assert "failed" in listed and "killed by signal 9 (SIGKILL); files kept" in listed
+    assert "failed:   its agent was killed" in kernel.ok("%sandbox info").stdout
+    assert "running again" in kernel.ok("%sandbox restart default").stdout
+    assert kernel.ok("%%sandbox\ncat work.txt").stdout == "kept\n"
 
 
 def test_restart_kills_session_sandboxes_and_keeps_duration_ones(kernel: Kernel) -> None:

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sandbox")
     p.add_argument("timeout")
 
+    p = command("restart", cmd_restart, "start a failed sandbox again, with its files")
+    p.add_argument("sandbox")
+
     p = command("ssh", cmd_ssh, "give SSH access to a sandbox and print the ssh command")
     p.add_argument("sandbox")
     p.add_argument(
@@ -447,6 +450,12 @@ def cmd_kill(args: argparse.Namespace) -> int:
 def cmd_extend(args: argparse.Namespace) -> int:
     info = Sandbox.connect(args.sandbox).extend_timeout(args.timeout)
     print(f"{info.id} now ends at {_when(info.expires_at)}")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    info = Sandbox.connect(args.sandbox).restart()
+    print(f"{info.id} ({info.name}) is running again, with its files")
     return 0
 
 

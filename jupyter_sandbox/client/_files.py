@@ -115,8 +115,8 @@ class AsyncFileSystem:
         report = _with_total(progress, total)
         direct = await self._direct()
         if direct is not None:
-            send = direct.upload_tree if is_tree else direct.upload_file
-            await asyncio.to_thread(send, source, remote, report)
+            send = "upload_tree" if is_tree else "upload_file"
+            await self._direct_call(send, source, remote, report)
         elif is_tree:
             body = _counting(_thread_producer(add_tree, source), report)
             await self._sandbox._transport.request(
@@ -148,8 +148,8 @@ class AsyncFileSystem:
         limits = Limits(max_bytes=await self._capacity())
         direct = await self._direct()
         if direct is not None:
-            receive = direct.download_tree if is_tree else direct.download_file
-            await asyncio.to_thread(receive, remote, target, report, limits)
+            receive = "download_tree" if is_tree else "download_file"
+            await self._direct_call(receive, remote, target, report, limits)
         elif is_tree:
             async with self._get("tar", remote, DOWNLOAD) as (_, data):
                 chunks = _counting(data, report)
@@ -187,6 +187,18 @@ class AsyncFileSystem:
                 usable = False
             self._direct_transfer = direct if usable else False
         return self._direct_transfer or None
+
+    async def _direct_call(self, method: str, *args: Any) -> None:
+        """A direct transfer; if the agent's socket refuses it (the sandbox failed, and its
+        files are served by an agent started again), the service is asked for the socket
+        once more (which raises SandboxFailed or SandboxExpired if that cannot be) and the
+        transfer retried."""
+        assert isinstance(self._direct_transfer, DirectTransfer)
+        try:
+            await asyncio.to_thread(getattr(self._direct_transfer, method), *args)
+        except ConnectionRefusedError:
+            await self._sandbox._transport.request("GET", f"/v1/sandboxes/{self._sandbox.id}/agent")
+            await asyncio.to_thread(getattr(self._direct_transfer, method), *args)
 
     async def _put_file(
         self, path: str, body: AsyncIterator[bytes], mode: int | None, call: Call

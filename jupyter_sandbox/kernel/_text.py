@@ -36,6 +36,15 @@ def lifetime(info: SandboxInfo) -> str:
     return f"{format_duration(info.time_left or 0)} left (until {clock(info.expires_at)})"
 
 
+def state(info: SandboxInfo) -> str:
+    """Its lifetime while it runs; why it failed (and how long its files stay) or ended."""
+    if info.status == "running":
+        return lifetime(info)
+    if info.status == "failed":
+        return f"{info.failure}; files kept, {lifetime(info)}"
+    return info.end_reason or ""
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join(
@@ -48,11 +57,18 @@ def info_text(local_name: str, info: SandboxInfo) -> str:
     lines = [
         f"sandbox {local_name!r} ({info.id}, service name {info.name!r}): {info.status}",
         f"  lifetime: {lifetime(info)}"
-        if info.status == "running"
+        if info.status in ("running", "failed")
         else f"  ended:    {info.end_reason or info.status}",
         f"  network:  {info.network}",
         f"  limits:   {limits}",
     ]
+    if info.status == "failed":
+        lines.insert(
+            1,
+            f"  failed:   {info.failure} (at {clock(info.failed_at or 0)}); its files are "
+            f"kept: `%sandbox download`, `%sandbox restart {local_name}` or "
+            f"`%sandbox kill {local_name}`",
+        )
     if info.limits_note:
         lines.append(f"  note:     {info.limits_note}")
     usage = info.usage or {}

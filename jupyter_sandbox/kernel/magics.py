@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from .._durations import DURATION_FORMS, parse_duration
-from .._errors import CommandError, SandboxError, SandboxExpired, SandboxNotFound
+from .._errors import CommandError, SandboxError, SandboxExpired, SandboxFailed, SandboxNotFound
 from ..client import AsyncSandbox, Sandbox
 from . import _background, _text
 from ._sandboxes import KernelSandboxes, SandboxOptions
@@ -169,6 +169,11 @@ def _line_parser() -> _Parser:
         ("--all", {"action": "store_true", "help": "include ended sandboxes"}),
     )
     command("kill", "end a sandbox now", ("name", {"metavar": "NAME"}))
+    command(
+        "restart",
+        "start a failed sandbox again, with its files, limits and deadline",
+        ("name", {"metavar": "NAME"}),
+    )
     command(
         "connect",
         "use an existing sandbox (from another kernel, or a duration sandbox "
@@ -366,6 +371,14 @@ class SandboxMagics(Magics):
                     f"the script exited with code {code} in sandbox {args.name!r}", e.result
                 )
             ) from None
+        except SandboxFailed as e:
+            name = args.name
+            raise _concise(
+                SandboxFailed(
+                    f"{e} (here: `%sandbox download --sandbox {name} SRC DST`, "
+                    f"`%sandbox restart {name}` or `%sandbox kill {name}`)"
+                )
+            ) from None
         except (SandboxExpired, SandboxNotFound) as e:
             self.sandboxes.forget(sandbox.id)
             raise _concise(
@@ -424,16 +437,21 @@ class SandboxMagics(Magics):
                 i.id,
                 i.name,
                 i.status,
-                _text.lifetime(i) if i.status == "running" else i.end_reason or "",
+                _text.state(i),
                 "this kernel" if self.sandboxes.owns(i.id) else i.owner,
             ]
             for i in infos
         ]
-        print(_text.table(rows, ["NAME", "ID", "SERVICE NAME", "STATUS", "LIFETIME", "OWNER"]))
+        header = ["NAME", "ID", "SERVICE NAME", "STATUS", "LIFETIME / REASON", "OWNER"]
+        print(_text.table(rows, header))
 
     def _kill(self, args: argparse.Namespace) -> None:
         self.sandboxes.kill(self.sandboxes.find(args.name))
         print(f"killed sandbox {args.name!r}")
+
+    def _restart(self, args: argparse.Namespace) -> None:
+        info = self.sandboxes.find(args.name).restart()
+        print(f"sandbox {args.name!r} ({info.id}) is running again, with its files")
 
     def _connect(self, args: argparse.Namespace) -> None:
         name, sandbox = self.sandboxes.connect(args.ref, args.name)

@@ -56,10 +56,12 @@ function render({ model, el: root }) {
 
   const buttons = el("div", "jsbw-row");
   const kill = el("button", "jsbw-button jsbw-danger", "Kill");
+  const restart = el("button", "jsbw-button", "Restart");
+  restart.title = "start the failed sandbox again, with its files";
   const extend = el("button", "jsbw-button", "Extend +10m");
   const revoke = el("button", "jsbw-button", "Revoke SSH");
   const message = el("span", "jsbw-message");
-  buttons.append(kill, extend, revoke, message);
+  buttons.append(kill, restart, extend, revoke, message);
 
   const logHead = el("div", "jsbw-detail", "logs");
   const logs = el("pre", "jsbw-logs");
@@ -88,18 +90,21 @@ function render({ model, el: root }) {
 
   function update() {
     const running = model.get("status") === "running";
+    const failed = model.get("status") === "failed";
     const sshActive = running && model.get("ssh_status") === "active";
     title.textContent = `SSH · sandbox "${model.get("sandbox_name")}" (${model.get("sandbox_id")})`;
     status.textContent = running ? `● running · credential ${model.get("ssh_status")}`
-                                 : `■ ${model.get("status")}`;
-    status.dataset.state = running ? (sshActive ? "ok" : "warn") : "ended";
+      : failed ? `■ failed: ${model.get("failure")}`
+      : `■ ${model.get("status")}`;
+    status.dataset.state = running ? (sshActive ? "ok" : "warn") : failed ? "failed" : "ended";
     cmd.textContent = sshActive && command ? command : model.get("masked_command");
     cmd.classList.toggle("jsbw-inactive", !sshActive);
     copy.disabled = !(sshActive && command);
     hostKey.textContent = `host key ${model.get("host_key_fingerprint")}`;
-    kill.disabled = !running;
+    kill.disabled = !(running || failed);
+    restart.hidden = !failed;
     revoke.disabled = !sshActive;
-    extend.disabled = !running || model.get("expires_at") === null;
+    extend.disabled = !(running || failed) || model.get("expires_at") === null;
     extend.title = model.get("expires_at") === null
       ? "a session sandbox lives as long as its kernel" : "push the deadline 10 minutes further";
     message.textContent = model.get("message");
@@ -109,12 +114,17 @@ function render({ model, el: root }) {
   function tick() {
     const running = model.get("status") === "running";
     const expires = model.get("expires_at");
-    sandboxLeft.textContent = !running ? "sandbox ended"
+    const kept = expires === null ? "while its kernel runs" : `for ${duration(expires - now())}`;
+    sandboxLeft.textContent = model.get("status") === "failed"
+      ? `sandbox failed: its files are kept ${kept} (download them, Restart or Kill)`
+      : !running ? "sandbox ended"
       : expires === null ? "sandbox: session (ends with its kernel)"
       : `sandbox: ${duration(expires - now())} left`;
     const sshExpires = model.get("ssh_expires_at");
     const sshActive = running && model.get("ssh_status") === "active";
-    sshLeft.textContent = !sshActive ? `credential ${running ? model.get("ssh_status") : "closed"}`
+    const failedNow = model.get("status") === "failed" && model.get("ssh_status") === "active";
+    sshLeft.textContent = failedNow ? "credential: logins refused until a restart"
+      : !sshActive ? `credential ${running ? model.get("ssh_status") : "closed"}`
       : sshExpires === null ? "credential: valid until revoked or the sandbox ends"
       : sshExpires <= now() ? "credential expired"
       : `credential: ${duration(sshExpires - now())} left`;
@@ -145,6 +155,7 @@ function render({ model, el: root }) {
     setTimeout(() => { copy.textContent = "Copy"; }, 1500);
   });
   kill.addEventListener("click", () => model.send({ type: "kill" }));
+  restart.addEventListener("click", () => model.send({ type: "restart" }));
   extend.addEventListener("click", () => model.send({ type: "extend" }));
   revoke.addEventListener("click", () => model.send({ type: "revoke" }));
 

@@ -1,5 +1,7 @@
 """The ``%sandbox_ssh`` widget: SSH command, host key, countdown, live logs, buttons.
 
+A sandbox that fails shows why; its Restart button starts it again, Kill ends it.
+
 The SSH token never enters widget state, which front ends and nbclient save into
 the notebook: the synced state holds only the masked command, and the full
 command travels in a custom message sent to each live view when it asks
@@ -45,6 +47,7 @@ class SshWidget(anywidget.AnyWidget):
     sandbox_name = traitlets.Unicode().tag(sync=True)
     sandbox_id = traitlets.Unicode().tag(sync=True)
     status = traitlets.Unicode("running").tag(sync=True)
+    failure = traitlets.Unicode().tag(sync=True)  # why it failed, while status is "failed"
     ssh_status = traitlets.Unicode("active").tag(sync=True)
     masked_command = traitlets.Unicode().tag(sync=True)
     host_key_fingerprint = traitlets.Unicode().tag(sync=True)
@@ -60,6 +63,7 @@ class SshWidget(anywidget.AnyWidget):
             sandbox_name=name,
             sandbox_id=sandbox.id,
             status=info.status,
+            failure=info.failure or "",
             masked_command=access.masked_command,
             host_key_fingerprint=access.host_key_fingerprint,
             expires_at=info.expires_at,
@@ -88,6 +92,7 @@ class SshWidget(anywidget.AnyWidget):
         action = {
             "ready": self._greet,
             "kill": self.kill,
+            "restart": self.restart,
             "extend": self.extend,
             "revoke": self.revoke,
         }.get(content.get("type"))
@@ -120,6 +125,14 @@ class SshWidget(anywidget.AnyWidget):
         self._follower.cancel()
         self.status, self.ssh_status = "killed", "closed"
 
+    def restart(self) -> None:
+        """Start a failed sandbox again, with its files; its logs are followed again."""
+        self._info = self._sandbox.restart()
+        self.status, self.failure = self._info.status, ""
+        self._follower.cancel()
+        self._follower = _background.submit(self._follow_logs())
+        self._greet()  # views get the command back
+
     def extend(self) -> None:
         """Push a duration sandbox's deadline 10 minutes further."""
         if self.expires_at is None:
@@ -151,10 +164,13 @@ class SshWidget(anywidget.AnyWidget):
             pass
         finally:
             batches.flush()
-        # The log ends when the sandbox does.
+        # The log ends when the sandbox does, or fails (its credentials then wait for a
+        # restart).
         if self.status == "running":
             self.status = self._info.status if self._info.status != "running" else "ended"
-            self.ssh_status = "closed"
+            self.failure = self._info.failure or ""
+            if self.status != "failed":
+                self.ssh_status = "closed"
 
     def _send_lines(self, lines: list[list[str]], skipped: int) -> None:
         self._sent.extend(lines)

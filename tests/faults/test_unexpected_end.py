@@ -12,6 +12,7 @@ conftest.py then look for any process, mount, cgroup or directory left).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,19 +24,22 @@ import pytest
 
 from jupyter_sandbox import InvalidRequest, Sandbox, SandboxExpired, SandboxFailed
 from jupyter_sandbox.backends.cgroups import AGENT, Controller
-from tests.conftest import UNPINNED_SSH, ServiceEnv, sandbox_processes, wait_for
+from tests.conftest import UNPINNED_SSH, ServiceEnv, sandbox_pids, wait_for
 
 FAIL_WITHIN = 10.0  # seconds: the reaper looks every few seconds
 
 
 @pytest.fixture
-def sandbox(service_env: ServiceEnv) -> Iterator[Sandbox]:
+def sandbox(service_env: ServiceEnv, tmp_path: Path) -> Iterator[Sandbox]:
     """A sandbox with files of every kind in its home, killed after the test."""
     sb = Sandbox.create(timeout="10m")
     try:
         sb.fs.write_text("notes.txt", "written through the API\n")
         sb.fs.write_bytes("data/blob.bin", bytes(range(256)) * 4096)
         sb.sh("mkdir -p made/deep && echo from a command > made/deep/out.txt")
+        (tmp_path / "tree").mkdir()
+        (tmp_path / "tree" / "up.txt").write_text("uploaded\n")
+        sb.fs.upload(tmp_path / "tree", "tree")  # straight to the agent's socket, where it can
         yield sb
     finally:
         sb.kill()
@@ -44,7 +48,8 @@ def sandbox(service_env: ServiceEnv) -> Iterator[Sandbox]:
 def written_files(sb: Sandbox) -> dict[str, bytes]:
     """What the `sandbox` fixture wrote, as read back now."""
     return {
-        path: sb.fs.read_bytes(path) for path in ("notes.txt", "data/blob.bin", "made/deep/out.txt")
+        path: sb.fs.read_bytes(path)
+        for path in ("notes.txt", "data/blob.bin", "made/deep/out.txt", "tree/up.txt")
     }
 
 
@@ -52,22 +57,17 @@ EXPECTED = {
     "notes.txt": b"written through the API\n",
     "data/blob.bin": bytes(range(256)) * 4096,
     "made/deep/out.txt": b"from a command\n",
+    "tree/up.txt": b"uploaded\n",
 }
-
-
-def processes_of(env: ServiceEnv, sandbox_id: str) -> dict[str, int]:
-    """Host pids of a sandbox's outer bwrap, its init (bwrap's child) and its agent."""
-    marker = f"/sandboxes/{sandbox_id}/"
-    bwraps = [p for p in sandbox_processes(env.storage) if marker in _cmdline(p)]
-    init = next(p for p in bwraps if _parent(p) in bwraps)
-    outer = _parent(init)
-    agent = next(p for p in _children(init) if "main.pyc" in _cmdline(p))
-    return {"outer": outer, "init": init, "agent": agent}
 
 
 def assert_failed(env: ServiceEnv, sb: Sandbox, reason: str, tmp_path: Path) -> None:
     """Failed with `reason`, files intact and downloadable, commands refused, no process."""
     wait_for(lambda: sb.info().status == "failed", FAIL_WITHIN, message="the sandbox to fail")
+    (tmp_path / "late.txt").write_text("uploaded after the failure\n")
+    sb.fs.upload(tmp_path / "late.txt", "late.txt")  # the first file operation since
+    assert sb.fs.read_text("late.txt") == "uploaded after the failure\n"
+    sb.fs.remove("late.txt")
     info = sb.info()
     assert reason in info.failure, info.failure
     assert info.failed_at is not None
@@ -86,7 +86,8 @@ def assert_failed(env: ServiceEnv, sb: Sandbox, reason: str, tmp_path: Path) -> 
     for path, content in EXPECTED.items():
         assert (tmp_path / "home" / path).read_bytes() == content
     # What serves the files is an agent started for files only.
-    assert "files-only" in _cmdline(processes_of(env, sb.id)["agent"])
+    agent = sandbox_pids(env.storage, sb.id)["agent"]
+    assert b"files-only" in Path(f"/proc/{agent}/cmdline").read_bytes()
 
 
 def assert_restarts(sb: Sandbox) -> None:
@@ -110,7 +111,7 @@ def assert_killed_clean(env: ServiceEnv, sb: Sandbox) -> None:
 @pytest.mark.unprivileged
 def test_agent_sigkilled_from_the_host(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
     """The host SIGKILLs the agent: the sandbox fails as "killed by signal 9 (SIGKILL)"."""
-    os.kill(processes_of(service_env, sandbox.id)["agent"], signal.SIGKILL)
+    os.kill(sandbox_pids(service_env.storage, sandbox.id)["agent"], signal.SIGKILL)
     assert_failed(service_env, sandbox, "its agent was killed by signal 9 (SIGKILL)", tmp_path)
     assert_restarts(sandbox)
     assert_killed_clean(service_env, sandbox)
@@ -119,11 +120,19 @@ def test_agent_sigkilled_from_the_host(service_env: ServiceEnv, sandbox: Sandbox
 @pytest.mark.unprivileged
 def test_init_sigkilled_from_the_host(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
     """The host SIGKILLs bwrap's init (pid 1 of the sandbox): every process in it ends."""
-    os.kill(processes_of(service_env, sandbox.id)["init"], signal.SIGKILL)
-    assert_failed(
-        service_env, sandbox, "its init process was killed by signal 9 (SIGKILL)", tmp_path
-    )
-    assert_restarts(sandbox)
+    os.kill(sandbox_pids(service_env.storage, sandbox.id)["init"], signal.SIGKILL)
+    reason = "its init process was killed by signal 9 (SIGKILL)"
+    assert_failed(service_env, sandbox, reason, tmp_path)
+    listed = service_env.run_cli("list").stdout
+    assert "failed" in listed and reason in listed
+    assert f"failed: {reason}" in service_env.run_cli("info", sandbox.id).stdout
+    listed_json = json.loads(service_env.run_cli("list", "--json").stdout)
+    assert {s["id"]: s["failure"] for s in listed_json}[sandbox.id] == sandbox.info().failure
+    assert "running again" in service_env.run_cli("restart", sandbox.id).stdout
+    assert sandbox.info().status == "running"
+    refused = service_env.run_cli("restart", sandbox.id, check=False)
+    assert refused.returncode != 0 and "only a failed sandbox" in refused.stderr
+    sandbox.sh("true")
     assert_killed_clean(service_env, sandbox)
 
 
@@ -137,7 +146,7 @@ def test_agent_killed_while_a_background_process_runs(
     sandbox.spawn("while true; do date >> ticks.log; sleep 0.2; done")
     sandbox.spawn("sleep 1000")
     wait_for(lambda: sandbox.fs.exists("ticks.log"), message="the background process")
-    before = processes_of(service_env, sandbox.id)
+    before = sandbox_pids(service_env.storage, sandbox.id)
     os.kill(before["agent"], signal.SIGKILL)
     wait_for(lambda: not _alive(before["agent"]), message="the agent to end")
     with pytest.raises(SandboxFailed, match="killed by signal 9"):
@@ -154,7 +163,7 @@ def test_agent_killed_while_a_background_process_runs(
 def test_processes_gone_while_no_service_ran(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
     """The service stops, the sandbox's processes end (as at a host restart), a service
     starts again: the sandbox is failed with that reason, not deleted as lost."""
-    init = processes_of(service_env, sandbox.id)["init"]
+    init = sandbox_pids(service_env.storage, sandbox.id)["init"]
     service_env.stop_service()
     os.kill(init, signal.SIGKILL)
     wait_for(lambda: not _alive(init), message="the sandbox's init to end")
@@ -166,7 +175,7 @@ def test_processes_gone_while_no_service_ran(service_env: ServiceEnv, sandbox: S
 @pytest.mark.unprivileged
 def test_failed_sandbox_ends_at_its_deadline(service_env: ServiceEnv, sandbox: Sandbox):
     """Failed keeps the files until the deadline, not forever: then the sandbox ends."""
-    os.kill(processes_of(service_env, sandbox.id)["agent"], signal.SIGKILL)
+    os.kill(sandbox_pids(service_env.storage, sandbox.id)["agent"], signal.SIGKILL)
     wait_for(lambda: sandbox.info().status == "failed", FAIL_WITHIN, message="failure")
     assert sandbox.fs.read_text("notes.txt") == "written through the API\n"
     sandbox.extend_timeout(1)
@@ -213,7 +222,7 @@ def test_ssh_login_to_a_failed_sandbox_is_refused_with_the_reason(
     command = ["ssh", "-o", "LogLevel=INFO", *UNPINNED_SSH, "-p", str(access.port)]
     command += [f"{access.username}@{access.hostname}"]
     assert _ssh(command, "cat notes.txt").stdout == "written through the API\n"
-    os.kill(processes_of(service_env, sandbox.id)["agent"], signal.SIGKILL)
+    os.kill(sandbox_pids(service_env.storage, sandbox.id)["agent"], signal.SIGKILL)
     wait_for(lambda: sandbox.info().status == "failed", FAIL_WITHIN, message="failure")
     refused = _ssh(command, "true")
     assert refused.returncode == 255
@@ -229,29 +238,26 @@ def _ssh(command: list[str], remote: str) -> subprocess.CompletedProcess:
     )
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+@pytest.mark.unprivileged
+def test_failed_sandbox_survives_a_killed_service(service_env: ServiceEnv, sandbox: Sandbox):
+    """A service SIGKILLed while a failed sandbox's files are served: the next service's
+    start-up sweep leaves the directory alone, stops the files-only agent it finds, and
+    keeps the sandbox failed with the same reason and files."""
+    os.kill(sandbox_pids(service_env.storage, sandbox.id)["agent"], signal.SIGKILL)
+    wait_for(lambda: sandbox.info().status == "failed", FAIL_WITHIN, message="failure")
+    failure = sandbox.info().failure
+    assert written_files(sandbox) == EXPECTED
+    files_agent = sandbox_pids(service_env.storage, sandbox.id)  # started by that read
+    service_env.stop_service(signal.SIGKILL)
+    info = sandbox.info()  # starts a service
+    assert (info.status, info.failure) == ("failed", failure)
+    assert not _alive(files_agent["init"])
+    assert written_files(sandbox) == EXPECTED
+    assert_restarts(sandbox)
