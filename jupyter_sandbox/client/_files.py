@@ -13,7 +13,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,14 +119,7 @@ class AsyncFileSystem:
             await self._direct_call(send, source, remote, report)
         elif is_tree:
             body = _counting(_thread_producer(add_tree, source), report)
-            await self._sandbox._transport.request(
-                "PUT",
-                self._url("tar"),
-                params={"path": remote},
-                content=body,
-                timeout=None,
-                call=UPLOAD,
-            )
+            await self._send("tar", {"path": remote}, body, UPLOAD)
         else:
             body = _counting(_thread_producer(_read_file, source), report)
             await self._put_file(remote, body, source.stat().st_mode & 0o7777, UPLOAD)
@@ -201,16 +194,21 @@ class AsyncFileSystem:
             await asyncio.to_thread(getattr(self._direct_transfer, method), *args)
 
     async def _put_file(
-        self, path: str, body: AsyncIterator[bytes], mode: int | None, call: Call
+        self, path: str, body: AsyncGenerator[bytes, None], mode: int | None, call: Call
     ) -> FileInfo:
         params = {"path": path}
         if mode is not None:
             params["mode"] = oct(mode)[2:]
-        return FileInfo.from_json(
-            await self._sandbox._transport.request(
-                "PUT", self._url("write"), params=params, content=body, timeout=None, call=call
+        return FileInfo.from_json(await self._send("write", params, body, call))
+
+    async def _send(
+        self, op: str, params: dict[str, str], body: AsyncGenerator[bytes, None], call: Call
+    ) -> Any:
+        """PUT `body`, closed as the request ends: a failed one leaves no producer waiting."""
+        async with contextlib.aclosing(body):
+            return await self._sandbox._transport.request(
+                "PUT", self._url(op), params=params, content=body, timeout=None, call=call
             )
-        )
 
     @contextlib.asynccontextmanager
     async def _get(
@@ -227,7 +225,9 @@ class AsyncFileSystem:
             yield json.loads(payload), _data_of(frames)
 
 
-async def _data_of(frames: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[bytes]:
+async def _data_of(
+    frames: AsyncIterator[tuple[int, bytes]],
+) -> AsyncGenerator[bytes, None]:
     """DATA payloads until END; an ERROR frame raises its error, a trickle AgentTimeout."""
     throughput = Throughput()
     async for kind, payload in frames:
@@ -242,7 +242,7 @@ async def _data_of(frames: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[by
     raise SandboxError("the download was cut off before its end")
 
 
-async def _chunks_of(data: bytes) -> AsyncIterator[bytes]:
+async def _chunks_of(data: bytes) -> AsyncGenerator[bytes, None]:
     for start in range(0, len(data), CHUNK):
         yield data[start : start + CHUNK]
     if not data:
@@ -250,14 +250,16 @@ async def _chunks_of(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def _counting(
-    chunks: AsyncIterator[bytes], progress: Progress | None
-) -> AsyncIterator[bytes]:
+    chunks: AsyncGenerator[bytes, None], progress: Progress | None
+) -> AsyncGenerator[bytes, None]:
+    """`chunks`, reporting progress; closing this closes them."""
     done = 0
-    async for chunk in chunks:
-        done += len(chunk)
-        yield chunk
-        if progress is not None:
-            progress(done, None)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            done += len(chunk)
+            yield chunk
+            if progress is not None:
+                progress(done, None)
 
 
 def _with_total(progress: Progress | None, total: int | None) -> Progress | None:
@@ -272,22 +274,39 @@ def _tree_size(root: Path) -> int:
 
 
 class _QueueWriter:
-    """A file object whose writes go into a bounded queue in CHUNK-sized pieces."""
+    """A file object whose writes go into a bounded queue in CHUNK-sized pieces.
 
-    def __init__(self, out: queue.Queue) -> None:
-        self.out, self.buffer = out, bytearray()
+    Once `stopped` is set (nobody reads the queue any more) a write raises
+    _ConsumerGone, so the producing thread ends instead of waiting forever.
+    """
+
+    def __init__(self, out: queue.Queue, stopped: threading.Event) -> None:
+        self.out, self.stopped, self.buffer = out, stopped, bytearray()
 
     def write(self, data: bytes) -> int:
         self.buffer += data
         while len(self.buffer) >= CHUNK:
-            self.out.put(bytes(self.buffer[:CHUNK]))
+            self.put(bytes(self.buffer[:CHUNK]))
             del self.buffer[:CHUNK]
         return len(data)
 
     def flush(self) -> None:
         if self.buffer:
-            self.out.put(bytes(self.buffer))
+            self.put(bytes(self.buffer))
             self.buffer.clear()
+
+    def put(self, item: object) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _ConsumerGone()
+
+
+class _ConsumerGone(Exception):
+    """The chunks a producer writes are no longer wanted (the transfer failed)."""
 
 
 def _read_file(source: Path, out: _QueueWriter) -> None:
@@ -298,23 +317,35 @@ def _read_file(source: Path, out: _QueueWriter) -> None:
 
 async def _thread_producer(
     produce: Callable[[Path, _QueueWriter], None], source: Path
-) -> AsyncIterator[bytes]:
-    """Chunks written by `produce` running in a thread, with back-pressure."""
+) -> AsyncGenerator[bytes, None]:
+    """Chunks written by `produce` running in a thread, with back-pressure.
+
+    If the chunks stop being read (the transfer failed), the thread ends too.
+    """
     chunks: queue.Queue = queue.Queue(_QUEUE_DEPTH)
+    stopped = threading.Event()
     failure: list[BaseException] = []
 
     def run() -> None:
-        writer = _QueueWriter(chunks)
+        writer = _QueueWriter(chunks, stopped)
         try:
             produce(source, writer)
             writer.flush()
+        except _ConsumerGone:
+            return
         except BaseException as e:
             failure.append(e)
-        chunks.put(_DONE)
+        with contextlib.suppress(_ConsumerGone):
+            writer.put(_DONE)
 
     threading.Thread(target=run, daemon=True).start()
-    while (chunk := await asyncio.to_thread(chunks.get)) is not _DONE:
-        yield chunk
+    try:
+        while (chunk := await asyncio.to_thread(chunks.get)) is not _DONE:
+            yield chunk
+    finally:
+        stopped.set()
+        with contextlib.suppress(queue.Full):
+            chunks.put_nowait(_DONE)  # wakes a read cut short by cancellation
     if failure:
         raise failure[0]
 

@@ -92,11 +92,18 @@ def test_kill_mid_upload(service, sb, tmp_path):
     with pytest.raises(ServiceUnavailable) as error:
         sb.fs.upload(local, "big.bin", progress=progress)
     typed(error, "the upload", "the upload did not complete: run it again")
+    wait_for(lambda: not _open_here(local), 10, message="the upload to let go of the local file")
     back(service, progress.killed)
     assert checksums(sb) == before  # the old big.bin too: nothing half-written replaced it
     assert not sb.sh("find . -name '*.upload-*'").stdout  # nor is a partial copy left
     sb.fs.upload(local, "big.bin")
     assert sb.sh("sha256sum < big.bin").stdout.split()[0] == sha256(local)
+
+
+def _open_here(path: Path) -> bool:
+    """Does this process still hold `path` open?"""
+    fds = Path("/proc/self/fd")
+    return any(os.path.realpath(fds / fd) == str(path) for fd in os.listdir(fds))
 
 
 def test_kill_mid_upload_straight_to_the_agent(service, sb, tmp_path):
