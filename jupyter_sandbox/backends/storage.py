@@ -9,7 +9,11 @@ sandboxes of every other service on the machine.
   storage remembers the data directory of the service it belongs to, so it is
   not taken over by another one either, even while the first is stopped.
 * Each sandbox directory carries a manifest naming the storage that created it;
-  a service only ever ends sandboxes whose manifest is its own.
+  a service only ever ends sandboxes whose manifest is its own. Beside it, once the
+  sandbox is recorded, is its record: what the service needs to re-adopt it, so the
+  sandbox survives the loss of the service's database. Both live in the sandbox's
+  directory itself, which the sandbox cannot reach (it sees only its ``home`` and
+  ``state`` subdirectories).
 * Host-uid ranges are claimed in a machine-wide registry (one file per range,
   flocked by the live service that uses it), recorded in the storage so a
   restarted service gets the same range back for the sandboxes it re-adopts, and
@@ -32,6 +36,8 @@ from pathlib import Path
 from .._config import SYSTEM_DIR
 
 MANIFEST = "manifest.json"
+RECORD = "record.json"
+MAX_RECORD = 4 << 20  # bytes: a record holds a sandbox's env and labels (a request's worth)
 LOCK_FILE = "service.lock"
 IDENTITY_FILE = "storage.json"
 UID_RANGE_FILE = "uid-range.json"
@@ -131,7 +137,7 @@ class Storage:
                 os.close(fd)
         self._fds = []
 
-    # -- sandbox manifests -------------------------------------------------------------
+    # -- sandbox manifests and records --------------------------------------------------
 
     def write_manifest(self, sandbox_dir: Path, sandbox_id: str, host_uid: int) -> None:
         """Mark a new sandbox directory as this storage's."""
@@ -156,6 +162,46 @@ class Storage:
         if manifest.storage != self.id or manifest.sandbox != sandbox_dir.name:
             return None
         return manifest
+
+    @staticmethod
+    def write_record(sandbox_dir: Path, data: bytes) -> None:
+        """Replace a sandbox's record atomically: a private temp file, then a rename."""
+        tmp = sandbox_dir / f".{RECORD}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, sandbox_dir / RECORD)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def read_record(sandbox_dir: Path) -> bytes | None:
+        """A sandbox's record as written (None if it has none); ValueError if too large."""
+        try:
+            fd = os.open(sandbox_dir / RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_RECORD + 1)
+        if len(data) > MAX_RECORD:
+            raise ValueError(f"larger than {MAX_RECORD} bytes")
+        return data
+
+    @staticmethod
+    def has_record(sandbox_dir: Path) -> bool:
+        return os.path.lexists(sandbox_dir / RECORD)
+
+    @staticmethod
+    def drop_record(sandbox_dir: Path) -> None:
+        """Take the record away first when removing a sandbox: a directory whose removal
+        fails halfway is then a leftover to sweep, never a sandbox to re-adopt."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sandbox_dir / RECORD)
 
     # -- host uids ---------------------------------------------------------------------
 

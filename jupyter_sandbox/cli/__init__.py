@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -548,18 +549,38 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         tcp = (host or "127.0.0.1", int(port))
+    started = False
 
     def ready() -> None:
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ready\n")
-            os.close(args.ready_fd)
+        nonlocal started
+        started = True
+        tell_starter(args, "ready")
 
     try:
         asyncio.run(Service(tcp=tcp).run(ready))
     except AlreadyRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return ALREADY_RUNNING
-    except StorageInUse as e:  # another service's storage or host uids: not this one's
-        print(f"jupyter-sandbox: {e}", file=sys.stderr)
-        return STORAGE_IN_USE
+    except Exception as e:
+        if started:
+            raise
+        # One line for whoever started it (a client shows it as is); a traceback in the
+        # log only for what is not an everyday failure.
+        message = " ".join(f"the sandbox service could not start: {e}".split())
+        everyday = isinstance(e, (OSError, SandboxError, StorageInUse))
+        logging.getLogger("jupyter_sandbox.service").error(
+            "%s", message, exc_info=None if everyday else e
+        )
+        tell_starter(args, f"failed {message}")
+        # Another service's storage or host uids are not this one's: no restart helps.
+        return STORAGE_IN_USE if isinstance(e, StorageInUse) else 1
     return 0
+
+
+def tell_starter(args: argparse.Namespace, line: str) -> None:
+    """Answer the client that started this service, through its pipe: once, one line."""
+    if args.ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(args.ready_fd, f"{line}\n".encode())
+            os.close(args.ready_fd)
+        args.ready_fd = None

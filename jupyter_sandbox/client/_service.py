@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .._config import Paths
@@ -76,9 +77,11 @@ def start_service(paths: Paths) -> None:
     # so it never lingers as a zombie of a long-lived client such as a kernel.
     threading.Thread(target=proc.wait, name="jupyter-sandbox-service", daemon=True).start()
     with os.fdopen(read_fd, "rb") as ready:
-        # The service writes one line when listening; EOF without it means it exited
-        # (another service won the race, or startup failed).
-        line = ready.readline()
+        # The service writes one line: "ready" once listening, or "failed <why>". EOF
+        # without it means it exited (another service won the race, or it crashed).
+        line = ready.readline(4096).decode(errors="replace").strip()
+    if line.startswith("failed "):
+        raise ServiceUnavailable(f"{line.removeprefix('failed ')} (log: {paths.log_file})")
     if line:
         return
     try:
@@ -86,8 +89,21 @@ def start_service(paths: Paths) -> None:
     except subprocess.TimeoutExpired:
         return
     if proc.returncode not in (0, ALREADY_RUNNING):
-        tail = paths.log_file.read_text(errors="replace")[-2000:] if paths.log_file.exists() else ""
-        raise ServiceUnavailable(f"the sandbox service failed to start:\n{tail}")
+        raise ServiceUnavailable(
+            f"the sandbox service exited with status {proc.returncode} as it started: "
+            f"{_last_line(paths.log_file)} (log: {paths.log_file})"
+        )
+
+
+def _last_line(path: Path) -> str:
+    """The last line of a log, which says why a process ended."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "nothing logged"
 
 
 def runtime_info(paths: Paths) -> dict[str, Any] | None:

@@ -70,12 +70,12 @@ class Service:
         os.umask(0o077)
         self._lock()
         private_log(self.paths)
-        state = State(self.paths.database)
         backend = LocalBackend(self.paths.storage_dir)
         # Claims the storage and host uids, for as long as this process lives.
         await asyncio.to_thread(backend.prepare, self.paths.data_dir, self.settings.uid_base)
         if backend.unavailable:
             log.error("isolation unavailable: %s", backend.unavailable)
+        state = await State.open(self.paths.database, backend, self.settings.lease_ttl)
         manager = Manager(state, backend, self.settings)
         await manager.start()
         ssh = SshAccessManager(manager, self.paths.data_dir / "ssh")
@@ -119,7 +119,7 @@ class Service:
             await runner.cleanup()
             await ssh.close()
             await manager.close()
-            state.close()
+            await asyncio.to_thread(state.close)
             log.info("service stopped")
 
     async def _idle_watch(self, manager: Manager, activity) -> None:

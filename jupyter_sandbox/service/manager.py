@@ -82,8 +82,13 @@ class Manager:
     # -- startup and shutdown ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Re-adopt sandboxes that survived a service restart, then start the reaper."""
-        known = {r.id for r in (*self.state.running(), *self.state.failed())}
+        """Re-adopt sandboxes that survived a service restart, then start the reaper.
+
+        The state knows them from each sandbox directory's own record, whatever became
+        of the database. A directory that was never recorded is a leftover, swept; a
+        failed sandbox stays failed with its files.
+        """
+        known = {r.id for r in self.state.records(RUNNING, POOLED, FAILED)}
         try:
             swept = await self.backend.sweep_orphans(known)
         except Exception:  # cleaning up never stops the service from starting
@@ -91,35 +96,46 @@ class Manager:
             swept = []
         for sandbox_id in swept:
             log.warning("stopped sandbox %s, left behind by a killed service", sandbox_id)
-        for record in self.state.pooled():
-            await self._end(record, Runtime.from_json(record.runtime or "{}"), "pool drained")
-        for record in self.state.failed():
-            if record.runtime is None:
-                await self._end(record, None, "failed, and its directory is not known")
+        for record in self.state.records(POOLED, FAILED, RUNNING):
+            try:
+                runtime = (
+                    self.backend.runtime(record.id, record.runtime) if record.runtime else None
+                )
+            except ValueError as e:
+                log.warning("left sandbox %s alone (its files are kept): %s", record.id, e)
                 continue
-            runtime = Runtime.from_json(record.runtime)
-            await self.backend.halt(runtime)  # a files-only agent the last service started
-            self.live[record.id] = Live(record, runtime, AgentClient(runtime.socket))
-        for record in self.state.running():
-            runtime = Runtime.from_json(record.runtime) if record.runtime else None
-            if runtime is None:
-                await self._end(record, runtime, "lost while the service was down")
-                continue
-            live = Live(record, runtime, AgentClient(runtime.socket))
-            self.live[record.id] = live
-            reason = await self.backend.failure(runtime, _memory(record), service_was_down=True)
-            if reason is None:
-                try:
-                    await asyncio.wait_for(live.agent.call("ping"), 5)
-                except Exception:
-                    reason = "its agent did not answer after a service restart"
-            if reason is not None:
-                await self._fail(live, reason)
-                continue
-            log.info("re-adopted sandbox %s", record.id)
+            if record.status == POOLED:
+                await self._end(record, runtime, "pool drained")
+            elif runtime is None:
+                lost = "lost while the service was down"
+                await self._end(record, None, lost if record.live else "failed, directory unknown")
+            elif record.status == FAILED:
+                await self.backend.halt(runtime)  # a files-only agent the last service started
+                self.live[record.id] = Live(record, runtime, AgentClient(runtime.socket))
+            else:
+                await self._readopt(Live(record, runtime, AgentClient(runtime.socket)))
         await self.reap()  # deadlines and leases that lapsed while no service ran
         self._reaper = asyncio.create_task(self._reap_forever())
         self.refill_pool()
+
+    async def _readopt(self, live: Live) -> None:
+        """Take a running sandbox back after a restart, or fail it if it can no longer serve."""
+        record = live.record
+        self.live[record.id] = live
+        reason = await self.backend.failure(live.runtime, _memory(record), service_was_down=True)
+        if reason is None:
+            try:
+                await asyncio.wait_for(live.agent.call("ping"), 5)
+            except Exception:
+                reason = "its agent did not answer after a service restart"
+        if reason is not None:
+            await self._fail(live, reason)
+            return
+        try:
+            self.state.save(record)  # its own record, if an older version started it
+        except OSError as e:
+            log.warning("could not write the record of sandbox %s: %s", record.id, e)
+        log.info("re-adopted sandbox %s", record.id)
 
     async def close(self) -> None:
         await self._drain_pool()
@@ -172,8 +188,7 @@ class Manager:
     def list(self, include_ended: bool = False) -> list[SandboxRecord]:
         records = [s.record for s in self.live.values()]
         if include_ended:
-            rows = self.state.db.execute("SELECT id FROM sandboxes WHERE status = ?", (ENDED,))
-            records += [r for (i,) in rows if (r := self.state.get(i)) is not None]
+            records += self.state.records(ENDED)
         return sorted(records, key=lambda r: r.created_at)
 
     def usage(self, live: Live) -> dict[str, Any]:
@@ -280,8 +295,12 @@ class Manager:
             limits=limits.as_dict(),
             runtime=runtime.to_json(),
         )
+        try:
+            self.state.save(record)
+        except OSError:  # never a sandbox without its record: it would be swept as a leftover
+            await self.backend.stop(runtime)
+            raise
         self.live[sandbox_id] = Live(record, runtime, AgentClient(runtime.socket))
-        self.state.save(record)
         self._notify("created", record)
         log.info(
             "created sandbox %s (%s)%s", sandbox_id, record.name, " from the pool" * bool(pooled)
@@ -362,7 +381,12 @@ class Manager:
                 runtime=runtime.to_json(),
                 limits=limits.as_dict(),
             )
-            self.state.save(record)
+            try:
+                self.state.save(record)
+            except OSError:
+                log.exception("could not record a pooled sandbox")
+                await self.backend.stop(runtime)
+                return
             self.pool[sandbox_id] = runtime
 
     async def _drain_pool(self) -> None:

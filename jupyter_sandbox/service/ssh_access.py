@@ -25,7 +25,7 @@ from .._errors import InvalidRequest
 from ..ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
 from ..ssh.sftp import sftp_choice
 from .manager import Manager, failed_message
-from .state import FAILED, SandboxRecord
+from .state import FAILED, SandboxRecord, SshToken
 
 log = logging.getLogger("jupyter_sandbox.service")
 DEFAULT_PORT = 2222
@@ -83,11 +83,9 @@ class SshAccessManager:
                 if e.errno != errno.EADDRINUSE:
                     raise
         port_file.write_text(f"{self.gateway.port} {self.port}")
-        for row in self.state.db.execute(
-            "SELECT token_hash, sandbox_id, expires_at FROM ssh_tokens "
-            "WHERE revoked = 0 AND expires_at IS NOT NULL"
-        ):
-            self._expiry[row[0]] = (row[1], row[2])
+        for token in self.state.tokens():
+            if token.expires_at is not None:
+                self._expiry[token.token_hash] = (token.sandbox_id, token.expires_at)
         self._task = asyncio.create_task(self._expire_forever())
         log.info("SSH gateway on %s:%d", self.host, self.gateway.port)
 
@@ -115,7 +113,16 @@ class SshAccessManager:
         expires_at = time.time() + parse_duration(ttl) if ttl is not None else None
         token = generate_token()
         token_hash = hash_token(token)
-        self.state.add_token(token_hash, live.record.id, expires_at, bool(single_use), public_key)
+        self.state.add_token(
+            SshToken(
+                token_hash=token_hash,
+                sandbox_id=live.record.id,
+                created_at=time.time(),
+                expires_at=expires_at,
+                single_use=bool(single_use),
+                public_key=public_key,
+            )
+        )
         if expires_at is not None:
             self._expiry[token_hash] = (live.record.id, expires_at)
         host = self.public_host or self.host
@@ -153,15 +160,15 @@ class SshAccessManager:
         A single-use token is used up by the login that completes (`Target.claim`), not
         by one that only presents it, so a wrong key cannot burn it."""
         token_hash = hash_token(token)
-        row = self.state.token(token_hash)
-        if row is None or row["revoked"]:
+        token = self.state.token(token_hash)
+        if token is None:
             return None
-        if row["expires_at"] is not None and row["expires_at"] <= time.time():
+        if token.expires_at is not None and token.expires_at <= time.time():
             return None
-        live = self.manager.live.get(row["sandbox_id"])
+        live = self.manager.live.get(token.sandbox_id)
         if live is None:
             return None
-        if row["single_use"] and row["used"]:
+        if token.single_use and token.used:
             return None
         if live.record.status == FAILED:
             return Target(
@@ -172,9 +179,9 @@ class SshAccessManager:
             agent=live.agent,
             env=dict(live.record.env),
             token_hash=token_hash,
-            public_key=row["public_key"],
-            single_use=bool(row["single_use"]),
-            claim=partial(self.state.use_token, token_hash) if row["single_use"] else None,
+            public_key=token.public_key,
+            single_use=token.single_use,
+            claim=partial(self.state.use_token, token_hash) if token.single_use else None,
             sftp=self.sftp,
         )
 

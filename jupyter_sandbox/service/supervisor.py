@@ -168,15 +168,18 @@ class Supervisor:
         return child
 
     def _await_ready(self, read_fd: int, ready: threading.Event) -> None:
-        """Wait for the child's "listening" line; pass the first one on to our starter."""
+        """Wait for the child's line, "ready" or "failed <why>"; pass the first on to our
+        starter (a failure too: the starter shows why)."""
         with os.fdopen(read_fd, "rb") as pipe:
-            if not pipe.readline():
-                return  # the child exited before listening
-        ready.set()
+            line = pipe.readline(4096)
+        if line == b"ready\n":
+            ready.set()
+        elif not line.startswith(b"failed "):
+            return  # the child exited before listening, saying nothing
         fd, self.ready_fd = self.ready_fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
-                os.write(fd, b"ready\n")
+                os.write(fd, line)
             os.close(fd)
 
     def _backoff(self, now: float) -> float | None:

@@ -24,7 +24,13 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox._config import SYSTEM_DIR, service_storage
-from jupyter_sandbox.backends.storage import MANIFEST, UID_RANGE_FILE, UID_REGISTRY, Storage
+from jupyter_sandbox.backends.storage import (
+    MANIFEST,
+    RECORD,
+    UID_RANGE_FILE,
+    UID_REGISTRY,
+    Storage,
+)
 from tests.conftest import _alive, sandbox_processes, wait_for
 
 CREATE = """
@@ -245,10 +251,10 @@ def test_sweep_ends_only_its_own_sandboxes_and_their_processes(
     services, separate_service_env
 ) -> None:
     """Attack: a host process whose command line names a sandbox's directory, and a
-    directory in the storage whose manifest is another storage's. A sandbox whose record
-    was lost (its service was killed while starting it) is swept at the next start: its
-    own processes and directory must go, the bystander process and the foreign
-    directory must stay."""
+    directory in the storage whose manifest is another storage's. A sandbox that was
+    never recorded (its service was killed while starting it: no record in its directory
+    nor in the database) is swept at the next start: its own processes and directory
+    must go, the bystander process and the foreign directory must stay."""
     storage = Path(separate_service_env["JUPYTER_SANDBOX_DIR"])
     service = services("service", storage)
     orphan_id = service.python(CREATE)
@@ -266,6 +272,7 @@ def test_sweep_ends_only_its_own_sandboxes_and_their_processes(
         service.stop(signal.SIGKILL)
         with sqlite3.connect(service.data_dir / "state.sqlite3") as db:
             db.execute("DELETE FROM sandboxes WHERE id = ?", (orphan_id,))
+        (orphan_dir / RECORD).unlink()
         assert orphan_id not in service.python(LIST).split()
         assert not os.path.lexists(orphan_dir)
         assert not orphan_pids & set(sandbox_processes(orphan_dir))

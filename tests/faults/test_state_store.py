@@ -1,0 +1,248 @@
+"""The state database is no single point of loss: deleted, emptied, damaged or locked.
+
+Each test runs a service of its own with real sandboxes holding files, a background
+process and SSH credentials, then damages or locks its ``state.sqlite3`` the way a
+disk, a user or another program would. Afterwards every sandbox is still listed and
+running with its files, its SSH credential still lets one in, the log says in one
+line what happened and where the damaged file went, and nothing is left after kill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    UNPINNED_SSH,
+    ServiceEnv,
+    _alive,
+    sandbox_mounts,
+    sandbox_processes,
+    wait_for,
+)
+
+pytestmark = pytest.mark.unprivileged
+
+SETUP = """
+import json, sys
+from jupyter_sandbox import Sandbox
+sb = Sandbox.create(timeout="10m")
+sb.fs.write_text("kept.txt", "still here")
+sb.fs.write_bytes("data.bin", bytes(range(256)) * 4096)
+sb.spawn("while true; do echo tick >> ticks; sleep 0.1; done")
+ssh = sb.expose_ssh()
+print(json.dumps({"id": sb.id, "token": ssh.username}))
+"""
+
+# A session sandbox whose owner keeps renewing its lease, before and after the fault.
+OWNER = """
+import sys, time
+from jupyter_sandbox import Sandbox
+sb = Sandbox.create()
+sb.fs.write_text("kept.txt", "owned")
+print(sb.id, flush=True)
+time.sleep(3600)
+"""
+
+CHECK = """
+import hashlib, sys
+from jupyter_sandbox import Sandbox
+sb = Sandbox.connect(sys.argv[1])
+digest = hashlib.sha256(sb.fs.read_bytes("data.bin")).hexdigest()
+print(sb.fs.read_text("kept.txt"), digest, sb.sh("wc -l < ticks").stdout.strip())
+"""
+
+LIST = "from jupyter_sandbox import Sandbox; print(' '.join(s.id for s in Sandbox.list()))"
+
+KILL_ALL = (
+    "from jupyter_sandbox import Sandbox\nfor s in Sandbox.list(): Sandbox.connect(s.id).kill()"
+)
+
+DATA_DIGEST = hashlib.sha256(bytes(range(256)) * 4096).hexdigest()  # data.bin of SETUP
+
+
+class StoreService(ServiceEnv):
+    """A service of this test's own, driven through the client in separate processes."""
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["JUPYTER_DATA_DIR"]) / "sandbox"
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "state.sqlite3"
+
+    def python(self, code: str, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def listed(self) -> set[str]:
+        return set(self.python(LIST).split())
+
+    def log_since(self, offset: int) -> list[str]:
+        with open(self.log_file, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace").splitlines()
+
+    def log_size(self) -> int:
+        return self.log_file.stat().st_size if self.log_file.exists() else 0
+
+    def ssh_port(self) -> int:
+        return json.loads(self.runtime_file.read_text())["ssh_port"]
+
+    def ssh(self, token: str, command: str) -> subprocess.CompletedProcess:
+        argv = ["ssh", *UNPINNED_SSH, "-p", str(self.ssh_port()), f"{token}@127.0.0.1", command]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    def kill_at_once(self, fault) -> None:
+        """Stop the service, apply `fault` while it can do nothing, then SIGKILL it."""
+        pid = self.service_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            fault()
+        finally:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(pid), 20, message="the service to die")
+
+    def still_running(self, sandbox_id: str) -> None:
+        """Its files are intact and its background process keeps writing."""
+        kept, digest, before = self.python(CHECK, sandbox_id).rsplit(" ", 2)
+        assert (kept, digest) == ("still here", DATA_DIGEST)
+        wait_for(
+            lambda: int(self.python(CHECK, sandbox_id).rsplit(" ", 1)[1]) > int(before),
+            15,
+            message="the background process to keep running",
+        )
+
+
+@pytest.fixture
+def store(tmp_path: Path, separate_service_env: dict[str, str]) -> Iterator[StoreService]:
+    service = StoreService(tmp_path, Path(separate_service_env["JUPYTER_SANDBOX_DIR"]))
+    service.env.update(JUPYTER_SANDBOX_SSH_PORT="0", JUPYTER_SANDBOX_POOL="0")
+    yield service
+    if service.service_pid() is not None:
+        service.python(KILL_ALL)
+    service.stop_service()
+    sandboxes = service.storage / "sandboxes"
+    left = sorted(p.name for p in sandboxes.iterdir()) if sandboxes.exists() else []
+    processes = sandbox_processes(service.storage)
+    mounted = sandbox_mounts(service.storage)
+    for pid in processes:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"sandbox directories left after kill: {left}"
+    assert not processes, f"sandbox processes left after kill: {processes}"
+    assert not mounted, f"sandbox homes still mounted after kill: {mounted}"
+
+
+def start_owner(service: StoreService) -> tuple[subprocess.Popen, str]:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER],
+        env={**os.environ, **service.env},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sandbox_id = owner.stdout.readline().strip()
+    assert sandbox_id.startswith("sb-")
+    return owner, sandbox_id
+
+
+def lease_expires(service: StoreService, sandbox_id: str) -> float:
+    with sqlite3.connect(f"file:{service.database}?mode=ro", uri=True, timeout=5) as db:
+        row = db.execute("SELECT lease_expires FROM sandboxes WHERE id = ?", (sandbox_id,))
+        return (row.fetchone() or [0.0])[0] or 0.0
+
+
+def delete(path: Path) -> None:
+    path.unlink()
+
+
+def empty(path: Path) -> None:
+    os.truncate(path, 0)
+
+
+def garble(path: Path) -> None:
+    # Once its pages are back in the file itself: until then, the WAL holds the header.
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(path, "r+b") as f:
+        f.write(b"this is no database header, nor anything else" * 4)
+
+
+@pytest.mark.parametrize("fault", [delete, empty, garble], ids=["deleted", "emptied", "garbled"])
+def test_a_lost_or_damaged_database_loses_no_sandbox(store: StoreService, fault) -> None:
+    """The state file deleted, truncated to nothing or with a garbled header, at the worst
+    moment (the service SIGKILLed with it). The next service must re-adopt every sandbox
+    from its own record: running, files intact, its SSH credential still valid, the
+    session sandbox still its owner's; and say in one line what it did."""
+    first = json.loads(store.python(SETUP))
+    owner, owned = start_owner(store)
+    try:
+        assert store.ssh(first["token"], "cat kept.txt").stdout == "still here"
+        offset = store.log_size()
+        store.kill_at_once(lambda: fault(store.database))
+        restarted = time.time()
+
+        assert store.listed() == {first["id"], owned}
+        store.still_running(first["id"])
+        assert store.ssh(first["token"], "cat kept.txt").stdout == "still here"
+        # The owner renews the lease it had before the fault; the sandbox stays its own.
+        wait_for(
+            lambda: lease_expires(store, owned) > restarted + 4,
+            20,
+            message="the owner to renew its lease with the new service",
+        )
+        assert owned in store.listed()
+
+        lines = [line for line in store.log_since(offset) if "state database" in line]
+        assert len(lines) == 1, lines
+        [line] = lines
+        assert str(store.database) in line and "rebuilt 2 sandbox(es)" in line
+        assert "lost: the list of sandboxes that ended before;" in line
+        if fault is delete:
+            assert "was missing" in line
+        else:
+            kept = re.search(r"kept it as (\S+) and", line)
+            assert kept, line
+            assert Path(kept[1]).exists() and Path(kept[1]).parent == store.data_dir
+        assert not [line for line in store.log_since(offset) if "stopped sandbox" in line]
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+@pytest.mark.parametrize("command", ["status", "list"])
+def test_a_service_that_cannot_start_says_why_in_one_line(
+    store: StoreService, tmp_path: Path, command: str
+) -> None:
+    """A service that cannot start at all (here its storage is a file, not a directory):
+    every client call must end with one line naming the cause and the log, never a
+    traceback, and the next call must try again rather than hang."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    store.env["JUPYTER_SANDBOX_DIR"] = str(blocker)
+    for _ in range(2):
+        done = store.run_cli(command, check=False)
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "could not start" in done.stderr and str(blocker) in done.stderr
+        assert str(store.log_file) in done.stderr
+    assert store.service_pid() is None
