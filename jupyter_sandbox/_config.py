@@ -99,6 +99,18 @@ def _env_switch(name: str, default: bool) -> bool:
     raise ValueError(f'{name}={value!r}: expected "on" or "off"')
 
 
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+SFTP_CHOICES = ("auto", "builtin", "openssh")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service tunables, read from JUPYTER_SANDBOX_* environment variables.
@@ -117,6 +129,9 @@ class Settings:
 
     The syscall filter is on; JUPYTER_SANDBOX_SECCOMP=off turns it off, and every
     sandbox's info then says so.
+
+    SFTP is served by OpenSSH's sftp-server where the host has one, else by the built-in
+    server; JUPYTER_SANDBOX_SFTP=openssh or builtin insists on one (see ``ssh.sftp``).
     """
 
     idle_timeout: float = 600.0
@@ -130,6 +145,7 @@ class Settings:
     default_disk: int = 10 << 30
     pool_size: int = 2
     seccomp: bool = True
+    sftp: str = "auto"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -145,4 +161,5 @@ class Settings:
             default_disk=parse_size(disk) if disk else cls.default_disk,
             pool_size=int(_env_float("JUPYTER_SANDBOX_POOL", cls.pool_size)),
             seccomp=_env_switch("JUPYTER_SANDBOX_SECCOMP", cls.seccomp),
+            sftp=_env_choice("JUPYTER_SANDBOX_SFTP", SFTP_CHOICES, cls.sftp),
         )

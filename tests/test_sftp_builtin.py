@@ -9,10 +9,12 @@ requests.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tests.test_ssh_gateway import (  # noqa: F401
     SFTP_SERVER_KINDS,
     Gw,
     Sandbox,
+    client_options,
     digest,
     gw,
     loop,
@@ -89,9 +92,9 @@ def data_file(path: Path, size: int) -> Path:
 # -- which server runs -------------------------------------------------------------------
 
 
-def serving_program(gw: Gw, token: str) -> str:
+def serving_program(port: int, options: list[str], destination: str) -> str:
     """Which SFTP server runs in the sandbox while an `sftp` session is open."""
-    args = ["sftp", "-q", "-P", str(gw.port), *gw.options(), f"{token}@127.0.0.1"]
+    args = ["sftp", "-q", "-P", str(port), *options, destination]
     session = subprocess.Popen(
         args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -100,7 +103,10 @@ def serving_program(gw: Gw, token: str) -> str:
         session.stdin.flush()
         while b"Remote working directory" not in (line := session.stdout.readline()):
             assert line, session.stderr.read()
-        commands = sh(gw, token, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        ssh = ["ssh", "-p", str(port), *options, destination]
+        result = run([*ssh, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
+        assert result.returncode == 0, result.stderr.decode()
+        commands = result.stdout.decode()
     finally:
         session.communicate(b"bye\n", timeout=30)
     found = [kind for kind, name in SERVER_NAMES.items() if name in commands]
@@ -128,7 +134,8 @@ def test_the_setting_chooses_the_server(
 ) -> None:
     if not host_has_openssh:  # this host has the Debian package: look for it where it is not
         monkeypatch.setattr(sftp, "SFTP_SERVERS", ("/nonexistent/sftp-server",))
-    assert serving_program(gw, gw.issue(sandbox, sftp=setting)) == expected
+    token = gw.issue(sandbox, sftp=setting)
+    assert serving_program(gw.port, gw.options(), f"{token}@127.0.0.1") == expected
 
 
 @through_gateway
@@ -142,12 +149,73 @@ def test_openssh_setting_without_sftp_server_says_what_to_do(
     assert b"openssh-sftp-server" in result.stderr
 
 
+SERVICE_CLIENT = """
+import json, sys
+from jupyter_sandbox import Sandbox
+if sys.argv[1] == "create":
+    sb = Sandbox.create(timeout="5m")
+    access = sb.expose_ssh()
+    print(json.dumps({"id": sb.id, "port": access.port, "user": access.username,
+                      "known_hosts": access.known_hosts_line}))
+else:
+    Sandbox.connect(sys.argv[2]).kill()
+"""
+
+
+def service_client(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", SERVICE_CLIENT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def serve(env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@through_gateway
+def test_service_setting_selects_the_builtin_server(
+    separate_service_env: dict[str, str], workdir: Path
+) -> None:
+    env = {**separate_service_env, "JUPYTER_SANDBOX_POOL": "0", "JUPYTER_SANDBOX_SFTP": "builtin"}
+    service = serve(env)
+    try:
+        access = json.loads(service_client(env, "create"))
+        (workdir / "known_hosts").write_text(access["known_hosts"] + "\n")
+        options = client_options(workdir / "known_hosts")
+        try:
+            kind = serving_program(access["port"], options, f"{access['user']}@127.0.0.1")
+        finally:
+            service_client(env, "kill", access["id"])
+    finally:
+        service.terminate()
+        service.wait(30)
+        service.stderr.close()
+    assert kind == "builtin"
+    assert os.listdir(Path(env["JUPYTER_SANDBOX_DIR"]) / "sandboxes") == []
+
+
 @pytest.mark.unprivileged
-def test_setting_values_are_checked() -> None:
-    assert sftp.sftp_choice(" Builtin ") == "builtin"
-    assert sftp.sftp_choice("") == "auto"
-    with pytest.raises(ValueError, match="JUPYTER_SANDBOX_SFTP='fast': expected one of auto"):
-        sftp.sftp_choice("fast")
+def test_a_wrong_setting_stops_the_service_before_it_starts_anything(
+    separate_service_env: dict[str, str],
+) -> None:
+    env = {**separate_service_env, "JUPYTER_SANDBOX_SFTP": "fast"}
+    service = serve(env)
+    _, error = service.communicate(timeout=60)
+    assert service.returncode != 0
+    assert "JUPYTER_SANDBOX_SFTP='fast': expected one of auto, builtin, openssh" in error
+    assert not (Path(env["JUPYTER_SANDBOX_DIR"]) / "sandboxes").exists()
 
 
 # -- transfers -----------------------------------------------------------------------------
@@ -395,6 +463,11 @@ def wire():
     assert b"limits@openssh.com" in extensions
     yield w
     w.close()
+    for parent, subdirs, _ in os.walk(directory):  # requests may have made any mode
+        for name in subdirs:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
     shutil.rmtree(directory)
 
 
@@ -502,7 +575,9 @@ def fields() -> st.SearchStrategy[bytes]:
 def test_any_request_gets_exactly_one_answer_in_order(wire: Wire) -> None:
     """Whatever the fields, every request with an id is answered, once, in order."""
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(
         st.lists(
             st.tuples(

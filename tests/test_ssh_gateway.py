@@ -110,6 +110,24 @@ class Sandbox:
         self.loop.run(self.agent.call("spawn", cmd=cmd))
 
 
+def client_options(known_hosts: Path, *extra: str) -> list[str]:
+    """Options of the OpenSSH clients: pinned host key, no user config or keys."""
+    opts = {
+        "StrictHostKeyChecking": "yes",
+        "UserKnownHostsFile": str(known_hosts),
+        "GlobalKnownHostsFile": "/dev/null",
+        "BatchMode": "yes",
+        "IdentitiesOnly": "yes",
+        "IdentityFile": "none",
+        "LogLevel": "ERROR",
+        "ConnectTimeout": "20",
+    }
+    args: list[str] = []
+    for key, value in opts.items():
+        args += ["-o", f"{key}={value}"]
+    return args + list(extra)
+
+
 class Gw:
     """A gateway on a free port, with a dict of tokens and an ssh command line."""
 
@@ -147,20 +165,7 @@ class Gw:
         return token
 
     def options(self, *extra: str) -> list[str]:
-        opts = {
-            "StrictHostKeyChecking": "yes",
-            "UserKnownHostsFile": str(self.known_hosts),
-            "GlobalKnownHostsFile": "/dev/null",
-            "BatchMode": "yes",
-            "IdentitiesOnly": "yes",
-            "IdentityFile": "none",
-            "LogLevel": "ERROR",
-            "ConnectTimeout": "20",
-        }
-        args: list[str] = []
-        for key, value in opts.items():
-            args += ["-o", f"{key}={value}"]
-        return args + list(extra)
+        return client_options(self.known_hosts, *extra)
 
     def ssh(self, token: str, *args: str) -> list[str]:
         return ["ssh", "-p", str(self.port), *self.options(), f"{token}@127.0.0.1", *args]

@@ -23,7 +23,6 @@ import asyncssh
 from .._durations import parse_duration
 from .._errors import InvalidRequest
 from ..ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
-from ..ssh.sftp import sftp_choice
 from .manager import Manager, failed_message
 from .state import FAILED, SandboxRecord, SshToken
 
@@ -44,7 +43,7 @@ class SshAccessManager:
         self.public_host = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_HOST")
         self.public_port = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_PORT")
         self.limits = GatewayLimits.from_env()
-        self.sftp = sftp_choice()
+        self.sftp = manager.settings.sftp
         # Only post-quantum key exchange: passes ssh-audit cleanly, needs OpenSSH >= 9.9.
         self.post_quantum_only = os.environ.get("JUPYTER_SANDBOX_SSH_PQ_ONLY") == "1"
         self.gateway: Gateway | None = None

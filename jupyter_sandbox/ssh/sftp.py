@@ -12,8 +12,6 @@ OpenSSH's sftp-server where the host has one and the built-in server
 
 from __future__ import annotations
 
-import os
-
 from .._errors import SandboxError
 from ..agent import protocol
 from ..agent.remote import AgentClient
@@ -25,24 +23,15 @@ SFTP_SERVERS = (
     "/usr/lib/ssh/sftp-server",  # Arch (older)
 )
 BUILTIN_ARGV = [protocol.PYTHON, "-E", "-s", "-S", "-B", protocol.SFTP_SERVER]
-CHOICES = ("auto", "builtin", "openssh")
-SETTING = "JUPYTER_SANDBOX_SFTP"
+SETTING = "JUPYTER_SANDBOX_SFTP"  # read into Settings.sftp
 
 
 class SubsystemUnavailable(Exception):
     """The client asked for a subsystem this sandbox cannot serve."""
 
 
-def sftp_choice(value: str | None = None) -> str:
-    """The SFTP server setting (`value`, else JUPYTER_SANDBOX_SFTP), checked."""
-    choice = (os.environ.get(SETTING, "") if value is None else value).strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"{SETTING}={choice!r}: expected one of {', '.join(CHOICES)}")
-    return choice
-
-
 async def sftp_server_argv(agent: AgentClient, choice: str = "auto") -> list[str]:
-    """The command that serves SFTP inside the sandbox, as `choice` says."""
+    """The command that serves SFTP inside the sandbox, as `choice` (Settings.sftp) says."""
     if choice == "builtin":
         return BUILTIN_ARGV
     for path in SFTP_SERVERS:
