@@ -131,6 +131,16 @@ class TimeoutHandler(_Api):
             self.reply(await self.hub.extend(ref, timeout))
 
 
+class RestartHandler(_Api):
+    """POST: start a failed sandbox again, with its files."""
+
+    @web.authenticated
+    @authorized("execute")
+    async def post(self, ref: str) -> None:
+        with service_errors():
+            self.reply(await self.hub.restart(ref))
+
+
 def access_json(access: SshAccess) -> Message:
     data = dataclasses.asdict(access)
     data["token"] = access.username
@@ -298,6 +308,7 @@ def handlers(hub: SandboxHub, ssh_dir: Path) -> list[tuple[str, type, dict[str, 
             (r"sandbox/api/sandboxes", SandboxesHandler),
             (one, SandboxHandler),
             (f"{one}/timeout", TimeoutHandler),
+            (f"{one}/restart", RestartHandler),
             (f"{one}/ssh", SshHandler),
             (f"{one}/terminal", TerminalHandler),
             (f"{one}/logs", LogsSocket),

@@ -91,11 +91,14 @@ class SandboxHub:
 
     async def _relay(self, event: Message) -> None:
         kind = event.get("event")
-        if kind in ("created", "updated", "ended"):
-            sandbox = SandboxInfo.from_json(event["sandbox"])
-            if kind == "ended":
-                self._forget(sandbox.id)
-            self._broadcast({"type": kind, "sandbox": await self._describe(sandbox)})
+        if "sandbox" not in event:
+            return
+        sandbox = SandboxInfo.from_json(event["sandbox"])
+        if kind == "ended":
+            self._forget(sandbox.id)
+        # Panels know three kinds; a failure or a restart changes a sandbox they show.
+        kind = kind if kind in ("created", "ended") else "updated"
+        self._broadcast({"type": kind, "sandbox": await self._describe(sandbox)})
 
     async def _poll_usage(self) -> None:
         """Live CPU, memory and pids of every running sandbox, for the panels' charts."""
@@ -154,6 +157,9 @@ class SandboxHub:
 
     async def extend(self, ref: str, timeout: str | float) -> Message:
         return await self._describe(await (await self.handle(ref)).extend_timeout(timeout))
+
+    async def restart(self, ref: str) -> Message:
+        return await self._describe(await (await self.handle(ref)).restart())
 
     async def handle(self, ref: str) -> AsyncSandbox:
         """A handle on sandbox `ref` (id or name), reused across requests."""

@@ -23,6 +23,9 @@ export interface ISandbox {
   limits: { memory?: number | null; cpus?: number | null; pids?: number | null };
   network: string;
   limits_note?: string | null;
+  /** Why a "failed" sandbox stopped, in words; its files are kept. */
+  failure?: string | null;
+  failed_at?: number | null;
   usage?: IUsage | null;
   notebook?: string | null;
 }

@@ -69,14 +69,19 @@ export function formatBytes(bytes: number): string {
   return `${value.toFixed(unit > 1 ? 1 : 0)} ${units[unit]}`;
 }
 
+/** Actions that need the sandbox's processes: off while it is failed. */
+const LIVE_ACTIONS = new Set(['copy-ssh', 'copy-tunnel', 'terminal', 'revoke']);
+
 function timeLeft(sandbox: ISandbox): string {
-  if (sandbox.status !== 'running') {
+  const failed = sandbox.status === 'failed';
+  if (sandbox.status !== 'running' && !failed) {
     return sandbox.status;
   }
   if (sandbox.expires_at === null) {
-    return 'session';
+    return failed ? 'files kept for the session' : 'session';
   }
-  return `${formatDuration(sandbox.expires_at - Date.now() / 1000)} left`;
+  const left = formatDuration(sandbox.expires_at - Date.now() / 1000);
+  return failed ? `files kept ${left}` : `${left} left`;
 }
 
 /** An empty polyline chart; `plot` draws into it. */
@@ -136,6 +141,7 @@ interface ICard {
   node: HTMLElement;
   name: HTMLElement;
   status: HTMLElement;
+  failure: HTMLElement;
   owner: HTMLElement;
   left: HTMLElement;
   limits: HTMLElement;
@@ -348,6 +354,7 @@ export class SandboxPanel extends Widget {
       node: h('section', { class: 'jsb-sandbox', 'data-id': id }),
       name: h('strong', { class: 'jsb-name' }),
       status: span('jsb-status'),
+      failure: h('div', { class: 'jsb-failure', role: 'status' }),
       owner: h('div', { class: 'jsb-owner' }),
       left: h('span', { class: 'jsb-left', 'data-id': id }),
       limits: span('jsb-limits'),
@@ -367,6 +374,7 @@ export class SandboxPanel extends Widget {
         h('span', { class: 'jsb-id' }, id),
         card.status
       ),
+      card.failure,
       card.owner,
       h('div', { class: 'jsb-meta' }, card.left, card.limits),
       card.labels,
@@ -401,6 +409,17 @@ export class SandboxPanel extends Widget {
     setText(card.name, sandbox.name);
     setAttr(card.status, 'class', `jsb-status jsb-status-${sandbox.status}`);
     setText(card.status, sandbox.status);
+    const failed = sandbox.status === 'failed';
+    setText(card.failure, failed ? (sandbox.failure ?? 'failed') : '');
+    card.failure.hidden = !failed;
+    for (const button of card.node.querySelectorAll<HTMLButtonElement>('.jsb-action')) {
+      const action = button.dataset.action ?? '';
+      if (action === 'restart') {
+        button.hidden = !failed;
+      } else if (LIVE_ACTIONS.has(action)) {
+        button.disabled = failed;
+      }
+    }
     setAttr(card.owner, 'title', sandbox.owner);
     setText(card.owner, owner);
     setText(card.left, timeLeft(sandbox));
@@ -486,6 +505,15 @@ export class SandboxPanel extends Widget {
         this.accesses.delete(id);
         this.render();
       }),
+      button(
+        'restart',
+        'Restart',
+        'Start the failed sandbox again, with its files',
+        async () => {
+          const info = await request<ISandbox>('POST', ['sandboxes', id, 'restart']);
+          this.onFeed({ type: 'updated', sandbox: info });
+        }
+      ),
       button('kill', 'Kill', 'Kill the sandbox', () => this.kill(current()))
     );
   }
