@@ -90,6 +90,9 @@ class JupyterProcess:
         terminal_settings = tmp / "config/lab/user-settings/@jupyterlab/terminal-extension"
         terminal_settings.mkdir(parents=True)  # text in the DOM, for the browser tests
         (terminal_settings / "plugin.jupyterlab-settings").write_text('{"screenReaderMode": true}')
+        news = tmp / "config/lab/user-settings/@jupyterlab/apputils-extension"
+        news.mkdir(parents=True)  # no "news?" toast over the panel's buttons
+        (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
         config_d = tmp / "config" / "jupyter_server_config.d"  # as the wheel ships it
         config_d.mkdir(parents=True)
         shutil.copy(ROOT / "jupyter-config" / "server-config" / "jupyter_sandbox.json", config_d)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -316,4 +317,58 @@ def test_refresh_leaves_form_and_cards_alone(page: Any, service_env: Any, tmp_pa
                 sandbox.kill()
             shot(page, "refresh")
     finally:
+        lab.stop()
+
+
+def set_theme(page: Any, theme: str) -> None:
+    page.evaluate(
+        f"window.jupyterapp.commands.execute('apputils:change-theme', {{theme: '{theme}'}})"
+    )
+    page.wait_for_function(f"document.body.dataset.jpThemeName === '{theme}'")
+
+
+def test_failed_sandbox_in_panel(page: Any, service_env: Any, tmp_path: Path) -> None:
+    """A sandbox whose agent is killed shows as failed with its reason; Restart brings it
+    back with its files. Looked at in the light and the dark theme, alone and among 30."""
+    from tests.faults.test_unexpected_end import processes_of
+
+    lab = server(tmp_path, service_env, "lab")
+    crowd: list[Sandbox] = []
+    broken = Sandbox.create(name="broken", timeout="10m")
+    try:
+        broken.fs.write_text("work.txt", "kept through the failure\n")
+        panel = open_panel(page, f"{lab.url}lab?token={lab.token}")
+        failed_card = card(panel, broken.id)
+        expect(failed_card).to_have_attribute("data-status", "running")
+        expect(failed_card.locator("[data-action=restart]")).to_be_hidden()
+
+        os.kill(processes_of(service_env, broken.id)["agent"], signal.SIGKILL)
+        expect(failed_card).to_have_attribute("data-status", "failed")
+        failure = broken.info().failure
+        assert failure
+        expect(failed_card.locator(".jsb-failure")).to_have_text(failure)
+        expect(failed_card.locator(".jsb-left")).to_have_text(re.compile(r"^files kept \d"))
+        for action in ("copy-ssh", "copy-tunnel", "terminal"):
+            expect(failed_card.locator(f"[data-action={action}]")).to_be_disabled()
+        expect(failed_card.locator("[data-action=restart]")).to_be_visible()
+        shot(page, "failed-light")
+        set_theme(page, "JupyterLab Dark")
+        shot(page, "failed-dark")
+
+        crowd.extend(Sandbox.create(name=f"student-{i:02d}", timeout="5m") for i in range(29))
+        expect(panel.locator(".jsb-sandbox")).to_have_count(30)
+        expect(panel.locator(".jsb-count")).to_have_text("30")
+        shot(page, "thirty-dark")
+        set_theme(page, "JupyterLab Light")
+        failed_card.scroll_into_view_if_needed()
+        shot(page, "thirty-light")
+
+        failed_card.locator("[data-action=restart]").click()
+        expect(failed_card).to_have_attribute("data-status", "running")
+        expect(failed_card.locator(".jsb-failure")).to_be_hidden()
+        expect(failed_card.locator("[data-action=copy-ssh]")).to_be_enabled()
+        assert broken.sh("cat work.txt").stdout == "kept through the failure\n"
+    finally:
+        for sandbox in [*crowd, broken]:
+            sandbox.kill()
         lab.stop()

@@ -146,6 +146,7 @@ interface ICard {
   left: HTMLElement;
   limits: HTMLElement;
   labels: HTMLElement;
+  usage: HTMLElement;
   cpu: HTMLElement;
   cpuChart: SVGSVGElement;
   memory: HTMLElement;
@@ -359,6 +360,7 @@ export class SandboxPanel extends Widget {
       left: h('span', { class: 'jsb-left', 'data-id': id }),
       limits: span('jsb-limits'),
       labels: h('div', { class: 'jsb-labels' }),
+      usage: h('div', { class: 'jsb-usage' }),
       cpu: span('jsb-cpu'),
       cpuChart: sparkline('jsb-chart-cpu'),
       memory: span('jsb-memory'),
@@ -378,16 +380,10 @@ export class SandboxPanel extends Widget {
       card.owner,
       h('div', { class: 'jsb-meta' }, card.left, card.limits),
       card.labels,
-      h(
-        'div',
-        { class: 'jsb-usage' },
-        card.cpu,
-        card.cpuChart,
-        card.memory,
-        card.memoryChart
-      ),
+      card.usage,
       this.actions(id)
     );
+    card.usage.append(card.cpu, card.cpuChart, card.memory, card.memoryChart);
     return card;
   }
 
@@ -412,6 +408,7 @@ export class SandboxPanel extends Widget {
     const failed = sandbox.status === 'failed';
     setText(card.failure, failed ? (sandbox.failure ?? 'failed') : '');
     card.failure.hidden = !failed;
+    card.usage.hidden = failed; // no processes to measure
     for (const button of card.node.querySelectorAll<HTMLButtonElement>('.jsb-action')) {
       const action = button.dataset.action ?? '';
       if (action === 'restart') {
