@@ -22,7 +22,7 @@ import pytest
 from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
-from tests.conftest import UNPINNED_SSH, wait_for
+from tests.conftest import UNPINNED_SSH, sandbox_pids, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -330,8 +330,6 @@ def set_theme(page: Any, theme: str) -> None:
 def test_failed_sandbox_in_panel(page: Any, service_env: Any, tmp_path: Path) -> None:
     """A sandbox whose agent is killed shows as failed with its reason; Restart brings it
     back with its files. Looked at in the light and the dark theme, alone and among 30."""
-    from tests.faults.test_unexpected_end import processes_of
-
     lab = server(tmp_path, service_env, "lab")
     crowd: list[Sandbox] = []
     broken = Sandbox.create(name="broken", timeout="10m")
@@ -342,7 +340,7 @@ def test_failed_sandbox_in_panel(page: Any, service_env: Any, tmp_path: Path) ->
         expect(failed_card).to_have_attribute("data-status", "running")
         expect(failed_card.locator("[data-action=restart]")).to_be_hidden()
 
-        os.kill(processes_of(service_env, broken.id)["agent"], signal.SIGKILL)
+        os.kill(sandbox_pids(service_env.storage, broken.id)["agent"], signal.SIGKILL)
         expect(failed_card).to_have_attribute("data-status", "failed")
         failure = broken.info().failure
         assert failure
