@@ -561,7 +561,7 @@ SENTINEL = 0xFFFFFFFF  # request id of the limits request that closes each examp
 def fields() -> st.SearchStrategy[bytes]:
     """Request fields, well-formed or not: names, handles, numbers, attributes, junk."""
     name = st.text("abc", min_size=0, max_size=3).map(lambda t: s(t.encode()))
-    extension = st.sampled_from([n for n, _ in builtin.EXTENSIONS] + [b"x@y"]).map(s)
+    extension = st.sampled_from([*builtin.EXTENSIONS, b"x@y"]).map(s)
     handle = st.integers(0, 3).map(lambda n: s(struct.pack(">I", n)))
     u32 = st.integers(0, 2**32 - 1).map(lambda n: struct.pack(">I", n))
     u64 = st.integers(0, 2**64 - 1).map(lambda n: struct.pack(">Q", n))

@@ -74,23 +74,23 @@ ATTR_SIZE, ATTR_UIDGID, ATTR_PERMISSIONS, ATTR_ACMODTIME = 1, 2, 4, 8
 ATTR_EXTENDED = 0x80000000
 ATTR_ALL = ATTR_SIZE | ATTR_UIDGID | ATTR_PERMISSIONS | ATTR_ACMODTIME
 
-EXTENSIONS = (
-    (b"posix-rename@openssh.com", b"1"),
-    (b"statvfs@openssh.com", b"2"),
-    (b"fstatvfs@openssh.com", b"2"),
-    (b"hardlink@openssh.com", b"1"),
-    (b"fsync@openssh.com", b"1"),
-    (b"lsetstat@openssh.com", b"1"),
-    (b"limits@openssh.com", b"1"),
-    (b"expand-path@openssh.com", b"1"),
-    (b"copy-data", b"1"),
-    (b"home-directory", b"1"),
-    (b"users-groups-by-id@openssh.com", b"1"),
-)
+# Extensions as OpenSSH's server announces them (name, version), and their handlers.
+EXTENSIONS = {
+    b"posix-rename@openssh.com": (b"1", "posix_rename"),
+    b"statvfs@openssh.com": (b"2", "statvfs"),
+    b"fstatvfs@openssh.com": (b"2", "fstatvfs"),
+    b"hardlink@openssh.com": (b"1", "hardlink"),
+    b"fsync@openssh.com": (b"1", "fsync"),
+    b"lsetstat@openssh.com": (b"1", "lsetstat"),
+    b"limits@openssh.com": (b"1", "limits"),
+    b"expand-path@openssh.com": (b"1", "expand_path"),
+    b"copy-data": (b"1", "copy_data"),
+    b"home-directory": (b"1", "home_directory"),
+    b"users-groups-by-id@openssh.com": (b"1", "users_groups_by_id"),
+}
 
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
-READ_ARGS = struct.Struct(">QI")  # offset, length
 REPLY_HEAD = struct.Struct(">IBI")  # length, type, id
 DATA_HEAD = struct.Struct(">IBII")  # length, DATA, id, data length
 STATUS_HEAD = struct.Struct(">IBII")  # length, STATUS, id, code
@@ -210,10 +210,10 @@ def _group_name(gid: int) -> str:
 class Handle:
     """An open file, or a directory being listed."""
 
-    __slots__ = ("append", "entries", "fd", "path")
+    __slots__ = ("append", "entries", "fd")
 
-    def __init__(self, path: bytes, fd: int = -1, append: bool = False, entries=None) -> None:
-        self.path, self.fd, self.append, self.entries = path, fd, append, entries
+    def __init__(self, fd: int = -1, append: bool = False, entries=None) -> None:
+        self.fd, self.append, self.entries = fd, append, entries
 
     def close(self) -> None:
         if self.entries is not None:
@@ -252,7 +252,7 @@ class Directory:
 
 
 class Server:
-    """Answers requests; each handler returns the reply's bytes."""
+    """Answers requests; each handler returns the reply's bytes, or its parts in a list."""
 
     def __init__(self) -> None:
         self.handles: dict[int, Handle] = {}
@@ -281,19 +281,7 @@ class Server:
             SYMLINK: self.symlink,
             EXTENDED: self.extended,
         }
-        self.extensions = {
-            b"posix-rename@openssh.com": self.posix_rename,
-            b"statvfs@openssh.com": self.statvfs,
-            b"fstatvfs@openssh.com": self.fstatvfs,
-            b"hardlink@openssh.com": self.hardlink,
-            b"fsync@openssh.com": self.fsync,
-            b"lsetstat@openssh.com": self.lsetstat,
-            b"limits@openssh.com": self.limits,
-            b"expand-path@openssh.com": self.expand_path,
-            b"copy-data": self.copy_data,
-            b"home-directory": self.home_directory,
-            b"users-groups-by-id@openssh.com": self.users_groups_by_id,
-        }
+        self.extensions = {name: getattr(self, op) for name, (_, op) in EXTENSIONS.items()}
 
     def replies_sent(self) -> None:
         """The replies handed out so far are written: their buffers can be reused."""
@@ -332,7 +320,7 @@ class Server:
 
     @staticmethod
     def version() -> bytes:
-        body = b"".join(string(name) + string(value) for name, value in EXTENSIONS)
+        body = b"".join(string(name) + string(version) for name, (version, _) in EXTENSIONS.items())
         return U32.pack(5 + len(body)) + bytes([VERSION_REPLY]) + U32.pack(VERSION) + body
 
     def extended(self, request_id: int, r: Reader) -> bytes:
@@ -379,7 +367,7 @@ class Server:
             if pflags & bit:
                 flags |= flag
         fd = os.open(path, flags | os.O_NOCTTY | os.O_CLOEXEC, attrs.get("mode", 0o666))
-        number = self._new_handle(Handle(path, fd, append=bool(pflags & FXF_APPEND)))
+        number = self._new_handle(Handle(fd, append=bool(pflags & FXF_APPEND)))
         return reply(HANDLE, request_id, string(U32.pack(number)))
 
     def close(self, request_id: int, r: Reader) -> bytes:
@@ -391,11 +379,7 @@ class Server:
         return status(request_id, OK)
 
     def read(self, request_id: int, r: Reader) -> list | bytes:
-        handle = self._file(r)
-        try:
-            offset, length = READ_ARGS.unpack_from(r.data, r.pos)
-        except struct.error:
-            raise BadMessage from None
+        handle, offset, length = self._file(r), r.u64(), r.u32()
         if handle is None:
             return status(request_id, FAILURE)
         buf = self.spare.pop() if self.spare else bytearray(MAX_IO)
@@ -411,13 +395,7 @@ class Server:
         offset, data = r.u64(), r.view()
         if handle is None:
             return status(request_id, FAILURE)
-        while data:
-            written = (
-                os.write(handle.fd, data) if handle.append else os.pwrite(handle.fd, data, offset)
-            )
-            if written <= 0:
-                return status(request_id, FAILURE)
-            data, offset = data[written:], offset + written
+        write_at(handle, data, offset)
         return status(request_id, OK)
 
     def fstat(self, request_id: int, r: Reader) -> bytes:
@@ -449,13 +427,7 @@ class Server:
             data = os.pread(source.fd, MAX_IO if until_eof else min(MAX_IO, length), read_offset)
             if not data:
                 return status(request_id, OK if until_eof else EOF)
-            view = memoryview(data)
-            while view:
-                if target.append:
-                    written = os.write(target.fd, view)
-                else:
-                    written = os.pwrite(target.fd, view, write_offset)
-                view, write_offset = view[written:], write_offset + written
+            write_offset = write_at(target, memoryview(data), write_offset)
             read_offset += len(data)
             length -= 0 if until_eof else len(data)
         return status(request_id, OK)
@@ -469,8 +441,8 @@ class Server:
         return reply(ATTRS, request_id, encode_attrs(os.lstat(r.path())))
 
     def setstat(self, request_id: int, r: Reader) -> bytes:
-        path = r.path()
-        return self._set(request_id, path, r.attrs())
+        path, attrs = r.path(), r.attrs()
+        return self._set(request_id, path, attrs)
 
     def lsetstat(self, request_id: int, r: Reader) -> bytes:
         path, attrs = r.path(), r.attrs()
@@ -499,8 +471,7 @@ class Server:
         return status(request_id, code, message)
 
     def opendir(self, request_id: int, r: Reader) -> bytes:
-        path = r.path()
-        number = self._new_handle(Handle(path, entries=Directory(path)))
+        number = self._new_handle(Handle(entries=Directory(r.path())))
         return reply(HANDLE, request_id, string(U32.pack(number)))
 
     def readdir(self, request_id: int, r: Reader) -> bytes:
@@ -624,6 +595,17 @@ def _known_name(lookup, number: int) -> bytes:
         return lookup(number)[0].encode()
     except KeyError:
         return b""
+
+
+def write_at(handle: Handle, data: memoryview, offset: int) -> int:
+    """Write all of `data` at `offset` (at the end if opened to append); the offset after."""
+    while data:
+        fd = handle.fd
+        written = os.write(fd, data) if handle.append else os.pwrite(fd, data, offset)
+        if not written:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        data, offset = data[written:], offset + written
+    return offset
 
 
 def _same_file(fd: int, other: int) -> bool:
