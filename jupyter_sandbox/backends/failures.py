@@ -11,24 +11,27 @@ from __future__ import annotations
 import signal
 
 from ..agent import protocol
-from .cgroups import AGENT, USER
+from .cgroups import AGENT
 
 MiB = 1 << 20
-# Where an OOM kill happened, as the end of the sentence that reports it.
-OOM_WHERE = {
-    "": " (the sandbox's processes and its agent together)",
-    AGENT: " (the sandbox's agent)",
-    USER: "",
-}
 
 
-def out_of_memory(kills: list[tuple[str, int | None]], memory: int | None) -> str:
-    """The OOM kill that ended a sandbox with memory limit `memory`: the agent's first."""
-    where, limit = min(kills, key=lambda kill: (kill[0] != AGENT, kill[0] != ""))
-    if where == USER or limit is None:
-        limit = memory if memory else limit
-    size = f"limit {_mib(limit)}" if limit else "no limit of its own (the host ran out)"
-    return f"out of memory: {size}{OOM_WHERE[where] if limit else ''}"
+def out_of_memory(kills: list[tuple[str, int | None]], memory: int | None, split: bool) -> str:
+    """The OOM kill that ended a sandbox whose memory limit is `memory`.
+
+    `kills` are (group, limit) pairs from ``Group.out_of_memory``; kills in the user's
+    own group (cgroup v1, `split`) end user processes only, never the agent, so they
+    are not given. The agent's group first, then the sandbox's.
+    """
+    where, limit = min(kills, key=lambda kill: kill[0] != AGENT)
+    if limit is None:
+        return "out of memory: the host ran out (the sandbox has no memory limit of its own)"
+    if where == AGENT:
+        return f"out of memory: limit {_mib(limit)} (the sandbox's agent)"
+    if split and memory and limit > memory:
+        reserve = _mib(limit - memory)
+        return f"out of memory: limit {_mib(memory)} (and {reserve} for the sandbox's agent)"
+    return f"out of memory: limit {_mib(limit)}"
 
 
 def bwrap_exit(returncode: int, init_alive: bool) -> str:

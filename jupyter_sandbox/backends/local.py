@@ -40,7 +40,7 @@ from .._typed import typed
 from ..agent import protocol
 from ..agent.remote import AgentClient
 from . import failures, homes, seccomp
-from .cgroups import Controller, Group, Limits
+from .cgroups import USER, Controller, Group, Limits
 from .removal import remove_tree
 from .storage import MANIFEST, Storage
 
@@ -586,21 +586,18 @@ class LocalBackend:
         `memory` is the sandbox's memory limit, named when it ran out of memory;
         `service_was_down` says the end happened while no service ran.
         """
+        if self.serving(runtime):
+            return None
         proc = _REAPERS.get(runtime.pid)
         init_alive = self.alive(runtime)
-        if runtime.agent_pid:
-            agent_alive = _start_time(runtime.agent_pid) == runtime.agent_start
-        else:
-            agent_alive = init_alive and _listening(runtime.socket)
-        if init_alive and agent_alive and (proc is None or proc.poll() is None):
-            return None
         if proc is not None:  # its exit status says more than anything: wait for it briefly
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(proc.wait, EXIT_WAIT)
         group = runtime.group()
-        kills = group.out_of_memory() if group else []
-        if kills:
-            return failures.out_of_memory(kills, memory)
+        # An OOM kill in the user's own group (v1) ends a user process, never the agent.
+        kills = [k for k in group.out_of_memory() if k[0] != USER] if group else []
+        if group is not None and kills:
+            return failures.out_of_memory(kills, memory, group.split)
         if proc is not None and proc.returncode is not None:
             return failures.bwrap_exit(proc.returncode, init_alive)
         return failures.gone(
@@ -608,6 +605,15 @@ class LocalBackend:
             rebooted=bool(runtime.boot_id) and runtime.boot_id != boot_id(),
             service_was_down=service_was_down,
         )
+
+    def serving(self, runtime: Runtime) -> bool:
+        """Are the sandbox's init and its agent both still the processes started?"""
+        proc = _REAPERS.get(runtime.pid)
+        if not self.alive(runtime) or (proc is not None and proc.poll() is not None):
+            return False
+        if runtime.agent_pid:
+            return _start_time(runtime.agent_pid) == runtime.agent_start
+        return _listening(runtime.socket)
 
     async def halt(self, runtime: Runtime) -> None:
         """Kill every process of the sandbox and remove its cgroups; its files stay.

@@ -336,7 +336,7 @@ class Manager:
         """A pre-started sandbox with default settings, if one is ready."""
         while self.pool:
             sandbox_id, runtime = self.pool.popitem()
-            if self.backend.alive(runtime):
+            if self.backend.serving(runtime):
                 return sandbox_id, runtime
             task = asyncio.ensure_future(self._drop_pooled(sandbox_id, runtime))
             self._background.add(task)

@@ -12,11 +12,14 @@ conftest.py then look for any process, mount, cgroup or directory left).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,3 +264,58 @@ def test_failed_sandbox_survives_a_killed_service(service_env: ServiceEnv, sandb
     assert not _alive(files_agent["init"])
     assert written_files(sandbox) == EXPECTED
     assert_restarts(sandbox)
+
+
+OWNER = """
+import sys, time
+from jupyter_sandbox import Sandbox
+sb = Sandbox.create()
+sb.fs.write_text("notes.txt", "kept while the owner lives\\n")
+print(sb.id, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.unprivileged
+def test_failed_session_sandbox_ends_when_its_owner_goes(service_env: ServiceEnv):
+    """A "session" sandbox that failed keeps its files while its owner renews the lease,
+    and ends (files removed) once the owner is gone and the lease lapses."""
+    owner = service_env.run_python(OWNER)
+    try:
+        sandbox_id = owner.stdout.readline().strip()
+        sb = Sandbox.connect(sandbox_id)
+        os.kill(sandbox_pids(service_env.storage, sandbox_id)["agent"], signal.SIGKILL)
+        wait_for(lambda: sb.info().status == "failed", FAIL_WITHIN, message="failure")
+        lease_ttl = float(service_env.env["JUPYTER_SANDBOX_LEASE_TTL"])
+        wait_for(lambda: time.time() > sb.info().failed_at + 2 * lease_ttl, 3 * lease_ttl + 5)
+        assert sb.info().status == "failed"  # two lease periods on: its owner renews it
+        assert sb.fs.read_text("notes.txt") == "kept while the owner lives\n"
+    finally:
+        owner.kill()
+        owner.wait()
+    directory = service_env.storage / "sandboxes" / sandbox_id
+    wait_for(lambda: not directory.exists(), 3 * lease_ttl + 5, message="the lease to lapse")
+    with pytest.raises(SandboxExpired, match="lease"):
+        sb.info()
+
+
+@pytest.mark.unprivileged
+def test_host_restart_while_no_service_ran(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
+    """A host restart cannot happen in a test: it is stood in for by what one leaves behind,
+    a sandbox whose processes are gone and whose record names another boot of the host
+    (its runtime's boot id is rewritten in the state database while no service runs)."""
+    init = sandbox_pids(service_env.storage, sandbox.id)["init"]
+    service_env.stop_service()
+    os.kill(init, signal.SIGKILL)
+    wait_for(lambda: not _alive(init), message="the sandbox's init to end")
+    database = Path(service_env.env["JUPYTER_DATA_DIR"]) / "sandbox" / "state.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        (text,) = db.execute("SELECT runtime FROM sandboxes WHERE id = ?", (sandbox.id,)).fetchone()
+        runtime = {**json.loads(text), "boot_id": "an-earlier-boot"}
+        db.execute(
+            "UPDATE sandboxes SET runtime = ? WHERE id = ?", (json.dumps(runtime), sandbox.id)
+        )
+    reason = "the host restarted while no service ran, which ended its processes"
+    assert_failed(service_env, sandbox, reason, tmp_path)
+    assert_restarts(sandbox)
+    assert_killed_clean(service_env, sandbox)
