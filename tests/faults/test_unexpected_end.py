@@ -12,12 +12,10 @@ conftest.py then look for any process, mount, cgroup or directory left).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ import pytest
 
 from jupyter_sandbox import InvalidRequest, Sandbox, SandboxExpired, SandboxFailed
 from jupyter_sandbox.backends.cgroups import AGENT, Controller
+from jupyter_sandbox.backends.storage import RECORD
 from tests.conftest import UNPINNED_SSH, ServiceEnv, sandbox_pids, wait_for
 
 FAIL_WITHIN = 10.0  # seconds: the reaper looks every few seconds
@@ -303,18 +302,16 @@ def test_failed_session_sandbox_ends_when_its_owner_goes(service_env: ServiceEnv
 def test_host_restart_while_no_service_ran(service_env: ServiceEnv, sandbox: Sandbox, tmp_path):
     """A host restart cannot happen in a test: it is stood in for by what one leaves behind,
     a sandbox whose processes are gone and whose record names another boot of the host
-    (its runtime's boot id is rewritten in the state database while no service runs)."""
+    (the boot id in its record is rewritten while no service runs)."""
     init = sandbox_pids(service_env.storage, sandbox.id)["init"]
     service_env.stop_service()
     os.kill(init, signal.SIGKILL)
     wait_for(lambda: not _alive(init), message="the sandbox's init to end")
-    database = Path(service_env.env["JUPYTER_DATA_DIR"]) / "sandbox" / "state.sqlite3"
-    with contextlib.closing(sqlite3.connect(database)) as db, db:
-        (text,) = db.execute("SELECT runtime FROM sandboxes WHERE id = ?", (sandbox.id,)).fetchone()
-        runtime = {**json.loads(text), "boot_id": "an-earlier-boot"}
-        db.execute(
-            "UPDATE sandboxes SET runtime = ? WHERE id = ?", (json.dumps(runtime), sandbox.id)
-        )
+    record_file = service_env.storage / "sandboxes" / sandbox.id / RECORD
+    saved = json.loads(record_file.read_text())
+    runtime = json.loads(saved["record"]["runtime"])
+    saved["record"]["runtime"] = json.dumps({**runtime, "boot_id": "an-earlier-boot"})
+    record_file.write_text(json.dumps(saved))
     reason = "the host restarted while no service ran, which ended its processes"
     assert_failed(service_env, sandbox, reason, tmp_path)
     assert_restarts(sandbox)
