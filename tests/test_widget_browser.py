@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import nbformat
 import pytest
-from conftest import wait_for
+from conftest import sandbox_pids, wait_for
 
 from jupyter_sandbox import Sandbox
 
@@ -146,6 +147,46 @@ def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
                 message="the save",
             )
             assert token[:4] + "…" in saved and token not in saved
+        except Exception:
+            page.screenshot(path=ARTIFACTS / "widget-failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
+    """The host kills the sandbox's agent: the widget says it failed and why, offers
+    Restart (which brings it back running) and Kill."""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(lab)
+            page.wait_for_function(
+                "window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel"
+                " && window.jupyterapp.shell.currentWidget.sessionContext"
+                ".session.kernel.status === 'idle'",
+                timeout=60_000,
+            )
+            run_cells(page, 0, 1)
+            status = page.locator(".jsbw-status")
+            status.filter(has_text="running").wait_for(timeout=30_000)
+            sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
+            restart = page.locator("button.jsbw-button", has_text="Restart")
+            assert restart.is_hidden()
+            os.kill(sandbox_pids(service_env.storage, sandbox_id)["agent"], signal.SIGKILL)
+            status.filter(has_text="failed: its agent was killed by signal 9").wait_for(
+                timeout=30_000
+            )
+            assert "files are kept" in page.locator(".jsbw-sandbox-left").inner_text()
+            assert page.locator("button.jsbw-button", has_text="Kill").is_enabled()
+            page.screenshot(path=ARTIFACTS / "widget-failed.png", full_page=True)
+            restart.click()
+            status.filter(has_text="running").wait_for(timeout=30_000)
+            assert restart.is_hidden()
+            assert {s.id: s.status for s in Sandbox.list()}[sandbox_id] == "running"
+            page.locator("button.jsbw-button", has_text="Kill").click()
+            status.filter(has_text="killed").wait_for(timeout=30_000)
         except Exception:
             page.screenshot(path=ARTIFACTS / "widget-failure.png", full_page=True)
             raise
