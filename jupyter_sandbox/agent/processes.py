@@ -25,6 +25,8 @@ from logs import Log, pump_output
 from protocol import CHUNK, Frame
 
 KILL_GRACE = 2.0
+OUTPUT_IDLE = 0.2  # seconds of silence after which an exited command's output has ended
+PTY_OUTPUT_IDLE = 1.0
 MAX_PTY_SIDE = 0xFFFF  # rows and columns are unsigned shorts in struct winsize
 
 
@@ -42,6 +44,59 @@ class Started:
     def wait(self) -> subprocess.Popen | None:
         self._event.wait()
         return self.proc
+
+
+class OutputPump:
+    """Forwards a command's output from `fd` as frames of `kind`, once it is announced.
+
+    When the command exits, what it wrote is forwarded to the end however slowly the
+    client takes it: at most what the descriptor holds plus the chunk in flight. Past
+    that, or after a silence, the rest belongs to a background process the command
+    left holding the descriptor, and the command's EXIT goes first.
+    """
+
+    def __init__(self, channel: Channel, fd: int, kind: int, started: Started, owned: bool) -> None:
+        self.channel, self.fd, self.kind, self.started = channel, fd, kind, started
+        self.owned = owned  # close `fd` at the end
+        try:
+            self.capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        except OSError:  # a pty
+            self.capacity = CHUNK
+        self.forwarded = 0
+        self.last_data = time.monotonic()
+        self.sending = False
+        self.thread = start_thread(self._run)
+
+    def _run(self) -> None:
+        try:
+            if self.started.wait() is None:
+                return
+            while True:
+                try:
+                    data = os.read(self.fd, CHUNK)
+                except OSError:  # EIO on a pty whose last process has gone
+                    return
+                if not data:
+                    return
+                self.sending = True
+                try:
+                    self.channel.send(self.kind, data)
+                except OSError:
+                    return
+                finally:
+                    self.sending, self.last_data = False, time.monotonic()
+                self.forwarded += len(data)
+        finally:
+            if self.owned:
+                os.close(self.fd)
+
+    def drain(self, idle: float) -> None:
+        """Once the command exited: wait until what it wrote is forwarded (see above)."""
+        limit = self.forwarded + self.capacity + CHUNK
+        while self.thread.is_alive() and self.forwarded < limit:
+            self.thread.join(idle)
+            if not self.sending and time.monotonic() - self.last_data >= idle:
+                return
 
 
 class Process:
@@ -149,8 +204,7 @@ class Processes:
         pumps, proc = [], None
         try:
             for fd, kind in io.outputs:
-                owned = fd != io.master
-                pumps.append(start_thread(self._pump_fd, channel, fd, kind, started, owned))
+                pumps.append(OutputPump(channel, fd, kind, started, owned=fd != io.master))
                 io.hand_over(fd)
             start_thread(self._exec_input, channel, started, io.stdin, io.master)
             io.hand_over(io.stdin)
@@ -171,34 +225,13 @@ class Processes:
         try:
             returncode = proc.wait()
             for pump in pumps:
-                pump.join(0.2 if io.master is None else 1.0)
+                pump.drain(OUTPUT_IDLE if io.master is None else PTY_OUTPUT_IDLE)
             status = protocol.exit_status(returncode)
             status["timed_out"] = timed_out.is_set()
             with contextlib.suppress(OSError):
                 channel.send_json(Frame.EXIT, status)
         finally:
             io.close(io.owned)
-
-    @staticmethod
-    def _pump_fd(channel: Channel, fd: int, kind: int, started: Started, owned: bool) -> None:
-        """Forward output once the command is announced; close `fd` at its end if `owned`."""
-        try:
-            if started.wait() is None:
-                return
-            while True:
-                try:
-                    data = os.read(fd, CHUNK)
-                except OSError:  # EIO on a pty whose last process has gone
-                    return
-                if not data:
-                    return
-                try:
-                    channel.send(kind, data)
-                except OSError:
-                    return
-        finally:
-            if owned:
-                os.close(fd)
 
     @staticmethod
     def _exec_input(

@@ -19,6 +19,10 @@ PIPE_VERSION = 2
 HEADER = struct.Struct(">BI")
 MAX_FRAME = 1 << 20
 CHUNK = 256 * 1024
+# The service's HTTP body for a command with input: its JSON request on one line, then
+# the input as raw bytes to the end of the body, at most MAX_INPUT bytes of it.
+COMMAND_WITH_INPUT = "application/x-sandbox-command"
+MAX_INPUT = 256 << 20
 
 AGENT_SOCKET = "agent.sock"
 SANDBOX_HOME = "/home/sandbox"

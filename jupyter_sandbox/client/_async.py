@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -18,9 +17,16 @@ import httpx
 
 from .._config import Paths
 from .._durations import parse_timeout
-from .._errors import CommandError, CommandTimeout, SandboxError, ServiceUnavailable, error_from
+from .._errors import (
+    CommandError,
+    CommandTimeout,
+    InvalidRequest,
+    SandboxError,
+    ServiceUnavailable,
+    error_from,
+)
 from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo, SshAccess
-from ..agent.protocol import Frame
+from ..agent.protocol import COMMAND_WITH_INPUT, MAX_INPUT, Frame
 from ..untrusted.streams import GRACE
 from ._files import AsyncFileSystem
 from ._transport import COMMAND, CREATE, LOGS, SPAWN, Transport, read_frames
@@ -330,16 +336,25 @@ class AsyncSandbox:
     ) -> AsyncIterator[tuple[str, bytes]]:
         """(stream, line) pairs of a command's output; fills `status` at the end."""
         body: dict[str, Any] = {"cmd": cmd, "cwd": cwd, "env": env, "timeout": timeout}
-        if input is not None:
+        request: dict[str, Any] = {"json": body}
+        if input is not None:  # the request on one line, then the input as it is
             data = input.encode() if isinstance(input, str) else input
-            body["input_b64"] = base64.b64encode(data).decode()
+            if len(data) > MAX_INPUT:
+                raise InvalidRequest(
+                    f"a command's input can be at most {MAX_INPUT >> 20} MiB; upload a larger "
+                    "one as a file (sandbox.fs) and redirect the command's input from it"
+                )
+            request = {
+                "content": json.dumps(body).encode() + b"\n" + data,
+                "headers": {"Content-Type": COMMAND_WITH_INPUT},
+            }
         lines = {Frame.STDOUT: _LineSplitter("stdout"), Frame.STDERR: _LineSplitter("stderr")}
         async with self._transport.stream(
             "POST",
             f"/v1/sandboxes/{self.id}/exec",
-            json=body,
             timeout=_backstop(timeout),
             call=COMMAND,
+            **request,
         ) as response:
             async for kind, payload in read_frames(response):
                 if kind in lines:

@@ -30,12 +30,13 @@ from .._errors import (
     SandboxExpired,
     SandboxFailed,
 )
-from ..agent.protocol import CHUNK, Frame, encode, encode_json
+from ..agent.protocol import CHUNK, COMMAND_WITH_INPUT, Frame, encode, encode_json
 from ..agent.remote import AgentStream, parse_result
 from ..untrusted import messages
 from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
 from . import openapi
+from .command_input import CommandInput, read_request_line
 from .manager import Live, Manager, check_env, failed_message
 from .ssh_access import SshAccessManager
 from .state import SandboxRecord
@@ -52,7 +53,8 @@ FILE_OPS: dict[str, dict[str, type]] = {
 }
 CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "fds", "disk", "network")
 CREATE_OPTIONS += ("env", "labels", "owner")
-EXEC_OPTIONS = ("cmd", "argv", "cwd", "env", "timeout", "input_b64")
+COMMAND_OPTIONS = ("cmd", "argv", "cwd", "env", "timeout")
+EXEC_OPTIONS = (*COMMAND_OPTIONS, "input_b64")  # the input goes in the JSON body
 FLAGS = ("1", "true", "0", "false", "")
 REMOVE_TIMEOUT = 600.0  # a recursive remove of a large tree may take that long
 FRAMED = "application/x-sandbox-frames"
@@ -208,7 +210,11 @@ async def _json(request: web.Request, allowed: Iterable[str]) -> dict[str, Any]:
     """The request's JSON object (empty if there is no body); only the `allowed` keys."""
     if not request.can_read_body:
         return {}
-    text = await request.text()
+    return _object(await request.text(), allowed)
+
+
+def _object(text: str, allowed: Iterable[str]) -> dict[str, Any]:
+    """`text` as a JSON object with only the `allowed` keys, or InvalidRequest."""
     try:
         body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
@@ -401,8 +407,13 @@ class Api:
         agent stops answering: the stream then ends with an ERROR frame.
         """
         live = self._live(request)
-        body = await _json(request, EXEC_OPTIONS)
-        stdin = _stdin(body)
+        if request.content_type == COMMAND_WITH_INPUT:
+            body = _object(await read_request_line(request), COMMAND_OPTIONS)
+            stdin = CommandInput(request.content)
+        else:
+            body = await _json(request, EXEC_OPTIONS)
+            data = _stdin(body)
+            stdin = None if data is None else CommandInput(None, data)
         timeout = _optional(body, "timeout", (int, float))
         if timeout is not None and not 0 < timeout <= MAX_SECONDS:
             raise InvalidRequest(
@@ -418,18 +429,15 @@ class Api:
         async with agent:
             try:
                 started = await agent.result(deadline.left(ANSWER_TIMEOUT))
-                if stdin is not None:
-                    with contextlib.suppress(ConnectionError):  # its frames below say why
-                        await agent.send(Frame.STDIN, stdin, deadline.left())
-                        await agent.send(Frame.EOF, b"", deadline.left())
             except AgentTimeout as e:
                 raise _command_timeout(timeout, deadline, e) from None
             response = await _framed_response(request)
             await response.write(encode_json(Frame.RESULT, started))
-            try:
-                await _relay_command(agent, response, deadline)
-            except SandboxError as e:
-                await response.write(_error_frame(_command_timeout(timeout, deadline, e)))
+            async with stdin.feeding(agent) if stdin is not None else contextlib.nullcontext():
+                try:
+                    await _relay_command(agent, response, deadline)
+                except SandboxError as e:
+                    await response.write(_error_frame(_command_timeout(timeout, deadline, e)))
             await response.write_eof()
             return response
 

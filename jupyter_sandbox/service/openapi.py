@@ -19,6 +19,7 @@ from .. import __version__
 from .._config import host_cpus, host_memory
 from .._durations import MAX_SECONDS
 from .._errors import ERRORS
+from ..agent.protocol import COMMAND_WITH_INPUT
 from ..untrusted.messages import FILE_TYPES, LOG_STREAMS, MAX_PID
 from .manager import (
     ENV_KEY_RE,
@@ -453,7 +454,14 @@ def _paths() -> dict[str, dict[str, Schema]]:
             "post": _operation("revoke_ssh", "Revoked", ON_SANDBOX, body="Revoke")
         },
         f"{one}/exec": {
-            "post": _operation("exec", _binary(FRAMES), ON_FILES, body="Exec", body_required=True)
+            "post": _operation(
+                "exec",
+                _binary(FRAMES),
+                ON_FILES,
+                # or: the Exec object (no input_b64) on one line, then the raw input
+                body={**_json("Exec"), **_binary(COMMAND_WITH_INPUT)},
+                body_required=True,
+            )
         },
         f"{one}/spawn": {
             "post": _operation("spawn", "Process", ON_FILES, body="Spawn", body_required=True)
