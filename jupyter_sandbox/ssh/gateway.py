@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SERVER_VERSION = "jupyter-sandbox"
 BACKLOG = 128
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Gateway:
     async def start(self) -> None:
         """Listen; `self.port` is the real port afterwards."""
         limits = self.limits
+        backlog = max(BACKLOG, limits.startups.full)
         self._acceptor = await asyncssh.listen(
             self.host,
             self.port,
@@ -94,13 +96,14 @@ class Gateway:
             agent_forwarding=False,
             x11_forwarding=False,
             login_timeout=limits.login_timeout,  # asyncssh starts it at the TCP accept
-            backlog=max(BACKLOG, limits.per_source_startups.start),
+            backlog=backlog,
             keepalive_interval=limits.keepalive_interval,
             keepalive_count_max=limits.keepalive_count_max,
             server_version=SERVER_VERSION,
             **self.algorithms,
         )
         self.port = self._acceptor.get_port()
+        _warn_of_a_short_backlog(backlog)
 
     async def close(self) -> None:
         """Stop listening and drop every connection."""
@@ -313,3 +316,20 @@ def _track_receives(conn: asyncssh.SSHServerConnection, owner: Connection) -> No
         received(data, datatype)
 
     conn.data_received = data_received
+
+
+def _warn_of_a_short_backlog(wanted: int) -> None:
+    """Say so if the kernel holds fewer connections waiting to be accepted than `wanted`:
+    past that, a burst's further logins wait for their client's SYN retry (1 s, then 3)."""
+    try:
+        cap = int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        return
+    if cap < wanted:
+        log.info(
+            "SSH: the kernel holds at most %d connections waiting to be accepted "
+            "(net.core.somaxconn), fewer than the %d the gateway asked for; a larger burst of "
+            "logins is slowed by a second, not refused",
+            cap,
+            wanted,
+        )

@@ -184,12 +184,15 @@ class StartupLimiter:
             return
         log.warning(
             "SSH start-up limit: dropped %d idle login(s) in progress, the last from %s "
-            "(%d in progress from it, %d in all; limits per source %s, in all %s)",
+            "(%d in progress from it, %d in all; limits %sPER_SOURCE_MAX_STARTUPS=%s, "
+            "%sMAX_STARTUPS=%s)",
             self._bites,
             victim.source,
             len(self.by_source.get(victim.source, ())),
             self.total,
+            ENV_PREFIX,
             self.limits.per_source_startups,
+            ENV_PREFIX,
             self.limits.startups,
         )
         self._bites = 0
