@@ -86,6 +86,12 @@ class FileError(SandboxError, OSError):
     status = 400
 
 
+class DiskFull(SandboxError, OSError):
+    """A disk or filesystem is full; the message names it, its size and what to free."""
+
+    status = 507
+
+
 class ProcessNotFound(SandboxError, LookupError):
     """No background process with that pid was started in the sandbox."""
 
@@ -121,6 +127,7 @@ ERRORS: dict[str, type[SandboxError]] = {
         FileExists,
         PermissionDenied,
         FileError,
+        DiskFull,
         ProcessNotFound,
         CommandError,
         CommandTimeout,

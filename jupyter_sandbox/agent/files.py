@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import socket
 import stat
 import subprocess
 import threading
@@ -12,6 +15,15 @@ from channel import AgentError, Channel, FrameReader, FrameWriter
 from protocol import CHUNK, Frame
 
 PIPE_CHUNK = 1 << 20
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Free bytes of the host's disk below which an upload into a home of its own (a sparse
+# image on that disk) is synced before it counts: the image may outgrow what is free,
+# and bytes its filesystem took but the disk could not would be lost unseen.
+HOST_NEARLY_FULL = 256 << 20
+HOST_FULL = 1 << 20  # free bytes of the host's disk below which it, not a quota, is full
+# A directory on the host disk that holds this sandbox (the agent's state directory, a
+# descriptor set at start): its free space is that disk's, whatever the home is.
+host_disk: int | None = None
 
 
 def resolve(path: str) -> str:
@@ -137,27 +149,39 @@ def op_write(
         os.makedirs(directory, exist_ok=True)
     if os.path.isdir(target):
         raise AgentError("FileError", f"is a directory: {path}")
-    tmp = os.path.join(
-        directory, f".{os.path.basename(target)}.upload-{os.getpid()}-{threading.get_ident()}"
-    )
+    with replacing(target) as f:
+        if pipe:
+            source = channel.receive_pipe()
+            try:
+                write_with_fresh_process(source, f.fileno(), target)
+            finally:
+                os.close(source)
+        else:
+            for data in channel.data_frames():
+                f.write(data)
+        os.fchmod(f.fileno(), 0o644 if mode is None else int(mode) & 0o7777)
+    channel.send_json(Frame.RESULT, describe(target))
+
+
+@contextlib.contextmanager
+def replacing(target: str):
+    """A new file (open for writing) that becomes `target` only once it is complete.
+
+    Until then `target` keeps what it had; a write that fails (a full disk) leaves no
+    part of the new file behind. Synced first where the host's disk is nearly full.
+    """
+    directory, name = os.path.split(target)
+    tmp = os.path.join(directory, f".{name}.upload-{os.getpid()}-{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            if pipe:
-                source = channel.receive_pipe()
-                try:
-                    write_with_fresh_process(source, fd)
-                finally:
-                    os.close(source)
-            else:
-                for data in channel.data_frames():
-                    f.write(data)
-        os.chmod(tmp, 0o644 if mode is None else int(mode) & 0o7777)
+            yield f
+            f.flush()
+            settle(fd)
         os.replace(tmp, target)
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    channel.send_json(Frame.RESULT, describe(target))
 
 
 def op_tar_out(channel: Channel, path: str, pipe: bool = False) -> None:
@@ -206,7 +230,10 @@ def op_tar_in(channel: Channel, path: str, pipe: bool = False) -> None:
     with tarfile.open(fileobj=reader, mode="r|") as tar:
         for member in tar:
             protocol.check_tar_member(root, member)
-            tar.extract(member, root, set_attrs=not member.issym())
+            if member.isfile():
+                _extract_file(tar, member, os.path.join(root, os.path.normpath(member.name)))
+            else:
+                tar.extract(member, root, set_attrs=not member.issym())
             count += 1
     drain(reader)
     if pipe:
@@ -214,8 +241,20 @@ def op_tar_in(channel: Channel, path: str, pipe: bool = False) -> None:
     channel.send_json(Frame.RESULT, {"files": count})
 
 
-def write_with_fresh_process(source: int, target: int) -> None:
-    """Copy a pipe into a file with a short-lived `cat`.
+def _extract_file(tar, member, target: str) -> None:
+    """A file of a tar stream, written whole or not at all (an earlier file there stays)."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    source = tar.extractfile(member)
+    with replacing(target) as f:
+        while data := source.read(CHUNK):
+            f.write(data)
+        os.fchmod(f.fileno(), member.mode & 0o7777)
+        with contextlib.suppress(OSError, OverflowError, ValueError):  # as tarfile does
+            os.utime(f.fileno(), (member.mtime, member.mtime))
+
+
+def write_with_fresh_process(source: int, target: int, path: str) -> None:
+    """Copy a pipe into the file `path` (open as `target`) with a short-lived `cat`.
 
     Linux throttles a process by how many pages it has dirtied so far, so a
     long-lived agent writing its third large upload crawls at the disk's pace
@@ -223,7 +262,125 @@ def write_with_fresh_process(source: int, target: int) -> None:
     """
     done = subprocess.run(["cat"], stdin=source, stdout=target, stderr=subprocess.PIPE)
     if done.returncode:
-        raise AgentError("FileError", done.stderr.decode(errors="replace").strip())
+        output = done.stderr.decode(errors="replace").strip()
+        for code in FULL_ERRNOS:  # cat says why in the sandbox's C.UTF-8 locale
+            if os.strerror(code) in output:
+                raise OSError(code, os.strerror(code), path)
+        raise AgentError("FileError", output)
+
+
+def settle(fd: int) -> None:
+    """Sync a file just written into a home of its own while the host's disk is nearly full.
+
+    A write failing there for want of disk then fails here, before it counts; with
+    room on the host, nothing waits.
+    """
+    if host_disk is None or not _home_has_own_disk():
+        return
+    host = os.fstatvfs(host_disk)
+    if host.f_bavail * host.f_frsize < HOST_NEARLY_FULL:
+        os.fsync(fd)
+
+
+def _home_has_own_disk() -> bool:
+    return (
+        host_disk is not None
+        and os.fstat(host_disk).st_dev != os.stat(protocol.SANDBOX_HOME).st_dev
+    )
+
+
+def full_message(path: str | None) -> str:
+    """What a write to `path` filled (it failed with ENOSPC or EDQUOT) and what to do."""
+    try:
+        return _full_message(path)
+    except OSError:
+        return f"no space left on the disk that holds {path}: remove files, then try again"
+
+
+def _full_message(path: str | None) -> str:
+    sandbox = socket.gethostname()
+    home = protocol.SANDBOX_HOME
+    where = _existing(path or home)
+    if os.stat(where).st_dev != os.stat(home).st_dev:
+        fs = os.statvfs(where)
+        total = _size(fs.f_blocks * fs.f_frsize)
+        return (
+            f"{_mount_point(where)} of sandbox {sandbox} is full ({total}{_no_inodes(fs)}): "
+            f"remove files there, or write into the home ({home}) instead"
+        )
+    fs = os.statvfs(home)
+    total, free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+    if not _home_has_own_disk():
+        return (
+            f"the home of sandbox {sandbox} is full: it has no quota of its own, and the "
+            f"host's disk that holds it is full ({_size(total)} in all, {_size(free)} free"
+            f"{_no_inodes(fs)}): remove files, end sandboxes you no longer need, or free "
+            "space on the host"
+        )
+    host = os.fstatvfs(host_disk)
+    if host.f_bavail * host.f_frsize < HOST_FULL:  # the disk under the home's image is full
+        return (
+            f"the host's disk that holds sandbox {sandbox} is full ("
+            f"{_size(host.f_bavail * host.f_frsize)} free), before the home's {_size(total)} "
+            "quota was reached: this write did not happen. End sandboxes you no longer need "
+            "or free space on the host, then write again"
+        )
+    return (
+        f"the home of sandbox {sandbox} is full (its {_size(total)} quota{_no_inodes(fs)}): "
+        "remove files, or create the sandbox with a larger disk="
+    )
+
+
+def read_only_home(path: str | None) -> str | None:
+    """Why a write to `path` met a read-only home, if its filesystem turned read-only.
+
+    The home is mounted writable; a home of its own refuses writes only once its image
+    could not be written (the host's disk under it was full, its journal stopped): its
+    files can still be read, nothing more is written.
+    """
+    try:
+        home = protocol.SANDBOX_HOME
+        if (
+            not _home_has_own_disk()
+            or os.stat(_existing(path or home)).st_dev != os.stat(home).st_dev
+        ):
+            return None
+        host = os.fstatvfs(host_disk)
+    except OSError:
+        return None
+    return (
+        f"the home of sandbox {socket.gethostname()} turned read-only: the host's disk "
+        f"under it filled up (it has {_size(host.f_bavail * host.f_frsize)} free now). Its "
+        "files can still be read and downloaded: download what you need and create a new "
+        "sandbox once the host has room"
+    )
+
+
+def _no_inodes(fs: os.statvfs_result) -> str:
+    return ", no inodes left for new files" if fs.f_files and not fs.f_favail else ""
+
+
+def _existing(path: str) -> str:
+    """`path`, or its nearest ancestor that exists."""
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.realpath(path)
+    while path != "/" and os.stat(os.path.dirname(path)).st_dev == os.stat(path).st_dev:
+        path = os.path.dirname(path)
+    return path
+
+
+def _size(n: float) -> str:
+    """Bytes in a short human form, as the host's ``format_size`` (the agent imports none)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def drain(reader) -> None:

@@ -20,6 +20,7 @@ and tar streams) and ``relay`` (connections from inside).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -45,6 +46,7 @@ class Agent:
     def __init__(self, isolated: isolation.Isolation, files_only: bool = False) -> None:
         self.isolated = isolated
         self.log = Log(isolated.state_dir)
+        files.host_disk = isolated.state_dir
         self.processes = Processes(self.log, isolated)
         self.started = time.time()
         parts = (self, files) if files_only else (self, self.processes, files, relay)
@@ -85,6 +87,12 @@ class Agent:
         except BlockingIOError as e:  # EAGAIN: typically fork() at the pid limit
             self._report(channel, "SandboxError", f"the sandbox is out of resources: {e}")
         except (IsADirectoryError, NotADirectoryError, OSError) as e:
+            if e.errno in files.FULL_ERRNOS:
+                self._report(channel, "DiskFull", files.full_message(e.filename))
+                return
+            if e.errno == errno.EROFS and (reason := files.read_only_home(e.filename)):
+                self._report(channel, "DiskFull", reason)
+                return
             where = f": {e.filename}" if getattr(e, "filename", None) else ""
             self._report(channel, "FileError", f"{e.strerror or e}{where}")
         except (TypeError, ValueError, KeyError) as e:
@@ -144,7 +152,8 @@ class Agent:
         status = self.isolated.wait_user_init()
         message = f"the sandbox's init process ended (wait status {status}): the sandbox stops"
         self.log.write("agent", "event", message)
-        print(message, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a full disk must not keep the agent alive
+            print(message, file=sys.stderr, flush=True)
         os._exit(protocol.EXIT_USER_INIT_LOST)
 
 

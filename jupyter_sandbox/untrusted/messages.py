@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import (
+    DiskFull,
     FileError,
     FileExists,
     FileNotFound,
@@ -51,6 +52,7 @@ AGENT_ERRORS: dict[str, type[SandboxError]] = {
     "FileExists": FileExists,
     "PermissionDenied": PermissionDenied,
     "FileError": FileError,
+    "DiskFull": DiskFull,
     "ProcessNotFound": ProcessNotFound,
     "SandboxError": SandboxError,
     "ConnectionLost": SandboxError,
