@@ -77,15 +77,6 @@ def parse_size(value: str | int | None) -> int | None:
     return size
 
 
-def format_size(n: float) -> str:
-    """A short human form: 512 B, 1.5 KiB, 12.0 MiB, 10.0 GiB, 2.0 TiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def format_duration(seconds: float) -> str:
     """A short human form: 1h05m, 4m30s, 12s."""
     seconds = max(0, int(seconds))

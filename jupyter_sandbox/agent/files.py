@@ -374,13 +374,13 @@ def _mount_point(path: str) -> str:
     return path
 
 
-def _size(n: float) -> str:
-    """Bytes in a short human form, as the host's ``format_size`` (the agent imports none)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+def _size(size: float) -> str:
+    """Bytes in binary units, as the host's ``format_size`` (the agent imports none)."""
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        value = size / 1024**power
+        if value >= 1:
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size:.0f} B"
 
 
 def drain(reader) -> None:

@@ -11,10 +11,18 @@ import time
 from datetime import datetime, timezone
 
 from .._durations import format_duration
-from .._durations import format_size as size
 from .._models import SandboxInfo, SshAccess
 
 PROGRESS_THRESHOLD = 4 * 1024 * 1024  # transfers smaller than this show no bar
+
+
+def size(n: float) -> str:
+    """1.5 KiB, 12.0 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def clock(epoch: float) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox import Sandbox
+from jupyter_sandbox._durations import format_size
 from jupyter_sandbox._errors import DiskFull
 from jupyter_sandbox.backends import space
 from tests.conftest import _alive, cgroup_dirs, sandbox_processes, service_status, wait_for
@@ -138,7 +139,7 @@ def _assert_names_the_disk(error: DiskFull, disk: SmallDisk) -> None:
     message = str(error)
     assert isinstance(error, OSError)  # DiskFull is also an OSError, as open() would raise
     assert str(disk.storage) in message and "tmpfs" in message, message
-    assert f"{disk.size / MiB:.1f} MiB in all" in message, message
+    assert f"{format_size(disk.size)} in all" in message, message
     assert re.search(r"[\d.]+ (B|KiB|MiB) free", message), message
     assert "JUPYTER_SANDBOX_DIR" in message and "End sandboxes" in message, message
 
@@ -179,7 +180,7 @@ def test_start_that_runs_out_half_way_is_undone(tight_disk: SmallDisk):
     with pytest.raises(DiskFull) as caught:
         Sandbox.create(timeout="5m")
     _assert_names_the_disk(caught.value, tight_disk)
-    assert "8.0 TiB home" in str(caught.value)
+    assert "8 TiB home" in str(caught.value)
     assert tight_disk.sandbox_dirs() == tight_disk.pooled() == set()
     assert not _mounted_under(tight_disk.storage)
     assert not _loop_devices(tight_disk.storage)
