@@ -48,10 +48,22 @@ def full_error(storage: Path, home: int | None = None) -> DiskFull:
     step = f"; making the filesystem of a {size(home)} home ran out of it" if home else ""
     return DiskFull(
         f"no room for a new sandbox: the disk that holds sandboxes is full ({describe(storage)}"
-        f"; a sandbox needs {size(MIN_FREE)} to start{step}). End sandboxes you no longer need "
-        "(their homes are kept there), free space on that disk, ask for a smaller disk=, or "
-        "set JUPYTER_SANDBOX_DIR to a directory on a larger disk"
+        f"; a sandbox needs {size(MIN_FREE)} to start{step}). {_WHAT_TO_DO}, ask for a "
+        "smaller disk=, or set JUPYTER_SANDBOX_DIR to a directory on a larger disk"
     )
+
+
+def unsaved_error(storage: Path) -> DiskFull:
+    """DiskFull for a change the service could not write down because `storage` is full."""
+    return DiskFull(
+        "the service could not save this change: the disk that holds sandboxes is full "
+        f"({describe(storage)}). {_WHAT_TO_DO}, then try again"
+    )
+
+
+_WHAT_TO_DO = (
+    "End sandboxes you no longer need (their homes are kept there), free space on that disk"
+)
 
 
 def describe(path: Path) -> str:

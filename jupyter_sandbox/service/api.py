@@ -32,6 +32,7 @@ from .._errors import (
 )
 from ..agent.protocol import CHUNK, COMMAND_WITH_INPUT, Frame, encode, encode_json
 from ..agent.remote import AgentStream, parse_result
+from ..backends import space
 from ..untrusted import messages
 from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
@@ -145,6 +146,10 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
             return await handler(request)
         except SandboxExpired as e:
             raise await _failed_instead(request, e) from None
+        except OSError as e:  # the service's own writes: the sandboxes' records, say
+            if isinstance(e, SandboxError) or not space.is_full(e):
+                raise
+            raise space.unsaved_error(request.app["manager"].backend.storage) from None
     except SandboxError as e:
         return web.json_response(
             {"error": type(e).__name__, "message": str(e)},

@@ -38,6 +38,7 @@ from .._errors import (
     SandboxNotFound,
 )
 from ..agent.remote import AgentClient
+from ..backends import space
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
 from .state import ENDED, FAILED, POOLED, RUNNING, SandboxRecord, State
@@ -300,8 +301,10 @@ class Manager:
         )
         try:
             self.state.save(record)
-        except OSError:  # never a sandbox without its record: it would be swept as a leftover
+        except OSError as e:  # never a sandbox without its record: it would be swept
             await self.backend.stop(runtime)
+            if space.is_full(e):
+                raise space.full_error(self.backend.storage) from None
             raise
         self.live[sandbox_id] = Live(record, runtime, AgentClient(runtime.socket))
         self._notify("created", record)
@@ -372,9 +375,8 @@ class Manager:
                 runtime = await self.backend.start(
                     SandboxSpec(sandbox_id, "none", limits, host_uid, self.settings.seccomp)
                 )
-            except DiskFull as e:  # said once; tried again only after POOL_RETRY
-                self._pool_paused_until = time.monotonic() + POOL_RETRY
-                log.warning("the warm pool stays empty for now: %s", e)
+            except DiskFull as e:
+                self._pause_pool(e)
                 return
             except Exception:
                 log.exception("could not start a pooled sandbox")
@@ -392,11 +394,19 @@ class Manager:
             )
             try:
                 self.state.save(record)
-            except OSError:
-                log.exception("could not record a pooled sandbox")
+            except OSError as e:
                 await self.backend.stop(runtime)
+                if space.is_full(e):
+                    self._pause_pool(space.full_error(self.backend.storage))
+                else:
+                    log.exception("could not record a pooled sandbox")
                 return
             self.pool[sandbox_id] = runtime
+
+    def _pause_pool(self, error: DiskFull) -> None:
+        """The disk is full: say so once, and refill only after POOL_RETRY."""
+        self._pool_paused_until = time.monotonic() + POOL_RETRY
+        log.warning("the warm pool stays empty for now: %s", error)
 
     async def _drain_pool(self) -> None:
         self._closing = True

@@ -249,6 +249,10 @@ def test_full_host_disk_under_a_home(roomy_disk: SmallDisk):
         message = str(caught.value)
         assert "host's disk" in message and sb.id in message, message
         assert sb.fs.read_bytes("kept.bin") == kept
+        with pytest.raises(DiskFull) as caught:  # its record, on that disk, cannot change
+            sb.extend_timeout("10m")
+        assert "could not save" in str(caught.value), str(caught.value)
+        assert str(roomy_disk.storage) in str(caught.value), str(caught.value)
         proc = sb.spawn("echo logged while full")
         assert proc.wait(timeout=30) == 0
         with sb.logs() as entries:
@@ -264,7 +268,7 @@ def test_pool_on_a_full_disk_waits(small_disk: SmallDisk):
     """The warm pool meets a full disk: one warning, then it waits (no retry loop)."""
     Sandbox.list()  # start the service; its pool fills while there is room
     wait_for(small_disk.pooled, 30, message="the pool to start a sandbox")
-    small_disk.fill(leave=0)
+    small_disk.fill(leave=MiB)  # room for a record, not for a start
     # Only a sandbox from the pool can start now; until the pool's is ready, none can.
     sb = wait_for(lambda: _create_or_none(), 30, message="a sandbox from the pool")
     with sb:
