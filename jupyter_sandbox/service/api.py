@@ -322,7 +322,8 @@ class Api:
         )
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Sandbox lifecycle events as JSON lines ("created", "updated", "ended")."""
+        """Sandbox lifecycle events as JSON lines: "created", "updated", "failed",
+        "restarted", "ended"."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
 
         def listener(event: str, record: SandboxRecord) -> None:

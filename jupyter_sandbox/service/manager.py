@@ -478,7 +478,7 @@ class Manager:
             if live.record.status != FAILED:
                 return
             if runtime.files_only:
-                if await self.backend.failure(runtime) is None:
+                if self.backend.serving(runtime):
                     return
                 await self.backend.halt(runtime)  # that agent ended too: start another
             live.runtime = await self.backend.start(self._spec(live), resume=True, files_only=True)
