@@ -179,6 +179,11 @@ def replacing(target: str):
             f.flush()
             settle(fd)
         os.replace(tmp, target)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        if e.errno in FULL_ERRNOS and e.filename is None:  # a write: say where it went
+            raise OSError(e.errno, e.strerror, target) from None
+        raise
     except BaseException:
         _unlink_quietly(tmp)
         raise

@@ -4,7 +4,7 @@ Each test runs its own service whose sandbox storage (JUPYTER_SANDBOX_DIR) is a 
 tmpfs mounted for it, so "full" is reached in seconds without touching the host's
 disk. Mounting needs root: as another user these tests skip. A home without a quota of
 its own (an unprivileged service's) is a directory on the host's disk, which no test
-here fills.
+here fills. What needs no mount runs as any user: a full tmpfs inside a sandbox.
 """
 
 from __future__ import annotations
@@ -298,3 +298,26 @@ def _create_or_none() -> Sandbox | None:
         return Sandbox.create(timeout="5m")
     except DiskFull:
         return None
+
+
+@pytest.mark.unprivileged
+def test_full_tmpfs_in_a_sandbox(service_env):
+    """A tmpfs inside the sandbox (/var/tmp, sized from its memory) filled by a write:
+    DiskFull names it and its size; a command filling it gets ENOSPC; nothing breaks."""
+    with Sandbox.create(memory="128M") as sb:
+        size = sb.info().limits["tmpfs"]["/var/tmp"]
+        sb.fs.write_text("/var/tmp/kept", "precious")
+        with pytest.raises(DiskFull) as caught:
+            sb.fs.write_bytes("/var/tmp/big", os.urandom(size + MiB))
+        message = str(caught.value)
+        assert f"/var/tmp of sandbox {sb.id} is full ({format_size(size)})" in message, message
+        assert "write into the home" in message, message
+        assert sb.fs.read_text("/var/tmp/kept") == "precious"
+        assert [f.name for f in sb.fs.list("/var/tmp")] == ["kept"]  # no partial file
+        filled = sb.sh(
+            f"dd if=/dev/zero of=/var/tmp/fill bs=1M count={size // MiB + 1}", check=False
+        )
+        assert filled.exit_code != 0 and "No space left on device" in filled.stderr
+        assert sb.sh("rm /var/tmp/fill; echo ok").stdout == "ok\n"
+        sb.fs.write_bytes("/var/tmp/after", b"x" * MiB)
+        assert sb.info().status == "running"
