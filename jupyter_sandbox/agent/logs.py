@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
+import errno
 import itertools
 import json
 import os
@@ -93,11 +95,25 @@ class Log:
                 d = self.directory
                 os.replace(self.name, self.name + ".1", src_dir_fd=d, dst_dir_fd=d)
                 self._file = self._open_for_append()
-            self._file.write(line)
+            self._write_whole(self._file, line)
         except OSError:  # a full disk loses file entries, never the ring
             if self._file is not None:
-                self._file.close()
+                with contextlib.suppress(OSError):
+                    self._file.close()
             self._file = None
+
+    @staticmethod
+    def _write_whole(file, line: bytes) -> None:
+        """Append all of `line` or none of it: a full disk takes part of a write without
+        an error, and the next entry would then continue a broken line."""
+        start = file.tell()
+        try:
+            if file.write(line) != len(line):
+                raise OSError(errno.ENOSPC, "the log's disk took only part of an entry")
+        except OSError:
+            with contextlib.suppress(OSError):
+                file.truncate(start)
+            raise
 
     def _opener(self, name: str, flags: int) -> int:
         return os.open(name, flags | os.O_NOFOLLOW, 0o600, dir_fd=self.directory)

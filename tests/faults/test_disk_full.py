@@ -260,6 +260,11 @@ def test_full_host_disk_under_a_home(roomy_disk: SmallDisk):
         assert sb.sh("echo alive").stdout == "alive\n"
         filler.unlink()
         assert sb.fs.read_bytes("kept.bin") == kept
+        assert sb.spawn("echo logged again").wait(timeout=30) == 0
+        log_file = roomy_disk.storage / "sandboxes" / sb.id / "state" / "log.jsonl"
+        lines = log_file.read_bytes().splitlines()
+        assert all(json.loads(line) for line in lines)  # no entry broken by the full disk
+        assert any(json.loads(line)["text"] == "logged again\n" for line in lines)
         assert sb.sh("echo alive").stdout == "alive\n"
         assert sb.info().status == "running"
 
