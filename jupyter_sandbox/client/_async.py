@@ -191,7 +191,10 @@ class AsyncSandbox:
             await asyncio.sleep(interval)
             try:
                 await self._transport.request(
-                    "POST", f"/v1/sandboxes/{self.id}/lease", json={"lease": self._lease}
+                    "POST",
+                    f"/v1/sandboxes/{self.id}/lease",
+                    json={"lease": self._lease},
+                    lease=True,
                 )
             except ServiceUnavailable:
                 continue  # the next attempt restarts the service, which re-adopts us

@@ -25,6 +25,8 @@ from ..untrusted.messages import MAX_RESULT
 from ._service import find_or_start, is_supervised
 
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+_POOL = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own
+_LEASE_POOL = httpx.Limits(max_connections=4)
 _SAFE_METHODS = ("GET", "HEAD", "DELETE")
 
 
@@ -74,6 +76,9 @@ class Transport:
         self.paths = paths or Paths.default()
         self.remote = os.environ.get("JUPYTER_SANDBOX_URL")
         self._client: httpx.AsyncClient | None = None
+        # Connections of their own for lease renewals: behind a pool busy with a thousand
+        # commands they would wait past the lease, and the sandbox would end.
+        self._leases: httpx.AsyncClient | None = None
         self._lock = asyncio.Lock()
 
     async def client(self) -> httpx.AsyncClient:
@@ -83,24 +88,37 @@ class Transport:
                     self._client = await self._connect()
         return self._client
 
-    async def _connect(self) -> httpx.AsyncClient:
+    async def lease_client(self) -> httpx.AsyncClient:
+        """A client for lease renewals, with connections no other request waits for."""
+        await self.client()  # the service is found (or started) there
+        if self._leases is None:
+            self._leases = self._new_client(_LEASE_POOL)
+        return self._leases
+
+    def _new_client(self, limits: httpx.Limits = _POOL) -> httpx.AsyncClient:
         if self.remote:
             token = os.environ.get("JUPYTER_SANDBOX_TOKEN", "")
             return httpx.AsyncClient(
                 base_url=self.remote,
                 timeout=_TIMEOUT,
                 headers={"Authorization": f"Bearer {token}"},
+                limits=limits,
             )
+        return httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.paths.socket), limits=limits),
+            base_url="http://sandbox-service",
+            timeout=_TIMEOUT,
+        )
+
+    async def _connect(self) -> httpx.AsyncClient:
+        if self.remote:
+            return self._new_client()
         return await find_or_start(self.paths, self._try_socket)
 
     async def _try_socket(self) -> httpx.AsyncClient | None:
         if not self.paths.socket.exists():
             return None
-        client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.paths.socket)),
-            base_url="http://sandbox-service",
-            timeout=_TIMEOUT,
-        )
+        client = self._new_client()
         try:
             response = await client.get("/v1/status")
             response.raise_for_status()
@@ -111,21 +129,23 @@ class Transport:
 
     async def reset(self) -> None:
         """Forget the connection, so the next request finds or starts the service again."""
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        clients, self._client, self._leases = (self._client, self._leases), None, None
+        for client in clients:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     async def close(self) -> None:
         await self.reset()
 
     async def request(
-        self, method: str, url: str, *, call: Call | None = None, **kwargs: Any
+        self, method: str, url: str, *, call: Call | None = None, lease: bool = False, **kwargs: Any
     ) -> Any:
-        """A request whose JSON answer is returned, or whose error is raised typed."""
+        """A request whose JSON answer is returned, or whose error is raised typed;
+        `lease`: a lease renewal, sent through `lease_client`."""
         call = call or plain_call(method, url)
         for attempt in (1, 2):
-            client = await self.client()
+            client = await (self.lease_client() if lease else self.client())
             try:
                 response = await client.request(method, url, **kwargs)
             except httpx.TransportError as e:

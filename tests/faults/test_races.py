@@ -157,3 +157,12 @@ def test_a_slow_reader_gets_all_output_of_a_command_that_exited(sandbox: Sandbox
     lines, received = portal().call(read_slowly())
     assert lines == -(-size // width)
     assert received == size + lines - 1  # every line but the last ends with a newline
+
+
+def test_a_session_sandbox_outlives_a_busy_owner(sandbox: Sandbox) -> None:
+    """Its owner keeps every connection busy for longer than the lease (4 s in tests):
+    the renewals still get through, and the sandbox stays."""
+    with ThreadPoolExecutor(300) as pool:
+        outputs = list(pool.map(lambda i: sandbox.sh(f"sleep 1.5; echo {i}").stdout, range(300)))
+    assert outputs == [f"{i}\n" for i in range(300)]
+    assert sandbox.info().status == "running"
