@@ -533,6 +533,10 @@ class LocalBackend:
                 records[directory.name] = data
         return records
 
+    def exists(self, sandbox_id: str) -> bool:
+        """Does the sandbox still have its directory (its files, its record)?"""
+        return os.path.isdir(self._directory(sandbox_id))
+
     def runtime(self, sandbox_id: str, text: str) -> Runtime:
         """The recorded runtime of a sandbox; ValueError unless it is one of this storage's."""
         runtime = Runtime.from_json(text)

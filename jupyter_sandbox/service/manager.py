@@ -110,9 +110,9 @@ class Manager:
                 continue
             if record.status == POOLED:
                 await self._end(record, runtime, "pool drained")
-            elif runtime is None:
-                lost = "lost while the service was down"
-                await self._end(record, None, lost if record.live else "failed, directory unknown")
+            elif runtime is None or not self.backend.exists(record.id):
+                # Known to the database alone: it ended while no change could be written.
+                await self._end(record, None, "lost while the service was down")
             elif record.status == FAILED:
                 await self.backend.halt(runtime)  # a files-only agent the last service started
                 self.live[record.id] = Live(record, runtime, AgentClient(runtime.socket))
@@ -135,10 +135,7 @@ class Manager:
         if reason is not None:
             await self._fail(live, reason)
             return
-        try:
-            self.state.save(record)  # its own record, if an older version started it
-        except OSError as e:
-            log.warning("could not write the record of sandbox %s: %s", record.id, e)
+        self.state.save(record)  # its own record, if an older version started it
         log.info("re-adopted sandbox %s", record.id)
 
     async def close(self) -> None:
@@ -300,7 +297,7 @@ class Manager:
             runtime=runtime.to_json(),
         )
         try:
-            self.state.save(record)
+            self.state.add(record)
         except OSError as e:  # never a sandbox without its record: it would be swept
             await self.backend.stop(runtime)
             if space.is_full(e):
@@ -393,7 +390,7 @@ class Manager:
                 limits=limits.as_dict(),
             )
             try:
-                self.state.save(record)
+                self.state.add(record)
             except OSError as e:
                 await self.backend.stop(runtime)
                 if space.is_full(e):

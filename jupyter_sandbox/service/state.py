@@ -224,10 +224,17 @@ class State:
 
     # -- sandboxes ---------------------------------------------------------------------
 
+    def add(self, record: SandboxRecord) -> None:
+        """Keep a new sandbox's record; OSError if its own record file cannot be written
+        (a sandbox without one would be swept at the next start as never recorded)."""
+        self._write_file(record)
+        self.save(record)
+
     def save(self, record: SandboxRecord) -> None:
-        """Keep `record`: its own record file first (OSError if that fails), then the database."""
+        """Keep a change of `record`: in its own record file if that matters, and in the
+        database. A record file that cannot be written is logged; the change is kept."""
         if record.status in ON_DISK:
-            self._write_file(record)
+            self._write_file_or_log(record)
         else:
             self._on_disk.pop(record.id, None)
         self._records[record.id] = record
@@ -302,7 +309,7 @@ class State:
     def _token_changed(self, sandbox_id: str, *hashes: str) -> None:
         record = self._records.get(sandbox_id)
         if record is not None and record.status in ON_DISK:
-            self._write_file(record)
+            self._write_file_or_log(record)
         rows = {h: asdict(t) if (t := self._tokens.get(h)) else None for h in hashes}
         self._writer.put({}, rows)
 
@@ -318,6 +325,17 @@ class State:
         if self._on_disk.get(record.id) != text:
             self.files.write_record(record.id, text)
             self._on_disk[record.id] = text
+
+    def _write_file_or_log(self, record: SandboxRecord) -> None:
+        try:
+            self._write_file(record)
+        except OSError as e:
+            log.warning(
+                "could not write the record of sandbox %s in its directory (%s); a restart "
+                "without the database would take it back as it was last recorded",
+                record.id,
+                e,
+            )
 
     def _resend_all(self) -> None:
         """Give the writer everything (for a database that was replaced or just opened)."""

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
 import sqlite3
 import subprocess
@@ -246,3 +247,195 @@ def test_a_service_that_cannot_start_says_why_in_one_line(
         assert "could not start" in done.stderr and str(blocker) in done.stderr
         assert str(store.log_file) in done.stderr
     assert store.service_pid() is None
+
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+db.execute("COMMIT")
+"""
+
+# Calls sh("true") in a sandbox for a while, paced, from a session sandbox of its own
+# (whose lease it renews all along); creates a sandbox halfway. Prints what it saw.
+PROBE = """
+import json, sys, time
+from jupyter_sandbox import Sandbox
+target, seconds = Sandbox.connect(sys.argv[1]), float(sys.argv[2])
+with Sandbox.create() as own:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    worst, calls, created = 0.0, 0, None
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        target.sh("true")
+        own.sh("true")
+        worst = max(worst, time.monotonic() - started)
+        calls += 1
+        if created is None and time.monotonic() > end - seconds / 2:
+            created = Sandbox.create(timeout="10m").id
+        time.sleep(0.05)
+print(json.dumps({"worst": worst, "calls": calls, "created": created}), flush=True)
+"""
+
+LOCK_SECONDS = 10.0
+
+
+class Terminal:
+    """An interactive `ssh -tt` session; `round_trip` times one command's answer."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        self.seen = b""
+        self.count = 0
+
+    def round_trip(self, timeout: float = 30.0) -> float:
+        """Seconds from typing a command to seeing its output (not the echo of the line)."""
+        self.count += 1
+        expected = f"x{self.count + 1000}y".encode()
+        started = time.monotonic()
+        self.proc.stdin.write(f"echo x$(({self.count} + 1000))y\n".encode())
+        self.proc.stdin.flush()
+        while expected not in self.seen:
+            left = started + timeout - time.monotonic()
+            assert left > 0, f"no answer from the SSH session in {timeout} s"
+            readable, _, _ = select.select([self.proc.stdout], [], [], left)
+            if readable:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                assert chunk, "the SSH session closed"
+                self.seen += chunk
+        self.seen = self.seen.split(expected, 1)[1]
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def lock(service: StoreService) -> subprocess.Popen:
+    """Another process holding the database's write lock, until `release`."""
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(service.database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdout.readline() == "locked\n"
+    return locker
+
+
+def release(locker: subprocess.Popen) -> None:
+    locker.stdin.write("\n")
+    locker.stdin.flush()
+    assert locker.wait(10) == 0
+
+
+def in_database(service: StoreService, sandbox_id: str) -> bool:
+    with sqlite3.connect(f"file:{service.database}?mode=ro", uri=True, timeout=5) as db:
+        row = db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+        return row is not None
+
+
+def test_a_locked_database_holds_up_nothing(store: StoreService) -> None:
+    """Another process holds the database's write lock for 10 s. Meanwhile `sh` calls,
+    lease renewals and an interactive SSH session must keep answering within 1 s; a
+    sandbox created meanwhile is written once the lock is released; the log says once
+    that writes are delayed (not once per write), and when they went in. A service
+    SIGKILLed and started again under the lock ends nothing, and both sandboxes are
+    there after a restart once it is released."""
+    first = json.loads(store.python(SETUP))
+    terminal = Terminal(
+        ["ssh", "-tt", *UNPINNED_SSH, "-p", str(store.ssh_port()), f"{first['token']}@127.0.0.1"]
+    )
+    probe = subprocess.Popen(
+        [sys.executable, "-c", PROBE, first["id"], str(LOCK_SECONDS)],
+        env={**os.environ, **store.env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    locker = None
+    try:
+        terminal.round_trip()
+        assert probe.stdout.readline() == "ready\n"
+        offset = store.log_size()
+        locker = lock(store)
+        locked_at = time.monotonic()
+        probe.stdin.write("go\n")
+        probe.stdin.flush()
+        worst_ssh = 0.0
+        while probe.poll() is None and time.monotonic() < locked_at + 4 * LOCK_SECONDS:
+            worst_ssh = max(worst_ssh, terminal.round_trip())
+            time.sleep(0.1)  # pacing the probes, not waiting for anything
+        seen = json.loads(probe.stdout.readline())
+        assert time.monotonic() - locked_at >= LOCK_SECONDS and locker.poll() is None
+        print(
+            f"under the lock: sh worst {seen['worst']:.3f} s over {seen['calls']} calls, "
+            f"ssh worst {worst_ssh:.3f} s over {terminal.count} round trips"
+        )
+        assert seen["worst"] < 1.0 and seen["calls"] >= 10, seen
+        assert worst_ssh < 1.0 and terminal.count >= 10
+        created = seen["created"]
+        assert not in_database(store, created)  # the lock really kept it out
+        delayed = [line for line in store.log_since(offset) if "are delayed" in line]
+        assert len(delayed) == 1 and str(store.database) in delayed[0], delayed
+
+        terminal.close()
+        release(locker)
+        wait_for(lambda: in_database(store, created), 15, message="the delayed writes to land")
+        wait_for(
+            lambda: any("delayed writes went in" in line for line in store.log_since(offset)),
+            message="the log to say the writes went in",
+        )
+
+        # Locked again, the service SIGKILLed and started under the lock: nothing ends.
+        locker = lock(store)
+        store.kill_at_once(lambda: None)
+        assert {first["id"], created} <= store.listed()
+        store.still_running(first["id"])
+        release(locker)
+        store.stop_service()
+        assert {first["id"], created} <= store.listed()
+    finally:
+        terminal.close()
+        for proc in (probe, locker):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_database_deleted_under_a_running_service_is_written_anew(store: StoreService) -> None:
+    """The state file deleted while the service runs (its connection still writes to the
+    unlinked file). At its next change the service must notice, write a new database
+    with everything it holds, ended sandboxes included, and say so in one line; the
+    next service then starts from it with nothing to rebuild."""
+    first = json.loads(store.python(SETUP))
+    ended = json.loads(store.python(SETUP))["id"]
+    store.python(f"from jupyter_sandbox import Sandbox; Sandbox.connect({ended!r}).kill()")
+    offset = store.log_size()
+    store.database.unlink()
+    second = json.loads(store.python(SETUP))  # a change for the service to write
+    wait_for(
+        lambda: store.database.exists() and in_database(store, second["id"]),
+        15,
+        message="a new database with the new sandbox",
+    )
+    assert in_database(store, first["id"]) and in_database(store, ended)
+    lines = [line for line in store.log_since(offset) if "state database" in line]
+    assert len(lines) == 1 and "was deleted while the service ran" in lines[0], lines
+
+    offset = store.log_size()
+    store.kill_at_once(lambda: None)
+    assert store.listed() == {first["id"], second["id"]}
+    assert store.ssh(second["token"], "cat kept.txt").stdout == "still here"
+    ended_list = store.python(
+        "from jupyter_sandbox import Sandbox\n"
+        "print(' '.join(s.id for s in Sandbox.list(include_ended=True) if s.status == 'ended'))"
+    )
+    assert ended in ended_list.split()
+    assert not [line for line in store.log_since(offset) if "state database" in line]
