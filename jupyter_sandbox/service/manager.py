@@ -135,7 +135,7 @@ class Manager:
         if reason is not None:
             await self._fail(live, reason)
             return
-        self.state.save(record)  # its own record, if an older version started it
+        self.state.save(record, quiet=True)  # its own record, if an older version started it
         log.info("re-adopted sandbox %s", record.id)
 
     async def close(self) -> None:
@@ -447,7 +447,7 @@ class Manager:
             live.runtime, live.agent, live.sample = runtime, AgentClient(runtime.socket), None
             record.status, record.failure, record.failed_at = RUNNING, None, None
             record.runtime = runtime.to_json()
-            self.state.save(record)
+            self.state.save(record, quiet=True)  # it runs again, recorded or not
         self._notify("restarted", record)
         log.info("restarted sandbox %s (%s)", record.id, record.name)
         return record
@@ -464,7 +464,7 @@ class Manager:
                 log.exception("stopping what is left of sandbox %s failed", record.id)
             record.status, record.failure, record.failed_at = FAILED, reason, time.time()
             live.sample = None
-            self.state.save(record)
+            self.state.save(record, quiet=True)
         self._notify("failed", record)
         log.warning("sandbox %s failed: %s; its files are kept", record.id, reason)
 
@@ -481,7 +481,7 @@ class Manager:
             live.runtime = await self.backend.start(self._spec(live), resume=True, files_only=True)
             live.agent = AgentClient(live.runtime.socket)
             live.record.runtime = live.runtime.to_json()
-            self.state.save(live.record)
+            self.state.save(live.record, quiet=True)  # a full disk must not hide the files
             log.info("serving the files of failed sandbox %s", live.record.id)
 
     def _spec(self, live: Live) -> SandboxSpec:

@@ -225,20 +225,24 @@ class State:
     # -- sandboxes ---------------------------------------------------------------------
 
     def add(self, record: SandboxRecord) -> None:
-        """Keep a new sandbox's record; OSError if its own record file cannot be written
-        (a sandbox without one would be swept at the next start as never recorded)."""
+        """Keep a new sandbox's record; OSError, keeping nothing, if its own record file
+        cannot be written (a sandbox without one is swept at the next start)."""
         self._write_file(record)
         self.save(record)
 
-    def save(self, record: SandboxRecord) -> None:
-        """Keep a change of `record`: in its own record file if that matters, and in the
-        database. A record file that cannot be written is logged; the change is kept."""
-        if record.status in ON_DISK:
-            self._write_file_or_log(record)
-        else:
-            self._on_disk.pop(record.id, None)
+    def save(self, record: SandboxRecord, *, quiet: bool = False) -> None:
+        """Keep a change of `record` in memory and the database, and in its own record file
+        when that matters for a restart. OSError, once the change is kept, if that file
+        cannot be written; with `quiet` (for changes the service makes on its own) that
+        is logged instead."""
         self._records[record.id] = record
         self._writer.put({record.id: _row(record)}, {})
+        if record.status not in ON_DISK:
+            self._on_disk.pop(record.id, None)
+        elif quiet:
+            self._write_file_or_log(record)
+        else:
+            self._write_file(record)
 
     def get(self, ref: str) -> SandboxRecord | None:
         """The sandbox with this id, or the newest with this name (running or failed first)."""
@@ -283,7 +287,7 @@ class State:
         if token is None or token.used:
             return False
         token.used = True
-        self._token_changed(token.sandbox_id, token_hash)
+        self._token_changed(token.sandbox_id, token_hash, quiet=True)
         return True
 
     def revoke_tokens(self, sandbox_id: str, token_hash: str | None = None) -> list[str]:
@@ -306,12 +310,13 @@ class State:
             del self._tokens[token_hash]
         self._writer.put({}, dict.fromkeys(hashes))
 
-    def _token_changed(self, sandbox_id: str, *hashes: str) -> None:
-        record = self._records.get(sandbox_id)
-        if record is not None and record.status in ON_DISK:
-            self._write_file_or_log(record)
+    def _token_changed(self, sandbox_id: str, *hashes: str, quiet: bool = False) -> None:
+        """Keep a change of tokens; OSError as `save` (a login's use of one is `quiet`)."""
         rows = {h: asdict(t) if (t := self._tokens.get(h)) else None for h in hashes}
         self._writer.put({}, rows)
+        record = self._records.get(sandbox_id)
+        if record is not None:
+            self.save(record, quiet=quiet)
 
     # -- keeping it ----------------------------------------------------------------------
 
