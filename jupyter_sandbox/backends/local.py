@@ -641,7 +641,7 @@ class LocalBackend:
         if not self.alive(runtime) or (proc is not None and proc.poll() is not None):
             return False
         if runtime.agent_pid:
-            return _start_time(runtime.agent_pid) == runtime.agent_start
+            return _start_time(runtime.agent_pid, running=True) == runtime.agent_start
         return _listening(runtime.socket)
 
     async def halt(self, runtime: Runtime) -> None:
@@ -1007,12 +1007,17 @@ def _is_bwrap_of(pid: str, bwrap: str, prefix: bytes, host_uid: int | None) -> b
     return same_binary and any(arg.startswith(prefix) for arg in args[1:])
 
 
-def _start_time(pid: int) -> str | None:
+def _start_time(pid: int, running: bool = False) -> str | None:
+    """A process's start time (clock ticks since boot); with `running`, None once it is
+    exiting (a zombie: a killed process's other threads may still hold its descriptors)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or (running and fields[0] in ("Z", "X")):
+        return None
+    return fields[19]
 
 
 def _install_file(source: Path, target: Path, mode: int) -> None:
