@@ -186,10 +186,17 @@ class State:
             try:
                 record, tokens = _parse_record_file(sandbox_id, text)
             except ValueError as e:
+                known = loaded.records.get(sandbox_id)
+                outcome = (
+                    "taking it from the database instead"
+                    if known is not None and known.status in ON_DISK
+                    else "left the sandbox alone, its files and processes as they are"
+                )
                 log.warning(
-                    "left sandbox %s alone (its files are kept): its record file is unreadable: %s",
+                    "the record file of sandbox %s does not check out (%s): %s",
                     sandbox_id,
                     e,
+                    outcome,
                 )
                 continue
             on_disk_ids.add(sandbox_id)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from jupyter_sandbox.backends.local import GENERATED_ETC
+from jupyter_sandbox.backends.storage import MANIFEST, RECORD
 from tests.conftest import (
     UNPINNED_SSH,
     ServiceEnv,
@@ -439,3 +441,51 @@ def test_a_database_deleted_under_a_running_service_is_written_anew(store: Store
     )
     assert ended in ended_list.split()
     assert not [line for line in store.log_since(offset) if "state database" in line]
+
+
+def test_a_record_that_does_not_check_out_leaves_its_sandbox_alone(store: StoreService) -> None:
+    """A sandbox's record file with a field of the wrong type, and no database to fall
+    back on. The service must neither adopt nor sweep that sandbox: its files and
+    processes stay, and the log says which record and why. Once the record is right
+    again, the next start re-adopts the sandbox as it was."""
+    first = json.loads(store.python(SETUP))
+    record_file = store.storage / "sandboxes" / first["id"] / RECORD
+    good = record_file.read_bytes()
+
+    def damage() -> None:
+        data = json.loads(good)
+        data["record"]["created_at"] = "yesterday"
+        record_file.write_text(json.dumps(data))
+        delete(store.database)
+
+    offset = store.log_size()
+    store.kill_at_once(damage)
+    assert store.listed() == set()
+    directory = store.storage / "sandboxes" / first["id"]
+    assert (directory / "home" / "kept.txt").read_text() == "still here"
+    assert sandbox_processes(directory)
+    [line] = [line for line in store.log_since(offset) if first["id"] in line]
+    assert "left the sandbox alone" in line and "created_at is 'yesterday'" in line, line
+
+    store.stop_service()
+    record_file.write_bytes(good)
+    assert store.listed() == {first["id"]}
+    store.still_running(first["id"])
+
+
+def test_the_record_is_out_of_the_sandboxs_reach(store: StoreService) -> None:
+    """From inside, a sandbox must see no part of its own directory on the host but its
+    home, its state directory and its generated /etc files: never the record or the
+    manifest, which decide what the service does with it."""
+    first = json.loads(store.python(SETUP))
+    directory = store.storage / "sandboxes" / first["id"]
+    assert (directory / RECORD).exists() and (directory / MANIFEST).exists()
+    mounts = store.python(
+        "import sys\nfrom jupyter_sandbox import Sandbox\n"
+        "print(Sandbox.connect(sys.argv[1]).sh('cat /proc/self/mountinfo').stdout)",
+        first["id"],
+    )
+    roots = [line.split()[3] for line in mounts.splitlines() if line.strip()]
+    inside = [r.split(f"/sandboxes/{first['id']}", 1)[1] for r in roots if first["id"] in r]
+    reachable = {"/home", "/state", *(f"/etc/{name}" for name in GENERATED_ETC)}
+    assert inside and set(inside) <= reachable, inside
