@@ -60,15 +60,16 @@ def parse_size(value: str | int | None) -> int | None:
     """Bytes in a size: 536870912, "512M", "2G", "512MiB"."""
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
-    if not match:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match:
+        number, unit = float(match.group(1)), match.group(2).lower()
+        size = number * 1024 ** "_kmgt".index(unit or "_")
+    else:
         raise InvalidRequest(
             f'invalid size {shown(value)}: expected bytes or a size such as "512M", "2G"'
         )
-    number, unit = float(match.group(1)), match.group(2).lower()
-    size = number * 1024 ** "_kmgt".index(unit or "_")
     if not size < MAX_BYTES:
         raise InvalidRequest(f"invalid size {shown(value)}: larger than any disk or memory")
     size = int(size)

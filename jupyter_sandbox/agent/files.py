@@ -232,14 +232,17 @@ def op_tar_in(channel: Channel, path: str, pipe: bool = False) -> None:
     count = 0
     import tarfile
 
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        for member in tar:
-            protocol.check_tar_member(root, member)
-            if member.isfile():
-                _extract_file(tar, member, os.path.join(root, os.path.normpath(member.name)))
-            else:
-                tar.extract(member, root, set_attrs=not member.issym())
-            count += 1
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for member in tar:
+                protocol.check_tar_member(root, member)
+                if member.isfile():
+                    _extract_file(tar, member, os.path.join(root, os.path.normpath(member.name)))
+                else:
+                    tar.extract(member, root, set_attrs=not member.issym())
+                count += 1
+    except tarfile.TarError as e:
+        raise AgentError("BadRequest", f"the upload is not a tar stream ({e})") from None
     drain(reader)
     if pipe:
         reader.close()

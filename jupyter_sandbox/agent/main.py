@@ -99,6 +99,8 @@ class Agent:
             self._report(channel, "BadRequest", f"bad request: {e}")
         except RuntimeError as e:  # typically: can't start a thread at the pid limit
             self._report(channel, "SandboxError", f"the sandbox is out of resources: {e}")
+        except Exception as e:  # anything else still gets an answer, not a closed connection
+            self._report(channel, "SandboxError", f"the sandbox's agent failed: {e!r}")
         finally:
             # shutdown() ends the connection for the peer even while a file object
             # made from the socket (or a lingering pump thread) still refers to it.

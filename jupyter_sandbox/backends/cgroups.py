@@ -24,6 +24,7 @@ the user's limits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -117,11 +118,25 @@ class Group:
             )
             parent = [("", name, value) for name, value in self._settings(reserve)]
             settings = parent + [(USER, name, value) for _, name, value in settings]
-        for child, name, value in settings:
-            controller, _, _ = name.partition(".")
-            path = self.paths.get("unified" if self.version == 2 else controller)
-            if path is not None:
-                Path(path, child, name).write_text(value)
+        # cgroup v1 refuses a CPU quota below a child's or above the parent's (EINVAL), so
+        # lowering one must go child first, raising parent first: a setting refused in
+        # the first pass is written again after the others.
+        refused = []
+        for setting in settings:
+            try:
+                self._write(*setting)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                refused.append(setting)
+        for setting in refused:
+            self._write(*setting)
+
+    def _write(self, child: str, name: str, value: str) -> None:
+        controller, _, _ = name.partition(".")
+        path = self.paths.get("unified" if self.version == 2 else controller)
+        if path is not None:
+            Path(path, child, name).write_text(value)
 
     def _settings(self, limits: Limits) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []

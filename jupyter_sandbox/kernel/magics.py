@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import shlex
 import sys
@@ -14,7 +15,7 @@ from typing import Any, NoReturn, TypeVar
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from .._durations import DURATION_FORMS, parse_duration
+from .._durations import DURATION_FORMS, parse_duration, parse_size
 from .._errors import CommandError, SandboxError, SandboxExpired, SandboxFailed, SandboxNotFound
 from ..client import AsyncSandbox, Sandbox
 from . import _background, _text
@@ -71,6 +72,30 @@ def _duration(text: str) -> str:
     return text
 
 
+def _size(text: str) -> str:
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _cpus(text: str) -> float:
+    try:
+        cpus = float(text)
+    except ValueError:
+        cpus = math.nan
+    if not 0 < cpus < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of CPUs, got {text!r}")
+    return cpus
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return int(text)
+
+
 def _cell_parser() -> _Parser:
     p = _Parser(
         prog="%%sandbox",
@@ -98,8 +123,8 @@ def _cell_parser() -> _Parser:
             " (outlives the kernel; find it again with %%sandbox connect)"
         ),
     )
-    p.add_argument("--memory", metavar="M", help='memory limit, e.g. "512M", "2G"')
-    p.add_argument("--cpus", type=float, metavar="N", help="CPU limit, e.g. 0.5 or 2")
+    p.add_argument("--memory", type=_size, metavar="M", help='memory limit, e.g. "512M", "2G"')
+    p.add_argument("--cpus", type=_cpus, metavar="N", help="CPU limit, e.g. 0.5 or 2")
     p.add_argument(
         "--network", choices=("none", "host"), help="none (default: loopback only) or host"
     )
@@ -200,7 +225,12 @@ def _line_parser() -> _Parser:
         name_opt,
         (
             "--tail",
-            {"type": int, "default": 100, "metavar": "N", "help": "last N entries (default 100)"},
+            {
+                "type": _count,
+                "default": 100,
+                "metavar": "N",
+                "help": "last N entries (default 100)",
+            },
         ),
         ("--follow", {"action": "store_true", "help": "keep following until interrupted"}),
     )

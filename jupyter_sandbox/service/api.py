@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import secrets
 import signal
 import time
@@ -56,7 +57,9 @@ CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "fds", "disk", "n
 CREATE_OPTIONS += ("env", "labels", "owner")
 COMMAND_OPTIONS = ("cmd", "argv", "cwd", "env", "timeout")
 EXEC_OPTIONS = (*COMMAND_OPTIONS, "input_b64")  # the input goes in the JSON body
-FLAGS = ("1", "true", "0", "false", "")
+FLAGS = ("1", "true", "0", "false")
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
+_DECIMAL = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,30})?([eE][-+]?[0-9]{1,3})?")
 REMOVE_TIMEOUT = 600.0  # a recursive remove of a large tree may take that long
 FRAMED = "application/x-sandbox-frames"
 MAX_BODY = 1 << 20  # bytes of a JSON request body (uploads stream and have no such bound)
@@ -215,15 +218,22 @@ async def _json(request: web.Request, allowed: Iterable[str]) -> dict[str, Any]:
     """The request's JSON object (empty if there is no body); only the `allowed` keys."""
     if not request.can_read_body:
         return {}
-    return _object(await request.text(), allowed)
+    data = await request.read()
+    try:
+        text = data.decode(request.charset or "utf-8")
+    except (UnicodeDecodeError, LookupError) as e:
+        raise InvalidRequest(f"the request body is not text: {shown(e, 200)}") from None
+    return _object(text, allowed)
 
 
 def _object(text: str, allowed: Iterable[str]) -> dict[str, Any]:
     """`text` as a JSON object with only the `allowed` keys, or InvalidRequest."""
     try:
         body = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    except InvalidRequest:
+        raise
+    except ValueError as e:  # not JSON, or an integer of thousands of digits
+        raise InvalidRequest(f"the request body is not valid JSON: {shown(e, 200)}") from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
@@ -259,12 +269,9 @@ def _query_path(request: web.Request) -> str:
 
 def _int(value: str | None, name: str, low: int = 0, high: int = MAX_SIZE) -> int | None:
     """A whole-number query or path parameter from `low` to `high`, or None if not given."""
-    if value is None or value == "":
+    if value is None:
         return None
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
+    number = int(value) if _INTEGER.fullmatch(value) else None
     if number is None or not low <= number <= high:
         raise InvalidRequest(f"{name} must be a whole number from {low} to {high}")
     return number
@@ -586,15 +593,11 @@ def _file_op_args(op: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def _mode(value: str | None) -> int | None:
     """Permission bits given in octal ("644"), or None if not given."""
-    if not value:
+    if value is None:
         return None
-    try:
-        mode = int(value, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o7777:
+    if not re.fullmatch(r"[0-7]{1,4}", value):
         raise InvalidRequest(f"mode must be octal permission bits such as 644, not {shown(value)}")
-    return mode
+    return int(value, 8)
 
 
 def _stdin(body: dict[str, Any]) -> bytes | None:
@@ -610,12 +613,9 @@ def _stdin(body: dict[str, Any]) -> bytes | None:
 
 def _number(value: str | None, name: str) -> float | None:
     """Seconds from 0 to a year given as a query parameter, or None if not given."""
-    if value is None or value == "":
+    if value is None:
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
+    seconds = float(value) if _DECIMAL.fullmatch(value) else -1.0
     if not 0 <= seconds <= MAX_SECONDS:
         raise InvalidRequest(f"{name} must be a number of seconds from 0 to {MAX_SECONDS}")
     return seconds

@@ -30,6 +30,9 @@ from .ssh_access import SshAccessManager
 from .state import State
 
 log = logging.getLogger("jupyter_sandbox.service")
+# A request line long enough for any path a sandbox can hold (4,096 bytes, each of which
+# may take 3 characters to quote), with room for the rest of the URL.
+MAX_REQUEST_LINE = 64 << 10
 
 
 def private_log(paths: Paths) -> None:
@@ -83,7 +86,9 @@ class Service:
         token = secrets.token_urlsafe(32) if self.tcp else None
         app = make_app(manager, ssh, token)
         app["pid"], app["version"], app["started_at"] = os.getpid(), __version__, time.time()
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, max_line_size=MAX_REQUEST_LINE
+        )
         await runner.setup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.socket)

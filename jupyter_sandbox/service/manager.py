@@ -272,7 +272,11 @@ class Manager:
         try:
             if pooled is not None:
                 runtime = pooled[1]
-                self.backend.set_limits(runtime, limits)
+                try:
+                    self.backend.set_limits(runtime, limits)
+                except Exception:
+                    await self._drop_pooled(*pooled)  # no longer pooled: it must not linger
+                    raise
             else:
                 spec = SandboxSpec(sandbox_id, network, limits, host_uid, self.settings.seccomp)
                 runtime = await self.backend.start(spec)

@@ -514,7 +514,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 "write_tar",
                 "Unpacked",
                 ON_FILES,
-                body=_binary("application/x-tar"),
+                body=_binary("application/octet-stream"),  # a tar stream
                 body_required=True,
                 query=(PATH,),
             ),
