@@ -49,7 +49,7 @@ pytestmark = pytest.mark.unprivileged
 
 # FUZZ_EXAMPLES raises the bound for a longer hunt (the default keeps the file well within 2 min).
 FUZZ = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 50)),
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 30)),
     deadline=None,
     database=None,
     suppress_health_check=[

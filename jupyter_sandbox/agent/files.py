@@ -351,6 +351,7 @@ def read_only_home(path: str | None) -> str | None:
         if (
             not _home_has_own_disk()
             or os.stat(_existing(path or home)).st_dev != os.stat(home).st_dev
+            or not os.statvfs(home).f_flag & os.ST_RDONLY  # EROFS from elsewhere: /home
         ):
             return None
         host = os.fstatvfs(host_disk)
