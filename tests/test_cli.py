@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
 from jupyter_sandbox import Sandbox
 from jupyter_sandbox.cli import INFO_FIELDS, SANDBOX_FIELDS, STATUS_FIELDS
-from tests.conftest import ServiceEnv
+from tests.conftest import ServiceEnv, sandbox_pids, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -170,3 +172,22 @@ def test_human_output_has_relative_times_and_sizes_in_aligned_columns(
     header, *rows = cli("list", "--all").stdout.splitlines()
     ended = columns(header, next(row for row in rows if row.startswith(sb.id)))
     assert (ended["STATUS"], ended["ENDS"], ended["REASON"]) == ("ended", "-", "killed")
+
+
+def test_a_failed_sandbox_shows_its_state_and_reason(service_env: ServiceEnv):
+    cli = service_env.run_cli
+    with Sandbox.create(timeout="5m") as sb:
+        os.kill(sandbox_pids(service_env.storage, sb.id)["agent"], signal.SIGKILL)
+        wait_for(lambda: sb.info().status == "failed", 15, message="the sandbox to fail")
+        reason = "its agent was killed by signal 9 (SIGKILL)"
+        header, *rows = cli("list").stdout.splitlines()
+        row = columns(header, next(r for r in rows if r.startswith(sb.id)))
+        assert row["STATUS"] == "failed" and reason in row["REASON"], row
+        assert row["ENDS"] in ("in 5 min", "in 4 min"), row  # its deadline still holds
+        status = next(
+            line for line in cli("info", sb.id).stdout.splitlines() if line[:6] == "status"
+        )
+        assert status.split(None, 1)[1].startswith(f"failed: {reason}") and "s ago)" in status
+        listed = next(s for s in json.loads(cli("list", "--json").stdout) if s["id"] == sb.id)
+        assert listed["status"] == "failed" and reason in listed["failure"]
+        assert listed["failed_at"] <= time.time()

@@ -234,7 +234,7 @@ STATUS_FIELDS = ("pid", "version", "started_at", "sandboxes", "pool", "ssh", "is
 
 
 def sandbox_json(info: SandboxInfo, fields: tuple[str, ...] = SANDBOX_FIELDS) -> dict:
-    return {name: getattr(info, name, None) for name in fields}
+    return {name: getattr(info, name) for name in fields}
 
 
 def print_json(data: object) -> None:
@@ -254,7 +254,7 @@ def _ends(info: SandboxInfo) -> str:
 
 def _reason(info: SandboxInfo) -> str:
     """Why a sandbox failed or ended, in words; "" while it runs."""
-    return getattr(info, "failure", None) or info.end_reason or ""
+    return info.failure or info.end_reason or ""
 
 
 def _size(value: int | None) -> str:
@@ -306,10 +306,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print_json(sandbox_json(info, SANDBOX_FIELDS + INFO_FIELDS))
         return 0
     limits = info.limits
-    failed_at = getattr(info, "failed_at", None)
     status = info.status
     if _reason(info):
-        when = failed_at if getattr(info, "failure", None) else info.ended_at
+        when = info.failed_at if info.failure else info.ended_at
         status += f": {_reason(info)} ({_ago(when)})"
     lines = [
         ("id", info.id),
