@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import filecmp
 import json
 import logging
 import os
@@ -219,13 +220,20 @@ class LocalBackend:
 
         Each program becomes ``NAME.pyc``, run as is; each module gets the cache file
         that its import looks for in ``__pycache__`` (the sources stay, for tracebacks).
+        Files compiled from the sources there already are kept: a restart writes nothing,
+        so a service comes back even on a full disk.
         """
         script = (
-            "import py_compile, sys\n"
+            "import importlib.util, os, py_compile, sys\n"
             "programs, *names = sys.argv[1:]\n"
             "for i, name in enumerate(names):\n"
+            "    source = name + '.py'\n"
             "    cfile = name + '.pyc' if i < int(programs) else None\n"
-            "    print(py_compile.compile(name + '.py', cfile=cfile, doraise=True))\n"
+            "    cfile = cfile or importlib.util.cache_from_source(source)\n"
+            "    made = os.stat(cfile).st_mtime if os.path.exists(cfile) else 0\n"
+            "    if made < os.stat(source).st_mtime:\n"
+            "        py_compile.compile(source, cfile=cfile, doraise=True)\n"
+            "    print(cfile)\n"
         )
         names = [str(agent_dir / Path(n).stem) for n in AGENT_FILES]
         done = subprocess.run(
@@ -1021,6 +1029,10 @@ def _start_time(pid: int, running: bool = False) -> str | None:
 
 
 def _install_file(source: Path, target: Path, mode: int) -> None:
+    """Copy `source` to `target` with `mode`, atomically; nothing is written if it is there."""
+    with contextlib.suppress(OSError):
+        if stat.S_IMODE(target.stat().st_mode) == mode and filecmp.cmp(source, target, False):
+            return
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     shutil.copyfile(source, tmp)
     os.chmod(tmp, mode)

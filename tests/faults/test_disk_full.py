@@ -238,7 +238,7 @@ def test_full_host_disk_under_a_home(roomy_disk: SmallDisk):
     """The host's disk fills before a home's quota does (homes are sparse images, so
     their quotas add up to more than the disk): an upload says so instead of counting
     bytes the disk could not take; earlier files stay readable; the agent, whose log is
-    on that disk too, keeps serving."""
+    on that disk too, keeps serving, and so does a service restarted meanwhile."""
     with _with_quota() as sb:
         kept = os.urandom(2 * MiB)
         sb.fs.write_bytes("kept.bin", kept)
@@ -253,6 +253,11 @@ def test_full_host_disk_under_a_home(roomy_disk: SmallDisk):
             sb.extend_timeout("10m")
         assert "could not save" in str(caught.value), str(caught.value)
         assert str(roomy_disk.storage) in str(caught.value), str(caught.value)
+        service = _service_pid(roomy_disk.env)
+        os.kill(service, signal.SIGKILL)  # a service restarting on the full disk writes nothing
+        wait_for(lambda: not _alive(service), 10, message="the killed service to go")
+        assert sb.id in {info.id for info in Sandbox.list()}  # back, and it re-adopted the sandbox
+        assert sb.fs.read_bytes("kept.bin") == kept
         proc = sb.spawn("echo logged while full")
         assert proc.wait(timeout=30) == 0
         with sb.logs() as entries:
