@@ -181,7 +181,7 @@ class State:
         """Take what each sandbox's record says over the database; the number it added."""
         now = time.time()
         on_disk_ids = set()
-        rebuilt = 0
+        rebuilt = dropped = 0
         for sandbox_id, text in sorted(on_disk.items()):
             try:
                 record, tokens = _parse_record_file(sandbox_id, text)
@@ -206,6 +206,11 @@ class State:
             elif record.lease_id is not None:
                 record.lease_expires = now + lease_grace
             rebuilt += known is None or known.status not in ON_DISK
+            if known is not None:
+                # A revocation whose record file could not be written must not be undone.
+                kept = [t for t in tokens if t.token_hash in loaded.tokens]
+                dropped += len(tokens) - len(kept)
+                tokens = kept
             self._records[sandbox_id] = record
             self._on_disk[sandbox_id] = text
             for token in tokens:
@@ -216,6 +221,14 @@ class State:
                 self._tokens[token.token_hash] = token
             elif token.token_hash not in self._tokens:  # revoked after the database last heard
                 self._writer.put({}, {token.token_hash: None})
+        if dropped:
+            log.warning(
+                "dropped %d SSH credential(s) that sandboxes' record files hold but %s does "
+                "not (revoked, or issued while it could not be written): expose SSH again "
+                "where one is missing",
+                dropped,
+                self.database,
+            )
         return rebuilt
 
     def close(self) -> None:
@@ -306,8 +319,8 @@ class State:
         ]
         for revoked in hashes:
             del self._tokens[revoked]
-        if hashes:
-            self._token_changed(sandbox_id, *hashes)
+        if hashes:  # in effect at once, whether or not its record file can be written
+            self._token_changed(sandbox_id, *hashes, quiet=True)
         return hashes
 
     def delete_tokens(self, sandbox_id: str) -> None:

@@ -489,3 +489,33 @@ def test_the_record_is_out_of_the_sandboxs_reach(store: StoreService) -> None:
     inside = [r.split(f"/sandboxes/{first['id']}", 1)[1] for r in roots if first["id"] in r]
     reachable = {"/home", "/state", *(f"/etc/{name}" for name in GENERATED_ETC)}
     assert inside and set(inside) <= reachable, inside
+
+
+def test_a_revoked_credential_stays_revoked_whatever_the_record_file_says(
+    store: StoreService,
+) -> None:
+    """A revocation whose record file could not be written (the disk was full, say),
+    stood in for by the record file as it was before the revocation: the next start
+    must not let the revoked credential in again, and must say it dropped one."""
+    first = json.loads(store.python(SETUP))
+    record_file = store.storage / "sandboxes" / first["id"] / RECORD
+    before = record_file.read_bytes()
+    revoke = (
+        "import sys\nfrom jupyter_sandbox import Sandbox\nSandbox.connect(sys.argv[1]).revoke_ssh()"
+    )
+    store.python(revoke, first["id"])
+    assert store.ssh(first["token"], "true").returncode == 255
+    wait_for(lambda: not in_database_token(store, first["token"]), message="the revocation")
+    offset = store.log_size()
+    store.kill_at_once(lambda: record_file.write_bytes(before))
+    assert store.listed() == {first["id"]}
+    denied = store.ssh(first["token"], "true")
+    assert denied.returncode == 255 and "Permission denied" in denied.stderr
+    assert any("dropped 1 SSH credential" in line for line in store.log_since(offset))
+
+
+def in_database_token(service: StoreService, token: str) -> bool:
+    token_hash = hashlib.sha256(token.encode()).hexdigest()
+    with sqlite3.connect(f"file:{service.database}?mode=ro", uri=True, timeout=5) as db:
+        row = db.execute("SELECT 1 FROM ssh_tokens WHERE token_hash = ?", (token_hash,))
+        return row.fetchone() is not None
