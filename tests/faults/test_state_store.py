@@ -31,6 +31,7 @@ from tests.conftest import (
     ServiceEnv,
     _alive,
     sandbox_mounts,
+    sandbox_pids,
     sandbox_processes,
     wait_for,
 )
@@ -519,3 +520,31 @@ def in_database_token(service: StoreService, token: str) -> bool:
     with sqlite3.connect(f"file:{service.database}?mode=ro", uri=True, timeout=5) as db:
         row = db.execute("SELECT 1 FROM ssh_tokens WHERE token_hash = ?", (token_hash,))
         return row.fetchone() is not None
+
+
+INFO = """
+import json, sys
+from jupyter_sandbox import Sandbox
+info = Sandbox.connect(sys.argv[1]).info()
+print(json.dumps({"status": info.status, "failure": info.failure}))
+"""
+
+
+def test_a_failed_sandbox_stays_failed_when_the_database_is_lost(store: StoreService) -> None:
+    """A sandbox that failed (its agent SIGKILLed from the host), then its service SIGKILLed
+    with a garbled database: the next service must know it from its record alone, as
+    failed for the same reason, with its files readable; nothing of it is swept."""
+    first = json.loads(store.python(SETUP))
+    os.kill(sandbox_pids(store.storage, first["id"])["agent"], signal.SIGKILL)
+    failed = wait_for(
+        lambda: (
+            (info := json.loads(store.python(INFO, first["id"])))["status"] == "failed" and info
+        ),
+        30,
+        message="the sandbox to fail",
+    )
+    store.kill_at_once(lambda: garble(store.database))
+    assert json.loads(store.python(INFO, first["id"])) == failed
+    read = "import sys\nfrom jupyter_sandbox import Sandbox\n"
+    read += "print(Sandbox.connect(sys.argv[1]).fs.read_text('kept.txt'))"
+    assert store.python(read, first["id"]) == "still here"
