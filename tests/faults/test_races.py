@@ -11,6 +11,7 @@ import base64
 import itertools
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,10 +160,34 @@ def test_a_slow_reader_gets_all_output_of_a_command_that_exited(sandbox: Sandbox
     assert received == size + lines - 1  # every line but the last ends with a newline
 
 
-def test_a_session_sandbox_outlives_a_busy_owner(sandbox: Sandbox) -> None:
-    """Its owner keeps every connection busy for longer than the lease (4 s in tests):
-    the renewals still get through, and the sandbox stays."""
+BUSY_OWNER = """
+import json
+from concurrent.futures import ThreadPoolExecutor
+from jupyter_sandbox import Sandbox
+
+with Sandbox.create() as sandbox:
     with ThreadPoolExecutor(300) as pool:
-        outputs = list(pool.map(lambda i: sandbox.sh(f"sleep 1.5; echo {i}").stdout, range(300)))
-    assert outputs == [f"{i}\n" for i in range(300)]
-    assert sandbox.info().status == "running"
+        outputs = list(pool.map(lambda i: sandbox.sh(f"sleep 4; echo {i}").stdout, range(300)))
+    print(json.dumps({"outputs": outputs, "status": sandbox.info().status}))
+"""
+
+
+def test_a_session_sandbox_outlives_a_busy_owner(separate_service_env: dict[str, str]) -> None:
+    """Its owner keeps every connection to the service busy for longer than the lease
+    (the default 10 s): the renewals still get through, and the sandbox stays."""
+    env = {**separate_service_env, "JUPYTER_SANDBOX_LEASE_TTL": "10", "JUPYTER_SANDBOX_POOL": "0"}
+    service = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve"], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        owner = subprocess.run(
+            [sys.executable, "-c", BUSY_OWNER], env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        service.terminate()
+        service.wait(30)
+    assert owner.returncode == 0, owner.stderr[-2000:]
+    result = json.loads(owner.stdout)
+    assert result == {"outputs": [f"{i}\n" for i in range(300)], "status": "running"}
+    storage = Path(env["JUPYTER_SANDBOX_DIR"]) / "sandboxes"
+    assert not storage.exists() or not list(storage.iterdir())
