@@ -79,9 +79,14 @@ class Transport:
         # Connections of their own for lease renewals: behind a pool busy with a thousand
         # commands they would wait past the lease, and the sandbox would end.
         self._leases: httpx.AsyncClient | None = None
+        self._service_pid: int | None = None  # of the local service connected to
         self._lock = asyncio.Lock()
 
     async def client(self) -> httpx.AsyncClient:
+        if self._client is not None and not self._service_alive():
+            # Its connections lead to a dead process: a request sent on one would be
+            # lost (and, if not safe to repeat, reported so) although it never got there.
+            await self.reset()
         if self._client is None:
             async with self._lock:
                 if self._client is None:
@@ -122,14 +127,27 @@ class Transport:
         try:
             response = await client.get("/v1/status")
             response.raise_for_status()
-        except httpx.HTTPError:
+            pid = int(response.json()["pid"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
             await client.aclose()
             return None
+        self._service_pid = pid if _is_service(pid) else None  # None: in another pid namespace
         return client
+
+    def _service_alive(self) -> bool:
+        """Is the local service this client connected to still running (not a zombie)?"""
+        if self._service_pid is None:
+            return True  # a remote service: its connections say so themselves
+        try:
+            with open(f"/proc/{self._service_pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+        except (OSError, IndexError):
+            return False
 
     async def reset(self) -> None:
         """Forget the connection, so the next request finds or starts the service again."""
         clients, self._client, self._leases = (self._client, self._leases), None, None
+        self._service_pid = None
         for client in clients:
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -201,6 +219,14 @@ class Transport:
         else:
             then = "the next call starts it again, and it keeps the sandboxes and their files"
         return f"the sandbox service stopped during {call.during}; {then}"
+
+
+def _is_service(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"jupyter_sandbox" in f.read()
+    except OSError:
+        return False
 
 
 async def raise_for_error(response: httpx.Response) -> None:

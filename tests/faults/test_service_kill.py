@@ -24,7 +24,7 @@ import pytest
 from jupyter_sandbox import Sandbox, ServiceUnavailable
 from jupyter_sandbox._ssh_config import HOST_ALIAS, write_ssh_config
 from jupyter_sandbox.client._sync import portal
-from tests.conftest import wait_for
+from tests.conftest import _alive, wait_for
 from tests.faults._supervised import SupervisedService, supervised_service
 
 pytestmark = pytest.mark.unprivileged
@@ -251,6 +251,17 @@ def test_calls_while_the_service_is_down_wait_for_it_and_are_not_repeated(servic
     wait_for(lambda: sb.fs.exists("once"), 10, message="the spawned command to run")
     assert sb.fs.read_text("once") == "once\n"
     assert sb.fs.read_text("notes.txt") == "written before the fault\n"
+
+
+def test_a_call_right_after_a_crash_waits_for_the_restarted_service(service, sb):
+    """The client's kept-alive connections lead to the dead service: a command made at
+    once must not be sent on one of them (and be reported lost), but wait and go through."""
+    assert sb.sh("echo before").stdout == "before\n"
+    old = service.service_pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not _alive(old), 10, interval=0.001, message="the service to die")
+    assert sb.sh("echo after").stdout == "after\n"
+    assert service.service_pid() not in (None, old)
 
 
 def _in_flight(sb: Sandbox) -> bool:
