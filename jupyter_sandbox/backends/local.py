@@ -575,7 +575,10 @@ class LocalBackend:
                 continue
             manifest = self.claim.manifest(directory)
             if manifest is None:
-                log.warning("left %s alone: no manifest of this storage's in it", directory)
+                if _remove_if_unstarted(directory):
+                    log.info("removed %s, left empty by a start that was killed", directory)
+                else:
+                    log.warning("left %s alone: no manifest of this storage's in it", directory)
                 continue
             try:
                 for pidfd in _sandbox_processes(
@@ -1037,3 +1040,18 @@ def _install_file(source: Path, target: Path, mode: int) -> None:
     shutil.copyfile(source, tmp)
     os.chmod(tmp, mode)
     os.replace(tmp, target)
+
+
+def _remove_if_unstarted(directory: Path) -> bool:
+    """Remove `directory` if a start was killed before its manifest was written: it then
+    holds nothing, or only the empty manifest file. Nothing is lost."""
+    try:
+        manifest = directory / MANIFEST
+        if os.path.lexists(manifest) and (manifest.is_symlink() or manifest.stat().st_size):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            manifest.unlink()
+        directory.rmdir()  # refuses a directory with anything else in it
+    except OSError:
+        return False
+    return True
