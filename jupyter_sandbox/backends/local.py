@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import filecmp
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from ..agent.remote import AgentClient
 from . import failures, homes, seccomp, space
 from .cgroups import USER, Controller, Group, Limits
 from .removal import remove_tree
-from .storage import MANIFEST, Storage
+from .storage import MANIFEST, SANDBOXES, Storage
 
 log = logging.getLogger("jupyter_sandbox.service")
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
@@ -179,7 +180,7 @@ class LocalBackend:
     def __init__(self, storage_dir: Path) -> None:
         self.storage = storage_dir
         self.runtime_dir = storage_dir / "runtime"
-        self.sandboxes_dir = storage_dir / "sandboxes"
+        self.sandboxes_dir = storage_dir / SANDBOXES
         self.privileged = _can_switch_uids()
         self.cgroups = Controller()
         self.home_quota_unavailable = homes.unavailable(self.privileged)
@@ -557,6 +558,42 @@ class LocalBackend:
             raise ValueError(f"not a sandbox id: {sandbox_id!r}")
         return self.sandboxes_dir / sandbox_id
 
+    def unadopted(self, known: set[str]) -> list[str]:
+        """Sandboxes of this storage with a record file that `known` does not name (it
+        could not be read, and the database does not know them either). Never swept:
+        they are adopted as failed, files and all."""
+        return [
+            directory.name
+            for directory in sorted(self.sandboxes_dir.iterdir())
+            if directory.name not in known
+            and self.claim.has_record(directory)
+            and self.claim.manifest(directory) is not None
+        ]
+
+    def keep_record_aside(self, sandbox_id: str) -> Path:
+        """Rename a sandbox's unreadable record out of the way; its new path."""
+        return self.claim.keep_record_aside(self._directory(sandbox_id))
+
+    def stand_in(self, sandbox_id: str) -> Runtime | None:
+        """The runtime of a sandbox whose recorded one is lost: none of its processes is
+        known (halting it finds them by their directory), its groups are the ones it had.
+        None unless its directory is this storage's."""
+        directory = self._directory(sandbox_id)
+        manifest = self.claim.manifest(directory)
+        if manifest is None:
+            return None
+        group = self.cgroups.create(sandbox_id)
+        return Runtime(
+            pid=0,
+            pid_start="",
+            directory=str(directory),
+            host_uid=manifest.host_uid,
+            cgroups=group.paths if group else {},
+            cgroup_version=self.cgroups.version,
+            limits_note=None,
+            boot_id=boot_id(),
+        )
+
     async def sweep_orphans(self, known: set[str]) -> list[str]:
         """Stop and remove sandboxes of this storage that were never recorded.
 
@@ -581,15 +618,7 @@ class LocalBackend:
                     log.warning("left %s alone: no manifest of this storage's in it", directory)
                 continue
             try:
-                for pidfd in _sandbox_processes(
-                    directory, self.bwrap, manifest.host_uid if self.privileged else None
-                ):
-                    try:
-                        with contextlib.suppress(ProcessLookupError):
-                            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                        await _wait_exit(pidfd)
-                    finally:
-                        os.close(pidfd)
+                await self._kill_processes(directory, manifest.host_uid)
             except Exception:
                 log.exception("could not stop the sandbox in %s; trying again later", directory)
                 continue
@@ -604,6 +633,17 @@ class LocalBackend:
                     task.add_done_callback(self.removing.discard)
         return stopped
 
+    async def _kill_processes(self, directory: Path, host_uid: int) -> None:
+        """Kill every process that is provably a bwrap of the sandbox in `directory`."""
+        uid = host_uid if self.privileged else None
+        for pidfd in await asyncio.to_thread(_sandbox_processes, directory, self.bwrap, uid):
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                await _wait_exit(pidfd)
+            finally:
+                os.close(pidfd)
+
     async def _remove_orphan(self, directory: Path, group: Group | None) -> None:
         try:
             await asyncio.to_thread(self._cleanup, directory, group)
@@ -611,7 +651,10 @@ class LocalBackend:
             log.exception("could not clean up %s; trying again later", directory)
 
     def alive(self, runtime: Runtime) -> bool:
-        """Is the sandbox's init still the process we started?"""
+        """Is the sandbox's init still the process we started (in this boot of the host:
+        after a restart another process may have its pid and start time)?"""
+        if runtime.boot_id and runtime.boot_id != boot_id():
+            return False
         return bool(runtime.pid_start) and _start_time(runtime.pid) == runtime.pid_start
 
     async def failure(
@@ -663,6 +706,9 @@ class LocalBackend:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(runtime.pid, signal.SIGKILL)  # init of the pid namespace: all go
             await _wait_gone(runtime.pid)
+        # A start that a killed service left unrecorded (a restart, a files-only agent)
+        # runs under the same directory with a pid no record names.
+        await self._kill_processes(Path(runtime.directory), runtime.host_uid)
         proc = _REAPERS.pop(runtime.pid, None)
         if proc is not None:
             await asyncio.to_thread(proc.wait)
@@ -870,8 +916,9 @@ def install_bwrap(target_dir: Path) -> str:
 _REAPERS: dict[int, subprocess.Popen] = {}
 
 
+@functools.cache
 def boot_id() -> str:
-    """This boot of the host: it changes when the host restarts."""
+    """This boot of the host: it changes when the host restarts (never while we run)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
 import time
@@ -35,6 +36,9 @@ from pathlib import Path
 
 from .._config import SYSTEM_DIR
 
+log = logging.getLogger("jupyter_sandbox.service")
+
+SANDBOXES = "sandboxes"  # the storage's directory of sandbox directories
 MANIFEST = "manifest.json"
 RECORD = "record.json"
 MAX_RECORD = 4 << 20  # bytes: a record holds a sandbox's env and labels (a request's worth)
@@ -193,6 +197,13 @@ class Storage:
         return data
 
     @staticmethod
+    def keep_record_aside(sandbox_dir: Path) -> Path:
+        """Rename an unreadable record, with a timestamp, for a person to look at; its path."""
+        target = sandbox_dir / f"{RECORD}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(sandbox_dir / RECORD, target)
+        return target
+
+    @staticmethod
     def has_record(sandbox_dir: Path) -> bool:
         return os.path.lexists(sandbox_dir / RECORD)
 
@@ -320,7 +331,7 @@ def _identity(directory: Path, data_dir: Path | None) -> str:
     path = directory / IDENTITY_FILE
     recorded = _read_json(path)
     if recorded is None or not isinstance(recorded.get("id"), str):
-        identity = secrets.token_hex(8)  # damaged: its sandboxes are then left alone
+        identity = _identity_of_sandboxes(directory, path)
         _write_json(path, {"id": identity, "data_dir": _where(data_dir), "created": time.time()})
         return identity
     owner = recorded.get("data_dir")
@@ -331,6 +342,44 @@ def _identity(directory: Path, data_dir: Path | None) -> str:
             "this service a storage of its own: unset JUPYTER_SANDBOX_DIR or point it elsewhere"
         )
     return str(recorded["id"])
+
+
+def _identity_of_sandboxes(directory: Path, path: Path) -> str:
+    """The id the sandboxes' manifests name when the identity file is missing or damaged.
+
+    Only this storage's services write manifests in it, so when they all name one id,
+    that is this storage's: its sandboxes are re-adopted rather than left unknown. A new
+    id otherwise (a new storage, or manifests that disagree: those sandboxes are left
+    alone, and said so).
+    """
+    named: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for sandbox_dir in (directory / SANDBOXES).iterdir():
+            data = _read_json(sandbox_dir / MANIFEST)
+            if data is not None and isinstance(data.get("storage"), str):
+                named[data["storage"]] = named.get(data["storage"], 0) + 1
+    if len(named) == 1:
+        (identity, count), *_ = named.items()
+        log.warning(
+            "sandbox storage %s: %s was missing or damaged; took its id back from the "
+            "manifests of its %d sandbox(es), which are kept",
+            directory,
+            path,
+            count,
+        )
+        return identity
+    if named:
+        log.warning(
+            "sandbox storage %s: %s was missing or damaged and its sandboxes' manifests name "
+            "%d different storages: started a new id, and left all %d sandbox directories "
+            "alone (their files are kept); restore %s to have them back",
+            directory,
+            path,
+            len(named),
+            sum(named.values()),
+            path,
+        )
+    return secrets.token_hex(8)
 
 
 def _range_taken(directory: Path, uids: UidRange) -> str:

@@ -100,27 +100,73 @@ class Manager:
             swept = []
         for sandbox_id in swept:
             log.warning("stopped sandbox %s, left behind by a killed service", sandbox_id)
+        for sandbox_id in self.backend.unadopted(known):
+            self._adopt_unreadable(sandbox_id)
         for record in self.state.records(POOLED, FAILED, RUNNING):
             try:
                 runtime = (
                     self.backend.runtime(record.id, record.runtime) if record.runtime else None
                 )
             except ValueError as e:
-                log.warning("left sandbox %s alone (its files are kept): %s", record.id, e)
-                continue
+                runtime = self.backend.stand_in(record.id)
+                if runtime is None:
+                    log.warning("left sandbox %s alone (its files are kept): %s", record.id, e)
+                    continue
+                if record.status != POOLED:
+                    self._stand_in(record, runtime, f"its recorded runtime is unreadable ({e})")
             if record.status == POOLED:
                 await self._end(record, runtime, "pool drained")
             elif runtime is None or not self.backend.exists(record.id):
                 # Known to the database alone: it ended while no change could be written.
                 await self._end(record, None, "lost while the service was down")
             elif record.status == FAILED:
-                await self.backend.halt(runtime)  # a files-only agent the last service started
+                try:  # a files-only agent the last service started, or an unrecorded start
+                    await self.backend.halt(runtime)
+                except Exception:
+                    log.exception("stopping what is left of failed sandbox %s failed", record.id)
                 self.live[record.id] = Live(record, runtime, AgentClient(runtime.socket))
             else:
                 await self._readopt(Live(record, runtime, AgentClient(runtime.socket)))
         await self.reap()  # deadlines and leases that lapsed while no service ran
         self._reaper = asyncio.create_task(self._reap_forever())
         self.refill_pool()
+
+    def _adopt_unreadable(self, sandbox_id: str) -> None:
+        """Adopt, as failed, a sandbox whose record cannot be read and that the database
+        does not know: its files stay reachable and it can be killed or restarted (with
+        this service's default settings, as its own are lost)."""
+        runtime = self.backend.stand_in(sandbox_id)
+        if runtime is None:
+            return
+        try:
+            kept = self.backend.keep_record_aside(sandbox_id)
+        except OSError as e:
+            log.warning("left sandbox %s alone (its files are kept): %s", sandbox_id, e)
+            return
+        record = SandboxRecord(
+            id=sandbox_id,
+            name=sandbox_id,
+            status=FAILED,
+            created_at=time.time(),
+            limits=self.default_limits().as_dict(),
+        )
+        self._stand_in(record, runtime, f"its record could not be read (kept as {kept})")
+
+    def _stand_in(self, record: SandboxRecord, runtime: Runtime, why: str) -> None:
+        """Fail a sandbox whose recorded runtime is lost, with `runtime` in its place."""
+        record.status, record.failed_at = FAILED, time.time()
+        record.failure = f"{why}, so the service lost track of its processes"
+        record.runtime = runtime.to_json()
+        try:
+            self.state.save(record)
+        except OSError as e:
+            log.warning("could not write the record of sandbox %s: %s", record.id, e)
+        log.warning(
+            "sandbox %s: %s; adopted it as failed, its files are kept: download them, restart "
+            "it or kill it",
+            record.id,
+            why,
+        )
 
     async def _readopt(self, live: Live) -> None:
         """Take a running sandbox back after a restart, or fail it if it can no longer serve."""
