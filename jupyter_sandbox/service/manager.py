@@ -157,10 +157,7 @@ class Manager:
         record.status, record.failed_at = FAILED, time.time()
         record.failure = f"{why}, so the service lost track of its processes"
         record.runtime = runtime.to_json()
-        try:
-            self.state.save(record)
-        except OSError as e:
-            log.warning("could not write the record of sandbox %s: %s", record.id, e)
+        self.state.save(record, quiet=True)
         log.warning(
             "sandbox %s: %s; adopted it as failed, its files are kept: download them, restart "
             "it or kill it",

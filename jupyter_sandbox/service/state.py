@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -426,7 +427,7 @@ class _Loaded:
         """The one line that says what happened to the database, if anything worth saying."""
         ended = "the list of sandboxes that ended before"
         if self.db is None:
-            what = f"is {self.fault}: running without it until it can be written again"
+            what = f"is {self.fault}: running without it until {_remedy(self.fault, database)}"
             lost = f"nothing ({ended} comes back then)"
         elif self.kept_as is not None:
             what = f"was {self.fault}: kept it as {self.kept_as} and started a new one"
@@ -450,7 +451,7 @@ def _load(path: Path) -> _Loaded:
     fault = _missing_or_empty(path)
     # An empty file is kept aside like a damaged one; a WAL without its database must
     # not be replayed into a new one.
-    kept_as = _move_aside(path, "empty" if fault == "empty" else "stale") if fault else None
+    kept_as = _move_aside(path, _ASIDE.get(fault, "stale")) if fault else None
     try:
         db = _connect(path, OPEN_TIMEOUT)
         loaded = _Loaded(db, fault=fault, kept_as=kept_as)
@@ -524,23 +525,57 @@ def _is_damage(error: sqlite3.DatabaseError) -> bool:
     """Is the file not (or no longer) a database, as opposed to busy or unreachable?"""
     code = getattr(error, "sqlite_errorcode", None)
     if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+        return code & 0xFF in _DAMAGE
     return not isinstance(error, sqlite3.OperationalError)
+
+
+# Errors that say the file is not (or no longer) a database of this service's: damaged,
+# or with a schema of its own that the service's fixed statements fail on.
+_DAMAGE = (
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_ERROR,  # no such column, views may not be indexed...
+    sqlite3.SQLITE_MISMATCH,  # datatype mismatch: an INTEGER id, say
+    sqlite3.SQLITE_CONSTRAINT,  # a CHECK or NOT NULL of a schema not ours
+)
+
+
+class _Unavailable(Exception):
+    """The database cannot be opened for now; the message says why, in words."""
 
 
 def _unavailable(error: Exception) -> str:
     """Why the database cannot be used for now, in words."""
+    if isinstance(error, _Unavailable):
+        return str(error)
     code = getattr(error, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return f"locked by another process ({error})"
     return f"unusable ({error})"
 
 
+def _remedy(fault: str | None, path: Path) -> str:
+    """What brings a database that cannot be used back, in words."""
+    if fault and fault.startswith("locked"):
+        return f"the process that locks it lets go (fuser -v {path} names it)"
+    return (
+        f"it can be written again: fix its permissions, attributes (lsattr {path}) or disk, "
+        "or move it away for a new one"
+    )
+
+
+_ASIDE = {"empty": "empty", "not a file": "damaged"}  # how a fault's file is named aside
+
+
 def _missing_or_empty(path: Path) -> str | None:
+    """ "missing", "empty" or "not a file" (a directory, say) if so; None for a file."""
     try:
-        return "empty" if os.stat(path).st_size == 0 else None
+        st = os.stat(path)
     except FileNotFoundError:
         return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a file"
+    return "empty" if st.st_size == 0 else None
 
 
 def _move_aside(path: Path, why: str) -> Path | None:
@@ -666,11 +701,13 @@ class _Writer(threading.Thread):
                     error = e
             if delayed_since is None:
                 delayed_since = time.monotonic()
+                why = _unavailable(error)
                 log.warning(
                     "writes to state database %s are delayed: %s; sandboxes keep running, "
-                    "and the writes go in once it can be written again",
+                    "and the writes go in once %s",
                     self.path,
-                    _unavailable(error),
+                    why,
+                    _remedy(why, self.path),
                 )
             with self._changed:
                 if self._closing and time.monotonic() >= self._deadline:
@@ -689,7 +726,7 @@ class _Writer(threading.Thread):
         if self.db is None:
             loaded = _load(self.path)
             if loaded.db is None:
-                raise sqlite3.OperationalError(loaded.fault or "unavailable")
+                raise _Unavailable(loaded.fault or "unavailable")
             self.db, self.identity = loaded.db, _identity(self.path)
             self._call_loop(self.late, loaded)
             return
