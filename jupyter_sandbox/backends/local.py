@@ -534,9 +534,7 @@ class LocalBackend:
             try:
                 data = self.claim.read_record(directory)
             except (OSError, ValueError) as e:
-                log.warning(
-                    "left %s alone (its files are kept): its record is unreadable: %s", directory, e
-                )
+                log.warning("the record in %s cannot be read (%s): taken for lost", directory, e)
                 continue
             if data is not None:
                 records[directory.name] = data

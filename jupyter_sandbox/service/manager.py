@@ -150,7 +150,8 @@ class Manager:
             created_at=time.time(),
             limits=self.default_limits().as_dict(),
         )
-        self._stand_in(record, runtime, f"its record could not be read (kept as {kept})")
+        why = self.state.unreadable.get(sandbox_id, "it could not be read")
+        self._stand_in(record, runtime, f"its record does not check out ({why}; kept as {kept})")
 
     def _stand_in(self, record: SandboxRecord, runtime: Runtime, why: str) -> None:
         """Fail a sandbox whose recorded runtime is lost, with `runtime` in its place."""

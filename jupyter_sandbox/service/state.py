@@ -153,6 +153,8 @@ class State:
         self._records: dict[str, SandboxRecord] = {}
         self._tokens: dict[str, SshToken] = {}
         self._on_disk: dict[str, bytes] = {}  # the record file last written, by sandbox
+        # Sandboxes whose record file does not check out, unknown to the database: why.
+        self.unreadable: dict[str, str] = {}
 
     @classmethod
     async def open(cls, database: Path, files: RecordFiles, lease_grace: float) -> State:
@@ -188,16 +190,14 @@ class State:
                 record, tokens = _parse_record_file(sandbox_id, text)
             except ValueError as e:
                 known = loaded.records.get(sandbox_id)
-                outcome = (
-                    "taking it from the database instead"
-                    if known is not None and known.status in ON_DISK
-                    else "left the sandbox alone, its files and processes as they are"
-                )
+                if known is None or known.status not in ON_DISK:
+                    self.unreadable[sandbox_id] = str(e)  # the manager adopts it as failed
+                    continue
                 log.warning(
-                    "the record file of sandbox %s does not check out (%s): %s",
+                    "the record file of sandbox %s does not check out (%s): taking it from "
+                    "the database instead",
                     sandbox_id,
                     e,
-                    outcome,
                 )
                 continue
             on_disk_ids.add(sandbox_id)

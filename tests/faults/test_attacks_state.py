@@ -135,7 +135,7 @@ def test_unreadable_record_without_database_makes_a_failed_sandbox(
 
     info = next(i for i in Sandbox.list() if i.id == sb.id)
     assert info.status == "failed"
-    assert "record could not be read" in info.failure
+    assert "record does not check out (not JSON;" in info.failure
     kept = list(_directory(service_env, sb.id).glob("record.json.unreadable-*"))
     assert len(kept) == 1 and str(kept[0]) in info.failure
     # What ran of it was stopped: nothing runs unknown to the service.

@@ -444,34 +444,39 @@ def test_a_database_deleted_under_a_running_service_is_written_anew(store: Store
     assert not [line for line in store.log_since(offset) if "state database" in line]
 
 
-def test_a_record_that_does_not_check_out_leaves_its_sandbox_alone(store: StoreService) -> None:
+def test_a_record_that_does_not_check_out_makes_its_sandbox_failed(store: StoreService) -> None:
     """A sandbox's record file with a field of the wrong type, and no database to fall
-    back on. The service must neither adopt nor sweep that sandbox: its files and
-    processes stay, and the log says which record and why. Once the record is right
-    again, the next start re-adopts the sandbox as it was."""
+    back on. The service must neither sweep that sandbox nor leave it running unseen
+    (no deadline, no kill would reach it): it is adopted as failed, its processes
+    stopped, its files kept and readable, its record kept aside; one log line says which
+    record, why, and what became of it. Restarting it brings it back with its files."""
     first = json.loads(store.python(SETUP))
-    record_file = store.storage / "sandboxes" / first["id"] / RECORD
-    good = record_file.read_bytes()
+    directory = store.storage / "sandboxes" / first["id"]
+    record_file = directory / RECORD
 
     def damage() -> None:
-        data = json.loads(good)
+        data = json.loads(record_file.read_bytes())
         data["record"]["created_at"] = "yesterday"
         record_file.write_text(json.dumps(data))
         delete(store.database)
 
     offset = store.log_size()
     store.kill_at_once(damage)
-    assert store.listed() == set()
-    directory = store.storage / "sandboxes" / first["id"]
-    assert (directory / "home" / "kept.txt").read_text() == "still here"
-    assert sandbox_processes(directory)
-    [line] = [line for line in store.log_since(offset) if first["id"] in line]
-    assert "left the sandbox alone" in line and "created_at is 'yesterday'" in line, line
-
-    store.stop_service()
-    record_file.write_bytes(good)
     assert store.listed() == {first["id"]}
-    store.still_running(first["id"])
+    assert not sandbox_processes(directory)
+    [aside] = directory.glob(f"{RECORD}.unreadable-*")
+    assert "yesterday" in aside.read_text()
+    [line] = [line for line in store.log_since(offset) if "adopted it as failed" in line]
+    assert first["id"] in line and "created_at is 'yesterday'" in line and str(aside) in line
+    read = (
+        "import sys\nfrom jupyter_sandbox import Sandbox\nsb = Sandbox.connect(sys.argv[1])\n"
+        "print(sb.info().status, sb.fs.read_text('kept.txt'))\n"
+        "print(sb.restart().status, sb.sh('cat kept.txt').stdout)"
+    )
+    assert store.python(read, first["id"]).split("\n")[:2] == [
+        "failed still here",
+        "running still here",
+    ]
 
 
 def test_the_record_is_out_of_the_sandboxs_reach(store: StoreService) -> None:
