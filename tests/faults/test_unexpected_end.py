@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_sandbox import InvalidRequest, Sandbox, SandboxExpired, SandboxFailed
+from jupyter_sandbox import InvalidRequest, Sandbox, SandboxExists, SandboxExpired, SandboxFailed
 from jupyter_sandbox.backends.cgroups import AGENT, Controller
 from jupyter_sandbox.backends.storage import RECORD
 from tests.conftest import UNPINNED_SSH, ServiceEnv, sandbox_pids, wait_for
@@ -115,6 +115,8 @@ def test_agent_sigkilled_from_the_host(service_env: ServiceEnv, sandbox: Sandbox
     """The host SIGKILLs the agent: the sandbox fails as "killed by signal 9 (SIGKILL)"."""
     os.kill(sandbox_pids(service_env.storage, sandbox.id)["agent"], signal.SIGKILL)
     assert_failed(service_env, sandbox, "its agent was killed by signal 9 (SIGKILL)", tmp_path)
+    with pytest.raises(SandboxExists, match="failed and is kept: restart or kill it first"):
+        Sandbox.create(name=sandbox.name, timeout="1m")  # its name stays taken
     assert_restarts(sandbox)
     assert_killed_clean(service_env, sandbox)
 
