@@ -653,7 +653,7 @@ class LocalBackend:
         after a restart another process may have its pid and start time)?"""
         if runtime.boot_id and runtime.boot_id != boot_id():
             return False
-        return bool(runtime.pid_start) and _start_time(runtime.pid) == runtime.pid_start
+        return bool(runtime.pid_start) and _start_time(runtime.pid, True) == runtime.pid_start
 
     async def failure(
         self, runtime: Runtime, memory: int | None = None, service_was_down: bool = False
@@ -670,10 +670,10 @@ class LocalBackend:
         if self.serving(runtime):
             return None
         proc = _REAPERS.get(runtime.pid)
-        init_alive = self.alive(runtime)
         if proc is not None:  # its exit status says more than anything: wait for it briefly
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(proc.wait, EXIT_WAIT)
+        init_alive = self.alive(runtime)  # once bwrap has told the init's end, if it ended
         group = runtime.group()
         # An OOM kill in the user's own group (v1) ends a user process, never the agent.
         kills = [k for k in group.out_of_memory() if k[0] != USER] if group else []

@@ -183,10 +183,10 @@ def test_failed_sandbox_ends_at_its_deadline(service_env: ServiceEnv, sandbox: S
     wait_for(lambda: sandbox.info().status == "failed", FAIL_WITHIN, message="failure")
     assert sandbox.fs.read_text("notes.txt") == "written through the API\n"
     sandbox.extend_timeout(1)
-    directory = service_env.storage / "sandboxes" / sandbox.id
-    wait_for(lambda: not directory.exists(), 15, message="the deadline to end it")
+    wait_for(lambda: _ended(sandbox), 15, message="the deadline to end it")
     with pytest.raises(SandboxExpired, match="expired"):
         sandbox.info()
+    assert not (service_env.storage / "sandboxes" / sandbox.id).exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the agent's own memory group is v1 as root")
@@ -294,10 +294,18 @@ def test_failed_session_sandbox_ends_when_its_owner_goes(service_env: ServiceEnv
     finally:
         owner.kill()
         owner.wait()
-    directory = service_env.storage / "sandboxes" / sandbox_id
-    wait_for(lambda: not directory.exists(), 3 * lease_ttl + 5, message="the lease to lapse")
+    wait_for(lambda: _ended(sb), 3 * lease_ttl + 5, message="the lease to lapse")
     with pytest.raises(SandboxExpired, match="lease"):
         sb.info()
+    assert not (service_env.storage / "sandboxes" / sandbox_id).exists()
+
+
+def _ended(sb: Sandbox) -> bool:
+    try:
+        sb.info()
+    except SandboxExpired:
+        return True
+    return False
 
 
 @pytest.mark.unprivileged
