@@ -342,16 +342,17 @@ def _full_message(path: str | None) -> str:
 def read_only_home(path: str | None) -> str | None:
     """Why a write to `path` met a read-only home, if its filesystem turned read-only.
 
-    The home is mounted writable; a home of its own refuses writes only once its image
-    could not be written (the host's disk under it was full, its journal stopped): its
-    files can still be read, nothing more is written.
+    The home is mounted writable; a home of its own refuses writes to what is in it
+    only once its image could not be written (the host's disk under it was full, its
+    journal stopped; the mount still says writable): its files can still be read.
+    The home directory itself is an entry of the read-only /home.
     """
     try:
         home = protocol.SANDBOX_HOME
         if (
-            not _home_has_own_disk()
-            or os.stat(_existing(path or home)).st_dev != os.stat(home).st_dev
-            or not os.statvfs(home).f_flag & os.ST_RDONLY  # EROFS from elsewhere: /home
+            not os.path.normpath(path or "/").startswith(home + "/")  # the home itself: /home's
+            or not _home_has_own_disk()
+            or os.stat(_existing(path)).st_dev != os.stat(home).st_dev
         ):
             return None
         host = os.fstatvfs(host_disk)

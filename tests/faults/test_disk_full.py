@@ -249,6 +249,13 @@ def test_full_host_disk_under_a_home(roomy_disk: SmallDisk):
         message = str(caught.value)
         assert "host's disk" in message and sb.id in message, message
         assert sb.fs.read_bytes("kept.bin") == kept
+        # A command writes on regardless: what the disk could not take is lost, and the
+        # home's filesystem may stop taking writes. Writes then say so, typed.
+        sb.sh("dd if=/dev/zero of=lost bs=1M count=64; sync", check=False)
+        with pytest.raises(DiskFull) as caught:
+            sb.fs.write_bytes("more", os.urandom(MiB))
+        assert sb.id in str(caught.value) and "host's disk" in str(caught.value)
+        assert sb.fs.read_bytes("kept.bin") == kept
         with pytest.raises(DiskFull) as caught:  # its record, on that disk, cannot change
             sb.extend_timeout("10m")
         assert "could not save" in str(caught.value), str(caught.value)
