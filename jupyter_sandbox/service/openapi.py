@@ -333,8 +333,8 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
 
 # Errors every operation may answer, and those of the operations on one sandbox.
 COMMON = (400, 401, 500, 503)
-ON_SANDBOX = (*COMMON, 404, 409, 410)
-ON_FILES = (*ON_SANDBOX, 403, 507)
+ON_SANDBOX = (*COMMON, 404, 409, 410, 507)  # 507: its record could not be saved, disk full
+ON_FILES = (*ON_SANDBOX, 403)
 HTTP_ERRORS = {
     401: "PermissionDenied: a TCP request without the bearer token",
     413: "InvalidRequest: the request body is too large",
