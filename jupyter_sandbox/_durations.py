@@ -22,6 +22,11 @@ def parse_duration(value: str | float | int) -> float:
     """Seconds in a duration: 30, "30s", "5m", "1h30m", "250ms"."""
     if isinstance(value, bool):
         raise InvalidRequest(f"invalid duration {shown(value)}: expected {DURATION_FORMS}")
+    if value == SESSION:  # a timeout, but no duration: a deadline cannot be "session"
+        raise InvalidRequest(
+            '"session" is not a duration here: give one such as "30s", "5m" or "1h30m" '
+            "(a sandbox with a deadline cannot go back to living with its owner)"
+        )
     number = isinstance(value, str) and _NUMBER.fullmatch(value)
     if isinstance(value, (int, float)) or number:
         seconds = _float(value)

@@ -649,8 +649,9 @@ class LocalBackend:
             log.exception("could not clean up %s; trying again later", directory)
 
     def alive(self, runtime: Runtime) -> bool:
-        """Is the sandbox's init still the process we started (in this boot of the host:
-        after a restart another process may have its pid and start time)?"""
+        """Is the sandbox's init still the process we started, and not exiting (in this
+        boot of the host: after a restart another process may have its pid and start time)?
+        A killed init stays a zombie until its bwrap reaps it: that is not alive."""
         if runtime.boot_id and runtime.boot_id != boot_id():
             return False
         return bool(runtime.pid_start) and _start_time(runtime.pid, True) == runtime.pid_start

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .._config import Settings, host_cpus, host_memory
@@ -32,6 +33,7 @@ from .._errors import (
     DiskFull,
     InvalidRequest,
     IsolationUnavailable,
+    SandboxError,
     SandboxExists,
     SandboxExpired,
     SandboxFailed,
@@ -553,8 +555,15 @@ class Manager:
         live.record.timeout = seconds
         live.record.expires_at = time.time() + seconds
         live.record.lease_id = live.record.lease_expires = None
-        self.state.save(live.record)
         self._notify("updated", live.record)
+        try:
+            self.state.save(live.record)
+        except OSError as e:
+            outcome = (
+                "the new deadline is in effect, but a service restarted without its "
+                "database would not know it"
+            )
+            raise record_error(live.record.id, e, outcome, self.backend.storage) from None
         return live.record
 
     def renew(self, ref: str, lease_id: str) -> SandboxRecord:
@@ -622,6 +631,18 @@ class Manager:
             elif check_health:
                 await self.check(live)
         self.state.forget_ended(ENDED_KEPT_FOR)
+
+
+def record_error(sandbox_id: str, error: OSError, outcome: str, storage: Path) -> SandboxError:
+    """The error for a change whose record file could not be written: what became of the
+    change (`outcome`), which file failed and why, what to do. DiskFull for a full disk."""
+    path = error.filename2 or error.filename  # a rename's target is the record itself
+    where = f"{error.strerror}: {path}" if path else str(error)
+    text = (
+        f"{outcome}: the record file of sandbox {sandbox_id} could not be written ({where}). "
+        f"Make {storage} writable again (free space, permissions, attributes) and retry"
+    )
+    return DiskFull(text) if space.is_full(error) else SandboxError(text)
 
 
 def failed_message(record: SandboxRecord) -> str:

@@ -23,7 +23,7 @@ import asyncssh
 from .._durations import parse_duration
 from .._errors import InvalidRequest
 from ..ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
-from .manager import Manager, failed_message
+from .manager import Manager, failed_message, record_error
 from .state import FAILED, SandboxRecord, SshToken
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -112,16 +112,21 @@ class SshAccessManager:
         expires_at = time.time() + parse_duration(ttl) if ttl is not None else None
         token = generate_token()
         token_hash = hash_token(token)
-        self.state.add_token(
-            SshToken(
-                token_hash=token_hash,
-                sandbox_id=live.record.id,
-                created_at=time.time(),
-                expires_at=expires_at,
-                single_use=bool(single_use),
-                public_key=public_key,
+        try:
+            self.state.add_token(
+                SshToken(
+                    token_hash=token_hash,
+                    sandbox_id=live.record.id,
+                    created_at=time.time(),
+                    expires_at=expires_at,
+                    single_use=bool(single_use),
+                    public_key=public_key,
+                )
             )
-        )
+        except OSError as e:  # a credential no one was given must not stay valid
+            self.state.revoke_tokens(live.record.id, token_hash)
+            storage = self.manager.backend.storage
+            raise record_error(live.record.id, e, "no SSH access was given", storage) from None
         if expires_at is not None:
             self._expiry[token_hash] = (live.record.id, expires_at)
         host = self.public_host or self.host

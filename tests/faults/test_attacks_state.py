@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox import Sandbox
-from jupyter_sandbox._errors import ServiceUnavailable
+from jupyter_sandbox._errors import InvalidRequest, SandboxError, ServiceUnavailable
 from jupyter_sandbox.backends.local import LocalBackend, Runtime, _start_time
 from tests.conftest import ServiceEnv, _alive, sandbox_pids, sandbox_processes, wait_for
 
@@ -209,3 +211,34 @@ def test_a_runtime_of_another_boot_is_never_alive(tmp_path: Path) -> None:
     assert not backend.alive(runtime)
     runtime.boot_id = ""
     assert backend.alive(runtime)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs root and chattr")
+def test_a_record_that_cannot_be_written_gives_typed_errors(service_env: ServiceEnv) -> None:
+    """extend and expose_ssh of a sandbox whose record file cannot be replaced: a typed
+    error naming the file and saying what took effect, never a bare HTTP 500."""
+    sb = Sandbox.create(timeout="10m")
+    record = _directory(service_env, sb.id) / "record.json"
+    subprocess.run(["chattr", "+i", str(record)], check=True)
+    try:
+        with pytest.raises(SandboxError) as extended:
+            sb.extend_timeout("1h")
+        message = str(extended.value)
+        assert "new deadline is in effect" in message and str(record) in message, message
+        assert sb.info().expires_at > time.time() + 3000  # as the message says
+        with pytest.raises(SandboxError) as exposed:
+            sb.expose_ssh()
+        assert "no SSH access was given" in str(exposed.value) and str(record) in str(exposed.value)
+    finally:
+        subprocess.run(["chattr", "-i", str(record)], check=True)
+    assert sb.expose_ssh().username
+    sb.kill()
+
+
+@pytest.mark.unprivileged
+def test_extending_to_session_says_what_a_deadline_needs(service_env: ServiceEnv) -> None:
+    with Sandbox.create(timeout="10m") as sb:
+        with pytest.raises(InvalidRequest) as error:
+            sb.extend_timeout("session")
+        message = str(error.value)
+        assert '"session" is not a duration' in message and '"5m"' in message, message
