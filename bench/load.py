@@ -64,6 +64,7 @@ class Record:
         default_factory=lambda: collections.defaultdict(collections.Counter)
     )
     samples: dict[tuple[str, str], str] = field(default_factory=dict)
+    secrets: set[str] = field(default_factory=set)  # SSH tokens, kept out of what is printed
 
     async def timed(self, op: str, work: Awaitable[object]) -> object:
         """`work`'s result, its time recorded under `op`; FAILED (and the error counted)
@@ -79,6 +80,8 @@ class Record:
 
     def error(self, op: str, kind: str, detail: str) -> None:
         self.errors[op][kind] += 1
+        for secret in self.secrets:
+            detail = detail.replace(secret, "<token>")
         self.samples.setdefault((op, kind), detail[:300])
 
     @property
@@ -153,6 +156,15 @@ class PrivateService:
         if sandboxes.exists():
             found += [f"directory {d}" for d in sandboxes.iterdir()]
         return found
+
+    def keep_log(self) -> Path | None:
+        """A copy of the service's log that outlives `remove`."""
+        source = self.base / "data" / "sandbox" / "service.log"
+        if not source.exists():
+            return None
+        kept = Path(tempfile.gettempdir()) / f"jsb-load-{os.getpid()}-service.log"
+        shutil.copy(source, kept)
+        return kept
 
     def remove(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
@@ -232,6 +244,7 @@ class Round:
         for i, access in enumerate(accesses):
             if access is FAILED:
                 continue
+            self.record.secrets.add(access.username)
             known_hosts = self.work / f"known_hosts-{i}"
             known_hosts.write_text(access.known_hosts_line + "\n")
             config = self.work / f"ssh-config-{i}"
@@ -266,17 +279,17 @@ class Round:
 
     async def _converse(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdin is not None and proc.stdout is not None
-        greeting = await asyncio.wait_for(proc.stdout.readuntil(b"\n"), 60)
+        greeting = await asyncio.wait_for(proc.stdout.readline(), 60)
         if greeting.strip() != b"ready":  # the terminal echoes no more from here on
-            raise RuntimeError(f"the session began with {greeting!r}")
+            raise RuntimeError(f"the session began with {greeting!r}{await _stderr(proc)}")
         for n in range(self.sizes.session_lines):
             line = f"line {n} of a session"
             started = time.perf_counter()
             proc.stdin.write(line.encode() + b"\n")
             await proc.stdin.drain()
-            echoed = await asyncio.wait_for(proc.stdout.readuntil(b"\n"), 60)
+            echoed = await asyncio.wait_for(proc.stdout.readline(), 60)
             if echoed.strip() != line.encode():
-                raise RuntimeError(f"typed {line!r}, got {echoed!r} back")
+                raise RuntimeError(f"typed {line!r}, got {echoed!r} back{await _stderr(proc)}")
             self.record.latencies["ssh_line"].append((time.perf_counter() - started) * 1000)
         proc.stdin.write(b"\x04")  # Ctrl-D: cat ends, and the session with it
         await proc.stdin.drain()
@@ -315,6 +328,15 @@ class Round:
             config.unlink(missing_ok=True)
 
 
+async def _stderr(proc: asyncio.subprocess.Process) -> str:
+    """What an ended ssh said on stderr, for an error message."""
+    assert proc.stderr is not None
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(proc.wait(), 5)
+        return f"; exit {proc.returncode}, {(await proc.stderr.read())[-300:]!r}"
+    return ""
+
+
 async def _all(works) -> list:
     return await asyncio.gather(*works)
 
@@ -330,6 +352,7 @@ def _digest(path: Path) -> str:
 async def run(duration: float, sizes: Sizes, record: Record, service: PrivateService) -> dict:
     memory: dict[str, tuple[int, int]] = {}
     await AsyncSandbox.list()  # starts the service
+    pid = service.pid
     memory["before"] = service.memory()
     peak = [memory["before"]]
 
@@ -352,6 +375,8 @@ async def run(duration: float, sizes: Sizes, record: Record, service: PrivateSer
             rounds += 1
             print(f"round {rounds}: {time.monotonic() - started:.0f} s", flush=True)
     sampler.cancel()
+    if service.pid != pid:
+        record.error("service", "Restarted", f"the service was pid {pid}, is {service.pid}")
     left = [s.id for s in await AsyncSandbox.list()]
     if left:
         record.error("end", "SandboxesLeft", ", ".join(left))
@@ -399,8 +424,11 @@ def main() -> int:
     finally:
         with contextlib.suppress(RuntimeError):
             service.stop()
+        kept = service.keep_log() if record.failures else None
         service.remove()
     report(summary, record, leftovers)
+    if kept is not None:
+        print(f"the service's log is kept in {kept}")
     return 1 if record.failures or leftovers else 0
 
 
