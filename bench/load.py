@@ -222,14 +222,13 @@ class Round:
         async def one(i: int) -> None:
             sandbox = self.sandboxes[i % len(self.sandboxes)]
             source, back = self.work / f"up-{i}", self.work / f"down-{i}"
-            data = os.urandom(self.sizes.upload_bytes)
-            source.write_bytes(data)
+            digest = await asyncio.to_thread(_random_file, source, self.sizes.upload_bytes)
             try:
                 sent = await self.record.timed("upload", sandbox.fs.upload(source, f"f{i}"))
                 if sent is FAILED:
                     return
                 got = await self.record.timed("download", sandbox.fs.download(f"f{i}", back))
-                if got is not FAILED and _digest(back) != hashlib.sha256(data).hexdigest():
+                if got is not FAILED and await asyncio.to_thread(_digest, back) != digest:
                     self.record.error("download", "ChecksumMismatch", f"f{i} in {sandbox.id}")
             finally:
                 source.unlink(missing_ok=True)
@@ -339,6 +338,13 @@ async def _stderr(proc: asyncio.subprocess.Process) -> str:
 
 async def _all(works) -> list:
     return await asyncio.gather(*works)
+
+
+def _random_file(path: Path, size: int) -> str:
+    """Write `size` random bytes to `path`; their SHA-256."""
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _digest(path: Path) -> str:

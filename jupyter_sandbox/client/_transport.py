@@ -26,7 +26,7 @@ from ._service import find_or_start, is_supervised
 
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 _POOL = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own
-_LEASE_POOL = httpx.Limits(max_connections=4)
+_LEASE_POOL = httpx.Limits(max_connections=8)
 _SAFE_METHODS = ("GET", "HEAD", "DELETE")
 
 
