@@ -68,7 +68,8 @@ def supervisor_pid(paths: Paths) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if b"jupyter_sandbox" in cmdline else None
+    ours = b"jupyter_sandbox" in cmdline and b"--no-supervisor" not in cmdline
+    return pid if ours else None  # else the pid was reused since the supervisor died
 
 
 def _describe(returncode: int) -> str:
@@ -124,6 +125,8 @@ class Supervisor:
         while True:
             ready = threading.Event()
             self.child = self._start(ready)
+            if self.stopping:  # asked while it was being started: _stop saw the old one
+                self.child.send_signal(signal.SIGTERM)
             returncode = self.child.wait()
             ever_ready = ever_ready or ready.is_set()
             if self.stopping or returncode == 0:
