@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -24,10 +23,10 @@ from .._durations import parse_duration
 from .._errors import InvalidRequest
 from ..ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
 from .manager import Manager, failed_message, record_error
+from .ssh_port import PORT_FILE, configured_address, inherited_socket, listening_socket
 from .state import FAILED, SandboxRecord, SshToken
 
 log = logging.getLogger("jupyter_sandbox.service")
-DEFAULT_PORT = 2222
 EXPIRY_INTERVAL = 0.5
 
 
@@ -38,8 +37,7 @@ class SshAccessManager:
         self.manager = manager
         self.state = manager.state
         self.key_dir = key_dir
-        self.host = os.environ.get("JUPYTER_SANDBOX_SSH_HOST", "127.0.0.1")
-        self.port = int(os.environ.get("JUPYTER_SANDBOX_SSH_PORT", DEFAULT_PORT))
+        self.host, self.port = configured_address()
         self.public_host = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_HOST")
         self.public_port = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_PORT")
         self.limits = GatewayLimits.from_env()
@@ -52,36 +50,20 @@ class SshAccessManager:
         manager.listeners.append(self._on_sandbox_event)
 
     async def start(self) -> None:
-        """Listen on the port used last, so the `ssh -p PORT` commands handed out still
-        work after a restart; else on the configured port, else on any free one.
-
-        The last port counts only while the configured port is the one it was chosen
-        for: a new configuration takes effect at the next start.
-        """
-        port_file = self.key_dir / "ssh_port"
-        candidates = [self.port]
-        with contextlib.suppress(OSError, ValueError):
-            last, configured = (int(n) for n in port_file.read_text().split())
-            if configured == self.port:
-                candidates.insert(0, last)
-        candidates.append(0)
-        for port in dict.fromkeys(candidates):
-            self.gateway = Gateway(
-                self.resolve,
-                self.key_dir,
-                self.host,
-                port,
-                self._on_ssh_event,
-                limits=self.limits,
-                post_quantum_only=self.post_quantum_only,
-            )
-            try:
-                await self.gateway.start()
-                break
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE:
-                    raise
-        port_file.write_text(f"{self.gateway.port} {self.port}")
+        """Listen on the socket the supervisor holds, else bind one (`listening_socket`)."""
+        sock = inherited_socket() or listening_socket(self.key_dir, self.host, self.port)
+        self.gateway = Gateway(
+            self.resolve,
+            self.key_dir,
+            self.host,
+            self.port,
+            self._on_ssh_event,
+            limits=self.limits,
+            post_quantum_only=self.post_quantum_only,
+            sock=sock,
+        )
+        await self.gateway.start()
+        (self.key_dir / PORT_FILE).write_text(f"{self.gateway.port} {self.port}")
         for token in self.state.tokens():
             if token.expires_at is not None:
                 self._expiry[token.token_hash] = (token.sandbox_id, token.expires_at)

@@ -11,6 +11,11 @@ SIGTERM or SIGINT to the supervisor stop the service cleanly. If the
 supervisor itself is killed, the service keeps running on its own and clients
 keep finding it through its socket.
 
+The supervisor binds the SSH gateway's port and hands the listening socket to
+each service it starts, so the port stays ours while the service restarts: no
+other local user can take it and receive the logins (and tokens) meant for the
+sandboxes, and logins made meanwhile wait in the queue instead of failing.
+
 The supervisor holds an exclusive lock on its pid file for its whole life, so
 there is one per user, and clients can tell "restarting" from "not running".
 """
@@ -23,6 +28,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._config import Paths
+from . import ssh_port
 
 log = logging.getLogger("jupyter_sandbox.supervisor")
 
@@ -99,6 +106,7 @@ class Supervisor:
         self.child: subprocess.Popen | None = None
         self.stopping = False
         self._lock_fd: int | None = None
+        self._ssh_socket: socket.socket | None = None
         self._crashes: collections.deque[float] = collections.deque()
 
     def _lock(self) -> None:
@@ -119,6 +127,7 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until the service ends by itself or is stopped; the exit code."""
         self._lock()
+        self._ssh_socket = self._bind_ssh_port()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         ever_ready = False
@@ -156,13 +165,28 @@ class Supervisor:
             if not self._sleep(delay):
                 return 0
 
+    def _bind_ssh_port(self) -> socket.socket | None:
+        """The gateway's listening socket, held for the supervisor's whole life; None if it
+        cannot be bound (the service then binds its own, or says why it cannot)."""
+        try:
+            host, port = ssh_port.configured_address()
+            return ssh_port.listening_socket(self.paths.data_dir / "ssh", host, port)
+        except (OSError, ValueError) as e:
+            log.warning("supervisor: cannot bind the SSH port (%s); the service binds its own", e)
+            return None
+
     def _start(self, ready: threading.Event) -> subprocess.Popen:
         read_fd, write_fd = os.pipe()
+        env = service_environment(os.environ)
+        passed = [write_fd]
+        if self._ssh_socket is not None:
+            passed.append(self._ssh_socket.fileno())
+            env[ssh_port.LISTEN_FD_ENV] = str(self._ssh_socket.fileno())
         child = subprocess.Popen(
             [*self.command, "--ready-fd", str(write_fd)],
             stdin=subprocess.DEVNULL,
-            pass_fds=(write_fd,),
-            env=service_environment(os.environ),
+            pass_fds=passed,
+            env=env,
         )
         os.close(write_fd)
         threading.Thread(

@@ -67,9 +67,11 @@ class Gateway:
         *,
         limits: GatewayLimits | None = None,
         post_quantum_only: bool = False,
+        sock: socket.socket | None = None,
     ) -> None:
         self.resolve = resolve
         self.host, self.port = host, port
+        self.sock = sock  # bound already (held across restarts): `host` and `port` unused
         self.on_event = on_event
         self.limits = (limits or GatewayLimits()).within_fd_limit()
         self.algorithms = server_algorithms(post_quantum_only)
@@ -86,9 +88,9 @@ class Gateway:
         """Listen; `self.port` is the real port afterwards."""
         limits = self.limits
         backlog = max(BACKLOG, limits.startups.full)
+        where = {"sock": self.sock} if self.sock else {"host": self.host, "port": self.port}
         self._acceptor = await asyncssh.listen(
-            self.host,
-            self.port,
+            **where,
             server_factory=lambda: Connection(self),
             server_host_keys=[self.host_key],
             encoding=None,

@@ -1,0 +1,95 @@
+"""Attacks on the newest service parts: the supervisor's restart window, ..."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jupyter_sandbox.ssh.gateway import SERVER_VERSION
+
+from tests.conftest import ROOT, wait_for
+
+
+# Binds the port given as argv[1] as soon as it can, until stdin closes; says "GOT" if so.
+GRABBER = """
+import socket, sys, threading
+port = int(sys.argv[1]); stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+print("trying", flush=True)
+while not stop.is_set():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port)); s.listen(1); print("GOT", flush=True); break
+    except OSError:
+        s.close()
+stop.wait()
+"""
+
+
+def _runtime(env: dict[str, str]) -> dict:
+    try:
+        return json.loads((Path(env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _as_nobody() -> None:
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_another_user_cannot_take_the_ssh_port_while_the_service_restarts(
+    separate_service_env: dict[str, str],
+) -> None:
+    env = {**separate_service_env, "PYTHONPATH": str(ROOT)}
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    grabber = None
+    try:
+        first = wait_for(lambda: _runtime(env).get("ssh_port") and _runtime(env), 60, 0.1)
+        port = first["ssh_port"]
+        grabber = subprocess.Popen(
+            ["/usr/bin/python3", "-c", GRABBER, str(port)],
+            cwd="/",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_as_nobody,
+        )
+        assert grabber.stdout.readline() == "trying\n"
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_for(lambda: not _alive(first["pid"]), 10, 0.01, "the killed service to be gone")
+        # A login made while no service runs waits for the next one, and reaches it.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            banner = conn.makefile("rb").readline()
+        assert banner.decode().strip() == f"SSH-2.0-{SERVER_VERSION}"
+        second = wait_for(lambda: _runtime(env).get("pid") not in (None, first["pid"]), 60, 0.1)
+        assert second and _runtime(env)["ssh_port"] == port
+        grabber.stdin.close()
+        assert grabber.stdout.read() == "", "another user took the SSH port"
+    finally:
+        if grabber is not None:
+            grabber.kill()
+            grabber.wait()
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(60) == 0
