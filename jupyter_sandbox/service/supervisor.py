@@ -166,14 +166,28 @@ class Supervisor:
                 return 0
 
     def _bind_ssh_port(self) -> socket.socket | None:
-        """The gateway's listening socket, held for the supervisor's whole life; None if it
-        cannot be bound (the service then binds its own, or says why it cannot)."""
+        """The gateway's listening socket, held for the supervisor's whole life; None if a
+        service runs already (it holds the port, and the one we start exits at once), or if
+        it cannot be bound (the service then binds its own, or says why it cannot)."""
+        if self._service_running():
+            return None
         try:
             host, port = ssh_port.configured_address()
             return ssh_port.listening_socket(self.paths.data_dir / "ssh", host, port)
         except (OSError, ValueError) as e:
             log.warning("supervisor: cannot bind the SSH port (%s); the service binds its own", e)
             return None
+
+    def _service_running(self) -> bool:
+        """Does a service hold its lock (one left running by a killed supervisor)?"""
+        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def _start(self, ready: threading.Event) -> subprocess.Popen:
         read_fd, write_fd = os.pipe()

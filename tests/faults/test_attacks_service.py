@@ -1,4 +1,4 @@
-"""Attacks on the newest service parts: the supervisor's restart window, ..."""
+"""Attacks on the newest service parts: the supervisor and its restart window, ..."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from jupyter_sandbox.ssh.gateway import SERVER_VERSION
-
 from tests.conftest import ROOT, wait_for
-
 
 # Binds the port given as argv[1] as soon as it can, until stdin closes; says "GOT" if so.
 GRABBER = """
@@ -93,3 +89,37 @@ def test_another_user_cannot_take_the_ssh_port_while_the_service_restarts(
             grabber.wait()
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(60) == 0
+
+
+def test_serve_beside_a_service_whose_supervisor_was_killed_leaves_it_alone(
+    separate_service_env: dict[str, str],
+) -> None:
+    env = {**separate_service_env, "PYTHONPATH": str(ROOT)}
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = wait_for(lambda: _runtime(env).get("ssh_port") and _runtime(env), 60, 0.1)
+    try:
+        supervisor.kill()
+        supervisor.wait()
+        second = subprocess.run(
+            [sys.executable, "-m", "jupyter_sandbox", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 3, second.stderr
+        assert "already running" in second.stderr
+        assert "taken by another process" not in second.stderr
+        assert _runtime(env) == first
+        with socket.create_connection(("127.0.0.1", first["ssh_port"]), timeout=10) as conn:
+            assert conn.makefile("rb").readline().startswith(b"SSH-2.0-jupyter-sandbox")
+    finally:
+        os.kill(first["pid"], signal.SIGTERM)
+        wait_for(lambda: not _alive(first["pid"]), 60, 0.1, "the service to stop")
