@@ -254,7 +254,10 @@ def _ends(info: SandboxInfo) -> str:
 
 def _reason(info: SandboxInfo) -> str:
     """Why a sandbox failed or ended, in words; "" while it runs."""
-    return info.failure or info.end_reason or ""
+    if info.status == "ended":  # a failed sandbox ends by its deadline or a kill later
+        failed = f" (after it failed: {info.failure})" if info.failure else ""
+        return f"{info.end_reason or 'ended'}{failed}"
+    return info.failure or ""
 
 
 def _size(value: int | None) -> str:
@@ -308,7 +311,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     limits = info.limits
     status = info.status
     if _reason(info):
-        when = info.failed_at if info.failure else info.ended_at
+        when = info.ended_at if info.status == "ended" else info.failed_at
         status += f": {_reason(info)} ({_ago(when)})"
     lines = [
         ("id", info.id),

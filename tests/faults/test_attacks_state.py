@@ -242,3 +242,12 @@ def test_extending_to_session_says_what_a_deadline_needs(service_env: ServiceEnv
             sb.extend_timeout("session")
         message = str(error.value)
         assert '"session" is not a duration' in message and '"5m"' in message, message
+
+
+def test_a_failed_sandbox_that_was_killed_is_listed_as_killed(service_env: ServiceEnv) -> None:
+    sb = _failed_sandbox(service_env)
+    sb.kill()
+    [line] = [
+        line for line in service_env.run_cli("list", "--all").stdout.splitlines() if sb.id in line
+    ]
+    assert "ended" in line and "killed (after it failed: its agent was killed" in line, line
