@@ -305,6 +305,25 @@ def separate_service_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture
+def tcp_service(separate_service_env: dict[str, str]) -> Iterator[dict]:
+    """A separate service that also listens on TCP (`serve --tcp`): its environment
+    (``env``) and what its runtime file says (``url``, ``token``, ...)."""
+    env = {**separate_service_env, "JUPYTER_SANDBOX_POOL": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve", "--tcp", "127.0.0.1:0"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        runtime_file = Path(env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json"
+        wait_for(runtime_file.exists, 30, message="the service to listen")
+        yield {"env": env, "runtime_file": runtime_file, **json.loads(runtime_file.read_text())}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture
 def sandbox(service_env: ServiceEnv) -> Iterator[Sandbox]:
     """A fresh session sandbox, killed after the test."""
     with Sandbox.create() as sb:

@@ -20,7 +20,7 @@ from jupyter_sandbox import (
 )
 from jupyter_sandbox.client._async import AsyncProcess
 from jupyter_sandbox.client._sync import Process, portal
-from tests.conftest import ServiceEnv, wait_for
+from tests.conftest import ServiceEnv
 
 pytestmark = pytest.mark.unprivileged
 
@@ -156,40 +156,25 @@ def test_huge_request_bodies_are_refused(service_env: ServiceEnv, sandbox):
     assert sandbox.sh("echo ok").stdout == "ok\n"
 
 
-def test_tcp_listener_requires_the_token(tmp_path, separate_service_env):
+def test_tcp_listener_requires_the_token(tmp_path, tcp_service):
     """`serve --tcp` for shared deployments: every request needs the bearer token."""
-    env = {**separate_service_env, "JUPYTER_SANDBOX_POOL": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_sandbox", "serve", "--tcp", "127.0.0.1:0"],
-        env=env,
-        stderr=subprocess.DEVNULL,
+    url, token = tcp_service["url"], tcp_service["token"]
+    assert oct(tcp_service["runtime_file"].stat().st_mode & 0o777) == "0o600"
+    assert httpx.get(url + "/v1/sandboxes").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.get(url + "/v1/status", headers=wrong).status_code == 401
+    client = subprocess.run(
+        [sys.executable, "-m", "jupyter_sandbox", "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **tcp_service["env"],
+            "JUPYTER_SANDBOX_URL": url,
+            "JUPYTER_SANDBOX_TOKEN": token,
+            "JUPYTER_RUNTIME_DIR": str(tmp_path / "elsewhere"),
+        },
     )
-    try:
-        runtime_file = tmp_path / "rt" / "jupyter-sandbox.json"
-        wait_for(runtime_file.exists, 30, message="the service to listen")
-        runtime = json.loads(runtime_file.read_text())
-        assert oct(runtime_file.stat().st_mode & 0o777) == "0o600"
-        assert httpx.get(runtime["url"] + "/v1/sandboxes").status_code == 401
-        wrong = {"Authorization": "Bearer nope"}
-        assert httpx.get(runtime["url"] + "/v1/status", headers=wrong).status_code == 401
-        client = subprocess.run(
-            [sys.executable, "-m", "jupyter_sandbox", "list", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={
-                **env,
-                "JUPYTER_SANDBOX_URL": runtime["url"],
-                "JUPYTER_SANDBOX_TOKEN": runtime["token"],
-                "JUPYTER_RUNTIME_DIR": str(tmp_path / "elsewhere"),
-            },
-        )
-        assert client.returncode == 0 and json.loads(client.stdout) == []
-        agent = httpx.get(
-            runtime["url"] + "/v1/sandboxes/x/agent",
-            headers={"Authorization": f"Bearer {runtime['token']}"},
-        )
-        assert agent.status_code in (403, 404)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    assert client.returncode == 0 and json.loads(client.stdout) == []
+    agent = httpx.get(url + "/v1/sandboxes/x/agent", headers={"Authorization": f"Bearer {token}"})
+    assert agent.status_code in (403, 404)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import httpx
 import pytest
 from openapi_spec_validator import validate
@@ -16,7 +12,6 @@ from jupyter_sandbox.client._async import shared_transport
 from jupyter_sandbox.client._sync import portal
 from jupyter_sandbox.service import openapi
 from jupyter_sandbox.service.api import make_app
-from tests.conftest import wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -102,23 +97,10 @@ def test_unknown_endpoints_and_methods_answer_with_the_error_shape(service_env):
     assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"error", "message"}
 
 
-def test_over_tcp_the_document_needs_the_token(tmp_path, separate_service_env):
-    env = {**separate_service_env, "JUPYTER_SANDBOX_POOL": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_sandbox", "serve", "--tcp", "127.0.0.1:0"],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        runtime_file = tmp_path / "rt" / "jupyter-sandbox.json"
-        wait_for(runtime_file.exists, 30, message="the service to listen")
-        runtime = json.loads(runtime_file.read_text())
-        url = runtime["url"] + "/v1/openapi.json"
-        refused = httpx.get(url)
-        assert refused.status_code == 401 and refused.json()["error"] == "PermissionDenied"
-        served = httpx.get(url, headers={"Authorization": f"Bearer {runtime['token']}"})
-        assert served.status_code == 200
-        assert documented_routes(served.json()) == registered_routes()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def test_over_tcp_the_document_needs_the_token(tcp_service):
+    url = tcp_service["url"] + "/v1/openapi.json"
+    refused = httpx.get(url)
+    assert refused.status_code == 401 and refused.json()["error"] == "PermissionDenied"
+    served = httpx.get(url, headers={"Authorization": f"Bearer {tcp_service['token']}"})
+    assert served.status_code == 200
+    assert documented_routes(served.json()) == registered_routes()

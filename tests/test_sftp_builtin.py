@@ -37,6 +37,7 @@ from tests.test_ssh_gateway import (  # noqa: F401
     random_file,
     run,
     sandbox,
+    token,
     workdir,
 )
 from tests.test_ssh_gateway import pytestmark as gateway_marks
@@ -59,11 +60,6 @@ def through_gateway(test):
 def sftp_server() -> str:
     """The SFTP server of `token`: the built-in one, unless a test compares both."""
     return "builtin"
-
-
-@pytest.fixture
-def token(gw: Gw, sandbox: Sandbox, sftp_server: str) -> str:
-    return gw.issue(sandbox, sftp=sftp_server)
 
 
 def sftp_batch(gw: Gw, token: str, commands: str) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ not used. Screenshots go to tests/artifacts/.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nbformat
@@ -98,65 +100,74 @@ def lab(service_env, tmp_path: Path) -> Iterator[str]:
 
 def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
     notebook = tmp_path / "widget.ipynb"
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        try:
-            page.goto(lab)
-            page.wait_for_function(
-                "window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel"
-                " && window.jupyterapp.shell.currentWidget.sessionContext"
-                ".session.kernel.status === 'idle'",
-                timeout=60_000,
-            )
-            run_cells(page, 0, 1, 2)
+    with notebook_page(lab) as page:
+        run_cells(page, 0, 1, 2)
 
-            # The live view shows the full command (the saved state has it masked).
-            command = page.locator(".jsbw-command")
-            command.wait_for(timeout=30_000)
-            page.wait_for_function(
-                "(() => { const c = document.querySelector('.jsbw-command')?.textContent;"
-                " return c && c.startsWith('ssh ') && !c.includes('…'); })()",
-                timeout=30_000,
-            )
-            assert page.locator("button.jsbw-button", has_text="Copy").is_enabled()
-            token = command.inner_text().split()[-1].split("@")[0]
-            page.locator(".jsbw-logs", has_text="browser-line-1").wait_for(timeout=30_000)
-            page.screenshot(path=ARTIFACTS / "widget-live.png", full_page=True)
+        # The live view shows the full command (the saved state has it masked).
+        command = page.locator(".jsbw-command")
+        command.wait_for(timeout=30_000)
+        page.wait_for_function(
+            "(() => { const c = document.querySelector('.jsbw-command')?.textContent;"
+            " return c && c.startsWith('ssh ') && !c.includes('…'); })()",
+            timeout=30_000,
+        )
+        assert page.locator("button.jsbw-button", has_text="Copy").is_enabled()
+        token = command.inner_text().split()[-1].split("@")[0]
+        page.locator(".jsbw-logs", has_text="browser-line-1").wait_for(timeout=30_000)
+        page.screenshot(path=ARTIFACTS / "widget-live.png", full_page=True)
 
-            elapsed = page.evaluate(SHOW_LINES_JS, {"cell": 3, "last": str(LOG_LINES)})
-            print(f"{LOG_LINES} log lines shown in the widget view in {elapsed:.0f} ms")
-            (ARTIFACTS / "widget-10k-lines.txt").write_text(f"{elapsed:.0f} ms\n")
-            assert elapsed < 2000
-            page.screenshot(path=ARTIFACTS / "widget-10k-lines.png", full_page=True)
+        elapsed = page.evaluate(SHOW_LINES_JS, {"cell": 3, "last": str(LOG_LINES)})
+        print(f"{LOG_LINES} log lines shown in the widget view in {elapsed:.0f} ms")
+        (ARTIFACTS / "widget-10k-lines.txt").write_text(f"{elapsed:.0f} ms\n")
+        assert elapsed < 2000
+        page.screenshot(path=ARTIFACTS / "widget-10k-lines.png", full_page=True)
 
-            sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
-            page.locator("button.jsbw-button", has_text="Kill").click()
-            page.locator(".jsbw-status", has_text="killed").wait_for(timeout=30_000)
-            assert page.locator(".jsbw-command").get_attribute("class").count("jsbw-inactive")
-            assert sandbox_id not in {s.id for s in Sandbox.list()}
-            page.screenshot(path=ARTIFACTS / "widget-killed.png", full_page=True)
-            # What JupyterLab saves has the widget's text fallback, with the token masked.
-            page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
-            saved = wait_for(
-                lambda: (
-                    "application/vnd.jupyter.widget-view+json" in (text := notebook.read_text())
-                    and text
-                ),
-                timeout=30,
-                message="the save",
-            )
-            assert token[:4] + "…" in saved and token not in saved
-        except Exception:
-            page.screenshot(path=ARTIFACTS / "widget-failure.png", full_page=True)
-            raise
-        finally:
-            browser.close()
+        sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
+        page.locator("button.jsbw-button", has_text="Kill").click()
+        page.locator(".jsbw-status", has_text="killed").wait_for(timeout=30_000)
+        assert page.locator(".jsbw-command").get_attribute("class").count("jsbw-inactive")
+        assert sandbox_id not in {s.id for s in Sandbox.list()}
+        page.screenshot(path=ARTIFACTS / "widget-killed.png", full_page=True)
+        # What JupyterLab saves has the widget's text fallback, with the token masked.
+        page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+        saved = wait_for(
+            lambda: (
+                "application/vnd.jupyter.widget-view+json" in (text := notebook.read_text())
+                and text
+            ),
+            timeout=30,
+            message="the save",
+        )
+        assert token[:4] + "…" in saved and token not in saved
 
 
 def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
     """The host kills the sandbox's agent: the widget says it failed and why, offers
     Restart (which brings it back running) and Kill."""
+    with notebook_page(lab) as page:
+        run_cells(page, 0, 1)
+        status = page.locator(".jsbw-status")
+        status.filter(has_text="running").wait_for(timeout=30_000)
+        sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
+        restart = page.locator("button.jsbw-button", has_text="Restart")
+        assert restart.is_hidden()
+        os.kill(sandbox_pids(service_env.storage, sandbox_id)["agent"], signal.SIGKILL)
+        status.filter(has_text="failed: its agent was killed by signal 9").wait_for(timeout=30_000)
+        assert "files are kept" in page.locator(".jsbw-sandbox-left").inner_text()
+        assert page.locator("button.jsbw-button", has_text="Kill").is_enabled()
+        page.screenshot(path=ARTIFACTS / "widget-failed.png", full_page=True)
+        restart.click()
+        status.filter(has_text="running").wait_for(timeout=30_000)
+        assert restart.is_hidden()
+        assert {s.id: s.status for s in Sandbox.list()}[sandbox_id] == "running"
+        page.locator("button.jsbw-button", has_text="Kill").click()
+        status.filter(has_text="killed").wait_for(timeout=30_000)
+
+
+@contextlib.contextmanager
+def notebook_page(lab: str) -> Iterator[Any]:
+    """A browser page on the test notebook, once its kernel is idle; a screenshot of it
+    goes to the artifacts if the test fails."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -168,25 +179,7 @@ def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
                 ".session.kernel.status === 'idle'",
                 timeout=60_000,
             )
-            run_cells(page, 0, 1)
-            status = page.locator(".jsbw-status")
-            status.filter(has_text="running").wait_for(timeout=30_000)
-            sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
-            restart = page.locator("button.jsbw-button", has_text="Restart")
-            assert restart.is_hidden()
-            os.kill(sandbox_pids(service_env.storage, sandbox_id)["agent"], signal.SIGKILL)
-            status.filter(has_text="failed: its agent was killed by signal 9").wait_for(
-                timeout=30_000
-            )
-            assert "files are kept" in page.locator(".jsbw-sandbox-left").inner_text()
-            assert page.locator("button.jsbw-button", has_text="Kill").is_enabled()
-            page.screenshot(path=ARTIFACTS / "widget-failed.png", full_page=True)
-            restart.click()
-            status.filter(has_text="running").wait_for(timeout=30_000)
-            assert restart.is_hidden()
-            assert {s.id: s.status for s in Sandbox.list()}[sandbox_id] == "running"
-            page.locator("button.jsbw-button", has_text="Kill").click()
-            status.filter(has_text="killed").wait_for(timeout=30_000)
+            yield page
         except Exception:
             page.screenshot(path=ARTIFACTS / "widget-failure.png", full_page=True)
             raise

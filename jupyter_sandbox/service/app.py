@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from .. import __version__
 from .._config import Paths, Settings
 from ..backends.local import LocalBackend
 from .api import make_app
+from .locks import try_lock
 from .manager import Manager
 from .ssh_access import SshAccessManager
 from .state import State
@@ -59,14 +59,9 @@ class Service:
         self._lock_fd: int | None = None
 
     def _lock(self) -> None:
-        self.paths.runtime_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning("a sandbox service is already running for this user") from None
-        self._lock_fd = fd
+        self._lock_fd = try_lock(self.paths.lock_file)
+        if self._lock_fd is None:
+            raise AlreadyRunning("a sandbox service is already running for this user")
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT or until idle; `ready()` is called once listening."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from .._config import Paths
 from . import ssh_port
+from .locks import try_lock
 
 log = logging.getLogger("jupyter_sandbox.supervisor")
 
@@ -110,16 +110,12 @@ class Supervisor:
         self._crashes: collections.deque[float] = collections.deque()
 
     def _lock(self) -> None:
-        self.paths.runtime_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.supervisor_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(self.paths.supervisor_file)
+        if fd is None:
             pid = supervisor_pid(self.paths)
             raise SupervisorRunning(
                 f"a sandbox service is already running for this user (supervisor pid {pid})"
-            ) from None
+            )
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
@@ -180,13 +176,10 @@ class Supervisor:
 
     def _service_running(self) -> bool:
         """Does a service hold its lock (one left running by a killed supervisor)?"""
-        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = try_lock(self.paths.lock_file)
+        if fd is None:
             return True
-        finally:
-            os.close(fd)
+        os.close(fd)
         return False
 
     def _start(self, ready: threading.Event) -> subprocess.Popen:
