@@ -120,7 +120,7 @@ def small_disk_fixture(size: int, pool: int):
             left = {
                 "processes": sandbox_processes(storage),
                 "mounts": _mounted_under(storage),
-                "loop devices": _loop_devices(storage),
+                "loop devices": _loop_devices_after(storage, 10),
                 "directories": sorted(disk.sandbox_dirs()),
                 "cgroups": [c for c in cgroup_dirs() if Path(c).name in ids],
             }
@@ -152,7 +152,8 @@ def test_create_until_full_names_the_disk_and_leaves_nothing(small_disk: SmallDi
     small_disk.fill(leave=space.MIN_FREE + MiB)  # room for a few more at most
     with pytest.raises(DiskFull) as caught:
         for _ in range(40):
-            made.append(Sandbox.create(timeout="5m"))
+            made.append(_with_quota())  # a home of its own takes room; a plain one hardly any
+            assert os.path.ismount(small_disk.storage), "the tmpfs was unmounted under the test"
     _assert_names_the_disk(caught.value, small_disk)
     for _ in range(3):  # more attempts: each is refused the same way, nothing piles up
         with pytest.raises(DiskFull):
@@ -183,10 +184,19 @@ def test_start_that_runs_out_half_way_is_undone(tight_disk: SmallDisk):
     assert "8 TiB home" in str(caught.value)
     assert tight_disk.sandbox_dirs() == tight_disk.pooled() == set()
     assert not _mounted_under(tight_disk.storage)
-    assert not _loop_devices(tight_disk.storage)
+    assert not _loop_devices_after(tight_disk.storage, 10)
     (tight_disk.storage / "filler").unlink()
     with Sandbox.create(timeout="5m", disk="32M") as sb:  # with room again, starts work
         assert sb.sh("echo ok").stdout == "ok\n"
+
+
+def _loop_devices_after(storage: Path, seconds: float) -> list[str]:
+    """Loop devices under `storage` still there after `seconds` (a home unmounted lazily
+    lets go of its device once the last process that used it is gone)."""
+    deadline = time.monotonic() + seconds
+    while (devices := _loop_devices(storage)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return devices
 
 
 def _loop_devices(storage: Path) -> list[str]:
