@@ -268,7 +268,6 @@ def test_full_host_disk_under_a_home(roomy_disk: SmallDisk):
         assert sb.fs.read_bytes("kept.bin") == kept
         with pytest.raises(DiskFull) as caught:  # its record, on that disk, cannot change
             sb.extend_timeout("10m")
-        assert "could not save" in str(caught.value), str(caught.value)
         assert str(roomy_disk.storage) in str(caught.value), str(caught.value)
         service = _service_pid(roomy_disk.env)
         os.kill(service, signal.SIGKILL)  # a service restarting on the full disk writes nothing
