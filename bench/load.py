@@ -322,6 +322,12 @@ class Round:
         )
 
     async def kill(self) -> None:
+        """Every sandbox at once; one that is no longer running before that is an error."""
+        ours = {sb.id for sb in self.sandboxes}
+        for info in await AsyncSandbox.list(include_ended=True):
+            if info.id in ours and info.status != "running":
+                reason = info.failure or info.end_reason
+                self.record.error("lifetime", "EndedEarly", f"{info.id} {info.status}: {reason}")
         await _all(self.record.timed("kill", sb.kill()) for sb in self.sandboxes)
         for config in self.configs:
             config.unlink(missing_ok=True)
