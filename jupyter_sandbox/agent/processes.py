@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -25,8 +26,7 @@ from logs import Log, pump_output
 from protocol import CHUNK, Frame
 
 KILL_GRACE = 2.0
-OUTPUT_IDLE = 0.2  # seconds of silence after which an exited command's output has ended
-PTY_OUTPUT_IDLE = 1.0
+PTY_SETTLE = 0.2  # seconds a pty must stay empty after its command exited
 MAX_PTY_SIDE = 0xFFFF  # rows and columns are unsigned shorts in struct winsize
 
 
@@ -50,53 +50,68 @@ class OutputPump:
     """Forwards a command's output from `fd` as frames of `kind`, once it is announced.
 
     When the command exits, what it wrote is forwarded to the end however slowly the
-    client takes it: at most what the descriptor holds plus the chunk in flight. Past
-    that, or after a silence, the rest belongs to a background process the command
-    left holding the descriptor, and the command's EXIT goes first.
+    client takes it (and however late this thread gets to run): until the descriptor
+    holds nothing more, bounded by what it can hold plus the chunk in flight. Past that,
+    the rest belongs to a background process the command left holding the descriptor,
+    and the command's EXIT goes first. Each chunk is read and sent under `lock`, so a
+    descriptor found empty under it has nothing on its way either.
     """
 
     def __init__(self, channel: Channel, fd: int, kind: int, started: Started, owned: bool) -> None:
         self.channel, self.fd, self.kind, self.started = channel, fd, kind, started
         self.owned = owned  # close `fd` at the end
         try:
-            self.capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-        except OSError:  # a pty
-            self.capacity = CHUNK
+            self.capacity, self.settle = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ), 0.0
+        except OSError:  # a pty: the kernel passes output to its master a little later
+            self.capacity, self.settle = CHUNK, PTY_SETTLE
         self.forwarded = 0
-        self.last_data = time.monotonic()
-        self.sending = False
+        self.lock = threading.Lock()
+        self.closed = False
         self.thread = start_thread(self._run)
 
     def _run(self) -> None:
         try:
             if self.started.wait() is None:
                 return
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
             while True:
-                try:
-                    data = os.read(self.fd, CHUNK)
-                except OSError:  # EIO on a pty whose last process has gone
-                    return
-                if not data:
-                    return
-                self.sending = True
-                try:
-                    self.channel.send(self.kind, data)
-                except OSError:
-                    return
-                finally:
-                    self.sending, self.last_data = False, time.monotonic()
-                self.forwarded += len(data)
+                poller.poll()
+                with self.lock:
+                    try:
+                        data = os.read(self.fd, CHUNK)
+                    except OSError:  # EIO on a pty whose last process has gone
+                        return
+                    if not data:
+                        return
+                    try:
+                        self.channel.send(self.kind, data)
+                    except OSError:
+                        return
+                    self.forwarded += len(data)
         finally:
-            if self.owned:
-                os.close(self.fd)
+            with self.lock:
+                self.closed = True
+                if self.owned:
+                    os.close(self.fd)
 
-    def drain(self, idle: float) -> None:
+    def drain(self) -> None:
         """Once the command exited: wait until what it wrote is forwarded (see above)."""
         limit = self.forwarded + self.capacity + CHUNK
-        while self.thread.is_alive() and self.forwarded < limit:
-            self.thread.join(idle)
-            if not self.sending and time.monotonic() - self.last_data >= idle:
+        quiet_since = None
+        while self.forwarded < limit:
+            with self.lock:
+                if self.closed:
+                    return
+                empty = _unread(self.fd) == 0
+            now = time.monotonic()
+            if not empty:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            if empty and now - quiet_since >= self.settle:
                 return
+            self.thread.join(0.01)
 
 
 class Process:
@@ -225,7 +240,7 @@ class Processes:
         try:
             returncode = proc.wait()
             for pump in pumps:
-                pump.drain(OUTPUT_IDLE if io.master is None else PTY_OUTPUT_IDLE)
+                pump.drain()
             status = protocol.exit_status(returncode)
             status["timed_out"] = timed_out.is_set()
             with contextlib.suppress(OSError):
@@ -417,6 +432,14 @@ def terminate_group(proc: subprocess.Popen) -> None:
         proc.wait(KILL_GRACE)
     except subprocess.TimeoutExpired:
         kill_group(proc)
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting to be read from `fd` (a pipe or a pty master)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _write_all(fd: int, data: bytes) -> None:
