@@ -535,8 +535,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..service.supervisor import ALREADY_RUNNING, Supervisor, SupervisorRunning
 
     service_args = ["--tcp", args.tcp] if args.tcp else []
+    tcp = tcp_address(args.tcp) if args.tcp else None
     try:
-        return Supervisor(service_args, ready_fd=args.ready_fd).run()
+        return Supervisor(service_args, ready_fd=args.ready_fd, api_address=tcp).run()
     except SupervisorRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return ALREADY_RUNNING
@@ -547,10 +548,7 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
     from ..service.app import AlreadyRunning, Service
     from ..service.supervisor import ALREADY_RUNNING, STORAGE_IN_USE
 
-    tcp = None
-    if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        tcp = (host or "127.0.0.1", int(port))
+    tcp = tcp_address(args.tcp) if args.tcp else None
     started = False
 
     def ready() -> None:
@@ -577,6 +575,12 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
         # Another service's storage or host uids are not this one's: no restart helps.
         return STORAGE_IN_USE if isinstance(e, StorageInUse) else 1
     return 0
+
+
+def tcp_address(text: str) -> tuple[str, int]:
+    """`serve --tcp`'s "[host:]port" as (host, port)."""
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port)
 
 
 def tell_starter(args: argparse.Namespace, line: str) -> None:

@@ -27,6 +27,7 @@ from .api import make_app
 from .locks import try_lock
 from .manager import Manager
 from .ssh_access import SshAccessManager
+from .ssh_port import API_LISTEN_FD_ENV, inherited_socket
 from .state import State
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -63,6 +64,19 @@ class Service:
         if self._lock_fd is None:
             raise AlreadyRunning("a sandbox service is already running for this user")
 
+    def _api_token(self) -> str:
+        """The TCP API's bearer token, kept (mode 0600) so that clients holding it keep
+        working after a restart; made at the first start, again once removed."""
+        path = self.paths.data_dir / "api-token"
+        with contextlib.suppress(FileNotFoundError):
+            if token := path.read_text().strip():
+                return token
+        token = secrets.token_urlsafe(32)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(token)  # 0600: the umask is 077
+        os.replace(tmp, path)
+        return token
+
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT or until idle; `ready()` is called once listening."""
         os.umask(0o077)
@@ -78,7 +92,7 @@ class Service:
         await manager.start()
         ssh = SshAccessManager(manager, self.paths.data_dir / "ssh")
         await ssh.start()
-        token = secrets.token_urlsafe(32) if self.tcp else None
+        token = self._api_token() if self.tcp else None
         app = make_app(manager, ssh, token)
         app["pid"], app["version"], app["started_at"] = os.getpid(), __version__, time.time()
         runner = web.AppRunner(
@@ -96,7 +110,8 @@ class Service:
             "ssh_port": ssh.gateway.port,
         }
         if self.tcp:
-            site = web.TCPSite(runner, *self.tcp)
+            sock = inherited_socket(API_LISTEN_FD_ENV)  # held by the supervisor
+            site = web.SockSite(runner, sock) if sock else web.TCPSite(runner, *self.tcp)
             await site.start()
             host, port = site._server.sockets[0].getsockname()[:2]
             runtime.update(url=f"http://{host}:{port}", token=token)

@@ -1,6 +1,10 @@
-"""The SSH gateway's listening socket: which port, bound by whom.
+"""Listening sockets the supervisor holds across restarts: the SSH gateway's (which
+port, bound by whom) and the TCP API's (`serve --tcp`).
 
-Stdlib only: the supervisor binds the socket too, and stays small.
+While a service restarts, its ports would be free for any local user to take, and
+with them the logins, tokens and requests meant for the service. The supervisor
+binds them once and hands them to each service it starts. Stdlib only: the
+supervisor stays small.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ PORT_FILE = "ssh_port"  # "<port listened on> <port configured then>"
 # The fd of the gateway's listening socket, bound by the supervisor and kept across
 # restarts, so no other process can take the port while the service is down.
 LISTEN_FD_ENV = "JUPYTER_SANDBOX_SSH_LISTEN_FD"
+API_LISTEN_FD_ENV = "JUPYTER_SANDBOX_API_LISTEN_FD"  # the same for `serve --tcp`
 
 
 def configured_address(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
@@ -43,7 +48,7 @@ def listening_socket(key_dir: Path, host: str, port: int) -> socket.socket:
             candidates.insert(0, last)
     for candidate in dict.fromkeys(candidates):
         try:
-            return _bind(host, candidate)
+            return bind_listener(host, candidate)
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
                 raise
@@ -54,10 +59,10 @@ def listening_socket(key_dir: Path, host: str, port: int) -> socket.socket:
                     last,
                     last,
                 )
-    return _bind(host, 0)
+    return bind_listener(host, 0)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int) -> socket.socket:
     if not host and socket.has_dualstack_ipv6():  # every address, IPv4 and IPv6
         return socket.create_server(
             ("", port), family=socket.AF_INET6, backlog=socket.SOMAXCONN, dualstack_ipv6=True
@@ -68,9 +73,11 @@ def _bind(host: str, port: int) -> socket.socket:
     return socket.create_server(address, family=family, backlog=socket.SOMAXCONN)
 
 
-def inherited_socket(environ: Mapping[str, str] = os.environ) -> socket.socket | None:
-    """The listening socket the supervisor handed down, if it did."""
-    fd = environ.get(LISTEN_FD_ENV)
+def inherited_socket(
+    name: str = LISTEN_FD_ENV, environ: Mapping[str, str] = os.environ
+) -> socket.socket | None:
+    """The listening socket the supervisor handed down in `name`, if it did."""
+    fd = environ.get(name)
     if not fd:
         return None
     sock = socket.socket(fileno=int(fd))

@@ -91,7 +91,11 @@ class Supervisor:
     """Runs `serve --no-supervisor` and starts it again whenever it crashes."""
 
     def __init__(
-        self, service_args: list[str], paths: Paths | None = None, ready_fd: int | None = None
+        self,
+        service_args: list[str],
+        paths: Paths | None = None,
+        ready_fd: int | None = None,
+        api_address: tuple[str, int] | None = None,
     ) -> None:
         self.paths = paths or Paths.default()
         self.command = [
@@ -106,7 +110,8 @@ class Supervisor:
         self.child: subprocess.Popen | None = None
         self.stopping = False
         self._lock_fd: int | None = None
-        self._ssh_socket: socket.socket | None = None
+        self.api_address = api_address  # of `serve --tcp`
+        self._sockets: dict[str, socket.socket] = {}  # env variable -> socket it names
         self._crashes: collections.deque[float] = collections.deque()
 
     def _lock(self) -> None:
@@ -123,7 +128,7 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until the service ends by itself or is stopped; the exit code."""
         self._lock()
-        self._ssh_socket = self._bind_ssh_port()
+        self._sockets = self._bind_ports()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         ever_ready = False
@@ -161,18 +166,23 @@ class Supervisor:
             if not self._sleep(delay):
                 return 0
 
-    def _bind_ssh_port(self) -> socket.socket | None:
-        """The gateway's listening socket, held for the supervisor's whole life; None if a
-        service runs already (it holds the port, and the one we start exits at once), or if
-        it cannot be bound (the service then binds its own, or says why it cannot)."""
+    def _bind_ports(self) -> dict[str, socket.socket]:
+        """The service's listening sockets, held for the supervisor's whole life. Nothing if
+        a service runs already (it holds the ports, and the one we start exits at once); one
+        that cannot be bound is left to the service (which binds it, or says why not)."""
         if self._service_running():
-            return None
+            return {}
+        sockets = {}
         try:
             host, port = ssh_port.configured_address()
-            return ssh_port.listening_socket(self.paths.data_dir / "ssh", host, port)
+            sockets[ssh_port.LISTEN_FD_ENV] = ssh_port.listening_socket(
+                self.paths.data_dir / "ssh", host, port
+            )
+            if self.api_address is not None:
+                sockets[ssh_port.API_LISTEN_FD_ENV] = ssh_port.bind_listener(*self.api_address)
         except (OSError, ValueError) as e:
-            log.warning("supervisor: cannot bind the SSH port (%s); the service binds its own", e)
-            return None
+            log.warning("supervisor: cannot bind a port (%s); the service binds its own", e)
+        return sockets
 
     def _service_running(self) -> bool:
         """Does a service hold its lock (one left running by a killed supervisor)?"""
@@ -186,9 +196,9 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         env = service_environment(os.environ)
         passed = [write_fd]
-        if self._ssh_socket is not None:
-            passed.append(self._ssh_socket.fileno())
-            env[ssh_port.LISTEN_FD_ENV] = str(self._ssh_socket.fileno())
+        for name, sock in self._sockets.items():
+            passed.append(sock.fileno())
+            env[name] = str(sock.fileno())
         child = subprocess.Popen(
             [*self.command, "--ready-fd", str(write_fd)],
             stdin=subprocess.DEVNULL,

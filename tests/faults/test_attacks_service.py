@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from jupyter_sandbox.ssh.gateway import SERVER_VERSION
 from tests.conftest import ROOT, wait_for
 
@@ -123,3 +125,49 @@ def test_serve_beside_a_service_whose_supervisor_was_killed_leaves_it_alone(
     finally:
         os.kill(first["pid"], signal.SIGTERM)
         wait_for(lambda: not _alive(first["pid"]), 60, 0.1, "the service to stop")
+
+
+def test_the_tcp_api_keeps_its_port_and_token_while_the_service_restarts(
+    separate_service_env: dict[str, str],
+) -> None:
+    env = {**separate_service_env, "PYTHONPATH": str(ROOT)}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        api_port = probe.getsockname()[1]
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve", "--tcp", f"127.0.0.1:{api_port}"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    grabber = None
+    try:
+        first = wait_for(lambda: _runtime(env).get("token") and _runtime(env), 60, 0.1)
+        grabber = subprocess.Popen(
+            ["/usr/bin/python3", "-c", GRABBER, str(api_port)],
+            cwd="/",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=_as_nobody,
+        )
+        assert grabber.stdout.readline() == "trying\n"
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_for(lambda: not _alive(first["pid"]), 10, 0.01, "the killed service to be gone")
+        # A client holding the token it was given keeps working, through the same port.
+        answer = httpx.get(
+            f"http://127.0.0.1:{api_port}/v1/status",
+            headers={"Authorization": f"Bearer {first['token']}"},
+            timeout=60,
+        )
+        assert answer.status_code == 200 and answer.json()["pid"] != first["pid"]
+        assert _runtime(env)["url"] == first["url"]
+        grabber.stdin.close()
+        assert grabber.stdout.read() == "", "another user took the API port"
+    finally:
+        if grabber is not None:
+            grabber.kill()
+            grabber.wait()
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(60) == 0
