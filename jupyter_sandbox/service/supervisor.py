@@ -68,15 +68,23 @@ def service_environment(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+_PROGRAM_NAMES = (b"jupyter_sandbox", b"jupyter-sandbox")  # `python -m ...`, the script
+
+
 def supervisor_pid(paths: Paths) -> int | None:
     """The pid of this user's live supervisor, if one runs."""
     try:
         pid = int(paths.supervisor_file.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        owner = os.stat(f"/proc/{pid}").st_uid
     except (OSError, ValueError):
         return None
-    ours = b"jupyter_sandbox" in cmdline and b"--no-supervisor" not in cmdline
-    return pid if ours else None  # else the pid was reused since the supervisor died
+    # A pid reused since the supervisor died may be a service of ours running alone, or
+    # any process that names us in its argv, another user's too: neither counts.
+    program = any(name in arg for arg in cmdline[:3] for name in _PROGRAM_NAMES)
+    ours = owner == os.getuid() and program and b"serve" in cmdline
+    ours = ours and b"--no-supervisor" not in cmdline
+    return pid if ours else None
 
 
 def _describe(returncode: int) -> str:

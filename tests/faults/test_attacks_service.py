@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
+import pytest
 
+from jupyter_sandbox._config import Paths
+from jupyter_sandbox.client._service import is_supervised
 from jupyter_sandbox.ssh.gateway import SERVER_VERSION
 from tests.conftest import ROOT, wait_for
 
@@ -171,3 +176,31 @@ def test_the_tcp_api_keeps_its_port_and_token_while_the_service_restarts(
             grabber.wait()
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(60) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+def test_another_users_process_at_a_stale_supervisor_pid_is_no_supervisor(
+    tmp_path: Path,
+) -> None:
+    paths = Paths(tmp_path / "rt", tmp_path / "data", tmp_path / "storage")
+    paths.runtime_dir.mkdir()
+    # Looks like a supervisor in `ps`, as the console script would: anyone may run one.
+    bin_dir = Path(tempfile.mkdtemp())
+    bin_dir.chmod(0o755)
+    (bin_dir / "jupyter-sandbox").write_text("import sys\nsys.stdin.read()\n")
+    argv = ["/usr/bin/python3", str(bin_dir / "jupyter-sandbox"), "serve"]
+    theirs = subprocess.Popen(argv, stdin=subprocess.PIPE, cwd="/", preexec_fn=_as_nobody)
+    mine = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    try:
+        for proc in (theirs, mine):  # Popen returns before exec has set up the argv
+            cmdline = Path(f"/proc/{proc.pid}/cmdline")
+            wait_for(cmdline.read_bytes, 10, 0.01, "the exec")
+        paths.supervisor_file.write_text(str(theirs.pid))
+        assert not is_supervised(paths)  # a client starts a service instead of waiting
+        paths.supervisor_file.write_text(str(mine.pid))
+        assert is_supervised(paths)
+    finally:
+        for proc in (theirs, mine):
+            proc.stdin.close()
+            proc.wait()
+        shutil.rmtree(bin_dir)
