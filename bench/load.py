@@ -255,17 +255,8 @@ class Round:
         """Interactive sessions on a pty: every line typed comes back, in order."""
 
         async def one(config: Path) -> None:
-            proc = await asyncio.create_subprocess_exec(
-                "ssh",
-                "-tt",
-                "-F",
-                str(config),
-                *SSH_OPTIONS,
-                HOST_ALIAS,
-                "stty -echo; echo ready; cat",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            proc = await _ssh(
+                config, "stty -echo; echo ready; cat", "-tt", stdin=asyncio.subprocess.PIPE
             )
             try:
                 await self.record.timed("ssh_session", self._converse(proc))
@@ -300,17 +291,7 @@ class Round:
         """Every login at the same instant, each running `true` with stdin at EOF."""
 
         async def one(config: Path) -> None:
-            proc = await asyncio.create_subprocess_exec(
-                "ssh",
-                "-F",
-                str(config),
-                *SSH_OPTIONS,
-                HOST_ALIAS,
-                "echo in",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            proc = await _ssh(config, "echo in")
             out, err = await proc.communicate()
             if (proc.returncode, out) != (0, b"in\n"):
                 raise RuntimeError(f"exit {proc.returncode}, {out!r}, {err[-200:]!r}")
@@ -331,6 +312,24 @@ class Round:
         await _all(self.record.timed("kill", sb.kill()) for sb in self.sandboxes)
         for config in self.configs:
             config.unlink(missing_ok=True)
+
+
+async def _ssh(
+    config: Path, command: str, *flags: str, stdin: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """OpenSSH running `command` in the sandbox that `config` names, output piped."""
+    return await asyncio.create_subprocess_exec(
+        "ssh",
+        *flags,
+        "-F",
+        str(config),
+        *SSH_OPTIONS,
+        HOST_ALIAS,
+        command,
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def _stderr(proc: asyncio.subprocess.Process) -> str:

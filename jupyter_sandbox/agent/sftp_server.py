@@ -110,21 +110,19 @@ class Reader:
     def __init__(self, data: memoryview, pos: int = 0) -> None:
         self.data, self.pos = data, pos
 
-    def u32(self) -> int:
+    def _number(self, layout: struct.Struct) -> int:
         try:
-            (value,) = U32.unpack_from(self.data, self.pos)
+            (value,) = layout.unpack_from(self.data, self.pos)
         except struct.error:
             raise BadMessage from None
-        self.pos += 4
+        self.pos += layout.size
         return value
 
+    def u32(self) -> int:
+        return self._number(U32)
+
     def u64(self) -> int:
-        try:
-            (value,) = U64.unpack_from(self.data, self.pos)
-        except struct.error:
-            raise BadMessage from None
-        self.pos += 8
-        return value
+        return self._number(U64)
 
     def view(self) -> memoryview:
         size = self.u32()

@@ -43,6 +43,17 @@ def _runtime(env: dict[str, str]) -> dict:
         return {}
 
 
+def serve(env: dict[str, str], *args: str) -> subprocess.Popen:
+    """`jupyter-sandbox serve ARGS` (its supervisor, which starts the service), quiet."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", "serve", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _as_nobody() -> None:
     if os.geteuid() == 0:
         os.setgid(65534)
@@ -60,13 +71,7 @@ def test_another_user_cannot_take_the_ssh_port_while_the_service_restarts(
     separate_service_env: dict[str, str],
 ) -> None:
     env = {**separate_service_env, "PYTHONPATH": str(ROOT)}
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_sandbox", "serve"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    supervisor = serve(env)
     grabber = None
     try:
         first = wait_for(lambda: _runtime(env).get("ssh_port") and _runtime(env), 60, 0.1)
@@ -102,13 +107,7 @@ def test_serve_beside_a_service_whose_supervisor_was_killed_leaves_it_alone(
     separate_service_env: dict[str, str],
 ) -> None:
     env = {**separate_service_env, "PYTHONPATH": str(ROOT)}
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_sandbox", "serve"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    supervisor = serve(env)
     first = wait_for(lambda: _runtime(env).get("ssh_port") and _runtime(env), 60, 0.1)
     try:
         supervisor.kill()
@@ -139,13 +138,7 @@ def test_the_tcp_api_keeps_its_port_and_token_while_the_service_restarts(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         api_port = probe.getsockname()[1]
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_sandbox", "serve", "--tcp", f"127.0.0.1:{api_port}"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    supervisor = serve(env, "--tcp", f"127.0.0.1:{api_port}")
     grabber = None
     try:
         first = wait_for(lambda: _runtime(env).get("token") and _runtime(env), 60, 0.1)
