@@ -26,7 +26,9 @@ from ._service import find_or_start, is_supervised
 
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 _POOL = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own
-_LEASE_POOL = httpx.Limits(max_connections=8)
+# Renewals of a hundred sandboxes (one each per third of the lease) must keep pace with
+# a service whose answers slow to a second under load: enough connections for that.
+_LEASE_POOL = httpx.Limits(max_connections=64)
 _SAFE_METHODS = ("GET", "HEAD", "DELETE")
 
 
