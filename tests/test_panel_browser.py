@@ -325,6 +325,7 @@ def set_theme(page: Any, theme: str) -> None:
         f"window.jupyterapp.commands.execute('apputils:change-theme', {{theme: '{theme}'}})"
     )
     page.wait_for_function(f"document.body.dataset.jpThemeName === '{theme}'")
+    page.wait_for_selector("#jupyterlab-splash", state="detached")  # shown while it changes
 
 
 def test_failed_sandbox_in_panel(page: Any, service_env: Any, tmp_path: Path) -> None:

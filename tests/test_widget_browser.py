@@ -156,6 +156,13 @@ def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
         assert "files are kept" in page.locator(".jsbw-sandbox-left").inner_text()
         assert page.locator("button.jsbw-button", has_text="Kill").is_enabled()
         page.screenshot(path=ARTIFACTS / "widget-failed.png", full_page=True)
+        page.evaluate(
+            "window.jupyterapp.commands.execute('apputils:change-theme',"
+            " {theme: 'JupyterLab Dark'})"
+        )
+        page.wait_for_function("document.body.dataset.jpThemeName === 'JupyterLab Dark'")
+        page.wait_for_selector("#jupyterlab-splash", state="detached")
+        page.screenshot(path=ARTIFACTS / "widget-failed-dark.png", full_page=True)
         restart.click()
         status.filter(has_text="running").wait_for(timeout=30_000)
         assert restart.is_hidden()
