@@ -54,6 +54,28 @@ def serve(env: dict[str, str], *args: str) -> subprocess.Popen:
     )
 
 
+def grab_then_kill(port: int, service_pid: int) -> subprocess.Popen:
+    """Another user's program that binds `port` the moment it is free, then the service
+    SIGKILLed under it; the program prints nothing unless it got the port."""
+    grabber = subprocess.Popen(
+        ["/usr/bin/python3", "-c", GRABBER, str(port)],
+        cwd="/",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_nobody,
+    )
+    try:
+        assert grabber.stdout.readline() == "trying\n"
+        os.kill(service_pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(service_pid), 10, 0.01, "the killed service to be gone")
+    except BaseException:
+        grabber.kill()
+        grabber.wait()
+        raise
+    return grabber
+
+
 def _as_nobody() -> None:
     if os.geteuid() == 0:
         os.setgid(65534)
@@ -76,17 +98,7 @@ def test_another_user_cannot_take_the_ssh_port_while_the_service_restarts(
     try:
         first = wait_for(lambda: _runtime(env).get("ssh_port") and _runtime(env), 60, 0.1)
         port = first["ssh_port"]
-        grabber = subprocess.Popen(
-            ["/usr/bin/python3", "-c", GRABBER, str(port)],
-            cwd="/",
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=_as_nobody,
-        )
-        assert grabber.stdout.readline() == "trying\n"
-        os.kill(first["pid"], signal.SIGKILL)
-        wait_for(lambda: not _alive(first["pid"]), 10, 0.01, "the killed service to be gone")
+        grabber = grab_then_kill(port, first["pid"])
         # A login made while no service runs waits for the next one, and reaches it.
         with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
             banner = conn.makefile("rb").readline()
@@ -142,17 +154,7 @@ def test_the_tcp_api_keeps_its_port_and_token_while_the_service_restarts(
     grabber = None
     try:
         first = wait_for(lambda: _runtime(env).get("token") and _runtime(env), 60, 0.1)
-        grabber = subprocess.Popen(
-            ["/usr/bin/python3", "-c", GRABBER, str(api_port)],
-            cwd="/",
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=_as_nobody,
-        )
-        assert grabber.stdout.readline() == "trying\n"
-        os.kill(first["pid"], signal.SIGKILL)
-        wait_for(lambda: not _alive(first["pid"]), 10, 0.01, "the killed service to be gone")
+        grabber = grab_then_kill(api_port, first["pid"])
         # A client holding the token it was given keeps working, through the same port.
         answer = httpx.get(
             f"http://127.0.0.1:{api_port}/v1/status",
