@@ -43,6 +43,8 @@ class SandboxInfo:
     limits_note: str | None = None
     syscall_filter: str | None = None  # "on: <policy> ..." or "OFF (...)"
     usage: dict[str, Any] | None = None
+    user: str = ""  # the OS user who created it
+    uid: int = -1  # their uid (-1: a service too old to say)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SandboxInfo:

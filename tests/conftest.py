@@ -29,6 +29,9 @@ from jupyter_sandbox.client._async import shared_transport
 from jupyter_sandbox.client._sync import portal
 
 ROOT = Path(__file__).resolve().parent.parent
+# No test's client may find a system service of this machine (auto mode looks there
+# first); tests of system mode point their own service and clients elsewhere.
+os.environ["JUPYTER_SANDBOX_SYSTEM_RUN"] = "/nonexistent/jupyter-sandbox-tests/run"
 
 
 def wait_for(

@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NoReturn
@@ -39,6 +40,7 @@ from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
 from . import openapi
 from .command_input import CommandInput, read_request_line
+from .identity import ACTING_FOR_HEADER, Caller, Directory, acting_for, peer_uid, service_caller
 from .manager import Live, Manager, check_env, failed_message
 from .ssh_access import SshAccessManager
 from .state import SandboxRecord
@@ -76,6 +78,8 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
         "timeout": "session" if record.timeout is None else record.timeout,
         "expires_at": record.expires_at,
         "owner": record.owner,
+        "user": record.user,
+        "uid": record.uid,
         "labels": record.labels,
         "limits": record.limits,
         "network": record.network,
@@ -91,9 +95,17 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
     return data
 
 
-def make_app(manager: Manager, ssh: SshAccessManager, token: str | None = None) -> web.Application:
+def make_app(
+    manager: Manager,
+    ssh: SshAccessManager,
+    token: str | None = None,
+    directory: Directory | None = None,
+) -> web.Application:
+    """The API; `directory` identifies callers by their peer credentials (system mode),
+    else every caller is the service's own user."""
     app = web.Application(
-        middlewares=[_errors_middleware, _auth_middleware(token)], client_max_size=MAX_BODY
+        middlewares=[_errors_middleware, _auth_middleware(token), _caller_middleware(directory)],
+        client_max_size=MAX_BODY,
     )
     app["manager"] = manager
     app["activity"] = Activity()
@@ -212,6 +224,28 @@ def _auth_middleware(token: str | None):
         return await handler(request)
 
     return auth
+
+
+def _caller_middleware(directory: Directory | None):
+    """Set ``request["caller"]``: from SO_PEERCRED of the Unix socket in system mode, else
+    the service's own user."""
+    own = service_caller()
+
+    @web.middleware
+    async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+        caller = own
+        if directory is not None:
+            sock = request.transport.get_extra_info("socket") if request.transport else None
+            if sock is None or sock.family != socket.AF_UNIX:
+                raise PermissionDenied(
+                    "a system service identifies callers over its Unix socket only: connect "
+                    "to its socket (see jupyter-sandbox status)"
+                )
+            caller = directory.caller(peer_uid(sock))
+        request["caller"] = acting_for(caller, request.headers.get(ACTING_FOR_HEADER))
+        return await handler(request)
+
+    return identify
 
 
 async def _json(request: web.Request, allowed: Iterable[str]) -> dict[str, Any]:
@@ -353,7 +387,7 @@ class Api:
 
     async def create(self, request: web.Request) -> web.Response:
         body = await _json(request, CREATE_OPTIONS)
-        record = await self.manager.create(**body)
+        record = await self.manager.create(**body, caller=request["caller"])
         data = record_json(record, self.manager.live.get(record.id))
         data["lease"] = record.lease_id
         data["lease_ttl"] = self.manager.settings.lease_ttl
@@ -390,7 +424,8 @@ class Api:
         body = await _json(request, ("ttl", "single_use", "public_key"))
         _optional(body, "single_use", bool)
         _optional(body, "public_key", str)
-        return web.json_response(self.ssh.expose(request.match_info["ref"], **body))
+        caller: Caller = request["caller"]
+        return web.json_response(self.ssh.expose(request.match_info["ref"], **body, uid=caller.uid))
 
     async def revoke_ssh(self, request: web.Request) -> web.Response:
         body = await _json(request, ("token",))

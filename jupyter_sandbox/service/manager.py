@@ -43,6 +43,7 @@ from ..agent.remote import AgentClient
 from ..backends import space
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
+from .identity import Caller, service_caller
 from .state import ENDED, FAILED, POOLED, RUNNING, SandboxRecord, State
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -84,6 +85,7 @@ class Manager:
         self._closing = False
         self._ending: dict[str, asyncio.Future] = {}
         self._reaper: asyncio.Task | None = None
+        self.own_user = service_caller()
 
     # -- startup and shutdown ----------------------------------------------------------
 
@@ -271,8 +273,11 @@ class Manager:
         env: dict | None = None,
         labels: dict | None = None,
         owner: str = "",
+        caller: Caller | None = None,
     ) -> SandboxRecord:
-        """Start a sandbox; limits not given take the defaults of `Settings`."""
+        """Start a sandbox for `caller` (the service's own user if None); limits not given
+        take the defaults of `Settings`."""
+        caller = caller or self.own_user
         seconds = parse_timeout(timeout)
         defaults = self.default_limits()
         limits = Limits(
@@ -345,6 +350,8 @@ class Manager:
             network=network,
             limits=limits.as_dict(),
             runtime=runtime.to_json(),
+            user=caller.user,
+            uid=caller.uid,
         )
         try:
             self.state.add(record)

@@ -95,6 +95,8 @@ STRING = {"type": "string"}
 TEXT = {"type": "string", "pattern": NO_NUL}
 NUMBER = {"type": "number"}
 INTEGER = {"type": "integer"}
+SANDBOX_REQUIRED = ("id", "name", "status", "created_at", "timeout", "expires_at", "owner")
+SANDBOX_REQUIRED += ("labels", "user", "uid")
 BOOLEAN = {"type": "boolean"}
 TIME = {"type": "number", "description": "seconds since 1970 (UTC)"}
 DURATION_SCHEMA = {
@@ -133,6 +135,8 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
             "timeout": {"anyOf": [{"const": "session"}, NUMBER]},
             "expires_at": _null(TIME),
             "owner": STRING,
+            "user": {**STRING, "description": "the OS user who created it"},
+            "uid": {**INTEGER, "description": "that user's uid"},
             "labels": {"type": "object", "additionalProperties": STRING},
             "limits": limits,
             "network": {"enum": ["none", "host"]},
@@ -144,7 +148,7 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
             "syscall_filter": _null(STRING),
             "hostname": STRING,
         },
-        ("id", "name", "status", "created_at", "timeout", "expires_at", "owner", "labels"),
+        SANDBOX_REQUIRED,
     )
     usage = _object(
         {

@@ -81,9 +81,16 @@ class SshAccessManager:
     # -- issuing and revoking ----------------------------------------------------------
 
     def expose(
-        self, ref: str, ttl: Any = None, single_use: bool = False, public_key: str | None = None
+        self,
+        ref: str,
+        ttl: Any = None,
+        single_use: bool = False,
+        public_key: str | None = None,
+        *,
+        uid: int | None = None,
     ) -> dict[str, Any]:
-        """A new credential for a sandbox, as the fields of ``SshAccess``."""
+        """A new credential for a sandbox, as the fields of ``SshAccess``; it records `uid`,
+        the caller who asked for it (the service's own uid if None)."""
         live = self.manager.running(ref)
         assert self.gateway is not None
         if public_key is not None:
@@ -103,6 +110,7 @@ class SshAccessManager:
                     expires_at=expires_at,
                     single_use=bool(single_use),
                     public_key=public_key,
+                    uid=os.getuid() if uid is None else uid,
                 )
             )
         except OSError as e:  # a credential no one was given must not stay valid

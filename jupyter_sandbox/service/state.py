@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .._typed import typed
+from .identity import user_name
 
 log = logging.getLogger("jupyter_sandbox.service")
 
@@ -54,7 +55,9 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     ended_at REAL,
     end_reason TEXT,
     failure TEXT,
-    failed_at REAL
+    failed_at REAL,
+    user TEXT,
+    uid INTEGER
 );
 CREATE INDEX IF NOT EXISTS sandboxes_status ON sandboxes(status);
 CREATE TABLE IF NOT EXISTS ssh_tokens (
@@ -65,7 +68,8 @@ CREATE TABLE IF NOT EXISTS ssh_tokens (
     single_use INTEGER NOT NULL DEFAULT 0,
     used INTEGER NOT NULL DEFAULT 0,
     public_key TEXT,
-    revoked INTEGER NOT NULL DEFAULT 0
+    revoked INTEGER NOT NULL DEFAULT 0,
+    uid INTEGER
 );
 CREATE INDEX IF NOT EXISTS ssh_tokens_sandbox ON ssh_tokens(sandbox_id);
 """
@@ -105,6 +109,9 @@ class SandboxRecord:
     end_reason: str | None = None
     failure: str | None = None  # why it failed, in words; set while status is FAILED
     failed_at: float | None = None
+    # The OS user who created it (records from before users were kept: the service's).
+    user: str = field(default_factory=lambda: user_name(os.getuid()))
+    uid: int = field(default_factory=os.getuid)
 
     @property
     def live(self) -> bool:
@@ -131,6 +138,8 @@ class SshToken:
     single_use: bool = False
     used: bool = False
     public_key: str | None = None
+    # The uid of the caller who issued it (tokens from before uids were kept: the service's).
+    uid: int = field(default_factory=os.getuid)
 
 
 class RecordFiles(Protocol):
@@ -492,7 +501,7 @@ def _read(db: sqlite3.Connection, loaded: _Loaded) -> None:
     db.row_factory = sqlite3.Row
     try:
         for row in db.execute("SELECT * FROM sandboxes"):
-            data = dict(row)
+            data = _defaults_for_nulls(SandboxRecord, dict(row))
             try:
                 for name in _JSON_FIELDS:
                     data[name] = json.loads(data[name])
@@ -503,6 +512,7 @@ def _read(db: sqlite3.Connection, loaded: _Loaded) -> None:
             loaded.records[record.id] = record
         for row in db.execute("SELECT * FROM ssh_tokens WHERE revoked = 0"):
             data = dict(row, single_use=bool(row["single_use"]), used=bool(row["used"]))
+            data = _defaults_for_nulls(SshToken, data)
             try:
                 token = typed(SshToken, data)
             except ValueError:
@@ -513,12 +523,20 @@ def _read(db: sqlite3.Connection, loaded: _Loaded) -> None:
         db.row_factory = None
 
 
+def _defaults_for_nulls(cls: type, row: dict[str, Any]) -> dict[str, Any]:
+    """`row` without the NULLs of fields whose default is not None: columns added by an
+    upgrade are NULL in older rows, which then read as the field's default."""
+    keep_null = {f.name for f in fields(cls) if f.default is None}
+    return {k: v for k, v in row.items() if v is not None or k in keep_null}
+
+
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """Databases made by an older version lack the columns of newer fields."""
-    have = {row[1] for row in db.execute("PRAGMA table_info(sandboxes)")}
-    for column in (f.name for f in fields(SandboxRecord)):
-        if column not in have:
-            db.execute(f"ALTER TABLE sandboxes ADD COLUMN {column}")
+    for table, cls in (("sandboxes", SandboxRecord), ("ssh_tokens", SshToken)):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column in (f.name for f in fields(cls)):
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 def _is_damage(error: sqlite3.DatabaseError) -> bool:
