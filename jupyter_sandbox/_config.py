@@ -19,6 +19,9 @@ def _env_float(name: str, default: float) -> float:
 
 # Machine-wide: root services' storages and the registry of host-uid ranges.
 SYSTEM_DIR = Path("/var/lib/jupyter-sandbox")
+# The system service's (`serve --system`) socket and runtime file, and its data.
+SYSTEM_RUN_ENV, SYSTEM_RUN = "JUPYTER_SANDBOX_SYSTEM_RUN", Path("/run/jupyter-sandbox")
+SYSTEM_DATA_ENV, SYSTEM_DATA = "JUPYTER_SANDBOX_SYSTEM_DATA", SYSTEM_DIR / "system"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,15 @@ class Paths:
     runtime_dir: Path
     data_dir: Path
     storage_dir: Path
+    mode: str = "user"  # "user": one user's own service; "system": the machine's one
+
+    @classmethod
+    def system(cls) -> Paths:
+        """The files of the system service: its run directory (socket, runtime file) and
+        its data directory, which holds the sandboxes' storage too."""
+        data_dir = Path(os.environ.get(SYSTEM_DATA_ENV) or SYSTEM_DATA)
+        run_dir = Path(os.environ.get(SYSTEM_RUN_ENV) or SYSTEM_RUN)
+        return cls(run_dir, data_dir, data_dir / "sandboxes", mode="system")
 
     @classmethod
     def default(cls) -> Paths:
@@ -42,6 +54,13 @@ class Paths:
         else:
             storage_dir = data_dir / "sandboxes"
         return cls(Path(jupyter_runtime_dir()), data_dir, storage_dir)
+
+    def make_system_dirs(self) -> None:
+        """The system service's directories: its run directory open to every user (who
+        connect to its socket), its data directory passable by its sandboxes' uids only."""
+        for directory, mode in ((self.runtime_dir, 0o755), (self.data_dir, 0o711)):
+            directory.mkdir(mode=mode, parents=True, exist_ok=True)
+            os.chmod(directory, mode)
 
     @property
     def socket(self) -> Path:

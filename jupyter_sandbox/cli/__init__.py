@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="also listen on TCP (requests need the token from the runtime file)",
     )
+    p.add_argument(
+        "--system",
+        action="store_true",
+        help="run the machine's one service for every user (as root; socket in "
+        "/run/jupyter-sandbox, callers told apart by their uid)",
+    )
     return parser
 
 
@@ -530,14 +536,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.system:
+        from ..service.app import check_system_mode_allowed
+
+        check_system_mode_allowed(args.tcp)
     if args.no_supervisor:
         return serve_unsupervised(args)
     from ..service.supervisor import ALREADY_RUNNING, Supervisor, SupervisorRunning
 
     service_args = ["--tcp", args.tcp] if args.tcp else []
+    service_args += ["--system"] if args.system else []
     tcp = tcp_address(args.tcp) if args.tcp else None
+    paths = Paths.system() if args.system else None
     try:
-        return Supervisor(service_args, ready_fd=args.ready_fd, api_address=tcp).run()
+        return Supervisor(service_args, paths, ready_fd=args.ready_fd, api_address=tcp).run()
     except SupervisorRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return ALREADY_RUNNING
@@ -557,7 +569,8 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
         tell_starter(args, "ready")
 
     try:
-        asyncio.run(Service(tcp=tcp).run(ready))
+        paths = Paths.system() if args.system else None
+        asyncio.run(Service(paths, tcp=tcp).run(ready))
     except AlreadyRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return ALREADY_RUNNING

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+import shlex
 import signal
 import socket
 import time
@@ -55,6 +56,20 @@ FILE_OPS: dict[str, dict[str, type]] = {
     "remove": {"path": str, "recursive": bool},
     "rename": {"src": str, "dst": str},
 }
+# How an audit line names each file operation ("instructor bob: read the file notes.txt").
+FILE_OP_WORDS = {
+    "stat": "looked at",
+    "list": "listed the directory",
+    "mkdir": "made the directory",
+    "remove": "removed",
+    "rename": "renamed",
+    "read": "read the file",
+    "write": "wrote the file",
+    "tar_out": "downloaded",
+    "tar_in": "uploaded into",
+}
+AUDIT_SOURCE = "audit"  # the log source of instructors' actions
+AUDITED_COMMAND = 200  # characters of a command an audit line quotes
 CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "fds", "disk", "network")
 CREATE_OPTIONS += ("env", "labels", "owner")
 COMMAND_OPTIONS = ("cmd", "argv", "cwd", "env", "timeout")
@@ -195,7 +210,7 @@ async def _failed_instead(request: web.Request, error: SandboxExpired) -> Sandbo
 
     A call that finds the agent gone is often the first to notice a failure."""
     manager: Manager = request.app["manager"]
-    live = manager.find(request.match_info.get("ref", ""))
+    live = manager.find(request.match_info.get("ref", ""), request.get("caller"))
     if live is not None and await manager.check(live):
         return SandboxFailed(failed_message(live.record))
     return error
@@ -324,13 +339,30 @@ class Api:
         self.manager = manager
         self.ssh = ssh
 
+    def _sandbox(self, request: web.Request) -> Live:
+        """The sandbox of the request, if its caller may see it (else SandboxNotFound)."""
+        return self.manager.get(request.match_info["ref"], request["caller"])
+
     def _live(self, request: web.Request) -> Live:
         """The sandbox of the request, to run something in: SandboxFailed if it failed."""
-        return self.manager.running(request.match_info["ref"])
+        return self.manager.running(request.match_info["ref"], request["caller"])
 
     async def _files(self, request: web.Request) -> Live:
         """The sandbox of the request, for its files and logs (also when it failed)."""
-        return await self.manager.files(request.match_info["ref"])
+        return await self.manager.files(request.match_info["ref"], request["caller"])
+
+    async def _audit(self, request: web.Request, live: Live, what: str) -> None:
+        """An instructor acting on another user's sandbox: one line in that sandbox's log,
+        "instructor bob: <what>", which its user reads with logs()."""
+        caller: Caller = request["caller"]
+        if live.record.uid == caller.uid:
+            return
+        line = f"instructor {caller.actor}: {what}"
+        log.info("sandbox %s of %s: %s", live.record.id, live.record.user, line)
+        try:
+            await live.agent.call("note", source=AUDIT_SOURCE, text=line)
+        except SandboxError as e:  # the sandbox failed or went away meanwhile
+            log.warning("could not note in the log of sandbox %s: %s", live.record.id, e)
 
     # -- sandboxes ---------------------------------------------------------------------
 
@@ -340,13 +372,17 @@ class Api:
 
     async def status(self, request: web.Request) -> web.Response:
         backend = self.manager.backend
+        caller: Caller = request["caller"]
+        # Pooled sandboxes become users' sandboxes: their ids are nobody else's business.
+        pool = {*self.manager.pool, *self.manager.pool_starting}
+        shown_pool = pool if caller.instructor or caller.uid == self.manager.own_user.uid else set()
         return web.json_response(
             {
                 "pid": request.app["pid"],
                 "version": request.app["version"],
                 "started_at": request.app["started_at"],
-                "sandboxes": len(self.manager.live),
-                "pool": sorted({*self.manager.pool, *self.manager.pool_starting}),
+                "sandboxes": len(self.manager.list(caller=caller)),
+                "pool": sorted(shown_pool),
                 "ssh": {
                     "host": self.ssh.host,
                     "port": self.ssh.gateway.port if self.ssh.gateway else None,
@@ -357,7 +393,15 @@ class Api:
         )
 
     async def list(self, request: web.Request) -> web.Response:
-        records = self.manager.list(_flag(request, "all"))
+        """The caller's sandboxes (an instructor's: everyone's); `user=NAME` only that
+        user's, `mine=1` only the caller's own."""
+        caller: Caller = request["caller"]
+        records = self.manager.list(_flag(request, "all"), caller)
+        user = request.query.get("user")
+        if user is not None:
+            records = [r for r in records if r.user == user]
+        if _flag(request, "mine"):
+            records = [r for r in records if r.uid == caller.uid]
         return web.json_response(
             {"sandboxes": [record_json(r, self.manager.live.get(r.id)) for r in records]}
         )
@@ -366,8 +410,11 @@ class Api:
         """Sandbox lifecycle events as JSON lines: "created", "updated", "failed",
         "restarted", "ended"."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        caller: Caller = request["caller"]
 
         def listener(event: str, record: SandboxRecord) -> None:
+            if not self.manager.visible(record, caller):
+                return
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait({"event": event, "sandbox": record_json(record)})
 
@@ -394,28 +441,39 @@ class Api:
         return web.json_response(data, status=201)
 
     async def info(self, request: web.Request) -> web.Response:
-        live = self.manager.get(request.match_info["ref"])
+        live = self._sandbox(request)
         await self.manager.check(live)
         data = record_json(live.record, live)
         data["usage"] = self.manager.usage(live)
         return web.json_response(data)
 
     async def kill(self, request: web.Request) -> web.Response:
-        record = await self.manager.kill(request.match_info["ref"])
+        live = self._sandbox(request)
+        await self._audit(request, live, "killed the sandbox")
+        record = await self.manager.kill(live.record.id)
         return web.json_response(record_json(record))
 
     async def restart(self, request: web.Request) -> web.Response:
-        record = await self.manager.restart(request.match_info["ref"])
+        live = self._sandbox(request)
+        record = await self.manager.restart(live.record.id)
+        await self._audit(request, live, "restarted the sandbox")
         return web.json_response(record_json(record, self.manager.live.get(record.id)))
 
     async def extend(self, request: web.Request) -> web.Response:
         body = await _json(request, ("timeout",))
-        record = self.manager.extend(request.match_info["ref"], body.get("timeout"))
+        live = self._sandbox(request)
+        record = self.manager.extend(live.record.id, body.get("timeout"))
+        if record.expires_at is not None:
+            deadline = time.strftime("%H:%M UTC", time.gmtime(record.expires_at))
+            await self._audit(
+                request, live, f"extended by {_given(body.get('timeout'))} (deadline {deadline})"
+            )
         return web.json_response(record_json(record))
 
     async def renew(self, request: web.Request) -> web.Response:
         body = await _json(request, ("lease",))
-        record = self.manager.renew(request.match_info["ref"], _optional(body, "lease", str) or "")
+        live = self._sandbox(request)
+        record = self.manager.renew(live.record.id, _optional(body, "lease", str) or "")
         return web.json_response({"lease_expires": record.lease_expires})
 
     # -- SSH -------------------------------------------------------------------------
@@ -425,11 +483,16 @@ class Api:
         _optional(body, "single_use", bool)
         _optional(body, "public_key", str)
         caller: Caller = request["caller"]
-        return web.json_response(self.ssh.expose(request.match_info["ref"], **body, uid=caller.uid))
+        live = self._live(request)
+        access = self.ssh.expose(live.record.id, **body, uid=caller.uid)
+        await self._audit(request, live, "exposed SSH access (a credential of their own)")
+        return web.json_response(access)
 
     async def revoke_ssh(self, request: web.Request) -> web.Response:
         body = await _json(request, ("token",))
-        count = self.ssh.revoke(request.match_info["ref"], _optional(body, "token", str))
+        live = self._sandbox(request)
+        count = self.ssh.revoke(live.record.id, _optional(body, "token", str))
+        await self._audit(request, live, f"revoked SSH access ({count} credential(s))")
         return web.json_response({"revoked": count})
 
     # -- processes ---------------------------------------------------------------------
@@ -468,12 +531,9 @@ class Api:
                 f"timeout must be a number of seconds, more than 0 and at most {MAX_SECONDS}"
             )
         deadline = _Deadline(None if timeout is None else timeout + GRACE)
-        agent = await live.agent.open(
-            "exec",
-            **self._command(live, body),
-            timeout=timeout,
-            stdin=stdin is not None,
-        )
+        command = self._command(live, body)
+        await self._audit(request, live, f"ran {_quoted_command(command)}")
+        agent = await live.agent.open("exec", **command, timeout=timeout, stdin=stdin is not None)
         async with agent:
             try:
                 started = await agent.result(deadline.left(ANSWER_TIMEOUT))
@@ -490,17 +550,29 @@ class Api:
             return response
 
     async def agent_socket(self, request: web.Request) -> web.Response:
-        """Where the agent listens, for bulk transfers by a client on this machine."""
+        """Where the agent listens, for bulk transfers by a client on this machine.
+
+        Only for the service's own user: other users cannot open the agent's socket, and
+        an instructor's transfers must go through the service, which notes them."""
         if request.transport is None or not isinstance(
             request.transport.get_extra_info("sockname"), str
         ):
             raise PermissionDenied("the agent socket is offered over the Unix socket only")
-        return web.json_response({"socket": (await self._files(request)).runtime.socket})
+        live = await self._files(request)
+        own_uid = self.manager.own_user.uid
+        if (request["caller"].uid, live.record.uid) != (own_uid, own_uid):
+            raise PermissionDenied(
+                "the agent socket is offered to the service's own user only: transfers go "
+                "through the service's API"
+            )
+        return web.json_response({"socket": live.runtime.socket})
 
     async def spawn(self, request: web.Request) -> web.Response:
         live = self._live(request)
         body = await _json(request, ("cmd", "argv", "cwd", "env"))
-        info = await live.agent.call("spawn", **self._command(live, body))
+        command = self._command(live, body)
+        await self._audit(request, live, f"started {_quoted_command(command)} in the background")
+        info = await live.agent.call("spawn", **command)
         return web.json_response(info)
 
     async def procs(self, request: web.Request) -> web.Response:
@@ -523,11 +595,10 @@ class Api:
         number = _optional(body, "signal", int)
         if number is not None and not 1 <= number <= MAX_SIGNAL:
             raise InvalidRequest(f"signal must be a signal number from 1 to {MAX_SIGNAL}")
-        info = await live.agent.call(
-            "proc_signal",
-            pid=_int(request.match_info["pid"], "pid", 1, MAX_PID),
-            signal=signal.SIGTERM if number is None else number,
-        )
+        pid = _int(request.match_info["pid"], "pid", 1, MAX_PID)
+        number = signal.SIGTERM if number is None else number
+        await self._audit(request, live, f"sent signal {int(number)} to process {pid}")
+        info = await live.agent.call("proc_signal", pid=pid, signal=number)
         return web.json_response(info)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
@@ -562,8 +633,12 @@ class Api:
         op = request.path.rsplit("/", 1)[1]
         body = _file_op_args(op, await _json(request, FILE_OPS[op]))
         answer_timeout = REMOVE_TIMEOUT if op == "remove" else ANSWER_TIMEOUT
-        agent = (await self._files(request)).agent
-        return web.json_response(await agent.call(op, answer_timeout=answer_timeout, **body))
+        live = await self._files(request)
+        paths = " to ".join(
+            shown(body[name], 200) for name in ("path", "src", "dst") if name in body
+        )
+        await self._audit(request, live, f"{FILE_OP_WORDS[op]} {paths}")
+        return web.json_response(await live.agent.call(op, answer_timeout=answer_timeout, **body))
 
     async def read_file(self, request: web.Request) -> web.StreamResponse:
         return await self._download(request, "read")
@@ -578,7 +653,9 @@ class Api:
         the transfer with an ERROR frame after INACTIVITY seconds.
         """
         live = await self._files(request)
-        async with await live.agent.open(op, path=_query_path(request)) as agent:
+        path = _query_path(request)
+        await self._audit(request, live, f"{FILE_OP_WORDS[op]} {shown(path, 200)}")
+        async with await live.agent.open(op, path=path) as agent:
             info = await agent.result()
             if op == "read" and info["type"] != "file":
                 raise FileError(f"not a regular file: {info['path']}")
@@ -601,7 +678,9 @@ class Api:
 
     async def _upload(self, request: web.Request, op: str, **args: Any) -> web.Response:
         live = await self._files(request)
-        async with await live.agent.open(op, path=_query_path(request), **args) as agent:
+        path = _query_path(request)
+        await self._audit(request, live, f"{FILE_OP_WORDS[op]} {shown(path, 200)}")
+        async with await live.agent.open(op, path=path, **args) as agent:
             try:
                 while chunk := await request.content.read(CHUNK):
                     await agent.send(Frame.DATA, chunk, INACTIVITY)
@@ -609,6 +688,17 @@ class Api:
             except ConnectionError:
                 pass  # the agent refused early; its answer below says why
             return web.json_response(await agent.result(INACTIVITY))
+
+
+def _quoted_command(command: dict[str, Any]) -> str:
+    """A command as an audit line quotes it: "ls -la" (long ones cut, with "...")."""
+    text = command["cmd"] or shlex.join(command["argv"])
+    return json.dumps(text if len(text) <= AUDITED_COMMAND else text[:AUDITED_COMMAND] + "...")
+
+
+def _given(timeout: Any) -> str:
+    """A timeout as its caller gave it: "10m", or seconds as "600s"."""
+    return timeout if isinstance(timeout, str) else f"{timeout:g}s"
 
 
 def _file_op_args(op: str, body: dict[str, Any]) -> dict[str, Any]:

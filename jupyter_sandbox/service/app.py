@@ -4,6 +4,11 @@ It holds an exclusive lock for its whole life so a second one cannot start,
 writes the runtime file once it is listening, and exits by itself after an
 idle period with no sandboxes. Sandboxes are not stopped when the service
 stops: a service started later re-adopts them.
+
+In system mode (`serve --system`, as root) one service serves every user of the
+machine: its socket is 0666 and each request's caller is the socket peer's uid; the
+runtime file is world-readable and holds no token; it never exits for being idle.
+Its config file (instructor groups, quotas) is read at start and again on SIGHUP.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from .. import __version__
 from .._config import Paths, Settings
 from ..backends.local import LocalBackend
+from . import config_file
 from .api import make_app
+from .identity import Directory
 from .locks import try_lock
 from .manager import Manager
 from .ssh_access import SshAccessManager
@@ -46,6 +54,27 @@ class AlreadyRunning(RuntimeError):
     """Another service of this user holds the lock."""
 
 
+class NotRoot(PermissionError):
+    """System mode was asked for by a user other than root."""
+
+
+def check_system_mode_allowed(tcp: object) -> None:
+    """`serve --system` runs as root and on its Unix socket only; else a clear error."""
+    if os.geteuid() != 0:
+        raise NotRoot(
+            "serve --system runs as root only (it serves every user of the machine and "
+            "runs their sandboxes as uids of their own): start it with sudo or its systemd "
+            "unit (systemctl start jupyter-sandbox), or run `jupyter-sandbox serve` for a "
+            "service of your own"
+        )
+    if tcp:
+        raise ValueError(
+            "serve --system cannot listen on TCP: it tells its callers apart by the peer "
+            "credentials of its Unix socket, which a TCP connection does not carry. Leave "
+            "out --tcp (remote users reach sandboxes through the SSH gateway)"
+        )
+
+
 class Service:
     def __init__(
         self,
@@ -58,6 +87,38 @@ class Service:
         self.tcp = tcp
         self.stopping = asyncio.Event()
         self._lock_fd: int | None = None
+        self.config_path = config_file.path()
+        # Called with the config file's tables at start and after each SIGHUP reload.
+        self.config_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.directory: Directory | None = None
+
+    @property
+    def system(self) -> bool:
+        return self.paths.mode == "system"
+
+    def _read_config(self) -> dict[str, Any]:
+        """The config file: the system service's, or one named by JUPYTER_SANDBOX_CONFIG."""
+        if not self.system and not os.environ.get(config_file.CONFIG_ENV):
+            return {}
+        return config_file.load(self.config_path)
+
+    def _apply_config(self, config: dict[str, Any]) -> None:
+        groups = config_file.instructor_groups(config, self.config_path)
+        if self.directory is not None:
+            self.directory.set_instructor_groups(groups)
+        for listener in self.config_listeners:
+            listener(config)
+
+    def _reload_config(self) -> None:
+        """SIGHUP: read the config file again; a bad one is logged and the old one kept."""
+        try:
+            config = self._read_config()
+            config_file.instructor_groups(config, self.config_path)
+            self._apply_config(config)
+        except ValueError as e:
+            log.error("%s; keeping the configuration read before", e)
+            return
+        log.info("read the config file %s again", self.config_path)
 
     def _lock(self) -> None:
         self._lock_fd = try_lock(self.paths.lock_file)
@@ -80,6 +141,12 @@ class Service:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT or until idle; `ready()` is called once listening."""
         os.umask(0o077)
+        if self.system:
+            check_system_mode_allowed(self.tcp)
+            self.paths.make_system_dirs()
+        config = self._read_config()  # a bad file stops the start, saying where and why
+        if self.system:
+            self.directory = Directory(config_file.instructor_groups(config, self.config_path))
         self._lock()
         private_log(self.paths)
         backend = LocalBackend(self.paths.storage_dir)
@@ -93,7 +160,8 @@ class Service:
         ssh = SshAccessManager(manager, self.paths.data_dir / "ssh")
         await ssh.start()
         token = self._api_token() if self.tcp else None
-        app = make_app(manager, ssh, token)
+        app = make_app(manager, ssh, token, self.directory)
+        self._apply_config(config)
         app["pid"], app["version"], app["started_at"] = os.getpid(), __version__, time.time()
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, max_line_size=MAX_REQUEST_LINE
@@ -102,12 +170,13 @@ class Service:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.socket)
         await web.UnixSite(runner, str(self.paths.socket)).start()
-        os.chmod(self.paths.socket, 0o600)
+        os.chmod(self.paths.socket, 0o666 if self.system else 0o600)
         runtime = {
             "pid": os.getpid(),
             "socket": str(self.paths.socket),
             "version": __version__,
             "ssh_port": ssh.gateway.port,
+            "mode": self.paths.mode,
         }
         if self.tcp:
             sock = inherited_socket(API_LISTEN_FD_ENV)  # held by the supervisor
@@ -117,14 +186,20 @@ class Service:
             runtime.update(url=f"http://{host}:{port}", token=token)
         tmp = self.paths.runtime_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(runtime))
+        os.chmod(tmp, 0o644 if self.system else 0o600)
         os.replace(tmp, self.paths.runtime_file)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("serving on %s (pid %d)", self.paths.socket, os.getpid())
+        loop.add_signal_handler(signal.SIGHUP, self._reload_config)
+        log.info("serving on %s (pid %d, %s mode)", self.paths.socket, os.getpid(), self.paths.mode)
         if ready:
             ready()
-        idle = asyncio.create_task(self._idle_watch(manager, app["activity"]))
+        idle = asyncio.create_task(
+            asyncio.Event().wait()  # the machine's service stays, idle or not
+            if self.system
+            else self._idle_watch(manager, app["activity"])
+        )
         try:
             await self.stopping.wait()
         finally:

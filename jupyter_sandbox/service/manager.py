@@ -77,7 +77,7 @@ class Manager:
         self.pool: dict[str, Runtime] = {}
         self.pool_starting: set[str] = set()
         self._create_lock = asyncio.Lock()
-        self._reserved_names: set[str | None] = set()
+        self._reserved_names: set[tuple[int, str]] = set()  # (uid, name) being created
         self._reserved_uids: set[int | None] = set()
         self._refilling: asyncio.Future | None = None
         self._pool_paused_until = 0.0  # after a full disk, the pool waits before it refills
@@ -195,32 +195,61 @@ class Manager:
 
     # -- queries -----------------------------------------------------------------------
 
-    def find(self, ref: str) -> Live | None:
-        """The running or failed sandbox with this id or name, if any."""
-        return self.live.get(ref) or next(
-            (s for s in self.live.values() if s.record.name == ref), None
-        )
+    @staticmethod
+    def visible(record: SandboxRecord, caller: Caller | None) -> bool:
+        """May `caller` see this sandbox? Its own, or any for an instructor (None: the
+        service itself)."""
+        return caller is None or caller.instructor or record.uid == caller.uid
 
-    def get(self, ref: str) -> Live:
-        live = self.find(ref)
+    def find(self, ref: str, caller: Caller | None = None) -> Live | None:
+        """The running or failed sandbox with this id or name that `caller` may see, if any.
+
+        Names are unique per user: an instructor naming a sandbox gets their own of that
+        name, else the only one of anyone's (InvalidRequest if several users have one).
+        """
+        live = self.live.get(ref)
+        if live is not None and self.visible(live.record, caller):
+            return live
+        named = [
+            s for s in self.live.values() if s.record.name == ref and self.visible(s.record, caller)
+        ]
+        if len(named) > 1 and caller is not None:
+            own = [s for s in named if s.record.uid == caller.uid]
+            if not own:
+                which = ", ".join(f"{s.record.user}: {s.record.id}" for s in named)
+                raise InvalidRequest(
+                    f"sandboxes of several users are named {ref!r} ({which}): give the id"
+                )
+            named = own
+        return named[0] if named else None
+
+    def get(self, ref: str, caller: Caller | None = None) -> Live:
+        """The sandbox `ref` names, for `caller`: another user's answers exactly as a
+        sandbox that does not exist (SandboxNotFound), so none is given away."""
+        live = self.find(ref, caller)
         if live is not None:
             return live
-        record = self.state.get(ref)
-        if record is not None and record.status == ENDED:
+        ended = [
+            r
+            for r in self.state.records(ENDED)
+            if ref in (r.id, r.name) and self.visible(r, caller)
+        ]
+        if ended:
+            record = max(ended, key=lambda r: (r.id == ref, r.created_at))
             raise SandboxExpired(f"sandbox {ref!r} has ended: {record.end_reason}")
         raise SandboxNotFound(f"no sandbox with id or name {shown(ref)}")
 
-    def running(self, ref: str) -> Live:
+    def running(self, ref: str, caller: Caller | None = None) -> Live:
         """A sandbox that can run commands; SandboxFailed for one that failed."""
-        live = self.get(ref)
+        live = self.get(ref, caller)
         if live.record.status == FAILED:
             raise SandboxFailed(failed_message(live.record))
         return live
 
-    async def files(self, ref: str) -> Live:
+    async def files(self, ref: str, caller: Caller | None = None) -> Live:
         """A sandbox whose agent serves file operations: a running one (checked first),
         or a failed one, whose agent is started again over its directory for files only."""
-        live = self.get(ref)
+        live = self.get(ref, caller)
         await self.check(live)
         if live.record.status == FAILED:
             await self._serve_files(live)
@@ -234,11 +263,15 @@ class Manager:
                 await self._fail(live, reason)
         return live.record.status == FAILED
 
-    def list(self, include_ended: bool = False) -> list[SandboxRecord]:
+    def list(
+        self, include_ended: bool = False, caller: Caller | None = None
+    ) -> list[SandboxRecord]:
+        """The sandboxes `caller` may see, oldest first; with the ended ones if asked."""
         records = [s.record for s in self.live.values()]
         if include_ended:
             records += self.state.records(ENDED)
-        return sorted(records, key=lambda r: r.created_at)
+        visible = [r for r in records if self.visible(r, caller)]
+        return sorted(visible, key=lambda r: r.created_at)
 
     def usage(self, live: Live) -> dict[str, Any]:
         """Live CPU and memory use; CPU percent over the time since the last sample."""
@@ -299,10 +332,12 @@ class Manager:
                 "(up to 63), starting with a letter or digit"
             )
         async with self._create_lock:
-            taken = {s.record.name for s in self.live.values()} | self._reserved_names
-            if name is not None and name in taken:
+            taken = {(s.record.uid, s.record.name) for s in self.live.values()}
+            taken |= self._reserved_names
+            if name is not None and (caller.uid, name) in taken:
                 failed = any(
-                    s.record.name == name and s.record.status == FAILED for s in self.live.values()
+                    (s.record.uid, s.record.name, s.record.status) == (caller.uid, name, FAILED)
+                    for s in self.live.values()
                 )
                 raise SandboxExists(
                     f"a sandbox named {name!r} failed and is kept: restart or kill it first"
@@ -310,7 +345,7 @@ class Manager:
                     else f"a sandbox named {name!r} is already running"
                 )
             if name is not None:
-                self._reserved_names.add(name)
+                self._reserved_names.add((caller.uid, name))
             # A pooled sandbox's tmpfs sizes, fd limit and home were fixed when it started.
             fixed = (limits.memory, limits.fds, limits.disk) == (
                 defaults.memory,
@@ -332,7 +367,7 @@ class Manager:
                 spec = SandboxSpec(sandbox_id, network, limits, host_uid, self.settings.seccomp)
                 runtime = await self.backend.start(spec)
         finally:
-            self._reserved_names.discard(name)
+            self._reserved_names.discard((caller.uid, name))
             self._reserved_uids.discard(host_uid)
         now = time.time()
         record = SandboxRecord(

@@ -126,8 +126,9 @@ class Supervisor:
         fd = try_lock(self.paths.supervisor_file)
         if fd is None:
             pid = supervisor_pid(self.paths)
+            whose = "this machine" if self.paths.mode == "system" else "this user"
             raise SupervisorRunning(
-                f"a sandbox service is already running for this user (supervisor pid {pid})"
+                f"a sandbox service is already running for {whose} (supervisor pid {pid})"
             )
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -135,6 +136,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until the service ends by itself or is stopped; the exit code."""
+        if self.paths.mode == "system":
+            self.paths.make_system_dirs()
         self._lock()
         self._sockets = self._bind_ports()
         for sig in (signal.SIGTERM, signal.SIGINT):
