@@ -285,6 +285,21 @@ def test_connect_from_a_second_kernel(start_kernel) -> None:
     assert shared not in live_ids()
 
 
+def test_under_nbgrader_every_sandbox_ends_with_the_kernel(start_kernel) -> None:
+    """While nbgrader grades, a duration or an extension does not let a sandbox outlive the
+    student's kernel."""
+    kernel = start_kernel(env={"NBGRADER_EXECUTION": "autograde"})
+    kernel.ok("%%sandbox stash --timeout 1h\ntrue")
+    kernel.ok("%%sandbox\ntrue")
+    extended = kernel.ok("%sandbox extend default 1h").stdout
+    assert "it still ends with this kernel, as every sandbox does under nbgrader" in extended
+    ids = {sandbox_of(kernel, "stash").id, sandbox_of(kernel).id}
+    kernel.shutdown()
+    assert not ids & live_ids()
+    for sandbox_id in ids:
+        assert_killed(sandbox_id)
+
+
 # -- SSH ------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._lifetime import hook_shutdown
-from ._sandboxes import KernelIdentity, KernelSandboxes
+from ._sandboxes import KernelIdentity, KernelSandboxes, nbgrader_executing
 from .magics import SandboxMagics
 
 __all__ = ["SandboxMagics", "load_ipython_extension", "unload_ipython_extension"]
@@ -21,7 +21,9 @@ _sandboxes: KernelSandboxes | None = None
 def _registry(shell: Any) -> KernelSandboxes:
     global _sandboxes
     if _sandboxes is None:
-        _sandboxes = KernelSandboxes(KernelIdentity.current())
+        _sandboxes = KernelSandboxes(
+            KernelIdentity.current(), end_all_with_kernel=nbgrader_executing()
+        )
         kernel = getattr(shell, "kernel", None)
         if kernel is not None:
             hook_shutdown(kernel, _sandboxes.close)

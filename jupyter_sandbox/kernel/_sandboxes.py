@@ -4,7 +4,10 @@ Names are local to a kernel: sandbox NAME of a kernel is the service's
 ``NAME-<first 8 characters of the kernel id>``, so two notebooks that both say
 ``%%sandbox`` never share a sandbox by accident. "session" sandboxes created
 here belong to the kernel and end with it; duration ones survive it and are
-found again by name after a restart (the kernel id stays the same).
+found again by name after a restart (the kernel id stays the same). While
+nbgrader executes the notebook (it sets ``NBGRADER_EXECUTION``), every sandbox the
+kernel creates ends with it, whatever its timeout: nothing a student's cells start
+outlives the grading of their notebook.
 """
 
 from __future__ import annotations
@@ -89,11 +92,17 @@ class SandboxConflict(SandboxError):
     """A cell asked for options that an existing sandbox does not have."""
 
 
+def nbgrader_executing() -> bool:
+    """Whether nbgrader is running this kernel's notebook (autograde or validate)."""
+    return bool(os.environ.get("NBGRADER_EXECUTION"))
+
+
 class KernelSandboxes:
     """Local names to sandbox handles; creates on first use, ends owned ones on shutdown."""
 
-    def __init__(self, identity: KernelIdentity) -> None:
+    def __init__(self, identity: KernelIdentity, *, end_all_with_kernel: bool = False) -> None:
         self.identity = identity
+        self.end_all_with_kernel = end_all_with_kernel
         self._named: dict[str, Sandbox] = {}
         self._owned: dict[str, Sandbox] = {}  # by id: "session" sandboxes created here
         self._lock = threading.RLock()
@@ -125,7 +134,7 @@ class KernelSandboxes:
                     labels=self.identity.labels,
                     owner=self.identity.owner,
                 )
-                if options.timeout in (None, "session"):
+                if self.end_all_with_kernel or options.timeout in (None, "session"):
                     self._owned[sandbox.id] = sandbox
             elif options.given:
                 conflicts = options.conflicts(sandbox.info())
@@ -182,8 +191,10 @@ class KernelSandboxes:
                 del self._named[name]
 
     def disown(self, sandbox_id: str) -> None:
-        """The sandbox now has a deadline of its own: it no longer ends with the kernel."""
-        self._owned.pop(sandbox_id, None)
+        """The sandbox now has a deadline of its own: it no longer ends with the kernel
+        (unless every sandbox does)."""
+        if not self.end_all_with_kernel:
+            self._owned.pop(sandbox_id, None)
 
     def kill(self, sandbox: Sandbox) -> None:
         sandbox.kill()

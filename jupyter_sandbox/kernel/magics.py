@@ -494,7 +494,11 @@ class SandboxMagics(Magics):
         sandbox = self.sandboxes.find(args.name)
         info = sandbox.extend_timeout(args.timeout)
         self.sandboxes.disown(sandbox.id)
-        print(f"sandbox {args.name!r}: {_text.lifetime(info)}; it no longer ends with this kernel")
+        if self.sandboxes.owns(sandbox.id):
+            ending = "it still ends with this kernel, as every sandbox does under nbgrader"
+        else:
+            ending = "it no longer ends with this kernel"
+        print(f"sandbox {args.name!r}: {_text.lifetime(info)}; {ending}")
 
     def _logs(self, args: argparse.Namespace) -> None:
         sandbox = self.sandboxes.find(args.name)
