@@ -152,7 +152,14 @@ class Gw:
     def port(self) -> int:
         return self.gateway.port
 
-    def issue(self, sandbox: Sandbox, public_key: str | None = None, sftp: str = "auto") -> str:
+    def issue(
+        self,
+        sandbox: Sandbox,
+        public_key: str | None = None,
+        sftp: str = "auto",
+        uid: int | None = None,
+    ) -> str:
+        """A token for `sandbox`, issued to `uid` (default: this process's user)."""
         token = generate_token()
         self.tokens[token] = Target(
             sandbox_id=sandbox.runtime.directory.rsplit("/", 1)[-1],
@@ -161,6 +168,7 @@ class Gw:
             token_hash=hash_token(token),
             public_key=public_key,
             sftp=sftp,
+            uid=os.getuid() if uid is None else uid,
         )
         return token
 

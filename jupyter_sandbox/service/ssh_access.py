@@ -3,7 +3,11 @@
 A credential is a random token used as the SSH username. Only its hash is
 stored. It is valid until its TTL, a revoke or the sandbox's end, whichever
 comes first; when it stops being valid, live sessions opened with it are
-closed within a second.
+closed within a second. From this machine, it works only for the OS user who
+was given it (see ``ssh.gateway``).
+
+The gateway runs in this process (``JUPYTER_SANDBOX_SSH_WORKERS=1``) or as
+worker processes on the same port (``ssh.workers``, the default: one per CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from functools import partial
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import asyncssh
 from .._durations import parse_duration
 from .._errors import InvalidRequest
 from ..ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
+from ..ssh.workers import WorkerPool, worker_count
 from .manager import Manager, failed_message, record_error
 from .ssh_port import PORT_FILE, configured_address, inherited_socket, listening_socket
 from .state import FAILED, SandboxRecord, SshToken
@@ -44,7 +49,8 @@ class SshAccessManager:
         self.sftp = manager.settings.sftp
         # Only post-quantum key exchange: passes ssh-audit cleanly, needs OpenSSH >= 9.9.
         self.post_quantum_only = os.environ.get("JUPYTER_SANDBOX_SSH_PQ_ONLY") == "1"
-        self.gateway: Gateway | None = None
+        self.workers = worker_count()
+        self.gateway: Gateway | WorkerPool | None = None
         self._expiry: dict[str, tuple[str, float]] = {}  # token hash -> (sandbox, deadline)
         self._task: asyncio.Task | None = None
         manager.listeners.append(self._on_sandbox_event)
@@ -52,23 +58,36 @@ class SshAccessManager:
     async def start(self) -> None:
         """Listen on the socket the supervisor holds, else bind one (`listening_socket`)."""
         sock = inherited_socket() or listening_socket(self.key_dir, self.host, self.port)
-        self.gateway = Gateway(
-            self.resolve,
-            self.key_dir,
-            self.host,
-            self.port,
-            self._on_ssh_event,
-            limits=self.limits,
-            post_quantum_only=self.post_quantum_only,
-            sock=sock,
-        )
+        if self.workers == 1:
+            self.gateway = Gateway(
+                self.resolve,
+                self.key_dir,
+                self.host,
+                self.port,
+                self._on_ssh_event,
+                limits=self.limits,
+                post_quantum_only=self.post_quantum_only,
+                sock=sock,
+            )
+        else:
+            self.gateway = WorkerPool(
+                self.workers,
+                sock,
+                self.key_dir,
+                self.resolve_hash,
+                self.state.use_token,
+                self._on_ssh_event,
+                limits=self.limits,
+                post_quantum_only=self.post_quantum_only,
+            )
         await self.gateway.start()
         (self.key_dir / PORT_FILE).write_text(f"{self.gateway.port} {self.port}")
         for token in self.state.tokens():
             if token.expires_at is not None:
                 self._expiry[token.token_hash] = (token.sandbox_id, token.expires_at)
         self._task = asyncio.create_task(self._expire_forever())
-        log.info("SSH gateway on %s:%d", self.host, self.gateway.port)
+        processes = "in this process" if self.workers == 1 else f"in {self.workers} workers"
+        log.info("SSH gateway on %s:%d, %s", self.host, self.gateway.port, processes)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -153,7 +172,10 @@ class SshAccessManager:
 
         A single-use token is used up by the login that completes (`Target.claim`), not
         by one that only presents it, so a wrong key cannot burn it."""
-        token_hash = hash_token(token)
+        return await self.resolve_hash(hash_token(token))
+
+    async def resolve_hash(self, token_hash: str) -> Target | None:
+        """`resolve` for a token known by its hash (as gateway workers ask)."""
         token = self.state.token(token_hash)
         if token is None:
             return None
@@ -164,9 +186,15 @@ class SshAccessManager:
             return None
         if token.single_use and token.used:
             return None
+        uid = token_uid(token)
         if live.record.status == FAILED:
             return Target(
-                live.record.id, live.agent, {}, token_hash, refusal=failed_message(live.record)
+                live.record.id,
+                live.agent,
+                {},
+                token_hash,
+                refusal=failed_message(live.record),
+                uid=uid,
             )
         return Target(
             sandbox_id=live.record.id,
@@ -175,11 +203,19 @@ class SshAccessManager:
             token_hash=token_hash,
             public_key=token.public_key,
             single_use=token.single_use,
-            claim=partial(self.state.use_token, token_hash) if token.single_use else None,
+            claim=self._claimer(token_hash) if token.single_use else None,
             sftp=self.sftp,
+            uid=uid,
         )
 
+    def _claimer(self, token_hash: str) -> Callable[[], Awaitable[bool]]:
+        async def claim() -> bool:
+            return self.state.use_token(token_hash)
+
+        return claim
+
     def _on_ssh_event(self, sandbox_id: str, text: str) -> None:
+        """Every line the gateway (or a worker of it) writes into a sandbox's log."""
         self._note(sandbox_id, text)
 
     def _note(self, sandbox_id: str, text: str) -> None:
@@ -206,3 +242,10 @@ class SshAccessManager:
                     if self.gateway is not None:
                         self.gateway.close_sessions(sandbox_id, token_hash)
                     self._note(sandbox_id, "SSH access expired")
+
+
+def token_uid(token: SshToken) -> int:
+    """The OS user a token was issued to; a record from before tokens kept it: this
+    service's own user."""
+    uid = getattr(token, "uid", None)
+    return os.getuid() if uid is None else uid

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._config import Paths
+from .._exits import describe_exit as _describe
 from . import ssh_port
 from .locks import try_lock
 
@@ -85,14 +86,6 @@ def supervisor_pid(paths: Paths) -> int | None:
     ours = owner == os.getuid() and program and b"serve" in cmdline
     ours = ours and b"--no-supervisor" not in cmdline
     return pid if ours else None
-
-
-def _describe(returncode: int) -> str:
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-returncode).name}"
-        return f"was killed by signal {-returncode}"
-    return f"exited with code {returncode}"
 
 
 class Supervisor:

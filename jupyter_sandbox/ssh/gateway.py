@@ -4,17 +4,23 @@ Abuse limits never refuse a valid token: logins in progress are capped per
 source and in total by dropping the idlest one (`limits.StartupLimiter`), every
 connection must log in within `login_timeout` of its TCP accept, and a source
 with too many failed logins only gets its unknown tokens answered slowly.
+
+A token presented from this machine (loopback, or one of the host's own
+addresses: see `peers`) is honoured only for the OS user it was issued to,
+`Target.uid`: a token read from another user's `ps` is refused like a wrong one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
@@ -22,7 +28,7 @@ import asyncssh
 from ..agent.remote import AgentClient
 from . import forwarding, hostkey, peers
 from .algorithms import server_algorithms
-from .limits import FailedLogins, GatewayLimits, StartupLimiter
+from .limits import GatewayLimits, Ledger, LocalLedger
 from .logs import quiet_asyncssh
 from .session import SandboxSession
 
@@ -31,6 +37,10 @@ log = logging.getLogger(__name__)
 SERVER_VERSION = "jupyter-sandbox"
 BACKLOG = 128
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+OTHER_USER = (
+    "jupyter-sandbox: this token works only for the OS user it was issued to; "
+    "from this machine, use it as that user (or ask for a token of your own)\n"
+)
 
 
 @dataclass
@@ -44,10 +54,12 @@ class Target:
     public_key: str | None = None  # OpenSSH public key line that must also be presented
     single_use: bool = False
     # Uses the token up when a login with it completes: False if another login was first.
-    claim: Callable[[], bool] | None = None
+    claim: Callable[[], Awaitable[bool]] | None = None
     sftp: str = "auto"  # which SFTP server runs in the sandbox: see ssh.sftp
     # Why a valid token gets no login (its sandbox failed): shown to the user, then denied.
     refusal: str | None = None
+    # The OS user the token was issued to: the only local user it works for.
+    uid: int = field(default_factory=os.getuid)
 
 
 Resolver = Callable[[str], Awaitable["Target | None"]]
@@ -68,6 +80,7 @@ class Gateway:
         limits: GatewayLimits | None = None,
         post_quantum_only: bool = False,
         sock: socket.socket | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.resolve = resolve
         self.host, self.port = host, port
@@ -75,8 +88,7 @@ class Gateway:
         self.on_event = on_event
         self.limits = (limits or GatewayLimits()).within_fd_limit()
         self.algorithms = server_algorithms(post_quantum_only)
-        self.failures = FailedLogins(self.limits)
-        self.startups = StartupLimiter(self.limits)
+        self.ledger = ledger or LocalLedger(self.limits)
         self.host_key = hostkey.load_host_key(Path(host_key_dir))
         self.host_key_fingerprint = hostkey.fingerprint(self.host_key)
         self.connections: set[Connection] = set()
@@ -134,8 +146,9 @@ class Gateway:
         return hostkey.known_hosts_line(self.host_key, hostname, port)
 
     def unauthenticated(self) -> int:
-        """Connections still logging in."""
-        return self.startups.total
+        """Connections still logging in (counted here, in one process)."""
+        assert isinstance(self.ledger, LocalLedger)
+        return self.ledger.startups.total
 
     def event(self, sandbox_id: str, text: str) -> None:
         if self.on_event is not None:
@@ -145,68 +158,74 @@ class Gateway:
                 log.exception("SSH event handler failed")
 
 
+_connection_ids = itertools.count(1)
+
+
 class Connection(asyncssh.SSHServer):
     """One client connection: authentication by token, then forwarding requests."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.id = next(_connection_ids)  # names it to the service, for gateway workers
         self.conn: asyncssh.SSHServerConnection | None = None
         self.address = ""  # the peer's address, for the sandbox's log
-        self.source = ""  # whom abuse limits count this connection against
+        self.peer = peers.UNKNOWN  # whom abuse limits count this connection against
         self.last_active = 0.0
         self.target: Target | None = None
         self.authenticated = False
         self._identifying: asyncio.Future | None = None
+        self._claiming: asyncio.Future | None = None
+
+    @property
+    def source(self) -> str:
+        return self.peer.source
 
     # -- connection ------------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer, local = conn.get_extra_info("peername"), conn.get_extra_info("sockname")
         try:
-            source = peers.source_of(peer, local)
+            found = peers.identify(peer, local)
         except peers.Unavailable:
-            source = peers.UNKNOWN_LOCAL
+            found = peers.UNKNOWN
             self._identifying = asyncio.ensure_future(self._identify_from_proc(peer, local))
-        self.source = peers.UNKNOWN_LOCAL if source is peers.GONE else source
+        self.peer = peers.UNKNOWN if found is peers.GONE else found
         self.address = str(peer[0])
         self.last_active = time.monotonic()
         self.conn = conn
         self.gateway.connections.add(self)
         _track_receives(conn, self)
-        self._admit()
-        if source is peers.GONE:  # the client closed already: nobody to serve
+        self.gateway.ledger.admit(self)
+        if found is peers.GONE:  # the client closed already: nobody to serve
             asyncio.get_running_loop().call_soon(self.abort)
 
-    def _admit(self) -> None:
-        victim = self.gateway.startups.admit(self)
-        if victim is not None:
-            victim.abort()
-
     async def _identify_from_proc(self, peer: tuple, local: tuple) -> None:
-        """Count a connection admitted as `UNKNOWN_LOCAL` against its user once known."""
-        source = await self.gateway.proc_reader.source_of(peer, local)
-        if source is peers.GONE:
+        """Count a connection admitted as `peers.UNKNOWN` against its user once known."""
+        found = await self.gateway.proc_reader.identify(peer, local)
+        if found is peers.GONE:
             self.abort()
             return
         pending = not self.authenticated and self in self.gateway.connections
         if pending:
-            self.gateway.startups.remove(self)
-        self.source = source
+            self.gateway.ledger.remove(self)
+        self.peer = found
         if pending:
-            self._admit()
+            self.gateway.ledger.admit(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is None:
             return
         self.gateway.connections.discard(self)
-        self.gateway.startups.remove(self)
-        if self._identifying is not None:
-            self._identifying.cancel()
+        self.gateway.ledger.remove(self)
+        for task in (self._identifying, self._claiming):
+            if task is not None:
+                task.cancel()
         target = self.target
         if target is not None and self.authenticated:
+            self.gateway.ledger.closed(self)
             self.gateway.event(target.sandbox_id, f"SSH connection from {self.address} closed")
         elif target is not None and target.public_key:
-            self.gateway.failures.record(self.source)  # the right token but not its key
+            _forget(self.gateway.ledger.failed(self.source))  # the right token but not its key
 
     def close(self) -> None:
         if self.conn is not None:
@@ -227,32 +246,76 @@ class Connection(asyncssh.SSHServer):
         """Resolve the token; no further auth when it needs no key, deny all when unknown.
 
         A valid token always gets in, whatever the source's failures; a blocked source's
-        unknown tokens are only answered late."""
-        self.target = await self.gateway.resolve(username)
-        if self.target is not None and self.target.refusal is not None:
-            if self.conn is not None:  # OpenSSH prints the banner on stderr
-                self.conn.send_auth_banner(self.target.refusal + "\n")
+        unknown tokens are only answered late. A token of another user presented from
+        this machine counts as unknown, with a banner saying why."""
+        if self._identifying is not None:
+            await asyncio.shield(self._identifying)
+        target = await self.gateway.resolve(username)
+        if target is not None and not self._may_use(target):
+            self._refuse_for_user(target)
+            target = None
+        self.target = target
+        if target is not None and target.refusal is not None:
+            self._banner(target.refusal + "\n")
             self.target = None
             return True  # no method succeeds
-        if self.target is not None:
-            return self.target.public_key is not None
-        blocked = self.gateway.failures.blocked(self.source)
-        self.gateway.failures.record(self.source)
-        if blocked:
+        if target is not None:
+            return target.public_key is not None
+        if await self.gateway.ledger.failed(self.source):
             await asyncio.sleep(self.gateway.limits.blocked_delay)
         return True
 
+    def _may_use(self, target: Target) -> bool:
+        """A local client may use only tokens of its own user; remote ones any token."""
+        return not self.peer.local or self.peer.uid == target.uid
+
+    def _refuse_for_user(self, target: Target) -> None:
+        who = "a local user who could not be identified"
+        if self.peer.uid is not None:
+            who = f"local uid {self.peer.uid}"
+        log.warning(
+            "SSH: refused a token of sandbox %s presented from this machine by %s: it was "
+            "issued to uid %d",
+            target.sandbox_id,
+            who,
+            target.uid,
+        )
+        self._banner(OTHER_USER)
+
+    def _banner(self, text: str) -> None:
+        if self.conn is not None:  # OpenSSH prints the banner on stderr
+            self.conn.send_auth_banner(text)
+
     def auth_completed(self) -> None:
         """Serve the login, unless its single-use token was used up by another meanwhile."""
-        self.gateway.startups.remove(self)
+        self.gateway.ledger.remove(self)
         target = self.target
         assert target is not None
-        if target.claim is not None and not target.claim():
+        if target.claim is None:
+            self._grant(target)
+        else:
+            self._claiming = asyncio.ensure_future(self._claim(target))
+
+    async def _claim(self, target: Target) -> None:
+        assert target.claim is not None
+        if await target.claim():
+            self._grant(target)
+        else:
             self.close()
-            return
+
+    def _grant(self, target: Target) -> None:
         self.authenticated = True
+        self.gateway.ledger.opened(self, target.sandbox_id)
         single = " (single-use token)" if target.single_use else ""
         self.gateway.event(target.sandbox_id, f"SSH connection from {self.address}{single}")
+
+    async def _granted(self) -> Target:
+        """The target, once the login is served (its single-use token claimed)."""
+        if self._claiming is not None:
+            await asyncio.shield(self._claiming)
+        if not self.authenticated or self.target is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "")
+        return self.target
 
     def public_key_auth_supported(self) -> bool:
         return True  # also for unknown tokens, so they look like key-protected ones
@@ -269,26 +332,28 @@ class Connection(asyncssh.SSHServer):
 
     # -- channels --------------------------------------------------------------------
 
-    def session_requested(self) -> SandboxSession | bool:
+    def session_requested(self) -> SandboxSession | Awaitable[SandboxSession] | bool:
+        if self._claiming is not None and not self._claiming.done():
+            return self._session()
         if not self.authenticated:
             return False
         assert self.target is not None
         return SandboxSession(self.target)
 
+    async def _session(self) -> SandboxSession:
+        return SandboxSession(await self._granted())
+
     # -- forwarding ------------------------------------------------------------------
 
-    def connection_requested(
+    async def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> Awaitable[asyncssh.SSHTCPSession]:
-        return forwarding.tcp_session(self._granted().agent, dest_host, dest_port)
+    ) -> asyncssh.SSHTCPSession:
+        target = await self._granted()
+        return await forwarding.tcp_session(target.agent, dest_host, dest_port)
 
-    def unix_connection_requested(self, dest_path: str) -> Awaitable[asyncssh.SSHUNIXSession]:
-        return forwarding.unix_session(self._granted().agent, dest_path)
-
-    def _granted(self) -> Target:
-        if not self.authenticated or self.target is None:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "")
-        return self.target
+    async def unix_connection_requested(self, dest_path: str) -> asyncssh.SSHUNIXSession:
+        target = await self._granted()
+        return await forwarding.unix_session(target.agent, dest_path)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return self._refuse_listen()
@@ -300,6 +365,12 @@ class Connection(asyncssh.SSHServer):
         if self.conn is not None:
             self.conn.send_debug(forwarding.REMOTE_FORWARD_REFUSED, always_display=True)
         return False
+
+
+def _forget(awaitable: Awaitable[object]) -> None:
+    """Run `awaitable` on its own; its outcome matters to no one here."""
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _track_receives(conn: asyncssh.SSHServerConnection, owner: Connection) -> None:

@@ -1,6 +1,6 @@
 """Abuse limits: start-up limits on logins in progress, failed-login blocking per source.
 
-Both count by *source* (see `peers.source_of`): a local user, an IPv4 address or
+Both count by *source* (see `peers.identify`): a local user, an IPv4 address or
 an IPv6 /64. Neither ever refuses a valid token: failed logins only slow down
 unknown tokens, and the start-up limits make room for a new connection by
 dropping the idlest login in progress of the source that holds the most.
@@ -247,3 +247,51 @@ class FailedLogins:
         for source, until in list(self.blocked_until.items()):
             if until <= now:
                 del self.blocked_until[source]
+
+
+class Ledger(Protocol):
+    """Where a gateway counts failed logins and logins in progress, and tells of the
+    sessions it serves: `LocalLedger` in its own process, or the service's one for
+    gateway workers (``ssh.workers``), so the limits hold for all workers together."""
+
+    async def failed(self, source: str) -> bool:
+        """Count a failed login of `source`; was `source` blocked before it?"""
+
+    def admit(self, conn: Pending) -> None:
+        """Count a login in progress in; a limit that bites aborts the idlest one."""
+
+    def remove(self, conn: Pending) -> None:
+        """A login in progress logged in or went away."""
+
+    def opened(self, conn: Pending, sandbox_id: str) -> None:
+        """A login completed: its connection serves `sandbox_id` now."""
+
+    def closed(self, conn: Pending) -> None:
+        """A connection that `opened` ended."""
+
+
+class LocalLedger:
+    """The `Ledger` of a gateway that serves every connection in its own process."""
+
+    def __init__(self, limits: GatewayLimits) -> None:
+        self.failures = FailedLogins(limits)
+        self.startups = StartupLimiter(limits)
+
+    async def failed(self, source: str) -> bool:
+        blocked = self.failures.blocked(source)
+        self.failures.record(source)
+        return blocked
+
+    def admit(self, conn: Pending) -> None:
+        victim = self.startups.admit(conn)
+        if victim is not None:
+            victim.abort()
+
+    def remove(self, conn: Pending) -> None:
+        self.startups.remove(conn)
+
+    def opened(self, conn: Pending, sandbox_id: str) -> None:
+        """Sessions need no bookkeeping beyond the gateway's own in one process."""
+
+    def closed(self, conn: Pending) -> None:
+        """See `opened`."""

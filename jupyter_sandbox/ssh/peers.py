@@ -1,14 +1,17 @@
-"""Who is connecting: the source that abuse limits count by.
+"""Who is connecting: the source that abuse limits count by, and the local user.
 
 A remote peer is its IPv4 address or its IPv6 /64 (one host usually holds a
-whole /64). A local peer (loopback, or the host's own address) is its user:
-every local user shares 127.0.0.0/8 and ::1, where the Jupyter tunnel comes
-from too, and any of them can pick any of those addresses. The user is the
-owner of the client's socket, asked of the kernel by the connection's exact
-address pair (sock_diag netlink: one socket, constant time, whatever the size
-of the socket table); it is looked up for every connection, so a reused port
-never names a previous owner. A client socket that is gone or owned by no
-process (closed: TIME_WAIT, an orphan) names nobody: `GONE`.
+whole /64). A local peer is its user: every local user shares 127.0.0.0/8 and
+::1, where the Jupyter tunnel comes from too, and any of them can pick any of
+those addresses, or bind one of the host's own addresses (its LAN address,
+IPv4 or IPv6) and connect to loopback with it. So every connection is looked
+up in the kernel's socket table by its exact address pair (sock_diag netlink:
+one socket, constant time, whatever the size of the socket table): a client
+socket found there is on this host, whatever its address, and its owner is
+the local user. The lookup is made for every connection, so a reused port
+never names a previous owner. A loopback or host-address client whose socket
+is gone or owned by no process (closed: TIME_WAIT, an orphan) names nobody:
+`GONE`; one the kernel could not be asked about is `UNKNOWN`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import errno
 import ipaddress
 import socket
 import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PROC_NET = Path("/proc/net")
@@ -34,6 +39,14 @@ SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+NETLINK_ROUTE = 0
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFADDR = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface
+RTATTR = struct.Struct("=HH")  # length, type
+HOST_ADDRESSES_TTL = 1.0  # seconds a reading of the host's addresses is used
 ALL_STATES = 0xFFFFFFFF
 NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 DIAG_REQUEST = struct.Struct("=BBBBI")  # family, protocol, extensions, pad, states
@@ -56,29 +69,55 @@ class Unavailable(OSError):
     """The kernel cannot be asked by sock_diag here."""
 
 
-def source_of(peer: tuple, local: tuple) -> str | _Gone:
-    """``"local uid N"``, `UNKNOWN_LOCAL` or `GONE` for a local peer, else ``"A.B.C.D"``
-    or ``"X:Y:Z:W::/64"``; `Unavailable` for a local peer where sock_diag is missing."""
+@dataclass(frozen=True)
+class Peer:
+    """Whom a connection comes from."""
+
+    source: str  # what abuse limits count it against
+    local: bool = False  # a client on this host
+    uid: int | None = None  # a local client's user; None if the kernel could not say
+
+
+UNKNOWN = Peer(UNKNOWN_LOCAL, local=True)
+
+
+def identify(peer: tuple, local: tuple) -> Peer | _Gone:
+    """The `Peer` behind a connection's (peer, local) socket addresses, `GONE` for a local
+    client that is gone; `Unavailable` for a loopback or host-address peer where
+    sock_diag is missing."""
     peer_ip, local_ip = plain(peer[0]), plain(local[0])
-    if peer_ip.is_loopback or peer_ip == local_ip:
-        return _local_source(local_peer_uid(peer_ip, peer[1], local_ip, local[1]))
+    on_host = peer_ip.is_loopback or peer_ip == local_ip or peer_ip in host_addresses()
+    try:
+        uid = local_peer_uid(peer_ip, peer[1], local_ip, local[1])
+    except Unavailable:
+        if on_host:
+            raise
+        uid = GONE  # not the host's address: where a socket can be looked up, it is not here
+    if isinstance(uid, int):
+        return local_peer(uid)
+    if on_host:
+        return GONE if uid is GONE else UNKNOWN
     if peer_ip.version == 6:
-        return str(ipaddress.IPv6Network((peer_ip, IPV6_NETWORK), strict=False))
-    return str(peer_ip)
+        return Peer(str(ipaddress.IPv6Network((peer_ip, IPV6_NETWORK), strict=False)))
+    return Peer(str(peer_ip))
+
+
+def local_peer(uid: int) -> Peer:
+    return Peer(f"local uid {uid}", local=True, uid=uid)
 
 
 class ProcReader:
-    """`source_of` local peers from /proc/net, where sock_diag is missing: whole tables are
+    """`identify` local peers from /proc/net, where sock_diag is missing: whole tables are
     read in a thread, one at a time, each within PROC_TIMEOUT, with at most PROC_QUEUE
-    waiting; `UNKNOWN_LOCAL` past those bounds, so a flood cannot stall or pile up reads."""
+    waiting; `UNKNOWN` past those bounds, so a flood cannot stall or pile up reads."""
 
     def __init__(self) -> None:
         self._one_at_a_time = asyncio.Lock()
         self._waiting = 0
 
-    async def source_of(self, peer: tuple, local: tuple) -> str | _Gone:
+    async def identify(self, peer: tuple, local: tuple) -> Peer | _Gone:
         if self._waiting >= PROC_QUEUE:
-            return UNKNOWN_LOCAL
+            return UNKNOWN
         self._waiting += 1
         try:
             async with self._one_at_a_time:
@@ -87,15 +126,15 @@ class ProcReader:
                 )
                 return _local_source(await asyncio.wait_for(read, PROC_TIMEOUT))
         except (TimeoutError, OSError):
-            return UNKNOWN_LOCAL
+            return UNKNOWN
         finally:
             self._waiting -= 1
 
 
-def _local_source(uid: int | _Gone | None) -> str | _Gone:
+def _local_source(uid: int | _Gone | None) -> Peer | _Gone:
     if uid is GONE:
         return GONE
-    return UNKNOWN_LOCAL if uid is None else f"local uid {uid}"
+    return UNKNOWN if uid is None else local_peer(uid)
 
 
 def local_peer_uid(
@@ -146,6 +185,66 @@ def _owner(reply: bytes) -> int | _Gone | None:
         return None
     *_, uid, inode = DIAG_REPLY.unpack_from(reply, NLMSG_HEADER.size)
     return uid if inode else GONE
+
+
+def host_addresses() -> frozenset[Address]:
+    """The addresses of this host's interfaces (rtnetlink), read at most once a second; an
+    empty set where the kernel cannot be asked (loopback and the connection's own local
+    address still count as the host's)."""
+    now = time.monotonic()
+    if now - _host_addresses[0] > HOST_ADDRESSES_TTL:
+        try:
+            _host_addresses[:] = [now, _read_host_addresses()]
+        except OSError:
+            _host_addresses[:] = [now, frozenset()]
+    return _host_addresses[1]
+
+
+_host_addresses: list = [float("-inf"), frozenset()]
+
+
+def _read_host_addresses() -> frozenset[Address]:
+    request = NLMSG_HEADER.pack(
+        NLMSG_HEADER.size + IFADDR.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+    ) + IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    found: set[Address] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE) as route:
+        route.settimeout(NETLINK_TIMEOUT * 10)
+        route.send(request)
+        while True:
+            reply = route.recv(65536)
+            at = 0
+            while at + NLMSG_HEADER.size <= len(reply):
+                length, kind, _, _, _ = NLMSG_HEADER.unpack_from(reply, at)
+                if kind in (NLMSG_DONE, NLMSG_ERROR) or length < NLMSG_HEADER.size:
+                    return frozenset(found)
+                if kind == RTM_NEWADDR:
+                    found.update(_addresses(reply[at + NLMSG_HEADER.size : at + length]))
+                at += _aligned(length)
+
+
+def _addresses(message: bytes) -> list[Address]:
+    """IFA_LOCAL and IFA_ADDRESS of one RTM_NEWADDR message (they differ on p2p links)."""
+    if len(message) < IFADDR.size:
+        return []
+    family = message[0]
+    at, found = IFADDR.size, []
+    while at + RTATTR.size <= len(message):
+        length, kind = RTATTR.unpack_from(message, at)
+        if length < RTATTR.size:
+            break
+        value = message[at + RTATTR.size : at + length]
+        if kind in (IFA_ADDRESS, IFA_LOCAL):
+            if family == socket.AF_INET and len(value) == 4:
+                found.append(ipaddress.IPv4Address(value))
+            elif family == socket.AF_INET6 and len(value) == 16:
+                found.append(ipaddress.IPv6Address(value))
+        at += _aligned(length)
+    return found
+
+
+def _aligned(length: int) -> int:
+    return (length + 3) & ~3
 
 
 def proc_net_uid(

@@ -27,7 +27,7 @@ import pytest
 from jupyter_sandbox.agent.protocol import Frame
 from jupyter_sandbox.ssh import GatewayLimits, generate_token, peers
 from jupyter_sandbox.ssh.limits import MaxStartups, StartupLimiter
-from jupyter_sandbox.ssh.peers import source_of
+from jupyter_sandbox.ssh.peers import identify
 from jupyter_sandbox.ssh.session import MAX_TERM_CELLS, SandboxSession
 from tests.test_ssh_gateway import (  # noqa: F401
     Gw,
@@ -178,7 +178,7 @@ def test_a_flood_from_one_local_user_does_not_shut_out_another(
     gateway = Gw(loop, workdir, limits=limits)
     flood: list[socket.socket] = []
     try:
-        token = gateway.issue(sandbox)
+        token = gateway.issue(sandbox, uid=_uid(NOBODY))
         flood = idle_connections(gateway.port, 200)
         wait_for(lambda: gateway.gateway.unauthenticated() + sum(map(closed, flood)) >= 200)
         assert gateway.gateway.unauthenticated() == hard.full
@@ -265,7 +265,7 @@ def test_brute_force_never_blocks_a_valid_token(
     with Gw(loop, workdir, limits=limits) as gateway:
         token = gateway.issue(sandbox)
         assert set(bad_logins(gateway, 50)) == {255}
-        assert gateway.gateway.failures.blocked("local uid 0")
+        assert gateway.gateway.ledger.failures.blocked("local uid 0")
         result = run(gateway.ssh(token, "echo in"))
         assert (result.returncode, result.stdout) == (0, b"in\n"), result.stderr
         started = time.monotonic()
@@ -287,13 +287,14 @@ def test_cycling_loopback_addresses_is_still_one_local_user(
         token = gateway.issue(sandbox)
         sources = [f"127.0.0.{n}" for n in range(2, 51)]
         assert set(bad_logins(gateway, len(sources), sources=sources)) == {255}
-        failures = gateway.gateway.failures
+        failures = gateway.gateway.ledger.failures
         assert set(failures.failures) | set(failures.blocked_until) == {"local uid 0"}
         assert failures.blocked("local uid 0")
         assert bad_logins(gateway, 1, user=NOBODY) == [255]
         nobody = f"local uid {_uid(NOBODY)}"
         assert len(failures.failures[nobody]) == 1 and not failures.blocked(nobody)
-        from_nobody = run(as_user(NOBODY, gateway.ssh(token, "true")))
+        nobodys = gateway.issue(sandbox, uid=_uid(NOBODY))
+        from_nobody = run(as_user(NOBODY, gateway.ssh(nobodys, "true")))
         assert from_nobody.returncode == 0, from_nobody.stderr
         from_root = run(["ssh", "-b", "127.0.0.99", *gateway.ssh(token, "true")[1:]])
         assert from_root.returncode == 0, from_root.stderr
@@ -415,10 +416,11 @@ def test_sources_are_users_for_local_peers_and_networks_for_remote_ones() -> Non
                 client.connect(server.getsockname())
                 accepted, peer = server.accept()
                 with accepted:
-                    sources.add(source_of(peer, accepted.getsockname()))
+                    sources.add(identify(peer, accepted.getsockname()).source)
     assert sources == {f"local uid {os.getuid()}"}
-    assert source_of(("2001:db8:1:2:aa::1", 5), ("2001:db8::9", 22)) == "2001:db8:1:2::/64"
-    assert source_of(("::ffff:192.0.2.1", 5, 0, 0), ("::", 22, 0, 0)) == "192.0.2.1"
+    remote_v6 = identify(("2001:db8:1:2:aa::1", 5), ("2001:db8::9", 22))
+    assert remote_v6 == peers.Peer("2001:db8:1:2::/64")
+    assert identify(("::ffff:192.0.2.1", 5, 0, 0), ("::", 22, 0, 0)) == peers.Peer("192.0.2.1")
 
 
 # -- peer lookup ---------------------------------------------------------------------------
@@ -509,14 +511,14 @@ def test_a_closed_client_is_charged_to_nobody() -> None:
         accepted, peer = server.accept()
         with accepted:
             local = accepted.getsockname()
-            me = f"local uid {os.getuid()}"
-            assert source_of(peer, local) == me
-            assert asyncio.run(peers.ProcReader().source_of(peer, local)) == me
+            me = peers.local_peer(os.getuid())
+            assert identify(peer, local) == me
+            assert asyncio.run(peers.ProcReader().identify(peer, local)) == me
             client.close()
-            wait_for(lambda: source_of(peer, local) is peers.GONE, timeout=5)
-            assert asyncio.run(peers.ProcReader().source_of(peer, local)) is peers.GONE
-        wait_for(lambda: source_of(peer, local) is peers.GONE, timeout=5)
-        assert asyncio.run(peers.ProcReader().source_of(peer, local)) is peers.GONE
+            wait_for(lambda: identify(peer, local) is peers.GONE, timeout=5)
+            assert asyncio.run(peers.ProcReader().identify(peer, local)) is peers.GONE
+        wait_for(lambda: identify(peer, local) is peers.GONE, timeout=5)
+        assert asyncio.run(peers.ProcReader().identify(peer, local)) is peers.GONE
 
 
 # -- window changes ----------------------------------------------------------------------------
@@ -720,7 +722,7 @@ def test_without_sock_diag_local_peers_are_found_off_the_loop(
     try:
         token = gateway.issue(sandbox)
         idle = idle_connections(gateway.port, 3)
-        by_source = gateway.gateway.startups.by_source
+        by_source = gateway.gateway.ledger.startups.by_source
         wait_for(lambda: len(by_source.get(f"local uid {os.getuid()}", ())) == 3)
         assert peers.UNKNOWN_LOCAL not in by_source
         assert run(gateway.ssh(token, "echo in")).stdout == b"in\n"
