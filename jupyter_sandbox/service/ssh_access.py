@@ -186,7 +186,6 @@ class SshAccessManager:
             return None
         if token.single_use and token.used:
             return None
-        uid = token_uid(token)
         if live.record.status == FAILED:
             return Target(
                 live.record.id,
@@ -194,7 +193,7 @@ class SshAccessManager:
                 {},
                 token_hash,
                 refusal=failed_message(live.record),
-                uid=uid,
+                uid=token.uid,
             )
         return Target(
             sandbox_id=live.record.id,
@@ -205,7 +204,7 @@ class SshAccessManager:
             single_use=token.single_use,
             claim=self._claimer(token_hash) if token.single_use else None,
             sftp=self.sftp,
-            uid=uid,
+            uid=token.uid,  # a record from before uids were kept: the service's own
         )
 
     def _claimer(self, token_hash: str) -> Callable[[], Awaitable[bool]]:
@@ -242,10 +241,3 @@ class SshAccessManager:
                     if self.gateway is not None:
                         self.gateway.close_sessions(sandbox_id, token_hash)
                     self._note(sandbox_id, "SSH access expired")
-
-
-def token_uid(token: SshToken) -> int:
-    """The OS user a token was issued to; a record from before tokens kept it: this
-    service's own user."""
-    uid = getattr(token, "uid", None)
-    return os.getuid() if uid is None else uid
