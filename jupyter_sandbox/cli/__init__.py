@@ -476,6 +476,7 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     public_key = Path(args.public_key).read_text().strip() if args.public_key else None
     access = sandbox.expose_ssh(ttl=args.ttl, single_use=args.single_use, public_key=public_key)
     known_hosts = Paths.default().data_dir / "ssh" / "known_hosts"
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)  # a system service's user has none
     lines = set(known_hosts.read_text().splitlines()) if known_hosts.exists() else set()
     if access.known_hosts_line not in lines:
         with open(known_hosts, "a") as f:
@@ -510,12 +511,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ..client._async import shared_transport
     from ..client._sync import portal
 
-    async def status() -> dict:
-        return await shared_transport().request("GET", "/v1/status")
+    async def status() -> tuple[dict, str]:
+        transport = shared_transport()
+        answer = await transport.request("GET", "/v1/status")
+        return answer, transport.log_hint()
 
-    answer = portal().call(status())
+    answer, log_file = portal().call(status())
     data = {name: answer.get(name) for name in STATUS_FIELDS}
-    data["log_file"] = str(Paths.default().log_file)
+    data["log_file"] = log_file
     if args.json:
         print_json(data)
         return 0

@@ -33,17 +33,17 @@ from ._transport import COMMAND, CREATE, LOGS, SPAWN, Transport, read_frames
 
 LINE_PIECE = 64 << 10  # bytes: a longer line reaches callbacks and stream() in pieces
 
-_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Paths, Transport]] = (
-    weakref.WeakKeyDictionary()
-)
+_shared: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[Paths, Paths], Transport]
+] = weakref.WeakKeyDictionary()
 
 
 def shared_transport() -> Transport:
     """One connection to the service per event loop (HTTP clients are bound to a loop)."""
-    paths = Paths.default()
+    paths = (Paths.default(), Paths.system())
     per_loop = _shared.setdefault(asyncio.get_running_loop(), {})
     if paths not in per_loop:
-        per_loop[paths] = Transport(paths)
+        per_loop[paths] = Transport(*paths)
     return per_loop[paths]
 
 

@@ -1,4 +1,11 @@
-"""Finding the user's sandbox service, waiting for it while it restarts, or starting it."""
+"""Finding the sandbox service: the machine's system service, else the user's own,
+waiting for it while it restarts, or starting the user's own.
+
+JUPYTER_SANDBOX_MODE chooses: "auto" (the default) uses the system service where its
+runtime file exists and its socket answers, else the user's own service (started on
+demand); "user" only the user's own; "system" only the system service, never started
+from a client.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +25,54 @@ from .._errors import ServiceUnavailable
 from ..service.supervisor import ALREADY_RUNNING, service_environment, supervisor_pid
 
 START_TIMEOUT = 30.0
+# How long a client waits for a system service whose runtime file is there but whose
+# socket does not answer (its supervisor restarts it within a second or two).
+SYSTEM_WAIT = 5.0
 _POLL = 0.1
+MODE_ENV = "JUPYTER_SANDBOX_MODE"
+MODES = ("auto", "user", "system")
+START_SYSTEM_SERVICE = (
+    "start it with `systemctl start jupyter-sandbox` (or, as root, `jupyter-sandbox serve "
+    "--system`), or set JUPYTER_SANDBOX_MODE=user for a service of your own"
+)
 
 T = TypeVar("T")
+
+
+def service_mode() -> str:
+    """Which service a client uses: JUPYTER_SANDBOX_MODE, "auto" if unset."""
+    mode = os.environ.get(MODE_ENV, "").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ServiceUnavailable(
+            f"{MODE_ENV}={mode!r} is not a mode: use auto (the default), user or system"
+        )
+    return mode
+
+
+async def find_system(
+    paths: Paths, mode: str, connect: Callable[[], Awaitable[T | None]]
+) -> T | None:
+    """`connect()`'s answer from the system service at `paths`, or None where it is not
+    used: in "auto" mode, when there is none or it does not answer within SYSTEM_WAIT.
+
+    In "system" mode, ServiceUnavailable instead of None, saying how to start it.
+    """
+    if mode == "auto" and not paths.runtime_file.exists():
+        return None
+    deadline = time.monotonic() + SYSTEM_WAIT
+    while True:
+        found = await connect()
+        if found is not None:
+            return found
+        if not paths.runtime_file.exists() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(_POLL)
+    if mode == "auto":
+        return None
+    raise ServiceUnavailable(
+        f"the system sandbox service is not running (JUPYTER_SANDBOX_MODE=system, and "
+        f"nothing answers on {paths.socket}): {START_SYSTEM_SERVICE}"
+    )
 
 
 def is_supervised(paths: Paths) -> bool:

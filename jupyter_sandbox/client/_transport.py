@@ -22,7 +22,7 @@ from .._config import Paths
 from .._errors import ServiceUnavailable, error_from
 from ..agent import protocol
 from ..untrusted.messages import MAX_RESULT
-from ._service import find_or_start, is_supervised
+from ._service import find_or_start, find_system, is_supervised, service_mode
 
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 _POOL = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own
@@ -72,10 +72,16 @@ def plain_call(method: str, url: str) -> Call:
 
 
 class Transport:
-    """An HTTP client bound to the service; finds it again after it restarts."""
+    """An HTTP client bound to the service; finds it again after it restarts.
 
-    def __init__(self, paths: Paths | None = None) -> None:
-        self.paths = paths or Paths.default()
+    It uses the system service at `system` or the user's own at `paths`, as
+    JUPYTER_SANDBOX_MODE says (see ``_service``); `paths` is the one connected to.
+    """
+
+    def __init__(self, paths: Paths | None = None, system: Paths | None = None) -> None:
+        self.user_paths = paths or Paths.default()
+        self.system_paths = system or Paths.system()
+        self.paths = self.user_paths
         self.remote = os.environ.get("JUPYTER_SANDBOX_URL")
         self._client: httpx.AsyncClient | None = None
         # Connections of their own for lease renewals: behind a pool busy with a thousand
@@ -120,6 +126,13 @@ class Transport:
     async def _connect(self) -> httpx.AsyncClient:
         if self.remote:
             return self._new_client()
+        mode = service_mode()
+        if mode != "user":
+            self.paths = self.system_paths
+            client = await find_system(self.paths, mode, self._try_socket)
+            if client is not None:
+                return client
+        self.paths = self.user_paths
         return await find_or_start(self.paths, self._try_socket)
 
     async def _try_socket(self) -> httpx.AsyncClient | None:
@@ -201,7 +214,7 @@ class Transport:
             raise ServiceUnavailable(
                 f"the sandbox service stopped answering during {call.during} "
                 f"({type(error).__name__}); {call.outcome}; if this keeps happening, see "
-                f"{self.paths.log_file}"
+                f"{self.log_hint()}"
             ) from None
         await self.reset()
         # A refused connection sent nothing, so any request may go again; an answer lost
@@ -216,11 +229,22 @@ class Transport:
             return (
                 f"lost the connection to the sandbox service at {self.remote} during {call.during}"
             )
-        if is_supervised(self.paths):
+        if self.paths.mode == "system":
+            then = (
+                "its supervisor or systemd starts it again, and it keeps the sandboxes and "
+                "their files"
+            )
+        elif is_supervised(self.paths):
             then = "it is restarting, and keeps the sandboxes and their files"
         else:
             then = "the next call starts it again, and it keeps the sandboxes and their files"
         return f"the sandbox service stopped during {call.during}; {then}"
+
+    def log_hint(self) -> str:
+        """Where the service connected to logs."""
+        if self.paths.mode == "system":
+            return "the system service's log (journalctl -u jupyter-sandbox)"
+        return str(self.paths.log_file)
 
 
 def _is_service(pid: int) -> bool:

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .._config import Paths
 from .._errors import InvalidRequest, SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo, SshAccess
 from ..client import AsyncSandbox
@@ -212,9 +211,10 @@ class SandboxHub:
     async def gateway(self) -> tuple[str, int]:
         """Where the service's SSH gateway listens, as seen from this server."""
         if self._gateway is None:
-            status = await shared_transport().request("GET", "/v1/status")  # starts it too
+            transport = shared_transport()
+            status = await transport.request("GET", "/v1/status")  # starts it too
             ssh = status.get("ssh") or {}
-            port = ssh.get("port") or (runtime_info(Paths.default()) or {}).get("ssh_port")
+            port = ssh.get("port") or (runtime_info(transport.paths) or {}).get("ssh_port")
             if not port:
                 raise SandboxError("the sandbox service does not report an SSH gateway")
             host = ssh.get("host") or os.environ.get("JUPYTER_SANDBOX_SSH_HOST", "")

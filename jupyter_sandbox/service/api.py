@@ -69,7 +69,7 @@ FILE_OP_WORDS = {
     "tar_in": "uploaded into",
 }
 AUDIT_SOURCE = "audit"  # the log source of instructors' actions
-AUDITED_COMMAND = 200  # characters of a command an audit line quotes
+AUDITED_TEXT = 200  # characters of a command or path an audit line quotes
 CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "fds", "disk", "network")
 CREATE_OPTIONS += ("env", "labels", "owner")
 COMMAND_OPTIONS = ("cmd", "argv", "cwd", "env", "timeout")
@@ -634,9 +634,7 @@ class Api:
         body = _file_op_args(op, await _json(request, FILE_OPS[op]))
         answer_timeout = REMOVE_TIMEOUT if op == "remove" else ANSWER_TIMEOUT
         live = await self._files(request)
-        paths = " to ".join(
-            shown(body[name], 200) for name in ("path", "src", "dst") if name in body
-        )
+        paths = " to ".join(_quoted(body[name]) for name in ("path", "src", "dst") if name in body)
         await self._audit(request, live, f"{FILE_OP_WORDS[op]} {paths}")
         return web.json_response(await live.agent.call(op, answer_timeout=answer_timeout, **body))
 
@@ -654,7 +652,7 @@ class Api:
         """
         live = await self._files(request)
         path = _query_path(request)
-        await self._audit(request, live, f"{FILE_OP_WORDS[op]} {shown(path, 200)}")
+        await self._audit(request, live, f"{FILE_OP_WORDS[op]} {_quoted(path)}")
         async with await live.agent.open(op, path=path) as agent:
             info = await agent.result()
             if op == "read" and info["type"] != "file":
@@ -679,7 +677,7 @@ class Api:
     async def _upload(self, request: web.Request, op: str, **args: Any) -> web.Response:
         live = await self._files(request)
         path = _query_path(request)
-        await self._audit(request, live, f"{FILE_OP_WORDS[op]} {shown(path, 200)}")
+        await self._audit(request, live, f"{FILE_OP_WORDS[op]} {_quoted(path)}")
         async with await live.agent.open(op, path=path, **args) as agent:
             try:
                 while chunk := await request.content.read(CHUNK):
@@ -691,9 +689,13 @@ class Api:
 
 
 def _quoted_command(command: dict[str, Any]) -> str:
-    """A command as an audit line quotes it: "ls -la" (long ones cut, with "...")."""
-    text = command["cmd"] or shlex.join(command["argv"])
-    return json.dumps(text if len(text) <= AUDITED_COMMAND else text[:AUDITED_COMMAND] + "...")
+    """A command as an audit line quotes it: "ls -la"."""
+    return _quoted(command["cmd"] or shlex.join(command["argv"]))
+
+
+def _quoted(text: str) -> str:
+    """A command or path as an audit line quotes it, in double quotes (long ones cut)."""
+    return json.dumps(text if len(text) <= AUDITED_TEXT else text[:AUDITED_TEXT] + "...")
 
 
 def _given(timeout: Any) -> str:

@@ -1,0 +1,1 @@
+from tests.system_fixtures import classroom, shared_venv  # noqa: F401  (fixtures)
