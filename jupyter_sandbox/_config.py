@@ -107,6 +107,17 @@ def host_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def host_pids() -> int:
+    """The most processes and threads this host's kernel can hold at once."""
+    counts = []
+    for name in ("pid_max", "threads-max"):
+        try:
+            counts.append(int(Path(f"/proc/sys/kernel/{name}").read_text()))
+        except (OSError, ValueError):
+            pass
+    return min(counts, default=1 << 22)
+
+
 def _env_switch(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     if not value:

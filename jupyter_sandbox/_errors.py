@@ -80,6 +80,13 @@ class PermissionDenied(SandboxError, PermissionError):
     status = 403
 
 
+class QuotaExceeded(SandboxError):
+    """The caller's quota (sandboxes at once, memory, CPUs, lifetime) does not allow this;
+    the message names the quota, its limit, the current use, where it is set and what to do."""
+
+    status = 403
+
+
 class FileError(SandboxError, OSError):
     """Any other file operation inside the sandbox failed."""
 
@@ -126,6 +133,7 @@ ERRORS: dict[str, type[SandboxError]] = {
         FileNotFound,
         FileExists,
         PermissionDenied,
+        QuotaExceeded,
         FileError,
         DiskFull,
         ProcessNotFound,

@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import resource
 import secrets
 import time
 from collections.abc import Callable
@@ -27,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._config import Settings, host_cpus, host_memory
-from .._durations import parse_duration, parse_size, parse_timeout, shown
+from .._config import Settings
+from .._durations import parse_duration, parse_timeout, shown
 from .._errors import (
     DiskFull,
     InvalidRequest,
@@ -44,6 +42,7 @@ from ..backends import space
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
 from .identity import Caller, service_caller
+from .limits import max_fds, requested
 from .state import ENDED, FAILED, POOLED, RUNNING, SandboxRecord, State
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -313,12 +312,8 @@ class Manager:
         caller = caller or self.own_user
         seconds = parse_timeout(timeout)
         defaults = self.default_limits()
-        limits = Limits(
-            memory=_parse_memory(memory) or defaults.memory,
-            cpus=_parse_cpus(cpus) or defaults.cpus,
-            pids=_parse_pids(pids) or defaults.pids,
-            fds=_parse_fds(fds) or defaults.fds,
-            disk=self._parse_disk(disk) or defaults.disk,
+        limits = requested(
+            defaults, self.backend.storage, memory=memory, cpus=cpus, pids=pids, fds=fds, disk=disk
         )
         if network not in ("none", "host"):
             raise InvalidRequest(f'invalid network {shown(network)}: expected "none" or "host"')
@@ -411,19 +406,6 @@ class Manager:
             fds=min(self.settings.default_fds, max_fds()),
             disk=self.settings.default_disk,
         )
-
-    def _parse_disk(self, value: Any) -> int | None:
-        """Bytes for a home: at least 16M, at most the size of the disk that holds it."""
-        disk = parse_size(value)
-        if disk is None:
-            return None
-        stats = os.statvfs(self.backend.storage)
-        if not MIN_DISK <= disk <= stats.f_blocks * stats.f_frsize:
-            raise InvalidRequest(
-                f"invalid disk {shown(value)}: expected at least 16M and at most the "
-                f"{stats.f_blocks * stats.f_frsize / (1 << 30):.0f}G of the disk sandboxes are on"
-            )
-        return disk
 
     # -- the warm pool -----------------------------------------------------------------
 
@@ -699,65 +681,6 @@ def failed_message(record: SandboxRecord) -> str:
 def _memory(record: SandboxRecord) -> int | None:
     memory = record.limits.get("memory")
     return memory if isinstance(memory, int) else None
-
-
-MIN_MEMORY = 64 << 20  # the agent, a shell and the tmpfs shares need about this much
-MIN_DISK = 16 << 20
-MIN_PIDS, MAX_PIDS = 8, 1 << 22
-MIN_FDS = 64
-
-
-def _parse_memory(value: Any) -> int | None:
-    memory = parse_size(value)
-    if memory is None:
-        return None
-    if memory < MIN_MEMORY:
-        raise InvalidRequest(f"invalid memory {shown(value)}: a sandbox needs at least 64M")
-    if memory > host_memory():
-        raise InvalidRequest(
-            f"invalid memory {shown(value)}: more than this host's "
-            f"{host_memory() / (1 << 30):.1f}G of RAM"
-        )
-    return memory
-
-
-def _parse_cpus(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        cpus = float(value)
-    except (TypeError, ValueError, OverflowError):
-        cpus = 0.0
-    if isinstance(value, bool) or not 0.01 <= cpus <= host_cpus():
-        raise InvalidRequest(
-            f"invalid cpus {shown(value)}: expected a number from 0.01 to this host's "
-            f"{host_cpus()} CPUs, such as 0.5 or 2"
-        )
-    return cpus
-
-
-def _parse_whole(name: str, value: Any, low: int, high: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidRequest(
-            f"invalid {name} {shown(value)}: expected a whole number from {low} to {high}"
-        )
-    return value
-
-
-def _parse_pids(value: Any) -> int | None:
-    return _parse_whole("pids", value, MIN_PIDS, MAX_PIDS)
-
-
-def _parse_fds(value: Any) -> int | None:
-    """Open files per process: bwrap's child cannot raise them past the service's own."""
-    return _parse_whole("fds", value, MIN_FDS, max_fds())
-
-
-def max_fds() -> int:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
 
 
 def _check_labels(labels: object) -> dict[str, str]:

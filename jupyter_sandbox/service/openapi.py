@@ -10,7 +10,6 @@ from the running service.
 
 from __future__ import annotations
 
-import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -21,17 +20,8 @@ from .._durations import MAX_SECONDS
 from .._errors import ERRORS
 from ..agent.protocol import COMMAND_WITH_INPUT
 from ..untrusted.messages import FILE_TYPES, LOG_STREAMS, MAX_PID
-from .manager import (
-    ENV_KEY_RE,
-    MAX_PIDS,
-    MIN_DISK,
-    MIN_FDS,
-    MIN_MEMORY,
-    MIN_PIDS,
-    NAME_RE,
-    Manager,
-    max_fds,
-)
+from .limits import MAX_PIDS, MIN_DISK, MIN_FDS, MIN_MEMORY, MIN_PIDS, disk_size, max_fds, max_pids
+from .manager import ENV_KEY_RE, NAME_RE, Manager
 
 Schema = dict[str, Any]
 FRAMES = "application/x-sandbox-frames"
@@ -50,11 +40,12 @@ class Bounds:
     cpus: float
     fds: int
     disk: int
+    pids: int = MAX_PIDS
 
     @classmethod
     def of(cls, manager: Manager) -> Bounds:
-        stats = os.statvfs(manager.backend.storage)
-        return cls(host_memory(), float(host_cpus()), max_fds(), stats.f_blocks * stats.f_frsize)
+        storage = manager.backend.storage
+        return cls(host_memory(), float(host_cpus()), max_fds(), disk_size(storage), max_pids())
 
 
 # -- schema helpers -------------------------------------------------------------------------
@@ -227,7 +218,7 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
                 "timeout": {"anyOf": [{"const": "session"}, DURATION_SCHEMA, {"type": "null"}]},
                 "memory": _size(MIN_MEMORY, bounds.memory, "memory limit"),
                 "cpus": {"type": "number", "minimum": 0.01, "maximum": bounds.cpus},
-                "pids": _whole(MIN_PIDS, MAX_PIDS, "process limit"),
+                "pids": _whole(MIN_PIDS, bounds.pids, "process limit"),
                 "fds": _whole(MIN_FDS, bounds.fds, "open files per process"),
                 "disk": _size(MIN_DISK, bounds.disk, "size of the home"),
                 "network": {"enum": ["none", "host"], "description": "none: loopback only"},
