@@ -20,7 +20,15 @@ from ._errors import (
     SandboxNotFound,
     ServiceUnavailable,
 )
-from ._models import CommandResult, FileInfo, LogEntry, OutputLine, SandboxInfo, SshAccess
+from ._models import (
+    CommandResult,
+    FileInfo,
+    LogEntry,
+    OutputLine,
+    SandboxInfo,
+    SshAccess,
+    Usage,
+)
 from .client import AsyncFileSystem, AsyncProcess, AsyncSandbox, FileSystem, Process, Sandbox
 
 __all__ = [
@@ -52,6 +60,7 @@ __all__ = [
     "SandboxNotFound",
     "ServiceUnavailable",
     "SshAccess",
+    "Usage",
     "__version__",
     "load_ipython_extension",
     "unload_ipython_extension",

@@ -95,6 +95,14 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def format_span(seconds: float) -> str:
+    """A duration as it can be typed back, rounded down: "8h", "1h30m", "5m", "45s"."""
+    hours, rest = divmod(max(0, int(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = (f"{value}{unit}" for value, unit in ((hours, "h"), (minutes, "m"), (secs, "s")))
+    return "".join(part for part in parts if not part.startswith("0")) or "0s"
+
+
 def format_relative(seconds: float) -> str:
     """A time difference from now in words: "in 4 min", "3 s ago", "in 1 h 5 min"."""
     return f"in {_span(seconds)}" if seconds >= 0 else f"{_span(-seconds)} ago"
@@ -120,5 +128,16 @@ def format_size(size: float) -> str:
     for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
         value = size / 1024**power
         if value >= 1:
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
+def format_size_down(size: float) -> str:
+    """`size` as format_size gives it but rounded down to a tenth, so that it fits: asking
+    for "at most 23.4 GiB" of a 23.45 GiB host is then accepted."""
+    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
+        value = size / 1024**power
+        if value >= 1:
+            value = math.floor(value * 10) / 10
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{size:.0f} B"

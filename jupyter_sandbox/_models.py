@@ -125,3 +125,30 @@ class SshAccess:
     def masked_command(self) -> str:
         """The command with the token hidden, safe to save or log."""
         return self.command.replace(self.username, self.username[:4] + "…")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The caller's quota and what their running and failed sandboxes hold against it.
+
+    ``quota`` and ``usage`` have the keys sandboxes, memory (bytes), cpus and (quota only)
+    lifetime (seconds); a quota of None is unlimited. ``source`` says which table of the
+    service's config file sets each quota key ('group "students"').
+    """
+
+    user: str
+    uid: int
+    instructor: bool
+    mode: str  # "system" (one service for the machine) or "user" (this user's own)
+    quota: dict[str, Any]
+    usage: dict[str, Any]
+    source: dict[str, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Usage:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def left(self, key: str) -> float | None:
+        """How much of quota `key` is left (sandboxes, memory, cpus); None if unlimited."""
+        limit = self.quota.get(key)
+        return None if limit is None else max(0, limit - self.usage.get(key, 0))

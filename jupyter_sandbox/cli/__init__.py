@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from .._config import Paths
-from .._durations import format_relative, format_size
+from .._durations import format_relative, format_size, format_size_down, format_span
 from .._errors import CommandError, SandboxError
 from .._models import SandboxInfo
 from .._ssh_config import HOST_ALIAS, temporary_ssh_config
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a JSON object with the fields " + ", ".join((*STATUS_FIELDS, "log_file")),
     )
 
+    p = command("usage", cmd_usage, "show your quota and what your sandboxes use of it")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON object with the fields " + ", ".join(USAGE_FIELDS),
+    )
+
     p = command(
         "tunnel",
         tunnel.run,
@@ -236,6 +243,7 @@ SANDBOX_FIELDS = (
     "end_reason",
 )
 INFO_FIELDS = ("limits_note", "syscall_filter", "usage")
+USAGE_FIELDS = ("user", "uid", "instructor", "mode", "quota", "source", "usage")
 STATUS_FIELDS = ("pid", "version", "started_at", "sandboxes", "pool", "ssh", "isolation", "cgroups")
 
 
@@ -534,6 +542,37 @@ def cmd_status(args: argparse.Namespace) -> int:
             ("log", data["log_file"]),
         ]
     )
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    usage = Sandbox.usage()
+    if args.json:
+        print_json({name: getattr(usage, name) for name in USAGE_FIELDS})
+        return 0
+    service = "the system service" if usage.mode == "system" else "your own service"
+    role = ", instructor" if usage.instructor else ""
+    print(f"user {usage.user} (uid {usage.uid}{role}), on {service}")
+    shown = {
+        "sandboxes": lambda n: f"{n:g}",
+        "memory": format_size_down,
+        "cpus": lambda n: f"{n:g}",
+        "lifetime": lambda n: format_span(n) + " from now",
+    }
+    rows = [("", "IN USE", "QUOTA", "LEFT", "SET BY")]
+    for key, show in shown.items():
+        limit, used = usage.quota.get(key), usage.usage.get(key)
+        left = usage.left(key) if key != "lifetime" else None
+        rows.append(
+            (
+                key,
+                "-" if used is None else show(used),
+                "unlimited" if limit is None else show(limit),
+                "-" if left is None else show(left),
+                usage.source.get(key) or "-",
+            )
+        )
+    print_table(rows)
     return 0
 
 

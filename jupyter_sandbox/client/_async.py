@@ -25,7 +25,7 @@ from .._errors import (
     ServiceUnavailable,
     error_from,
 )
-from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo, SshAccess
+from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo, SshAccess, Usage
 from ..agent.protocol import COMMAND_WITH_INPUT, MAX_INPUT, Frame
 from ..untrusted.streams import GRACE
 from ._files import AsyncFileSystem
@@ -177,6 +177,11 @@ class AsyncSandbox:
             "GET", "/v1/sandboxes", params={"all": "1"} if include_ended else {}
         )
         return [SandboxInfo.from_json(s) for s in data["sandboxes"]]
+
+    @classmethod
+    async def usage(cls) -> Usage:
+        """Your quota and what your sandboxes hold against it (a quota of None: unlimited)."""
+        return Usage.from_json(await shared_transport().request("GET", "/v1/usage"))
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

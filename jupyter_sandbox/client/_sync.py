@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from .._models import CommandResult, FileInfo, LogEntry, OutputLine, SandboxInfo, SshAccess
+from .._models import CommandResult, FileInfo, LogEntry, OutputLine, SandboxInfo, SshAccess, Usage
 from ._async import AsyncProcess, AsyncSandbox
 from ._files import Progress
 
@@ -253,6 +253,11 @@ class Sandbox:
     @classmethod
     def list(cls, include_ended: bool = False) -> list[SandboxInfo]:
         return portal().call(AsyncSandbox.list(include_ended))
+
+    @classmethod
+    def usage(cls) -> Usage:
+        """Your quota and what your sandboxes hold against it (a quota of None: unlimited)."""
+        return portal().call(AsyncSandbox.usage())
 
     def __enter__(self) -> Sandbox:
         return self

@@ -124,11 +124,13 @@ def make_app(
     )
     app["manager"] = manager
     app["activity"] = Activity()
+    app["mode"] = "user" if directory is None else "system"
     api = Api(manager, ssh)
     app.add_routes(
         [
             web.get("/v1/openapi.json", api.openapi),
             web.get("/v1/status", api.status),
+            web.get("/v1/usage", api.usage),
             web.get("/v1/events", api.events),
             web.get("/v1/sandboxes", api.list),
             web.post("/v1/sandboxes", api.create),
@@ -392,6 +394,23 @@ class Api:
             }
         )
 
+    async def usage(self, request: web.Request) -> web.Response:
+        """The caller's quota (null: unlimited), where each key of it is set, and what the
+        caller's running and failed sandboxes hold against it."""
+        caller: Caller = request["caller"]
+        quota = self.manager.quotas.of(caller.user, caller.groups)
+        return web.json_response(
+            {
+                "user": caller.user,
+                "uid": caller.uid,
+                "instructor": caller.instructor,
+                "mode": request.app["mode"],
+                "quota": quota.as_json(),
+                "source": quota.sources(),
+                "usage": self.manager.use_of(caller.uid).as_json(),
+            }
+        )
+
     async def list(self, request: web.Request) -> web.Response:
         """The caller's sandboxes (an instructor's: everyone's); `user=NAME` only that
         user's, `mine=1` only the caller's own."""
@@ -462,7 +481,7 @@ class Api:
     async def extend(self, request: web.Request) -> web.Response:
         body = await _json(request, ("timeout",))
         live = self._sandbox(request)
-        record = self.manager.extend(live.record.id, body.get("timeout"))
+        record = self.manager.extend(live.record.id, body.get("timeout"), request["caller"])
         if record.expires_at is not None:
             deadline = time.strftime("%H:%M UTC", time.gmtime(record.expires_at))
             await self._audit(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._config import host_cpus, host_memory, host_pids
-from .._durations import parse_size, shown
+from .._durations import format_size_down, parse_size, shown
 from .._errors import InvalidRequest
 from ..backends.cgroups import Limits
 
@@ -23,16 +23,6 @@ MIN_MEMORY = 64 << 20  # the agent, a shell and the tmpfs shares need about this
 MIN_DISK = 16 << 20
 MIN_PIDS, MAX_PIDS = 8, 1 << 22  # MAX_PIDS: the kernel's own ceiling for pid_max
 MIN_FDS = 64
-
-
-def size_down(size: float) -> str:
-    """`size` in binary units, rounded down to a tenth, so that asking for it fits."""
-    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
-        value = size / 1024**power
-        if value >= 1:
-            value = math.floor(value * 10) / 10
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{size:.0f} B"
 
 
 def _too_much(name: str, asked: str, host: str, most: str) -> InvalidRequest:
@@ -49,7 +39,10 @@ def memory(value: Any) -> int | None:
     ram = host_memory()
     if size > ram:
         raise _too_much(
-            "memory", size_down(size), f"this host's {size_down(ram)} of RAM", size_down(ram)
+            "memory",
+            format_size_down(size),
+            f"this host's {format_size_down(ram)} of RAM",
+            format_size_down(ram),
         )
     return size
 
@@ -122,8 +115,8 @@ def disk(value: Any, storage: Path) -> int | None:
         raise InvalidRequest(f"invalid disk {shown(value)}: a home needs at least 16M")
     most = disk_size(storage)
     if size > most:
-        host = f"the {size_down(most)} the filesystem of {storage} can ever hold"
-        raise _too_much("disk", size_down(size), host, size_down(most))
+        host = f"the {format_size_down(most)} the filesystem of {storage} can ever hold"
+        raise _too_much("disk", format_size_down(size), host, format_size_down(most))
     return size
 
 

@@ -41,8 +41,9 @@ from ..agent.remote import AgentClient
 from ..backends import space
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
-from .identity import Caller, service_caller
+from .identity import Caller, group_names, service_caller
 from .limits import max_fds, requested
+from .quotas import Quotas, Use, check_create, check_lifetime
 from .state import ENDED, FAILED, POOLED, RUNNING, SandboxRecord, State
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -85,6 +86,9 @@ class Manager:
         self._ending: dict[str, asyncio.Future] = {}
         self._reaper: asyncio.Task | None = None
         self.own_user = service_caller()
+        self.quotas = Quotas()  # none, until the config file sets some
+        # Sandboxes admitted by `create` and still starting: their user's uid and limits.
+        self._claims: dict[str, tuple[int, dict[str, Any]]] = {}
 
     # -- startup and shutdown ----------------------------------------------------------
 
@@ -272,6 +276,13 @@ class Manager:
         visible = [r for r in records if self.visible(r, caller)]
         return sorted(visible, key=lambda r: r.created_at)
 
+    def use_of(self, uid: int) -> Use:
+        """What the user `uid` holds against its quota: its running and failed sandboxes,
+        and those being started for it."""
+        held = [s.record.limits for s in self.live.values() if s.record.uid == uid]
+        held += [limits for owner, limits in self._claims.values() if owner == uid]
+        return Use.of(held)
+
     def usage(self, live: Live) -> dict[str, Any]:
         """Live CPU and memory use; CPU percent over the time since the last sample."""
         if live.record.status == FAILED:
@@ -339,6 +350,8 @@ class Manager:
                     if failed
                     else f"a sandbox named {name!r} is already running"
                 )
+            quota = self.quotas.of(caller.user, caller.groups)
+            check_create(quota, self.use_of(caller.uid), limits.memory, limits.cpus, seconds)
             if name is not None:
                 self._reserved_names.add((caller.uid, name))
             # A pooled sandbox's tmpfs sizes, fd limit and home were fixed when it started.
@@ -350,6 +363,7 @@ class Manager:
             pooled = self._take_pooled() if network == "none" and fixed else None
             sandbox_id = pooled[0] if pooled else "sb-" + secrets.token_hex(5)
             host_uid = None if pooled else self._reserve_uid()
+            self._claims[sandbox_id] = (caller.uid, limits.as_dict())
         try:
             if pooled is not None:
                 runtime = pooled[1]
@@ -364,6 +378,9 @@ class Manager:
         finally:
             self._reserved_names.discard((caller.uid, name))
             self._reserved_uids.discard(host_uid)
+            # From here to its entry in self.live nothing awaits: no other create can
+            # see this sandbox as neither claimed nor live.
+            self._claims.pop(sandbox_id, None)
         now = time.time()
         record = SandboxRecord(
             id=sandbox_id,
@@ -572,10 +589,14 @@ class Manager:
         async with live.lock:
             await self._end(live.record, live.runtime, reason)
 
-    def extend(self, ref: str, timeout: Any) -> SandboxRecord:
-        """Set a new deadline, counted from now; "session" is not a deadline."""
+    def extend(self, ref: str, timeout: Any, caller: Caller | None = None) -> SandboxRecord:
+        """Set a new deadline, counted from now; "session" is not a deadline.
+
+        The deadline is bound by the lifetime quota of the sandbox's user, unless an
+        instructor extends someone else's sandbox."""
         live = self.get(ref)
         seconds = parse_duration(timeout)
+        self._check_lifetime(live.record, seconds, caller or self.own_user)
         live.record.timeout = seconds
         live.record.expires_at = time.time() + seconds
         live.record.lease_id = live.record.lease_expires = None
@@ -589,6 +610,17 @@ class Manager:
             )
             raise record_error(live.record.id, e, outcome, self.backend.storage) from None
         return live.record
+
+    def _check_lifetime(self, record: SandboxRecord, seconds: float, caller: Caller) -> None:
+        """QuotaExceeded if a deadline `seconds` from now is past the lifetime quota of the
+        sandbox's user; an instructor acting on another user's sandbox is not bound by it."""
+        if caller.uid == record.uid:
+            quota = self.quotas.of(caller.user, caller.groups)
+        elif caller.instructor:
+            return
+        else:
+            quota = self.quotas.of(record.user, group_names(record.uid))
+        check_lifetime(quota, seconds, extending=True)
 
     def renew(self, ref: str, lease_id: str) -> SandboxRecord:
         live = self.get(ref)

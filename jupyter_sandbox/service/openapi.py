@@ -22,6 +22,7 @@ from ..agent.protocol import COMMAND_WITH_INPUT
 from ..untrusted.messages import FILE_TYPES, LOG_STREAMS, MAX_PID
 from .limits import MAX_PIDS, MIN_DISK, MIN_FDS, MIN_MEMORY, MIN_PIDS, disk_size, max_fds, max_pids
 from .manager import ENV_KEY_RE, NAME_RE, Manager
+from .quotas import KEYS as QUOTA_KEYS
 
 Schema = dict[str, Any]
 FRAMES = "application/x-sandbox-frames"
@@ -206,6 +207,40 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
                 "cgroups": STRING,
             },
             ("pid", "version", "sandboxes", "isolation", "cgroups"),
+        ),
+        "Usage": _object(
+            {
+                "user": STRING,
+                "uid": INTEGER,
+                "instructor": BOOLEAN,
+                "mode": {"enum": ["user", "system"]},
+                "quota": _object(
+                    {
+                        "sandboxes": _null({"type": "integer", "minimum": 0}),
+                        "memory": _null({"type": "integer", "minimum": 0}),
+                        "cpus": _null({"type": "number", "minimum": 0}),
+                        "lifetime": _null({"type": "number", "minimum": 0}),
+                    },
+                    QUOTA_KEYS,
+                    description="each null: unlimited; memory in bytes, lifetime in seconds",
+                ),
+                "source": _object(
+                    {key: _null(STRING) for key in QUOTA_KEYS},
+                    QUOTA_KEYS,
+                    description='which table sets each quota: "the default quota", '
+                    '\'group "students"\', "the quota set for alice"; null: none',
+                ),
+                "usage": _object(
+                    {
+                        "sandboxes": {"type": "integer", "minimum": 0},
+                        "memory": {"type": "integer", "minimum": 0},
+                        "cpus": {"type": "number", "minimum": 0},
+                    },
+                    ("sandboxes", "memory", "cpus"),
+                    description="what the caller's running and failed sandboxes hold",
+                ),
+            },
+            ("user", "uid", "instructor", "mode", "quota", "source", "usage"),
         ),
         "CreateSandbox": _body(
             {
@@ -416,6 +451,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
             )
         },
         "/v1/status": {"get": _operation("status", "Status", COMMON)},
+        "/v1/usage": {"get": _operation("usage", "Usage", COMMON)},
         "/v1/events": {
             "get": _operation(
                 "events",
@@ -428,7 +464,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 "list", "SandboxList", COMMON, query=(_flag("all", "include ended sandboxes"),)
             ),
             "post": _operation(
-                "create", "CreatedSandbox", (*COMMON, 409, 507), body="CreateSandbox", ok=201
+                "create", "CreatedSandbox", (*COMMON, 403, 409, 507), body="CreateSandbox", ok=201
             ),
         },
         one: {
@@ -437,7 +473,9 @@ def _paths() -> dict[str, dict[str, Schema]]:
         },
         f"{one}/restart": {"post": _operation("restart", "Sandbox", ON_SANDBOX)},
         f"{one}/timeout": {
-            "post": _operation("extend", "Sandbox", ON_SANDBOX, body="Extend", body_required=True)
+            "post": _operation(
+                "extend", "Sandbox", (*ON_SANDBOX, 403), body="Extend", body_required=True
+            )
         },
         f"{one}/lease": {
             "post": _operation(

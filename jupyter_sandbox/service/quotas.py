@@ -27,8 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._durations import MAX_BYTES, format_duration, format_size, parse_duration, parse_size
+from .._durations import (
+    MAX_BYTES,
+    format_size,
+    format_size_down,
+    format_span,
+    parse_duration,
+    parse_size,
+)
 from .._errors import InvalidRequest, QuotaExceeded
+from .limits import MIN_MEMORY
 
 UNLIMITED = "unlimited"
 KEYS = ("sandboxes", "memory", "cpus", "lifetime")
@@ -152,6 +160,10 @@ class Quota:
                 data[key] = float(value)
         return data
 
+    def sources(self) -> dict[str, str | None]:
+        """Which table sets each key ('group "students"'), None where nothing does."""
+        return {key: self.limits[key].source or None for key in KEYS}
+
 
 @dataclass(frozen=True)
 class Use:
@@ -168,7 +180,7 @@ class Use:
         return cls(
             sandboxes=len(held),
             memory=sum(int(lim.get("memory") or 0) for lim in held),
-            cpus=sum(float(lim.get("cpus") or 0.0) for lim in held),
+            cpus=round(sum(float(lim.get("cpus") or 0.0) for lim in held), 6),
         )
 
     def as_json(self) -> dict[str, float | int]:
@@ -255,11 +267,6 @@ def _cpus_text(cpus: float) -> str:
     return f"{cpus:g} CPU" + ("" if cpus == 1 else "s")
 
 
-def _lifetime_text(seconds: float) -> str:
-    text = format_duration(seconds)
-    return text.removesuffix("00m").removesuffix("00s") if len(text) > 3 else text
-
-
 KILL_ONE = "Kill one (jupyter-sandbox kill ID)"
 
 
@@ -279,7 +286,9 @@ def check_create(quota: Quota, use: Use, memory: int, cpus: float, lifetime: flo
     total = quota.value("memory")
     if total is not None and use.memory + memory > total:
         left = max(0, int(total) - use.memory)
-        ask = f"Ask for at most {format_size(left)} of memory, k" if left else "K"
+        ask = (
+            f"Ask for at most {format_size_down(left)} of memory, k" if left >= MIN_MEMORY else "K"
+        )
         raise QuotaExceeded(
             _message(
                 quota,
@@ -303,21 +312,24 @@ def check_create(quota: Quota, use: Use, memory: int, cpus: float, lifetime: flo
             )
         )
     if lifetime is not None:
-        check_lifetime(quota, lifetime, "this sandbox asks for")
+        check_lifetime(quota, lifetime)
 
 
-def check_lifetime(quota: Quota, seconds: float, asked: str = "this asks for") -> None:
+def check_lifetime(quota: Quota, seconds: float, extending: bool = False) -> None:
     """QuotaExceeded if a deadline `seconds` from now is further than `quota` allows."""
     longest = quota.value("lifetime")
     if longest is None or seconds <= longest + 1e-6:
         return
-    raise QuotaExceeded(
-        _message(
-            quota,
-            "lifetime",
-            f"give a sandbox at most {_lifetime_text(longest)} to live from now",
-            f"and {asked} {_lifetime_text(seconds)}",
-            f'Ask for at most {_lifetime_text(longest)}, use timeout "session" (the sandbox '
-            "then lives as long as the notebook or script that made it)",
+    most = format_span(longest)
+    if extending:
+        asked = f"and extending this sandbox would end it in {format_span(seconds)}"
+        todo = f"Extend it to at most {most} from now (jupyter-sandbox extend ID {most})"
+    else:
+        asked = f"and this sandbox asks for {format_span(seconds)}"
+        todo = (
+            f'Ask for at most {most}, use timeout "session" (the sandbox then lives as long '
+            "as the notebook or script that made it)"
         )
+    raise QuotaExceeded(
+        _message(quota, "lifetime", f"give a sandbox at most {most} to live from now", asked, todo)
     )
