@@ -397,7 +397,9 @@ def test_creates_from_separate_processes_at_once_stay_within_the_count(quota_ser
     ]
     for client in clients:
         client.stdin.close()
-    answers = sorted(client.communicate(timeout=120)[0].strip() for client in clients)
+    for client in clients:
+        client.wait(120)
+    answers = sorted(client.stdout.read().strip() for client in clients)
     made = [a for a in answers if a.startswith("sb-")]
     try:
         assert answers.count("refused") == 2 and len(made) == 2, answers

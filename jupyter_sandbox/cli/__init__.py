@@ -600,6 +600,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def serve_unsupervised(args: argparse.Namespace) -> int:
     from ..backends.storage import StorageInUse
     from ..service.app import AlreadyRunning, Service
+    from ..service.config_file import ConfigError
     from ..service.supervisor import ALREADY_RUNNING, STORAGE_IN_USE
 
     tcp = tcp_address(args.tcp) if args.tcp else None
@@ -622,7 +623,7 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
         # One line for whoever started it (a client shows it as is); a traceback in the
         # log only for what is not an everyday failure.
         message = " ".join(f"the sandbox service could not start: {e}".split())
-        everyday = isinstance(e, (OSError, SandboxError, StorageInUse))
+        everyday = isinstance(e, (OSError, SandboxError, StorageInUse, ConfigError))
         logging.getLogger("jupyter_sandbox.service").error(
             "%s", message, exc_info=None if everyday else e
         )

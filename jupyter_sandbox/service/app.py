@@ -34,6 +34,7 @@ from .api import make_app
 from .identity import Directory
 from .locks import try_lock
 from .manager import Manager
+from .quotas import Quotas
 from .ssh_access import SshAccessManager
 from .ssh_port import API_LISTEN_FD_ENV, inherited_socket
 from .state import State
@@ -87,7 +88,7 @@ class Service:
         self.tcp = tcp
         self.stopping = asyncio.Event()
         self._lock_fd: int | None = None
-        self.config_path = config_file.path()
+        self.config_path = config_file.path(self.system)
         # Called with the config file's tables at start and after each SIGHUP reload.
         self.config_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.directory: Directory | None = None
@@ -97,10 +98,11 @@ class Service:
         return self.paths.mode == "system"
 
     def _read_config(self) -> dict[str, Any]:
-        """The config file: the system service's, or one named by JUPYTER_SANDBOX_CONFIG."""
-        if not self.system and not os.environ.get(config_file.CONFIG_ENV):
-            return {}
+        """The config file's tables (see config_file.path for where it is)."""
         return config_file.load(self.config_path)
+
+    def _quotas(self, config: dict[str, Any]) -> Quotas:
+        return Quotas.parse(config, self.config_path, administered=self.system)
 
     def _apply_config(self, config: dict[str, Any]) -> None:
         groups = config_file.instructor_groups(config, self.config_path)
@@ -114,6 +116,7 @@ class Service:
         try:
             config = self._read_config()
             config_file.instructor_groups(config, self.config_path)
+            self._quotas(config)
             self._apply_config(config)
         except ValueError as e:
             log.error("%s; keeping the configuration read before", e)
@@ -145,6 +148,7 @@ class Service:
             check_system_mode_allowed(self.tcp)
             self.paths.make_system_dirs()
         config = self._read_config()  # a bad file stops the start, saying where and why
+        quotas = self._quotas(config)
         if self.system:
             self.directory = Directory(config_file.instructor_groups(config, self.config_path))
         self._lock()
@@ -156,6 +160,10 @@ class Service:
             log.error("isolation unavailable: %s", backend.unavailable)
         state = await State.open(self.paths.database, backend, self.settings.lease_ttl)
         manager = Manager(state, backend, self.settings)
+        manager.quotas = quotas
+        self.config_listeners.append(
+            lambda config: setattr(manager, "quotas", self._quotas(config))
+        )
         await manager.start()
         ssh = SshAccessManager(manager, self.paths.data_dir / "ssh")
         await ssh.start()

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jupyter_core.paths import jupyter_config_dir
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -23,15 +25,21 @@ else:  # pragma: no cover
 
 CONFIG_ENV = "JUPYTER_SANDBOX_CONFIG"
 DEFAULT_PATH = Path("/etc/jupyter-sandbox/config.toml")
+USER_FILE = "jupyter_sandbox.toml"  # a per-user service's, in the Jupyter config dir
 
 
 class ConfigError(ValueError):
     """The config file cannot be used; the message names it, the place and the reason."""
 
 
-def path() -> Path:
-    """Where the config file is: $JUPYTER_SANDBOX_CONFIG, else /etc/jupyter-sandbox/config.toml."""
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_PATH)
+def path(system: bool = True) -> Path:
+    """Where the config file is: $JUPYTER_SANDBOX_CONFIG, else the system service's
+    /etc/jupyter-sandbox/config.toml, or a per-user service's
+    <jupyter config dir>/jupyter_sandbox.toml (~/.jupyter/jupyter_sandbox.toml)."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    return DEFAULT_PATH if system else Path(jupyter_config_dir()) / USER_FILE
 
 
 def load(file: Path) -> dict[str, Any]:

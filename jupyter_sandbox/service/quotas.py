@@ -36,6 +36,7 @@ from .._durations import (
     parse_size,
 )
 from .._errors import InvalidRequest, QuotaExceeded
+from .config_file import ConfigError
 from .limits import MIN_MEMORY
 
 UNLIMITED = "unlimited"
@@ -49,7 +50,7 @@ ALLOWED = {
 }
 
 
-class QuotaConfigError(ValueError):
+class QuotaConfigError(ConfigError):
     """A ``[quota.*]`` table of the config file is malformed; the message says where."""
 
 
