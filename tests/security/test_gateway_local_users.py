@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
-import secrets
 import socket
 import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ import pytest
 from jupyter_sandbox.service.ssh_port import bind_listener
 from jupyter_sandbox.ssh import GatewayLimits, generate_token, peers
 from jupyter_sandbox.ssh.gateway import OTHER_USER
+from tests.system_fixtures import OsUser, os_users
 from tests.test_ssh_gateway import (  # noqa: F401
     Gw,
     Loop,
@@ -63,44 +61,10 @@ RELAY = textwrap.dedent(
 )
 
 
-@dataclass(frozen=True)
-class OsUser:
-    name: str
-    uid: int
-    gid: int
-    home: Path
-
-
 @pytest.fixture(scope="module")
 def students() -> Iterator[list[OsUser]]:
-    """Two real users of this machine, removed afterwards (asserted)."""
-    tag = secrets.token_hex(3)
-    made = []
-    try:
-        for n in (1, 2):
-            name = f"jsbt-student{n}-{tag}"
-            subprocess.run(["useradd", "--create-home", name], check=True, capture_output=True)
-            entry = pwd.getpwnam(name)
-            made.append(OsUser(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir)))
-        yield made
-    finally:
-        for user in made:
-            subprocess.run(["pkill", "-KILL", "-U", str(user.uid)], check=False)
-            wait_for(lambda u=user: _gone(u), what=f"{user.name}'s processes to end")
-            subprocess.run(["userdel", "--remove", user.name], check=True, capture_output=True)
-        assert not [u for u in made if _exists(u.name)], "test users left"
-
-
-def _gone(user: OsUser) -> bool:
-    return subprocess.run(["pgrep", "-U", str(user.uid)], capture_output=True).returncode != 0
-
-
-def _exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
+    with os_users(students=2, instructors=0) as made:
+        yield made.students
 
 
 @pytest.fixture
