@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
-from tests.conftest import UNPINNED_SSH, sandbox_pids, wait_for
+from tests.conftest import sandbox_pids, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -109,18 +108,110 @@ def clipboard(page: Any, containing: str) -> str:
     return text
 
 
-def run_copied(command: str, remote: str) -> str:
-    """Run a copied ``ssh`` command line (the tunnel through this checkout's module)."""
-    argv = shlex.split(
-        command.replace(
-            "jupyter-sandbox tunnel",
-            f"{sys.executable} -m jupyter_sandbox.cli.tunnel",
-        )
+def laptop_env(home: Path) -> dict[str, str]:
+    """The environment a pasted command runs in: its own HOME, this checkout's code."""
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "HOME": str(home)}
+
+
+def run_copied(command: str, remote: str, home: Path) -> str:
+    """Run a copied SSH command in a shell, as a user pastes it, with `remote` appended.
+
+    The tunnel is this checkout's module rather than an installed ``jupyter-sandbox``.
+    """
+    result = subprocess.run(
+        ["bash"],
+        input=pasted(command, remote),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=laptop_env(home),
     )
-    argv[1:1] = UNPINNED_SSH
-    result = subprocess.run([*argv, remote], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def pasted(command: str, remote: str) -> str:
+    """What a shell reads when `command` is pasted and `remote` typed after it (on stdin,
+    as a terminal gives it: never in the shell's own argv)."""
+    script = command.replace(
+        "jupyter-sandbox tunnel", f"{sys.executable} -m jupyter_sandbox.cli.tunnel"
+    )
+    return f"{script} {remote}\n"
+
+
+def argv_of_every_process(but: int = 0) -> list[str]:
+    """The command line of every process on the machine (except pid `but`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != but:
+            try:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+    return found
+
+
+def secrets_in_argv_while_running(
+    command: str, home: Path, secrets: list[str], server: JupyterProcess
+) -> list[str]:
+    """Run a copied SSH command (a remote sleep) and, once ssh and its tunnel run, return
+    the command lines that hold any of `secrets`. The test's Jupyter server is left out:
+    this test started it with its token on the command line."""
+    marker = f"sleep 3.{os.getpid()}"
+    proc = subprocess.Popen(
+        ["bash"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=laptop_env(home),
+    )
+    proc.stdin.write(pasted(command, marker).encode())
+    proc.stdin.close()
+    try:
+        wait_for(
+            lambda: any(a.startswith("ssh ") and marker in a for a in argv_of_every_process()),
+            30,
+            message="the copied ssh command to run",
+        )
+        if "ProxyCommand" in command:
+            wait_for(
+                lambda: any("jupyter_sandbox.cli.tunnel" in a for a in argv_of_every_process()),
+                30,
+                message="the tunnel to run",
+            )
+        leaked = [
+            argv
+            for argv in argv_of_every_process(but=server.proc.pid)
+            if any(secret in argv for secret in secrets)
+        ]
+        assert proc.wait(60) == 0, proc.stderr.read().decode()
+        return leaked
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def ssh_token(copied: str) -> str:
+    """The SSH credential a copied command writes into its config file."""
+    match = re.search(r"'  User (\S+)'", copied)
+    assert match, copied
+    return match.group(1)
+
+
+def widen_panel(page: Any, pixels: int = 350) -> None:
+    """Drag the right sidebar's edge `pixels` to the left, as a user makes room."""
+    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle:not(.lm-mod-hidden)")
+    box = handle.last.bounding_box()
+    page.mouse.move(box["x"] + 1, box["y"] + 200)
+    page.mouse.down()
+    page.mouse.move(box["x"] - pixels, box["y"] + 200, steps=5)
+    page.mouse.up()
+
+
+def tab_titles(page: Any) -> list[str]:
+    return page.locator("#jp-main-dock-panel .lm-TabBar-tabLabel").all_inner_texts()
 
 
 def test_panel_in_jupyterlab(page: Any, service_env: Any, tmp_path: Path) -> None:
@@ -168,36 +259,78 @@ def _exercise_lab(page: Any, lab: JupyterProcess) -> None:
     expect(nb_card.locator(".jsb-owner")).to_have_text("course/lab1.ipynb")
     sandbox_id = nb_card.get_attribute("data-id")
     expect(nb_card.locator(".jsb-left")).to_have_text("session")
+    # The name as typed, not the service's per-kernel name; no kernel id as a label.
+    expect(nb_card.locator(".jsb-name")).to_have_text("nbbox")
+    assert Sandbox.connect(sandbox_id).info().name.startswith("nbbox-")
+    assert "kernel" not in nb_card.locator(".jsb-labels").inner_text()
+    assert "kernel=" not in nb_card.inner_text()
+
+    # The notebook is renamed: the card follows it.
+    page.evaluate(
+        "window.jupyterapp.serviceManager.contents"
+        ".rename('course/lab1.ipynb', 'course/renamed.ipynb')"
+    )
+    expect(nb_card.locator(".jsb-owner")).to_have_text("course/renamed.ipynb")
 
     # Live usage: the charts fill up.
     expect(nb_card.locator(".jsb-chart-memory polyline")).to_have_attribute(
         "points", re.compile(r"\S+ \S+ \S+")
     )
 
-    # Logs stream.
+    # Logs stream, every line with its time.
     nb_card.locator("[data-action=logs]").click()
-    expect(nb_card.locator(".jsb-logs")).to_contain_text("log-line-3")
-    expect(nb_card.locator(".jsb-logs")).to_contain_text("log-line-12")
+    logs = nb_card.locator(".jsb-logs")
+    expect(logs).to_contain_text("log-line-3")
+    expect(logs).to_contain_text("log-line-12")
+    line = logs.locator(".jsb-log-line", has_text="log-line-3").first
+    expect(line).to_have_text(re.compile(r"^\d\d:\d\d:\d\d \[proc:\d+:stdout\] log-line-3$"))
     shot(page, "lab-notebook-sandbox")
+    # ...and in a tab of its own, which follows the log too.
+    nb_card.locator("[data-action=logs-tab]").click()
+    log_tab = page.locator(".jsb-LogTab .jsb-logs")
+    expect(log_tab).to_contain_text("log-line-3")
+    last = int(re.findall(r"log-line-(\d+)", log_tab.inner_text())[-1])
+    expect(log_tab).to_contain_text(f"log-line-{last + 3}")
+    assert "Logs: nbbox" in tab_titles(page)
 
     # Copy SSH: the clipboard holds a command that lands in the sandbox, directly...
+    laptop = lab.root.parent / "laptop"
     nb_card.locator("[data-action=copy-ssh]").click()
-    copied = clipboard(page, "ssh -p ")
-    assert copied == nb_card.locator(".jsb-ssh").input_value()
-    assert run_copied(copied, "hostname") == sandbox_id
-    # ...and through the Jupyter URL.
+    copied = clipboard(page, "ssh -F ")
+    token = ssh_token(copied)
+    shown = nb_card.locator(".jsb-ssh").input_value()
+    assert shown == f"ssh -F ~/.ssh/jupyter-sandbox/{sandbox_id}.config {sandbox_id}"
+    assert run_copied(copied, "hostname", laptop) == sandbox_id
+    assert not secrets_in_argv_while_running(copied, laptop, [token], lab)
+    # ...and through the Jupyter URL: no token on screen, none in any process's argv.
     nb_card.locator("[data-action=copy-tunnel]").click()
     tunnel = clipboard(page, "ProxyCommand")
-    assert f"--url {lab.url}" in tunnel and f"--token {lab.token}" in tunnel
-    assert run_copied(tunnel, "hostname") == sandbox_id
+    assert f"--url {lab.url}" in tunnel and "--token-file" in tunnel
+    assert f"--token {lab.token}" not in tunnel
+    shown = nb_card.locator(".jsb-tunnel").input_value()
+    assert shown == f"ssh -F ~/.ssh/jupyter-sandbox/{sandbox_id}-jupyter.config {sandbox_id}"
+    on_screen = page.evaluate(
+        "[document.body.innerText,"
+        " ...[...document.querySelectorAll('input')].map(i => i.value + ' ' + i.title)]"
+        ".join(' ')"
+    )
+    assert lab.token not in on_screen and ssh_token(tunnel) not in on_screen
+    assert run_copied(tunnel, "hostname", laptop) == sandbox_id
+    leaked = secrets_in_argv_while_running(tunnel, laptop, [lab.token, ssh_token(tunnel)], lab)
+    assert not leaked
+    saved = laptop / ".ssh" / "jupyter-sandbox"
+    for path in saved.iterdir():
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert (saved / f"{sandbox_id}-jupyter.token").read_text().strip() == lab.token
 
-    # Extend: the deadline moves to 2 h from now.
+    # Extend a "session" sandbox: it gets that much time from now.
     nb_card.locator("[data-action=extend]").click()
     page.locator(".jp-Dialog input").fill("2h")
     page.locator(".jp-Dialog .jp-mod-accept").click()
     expect(nb_card.locator(".jsb-left")).to_have_text(re.compile(r"^(1h 59m|2h 0m) left$"))
+    expect(nb_card.locator(".jsb-note")).to_contain_text("Extended by 2h")
 
-    # Terminal: a shell inside the sandbox.
+    # Terminal: a shell inside the sandbox, in a tab named after it.
     nb_card.locator("[data-action=terminal]").click()
     terminal = page.locator(".jp-Terminal").last
     expect(terminal).to_be_visible()
@@ -206,6 +339,8 @@ def _exercise_lab(page: Any, lab: JupyterProcess) -> None:
     terminal.locator(".xterm-helper-textarea").focus()
     page.keyboard.type("hostname\n")
     expect(screen.locator("div", has_text=re.compile(f"^{sandbox_id}$"))).to_have_count(1)
+    assert "SSH: nbbox" in tab_titles(page)
+    assert not [t for t in tab_titles(page) if t.startswith("Terminal")]
     shot(page, "lab-terminal")
 
     # Changes made elsewhere show up within a second (plus the check's own latency).
@@ -222,7 +357,7 @@ def _exercise_lab(page: Any, lab: JupyterProcess) -> None:
     form.locator("[name=memory]").fill("256M")
     form.locator("[type=submit]").click()
     form_card = panel.locator(".jsb-sandbox", has_text="formbox")
-    expect(form_card.locator(".jsb-limits")).to_contain_text("mem 256.0 MiB")
+    expect(form_card.locator(".jsb-limits")).to_contain_text("256 MiB memory")
 
     # Kill, from the panel.
     for victim in (form_card, nb_card):

@@ -29,6 +29,7 @@ REST = [  # (method, path after sandbox/api/)
     ("POST", "sandboxes/x/ssh"),
     ("DELETE", "sandboxes/x/ssh"),
     ("POST", "sandboxes/x/terminal"),
+    ("GET", "usage"),
 ]
 SOCKETS = ["events", "sandboxes/x/logs", "tunnel/x"]
 
@@ -160,6 +161,55 @@ async def test_errors_keep_their_status(jp_fetch) -> None:
     with pytest.raises(HTTPClientError) as e:
         await jp_fetch(*API, "sandboxes", method="POST", body=json.dumps({"timeout": "soon"}))
     assert e.value.code == 400
+
+
+async def test_extend_adds_to_the_time_left(jp_fetch) -> None:
+    """The panel's Extend: {"add": ...} adds to what is left, so it never shortens."""
+    sandbox = await AsyncSandbox.create(timeout="14m")
+    try:
+        before = (await sandbox.info()).time_left
+        extended = body(
+            await jp_fetch(
+                *API, "sandboxes", sandbox.id, "timeout", method="POST", body='{"add": "5m"}'
+            )
+        )
+        after = (await sandbox.info()).time_left
+        assert before + 300 - 5 <= after <= before + 300
+        assert extended["expires_at"] == pytest.approx((await sandbox.info()).expires_at)
+        for wrong, said in (
+            ({}, '\\"add\\"'),
+            ({"add": "5m", "timeout": "1h"}, '\\"add\\"'),
+            ({"add": "soon"}, "invalid duration 'soon'"),
+        ):
+            with pytest.raises(HTTPClientError) as e:
+                await jp_fetch(
+                    *API, "sandboxes", sandbox.id, "timeout", method="POST", body=json.dumps(wrong)
+                )
+            assert e.value.code == 400
+            assert said in e.value.response.body.decode()
+    finally:
+        await sandbox.kill()
+
+
+async def test_extend_gives_a_session_sandbox_a_deadline(jp_fetch) -> None:
+    sandbox = await AsyncSandbox.create()
+    try:
+        await jp_fetch(
+            *API, "sandboxes", sandbox.id, "timeout", method="POST", body='{"add": "10m"}'
+        )
+        assert 600 - 5 <= (await sandbox.info()).time_left <= 600
+    finally:
+        await sandbox.kill()
+
+
+async def test_usage_answers_whether_the_service_has_quotas(jp_fetch) -> None:
+    """The panel's quota block: the service's /v1/usage, or "available": false before it
+    had one."""
+    usage = body(await jp_fetch(*API, "usage"))
+    if usage["available"]:
+        assert set(usage) >= {"user", "quota", "usage"}
+    else:
+        assert usage == {"available": False}
 
 
 async def test_create_uploads_image_directory(jp_fetch, jp_root_dir) -> None:

@@ -121,14 +121,36 @@ class SandboxHandler(_Api):
 
 
 class TimeoutHandler(_Api):
+    """POST ``{"add": "10m"}``: more time on top of what is left (the panel's Extend);
+    ``{"timeout": "30m"}``: a new deadline counted from now."""
+
     @web.authenticated
     @authorized
     async def post(self, ref: str) -> None:
-        timeout = self.body().get("timeout")
-        if timeout is None:
-            raise web.HTTPError(400, "'timeout' is required")
+        body = self.body()
+        if ("add" in body) == ("timeout" in body):
+            raise web.HTTPError(
+                400, 'give either "add" (time to add, e.g. "10m") or "timeout" (from now)'
+            )
         with service_errors():
-            self.reply(await self.hub.extend(ref, timeout))
+            if "add" in body:
+                self.reply(await self.hub.extend_by(ref, body["add"]))
+            else:
+                self.reply(await self.hub.extend(ref, body["timeout"]))
+
+
+class UsageHandler(_Api):
+    """GET: the user's sandboxes, memory and CPUs against their quota, from the service.
+
+    ``{"available": false}`` when the service keeps no such account (an older one).
+    """
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        with service_errors():
+            usage = await self.hub.usage()
+        self.reply({"available": False} if usage is None else {"available": True, **usage})
 
 
 class RestartHandler(_Api):
@@ -306,6 +328,7 @@ def handlers(hub: SandboxHub, ssh_dir: Path) -> list[tuple[str, type, dict[str, 
         (pattern, handler, kwargs)
         for pattern, handler in (
             (r"sandbox/api/sandboxes", SandboxesHandler),
+            (r"sandbox/api/usage", UsageHandler),
             (one, SandboxHandler),
             (f"{one}/timeout", TimeoutHandler),
             (f"{one}/restart", RestartHandler),

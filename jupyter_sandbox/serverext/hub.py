@@ -13,11 +13,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from .._durations import parse_duration
 from .._errors import InvalidRequest, SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo, SshAccess
 from ..client import AsyncSandbox
 from ..client._async import shared_transport
 from ..client._service import runtime_info
+from ..client._transport import raise_for_error
 
 Message = dict[str, Any]
 Subscriber = Callable[[Message], None]
@@ -111,11 +113,15 @@ class SandboxHub:
             self._broadcast({"type": "usage", "time": time.time(), "usage": usage})
 
     async def _infos(self) -> list[SandboxInfo]:
-        infos = []
-        for listed in await AsyncSandbox.list():
+        """Every live sandbox with its usage, asked for all at once (a class has dozens)."""
+
+        async def info(sandbox_id: str) -> SandboxInfo | None:
             with contextlib.suppress(SandboxNotFound, SandboxExpired):
-                infos.append(await (await self.handle(listed.id)).info())
-        return infos
+                return await (await self.handle(sandbox_id)).info()
+            return None
+
+        found = await asyncio.gather(*(info(listed.id) for listed in await AsyncSandbox.list()))
+        return [i for i in found if i is not None]
 
     # -- sandboxes -------------------------------------------------------------------------
 
@@ -155,7 +161,24 @@ class SandboxHub:
         self._forget(sandbox.id)
 
     async def extend(self, ref: str, timeout: str | float) -> Message:
+        """Set the deadline to `timeout` from now (the service's own meaning)."""
         return await self._describe(await (await self.handle(ref)).extend_timeout(timeout))
+
+    async def extend_by(self, ref: str, more: str | float) -> Message:
+        """Add `more` to the time left (a "session" sandbox gets `more` from now)."""
+        seconds = parse_duration(more)
+        sandbox = await self.handle(ref)
+        left = (await sandbox.info()).time_left or 0.0
+        return await self._describe(await sandbox.extend_timeout(left + seconds))
+
+    async def usage(self) -> Message | None:
+        """The caller's use of the service against its quota; None if the service has none."""
+        client = await shared_transport().client()
+        response = await client.get("/v1/usage")
+        if response.status_code == 404:  # a service from before quotas
+            return None
+        await raise_for_error(response)
+        return response.json()
 
     async def restart(self, ref: str) -> Message:
         return await self._describe(await (await self.handle(ref)).restart())

@@ -2,8 +2,10 @@
  * The "Sandboxes" panel in the right sidebar of JupyterLab 4 and Notebook 7.
  */
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette } from '@jupyterlab/apputils';
+import { ICommandPalette, MainAreaWidget } from '@jupyterlab/apputils';
+import { IStateDB } from '@jupyterlab/statedb';
 import { LabIcon } from '@jupyterlab/ui-components';
+import { Widget } from '@lumino/widgets';
 
 import { SandboxPanel } from './panel';
 
@@ -17,14 +19,47 @@ const icon = new LabIcon({
     '</svg>'
 });
 
+/** Keep `widget`'s tab titled `label`, whatever its content sets later. */
+function keepTitle(widget: Widget, label: string): void {
+  const title = (widget as MainAreaWidget).content?.title ?? widget.title;
+  const hold = () => {
+    if (title.label !== label) {
+      title.label = label;
+    }
+  };
+  title.changed.connect(hold);
+  hold();
+}
+
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-sandbox:panel',
   description: 'Every sandbox at a glance: state, usage, logs, SSH and terminals.',
   autoStart: true,
-  optional: [ICommandPalette],
-  activate: (app: JupyterFrontEnd, palette: ICommandPalette | null) => {
-    const panel = new SandboxPanel(async name => {
-      await app.commands.execute('terminal:open', { name });
+  optional: [ICommandPalette, IStateDB],
+  activate: (
+    app: JupyterFrontEnd,
+    palette: ICommandPalette | null,
+    state: IStateDB | null
+  ) => {
+    const panel = new SandboxPanel({
+      openTerminal: async (name, label) => {
+        const widget = await app.commands.execute('terminal:open', { name });
+        if (widget instanceof Widget) {
+          keepTitle(widget, label);
+        }
+      },
+      openTab: widget => {
+        const twin = [...app.shell.widgets('main')].find(w => w.id === widget.id);
+        if (twin) {
+          widget.dispose();
+          app.shell.activateById(twin.id);
+          return;
+        }
+        app.shell.add(widget, 'main');
+        app.shell.activateById(widget.id);
+      },
+      sessions: app.serviceManager.sessions,
+      state
     });
     panel.title.icon = icon;
     app.shell.add(panel, 'right', { rank: 900 });
