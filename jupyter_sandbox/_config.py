@@ -162,6 +162,10 @@ class Settings:
 
     SFTP is served by OpenSSH's sftp-server where the host has one, else by the built-in
     server; JUPYTER_SANDBOX_SFTP=openssh or builtin insists on one (see ``ssh.sftp``).
+
+    Terminal sessions are not recorded unless a sandbox is created with
+    ``record_terminals=True``; JUPYTER_SANDBOX_RECORD_TERMINALS=on records those of every
+    sandbox created while it is on (see ``ssh.recording``).
     """
 
     idle_timeout: float = 600.0
@@ -176,6 +180,7 @@ class Settings:
     pool_size: int = 2
     seccomp: bool = True
     sftp: str = "auto"
+    record_terminals: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -192,4 +197,5 @@ class Settings:
             pool_size=int(_env_float("JUPYTER_SANDBOX_POOL", cls.pool_size)),
             seccomp=_env_switch("JUPYTER_SANDBOX_SECCOMP", cls.seccomp),
             sftp=_env_choice("JUPYTER_SANDBOX_SFTP", SFTP_CHOICES, cls.sftp),
+            record_terminals=_env_switch("JUPYTER_SANDBOX_RECORD_TERMINALS", cls.record_terminals),
         )

@@ -45,6 +45,7 @@ class SandboxInfo:
     usage: dict[str, Any] | None = None
     user: str = ""  # the OS user who created it
     uid: int = -1  # their uid (-1: a service too old to say)
+    recording: bool = False  # its terminal sessions over SSH are recorded
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SandboxInfo:
@@ -86,6 +87,19 @@ class LogEntry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LogEntry:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One terminal session's recording (asciicast v2): ``Sandbox.recording(name)``."""
+
+    name: str
+    started_at: float
+    size: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recording:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 

@@ -384,11 +384,13 @@ def test_command_runs_as_sandbox_user_in_its_home(gw: Gw, token: str) -> None:
     lines = result.stdout.decode().split()
     assert lines[:2] == ["sandbox", "/home/sandbox"]
     assert lines[2].startswith("sb-ssh") and lines[3] == "1"
-    wait_for(lambda: len(gw.events) == 2, what="the disconnect event")
-    assert [text for _, text in gw.events] == [
-        "SSH connection from 127.0.0.1",
-        "SSH connection from 127.0.0.1 closed",
-    ]
+    wait_for(lambda: len(gw.events) == 4, what="the disconnect event")
+    texts = [text for _, text in gw.events]
+    assert texts[0].startswith("SSH connection from 127.0.0.1 port ")
+    assert texts[1].endswith(': exec "whoami; pwd; hostname; echo $JSB_TEST"')
+    assert " ended after " in texts[2] and ": exit status 0, " in texts[2]
+    assert texts[3].startswith("SSH connection from 127.0.0.1 port ")
+    assert " closed after " in texts[3]
 
 
 def test_exit_code_and_separate_stderr(gw: Gw, token: str) -> None:
@@ -712,7 +714,7 @@ def test_pty_resize_and_ctrl_c(gw: Gw, token: str, sandbox: Sandbox) -> None:
         term.expect("alive-42")
         assert "done-42" not in term.screen()
         term.type("exit", "Enter")
-        wait_for(lambda: gw.events[-1][1].endswith(" closed"), what="the session to end")
+        wait_for(lambda: " closed after " in gw.events[-1][1], what="the session to end")
     finally:
         term.kill()
 

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         help='how long it lives: a duration such as "30s", "5m", "1h" (default 5m)',
     )
     add_limit_options(p)
+    p.add_argument(
+        "--record-terminals",
+        action="store_true",
+        help="record its SSH terminal sessions (asciicast v2); users are told at login",
+    )
 
     p = command("list", cmd_list, "list sandboxes")
     p.add_argument(
@@ -213,6 +218,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         network=args.network,
         env=parse_pairs(args.env, "--env"),
         labels=parse_pairs(args.label, "--label"),
+        record_terminals=args.record_terminals,
     )
     print(sandbox.id)
     return 0
@@ -241,6 +247,7 @@ SANDBOX_FIELDS = (
     "failed_at",
     "ended_at",
     "end_reason",
+    "recording",
 )
 INFO_FIELDS = ("limits_note", "syscall_filter", "usage")
 USAGE_FIELDS = ("user", "uid", "instructor", "mode", "quota", "source", "usage")
@@ -334,6 +341,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("created", f"{_ago(info.created_at)} ({_when(info.created_at)})"),
         ("ends", _lifetime(info)),
         ("network", info.network),
+        ("terminals", "recorded" if info.recording else "not recorded"),
         ("memory", _size(limits.get("memory"))),
         ("cpus", "-" if limits.get("cpus") is None else f"{limits['cpus']:g}"),
         ("processes", str(limits.get("pids") or "-")),

@@ -12,6 +12,7 @@ import sys
 import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -25,7 +26,15 @@ from .._errors import (
     ServiceUnavailable,
     error_from,
 )
-from .._models import CommandResult, LogEntry, OutputLine, SandboxInfo, SshAccess, Usage
+from .._models import (
+    CommandResult,
+    LogEntry,
+    OutputLine,
+    Recording,
+    SandboxInfo,
+    SshAccess,
+    Usage,
+)
 from ..agent.protocol import COMMAND_WITH_INPUT, MAX_INPUT, Frame
 from ..untrusted.streams import GRACE
 from ._files import AsyncFileSystem
@@ -139,8 +148,10 @@ class AsyncSandbox:
         env: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
         owner: str | None = None,
+        record_terminals: bool = False,
     ) -> AsyncSandbox:
-        """Start a sandbox. ``timeout`` is "session" (lives with this handle) or a duration."""
+        """Start a sandbox. ``timeout`` is "session" (lives with this handle) or a duration;
+        `record_terminals` records its SSH terminal sessions (``recordings()``)."""
         parse_timeout(timeout)  # fail here, before any service is started
         transport = shared_transport()
         body = {
@@ -155,6 +166,7 @@ class AsyncSandbox:
             "env": env,
             "labels": labels,
             "owner": owner or default_owner(),
+            "record_terminals": record_terminals or None,
         }
         info = await transport.request(
             "POST",
@@ -400,6 +412,18 @@ class AsyncSandbox:
     def logs(self, follow: bool = False, tail: int | None = None) -> AsyncIterator[LogEntry]:
         """Log entries (background output and events); `follow` waits for new ones."""
         return self._log_stream(follow=follow, tail=tail)
+
+    async def recordings(self) -> list[Recording]:
+        """The sandbox's terminal recordings, oldest first (none unless ``info().recording``)."""
+        data = await self._transport.request("GET", f"/v1/sandboxes/{self.id}/recordings")
+        return [Recording.from_json(r) for r in data]
+
+    async def recording(self, name: str | Recording) -> bytes:
+        """One recording's asciicast v2 file (a header line, then one event a line)."""
+        name = name.name if isinstance(name, Recording) else name
+        url = f"/v1/sandboxes/{self.id}/recordings/{quote(name, safe='')}"
+        async with self._transport.stream("GET", url) as response:
+            return await response.aread()
 
     async def _log_stream(
         self,

@@ -18,7 +18,16 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from .._models import CommandResult, FileInfo, LogEntry, OutputLine, SandboxInfo, SshAccess, Usage
+from .._models import (
+    CommandResult,
+    FileInfo,
+    LogEntry,
+    OutputLine,
+    Recording,
+    SandboxInfo,
+    SshAccess,
+    Usage,
+)
 from ._async import AsyncProcess, AsyncSandbox
 from ._files import Progress
 
@@ -225,8 +234,10 @@ class Sandbox:
         env: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
         owner: str | None = None,
+        record_terminals: bool = False,
     ) -> Sandbox:
-        """Start a sandbox. ``timeout`` is "session" (lives with this process) or a duration."""
+        """Start a sandbox. ``timeout`` is "session" (lives with this process) or a duration;
+        `record_terminals` records its SSH terminal sessions (``recordings()``)."""
         return cls(
             portal().call(
                 AsyncSandbox.create(
@@ -241,6 +252,7 @@ class Sandbox:
                     env=env,
                     labels=labels,
                     owner=owner,
+                    record_terminals=record_terminals,
                 )
             )
         )
@@ -348,3 +360,11 @@ class Sandbox:
 
     def logs(self, follow: bool = False, tail: int | None = None) -> Iteration[LogEntry]:
         return portal().iterate(self._inner.logs(follow=follow, tail=tail))
+
+    def recordings(self) -> list[Recording]:
+        """The sandbox's terminal recordings, oldest first (none unless ``info().recording``)."""
+        return portal().call(self._inner.recordings())
+
+    def recording(self, name: str | Recording) -> bytes:
+        """One recording's asciicast v2 file (a header line, then one event a line)."""
+        return portal().call(self._inner.recording(name))

@@ -65,11 +65,13 @@ class SandboxOptions:
     cpus: float | None = None
     network: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    record_terminals: bool | None = None
 
     @property
     def given(self) -> bool:
         """Whether any option that fixes how a sandbox is made was given."""
-        return any(v is not None for v in (self.timeout, self.memory, self.cpus, self.network))
+        fixing = (self.timeout, self.memory, self.cpus, self.network, self.record_terminals)
+        return any(v is not None for v in fixing)
 
     def conflicts(self, info: SandboxInfo) -> list[str]:
         """The options that disagree with an existing sandbox, as "--opt X (it has Y)"."""
@@ -85,6 +87,8 @@ class SandboxOptions:
             found.append(f"--cpus {self.cpus:g} (it has {info.limits.get('cpus')})")
         if self.network is not None and self.network != info.network:
             found.append(f"--network {self.network} (it has {info.network})")
+        if self.record_terminals and not info.recording:
+            found.append("--record-terminals (its terminals are not recorded)")
         return found
 
 
@@ -133,6 +137,7 @@ class KernelSandboxes:
                     env=options.env or None,
                     labels=self.identity.labels,
                     owner=self.identity.owner,
+                    record_terminals=bool(options.record_terminals),
                 )
                 if self.end_all_with_kernel or options.timeout in (None, "session"):
                     self._owned[sandbox.id] = sandbox

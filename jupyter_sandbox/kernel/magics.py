@@ -129,6 +129,12 @@ def _cell_parser() -> _Parser:
         "--network", choices=("none", "host"), help="none (default: loopback only) or host"
     )
     p.add_argument(
+        "--record-terminals",
+        action="store_const",
+        const=True,
+        help="record its SSH terminal sessions (users are told at login)",
+    )
+    p.add_argument(
         "--env",
         type=_env_pair,
         action="append",
@@ -373,7 +379,12 @@ class SandboxMagics(Magics):
         args = CELL_PARSER.parse(line)
         env = dict(args.env)
         options = SandboxOptions(
-            timeout=args.timeout, memory=args.memory, cpus=args.cpus, network=args.network, env=env
+            timeout=args.timeout,
+            memory=args.memory,
+            cpus=args.cpus,
+            network=args.network,
+            env=env,
+            record_terminals=args.record_terminals,
         )
         sandbox = self.sandboxes.open(args.name, options)
         if args.image:

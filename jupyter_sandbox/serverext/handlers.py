@@ -28,6 +28,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from .._errors import SandboxError
 from .._models import SshAccess
 from .._ssh_config import HOST_ALIAS, write_ssh_config
+from ..ssh.recording import MEDIA_TYPE
 from .hub import Message, SandboxHub
 
 AUTH_RESOURCE = "sandboxes"
@@ -151,6 +152,28 @@ class UsageHandler(_Api):
         with service_errors():
             usage = await self.hub.usage()
         self.reply({"available": False} if usage is None else {"available": True, **usage})
+
+
+class RecordingsHandler(_Api):
+    """GET: the sandbox's terminal recordings, oldest first: [{name, started_at, size}]."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, ref: str) -> None:
+        with service_errors():
+            self.reply(await self.hub.recordings(ref))
+
+
+class RecordingHandler(_Api):
+    """GET: one recording, the asciicast v2 file (application/x-asciicast)."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, ref: str, name: str) -> None:
+        with service_errors():
+            data = await self.hub.recording(ref, name)
+        self.set_header("Content-Type", MEDIA_TYPE)
+        self.finish(data)
 
 
 class RestartHandler(_Api):
@@ -334,6 +357,8 @@ def handlers(hub: SandboxHub, ssh_dir: Path) -> list[tuple[str, type, dict[str, 
             (f"{one}/restart", RestartHandler),
             (f"{one}/ssh", SshHandler),
             (f"{one}/terminal", TerminalHandler),
+            (f"{one}/recordings", RecordingsHandler),
+            (f"{one}/recordings/(?P<name>[^/]+)", RecordingHandler),
             (f"{one}/logs", LogsSocket),
             (r"sandbox/api/events", EventsSocket),
             (r"sandbox/api/tunnel/(?P<ref>[\w.-]+)", TunnelSocket),

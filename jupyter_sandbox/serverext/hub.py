@@ -25,6 +25,7 @@ Message = dict[str, Any]
 Subscriber = Callable[[Message], None]
 SessionLister = Callable[[], Awaitable[list[dict[str, Any]]]]
 CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "network", "env", "labels")
+CREATE_OPTIONS += ("record_terminals",)
 RETRY_DELAY = 1.0
 ANY_ADDRESS = ("", "0.0.0.0", "::")
 
@@ -182,6 +183,14 @@ class SandboxHub:
 
     async def restart(self, ref: str) -> Message:
         return await self._describe(await (await self.handle(ref)).restart())
+
+    async def recordings(self, ref: str) -> list[Message]:
+        """The sandbox's terminal recordings: name, started_at, size."""
+        return [dataclasses.asdict(r) for r in await (await self.handle(ref)).recordings()]
+
+    async def recording(self, ref: str, name: str) -> bytes:
+        """One recording's asciicast v2 file."""
+        return await (await self.handle(ref)).recording(name)
 
     async def handle(self, ref: str) -> AsyncSandbox:
         """A handle on sandbox `ref` (id or name), reused across requests."""

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import re
 import secrets
 import shlex
@@ -19,6 +20,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -36,6 +38,7 @@ from .._errors import (
 from ..agent.protocol import CHUNK, COMMAND_WITH_INPUT, Frame, encode, encode_json
 from ..agent.remote import AgentStream, parse_result
 from ..backends import space
+from ..ssh import recording
 from ..untrusted import messages
 from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
@@ -71,7 +74,7 @@ FILE_OP_WORDS = {
 AUDIT_SOURCE = "audit"  # the log source of instructors' actions
 AUDITED_TEXT = 200  # characters of a command or path an audit line quotes
 CREATE_OPTIONS = ("name", "timeout", "memory", "cpus", "pids", "fds", "disk", "network")
-CREATE_OPTIONS += ("env", "labels", "owner")
+CREATE_OPTIONS += ("env", "labels", "owner", "record_terminals")
 COMMAND_OPTIONS = ("cmd", "argv", "cwd", "env", "timeout")
 EXEC_OPTIONS = (*COMMAND_OPTIONS, "input_b64")  # the input goes in the JSON body
 FLAGS = ("1", "true", "0", "false")
@@ -102,6 +105,7 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
         "end_reason": record.end_reason,
         "failure": record.failure,
         "failed_at": record.failed_at,
+        "recording": record.recording,
     }
     if live is not None:
         data["limits_note"] = live.runtime.limits_note
@@ -148,6 +152,8 @@ def make_app(
             web.get("/v1/sandboxes/{ref}/procs/{pid}/wait", api.proc_wait),
             web.post("/v1/sandboxes/{ref}/procs/{pid}/signal", api.proc_signal),
             web.get("/v1/sandboxes/{ref}/logs", api.logs),
+            web.get("/v1/sandboxes/{ref}/recordings", api.recordings),
+            web.get("/v1/sandboxes/{ref}/recordings/{name}", api.recording),
             *(web.post(f"/v1/sandboxes/{{ref}}/files/{op}", api.file_op) for op in FILE_OPS),
             web.get("/v1/sandboxes/{ref}/files/read", api.read_file),
             web.put("/v1/sandboxes/{ref}/files/write", api.write_file),
@@ -684,6 +690,30 @@ class Api:
                 await response.write(encode(Frame.END))
             except SandboxError as e:
                 await response.write(_error_frame(e))
+            await response.write_eof()
+            return response
+
+    # -- terminal recordings -----------------------------------------------------------
+
+    async def recordings(self, request: web.Request) -> web.Response:
+        """The sandbox's terminal recordings, oldest first (also when it failed)."""
+        directory = Path(self.manager.get(request.match_info["ref"]).runtime.directory)
+        found = await asyncio.to_thread(recording.list_recordings, directory)
+        return web.json_response([info.to_json() for info in found])
+
+    async def recording(self, request: web.Request) -> web.StreamResponse:
+        """One recording, as the asciicast v2 file it is (up to where a live one has got)."""
+        directory = Path(self.manager.get(request.match_info["ref"]).runtime.directory)
+        fd = await asyncio.to_thread(
+            recording.open_recording, directory, request.match_info["name"]
+        )
+        with open(fd, "rb") as file:
+            response = web.StreamResponse(headers={"Content-Type": recording.MEDIA_TYPE})
+            left = response.content_length = os.fstat(fd).st_size
+            await response.prepare(request)
+            while left and (chunk := await asyncio.to_thread(file.read, min(CHUNK, left))):
+                await response.write(chunk)
+                left -= len(chunk)
             await response.write_eof()
             return response
 

@@ -317,9 +317,11 @@ class Manager:
         labels: dict | None = None,
         owner: str = "",
         caller: Caller | None = None,
+        record_terminals: bool = False,
     ) -> SandboxRecord:
         """Start a sandbox for `caller` (the service's own user if None); limits not given
-        take the defaults of `Settings`."""
+        take the defaults of `Settings`; its terminal sessions are recorded if
+        `record_terminals` or the service records them all."""
         caller = caller or self.own_user
         seconds = parse_timeout(timeout)
         defaults = self.default_limits()
@@ -332,6 +334,8 @@ class Manager:
         labels = _check_labels(labels or {})
         if not isinstance(owner, str):
             raise InvalidRequest("owner must be a string")
+        if not isinstance(record_terminals, bool):
+            raise InvalidRequest("record_terminals must be true or false")
         if name is not None and not (isinstance(name, str) and NAME_RE.fullmatch(name)):
             raise InvalidRequest(
                 f"invalid name {shown(name)}: use letters, digits, '.', '_' or '-' "
@@ -399,6 +403,7 @@ class Manager:
             runtime=runtime.to_json(),
             user=caller.user,
             uid=caller.uid,
+            recording=record_terminals or self.settings.record_terminals,
         )
         try:
             self.state.add(record)

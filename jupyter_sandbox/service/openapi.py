@@ -19,6 +19,7 @@ from .._config import host_cpus, host_memory
 from .._durations import MAX_SECONDS
 from .._errors import ERRORS
 from ..agent.protocol import COMMAND_WITH_INPUT
+from ..ssh import recording
 from ..untrusted.messages import FILE_TYPES, LOG_STREAMS, MAX_PID
 from .limits import MAX_PIDS, MIN_DISK, MIN_FDS, MIN_MEMORY, MIN_PIDS, disk_size, max_fds, max_pids
 from .manager import ENV_KEY_RE, NAME_RE, Manager
@@ -139,6 +140,10 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
             "limits_note": _null(STRING),
             "syscall_filter": _null(STRING),
             "hostname": STRING,
+            "recording": {
+                "type": "boolean",
+                "description": "its SSH terminal sessions are recorded (asciicast v2)",
+            },
         },
         SANDBOX_REQUIRED,
     )
@@ -263,6 +268,10 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
                     "additionalProperties": {"anyOf": [STRING, NUMBER]},
                 },
                 "owner": STRING,
+                "record_terminals": {
+                    "type": "boolean",
+                    "description": "record its SSH terminal sessions; each is told so at login",
+                },
             }
         ),
         "Extend": _body({"timeout": DURATION_SCHEMA}, ("timeout",)),
@@ -346,6 +355,17 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
         ),
         "Remove": _body({"path": STRING, "recursive": BOOLEAN}, ("path",)),
         "Rename": _body({"src": STRING, "dst": STRING}, ("src", "dst")),
+        "Recordings": {
+            "type": "array",
+            "items": _object(
+                {
+                    "name": {"type": "string", "pattern": f"^{recording.NAME.pattern}$"},
+                    "started_at": TIME,
+                    "size": {"type": "integer", "minimum": 0},
+                },
+                ("name", "started_at", "size"),
+            ),
+        },
         "LogEntry": _object(
             {
                 "seq": INTEGER,
@@ -525,6 +545,10 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 ),
             )
         },
+        f"{one}/recordings": {"get": _operation("recordings", "Recordings", ON_SANDBOX)},
+        f"{one}/recordings/{{name}}": {
+            "get": _operation("recording", _binary(recording.MEDIA_TYPE), ON_SANDBOX)
+        },
         f"{one}/files/read": {
             "get": _operation("read_file", _binary(FRAMES), ON_FILES, query=(PATH,))
         },
@@ -571,12 +595,21 @@ def _paths() -> dict[str, dict[str, Schema]]:
         "required": True,
         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PID},
     }
+    name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": f"^{recording.NAME.pattern}$"},
+        "description": f"a recording's name, {recording.NAME_PATTERN}",
+    }
     for path, operations in paths.items():
         for operation in operations.values():
             if "{ref}" in path:
                 operation["parameters"].insert(0, ref)
             if "{pid}" in path:
                 operation["parameters"].insert(1, pid)
+            if "{name}" in path:
+                operation["parameters"].insert(1, name)
     return paths
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class SshAccessManager:
         self.gateway: Gateway | WorkerPool | None = None
         self._expiry: dict[str, tuple[str, float]] = {}  # token hash -> (sandbox, deadline)
         self._task: asyncio.Task | None = None
+        self._notes: dict[str, asyncio.Task] = {}  # the last note sent, by sandbox
         manager.listeners.append(self._on_sandbox_event)
 
     async def start(self) -> None:
@@ -205,6 +207,7 @@ class SshAccessManager:
             claim=self._claimer(token_hash) if token.single_use else None,
             sftp=self.sftp,
             uid=token.uid,  # a record from before uids were kept: the service's own
+            record_in=live.runtime.directory if live.record.recording else None,
         )
 
     def _claimer(self, token_hash: str) -> Callable[[], Awaitable[bool]]:
@@ -218,11 +221,26 @@ class SshAccessManager:
         self._note(sandbox_id, text)
 
     def _note(self, sandbox_id: str, text: str) -> None:
-        """Put an event line into the sandbox's log."""
+        """Put an event line into the sandbox's log, after the lines noted before it."""
         live = self.manager.live.get(sandbox_id)
-        if live is not None and live.record.status != FAILED:
-            task = asyncio.ensure_future(live.agent.call("note", source="ssh", text=text))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if live is None or live.record.status == FAILED:
+            return
+        before = self._notes.get(sandbox_id)
+
+        async def note() -> None:
+            if before is not None:
+                await asyncio.wait({before})
+            await live.agent.call("note", source="ssh", text=text)
+
+        task = asyncio.ensure_future(note())
+        self._notes[sandbox_id] = task
+        task.add_done_callback(partial(self._noted, sandbox_id))
+
+    def _noted(self, sandbox_id: str, task: asyncio.Task) -> None:
+        if self._notes.get(sandbox_id) is task:
+            del self._notes[sandbox_id]
+        if not task.cancelled():
+            task.exception()  # a sandbox that went away meanwhile takes no notes
 
     def _on_sandbox_event(self, event: str, record: SandboxRecord) -> None:
         if event in ("failed", "ended") and self.gateway is not None:

@@ -112,6 +112,7 @@ class SandboxRecord:
     # The OS user who created it (records from before users were kept: the service's).
     user: str = field(default_factory=lambda: user_name(os.getuid()))
     uid: int = field(default_factory=os.getuid)
+    recording: bool = False  # its terminal sessions are recorded (ssh.recording)
 
     @property
     def live(self) -> bool:
@@ -505,6 +506,7 @@ def _read(db: sqlite3.Connection, loaded: _Loaded) -> None:
             try:
                 for name in _JSON_FIELDS:
                     data[name] = json.loads(data[name])
+                data["recording"] = bool(data["recording"])  # an INTEGER, NULL in older rows
                 record = typed(SandboxRecord, data)
             except (ValueError, TypeError):
                 loaded.skipped += 1

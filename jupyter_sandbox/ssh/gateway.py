@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import asyncssh
@@ -28,6 +29,7 @@ import asyncssh
 from ..agent.remote import AgentClient
 from . import forwarding, hostkey, peers
 from .algorithms import server_algorithms
+from .audit import ChannelAudit, ConnectionAudit
 from .limits import GatewayLimits, Ledger, LocalLedger
 from .logs import quiet_asyncssh
 from .session import SandboxSession
@@ -60,6 +62,8 @@ class Target:
     refusal: str | None = None
     # The OS user the token was issued to: the only local user it works for.
     uid: int = field(default_factory=os.getuid)
+    # The sandbox's directory, when its terminals are recorded (see ssh.recording).
+    record_in: str | None = None
 
 
 Resolver = Callable[[str], Awaitable["Target | None"]]
@@ -168,7 +172,9 @@ class Connection(asyncssh.SSHServer):
         self.gateway = gateway
         self.id = next(_connection_ids)  # names it to the service, for gateway workers
         self.conn: asyncssh.SSHServerConnection | None = None
-        self.address = ""  # the peer's address, for the sandbox's log
+        self.address = ""  # the peer's address and port, for the sandbox's log
+        self.port = 0
+        self.audit: ConnectionAudit | None = None  # once logged in
         self.peer = peers.UNKNOWN  # whom abuse limits count this connection against
         self.last_active = 0.0
         self.target: Target | None = None
@@ -190,7 +196,7 @@ class Connection(asyncssh.SSHServer):
             found = peers.UNKNOWN
             self._identifying = asyncio.ensure_future(self._identify_from_proc(peer, local))
         self.peer = peers.UNKNOWN if found is peers.GONE else found
-        self.address = str(peer[0])
+        self.address, self.port = str(peer[0]), int(peer[1])
         self.last_active = time.monotonic()
         self.conn = conn
         self.gateway.connections.add(self)
@@ -223,7 +229,8 @@ class Connection(asyncssh.SSHServer):
         target = self.target
         if target is not None and self.authenticated:
             self.gateway.ledger.closed(self)
-            self.gateway.event(target.sandbox_id, f"SSH connection from {self.address} closed")
+        if self.audit is not None:
+            self.audit.closed()
         elif target is not None and target.public_key:
             _forget(self.gateway.ledger.failed(self.source))  # the right token but not its key
 
@@ -306,8 +313,9 @@ class Connection(asyncssh.SSHServer):
     def _grant(self, target: Target) -> None:
         self.authenticated = True
         self.gateway.ledger.opened(self, target.sandbox_id)
-        single = " (single-use token)" if target.single_use else ""
-        self.gateway.event(target.sandbox_id, f"SSH connection from {self.address}{single}")
+        emit = partial(self.gateway.event, target.sandbox_id)
+        self.audit = ConnectionAudit(emit, self.address, self.port, self.peer)
+        self.audit.opened(target.single_use)
 
     async def _granted(self) -> Target:
         """The target, once the login is served (its single-use token claimed)."""
@@ -338,10 +346,15 @@ class Connection(asyncssh.SSHServer):
         if not self.authenticated:
             return False
         assert self.target is not None
-        return SandboxSession(self.target)
+        return SandboxSession(self.target, self._channel_audit())
 
     async def _session(self) -> SandboxSession:
-        return SandboxSession(await self._granted())
+        return SandboxSession(await self._granted(), self._channel_audit())
+
+    def _channel_audit(self) -> ChannelAudit:
+        """The log lines of a new channel of this (logged in) connection."""
+        assert self.audit is not None
+        return self.audit.channel()
 
     # -- forwarding ------------------------------------------------------------------
 
@@ -349,11 +362,13 @@ class Connection(asyncssh.SSHServer):
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> asyncssh.SSHTCPSession:
         target = await self._granted()
-        return await forwarding.tcp_session(target.agent, dest_host, dest_port)
+        return await forwarding.tcp_session(
+            target.agent, dest_host, dest_port, self._channel_audit()
+        )
 
     async def unix_connection_requested(self, dest_path: str) -> asyncssh.SSHUNIXSession:
         target = await self._granted()
-        return await forwarding.unix_session(target.agent, dest_path)
+        return await forwarding.unix_session(target.agent, dest_path, self._channel_audit())
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return self._refuse_listen()

@@ -4,7 +4,9 @@ One `SandboxSession` per channel: the client's requests choose what to run
 (login shell, ``bash -lc COMMAND`` or the SFTP server), the agent runs it
 inside the sandbox, and two copy loops relay data with flow control both ways:
 client input is queued and the channel paused while the agent is behind;
-agent output is read only while the channel can take more.
+agent output is read only while the channel can take more. Each session's start
+and end go into the sandbox's log (``audit``); a pty session of a sandbox whose
+terminals are recorded is told so and its output recorded (``recording``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import json
 import re
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -21,6 +24,8 @@ import asyncssh
 from .._errors import SandboxError
 from ..agent.protocol import Frame
 from ..agent.remote import AgentStream
+from .audit import ChannelAudit, exit_outcome, shown
+from .recording import NOTICE, Recording
 from .sftp import SubsystemUnavailable, sftp_server_argv
 
 if TYPE_CHECKING:
@@ -53,12 +58,15 @@ def session_env(base: dict[str, str], client: Any) -> dict[str, str]:
 class SandboxSession(asyncssh.SSHServerSession):
     """One session channel, served by a command the agent runs inside the sandbox."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, audit: ChannelAudit) -> None:
         self.target = target
+        self.audit = audit
         self.chan: asyncssh.SSHServerChannel | None = None
         self.pty: dict[str, Any] | None = None
         self.argv: list[str] | None = None
+        self.what = ""  # what the client asked for, as the sandbox's log shows it
         self.sftp = False
+        self.recording: Recording | None = None
         self.inbound: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         # Requests the client can repeat at will wait in `inbound` at most once each: the
         # latest terminal size (sent when its turn comes) and each signal.
@@ -86,26 +94,38 @@ class SandboxSession(asyncssh.SSHServerSession):
 
     def shell_requested(self) -> bool:
         self.argv = LOGIN_SHELL
+        self.what = "shell"
         return True
 
     def exec_requested(self, command: str) -> bool:
         self.argv = ["/bin/bash", "-lc", command]
+        self.what = f"exec {shown(command)}"
         return True
 
     def subsystem_requested(self, subsystem: str) -> bool:
         self.sftp = subsystem == "sftp"
+        if self.sftp:
+            self.what = "sftp"
+        else:
+            self.audit.refused(f"subsystem {shown(subsystem, 100)}", "only sftp is served")
         return self.sftp
 
     def session_started(self) -> None:
+        pty = self.pty
+        terminal = f", pty {pty['cols']}x{pty['rows']} {shown(pty['term'])}" if pty else ""
+        self.audit.start(self.what + terminal)
         self.task = asyncio.ensure_future(self._serve())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.task is not None:
             self.task.cancel()  # closing the agent stream ends the command
+        else:
+            self.audit.end("closed before it started")
 
     # -- input ------------------------------------------------------------------------
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.audit.bytes_in += len(data)
         self._queue(Frame.STDIN, data)
 
     def eof_received(self) -> bool:
@@ -115,6 +135,8 @@ class SandboxSession(asyncssh.SSHServerSession):
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         cols, rows = clamp_term_size(width, height)
+        if self.recording is not None:
+            self.recording.resize(cols, rows)
         if self.size_pending is None:
             self._queue(Frame.RESIZE, b"")  # stands for whatever size is latest when sent
         self.size_pending = json.dumps({"rows": rows, "cols": cols}).encode()
@@ -147,20 +169,62 @@ class SandboxSession(asyncssh.SSHServerSession):
     # -- the bridge -------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        outcome = "closed before the command ended"
+        try:
+            outcome = await self._bridge()
+        finally:
+            self._stop_recording()
+            self.audit.end(outcome)
+
+    async def _bridge(self) -> str:
+        """Run the command and relay it; how it ended, in words."""
         assert self.chan is not None
         try:
             stream = await self._start()
         except (SandboxError, SubsystemUnavailable) as e:
             self.chan.write_stderr(f"jupyter-sandbox: {e}\r\n".encode())
             self.chan.exit(LOST if isinstance(e, SandboxError) else 1)
-            return
+            return f"could not start: {e}"
+        if self.pty is not None and self.target.record_in is not None:
+            self._start_recording()
         sender = asyncio.ensure_future(self._to_agent(stream))
         try:
             status = await self._from_agent(stream)
         finally:
             sender.cancel()
             await stream.close()
-        self.chan.exit(status)
+        if status is None:
+            self.chan.exit(LOST)
+            return f"the sandbox went away (exit status {LOST})"
+        self.chan.exit(status["exit_code"])
+        return exit_outcome(status["exit_code"], status.get("signal"))
+
+    def _start_recording(self) -> None:
+        """Tell the user, then record; a recording that cannot start is said in the log."""
+        assert self.chan is not None and self.pty is not None
+        notice = f"{NOTICE}\r\n".encode()
+        self.chan.write(notice)
+        self.audit.bytes_out += len(notice)
+        try:
+            self.recording = Recording.start(
+                Path(self.target.record_in),
+                self.pty["cols"],
+                self.pty["rows"],
+                self.pty["term"],
+                self.what,
+            )
+        except OSError as e:
+            self.audit.note(f"terminal not recorded: {e.strerror or e}")
+            return
+        self.audit.note(f"recording the terminal to {self.recording.name}")
+
+    def _stop_recording(self) -> None:
+        recording, self.recording = self.recording, None
+        if recording is None:
+            return
+        recording.close()
+        if recording.stopped is not None:
+            self.audit.note(f"recording {recording.name} truncated: {recording.stopped}")
 
     async def _start(self) -> AgentStream:
         target = self.target
@@ -187,15 +251,20 @@ class SandboxSession(asyncssh.SSHServerSession):
                     self.reading_paused = False
                     self.chan.resume_reading()
 
-    async def _from_agent(self, stream: AgentStream) -> int:
-        """Command output to the channel; the command's exit status at the end."""
+    async def _from_agent(self, stream: AgentStream) -> dict[str, Any] | None:
+        """Command output to the channel; the command's exit status at the end (its
+        ``exit_code`` and ``signal``), None if the sandbox went away first."""
         while (frame := await stream.recv()) is not None:
             kind, payload = frame
             if kind == Frame.EXIT:
-                return json.loads(payload)["exit_code"]
+                return json.loads(payload)
             if kind == Frame.STDOUT:
                 self.chan.write(payload)
             elif kind == Frame.STDERR:
                 self.chan.write_stderr(payload)
+            if kind in (Frame.STDOUT, Frame.STDERR):
+                self.audit.bytes_out += len(payload)
+                if self.recording is not None:
+                    self.recording.output(payload)
             await self.writable.wait()
-        return LOST
+        return None
