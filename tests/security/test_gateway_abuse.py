@@ -555,7 +555,7 @@ def test_window_change_and_signal_floods_are_coalesced() -> None:
     """Attack: 200k window-change and signal requests while the agent is behind; each
     one was queued (1M grew the service by 40 MB). The queue holds one resize (the latest
     size) and each signal once, and the agent gets the latest size."""
-    session = SandboxSession(target=None)  # type: ignore[arg-type]
+    session = SandboxSession(target=None, audit=None)  # type: ignore[arg-type]
     session.chan = PausableChannel()  # type: ignore[assignment]
     for i in range(WINDOW_CHANGES):
         session.terminal_size_changed(80 + i % 100, 24, 0, 0)
