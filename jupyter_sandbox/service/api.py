@@ -697,17 +697,17 @@ class Api:
 
     async def recordings(self, request: web.Request) -> web.Response:
         """The sandbox's terminal recordings, oldest first (also when it failed)."""
-        directory = Path(self.manager.get(request.match_info["ref"]).runtime.directory)
+        directory = Path(self._sandbox(request).runtime.directory)
         found = await asyncio.to_thread(recording.list_recordings, directory)
         return web.json_response([info.to_json() for info in found])
 
     async def recording(self, request: web.Request) -> web.StreamResponse:
         """One recording, as the asciicast v2 file it is (up to where a live one has got)."""
-        directory = Path(self.manager.get(request.match_info["ref"]).runtime.directory)
-        fd = await asyncio.to_thread(
-            recording.open_recording, directory, request.match_info["name"]
-        )
+        live = self._sandbox(request)
+        name = request.match_info["name"]
+        fd = await asyncio.to_thread(recording.open_recording, Path(live.runtime.directory), name)
         with open(fd, "rb") as file:
+            await self._audit(request, live, f"replayed the terminal recording {name}")
             response = web.StreamResponse(headers={"Content-Type": recording.MEDIA_TYPE})
             left = response.content_length = os.fstat(fd).st_size
             await response.prepare(request)
