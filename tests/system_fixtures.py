@@ -204,9 +204,9 @@ class SystemService:
         return {"JUPYTER_SANDBOX_SYSTEM_RUN": str(self.run_dir)}
 
     def reload(self) -> None:
-        """SIGHUP: the service reads its config file again."""
-        pid = json.loads(self.runtime_file.read_text())["pid"]
-        os.kill(pid, signal.SIGHUP)
+        """SIGHUP to the supervisor, as `systemctl reload` sends it: the service reads its
+        config file again."""
+        self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
         """Stop it; fail if any sandbox's process, mount or directory is left."""

@@ -7,7 +7,8 @@ it is started again, after a short backoff, with no client call: the new
 service re-adopts the sandboxes and ends those whose deadline passed meanwhile.
 The child's own exit 0 (idle, or stopped by SIGTERM) ends the supervisor too.
 
-SIGTERM or SIGINT to the supervisor stop the service cleanly. If the
+SIGTERM or SIGINT to the supervisor stop the service cleanly; SIGHUP is passed on
+(the service reads its config file again). If the
 supervisor itself is killed, the service keeps running on its own and clients
 keep finding it through its socket.
 
@@ -135,6 +136,7 @@ class Supervisor:
         self._sockets = self._bind_ports()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
+        signal.signal(signal.SIGHUP, self._forward)
         ever_ready = False
         while True:
             ready = threading.Event()
@@ -245,6 +247,13 @@ class Supervisor:
         while not self.stopping and time.monotonic() < until:
             time.sleep(min(0.05, max(0.0, until - time.monotonic())))
         return not self.stopping
+
+    def _forward(self, signum: int, frame: object) -> None:
+        """SIGHUP: the service reads its config file again (`systemctl reload`)."""
+        child = self.child
+        if child is not None and child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
 
     def _stop(self, signum: int, frame: object) -> None:
         """SIGTERM/SIGINT: stop the service cleanly, then exit."""
