@@ -481,7 +481,14 @@ def _paths() -> dict[str, dict[str, Schema]]:
         },
         "/v1/sandboxes": {
             "get": _operation(
-                "list", "SandboxList", COMMON, query=(_flag("all", "include ended sandboxes"),)
+                "list",
+                "SandboxList",
+                COMMON,
+                query=(
+                    _flag("all", "include ended sandboxes"),
+                    _query("user", STRING, "only the sandboxes of this OS user (login name)"),
+                    _flag("mine", "only the caller's own sandboxes (for instructors)"),
+                ),
             ),
             "post": _operation(
                 "create", "CreatedSandbox", (*COMMON, 403, 409, 507), body="CreateSandbox", ok=201

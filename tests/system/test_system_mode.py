@@ -149,6 +149,18 @@ def test_each_student_sees_only_their_own_sandboxes(
     assert run_json(bob, system, LIST) == [[b["id"], "work", bob.name]]
     everyone = run_json(teacher, system, LIST)
     assert everyone == sorted([[a["id"], "work", alice.name], [b["id"], "work", bob.name]])
+    ambiguous = r"""
+from jupyter_sandbox import InvalidRequest, Sandbox
+try:
+    Sandbox.connect("work")
+except InvalidRequest as e:
+    print(e)
+"""
+    done = python_as(teacher, system, ambiguous)
+    assert done.stdout.strip() == (
+        f"sandboxes of several users are named 'work' ({alice.name}: {a['id']}, "
+        f"{bob.name}: {b['id']}): give the id"
+    ), done.stderr
     filters = r"""
 import json, sys, httpx
 c = httpx.Client(transport=httpx.HTTPTransport(uds=sys.argv[1]), base_url="http://s")
