@@ -283,7 +283,7 @@ def gateway(work: Path, sftp: str = "openssh") -> Iterator[Target]:
     """
     from jupyter_sandbox import Sandbox
 
-    with private_service(1), sftp_setting(sftp):
+    with private_service(1), service_setting("JUPYTER_SANDBOX_SFTP", sftp):
         sb = Sandbox.create(timeout="10m")
         try:
             access = sb.expose_ssh()
@@ -304,17 +304,17 @@ def gateway(work: Path, sftp: str = "openssh") -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def sftp_setting(value: str) -> Iterator[None]:
-    """JUPYTER_SANDBOX_SFTP for the service started meanwhile (it reads it at its start)."""
-    saved = os.environ.get("JUPYTER_SANDBOX_SFTP")
-    os.environ["JUPYTER_SANDBOX_SFTP"] = value
+def service_setting(name: str, value: str) -> Iterator[None]:
+    """Environment variable `name` for the service started meanwhile (read at its start)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("JUPYTER_SANDBOX_SFTP")
+            os.environ.pop(name)
         else:
-            os.environ["JUPYTER_SANDBOX_SFTP"] = saved
+            os.environ[name] = saved
 
 
 # -- measurements ---------------------------------------------------------------------------

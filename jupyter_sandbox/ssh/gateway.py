@@ -96,6 +96,7 @@ class Gateway:
         self.host_key = hostkey.load_host_key(Path(host_key_dir))
         self.host_key_fingerprint = hostkey.fingerprint(self.host_key)
         self.connections: set[Connection] = set()
+        self.connections_made = 0  # ever (with `connections`: those accepted and ended)
         self.proc_reader = peers.ProcReader()  # only where sock_diag is missing
         self._acceptor: asyncssh.SSHAcceptor | None = None
         quiet_asyncssh()
@@ -200,6 +201,7 @@ class Connection(asyncssh.SSHServer):
         self.last_active = time.monotonic()
         self.conn = conn
         self.gateway.connections.add(self)
+        self.gateway.connections_made += 1
         _track_receives(conn, self)
         self.gateway.ledger.admit(self)
         if found is peers.GONE:  # the client closed already: nobody to serve

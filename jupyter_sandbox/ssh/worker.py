@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from ..agent.remote import AgentClient
@@ -24,24 +25,68 @@ from .control import Channel, Message
 from .gateway import Connection, Gateway, Target
 from .limits import GatewayLimits
 from .tokens import hash_token
+from .workers import SharedLoads
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+# How long a busier worker leaves a new connection to a less busy one before it takes
+# it after all (that one may be stuck on a long computation); a gap in its refusals
+# longer than SPIN_GAP means another connection.
+FAIR_GRACE = 0.005
+SPIN_GAP = 0.001
+
+
+class FairListener(socket.socket):
+    """The shared listening socket, accepted from only while this worker holds no more
+    connections than the least busy other worker (or after FAIR_GRACE)."""
+
+    def __init__(self, fileno: int, loads: SharedLoads, index: int) -> None:
+        super().__init__(fileno=fileno)
+        self.loads, self.index = loads, index
+        self.gateway: Gateway | None = None  # this worker's, once it runs
+        self.accepted = 0
+        self._streak_start = self._last_refusal = float("-inf")
+
+    def accept(self) -> tuple[socket.socket, object]:
+        others = self.loads.least_of_others(self.index)
+        if others is not None and self.load() > others:
+            now = time.monotonic()
+            if now - self._last_refusal > SPIN_GAP:
+                self._streak_start = now
+            self._last_refusal = now
+            if now - self._streak_start < FAIR_GRACE:
+                raise BlockingIOError  # the event loop waits for the next connection
+        accepted = super().accept()
+        self.accepted += 1
+        self.publish()
+        return accepted
+
+    def load(self) -> int:
+        """Connections accepted and not ended (some not yet handed to the gateway)."""
+        if self.gateway is None:
+            return self.accepted
+        gateway = self.gateway
+        return self.accepted - gateway.connections_made + len(gateway.connections)
+
+    def publish(self) -> None:
+        self.loads.set(self.index, self.load())
 
 
 class ServiceLedger:
     """The `limits.Ledger` of a worker: the service counts for every worker."""
 
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
+    def __init__(self, channel: Channel, listener: FairListener) -> None:
+        self.channel, self.listener = channel, listener
 
     async def failed(self, source: str) -> bool:
         return bool((await self.channel.request({"op": "failed", "source": source}))["blocked"])
 
     def admit(self, conn: Connection) -> None:
+        self.listener.publish()
         self.channel.send({"op": "admit", "conn": conn.id, "source": conn.source})
 
     def remove(self, conn: Connection) -> None:
+        self.listener.publish()
         self.channel.send({"op": "remove", "conn": conn.id})
 
     def opened(self, conn: Connection, sandbox_id: str) -> None:
@@ -55,15 +100,17 @@ class ServiceLedger:
 class Worker:
     """A `Gateway` on the inherited socket, answering the service's orders."""
 
-    def __init__(self, channel: Channel, gateway_options: dict) -> None:
-        self.channel = channel
+    def __init__(self, channel: Channel, listener: FairListener, gateway_options: dict) -> None:
+        self.channel, self.listener = channel, listener
         self.gateway = Gateway(
             self.resolve,
             on_event=self.event,
-            ledger=ServiceLedger(channel),
+            ledger=ServiceLedger(channel, listener),
             limits=GatewayLimits.from_env(),
+            sock=listener,
             **gateway_options,
         )
+        listener.gateway = self.gateway
 
     async def resolve(self, token: str) -> Target | None:
         """The service's answer for the token, asked by its hash."""
@@ -97,6 +144,7 @@ class Worker:
         """Serve until the service closes the channel (or goes away), then drop every
         connection."""
         await self.gateway.start()
+        self.listener.publish()  # 0: from now on this worker takes its share
         self.channel.send({"op": "ready"})
         await self.channel.serve(self.handle)
         await self.gateway.close()
@@ -115,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jupyter_sandbox.ssh.worker")
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--loads-fd", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--host-keys", type=Path, required=True)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
@@ -126,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s [ssh worker {args.index}] %(message)s",
     )
-    listening = socket.socket(fileno=args.listen_fd)
+    loads = SharedLoads(args.loads_fd, args.workers)
+    listening = FairListener(args.listen_fd, loads, args.index)
     control = socket.socket(fileno=args.control_fd)
 
     async def run() -> None:
@@ -135,11 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         worker = Worker(
             await Channel.over(control),
-            {
-                "host_key_dir": args.host_keys,
-                "sock": listening,
-                "post_quantum_only": args.post_quantum_only,
-            },
+            listening,
+            {"host_key_dir": args.host_keys, "post_quantum_only": args.post_quantum_only},
         )
         serving = asyncio.ensure_future(worker.run())
         stopping = asyncio.ensure_future(stop.wait())

@@ -17,6 +17,11 @@ on the socket and runs a `Gateway` whose bookkeeping is here, in the service:
 * every worker dies with the service, even by SIGKILL (``PR_SET_PDEATHSIG``, and the
   channel's end), so none is left serving tokens nobody can revoke.
 
+Connections are spread evenly: the kernel wakes every worker for a new connection, and
+a worker holding more connections than the least busy other one leaves it to that one
+for a moment (`SharedLoads`, `worker.FairListener`), so eight parallel copies run on
+every core rather than on whichever worker woke first.
+
 Every worker loads the service's host key itself: clients see one host key.
 """
 
@@ -25,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +79,44 @@ def target_message(target: Target) -> Message:
     """A target as the channel carries it: the agent as its socket path, no callables."""
     message = {f.name: getattr(target, f.name) for f in fields(target) if f.name != "claim"}
     return message | {"agent": target.agent.socket_path}
+
+
+class SharedLoads:
+    """How many connections each worker holds, in memory the service shares with its
+    workers (a memfd): each worker writes its own slot and reads the others'."""
+
+    SLOT = struct.Struct("=I")
+    ABSENT = 0xFFFFFFFF  # no worker runs in this slot (yet, or any more)
+
+    def __init__(self, fd: int, count: int) -> None:
+        self.fd, self.count = fd, count
+        self.map = mmap.mmap(fd, self.SLOT.size * count)
+
+    @classmethod
+    def create(cls, count: int) -> SharedLoads:
+        fd = os.memfd_create("jupyter-sandbox-ssh-loads", os.MFD_CLOEXEC)
+        os.ftruncate(fd, cls.SLOT.size * count)
+        loads = cls(fd, count)
+        for index in range(count):
+            loads.set(index, cls.ABSENT)
+        return loads
+
+    def set(self, index: int, load: int) -> None:
+        self.SLOT.pack_into(self.map, self.SLOT.size * index, load)
+
+    def least_of_others(self, index: int) -> int | None:
+        """The smallest load of the other running workers; None if none runs."""
+        loads = [
+            self.SLOT.unpack_from(self.map, self.SLOT.size * other)[0]
+            for other in range(self.count)
+            if other != index
+        ]
+        running = [load for load in loads if load != self.ABSENT]
+        return min(running, default=None)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
 
 
 @dataclass(eq=False)
@@ -137,6 +182,7 @@ class WorkerPool:
         self.host_key_fingerprint = hostkey.fingerprint(self.host_key)
         self.port = sock.getsockname()[1]
         self.workers: list[Worker | None] = [None] * count
+        self.loads = SharedLoads.create(count)
         self._deaths = [0] * count
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -162,6 +208,7 @@ class WorkerPool:
         await asyncio.gather(*(self._reap(w) for w in running))
         for task in list(self._tasks):
             task.cancel()
+        self.loads.close()
 
     def close_sessions(self, sandbox_id: str, token_hash: str | None = None) -> None:
         """Drop live connections to a sandbox (or made with one token) in every worker."""
@@ -191,6 +238,8 @@ class WorkerPool:
             "jupyter_sandbox.ssh.worker",
             f"--listen-fd={self.sock.fileno()}",
             f"--control-fd={theirs.fileno()}",
+            f"--loads-fd={self.loads.fd}",
+            f"--workers={self.count}",
             f"--host-keys={self.host_key_dir}",
             f"--parent={os.getpid()}",
             f"--index={index}",
@@ -201,7 +250,7 @@ class WorkerPool:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(self.sock.fileno(), theirs.fileno()),
+                pass_fds=(self.sock.fileno(), theirs.fileno(), self.loads.fd),
             )
         finally:
             theirs.close()
@@ -220,6 +269,8 @@ class WorkerPool:
         """Answer a worker until its channel ends; then account for it and replace it."""
         await worker.channel.serve(lambda message: self._handle(worker, message))
         returncode = await self._reap(worker)
+        if not self._closing:
+            self.loads.set(worker.index, SharedLoads.ABSENT)
         for login in worker.logins.values():
             self.ledger.remove(login)
         if not worker.ready.done():
