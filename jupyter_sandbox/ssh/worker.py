@@ -91,7 +91,7 @@ class ServiceLedger:
 
     def opened(self, conn: Connection, sandbox_id: str) -> None:
         message = {"op": "opened", "conn": conn.id, "sandbox_id": sandbox_id}
-        self.channel.send({**message, "address": conn.address})
+        self.channel.send({**message, "address": conn.address, "port": conn.port})
 
     def closed(self, conn: Connection) -> None:
         self.channel.send({"op": "closed", "conn": conn.id})

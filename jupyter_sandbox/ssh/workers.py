@@ -42,6 +42,7 @@ from pathlib import Path
 
 from .._exits import describe_exit as _describe
 from . import hostkey
+from .audit import duration
 from .control import Channel, Message
 from .gateway import Target
 from .limits import GatewayLimits, LocalLedger
@@ -137,7 +138,7 @@ class Session:
     """A live connection a worker serves."""
 
     sandbox_id: str
-    address: str
+    peer: str  # "ADDRESS port PORT", as the audit lines name it
     opened: float
 
 
@@ -285,11 +286,9 @@ class WorkerPool:
             return
         why = f"its gateway worker (pid {worker.proc.pid}) {_describe(returncode)}"
         for session in worker.sessions.values():
-            lasted = time.monotonic() - session.opened
-            self.on_event(
-                session.sandbox_id,
-                f"SSH connection from {session.address} closed after {lasted:.0f} s: {why}",
-            )
+            lasted = duration(time.monotonic() - session.opened)
+            line = f"SSH connection from {session.peer} closed after {lasted}: {why}"
+            self.on_event(session.sandbox_id, line)
         self.workers[worker.index] = None
         steady = time.monotonic() - worker.started > STEADY
         self._deaths[worker.index] = 1 if steady else self._deaths[worker.index] + 1
@@ -329,7 +328,8 @@ class WorkerPool:
             if login is not None:
                 self.ledger.remove(login)
         elif op == "opened":
-            session = Session(message["sandbox_id"], message["address"], time.monotonic())
+            peer = f"{message['address']} port {message['port']}"
+            session = Session(message["sandbox_id"], peer, time.monotonic())
             worker.sessions[message["conn"]] = session
         elif op == "closed":
             worker.sessions.pop(message["conn"], None)
