@@ -365,6 +365,35 @@ def test_recordings_outlive_a_failure_and_go_with_the_sandbox(service_env: Servi
         sb.recordings()
 
 
+def test_the_cli_creates_lists_and_writes_recordings(service_env: ServiceEnv):
+    sandbox_id = service_env.run_cli("create", "--record-terminals").stdout.strip()
+    sb = Sandbox.connect(sandbox_id)
+    try:
+        assert re.search(r"terminals\s+recorded\n", service_env.run_cli("info", sandbox_id).stdout)
+        assert "none yet" in service_env.run_cli("recordings", sandbox_id).stdout
+        run(["ssh", "-tt", *ssh_argv(sb)[1:]], b"echo from-the-cli\nexit\n")
+        session_lines(sb, ends=1)
+        [info] = sb.recordings()
+        listed = service_env.run_cli("recordings", sandbox_id).stdout.splitlines()
+        assert listed[0].split() == ["NAME", "STARTED", "SIZE"] and info.name in listed[1]
+        cast = subprocess.run(
+            [sys.executable, "-m", "jupyter_sandbox", "recordings", sandbox_id, info.name],
+            env={**os.environ, **service_env.env},
+            capture_output=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "from-the-cli" in output_of(parse_cast(cast)[1])
+    finally:
+        sb.kill()
+    plain = service_env.run_cli("create").stdout.strip()
+    try:
+        assert "--record-terminals" in service_env.run_cli("recordings", plain).stdout
+        assert re.search(r"terminals\s+not recorded\n", service_env.run_cli("info", plain).stdout)
+    finally:
+        Sandbox.connect(plain).kill()
+
+
 def test_the_service_setting_records_every_sandbox(separate_service_env: dict[str, str]):
     env = {
         **separate_service_env,

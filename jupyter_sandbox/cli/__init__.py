@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
     p.add_argument("--tail", type=int, help="only the last N entries")
 
+    p = command(
+        "recordings",
+        cmd_recordings,
+        "list a sandbox's terminal recordings, or write one (asciicast v2) to stdout",
+    )
+    p.add_argument("sandbox")
+    p.add_argument("name", nargs="?", help="the recording to write (asciinema play FILE)")
+
     p = command("kill", cmd_kill, "kill sandboxes")
     p.add_argument("sandboxes", nargs="*", metavar="SANDBOX")
     p.add_argument("--all", action="store_true", help="kill every sandbox")
@@ -459,6 +467,26 @@ def cmd_logs(args: argparse.Namespace) -> int:
         prefix = f"[{where}]"
         sys.stdout.write(f"{prefix} {entry.text.rstrip(chr(10))}\n")
         sys.stdout.flush()
+    return 0
+
+
+def cmd_recordings(args: argparse.Namespace) -> int:
+    sandbox = Sandbox.connect(args.sandbox)
+    if args.name is not None:
+        sys.stdout.buffer.write(sandbox.recording(args.name))
+        return 0
+    found = sandbox.recordings()
+    if not found:
+        recorded = (
+            "are recorded, none yet"
+            if sandbox.info().recording
+            else ("are not recorded (create a sandbox with --record-terminals to record them)")
+        )
+        print(f"no recordings: the terminal sessions of {args.sandbox} {recorded}")
+        return 0
+    rows = [("NAME", "STARTED", "SIZE")]
+    rows += [(r.name, _when(r.started_at), format_size(r.size)) for r in found]
+    print_table(rows)
     return 0
 
 
