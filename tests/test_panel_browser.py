@@ -506,3 +506,295 @@ def test_failed_sandbox_in_panel(page: Any, service_env: Any, tmp_path: Path) ->
         for sandbox in [*crowd, broken]:
             sandbox.kill()
         lab.stop()
+
+
+# WCAG 2 contrast of every visible text, field, icon and button edge in the panel (and in
+# an open dialog), against the background it is drawn on (the ancestors' backgrounds
+# composed). Disabled controls are exempt, as WCAG has them.
+CONTRAST = """root => {
+  const rgba = c => {
+    const p = c.match(/[\\d.]+/g).map(Number);
+    return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1];
+  };
+  const over = (top, under) => [0, 1, 2].map(i => top[i] * top[3] + under[i] * (1 - top[3]))
+    .concat(1);
+  const backdrop = node => {
+    const layers = [];
+    for (let e = node; e; e = e.parentElement) {
+      const c = rgba(getComputedStyle(e).backgroundColor);
+      if (c[3] > 0) { layers.push(c); if (c[3] >= 1) break; }
+    }
+    return layers.reverse().reduce((under, top) => over(top, under), [255, 255, 255, 1]);
+  };
+  const luminance = c => {
+    const [r, g, b] = c.slice(0, 3).map(v => {
+      v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const ratio = (a, b) => {
+    const [x, y] = [luminance(a), luminance(b)].sort((p, q) => q - p);
+    return (x + 0.05) / (y + 0.05);
+  };
+  const shown = e => e.checkVisibility({ checkOpacity: true, visibilityProperty: true })
+    && !e.closest(':disabled') && e.getBoundingClientRect().width > 0;
+  const bad = [];
+  const check = (node, what, color, need) => {
+    const bg = backdrop(node);
+    const r = ratio(over(rgba(color), bg), bg);
+    if (r < need) bad.push(`${what}: ${r.toFixed(2)} (${color} on rgb(${bg.slice(0, 3)}))`);
+  };
+  let count = 0;
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+  const seen = new Set();
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    const e = n.parentElement;
+    if (!n.textContent.trim() || seen.has(e) || e.closest('select') || !shown(e)) continue;
+    seen.add(e); count++;
+    check(e, `text "${n.textContent.trim().slice(0, 40)}"`, getComputedStyle(e).color, 4.5);
+  }
+  for (const e of root.querySelectorAll('input:not([type=checkbox]), select, textarea')) {
+    if (!shown(e)) continue;
+    count++;
+    check(e, `field ${e.className}`, getComputedStyle(e).color, 4.5);
+    check(e.parentElement, `edge of field ${e.className}`, getComputedStyle(e).borderTopColor, 3);
+  }
+  for (const e of root.querySelectorAll('button')) {
+    if (!shown(e)) continue;
+    count++;
+    const style = getComputedStyle(e);
+    if (parseFloat(style.borderTopWidth) > 0 && rgba(style.borderTopColor)[3] > 0) {
+      check(e.parentElement, `edge of button "${e.innerText.trim()}"`, style.borderTopColor, 3);
+    }
+    for (const svg of e.querySelectorAll('svg')) {
+      // An icon's shape is told from the button by its most distinct colour (a glyph
+      // inside a dark box contrasts with the box).
+      const bg = backdrop(e);
+      const fills = [...svg.querySelectorAll('[fill]:not([fill=none])')].filter(shown)
+        .map(p => ratio(over(rgba(getComputedStyle(p).fill), bg), bg));
+      if (fills.length && Math.max(...fills) < 3) {
+        bad.push(`icon of button "${e.title || e.innerText.trim()}": ${Math.max(...fills)}`);
+      }
+    }
+  }
+  return { count, bad };
+}"""
+
+# Pairs of texts of a card that innerText (what a copy or a screen reader gets) runs
+# together: "sessionmem 102400.0 GiB" was seen.
+GLUED = """card => {
+  const texts = [];
+  const walker = document.createTreeWalker(card, NodeFilter.SHOW_TEXT);
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    const text = n.textContent.trim();
+    if (text && n.parentElement.checkVisibility()) texts.push(text);
+  }
+  const read = card.innerText;
+  return texts.slice(1).map((t, i) => texts[i] + t).filter(pair => read.includes(pair));
+}"""
+
+# Parts of a card's copy fields that stick out of the card.
+OVERFLOWING = """card => {
+  const box = card.getBoundingClientRect();
+  return [...card.querySelectorAll('.jsb-copy, .jsb-copy *')].filter(e => {
+    const r = e.getBoundingClientRect();
+    return r.width && (r.left < box.left - 0.5 || r.right > box.right + 0.5);
+  }).map(e => e.className);
+}"""
+
+BUSY_MINUTE = "sh -c 'end=$(($(date +%s)+90)); while [ $(date +%s) -lt $end ]; do :; done'"
+
+
+def assert_readable(page: Any, theme: str) -> None:
+    """Every text of the panel at least 4.5:1 against its background, controls 3:1."""
+    result = page.locator("#jupyter-sandbox-panel").evaluate(CONTRAST)
+    assert result["count"] > 20, result
+    assert not result["bad"], f"{theme}: {result['bad']}"
+
+
+def assert_cards_laid_out(panel: Any) -> None:
+    for each in panel.locator(".jsb-sandbox").all():
+        assert not each.evaluate(GLUED), each.inner_text()
+        assert not each.evaluate(OVERFLOWING)
+
+
+def cpu_shown(sandbox_card: Any) -> float:
+    caption = sandbox_card.locator(".jsb-chart-cpu .jsb-chart-caption").inner_text()
+    match = re.match(r"CPU (\d+(?:\.\d)?)% \(100% = one core\)$", caption)
+    assert match, caption
+    return float(match.group(1))
+
+
+def saved_view(lab: JupyterProcess) -> dict[str, Any]:
+    """What the panel keeps in JupyterLab's state database (the workspace, on the server)."""
+    workspace = lab.api("GET", "lab/api/workspaces/default")
+    return workspace.get("data", {}).get("jupyter-sandbox:panel", {})
+
+
+def row_names(panel: Any) -> list[str]:
+    return panel.locator(".jsb-row .jsb-row-name").all_inner_texts()
+
+
+def test_panel_for_a_class(page: Any, service_env: Any, tmp_path: Path) -> None:
+    """One sandbox as a card (charts, copy fields, contrast in both themes), then thirty
+    in the table: search, filter, sort, grouping, bulk kill and extend checked with the
+    service."""
+    lab = server(tmp_path, service_env, "lab")
+    crowd: list[Sandbox] = []
+    try:
+        busy = Sandbox.create(
+            name="busy", timeout="60m", cpus=2, memory="256M", labels={"group": "a"}
+        )
+        crowd.append(busy)
+        panel = open_panel(page, f"{lab.url}lab?token={lab.token}")
+        widen_panel(page, 600)  # room for every column of the table
+        busy_card = card(panel, busy.id)
+
+        # The charts' scales: CPU up to the limit of two cores (200%), memory its limit.
+        cpu_axis = busy_card.locator(".jsb-chart-cpu .jsb-chart-axis span")
+        expect(cpu_axis).to_have_text(["200%", "100%", "0"])
+        memory_axis = busy_card.locator(".jsb-chart-memory .jsb-chart-axis span")
+        expect(memory_axis).to_have_text(["256 MiB", "128 MiB", "0"])
+        # One busy process: about one core, as top shows it (never two).
+        busy.spawn(BUSY_MINUTE)
+        wait_for(lambda: cpu_shown(busy_card) >= 30, 30, message="the busy loop to show")
+        assert cpu_shown(busy_card) <= 110
+        # A tooltip gives the value and time under the pointer.
+        chart = busy_card.locator(".jsb-chart-cpu svg")
+        box = chart.bounding_box()
+        page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] / 2)
+        tip = busy_card.locator(".jsb-chart-cpu .jsb-chart-tip")
+        expect(tip).to_have_text(re.compile(r"^CPU \d+(\.\d)?% at \d\d:\d\d:\d\d$"))
+        page.mouse.move(0, 0)
+        expect(tip).to_be_hidden()
+
+        busy_card.locator("[data-action=copy-ssh]").click()
+        busy_card.locator("[data-action=copy-tunnel]").click()
+        expect(busy_card.locator(".jsb-tunnel")).to_be_visible()
+        assert_cards_laid_out(panel)
+        expect(panel.locator(".jsb-quota")).to_be_hidden()  # no quota set
+        assert_readable(page, "light")
+        shot(page, "one-light")
+        set_theme(page, "JupyterLab Dark")
+        assert_readable(page, "dark")
+        shot(page, "one-dark")
+
+        # Thirty, in the table.
+        crowd.extend(
+            Sandbox.create(
+                name=f"student-{i:02d}", timeout=f"{10 + i}m", labels={"group": "ab"[i % 2]}
+            )
+            for i in range(29)
+        )
+        expect(panel.locator(".jsb-sandbox")).to_have_count(30)
+        assert_cards_laid_out(panel)
+        page.locator("[data-view=table]").click()
+        rows = panel.locator(".jsb-row")
+        expect(rows).to_have_count(30)
+        assert_readable(page, "dark, table")
+        shot(page, "thirty-table-dark")
+        set_theme(page, "JupyterLab Light")
+        assert_readable(page, "light, table")
+        shot(page, "thirty-table-light")
+
+        # Usage samples update the rows in place: none is rebuilt.
+        rows.evaluate_all("rows => rows.forEach(r => (r.jsbProbe = true))")
+        cpu_cell = panel.locator(f".jsb-row[data-id='{busy.id}'] .jsb-col-cpu")
+        first = cpu_cell.inner_text()
+        expect(cpu_cell).not_to_have_text(first)
+        assert rows.evaluate_all("rows => rows.every(r => r.jsbProbe)")
+
+        # The header stays in view while the rows scroll under it.
+        body = panel.locator(".jsb-body-widget")
+        body.evaluate("b => (b.scrollTop = b.scrollHeight)")
+        header = panel.locator(".jsb-table thead th.jsb-col-name")
+        assert abs(header.bounding_box()["y"] - body.bounding_box()["y"]) < 2
+        body.evaluate("b => (b.scrollTop = 0)")
+
+        # Search narrows: by name, by label, by id.
+        search = panel.locator(".jsb-search-input")
+        search.fill("student-07")
+        expect(rows).to_have_count(1)
+        assert row_names(panel) == ["student-07"]
+        search.fill("group=b")
+        expect(rows).to_have_count(14)
+        search.fill(busy.id)
+        expect(rows).to_have_count(1)
+        search.fill("")
+        label = panel.locator("select[data-filter=label]")
+        label.select_option("group=a")
+        expect(rows).to_have_count(16)
+        label.select_option("")
+        expect(rows).to_have_count(30)
+
+        # Sort by every column; here name and time left, both ways.
+        names = [f"student-{i:02d}" for i in range(29)]
+        panel.locator("[data-sort=name]").click()
+        expect(panel.locator(".jsb-row .jsb-row-name")).to_have_text(sorted([*names, "busy"]))
+        panel.locator("[data-sort=name]").click()
+        expect(panel.locator(".jsb-row .jsb-row-name")).to_have_text(
+            sorted([*names, "busy"], reverse=True)
+        )
+        panel.locator("[data-sort=left]").click()
+        expect(panel.locator(".jsb-row .jsb-row-name")).to_have_text([*names, "busy"])
+        for key in ("status", "owner", "cpu", "memory", "labels"):
+            panel.locator(f"[data-sort={key}]").click()
+            expect(panel.locator(f"th.jsb-col-{key}")).to_have_attribute("aria-sort", "ascending")
+        panel.locator("[data-sort=left]").click()
+
+        # Grouping by label, and the view is remembered across a reload.
+        panel.locator("select[data-filter=group]").select_option("label")
+        expect(panel.locator(".jsb-group th")).to_have_text(["group=a (16)", "group=b (14)"])
+        wait_for(
+            lambda: saved_view(lab).get("group") == "label",
+            15,
+            message="the workspace to save the panel's view",
+        )
+        page.reload()
+        panel = open_panel(page, f"{lab.url}lab?token={lab.token}")
+        widen_panel(page, 600)
+        rows = panel.locator(".jsb-row")
+        expect(rows).to_have_count(30)
+        expect(panel.locator(".jsb-group th")).to_have_count(2)
+        panel.locator("select[data-filter=group]").select_option("none")
+
+        # Bulk kill: a confirmation naming them; exactly those three end.
+        victims = [s for s in crowd if s.name in ("student-03", "student-04", "student-05")]
+        for victim in victims:
+            panel.locator(f".jsb-row[data-id='{victim.id}'] .jsb-select").check()
+        expect(panel.locator(".jsb-bulk-count")).to_have_text("3 selected")
+        panel.locator("[data-action=bulk-kill]").click()
+        dialog = page.locator(".jp-Dialog")
+        expect(dialog.locator(".jp-Dialog-header")).to_have_text("Kill 3 sandboxes?")
+        listed = dialog.locator(".jsb-confirm-list li").all_inner_texts()
+        assert sorted(listed) == sorted(f"{v.name} ({v.id})" for v in victims)
+        shot(page, "bulk-kill")
+        dialog.locator(".jp-mod-warn").click()
+        expect(rows).to_have_count(27)
+        alive = {s.id for s in Sandbox.list()}
+        assert not alive & {v.id for v in victims}
+        assert alive >= {s.id for s in crowd if s not in victims}
+        expect(panel.locator(".jsb-bulk")).to_be_hidden()
+
+        # Bulk extend adds the same time to each selected one, and to no other.
+        chosen = [s for s in crowd if s.name in ("student-10", "student-11")]
+        bystander = next(s for s in crowd if s.name == "student-12")
+        before = {s.id: s.info().time_left for s in [*chosen, bystander]}
+        for sandbox in chosen:
+            panel.locator(f".jsb-row[data-id='{sandbox.id}'] .jsb-select").check()
+        panel.locator("[data-action=bulk-extend]").click()
+        page.locator(".jp-Dialog input").fill("10m")
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        for sandbox in chosen:
+            wait_for(
+                lambda s=sandbox: s.info().time_left >= before[s.id] + 600 - 10,
+                15,
+                message=f"{sandbox.name} to get 10 more minutes",
+            )
+            left = panel.locator(f".jsb-row[data-id='{sandbox.id}'] .jsb-col-left")
+            expect(left).to_have_text(re.compile(r"^(2[89]|30)m \d+s$"))
+        assert bystander.info().time_left <= before[bystander.id]
+    finally:
+        for sandbox in crowd:
+            sandbox.kill()
+        lab.stop()

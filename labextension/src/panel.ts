@@ -445,7 +445,7 @@ export class SandboxPanel extends Panel {
         status: sandbox.status,
         user: sandbox.user ?? '',
         owner,
-        left: timeLeft(sandbox),
+        left: timeLeft(sandbox).replace(/ left$/, ''),
         cpu: cpu === null ? '–' : formatPercent(cpu),
         memory:
           memory === null
