@@ -453,8 +453,12 @@ def test_sighup_reads_the_file_again_and_a_bad_file_keeps_the_old_quotas(quota_s
     assert "is not valid TOML" in quota_service.log().splitlines()[-1]
     assert Sandbox.usage().quota["memory"] == 2 * GiB
     quota_service.config.unlink()
-    os.kill(quota_service.pid, signal.SIGHUP)  # no file at all: no quotas
+    # No file at all: no quotas. A SIGHUP to the supervisor reaches the service too.
+    supervisor = quota_service.process
+    assert supervisor.pid != quota_service.pid
+    os.kill(supervisor.pid, signal.SIGHUP)
     wait_for(lambda: Sandbox.usage().quota == dict.fromkeys(KEYS), 10, message="no quotas")
+    assert supervisor.poll() is None
 
 
 def test_usage_and_the_cli_show_what_was_created_against_the_quota(quota_service):
