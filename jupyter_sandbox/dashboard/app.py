@@ -1,0 +1,46 @@
+"""The dashboard's tornado application and its entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+
+from tornado import web
+
+from .config import DashboardConfig
+from .handlers import handlers
+from .service import SystemService
+
+log = logging.getLogger("jupyter_sandbox.dashboard")
+
+
+def make_app(config: DashboardConfig, service: SystemService) -> web.Application:
+    """The dashboard under `config.prefix`, acting through `service`."""
+    return web.Application(
+        handlers(config, service),
+        # Login state cookies are signed with a key of this process: a restart logs
+        # everyone in again through the hub, which is silent for a hub session.
+        cookie_secret=secrets.token_bytes(32),
+        xsrf_cookies=True,
+        websocket_ping_interval=30,
+    )
+
+
+async def serve(config: DashboardConfig) -> None:
+    service = SystemService()
+    server = make_app(config, service).listen(config.port, config.host, xheaders=True)
+    log.info("sandbox dashboard at http://%s:%d%s", config.host, config.port, config.prefix)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.stop()
+    await service.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[dashboard %(levelname)s] %(message)s")
+    asyncio.run(serve(DashboardConfig.from_args(argv)))
