@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
@@ -14,6 +15,7 @@ from .handlers import handlers
 from .service import SystemService
 
 log = logging.getLogger("jupyter_sandbox.dashboard")
+CLOSE_TIMEOUT = 5.0
 
 
 def make_app(config: DashboardConfig, service: SystemService) -> web.Application:
@@ -38,6 +40,9 @@ async def serve(config: DashboardConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.stop()
+    # Followed logs and tunnels stay open until their sandbox ends: end them now.
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(server.close_all_connections(), CLOSE_TIMEOUT)
     await service.close()
 
 

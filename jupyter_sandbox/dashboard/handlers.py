@@ -41,11 +41,14 @@ class _Base(HubOAuthenticated, web.RequestHandler):
     def hub_name(self) -> str:
         return self.current_user["name"]
 
+    def get_current_user(self) -> dict[str, Any] | None:
+        self._identifying = True
+        return super().get_current_user()
+
     def check_xsrf_cookie(self) -> None:
         """Tornado checks XSRF before it knows the user: identify first, so a request with
         a hub API token (no cookie, no XSRF risk) passes and a cookie one is checked."""
         if not getattr(self, "_identifying", False):
-            self._identifying = True
             self.current_user  # noqa: B018 -- marks token-authenticated requests
         super().check_xsrf_cookie()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,32 +17,27 @@ from typing import Any
 
 import httpx
 
+from .._config import Paths
 from .._errors import SandboxError, ServiceUnavailable
 from ..client._transport import raise_for_error
+from ..service.identity import ACTING_FOR_HEADER as ACTING_FOR
 
-ACTING_FOR = "X-Sandbox-Acting-For"
-SYSTEM_RUN = "/run/jupyter-sandbox"
 ANY_ADDRESS = ("", "0.0.0.0", "::")
 REQUEST_TIMEOUT = 30.0
 
 Message = dict[str, Any]
 
 
-def system_run_dir() -> Path:
-    """Where the system service keeps its socket and runtime file."""
-    return Path(os.environ.get("JUPYTER_SANDBOX_SYSTEM_RUN") or SYSTEM_RUN)
-
-
 class SystemService:
     """REST calls to the system service over its Unix socket."""
 
-    def __init__(self, run_dir: Path | None = None) -> None:
-        self.run_dir = run_dir or system_run_dir()
+    def __init__(self, paths: Paths | None = None) -> None:
+        self.paths = paths or Paths.system()
         self._client: httpx.AsyncClient | None = None
 
     @property
     def socket(self) -> Path:
-        return self.run_dir / "jupyter-sandbox.sock"
+        return self.paths.socket
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -114,7 +108,7 @@ class SystemService:
 
     def _runtime(self) -> Message:
         try:
-            return json.loads((self.run_dir / "jupyter-sandbox.json").read_text())
+            return json.loads(self.paths.runtime_file.read_text())
         except (OSError, ValueError):
             return {}
 
