@@ -30,6 +30,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 LOG_TAIL = 500
 CHUNK = 64 * 1024
 REF = r"(?P<ref>[\w.-]+)"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class _Base(HubOAuthenticated, web.RequestHandler):
@@ -169,11 +170,15 @@ class SshApi(_Api):
             access = await self.service.request(
                 "POST", f"/v1/sandboxes/{ref}/ssh", self.hub_name, {"single_use": True}
             )
+        # A token the dashboard (uid 0) made works over loopback only for uid 0: from
+        # this machine an instructor goes through the hub's tunnel, so a command for a
+        # loopback gateway address is not offered.
+        direct = access["hostname"] not in LOOPBACK
         self.reply(
             {
                 "sandbox": ref,
                 "token": access["username"],
-                "command": access["command"],
+                "command": access["command"] if direct else None,
                 "expires_at": access["expires_at"],
                 "host_key_fingerprint": access["host_key_fingerprint"],
                 "known_hosts_line": access["known_hosts_line"],

@@ -41,8 +41,9 @@
     return node;
   }
 
+  // What the last action did (or why it failed); the refresh time goes beside it.
   function say(text, error) {
-    const s = $("jsd-status");
+    const s = $("jsd-message");
     s.textContent = text;
     s.classList.toggle("jsd-error", !!error);
   }
@@ -141,10 +142,12 @@
   async function refresh() {
     try {
       state.sandboxes = (await api("GET", "sandboxes")).sandboxes;
-      say(`updated ${new Date().toLocaleTimeString()}`);
+      $("jsd-status").textContent = `updated ${new Date().toLocaleTimeString()}`;
+      $("jsd-status").classList.remove("jsd-error");
       render();
     } catch (e) {
-      say(`cannot load the sandboxes: ${e.message}`, true);
+      $("jsd-status").textContent = `cannot load the sandboxes: ${e.message}`;
+      $("jsd-status").classList.add("jsd-error");
     }
   }
 
@@ -199,39 +202,69 @@
     const url = location.origin + prefix;
     const tunnel = `ssh -o ProxyCommand='jupyter-sandbox tunnel --url ${url} %h' `
       + `${access.token}@${s.id}`;
+    const copyable = (id, text) => [el("code", { id }, text), el("button", {
+      class: "jsd-btn", type: "button", "data-action": "copy",
+      onclick: (e) => navigator.clipboard.writeText(text).then(
+        () => { e.target.textContent = "Copied"; }, () => { e.target.textContent = "Select and copy"; }),
+    }, "Copy")];
     await dialog(`Terminal in ${label(s)}`, [
-      el("p", {}, "Through the hub (with $JUPYTER_TOKEN set to your hub API token):"),
-      el("code", { id: "jsd-tunnel-command" }, tunnel),
-      el("p", {}, "Or from a machine that reaches the SSH gateway directly:"),
-      el("code", { id: "jsd-ssh-command" }, access.command),
-      el("p", {}, `Good for one connection. Host key ${access.host_key_fingerprint}. `
-        + `${s.user} sees your session in the sandbox's log.`),
+      el("p", {}, "Run this where jupyter-sandbox is installed, with $JUPYTER_TOKEN set to "
+        + "your hub API token (hub menu: Token):"),
+      ...copyable("jsd-tunnel-command", tunnel),
+      ...(access.command ? [el("p", {}, "Or from a machine that reaches the SSH gateway:"),
+        ...copyable("jsd-ssh-command", access.command)] : []),
+      el("p", {}, `Good for one connection, and secret until used. Host key `
+        + `${access.host_key_fingerprint}. ${s.user} sees your session in the sandbox's log.`),
     ], "Close");
   }
 
-  function openLogs(s) {
-    if (state.logs) state.logs.close();
+  // The log is read with fetch rather than EventSource, which cannot send the XSRF
+  // header: the token stays out of the URL.
+  async function openLogs(s) {
+    if (state.logs) state.logs.abort();
     const text = $("jsd-logs-text");
     text.replaceChildren();
     $("jsd-logs-title").textContent = `Log of ${label(s)}`;
     $("jsd-logs").hidden = false;
-    const source = new EventSource(`${prefix}api/sandboxes/${s.id}/logs`);
-    state.logs = source;
-    source.onmessage = (event) => {
-      const entry = JSON.parse(event.data);
+    const controller = new AbortController();
+    state.logs = controller;
+    const show = (entry) => {
       const when = new Date(entry.time * 1000).toLocaleTimeString();
       text.append(el("span", { class: "jsd-log-time" }, when + " "),
         el("span", { class: `jsd-log-${entry.stream}` }, entry.text.replace(/\n?$/, "\n")));
       text.scrollTop = text.scrollHeight;
     };
-    const stop = (why) => { source.close(); text.append(el("em", {}, why)); };
-    source.addEventListener("end", () => stop("— the sandbox ended —"));
-    source.addEventListener("failure", (event) => stop(JSON.parse(event.data).message));
-    source.onerror = () => { if (source.readyState === EventSource.CLOSED) stop("— disconnected —"); };
+    const note = (why) => text.append(el("em", {}, why));
+    try {
+      const response = await fetch(`${prefix}api/sandboxes/${s.id}/logs`, {
+        credentials: "same-origin", headers: { "X-XSRFToken": xsrf() },
+        signal: controller.signal,
+      });
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const event = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          const kind = (event.match(/^event: (.*)$/m) || [])[1] || "message";
+          const data = JSON.parse((event.match(/^data: (.*)$/m) || [])[1] || "{}");
+          if (kind === "message") show(data);
+          else if (kind === "end") note("— the sandbox ended —");
+          else note(data.message || kind);
+        }
+      }
+    } catch (e) {
+      if (e.name !== "AbortError") note(`— the log stream broke off: ${e.message} —`);
+    }
   }
 
   $("jsd-logs-close").addEventListener("click", () => {
-    if (state.logs) state.logs.close();
+    if (state.logs) state.logs.abort();
     $("jsd-logs").hidden = true;
   });
   for (const id of ["jsd-search", "jsd-user", "jsd-state"]) $(id).addEventListener("input", render);
