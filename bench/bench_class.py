@@ -26,15 +26,20 @@ Python of ``/opt/jupyter-sandbox-test/venv`` (``tests/system_fixtures.py`` makes
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import itertools
 import json
 import os
 import pwd
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,7 +56,7 @@ CELLS = {
 START_AHEAD = 1.0  # seconds between sending a cell to every student and its start
 READY_TIMEOUT = 600.0  # for every kernel to be up, on a busy machine
 CELL_TIMEOUT = 300.0
-SHARED_VENV = Path("/opt/jupyter-sandbox-test/venv")
+KERNEL_STARTS = 3  # tries for a kernel that lost a race for its ports
 
 
 # -- one student ----------------------------------------------------------------------
@@ -59,24 +64,52 @@ SHARED_VENV = Path("/opt/jupyter-sandbox-test/venv")
 
 def student() -> int:
     """A student: a kernel of its own; runs each cell it is sent at the time it names."""
+    with tempfile.TemporaryFile() as log:
+        try:
+            manager, client = _start_kernel(log)
+        except Exception as e:
+            log.seek(0)
+            _say({"ready": False, "error": f"{e!r}; the kernel said: {log.read()[-2000:]!r}"})
+            return 1
+        try:
+            reply = client.execute_interactive("%load_ext jupyter_sandbox", timeout=60)
+            _say({"ready": reply["content"]["status"] == "ok", "error": "%load_ext failed"})
+            for line in sys.stdin:
+                order = json.loads(line)
+                if "cell" not in order:
+                    break
+                _say(_run_cell(client, order["cell"], order["at"]))
+        finally:
+            manager.shutdown_kernel(now=False)  # as a notebook server does: ends sandboxes
+            client.stop_channels()
+    return 0
+
+
+def _start_kernel(log: IO[bytes]) -> tuple:
+    """An ipykernel whose output goes to `log`: its warning about TCP without encryption
+    would drown the report. Its history stays in memory, as nbgrader has it: thirty
+    kernels opening one history database at once is no part of a cell's time.
+
+    jupyter_client picks free ports before the kernel binds them, so kernels started at
+    the same moment can pick the same one; the one that loses is started again.
+    """
     from jupyter_client.manager import start_new_kernel
 
-    # The kernel's own warnings (TCP without encryption) would drown the report.
-    manager, client = start_new_kernel(
-        kernel_name="python3", startup_timeout=READY_TIMEOUT, stderr=subprocess.DEVNULL
-    )
-    try:
-        reply = client.execute_interactive("%load_ext jupyter_sandbox", timeout=60)
-        _say({"ready": reply["content"]["status"] == "ok"})
-        for line in sys.stdin:
-            order = json.loads(line)
-            if "cell" not in order:
-                break
-            _say(_run_cell(client, order["cell"], order["at"]))
-    finally:
-        manager.shutdown_kernel(now=False)  # as a notebook server does: this ends sandboxes
-        client.stop_channels()
-    return 0
+    for attempt in itertools.count(1):
+        log.seek(0)
+        log.truncate()
+        try:
+            return start_new_kernel(
+                kernel_name="python3",
+                startup_timeout=READY_TIMEOUT,
+                extra_arguments=["--HistoryManager.hist_file=:memory:"],
+                stdout=log,
+                stderr=log,
+            )
+        except RuntimeError:
+            log.seek(0)
+            if attempt == KERNEL_STARTS or b"Address already in use" not in log.read():
+                raise
 
 
 def _run_cell(client, code: str, at: float) -> dict:
@@ -125,7 +158,10 @@ class Students:
 
     def ready(self) -> list[str]:
         """Wait for every kernel; the errors of those that did not start."""
-        return [f"student {i}: kernel not ready" for i, m in self._answers() if not m["ready"]]
+        answers = self._answers()
+        return [
+            f"student {i}: kernel not ready: {m.get('error')}" for i, m in answers if not m["ready"]
+        ]
 
     def run(self, cell: str) -> list[dict]:
         at = time.monotonic() + START_AHEAD
@@ -232,6 +268,74 @@ def _verdict(errors: list[str], leftovers: list[str]) -> int:
     return 1 if errors or leftovers else 0
 
 
+# -- system mode ----------------------------------------------------------------------
+
+
+def system(count: int) -> int:
+    from tests.system_fixtures import SHARED_VENV, os_users
+
+    python = SHARED_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"{python} is missing: the root test run makes it (tests/system_fixtures.py)")
+        return 1
+    outcome: dict = {"results": {}, "errors": [], "leftovers": [], "pool": "?"}
+    try:
+        with _signals_end_the_run(), os_users(students=count, instructors=0) as classroom:
+            _system_class(classroom.students, python, outcome)
+    except AssertionError as e:  # what removing the users left behind
+        outcome["leftovers"].append(str(e))
+    title = f"{count} students, system mode (one service as root, {count} OS users, pool "
+    report(title + f"{outcome['pool']})", outcome["results"])
+    return _verdict(outcome["errors"], outcome["leftovers"])
+
+
+def _system_class(students: list, python: Path, outcome: dict) -> None:
+    """The class run by `students` (OS users) against a private ``serve --system``."""
+    from tests.system_fixtures import SHARED_VENV, start_system_service, user_env
+
+    pool = os.environ.get("JUPYTER_SANDBOX_POOL", "2")  # as a per-user service has it
+    try:
+        service = start_system_service(JUPYTER_SANDBOX_POOL=pool)
+    except AssertionError as e:
+        raise RuntimeError(str(e)) from None
+    try:
+        os.environ.update({**service.client_env(), "JUPYTER_SANDBOX_MODE": "system"})
+        outcome["pool"] = _pool_size()
+        commands = [_as_user(u, str(python), __file__, "--student") for u in students]
+        env = [user_env(u, service, SHARED_VENV, JUPYTER_SANDBOX_MODE="system") for u in students]
+        outcome["results"], outcome["errors"] = run_class(commands, env)
+        made = collections.Counter(s.user for s in Sandbox.list(include_ended=True))
+        if made != collections.Counter(u.name for u in students):
+            outcome["errors"].append(f"sandboxes made per user: {dict(made)}, not one each")
+        running = Sandbox.list()
+        outcome["leftovers"] += [f"sandbox {s.id} of {s.user} still running" for s in running]
+    finally:
+        try:
+            service.stop()
+        except AssertionError as e:
+            outcome["leftovers"].append(str(e))
+
+
+def _as_user(user, *argv: str) -> list[str]:
+    """`argv` run as `user` (an OsUser): its uid, gid and groups."""
+    return ["setpriv", "--reuid", str(user.uid), "--regid", str(user.gid), "--init-groups", *argv]
+
+
+@contextlib.contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run as Ctrl-C does: the users made are removed."""
+
+    def end(signum: int, frame: object) -> None:
+        raise SystemExit(f"ended by signal {signum}")
+
+    saved = {sig: signal.signal(sig, end) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -247,6 +351,10 @@ def main() -> int:
     count = 5 if args.short else args.students
     if count < 1:
         parser.error("--students must be 1 or more")
+    if args.system:
+        if os.geteuid() != 0:
+            parser.error("--system needs root: it makes OS users and runs serve --system")
+        return system(count)
     return per_user(count)
 
 
