@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jupyter_sandbox import (
     AsyncSandbox,
@@ -229,6 +232,40 @@ def test_bad_tables_name_the_table_the_key_and_what_is_allowed(text, message):
         parsed(text, "/srv/course.toml")
     assert str(refused.value).startswith("/srv/course.toml: ")
     assert message in str(refused.value)
+
+
+toml_values = st.recursive(
+    st.one_of(
+        st.booleans(),
+        st.integers(),
+        st.floats(),
+        st.text(max_size=12),
+        st.sampled_from(["unlimited", "4G", "1h30m", "session", "0", "-1G", "1e309"]),
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=6,
+)
+tables = st.dictionaries(st.sampled_from([*KEYS, "memroy", ""]), toml_values, max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    default=toml_values | tables,
+    groups=toml_values | st.dictionaries(st.text(max_size=8), toml_values | tables, max_size=3),
+    users=st.dictionaries(st.text(max_size=8), tables, max_size=3),
+)
+def test_any_quota_tables_parse_or_give_a_config_error(default, groups, users):
+    """Whatever the file holds, the service gets quotas or an error naming the table."""
+    config = {"quota": {"default": default, "group": groups, "user": users}}
+    try:
+        quotas = Quotas.parse(config, Path("/etc/q.toml"))
+    except QuotaConfigError as e:
+        assert str(e).startswith("/etc/q.toml: ") and "[quota" in str(e)
+        return
+    for name in [*users, "someone"]:
+        resolved = quotas.of(name, set(groups) if isinstance(groups, dict) else set())
+        for key, value in resolved.as_json().items():
+            assert value is None or (math.isfinite(value) and value >= 0), (key, value)
 
 
 def test_the_messages_say_which_quota_the_limit_the_use_where_and_what_to_do():
