@@ -136,6 +136,18 @@ def test_conflicting_options_on_a_later_cell(kernel: Kernel) -> None:
     kernel.ok("%sandbox kill timed")
 
 
+def test_record_terminals_option_makes_a_recorded_sandbox(kernel: Kernel) -> None:
+    kernel.ok("%%sandbox rec --record-terminals\ntrue")
+    kernel.ok("%%sandbox plain\ntrue")
+    assert (sandbox_of(kernel, "rec").recording, sandbox_of(kernel, "plain").recording) == (
+        True,
+        False,
+    )
+    kernel.ok("%%sandbox rec --record-terminals\ntrue")  # repeating it is fine
+    reply = kernel.run("%%sandbox plain --record-terminals\ntrue")
+    assert "--record-terminals (its terminals are not recorded)" in reply.error.text
+
+
 def test_help_is_argparse_style(kernel: Kernel) -> None:
     for magic, expected in [
         ("%sandbox?", "usage: %sandbox [-h] COMMAND"),
