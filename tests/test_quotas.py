@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from jupyter_sandbox import (
     AsyncSandbox,
     InvalidRequest,
+    PermissionDenied,
     QuotaExceeded,
     Sandbox,
     SandboxFailed,
@@ -305,6 +306,9 @@ def test_no_config_file_means_no_quota_and_usage_still_answers(quota_service):
     assert (usage.user, usage.uid, usage.instructor, usage.mode) == (ME, os.getuid(), False, "user")
     assert usage.quota == dict.fromkeys(KEYS)
     assert usage.usage == {"sandboxes": 0, "memory": 0, "cpus": 0.0}
+    assert Sandbox.usage(ME) == usage  # naming oneself is one's own
+    with pytest.raises(PermissionDenied, match="only an instructor may see another user's"):
+        Sandbox.usage("someone-else")
 
 
 def test_the_service_refuses_to_start_with_a_bad_quota_table(quota_service):

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = command("usage", cmd_usage, "show your quota and what your sandboxes use of it")
+    p.add_argument("--user", help="another user's (instructors, on the system service)")
     p.add_argument(
         "--json",
         action="store_true",
@@ -582,7 +583,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    usage = Sandbox.usage()
+    usage = Sandbox.usage(args.user)
     if args.json:
         print_json({name: getattr(usage, name) for name in USAGE_FIELDS})
         return 0

@@ -191,9 +191,11 @@ class AsyncSandbox:
         return [SandboxInfo.from_json(s) for s in data["sandboxes"]]
 
     @classmethod
-    async def usage(cls) -> Usage:
-        """Your quota and what your sandboxes hold against it (a quota of None: unlimited)."""
-        return Usage.from_json(await shared_transport().request("GET", "/v1/usage"))
+    async def usage(cls, user: str | None = None) -> Usage:
+        """Your quota and what your sandboxes hold against it (a quota of None: unlimited);
+        an instructor may name another `user`."""
+        params = {} if user is None else {"user": user}
+        return Usage.from_json(await shared_transport().request("GET", "/v1/usage", params=params))
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

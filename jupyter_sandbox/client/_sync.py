@@ -267,9 +267,10 @@ class Sandbox:
         return portal().call(AsyncSandbox.list(include_ended))
 
     @classmethod
-    def usage(cls) -> Usage:
-        """Your quota and what your sandboxes hold against it (a quota of None: unlimited)."""
-        return portal().call(AsyncSandbox.usage())
+    def usage(cls, user: str | None = None) -> Usage:
+        """Your quota and what your sandboxes hold against it (a quota of None: unlimited);
+        an instructor may name another `user`."""
+        return portal().call(AsyncSandbox.usage(user))
 
     def __enter__(self) -> Sandbox:
         return self

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import pwd
 import re
 import secrets
 import shlex
@@ -129,6 +130,7 @@ def make_app(
     app["manager"] = manager
     app["activity"] = Activity()
     app["mode"] = "user" if directory is None else "system"
+    app["directory"] = directory
     api = Api(manager, ssh)
     app.add_routes(
         [
@@ -342,6 +344,24 @@ def _flag(request: web.Request, name: str) -> bool:
     return value in ("1", "true")
 
 
+def _usage_subject(request: web.Request) -> Caller:
+    """Whose usage a request asks for: the caller's own, or (an instructor's request with
+    `user=NAME`) that user's."""
+    caller: Caller = request["caller"]
+    name = request.query.get("user")
+    if name is None or name == caller.user:
+        return caller
+    if not caller.instructor:
+        raise PermissionDenied(
+            "only an instructor may see another user's usage: leave out user= for your own"
+        )
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
+        raise InvalidRequest(f"no user named {shown(name)} on this machine") from None
+    return request.app["directory"].caller(uid)  # instructors exist in system mode only
+
+
 class Api:
     def __init__(self, manager: Manager, ssh: SshAccessManager) -> None:
         self.manager = manager
@@ -402,8 +422,9 @@ class Api:
 
     async def usage(self, request: web.Request) -> web.Response:
         """The caller's quota (null: unlimited), where each key of it is set, and what the
-        caller's running and failed sandboxes hold against it."""
-        caller: Caller = request["caller"]
+        caller's running and failed sandboxes hold against it; an instructor may ask for
+        another user's with `user=NAME`."""
+        caller = _usage_subject(request)
         quota = self.manager.quotas.of(caller.user, caller.groups)
         return web.json_response(
             {

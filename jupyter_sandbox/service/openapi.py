@@ -471,7 +471,14 @@ def _paths() -> dict[str, dict[str, Schema]]:
             )
         },
         "/v1/status": {"get": _operation("status", "Status", COMMON)},
-        "/v1/usage": {"get": _operation("usage", "Usage", COMMON)},
+        "/v1/usage": {
+            "get": _operation(
+                "usage",
+                "Usage",
+                (*COMMON, 403),
+                query=(_query("user", STRING, "another user's (instructors only)"),),
+            )
+        },
         "/v1/events": {
             "get": _operation(
                 "events",

@@ -213,3 +213,18 @@ def test_sighup_reads_the_quotas_again_and_a_bad_file_keeps_them(classroom, user
         system.config.write_text(saved)
         system.reload()
         wait_for(lambda: usage_of(bob, system)["quota"]["sandboxes"] == 1, 30, message="restore")
+
+
+def test_an_instructor_sees_a_students_usage_and_a_student_sees_only_their_own(users, system):
+    alice, bob, teacher = users
+    run_json(bob, system, CREATE, "5m")
+    seen = cli_as(teacher, system, "usage", "--user", bob.name, "--json")
+    assert seen.returncode == 0, seen.stderr
+    assert json.loads(seen.stdout) == usage_of(bob, system)
+    assert json.loads(seen.stdout)["usage"]["sandboxes"] == 1
+    refused = cli_as(alice, system, "usage", "--user", bob.name)
+    assert refused.returncode == 1
+    assert "only an instructor may see another user's usage" in refused.stderr
+    assert bob.name not in refused.stderr.replace(f"--user {bob.name}", "")
+    unknown = cli_as(teacher, system, "usage", "--user", "jsbt-nobody-x")
+    assert "no user named 'jsbt-nobody-x' on this machine" in unknown.stderr
