@@ -460,3 +460,23 @@ def test_a_recordings_directory_that_is_a_link_is_not_written_through(tmp_path: 
     with pytest.raises(OSError):
         recording.Recording.start(tmp_path / "sandbox", 80, 24, "xterm", "t")
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: runs as root")
+def test_a_full_disk_ends_the_recording_not_the_writer(tmp_path: Path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        rec = recording.Recording.start(disk, 80, 24, "xterm", "t")
+        for _ in range(200):
+            rec.output(b"z" * 4096)  # 800 KiB into 256 KiB: never raises
+        rec.close()
+        assert rec.stopped is not None and "No space left on device" in rec.stopped
+        head, events = parse_cast((disk / recording.DIRECTORY / rec.name).read_bytes())
+        assert head["version"] == 2 and events and output_of(events) == "z" * 4096 * len(events)
+        with pytest.raises(OSError, match="No space left on device"):
+            recording.Recording.start(disk, 80, 24, "xterm", "t")
+        assert [r.name for r in recording.list_recordings(disk)] == [rec.name]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

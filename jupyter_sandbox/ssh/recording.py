@@ -86,7 +86,9 @@ class Recording:
         }
         try:
             recording._write(json.dumps(header, ensure_ascii=False))
-        except OSError:
+        except OSError:  # no file without its header: it would be no recording at all
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=directory)
             recording.close()
             raise
         return recording
@@ -140,11 +142,19 @@ class Recording:
         self._write(json.dumps([elapsed, "o", f"\r\n[recording truncated: {why}]\r\n"]))
 
     def _write(self, line: str) -> None:
+        """Append all of `line` or none of it: a full disk takes part of a write, and the
+        file would end in a broken event (a replay stops at the last whole line)."""
         data = (line + "\n").encode()
         view = memoryview(data)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+            raise
         self.size += len(data)
         self._since_check += len(data)
 
