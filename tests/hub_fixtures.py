@@ -101,22 +101,23 @@ class Hub:
             self.tokens[user.name] = reply["token"]
         return self.tokens[user.name]
 
-    def start_server(self, user: OsUser) -> str:
-        """Start `user`'s server (if it is not running); its URL, with a trailing slash."""
-        response = httpx.post(
-            f"{self.url}/hub/api/users/{user.name}/server",
-            headers={"Authorization": f"token {self.admin_token}"},
-            timeout=60,
-        )
-        assert response.status_code in (201, 202, 400), response.text  # 400: running
+    def start_servers(self, *users: OsUser) -> list[str]:
+        """Start the users' servers at once (those not running); their URLs."""
+        for user in users:
+            response = httpx.post(
+                f"{self.url}/hub/api/users/{user.name}/server",
+                headers={"Authorization": f"token {self.admin_token}"},
+                timeout=60,
+            )
+            assert response.status_code in (201, 202, 400), response.text  # 400: running
 
-        def ready() -> bool:
+        def ready(user: OsUser) -> bool:
             model = self.api("GET", f"users/{user.name}")
-            server = model.get("servers", {}).get("", {})
-            return bool(server.get("ready"))
+            return bool(model.get("servers", {}).get("", {}).get("ready"))
 
-        wait_for(ready, 90, interval=0.3, message=f"{user.name}'s server to start")
-        return f"{self.url}/user/{user.name}/"
+        for user in users:
+            wait_for(lambda u=user: ready(u), 90, interval=0.3, message=f"{user.name}'s server")
+        return [f"{self.url}/user/{user.name}/" for user in users]
 
     def stop_server(self, user: OsUser) -> None:
         response = httpx.delete(
@@ -133,7 +134,7 @@ class Hub:
         wait_for(stopped, 60, interval=0.3, message=f"{user.name}'s server to stop")
 
     def server(self, user: OsUser) -> UserServer:
-        return UserServer(self.start_server(user), self.token(user))
+        return UserServer(self.start_servers(user)[0], self.token(user))
 
     def login(self, user: OsUser) -> httpx.Client:
         """A browser-like session of `user`, logged in with the hub's login form."""
@@ -413,11 +414,18 @@ def hub(hub_users: Any, system_service: SystemService, shared_venv: Path) -> Ite
         shutil.rmtree(base, ignore_errors=True)
 
 
-def system_sandboxes(service: SystemService) -> list[dict[str, Any]]:
-    """Every sandbox of the system service, asked as root (an instructor)."""
-    transport = httpx.HTTPTransport(uds=str(service.run_dir / "jupyter-sandbox.sock"))
+def as_root(service: SystemService, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """A request to the system service as root (an instructor: it sees every sandbox)."""
+    transport = httpx.HTTPTransport(uds=str(service.socket))
     with httpx.Client(transport=transport, base_url="http://sandbox", timeout=30) as client:
-        return client.get("/v1/sandboxes").json()["sandboxes"]
+        response = client.request(method, path, **kwargs)
+    response.raise_for_status()
+    return response
+
+
+def system_sandboxes(service: SystemService) -> list[dict[str, Any]]:
+    """Every live sandbox of the system service."""
+    return as_root(service, "GET", "/v1/sandboxes").json()["sandboxes"]
 
 
 def wait_no_sandboxes(service: SystemService, timeout: float = 3 * LEASE_TTL + 10) -> float:

@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import sandbox_mounts, sandbox_processes, wait_for
 from tests.hub_fixtures import (  # noqa: F401  (fixtures)
     Hub,
+    as_root,
     hub,
     hub_users,
     system_sandboxes,
@@ -25,6 +26,8 @@ def no_sandbox_left(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     service = request.getfixturevalue("system_service")
     live = system_sandboxes(service)
+    for sandbox in live:  # report, then clean up so later tests start clean
+        as_root(service, "DELETE", f"/v1/sandboxes/{sandbox['id']}")
     assert not live, f"test left sandboxes: {[(s['user'], s['id']) for s in live]}"
     storage = service.storage
     wait_for(lambda: not sandbox_processes(storage), 20, message="sandbox processes to end")

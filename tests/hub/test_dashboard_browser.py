@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import UNPINNED_SSH
-from tests.hub_fixtures import PASSWORD, Hub, OsUser, UserServer, system_sandboxes
+from tests.hub_fixtures import PASSWORD, Hub, OsUser, UserServer, as_root, system_sandboxes
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -87,14 +86,6 @@ def create(server: UserServer, name: str, **options: Any) -> dict[str, Any]:
     return reply.json()
 
 
-def root_api(hub: Hub, method: str, path: str, **kwargs: Any) -> Any:
-    transport = httpx.HTTPTransport(uds=str(hub.service.socket))
-    with httpx.Client(transport=transport, base_url="http://sandbox", timeout=30) as client:
-        reply = client.request(method, path, **kwargs)
-    reply.raise_for_status()
-    return reply.json()
-
-
 @pytest.fixture
 def classroom_sandboxes(hub: Hub) -> Iterator[dict[str, dict[str, Any]]]:
     """Sandboxes of two students, killed afterwards (those the test left)."""
@@ -105,8 +96,8 @@ def classroom_sandboxes(hub: Hub) -> Iterator[dict[str, dict[str, Any]]]:
         "b-lab1": create(second, "lab1", labels={"course": "lab1"}),
     }
     # Something to watch: output in the log and some CPU.
-    root_api(
-        hub,
+    as_root(
+        hub.service,
         "POST",
         f"/v1/sandboxes/{made['b-lab1']['id']}/spawn",
         json={"cmd": "for i in $(seq 1 300); do echo tick-$i; sleep 0.2; done"},
@@ -114,7 +105,7 @@ def classroom_sandboxes(hub: Hub) -> Iterator[dict[str, dict[str, Any]]]:
     yield made
     for box in made.values():
         if box["id"] in {s["id"] for s in system_sandboxes(hub.service)}:
-            root_api(hub, "DELETE", f"/v1/sandboxes/{box['id']}")
+            as_root(hub.service, "DELETE", f"/v1/sandboxes/{box['id']}")
 
 
 def test_dashboard_in_a_browser_as_an_instructor(

@@ -8,7 +8,9 @@ dashboard at ``/services/sandboxes/``.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,12 +21,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import UNPINNED_SSH, wait_for
+from tests.conftest import UNPINNED_SSH, sandbox_pids, wait_for
 from tests.hub_fixtures import (
     LEASE_TTL,
     Hub,
     OsUser,
     UserServer,
+    as_root,
     system_sandboxes,
     wait_no_sandboxes,
 )
@@ -70,6 +73,7 @@ def ssh_via_tunnel(url: str, token: str, ssh_token: str, target: str, command: s
 
 def test_every_student_runs_a_sandbox_cell_as_themselves(hub: Hub) -> None:
     ids = {}
+    hub.start_servers(*hub.students)
     with (
         notebook(hub, hub.students[0]) as (s0, k0),
         notebook(hub, hub.students[1]) as (s1, k1),
@@ -202,13 +206,18 @@ def test_stopping_a_server_from_the_hub_ends_its_sandboxes_by_lease(hub: Hub) ->
 
 
 def _info_as_root(hub: Hub, box: str) -> dict[str, Any]:
-    transport = httpx.HTTPTransport(uds=str(hub.service.run_dir / "jupyter-sandbox.sock"))
-    with httpx.Client(transport=transport, base_url="http://sandbox") as client:
-        listed = client.get("/v1/sandboxes", params={"all": "1"}).json()["sandboxes"]
-    return next(s for s in listed if s["id"] == box)
+    listed = as_root(hub.service, "GET", "/v1/sandboxes", params={"all": "1"}).json()
+    return next(s for s in listed["sandboxes"] if s["id"] == box)
 
 
 # -- the instructor dashboard ------------------------------------------------------------
+
+
+def dashboard_login(hub: Hub, user: OsUser) -> tuple[httpx.Client, httpx.Response]:
+    """`user` logged in to the hub and then to the dashboard (through the hub's OAuth):
+    the session and the dashboard page's answer."""
+    session = hub.login(user)
+    return session, session.get("/services/sandboxes/")
 
 
 def xsrf_headers(session: httpx.Client) -> dict[str, str]:
@@ -219,8 +228,7 @@ def test_dashboard_as_an_instructor(hub: Hub) -> None:
     student = hub.students[0]
     with notebook(hub, student) as (server, kernel):
         box = sandbox_id(server, kernel, "lab1", "--timeout 5m")
-        teacher = hub.login(hub.instructor)
-        page = teacher.get("/services/sandboxes/")
+        teacher, page = dashboard_login(hub, hub.instructor)
         assert page.status_code == 200, page.text[:500]
         assert "instructor dashboard" in page.text and hub.instructor.name in page.text
         assert hub.admin_token not in page.text and "token=" not in str(page.url)
@@ -253,9 +261,43 @@ def test_dashboard_as_an_instructor(hub: Hub) -> None:
         assert box not in {s["id"] for s in system_sandboxes(hub.service)}
 
 
+def test_dashboard_restarts_a_failed_sandbox(hub: Hub) -> None:
+    student = hub.students[2]
+    server = hub.server(student)
+    box = server.api("POST", "sandbox/api/sandboxes", json={"timeout": "5m"}).json()["id"]
+    try:
+        server.api("POST", f"sandbox/api/sandboxes/{box}/ssh", json={})  # something to keep
+        os.kill(sandbox_pids(hub.service.storage, box)["agent"], signal.SIGKILL)
+        teacher, _ = dashboard_login(hub, hub.instructor)
+        listed = "/services/sandboxes/api/sandboxes"
+
+        def status() -> str:
+            reply = teacher.get(listed)
+            assert reply.status_code == 200, reply.text
+            return next(s["status"] for s in reply.json()["sandboxes"] if s["id"] == box)
+
+        wait_for(lambda: status() == "failed", 20, message="the sandbox to fail")
+        restarted = teacher.post(
+            f"/services/sandboxes/api/sandboxes/{box}/restart", headers=xsrf_headers(teacher)
+        )
+        assert restarted.status_code == 200, restarted.text
+        assert status() == "running"
+        # The student's own server sees it running again, and who restarted it.
+        mine = server.api("GET", f"sandbox/api/sandboxes/{box}").json()
+        assert mine["status"] == "running"
+        log = _log_as_root(hub, box)
+        assert any(hub.instructor.name in line and "restart" in line for line in log), log
+    finally:
+        server.api("DELETE", f"sandbox/api/sandboxes/{box}")
+
+
+def _log_as_root(hub: Hub, box: str) -> list[str]:
+    lines = as_root(hub.service, "GET", f"/v1/sandboxes/{box}/logs").text.splitlines()
+    return [json.loads(line)["text"] for line in lines if line]
+
+
 def test_dashboard_refuses_a_student(hub: Hub) -> None:
-    student = hub.login(hub.students[1])
-    page = student.get("/services/sandboxes/")
+    student, page = dashboard_login(hub, hub.students[1])
     assert page.status_code == 403
     assert "not an instructor" in page.text and hub.instructor_group in page.text
     api = student.get("/services/sandboxes/api/sandboxes")
