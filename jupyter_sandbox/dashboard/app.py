@@ -48,4 +48,5 @@ async def serve(config: DashboardConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[dashboard %(levelname)s] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
     asyncio.run(serve(DashboardConfig.from_args(argv)))

@@ -126,6 +126,9 @@ def test_dashboard_in_a_browser_as_an_instructor(
     expect(row.locator(".jsd-memory")).to_contain_text(re.compile(r"[KMG]iB / "))
     expect(row.locator(".jsd-cpu")).to_contain_text("%")
     expect(row.locator(".jsd-label")).to_have_text("course=lab1")
+    # ...and keeps updating.
+    refreshed = page.locator("#jsd-status").text_content()
+    expect(page.locator("#jsd-status")).not_to_have_text(refreshed)
     shot(page, "instructor-light")
 
     # Filters and search.
