@@ -8,7 +8,6 @@ Everything here goes through the real service and the stock OpenSSH clients
 from __future__ import annotations
 
 import calendar
-import contextlib
 import getpass
 import json
 import os
@@ -132,7 +131,7 @@ def test_every_kind_of_session_logs_who_what_and_how_it_ended(sandbox: Sandbox, 
     assert any('subsystem "no-such-subsystem" refused: only sftp is served' in t for t in lines)
 
 
-def test_streamlocal_and_killed_sessions_are_logged(sandbox: Sandbox):
+def test_streamlocal_and_killed_sessions_are_logged(sandbox: Sandbox, tmp_path: Path):
     ssh = ssh_argv(sandbox)
     server = (
         "import socket\n"
@@ -143,21 +142,23 @@ def test_streamlocal_and_killed_sessions_are_logged(sandbox: Sandbox):
     sandbox.fs.write_text("unix_server.py", server)
     sandbox.spawn("exec python3 unix_server.py")
     wait_for(lambda: sandbox.sh("test -S app.sock", check=False).ok)
-    local = f"/tmp/jsb-audit-{os.getpid()}.sock"
+    local = str(tmp_path / "t.sock")
     tunnel = subprocess.Popen(
         ["ssh", "-N", "-L", f"{local}:/home/sandbox/app.sock", *ssh[1:]],
         stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: os.path.exists(local), message="the local end of the tunnel")
+        wait_for(
+            lambda: os.path.exists(local) or tunnel.poll() is not None,
+            message="the local end of the tunnel",
+        )
+        assert tunnel.poll() is None, tunnel.stderr.read()
         out = subprocess.run(["python3", "-c", _READ_UNIX, local], capture_output=True, timeout=30)
         assert out.stdout == b"from-unix"
     finally:
         tunnel.terminate()
         tunnel.wait(30)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(local)
     assert run(["ssh", "-tt", *ssh[1:], "kill -KILL $$"]).returncode == 137
     lines = session_lines(sandbox, ends=2)
     _, end = one_session(lines, 'streamlocal forward to "/home/sandbox/app.sock"')
