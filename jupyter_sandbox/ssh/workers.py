@@ -36,7 +36,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -59,7 +59,7 @@ TargetResolver = Callable[[str], Awaitable[Target | None]]  # by token hash
 EventSink = Callable[[str, str], None]
 
 
-def worker_count(environ: dict[str, str] | os._Environ = os.environ) -> int:
+def worker_count(environ: Mapping[str, str] = os.environ) -> int:
     """`JUPYTER_SANDBOX_SSH_WORKERS`, default the number of CPUs this process may use."""
     text = environ.get(WORKERS_ENV, "").strip()
     if not text:
@@ -130,7 +130,7 @@ class RemoteLogin:
     last_active: float  # when it was admitted: the one waiting longest is dropped first
 
     def abort(self) -> None:
-        self.worker.channel_send({"op": "abort", "conn": self.conn})
+        self.worker.channel.send({"op": "abort", "conn": self.conn})
 
 
 @dataclass
@@ -151,9 +151,6 @@ class Worker:
         self.logins: dict[int, RemoteLogin] = {}
         self.sessions: dict[int, Session] = {}
         self.ready = asyncio.get_running_loop().create_future()
-
-    def channel_send(self, message: Message) -> None:
-        self.channel.send(message)
 
 
 class WorkerPool:
@@ -215,7 +212,7 @@ class WorkerPool:
         """Drop live connections to a sandbox (or made with one token) in every worker."""
         for worker in self.workers:
             if worker is not None:
-                worker.channel_send(
+                worker.channel.send(
                     {"op": "close", "sandbox_id": sandbox_id, "token_hash": token_hash}
                 )
 
@@ -225,9 +222,6 @@ class WorkerPool:
     def unauthenticated(self) -> int:
         """Logins in progress in all workers."""
         return self.ledger.startups.total
-
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers if w is not None]
 
     # -- workers -----------------------------------------------------------------------
 

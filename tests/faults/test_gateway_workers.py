@@ -46,13 +46,14 @@ def all_workers(service: SupervisedService) -> list[int]:
     return list(found)
 
 
-def workers_service(env, monkeypatch, **settings: str) -> Iterator[SupervisedService]:
-    """A supervised service with three gateway workers; none may outlive it."""
-    seen: set[int] = set()
+def workers_service(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, seen: set[int], **settings: str
+) -> Iterator[SupervisedService]:
+    """A supervised service with three gateway workers; none of them, nor any in `seen`
+    (workers a test saw before it replaced them), may outlive it."""
     settings["JUPYTER_SANDBOX_SSH_WORKERS"] = str(WORKERS)
     generator = supervised_service(env, monkeypatch, **settings)
     running = next(generator)
-    running.seen_workers = seen
     yield running
     seen.update(worker_pids(running))
     with pytest.raises(StopIteration):
@@ -62,16 +63,22 @@ def workers_service(env, monkeypatch, **settings: str) -> Iterator[SupervisedSer
 
 
 @pytest.fixture
-def service(separate_service_env, monkeypatch) -> Iterator[SupervisedService]:
-    yield from workers_service(separate_service_env, monkeypatch)
+def seen_workers() -> set[int]:
+    return set()
 
 
 @pytest.fixture
-def limited_service(separate_service_env, monkeypatch) -> Iterator[SupervisedService]:
+def service(separate_service_env, monkeypatch, seen_workers) -> Iterator[SupervisedService]:
+    yield from workers_service(separate_service_env, monkeypatch, seen_workers)
+
+
+@pytest.fixture
+def limited_service(separate_service_env, monkeypatch, seen_workers) -> Iterator[SupervisedService]:
     """With low limits: 5 failed logins, 12 logins in progress."""
     yield from workers_service(
         separate_service_env,
         monkeypatch,
+        seen_workers,
         JUPYTER_SANDBOX_SSH_MAX_FAILURES="5",
         JUPYTER_SANDBOX_SSH_MAX_STARTUPS="12",
         JUPYTER_SANDBOX_SSH_PER_SOURCE_MAX_STARTUPS="12",
@@ -187,7 +194,9 @@ def test_a_killed_worker_is_replaced_and_its_sessions_end_is_logged(
             stop_all(procs)
 
 
-def test_sigkill_of_the_service_leaves_no_worker_behind(service: SupervisedService) -> None:
+def test_sigkill_of_the_service_leaves_no_worker_behind(
+    service: SupervisedService, seen_workers: set[int]
+) -> None:
     """Fault: SIGKILL to the service. Its workers die with it at once (no orphan keeps
     serving tokens nobody can revoke any more); the supervisor starts the service and
     new workers, and a token given before the fault logs in again."""
@@ -195,7 +204,7 @@ def test_sigkill_of_the_service_leaves_no_worker_behind(service: SupervisedServi
     try:
         access = sb.expose_ssh()
         pids = all_workers(service)
-        service.seen_workers.update(pids)
+        seen_workers.update(pids)
         old = service.kill_service()
         wait_for(lambda: not any(_alive(pid) for pid in pids), 10, message="the workers to die")
         service.wait_back(old)
