@@ -45,6 +45,7 @@ from tests.conftest import (
     storage_parent,
     wait_for,
 )
+from tests.security.test_service_collisions import _forget_uid_claims
 
 pytestmark = pytest.mark.unprivileged
 
@@ -144,6 +145,7 @@ def quota_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Q
         mounted = sandbox_mounts(storage)
         sandboxes = storage / "sandboxes"
         remaining = list(sandboxes.iterdir()) if sandboxes.exists() else []
+        _forget_uid_claims(storage)
         subprocess.run(["rm", "-rf", str(storage)], check=False)
     assert not leftovers and not mounted and not remaining, (leftovers, mounted, remaining)
 
