@@ -29,6 +29,8 @@ REST = [  # (method, path after sandbox/api/)
     ("POST", "sandboxes/x/ssh"),
     ("DELETE", "sandboxes/x/ssh"),
     ("POST", "sandboxes/x/terminal"),
+    ("GET", "sandboxes/x/recordings"),
+    ("GET", "sandboxes/x/recordings/20261201T152913Z-1.cast"),
     ("GET", "usage"),
 ]
 SOCKETS = ["events", "sandboxes/x/logs", "tunnel/x"]
@@ -428,6 +430,48 @@ async def test_ssh_access_is_reused_until_revoked(jp_fetch) -> None:
         assert body(await jp_fetch(*path, method="POST", body="{}"))["token"] != first["token"]
     finally:
         await sandbox.kill()
+
+
+async def test_recordings_are_listed_and_served_for_the_panel(jp_fetch) -> None:
+    created = await jp_fetch(
+        *API, "sandboxes", method="POST", body=json.dumps({"record_terminals": True})
+    )
+    sandbox = body(created)
+    assert sandbox["recording"] is True
+    try:
+        path = (*API, "sandboxes", sandbox["id"])
+        assert body(await jp_fetch(*path, "recordings")) == []
+        access = body(await jp_fetch(*path, "ssh", method="POST", body="{}"))
+        proc = await asyncio.create_subprocess_exec(
+            "ssh",
+            "-tt",
+            *UNPINNED_SSH,
+            "-p",
+            str(access["port"]),
+            f"{access['token']}@{access['hostname']}",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await asyncio.wait_for(proc.communicate(b"echo for-the-panel\nexit\n"), 30)
+        listed = await until(lambda: _listed(jp_fetch, path), what="the recording")
+        [recording] = listed
+        assert set(recording) == {"name", "started_at", "size"}
+        cast = await jp_fetch(*path, "recordings", recording["name"])
+        assert cast.headers["Content-Type"] == "application/x-asciicast"
+        header, *events = cast.body.decode().splitlines()
+        assert json.loads(header)["version"] == 2 and len(cast.body) == recording["size"]
+        assert "for-the-panel" in "".join(json.loads(e)[2] for e in events)
+        for name, status in (("x.cast", 400), ("20261201T152913Z-9.cast", 404)):
+            with pytest.raises(HTTPClientError) as e:
+                await jp_fetch(*path, "recordings", name)
+            assert e.value.code == status
+    finally:
+        await jp_fetch(*API, "sandboxes", sandbox["id"], method="DELETE")
+
+
+async def _listed(jp_fetch, path: tuple[str, ...]) -> list:
+    return body(await jp_fetch(*path, "recordings"))
 
 
 async def test_terminal_opens_a_shell_in_the_sandbox(jp_fetch, jp_ws_fetch) -> None:

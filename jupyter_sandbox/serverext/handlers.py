@@ -172,8 +172,7 @@ class RecordingHandler(_Api):
     async def get(self, ref: str, name: str) -> None:
         with service_errors():
             data = await self.hub.recording(ref, name)
-        self.set_header("Content-Type", MEDIA_TYPE)
-        self.finish(data)
+        self.finish(data, set_content_type=MEDIA_TYPE)
 
 
 class RestartHandler(_Api):
