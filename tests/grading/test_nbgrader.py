@@ -1,11 +1,12 @@
 """The real nbgrader grades a course whose cells run in sandboxes (``tests/grading/course``).
 
 The course's one assignment asks for ``squares(n)`` in a ``%%sandbox`` cell, with a visible
-test cell and a hidden one. Three students submitted: alice is right; bob hard-codes the
-answer to the visible test; mallory answers right but also looks for what earlier
-students left, leaves files and processes behind, and gives sandboxes deadlines of an hour
-so they outlive her kernel. The course is graded twice with ``nbgrader autograde`` (the
-CLI, in a subprocess, with its default 30 s cell timeout) in a copy of the course.
+test cell and a hidden one. Four students submitted: alice is right; bob hard-codes the
+answer to the visible test; dave's answer never returns for the hidden test's input, so
+nbgrader's cell timeout interrupts it; mallory answers right but also looks for what
+earlier students left, leaves files and processes behind, and gives sandboxes deadlines
+of an hour so they outlive her kernel. The course is graded twice with ``nbgrader
+autograde`` (the CLI, in a subprocess) in a copy of the course.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from jupyter_sandbox import Sandbox, SandboxInfo
 from tests.conftest import ROOT, ServiceEnv
 
 COURSE = Path(__file__).resolve().parent / "course"
-STUDENTS = ("alice", "bob", "mallory")
+STUDENTS = ("alice", "bob", "dave", "mallory")
+# nbgrader's is 30 s; shorter, so that dave's timed-out cell does not make the test slow.
+CELL_TIMEOUT = "--Execute.timeout=10"
 MARK = "mallory-was-here"  # the name mallory's background processes carry
 LOOK = "leave anything behind?"  # in the comment of mallory's first cell
 
@@ -60,7 +63,7 @@ def nbgrader(course: Path, *args: str) -> None:
 
 def autograde(course: Path) -> Grading:
     before = {s.id for s in Sandbox.list(include_ended=True)}
-    nbgrader(course, "autograde", "ps1", "--create", "--force")
+    nbgrader(course, "autograde", "ps1", "--create", "--force", CELL_TIMEOUT)
     live_after = {s.id for s in Sandbox.list()}
     made = [s for s in Sandbox.list(include_ended=True) if s.id not in before]
     with Gradebook(f"sqlite:///{course}/gradebook.db") as gradebook:
@@ -105,6 +108,7 @@ def test_grades_are_right(gradings: list[Grading]) -> None:
     assert gradings[0].grades == {
         "alice": {"test_squares": 1.0, "test_squares_hidden": 2.0},
         "bob": {"test_squares": 1.0, "test_squares_hidden": 0.0},  # the hidden test caught him
+        "dave": {"test_squares": 1.0, "test_squares_hidden": 0.0},  # timed out
         "mallory": {"test_squares": 1.0, "test_squares_hidden": 2.0},
     }
 
