@@ -506,7 +506,7 @@ def _read(db: sqlite3.Connection, loaded: _Loaded) -> None:
             try:
                 for name in _JSON_FIELDS:
                     data[name] = json.loads(data[name])
-                data["recording"] = bool(data["recording"])  # an INTEGER, NULL in older rows
+                data["recording"] = bool(data.get("recording"))  # INTEGER; NULL: older row
                 record = typed(SandboxRecord, data)
             except (ValueError, TypeError):
                 loaded.skipped += 1

@@ -553,3 +553,23 @@ def test_a_failed_sandbox_stays_failed_when_the_database_is_lost(store: StoreSer
     read = "import sys\nfrom jupyter_sandbox import Sandbox\n"
     read += "print(Sandbox.connect(sys.argv[1]).fs.read_text('kept.txt'))"
     assert store.python(read, first["id"]) == "still here"
+
+
+def test_rows_from_before_a_column_existed_read_as_its_default(tmp_path: Path) -> None:
+    """A database of an earlier release: columns an upgrade adds are NULL in its rows."""
+    from jupyter_sandbox.service.state import SandboxRecord, _connect, _load, _row
+
+    path = tmp_path / "state.sqlite3"
+    row = _row(SandboxRecord(id="sb-0123456789", name="old", status="ended", created_at=1.0))
+    del row["recording"]  # added with terminal recordings
+    db = _connect(path, 5)
+    with db:
+        db.execute(
+            f"INSERT INTO sandboxes ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+            list(row.values()),
+        )
+    db.close()
+    loaded = _load(path)
+    loaded.db.close()
+    assert loaded.skipped == 0
+    assert loaded.records["sb-0123456789"].recording is False
