@@ -53,6 +53,9 @@ PASSWORD = secrets.token_urlsafe(12)
 # A short lease: a user's server stopped from the hub leaves its kernels' sandboxes to
 # lapse (FIELD_NOTES: Jupyter Server exits on SIGINT without shutting kernels down).
 LEASE_TTL = 4.0
+# Hub users with no OS account (they never start a server): a hub admin, and a teaching
+# assistant who holds the dashboard's instructor role.
+HUB_ADMIN, HUB_TA, TA_ROLE = "hub-admin", "hub-ta", "sandbox-ta"
 
 
 def requirements() -> None:
@@ -269,6 +272,9 @@ def hub_config(
         "admin_token": admin_token,
         "group": instructor_group,
         "instructor": instructor,
+        "hub_admin": HUB_ADMIN,
+        "hub_ta": HUB_TA,
+        "ta_role": TA_ROLE,
         "user_env": user_env,
         "dashboard_env": dashboard_env,
         "pid_file": str(base / "jupyterhub-proxy.pid"),
@@ -278,6 +284,7 @@ def hub_config(
 
 CONFIG_TEMPLATE = """
 s = SETTINGS
+HUB_ADMIN, HUB_TA, TA_ROLE = s["hub_admin"], s["hub_ta"], s["ta_role"]
 c = get_config()  # noqa
 c.JupyterHub.bind_url = s["bind_url"]
 c.JupyterHub.hub_bind_url = s["hub_bind_url"]
@@ -294,12 +301,14 @@ c.Spawner.environment = s["user_env"]
 c.Spawner.start_timeout = 90
 c.Spawner.http_timeout = 90
 c.JupyterHub.load_groups = {s["group"]: {"users": [s["instructor"]]}}
+c.Authenticator.admin_users = {HUB_ADMIN}
 c.JupyterHub.services = [
     {
         "name": "sandboxes",
         "url": s["dashboard_url"],
         "command": [s["python"], "-m", "jupyter_sandbox.dashboard",
-                    "--instructor-group", s["group"], "--usage-interval", "1"],
+                    "--instructor-group", s["group"], "--instructor-role", TA_ROLE,
+                    "--usage-interval", "1"],
         "environment": s["dashboard_env"],
         "oauth_no_confirm": True,
     },
@@ -307,6 +316,7 @@ c.JupyterHub.services = [
 ]
 c.JupyterHub.load_roles = [
     {"name": "user", "scopes": ["self", "access:services!service=sandboxes"]},
+    {"name": TA_ROLE, "scopes": ["access:services!service=sandboxes"], "users": [HUB_TA]},
     {"name": "sandboxes-dashboard", "scopes": ["read:users:name", "read:roles:users"],
      "services": ["sandboxes"]},
     {"name": "hub-tests", "scopes": ["admin:users", "admin:servers", "tokens",

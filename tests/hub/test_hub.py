@@ -23,6 +23,8 @@ import pytest
 
 from tests.conftest import UNPINNED_SSH, sandbox_pids, wait_for
 from tests.hub_fixtures import (
+    HUB_ADMIN,
+    HUB_TA,
     LEASE_TTL,
     Hub,
     OsUser,
@@ -304,11 +306,31 @@ def test_dashboard_refuses_a_student(hub: Hub) -> None:
     assert api.status_code == 403 and "not an instructor" in api.json()["message"]
     # A student's API token is refused too, and so is the tunnel.
     token = hub.token(hub.students[1])
-    reply = httpx.get(
-        f"{hub.url}/services/sandboxes/api/sandboxes",
-        headers={"Authorization": f"token {token}"},
-    )
+    dashboard = f"{hub.url}/services/sandboxes/"
+    reply = httpx.get(f"{dashboard}api/sandboxes", headers=auth(token))
     assert reply.status_code == 403
+    tunnel = subprocess.run(
+        [sys.executable, "-m", "jupyter_sandbox.cli.tunnel", "--url", dashboard, "sb-any"],
+        env={**os.environ, "JUPYTER_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert tunnel.returncode == 1 and "not authenticated" in tunnel.stderr, tunnel.stderr
+
+
+@pytest.mark.parametrize("name", [HUB_ADMIN, HUB_TA])
+def test_dashboard_admits_hub_admins_and_instructor_roles(hub: Hub, name: str) -> None:
+    """A hub admin, and a hub user holding the --instructor-role, neither of them an OS
+    user nor in the instructor group."""
+    token = hub.api("POST", f"users/{name}/tokens", json={"note": "hub tests"})["token"]
+    reply = httpx.get(f"{hub.url}/services/sandboxes/api/sandboxes", headers=auth(token))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["acting_as"] == name
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"token {token}"}
 
 
 def test_dashboard_terminal_through_the_hub(hub: Hub) -> None:
