@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 
@@ -47,6 +48,13 @@ async def serve(config: DashboardConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    config = DashboardConfig.from_args(argv)
+    if not os.environ.get("JUPYTERHUB_API_TOKEN"):
+        raise SystemExit(
+            "the sandbox dashboard runs as a JupyterHub service: add it to "
+            "c.JupyterHub.services in jupyterhub_config.py (see the README's JupyterHub "
+            "section) and the hub starts it with its token"
+        )
     logging.basicConfig(level=logging.INFO, format="[dashboard %(levelname)s] %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
-    asyncio.run(serve(DashboardConfig.from_args(argv)))
+    asyncio.run(serve(config))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UNPINNED_SSH
+from tests.conftest import UNPINNED_SSH, sandbox_pids
 from tests.hub_fixtures import PASSWORD, Hub, OsUser, UserServer, as_root, system_sandboxes
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,7 +46,8 @@ CONTRAST = """(selector) => {
   });
 }"""
 CHECKED = (
-    ".jsd-top h1, .jsd-who, .jsd-user, .jsd-name, .jsd-state, .jsd-left, .jsd-memory, .jsd-btn"
+    ".jsd-top h1, .jsd-who, .jsd-user, .jsd-name, .jsd-state, .jsd-why, .jsd-left, .jsd-memory,"
+    " .jsd-btn"
 )
 
 
@@ -205,11 +207,21 @@ def test_dashboard_in_the_dark(
     expect(page.locator(".jsd-memory").first).to_contain_text("iB")
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(17, 17, 17)", background
+    # A sandbox whose agent the host killed shows as failed, and restarts from here.
+    failed = classroom_sandboxes["a-lab1"]["id"]
+    os.kill(sandbox_pids(hub.service.storage, failed)["agent"], signal.SIGKILL)
+    row = page.locator(f"tr[data-id='{failed}']")
+    expect(row.locator(".jsd-state")).to_have_text("failed")
+    expect(row.locator(".jsd-why")).to_contain_text("killed by signal 9")
     page.locator("[data-action=kill]").first.click()  # the confirmation, in the dark
     shot(page, "instructor-dark")
     page.click("#jsd-dialog-cancel")
     low = [(text, ratio) for text, ratio in page.evaluate(CONTRAST, CHECKED) if ratio < 4.5]
     assert not low, f"text below WCAG AA contrast in the dark scheme: {low}"
+    row.locator("[data-action=restart]").click()
+    expect(row.locator(".jsd-state")).to_have_text("running")
+    expect(row.locator("[data-action=restart]")).to_have_count(0)
+    assert as_root(hub.service, "GET", f"/v1/sandboxes/{failed}").json()["status"] == "running"
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
