@@ -22,6 +22,7 @@ from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
 from tests.conftest import sandbox_pids, wait_for
+from tests.test_quotas import quota_service, started  # noqa: F401 (a fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -796,5 +797,96 @@ def test_panel_for_a_class(page: Any, service_env: Any, tmp_path: Path) -> None:
         assert bystander.info().time_left <= before[bystander.id]
     finally:
         for sandbox in crowd:
+            sandbox.kill()
+        lab.stop()
+
+
+def test_recorded_terminal_is_announced_and_replayed(
+    page: Any, service_env: Any, tmp_path: Path
+) -> None:
+    """A sandbox that records its terminals says so; a session typed in the panel's
+    terminal is replayed in a tab, with play, pause and seek."""
+    lab = server(tmp_path, service_env, "lab")
+    recorded = Sandbox.create(name="exam", timeout="10m", record_terminals=True)
+    try:
+        panel = open_panel(page, f"{lab.url}lab?token={lab.token}")
+        exam = card(panel, recorded.id)
+        expect(exam.locator(".jsb-recording")).to_contain_text("Terminal sessions are recorded")
+
+        exam.locator("[data-action=terminal]").click()
+        terminal = page.locator(".jp-Terminal").last
+        screen = terminal.locator(".xterm-accessibility-tree")
+        expect(screen).to_contain_text(f"sandbox@{recorded.id}")
+        terminal.locator(".xterm-helper-textarea").focus()
+        page.keyboard.type("echo replay-$((6*7))\n")
+        expect(screen).to_contain_text("replay-42")
+        wait_for(
+            lambda: any(r.size > 0 for r in recorded.recordings()),
+            15,
+            message="the session to be recorded",
+        )
+
+        exam.locator("[data-action=recordings]").click()
+        player = page.locator(".jsb-Recordings")
+        expect(player.locator(".jsb-player-screen")).to_be_visible()
+        assert "Recordings: exam" in tab_titles(page)
+        seek = player.locator(".jsb-player-seek")
+        end = float(seek.get_attribute("max"))
+        assert end > 0
+        # At the start nothing is shown yet; at the end the command's output is.
+        expect(player.locator(".jsb-player-screen")).not_to_contain_text("replay-42")
+        seek.evaluate(f"s => {{ s.value = '{end}'; s.dispatchEvent(new Event('input')); }}")
+        expect(player.locator(".jsb-player-screen")).to_contain_text("replay-42")
+        # Play from the start: the clock runs, and pause stops it.
+        seek.evaluate("s => { s.value = '0'; s.dispatchEvent(new Event('input')); }")
+        player.locator(".jsb-player-play").click()
+        expect(player.locator(".jsb-player-play")).to_have_attribute("aria-pressed", "true")
+        expect(seek).not_to_have_value("0")
+        player.locator(".jsb-player-play").click()
+        expect(player.locator(".jsb-player-play")).to_have_attribute("aria-pressed", "false")
+        paused = seek.input_value()
+        page.wait_for_timeout(300)  # a paused player does not move: nothing to poll for
+        assert seek.input_value() == paused
+        shot(page, "recording")
+    finally:
+        recorded.kill()
+        lab.stop()
+
+
+QUOTA = """
+[quota.default]
+sandboxes = 3
+memory = "4G"
+cpus = 4
+lifetime = "8h"
+"""
+
+
+def test_quota_shows_the_users_use(
+    page: Any,
+    quota_service: Any,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    """With a quota in the service's config file, the panel shows the user's use of it,
+    kept up to date as sandboxes come and go."""
+    started(quota_service, QUOTA)
+    lab = server(tmp_path, quota_service, "lab")
+    made: list[Sandbox] = []
+    try:
+        made.append(Sandbox.create(name="first", timeout="10m", memory="1G", cpus=1))
+        panel = open_panel(page, f"{lab.url}lab?token={lab.token}")
+        quota = panel.locator(".jsb-quota")
+        expect(quota.locator(".jsb-quota-sandboxes")).to_have_text(re.compile(r"1 of 3"))
+        expect(quota.locator(".jsb-quota-memory")).to_have_text(re.compile(r"1 GiB of 4 GiB"))
+        expect(quota.locator(".jsb-quota-cpus")).to_have_text(re.compile(r"1 of 4"))
+        expect(quota.locator(".jsb-quota-lifetime")).to_have_text(re.compile(r"8h 0m"))
+        made.append(Sandbox.create(name="second", timeout="10m", memory="1G", cpus=1))
+        expect(quota.locator(".jsb-quota-sandboxes")).to_have_text(re.compile(r"2 of 3"))
+        assert_readable(page, "light, quota")
+        shot(page, "quota")
+        made.pop().kill()
+        expect(quota.locator(".jsb-quota-sandboxes")).to_have_text(re.compile(r"1 of 3"))
+    finally:
+        for sandbox in made:
             sandbox.kill()
         lab.stop()

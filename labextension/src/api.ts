@@ -82,6 +82,8 @@ export interface IQuotaUsage {
   mode?: string;
   quota?: Record<string, number | null>;
   usage?: Record<string, number>;
+  /** Which table of the service's config file sets each quota key. */
+  source?: Record<string, string | null>;
 }
 
 export interface IRecording {

@@ -189,7 +189,7 @@ export class Card {
     this.memory = new Chart('Memory', 'memory', formatBytes);
     this.usage.append(this.cpu.node, this.memory.node);
     this.recording.append(
-      'Terminal sessions of this sandbox are recorded. ',
+      'Terminal sessions are recorded; whoever may see this sandbox can replay them. ',
       button(
         'Replay',
         { 'data-action': 'recordings', class: 'jsb-action' },

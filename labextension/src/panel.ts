@@ -91,7 +91,7 @@ export class SandboxPanel extends Panel {
     this.id = 'jupyter-sandbox-panel';
     this.addClass('jsb-Panel');
     this.title.caption = 'Sandboxes';
-    this.addWidget(this.buildToolbar());
+    this.addWidget(this.buildHeader());
     this.addWidget(new Widget({ node: this.controls() }));
     this.addWidget(new Widget({ node: this.quota }));
     this.addWidget(new Widget({ node: this.bulk }));
@@ -121,11 +121,11 @@ export class SandboxPanel extends Panel {
 
   // -- layout ------------------------------------------------------------------------------
 
-  private buildToolbar(): Toolbar {
-    const toolbar = new Toolbar();
-    toolbar.addClass('jsb-toolbar');
-    toolbar.addItem(
-      'title',
+  /** The heading, and a toolbar: New, and the two views. */
+  private buildHeader(): Panel {
+    const header = new Panel();
+    header.addClass('jsb-header');
+    header.addWidget(
       new Widget({
         node: h(
           'div',
@@ -136,12 +136,12 @@ export class SandboxPanel extends Panel {
         )
       })
     );
-    toolbar.addItem('spacer', Toolbar.createSpacerItem());
+    const toolbar = new Toolbar();
+    toolbar.addClass('jsb-toolbar');
     toolbar.addItem(
       'new',
       new ToolbarButton({
         icon: addIcon,
-        label: 'New',
         tooltip: 'New sandbox',
         dataset: { action: 'new' },
         onClick: () => {
@@ -166,7 +166,8 @@ export class SandboxPanel extends Panel {
       this.viewButtons.set(view, toggle);
       toolbar.addItem(`view-${view}`, toggle);
     }
-    return toolbar;
+    header.addWidget(toolbar);
+    return header;
   }
 
   private controls(): HTMLElement {
@@ -667,7 +668,10 @@ export class SandboxPanel extends Panel {
           ' ',
           h(
             'span',
-            { class: 'jsb-quota-value' },
+            {
+              class: 'jsb-quota-value',
+              title: usage!.source?.[key] ? `set by ${usage!.source[key]}` : ''
+            },
             `${show(key, value)} of ${show(key, limit!)}`
           ),
           ' ',
@@ -701,7 +705,7 @@ export class SandboxPanel extends Panel {
         'Your quota',
         ...(who ? [' · ', h('span', { class: 'jsb-quota-user' }, who)] : [])
       ),
-      ...rows
+      h('div', { class: 'jsb-quota-items' }, ...rows)
     );
   }
 
