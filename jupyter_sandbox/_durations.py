@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 from ._errors import InvalidRequest
 
@@ -124,20 +125,21 @@ def _span(seconds: float) -> str:
 
 
 def format_size(size: float) -> str:
-    """Bytes in binary units: "1 GiB", "256 MiB", "1.5 KiB", "12 B"."""
-    for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
-        value = size / 1024**power
-        if value >= 1:
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{size:.0f} B"
+    """Bytes in binary units: "1 GiB", "256 MiB", "1.5 KiB"; exact below 1 KiB: "9 bytes"."""
+    return _in_units(size, lambda value: value)
 
 
 def format_size_down(size: float) -> str:
     """`size` as format_size gives it but rounded down to a tenth, so that it fits: asking
     for "at most 23.4 GiB" of a 23.45 GiB host is then accepted."""
+    return _in_units(size, lambda value: math.floor(value * 10) / 10)
+
+
+def _in_units(size: float, tenth: Callable[[float], float]) -> str:
     for power, unit in ((4, "TiB"), (3, "GiB"), (2, "MiB"), (1, "KiB")):
         value = size / 1024**power
         if value >= 1:
-            value = math.floor(value * 10) / 10
+            value = tenth(value)
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{size:.0f} B"
+    count = int(size)
+    return "1 byte" if count == 1 else f"{count} bytes"

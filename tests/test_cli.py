@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -72,11 +74,71 @@ def test_create_list_exec_logs_kill(service_env: ServiceEnv, tmp_path):
 def test_kill_all_and_errors(service_env: ServiceEnv):
     cli = service_env.run_cli
     ids = {cli("create").stdout.strip() for _ in range(2)}
-    killed = cli("kill", "--all").stdout
+    killed = cli("kill", "--all").stdout  # not a terminal: no question asked
     assert all(f"killed {i}" in killed for i in ids)
+    assert cli("kill", "--all").stdout == "no sandboxes to kill\n"
     bad = cli("create", "--timeout", "soon", check=False)
     assert bad.returncode == 1 and "invalid duration 'soon'" in bad.stderr
-    assert cli("kill", check=False).returncode == 1
+    for args in ((), ("--all", "sb-0123456789")):
+        refused = cli("kill", *args, check=False)
+        assert refused.returncode == 1
+        assert "name the sandboxes to kill, or use --all (not both)" in refused.stderr
+
+
+def run_on_a_terminal(service_env: ServiceEnv, args: list[str], answer: str) -> str:
+    """Run the CLI with a pseudo-terminal as its stdin and stdout; type `answer`."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_sandbox", *args],
+        env={**os.environ, **service_env.env},
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        while b"[y/N]" not in seen:
+            seen += os.read(controller, 4096)
+        os.write(controller, answer.encode() + b"\n")
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the CLI exited: the terminal is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        assert proc.wait(timeout=60) in (0, 1)
+        os.close(controller)
+    return seen.decode()
+
+
+def test_kill_all_asks_on_a_terminal(service_env: ServiceEnv):
+    cli = service_env.run_cli
+    ids = {cli("create", "--name", f"ask-{n}").stdout.strip() for n in range(2)}
+    shown = run_on_a_terminal(service_env, ["kill", "--all"], "n")
+    assert "ask-0" in shown and "ask-1" in shown
+    assert "kill these 2 sandboxes and delete their files? [y/N]" in shown
+    assert "nothing killed" in shown
+    assert ids <= {s.id for s in Sandbox.list()}
+    shown = run_on_a_terminal(service_env, ["kill", "--all"], "y")
+    assert all(f"killed {i}" in shown for i in ids)
+    assert not ids & {s.id for s in Sandbox.list()}
+    sandbox_id = cli("create").stdout.strip()
+    controller, terminal = pty.openpty()  # --yes: no question, even on a terminal
+    done = subprocess.run(
+        [sys.executable, "-m", "jupyter_sandbox", "kill", "--all", "--yes"],
+        env={**os.environ, **service_env.env},
+        stdin=terminal,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    os.close(terminal)
+    os.close(controller)
+    assert done.stdout == f"killed {sandbox_id}\n"
 
 
 def test_follow_logs_streams_until_interrupted(service_env: ServiceEnv, sandbox):

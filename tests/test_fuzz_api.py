@@ -216,7 +216,7 @@ def test_sizes_in_binary_units(number, unit):
 def test_relative_times_and_sizes_always_render(value):
     text = format_relative(value)
     assert text.startswith("in ") or text.endswith(" ago")
-    assert format_size(abs(value)).split()[-1] in ("B", "KiB", "MiB", "GiB", "TiB")
+    assert format_size(abs(value)).split()[-1] in ("byte", "bytes", "KiB", "MiB", "GiB", "TiB")
 
 
 # -- magic arguments ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from jupyter_sandbox import Sandbox, SandboxExpired
+from jupyter_sandbox._durations import format_size
+from jupyter_sandbox.kernel.magics import LINE_PARSER
 
 pytest.register_assert_rewrite("kernel_fixtures")
 from conftest import sandbox_pids, wait_for  # noqa: E402
@@ -86,7 +88,11 @@ def test_interrupt_stops_the_command_and_keeps_the_sandbox(kernel: Kernel) -> No
     )
     assert reply.status == "error"
     assert reply.error.content["ename"] == "KeyboardInterrupt"
-    assert "the command was stopped" in reply.stderr
+    # One line, and nothing else: no Python traceback, no second copy on stderr.
+    assert reply.error.content["traceback"] == [
+        "interrupted: the command was stopped; sandbox 'default' is still running"
+    ]
+    assert "tick" in reply.stdout and not reply.stderr
     # The loop is gone (stopping is asynchronous: allow it a few seconds) and the
     # sandbox still runs commands.
     check = kernel.ok(
@@ -119,16 +125,67 @@ def test_bad_arguments_are_usage_errors(kernel: Kernel) -> None:
         "SandboxNotFound: no sandbox named 'nosuch' in this kernel, and no sandbox with that "
         "id or name in the service (see `%sandbox list`)"
     ]
+    for cell in ("%sandbox kill", "%sandbox kill default --all"):
+        reply = kernel.run(cell)
+        assert "name the sandbox to kill (`%sandbox kill NAME`), or use --all" in reply.stderr
+
+
+def test_a_mistyped_name_is_an_error_with_the_close_name(kernel: Kernel) -> None:
+    """`%sandbox_ssh dmeo` does not quietly create a second sandbox: it names "demo"."""
+    kernel.ok("%%sandbox demo\ntrue")
+    before = live_ids()
+    reply = kernel.run("%sandbox_ssh dmeo")
+    assert reply.error.content["traceback"] == [
+        "SandboxNotFound: no sandbox named 'dmeo'; did you mean 'demo'? "
+        "To create one, use `%sandbox_ssh --new dmeo`."
+    ]
+    assert live_ids() == before
+    assert "did you mean 'demo'?" in kernel.run("%sandbox info dmeo").error.text
+    kernel.ok("%sandbox_ssh --new dmeo")
+    assert sandbox_of(kernel, "dmeo").id not in before
+    kernel.ok("%sandbox_ssh demo")  # an existing name, and the default, need no --new
+    kernel.ok("%sandbox_ssh")
+    assert len(live_ids() - before) == 2
+
+
+def test_revoke_and_kill_all(start_kernel) -> None:
+    first, other = start_kernel(), start_kernel()
+    first.ok("%%sandbox one\ntrue")
+    first.ok("%%sandbox two\ntrue")
+    other.ok("%%sandbox theirs --timeout 5m\ntrue")
+    one = sandbox_of(first, "one")
+    handle = Sandbox.connect(one.id)
+    first.ok("%sandbox_ssh one")
+    assert first.ok("%sandbox revoke one").stdout == (
+        "revoked 1 SSH credential of sandbox 'one'; it keeps running "
+        "(`%sandbox_ssh one` makes a new one)\n"
+    )
+    assert handle.revoke_ssh() == 0, "the credential was still there"
+    assert handle.info().status == "running"
+    theirs = sandbox_of(other, "theirs").id
+    ids = {one.id, sandbox_of(first, "two").id, theirs}
+    killed = first.ok("%sandbox kill --all").stdout
+    assert f"killed sandbox 'one' ({one.id})" in killed and f"killed {theirs}" in killed
+    assert not ids & live_ids()
+    assert first.ok("%sandbox kill --all").stdout == "no running sandboxes to kill\n"
 
 
 def test_conflicting_options_on_a_later_cell(kernel: Kernel) -> None:
     kernel.ok("%%sandbox net --network host --memory 256M\ntrue")
     kernel.ok("%%sandbox net --network host\ntrue")  # repeating an option is fine
     kernel.ok("%%sandbox net\ntrue")
-    reply = kernel.run("%%sandbox net --network none --memory 512M\ntrue")
+    reply = kernel.run("%%sandbox net --network none --memory 512M --cpus 2\ntrue")
     assert reply.error.content["ename"] == "SandboxConflict"
     assert "--network none (it has host)" in reply.error.text
-    assert "--memory 512M (it has 268435456 bytes)" in reply.error.text
+    assert "--memory 512M (it has 256 MiB)" in reply.error.text
+    kernel.ok("%%sandbox plain\ntrue")
+    limits = sandbox_of(kernel, "plain").limits
+    memory = limits["memory"] + (1 << 30)
+    reply = kernel.run(f"%%sandbox plain --memory {memory} --cpus 64\ntrue")
+    cpus = "no CPU limit" if limits["cpus"] is None else f"{limits['cpus']:g}"
+    assert f"--memory {memory} (it has {format_size(limits['memory'])})" in reply.error.text
+    assert f"--cpus 64 (it has {cpus})" in reply.error.text
+    assert "None" not in reply.error.text
     kernel.ok("%%sandbox timed --timeout 5m\ntrue")
     kernel.ok("%%sandbox timed --timeout 300\ntrue")
     reply = kernel.run("%%sandbox timed --timeout session\ntrue")
@@ -146,17 +203,40 @@ def test_record_terminals_option_makes_a_recorded_sandbox(kernel: Kernel) -> Non
     kernel.ok("%%sandbox rec --record-terminals\ntrue")  # repeating it is fine
     reply = kernel.run("%%sandbox plain --record-terminals\ntrue")
     assert "--record-terminals (its terminals are not recorded)" in reply.error.text
+    # The SSH widget says so, live and in its saved text.
+    shown = kernel.ok("%sandbox_ssh rec").outputs[0].content["data"]
+    assert "terminal sessions are recorded" in shown["text/plain"]
+    assert (
+        kernel.ok(
+            "import ipywidgets\n"
+            "print([w.recording for w in ipywidgets.Widget.widgets.values()"
+            " if hasattr(w, '_access')])"
+        ).stdout
+        == "[True]\n"
+    )
+    plain = kernel.ok("%sandbox_ssh plain").outputs[0].content["data"]["text/plain"]
+    assert "recorded" not in plain
 
 
-def test_help_is_argparse_style(kernel: Kernel) -> None:
-    for magic, expected in [
-        ("%sandbox?", "usage: %sandbox [-h] COMMAND"),
-        ("%%sandbox?", "usage: %%sandbox [-h] [--timeout T]"),
-        ("%sandbox_ssh?", "usage: %sandbox_ssh [-h] [--ttl T]"),
-    ]:
-        pager = kernel.ok(magic).content["payload"][0]["data"]["text/plain"]
-        assert expected in pager, magic
+def test_help_has_examples_and_every_command(kernel: Kernel) -> None:
+    pages = {
+        magic: kernel.ok(magic).content["payload"][0]["data"]["text/plain"]
+        for magic in ("%sandbox?", "%%sandbox?", "%sandbox_ssh?")
+    }
+    assert "usage: %sandbox [-h] COMMAND" in pages["%sandbox?"]
+    assert "usage: %%sandbox [-h] [--timeout T]" in pages["%%sandbox?"]
+    assert "usage: %sandbox_ssh [-h] [--new] [--ttl T]" in pages["%sandbox_ssh?"]
+    for magic, page in pages.items():
+        assert "examples:" in page, magic
+        others = {"%sandbox?", "%%sandbox?", "%sandbox_ssh?"} - {magic}
+        assert all(other in page for other in others), (magic, others)
+    commands = LINE_PARSER._subparsers._group_actions[0].choices
+    assert {"revoke", "kill"} <= set(commands)
+    for command in commands:
+        assert f"usage: %sandbox {command} [-h]" in pages["%sandbox?"], command
+        assert f"%sandbox {command} " in pages["%sandbox?"].split("examples:")[1], command
     assert "usage: %sandbox list [-h] [--all]" in kernel.ok("%sandbox list -h").stdout
+    assert "%sandbox_ssh --new lab" in pages["%sandbox_ssh?"]
 
 
 def test_env_image_and_background_process(kernel: Kernel, tmp_path: Path) -> None:
@@ -192,14 +272,21 @@ def test_upload_and_download_show_progress(kernel: Kernel, tmp_path: Path) -> No
     big.write_bytes(os.urandom(6 * 1024 * 1024))
     reply = kernel.ok(f"%sandbox upload {big} big.bin")
     bars = [o for o in reply.outputs if o.kind in ("display", "update")]
-    assert bars and "100%" in bars[-1].text and "6.0 MiB" in bars[-1].text
+    assert bars and "100%  6 MiB / 6 MiB" in bars[-1].text
     assert "<progress" in bars[-1].content["data"]["text/html"]
     kernel.ok(f"%sandbox download big.bin {tmp_path / 'back.bin'}")
     assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
     (tmp_path / "small.txt").write_text("small")
     small = kernel.ok(f"%sandbox upload {tmp_path / 'small.txt'} small.txt")
     assert not [o for o in small.outputs if o.kind in ("display", "update")]
-    assert small.stdout == f"uploaded {tmp_path / 'small.txt'} -> small.txt (5 B)\n"
+    assert small.stdout == f"uploaded {tmp_path / 'small.txt'} -> small.txt (5 bytes)\n"
+    # A directory travels as a tar stream, but its size is the size of its files.
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "nine.txt").write_text("123456789")
+    tree = kernel.ok(f"%sandbox upload {tmp_path / 'dir'} dir").stdout
+    assert tree == f"uploaded {tmp_path / 'dir'} -> dir (9 bytes)\n"
+    back = kernel.ok(f"%sandbox download dir {tmp_path / 'dir-back'}").stdout
+    assert back == f"downloaded dir -> {tmp_path / 'dir-back'} (9 bytes)\n"
 
 
 def test_unload_and_reload_keep_the_kernels_sandboxes(kernel: Kernel) -> None:
@@ -382,3 +469,50 @@ def test_terminal_ipython_shows_plain_text_with_the_command(service_env) -> None
     assert "SSH into sandbox 'default'" in result.stdout, result.stderr
     assert "the token is hidden" not in result.stdout
     assert "command:  ssh " in result.stdout
+
+
+def widget_state(kernel: Kernel) -> tuple[str, str, str, str]:
+    """(status, ssh_status, end_reason, message) of the kernel's newest SSH widget."""
+    out = kernel.ok(
+        "import ipywidgets\n"
+        "_w = [w for w in ipywidgets.Widget.widgets.values() if hasattr(w, '_access')][-1]\n"
+        "print(_w.status, _w.ssh_status, _w.end_reason, _w.message, sep='|')"
+    ).stdout
+    return tuple(out.rstrip("\n").split("|", 3))
+
+
+def test_ssh_widget_follows_expiry_revocation_and_any_end(kernel: Kernel) -> None:
+    """The widget's state is the truth: a TTL that runs out, `%sandbox revoke`, a kill from
+    elsewhere and a deadline each show, and views lose the command; a Kill that finds
+    the sandbox gone says so."""
+    model_id = view_id(kernel.ok("%sandbox_ssh --ttl 2s"))
+    assert kernel.custom_message(model_id, {"type": "ready"}, "hello")["command"]
+    wait_for(lambda: widget_state(kernel)[1] == "expired", timeout=15, message="the TTL")
+    assert kernel.custom_message(model_id, {"type": "ready"}, "hello")["command"] is None
+
+    kernel.ok("%sandbox_ssh default")
+    kernel.ok("%sandbox revoke default")
+    assert widget_state(kernel)[:2] == ("running", "revoked")
+
+    kernel.ok("%sandbox_ssh default")
+    Sandbox.connect(sandbox_of(kernel).id).kill()
+    wait_for(
+        lambda: widget_state(kernel)[:3] == ("ended", "closed", "killed"),
+        timeout=15,
+        message="the widget to see the kill",
+    )
+    short = view_id(kernel.ok("%sandbox_ssh --new short"))
+    short_id = sandbox_of(kernel, "short").id
+    kernel.ok("%sandbox extend short 2s")
+    wait_for(lambda: widget_state(kernel)[0] == "ended", timeout=20, message="the deadline to pass")
+    reason = widget_state(kernel)[2]
+    assert reason == {i.id: i for i in Sandbox.list(include_ended=True)}[short_id].end_reason
+    assert kernel.custom_message(short, {"type": "kill"}, "hello")["command"] is None
+    assert widget_state(kernel)[3] == (
+        f"nothing to kill: sandbox 'short' had already ended ({reason})"
+    )
+
+
+def view_id(reply) -> str:
+    """The widget model a cell's output shows."""
+    return reply.outputs[0].content["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]

@@ -49,19 +49,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def lab(service_env, tmp_path: Path) -> Iterator[str]:
-    """A JupyterLab server (token auth) with the test notebook; yields its notebook URL."""
-    ARTIFACTS.mkdir(exist_ok=True)
+def write_notebook(path: Path, cells: list[str]) -> None:
     nb = nbformat.v4.new_notebook(
-        cells=[nbformat.v4.new_code_cell(c) for c in CELLS],
+        cells=[nbformat.v4.new_code_cell(c) for c in cells],
         metadata={
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
         },
     )
-    nbformat.write(nb, tmp_path / "widget.ipynb")
+    nbformat.write(nb, path)
+
+
+@contextlib.contextmanager
+def jupyterlab(root: Path, notebook: str) -> Iterator[str]:
+    """A JupyterLab server (token auth) on `root`; yields the URL of `notebook` in it.
+
+    Each server is fresh (its own port, config and no widget state), but they share
+    this session's Jupyter data dir, where notebook signatures live: a notebook saved
+    by one is trusted by the next, as it is for a user who comes back the next day."""
+    ARTIFACTS.mkdir(exist_ok=True)
     port, token = free_port(), secrets.token_hex(16)
-    log = (tmp_path / "lab.log").open("wb")
+    log_path = root.parent / f"lab-{port}.log"
+    log = log_path.open("wb")
     server = subprocess.Popen(
         [
             sys.executable,
@@ -72,11 +80,11 @@ def lab(service_env, tmp_path: Path) -> Iterator[str]:
             f"--port={port}",
             "--ip=127.0.0.1",
             f"--IdentityProvider.token={token}",
-            f"--ServerApp.root_dir={tmp_path}",
+            f"--ServerApp.root_dir={root}",
             "--LabApp.expose_app_in_browser=True",
             "--ServerApp.disable_check_xsrf=True",
         ],
-        env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config")},
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(root.parent / f"config-{port}")},
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
@@ -90,16 +98,30 @@ def lab(service_env, tmp_path: Path) -> Iterator[str]:
 
     try:
         wait_for(up, timeout=60, interval=0.2, message="JupyterLab to start")
-        yield f"{base}/lab/tree/widget.ipynb?token={token}"
+        yield f"{base}/lab/tree/{notebook}?token={token}"
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         log.close()
-        shutil.copy(tmp_path / "lab.log", ARTIFACTS / "lab.log")
+        shutil.copy(log_path, ARTIFACTS / "lab.log")
+
+
+@pytest.fixture
+def lab(service_env, tmp_path: Path) -> Iterator[str]:
+    """A JupyterLab server with the test notebook; yields its notebook URL."""
+    root = tmp_path / "root"
+    root.mkdir()
+    write_notebook(root / "widget.ipynb", CELLS)
+    with jupyterlab(root, "widget.ipynb") as url:
+        yield url
 
 
 def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
-    notebook = tmp_path / "widget.ipynb"
+    notebook = tmp_path / "root" / "widget.ipynb"
     with notebook_page(lab) as page:
         run_cells(page, 0, 1, 2)
 
@@ -122,23 +144,28 @@ def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
         assert elapsed < 2000
         page.screenshot(path=ARTIFACTS / "widget-10k-lines.png", full_page=True)
 
-        sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
-        page.locator("button.jsbw-button", has_text="Kill").click()
-        page.locator(".jsbw-status", has_text="killed").wait_for(timeout=30_000)
+        sandbox_id = sandbox_id_of(page)
+        # Kill asks first, in the widget; Cancel leaves the sandbox alone.
+        page.get_by_role("button", name="Kill", exact=True).click()
+        confirm = page.locator(".jsbw-confirm")
+        assert 'Kill sandbox "default"? Its files are deleted.' in confirm.inner_text()
+        page.screenshot(path=ARTIFACTS / "widget-kill-confirm.png", full_page=True)
+        confirm.locator("button", has_text="Cancel").click()
+        assert confirm.is_hidden() and sandbox_id in {s.id for s in Sandbox.list()}
+        kill_from_widget(page)
+        page.locator(".jsbw-status", has_text="ended: killed").wait_for(timeout=30_000)
         assert page.locator(".jsbw-command").get_attribute("class").count("jsbw-inactive")
         assert sandbox_id not in {s.id for s in Sandbox.list()}
         page.screenshot(path=ARTIFACTS / "widget-killed.png", full_page=True)
-        # What JupyterLab saves has the widget's text fallback, with the token masked.
+        # What JupyterLab saves has the widget's text forms only, with the token masked.
         page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
         saved = wait_for(
-            lambda: (
-                "application/vnd.jupyter.widget-view+json" in (text := notebook.read_text())
-                and text
-            ),
+            lambda: "SSH into sandbox" in (text := notebook.read_text()) and text,
             timeout=30,
             message="the save",
         )
         assert token[:4] + "…" in saved and token not in saved
+        assert "application/vnd.jupyter.widget-view+json" not in saved
 
 
 def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
@@ -148,13 +175,13 @@ def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
         run_cells(page, 0, 1)
         status = page.locator(".jsbw-status")
         status.filter(has_text="running").wait_for(timeout=30_000)
-        sandbox_id = page.locator(".jsbw-title").inner_text().split("(")[1].rstrip(")")
+        sandbox_id = sandbox_id_of(page)
         restart = page.locator("button.jsbw-button", has_text="Restart")
         assert restart.is_hidden()
         os.kill(sandbox_pids(service_env.storage, sandbox_id)["agent"], signal.SIGKILL)
         status.filter(has_text="failed: its agent was killed by signal 9").wait_for(timeout=30_000)
         assert "files are kept" in page.locator(".jsbw-sandbox-left").inner_text()
-        assert page.locator("button.jsbw-button", has_text="Kill").is_enabled()
+        assert page.get_by_role("button", name="Kill", exact=True).is_enabled()
         page.screenshot(path=ARTIFACTS / "widget-failed.png", full_page=True)
         page.evaluate(
             "window.jupyterapp.commands.execute('apputils:change-theme',"
@@ -167,14 +194,14 @@ def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
         status.filter(has_text="running").wait_for(timeout=30_000)
         assert restart.is_hidden()
         assert {s.id: s.status for s in Sandbox.list()}[sandbox_id] == "running"
-        page.locator("button.jsbw-button", has_text="Kill").click()
-        status.filter(has_text="killed").wait_for(timeout=30_000)
+        kill_from_widget(page)
+        status.filter(has_text="ended: killed").wait_for(timeout=30_000)
 
 
 @contextlib.contextmanager
-def notebook_page(lab: str) -> Iterator[Any]:
-    """A browser page on the test notebook, once its kernel is idle; a screenshot of it
-    goes to the artifacts if the test fails."""
+def notebook_page(lab: str, kernel: bool = True) -> Iterator[Any]:
+    """A browser page on the test notebook, once its kernel is idle (with `kernel`) or
+    once it is shown; a screenshot of it goes to the artifacts if the test fails."""
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -183,7 +210,9 @@ def notebook_page(lab: str) -> Iterator[Any]:
             page.wait_for_function(
                 "window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel"
                 " && window.jupyterapp.shell.currentWidget.sessionContext"
-                ".session.kernel.status === 'idle'",
+                ".session.kernel.status === 'idle'"
+                if kernel
+                else "window.jupyterapp?.shell.currentWidget?.content?.widgets?.length > 1",
                 timeout=60_000,
             )
             yield page
@@ -228,3 +257,190 @@ SHOW_LINES_JS = """async ({cell, last}) => {
     });
     return performance.now() - start;
 }"""
+
+
+def sandbox_id_of(page, index: int = 0) -> str:
+    """The id a widget shows in its title's tooltip ("sandbox sb-...")."""
+    return page.locator(".jsbw-title").nth(index).get_attribute("title").split()[-1]
+
+
+def kill_from_widget(page, index: int = 0) -> None:
+    """Kill, then confirm in the widget."""
+    widget = page.locator(".jsbw-ssh").nth(index)
+    widget.locator("button.jsbw-button", has_text="Kill").first.click()
+    widget.locator(".jsbw-confirm button", has_text="Kill it").click()
+
+
+def set_theme(page, theme: str) -> None:
+    page.evaluate(
+        "(theme) => window.jupyterapp.commands.execute('apputils:change-theme', {theme})", theme
+    )
+    page.wait_for_function(f"document.body.dataset.jpThemeName === {theme!r}")
+    page.wait_for_selector("#jupyterlab-splash", state="detached")
+
+
+# Every piece of text in the widgets against what is behind it (backgrounds composited up
+# the tree), and every enabled button and state dot against the card: WCAG contrast.
+CONTRAST_JS = """() => {
+    const parse = (c) => {
+        const m = c.match(/rgba?\\(([^)]+)\\)/);
+        if (!m) return null;
+        const p = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number);
+        return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1];
+    };
+    const over = (top, bottom) => {
+        const a = top[3];
+        return [0, 1, 2].map((i) => top[i] * a + bottom[i] * (1 - a)).concat(1);
+    };
+    const background = (node) => {
+        const layers = [];
+        for (let n = node; n; n = n.parentElement) {
+            const c = parse(getComputedStyle(n).backgroundColor);
+            if (c && c[3] > 0) { layers.push(c); if (c[3] === 1) break; }
+        }
+        let colour = [255, 255, 255, 1];
+        for (const layer of layers.reverse()) colour = over(layer, colour);
+        return colour;
+    };
+    const lum = (c) => {
+        const [r, g, b] = c.slice(0, 3).map((v) => {
+            v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+        });
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    };
+    const ratio = (a, b) => {
+        const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p);
+        return (x + 0.05) / (y + 0.05);
+    };
+    const visible = (n) =>
+        n.getClientRects().length > 0 && getComputedStyle(n).visibility !== "hidden";
+    const found = [];
+    for (const card of document.querySelectorAll(".jsbw-ssh")) {
+        const cardBg = background(card);
+        for (const n of card.querySelectorAll("*")) {
+            if (!visible(n) || n.disabled) continue;
+            const own = [...n.childNodes].some((c) => c.nodeType === 3 && c.textContent.trim());
+            if (own) {
+                const bg = background(n);
+                const fg = over(parse(getComputedStyle(n).color), bg);
+                found.push({kind: "text", what: n.className + ": " + n.textContent.slice(0, 40),
+                            ratio: ratio(fg, bg), need: 4.5});
+            }
+            const isDot = n.classList.contains("jsbw-dot");
+            if (n.tagName === "BUTTON" || isDot) {
+                const own = background(n);
+                const border = parse(getComputedStyle(n).borderTopColor);
+                const edge = Math.max(ratio(own, cardBg),
+                    n.tagName === "BUTTON" && border ? ratio(over(border, cardBg), cardBg) : 0);
+                found.push({kind: "ui", what: n.className + ": " + n.textContent.slice(0, 20),
+                            ratio: edge, need: 3});
+            }
+        }
+    }
+    return found;
+}"""
+
+
+def assert_contrast(page, theme: str, live: bool = True) -> int:
+    """Every text and enabled control of the widgets meets WCAG AA (Kill among them
+    while `live`); returns how many were checked."""
+    found = page.evaluate(CONTRAST_JS)
+    poor = [f for f in found if f["ratio"] < f["need"]]
+    assert not poor, (theme, poor)
+    kills = [f for f in found if f["kind"] == "ui" and "jsbw-danger" in f["what"]]
+    assert bool(kills) == live, found
+    return len(found)
+
+
+def test_widget_follows_expiry_and_a_kernel_restart_in_both_themes(service_env, tmp_path):
+    """A credential's TTL runs out: the widget says expired and Copy/Revoke go. The kernel
+    restarts (which ends its session sandboxes): the widget says so, and Kill, Extend,
+    Copy and Revoke are off. Each state is readable (WCAG AA) in the light and dark theme."""
+    root = tmp_path / "root"
+    root.mkdir()
+    write_notebook(root / "states.ipynb", [LOAD, "%sandbox_ssh", "%sandbox_ssh --ttl 3s"])
+    with jupyterlab(root, "states.ipynb") as url, notebook_page(url) as page:
+        run_cells(page, 0, 1, 2)
+        widgets = page.locator(".jsbw-ssh")
+        widgets.nth(1).wait_for(timeout=30_000)
+        live, expiring = widgets.nth(0), widgets.nth(1)
+        live.locator(".jsbw-status", has_text="running · credential active").wait_for()
+        page.wait_for_function(
+            "!document.querySelectorAll('.jsbw-command')[0].textContent.includes('…')"
+        )
+        expiring.locator(".jsbw-status", has_text="running · credential expired").wait_for(
+            timeout=15_000
+        )
+        assert expiring.locator(".jsbw-ssh-left").inner_text() == "credential: expired"
+        for label in ("Copy", "Revoke SSH"):
+            assert expiring.locator("button", has_text=label).is_disabled(), label
+            assert live.locator("button", has_text=label).is_enabled(), label
+        assert "…" in expiring.locator(".jsbw-command").inner_text()
+        ids = {sandbox_id_of(page, 0), sandbox_id_of(page, 1)}
+        assert ids <= {s.id for s in Sandbox.list()}
+        for theme, name in (("JupyterLab Light", "light"), ("JupyterLab Dark", "dark")):
+            set_theme(page, theme)
+            assert_contrast(page, theme)
+            page.screenshot(path=ARTIFACTS / f"widget-live-expired-{name}.png", full_page=True)
+
+        page.evaluate(
+            "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.restart()"
+        )
+        for widget in (live, expiring):
+            widget.locator(".jsbw-status", has_text="ended: its kernel restarted").wait_for(
+                timeout=30_000
+            )
+            for label in ("Kill", "Extend +10m", "Copy", "Revoke SSH"):
+                assert widget.locator("button", has_text=label).first.is_disabled(), label
+            assert widget.locator(".jsbw-message").inner_text() == (
+                "This view lost its kernel: run %sandbox_ssh again for a live one."
+            )
+        wait_for(
+            lambda: not ids & {s.id for s in Sandbox.list()},
+            timeout=30,
+            message="the restart to end the session sandboxes",
+        )
+        for theme, name in (("JupyterLab Dark", "dark"), ("JupyterLab Light", "light")):
+            set_theme(page, theme)
+            assert_contrast(page, theme, live=False)
+            page.screenshot(path=ARTIFACTS / f"widget-ended-{name}.png", full_page=True)
+
+
+def test_a_saved_notebook_reopened_without_widget_state_shows_the_masked_text(
+    service_env, tmp_path
+) -> None:
+    """Saved while the widget was live, opened in a new server (no kernel, no widget state,
+    the notebook trusted): the output shows the widget's masked text, not "Error
+    displaying widget"."""
+    root = tmp_path / "root"
+    root.mkdir()
+    write_notebook(root / "saved.ipynb", [LOAD, "%sandbox_ssh"])
+    with jupyterlab(root, "saved.ipynb") as url, notebook_page(url) as page:
+        run_cells(page, 0, 1)
+        page.wait_for_function(
+            "(() => { const c = document.querySelector('.jsbw-command')?.textContent;"
+            " return c && c.startsWith('ssh ') && !c.includes('…'); })()",
+            timeout=30_000,
+        )
+        token = page.locator(".jsbw-command").inner_text().split()[-1].split("@")[0]
+        page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+        wait_for(
+            lambda: "SSH into sandbox" in (root / "saved.ipynb").read_text(),
+            timeout=30,
+            message="the save",
+        )
+        page.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+        wait_for(lambda: not Sandbox.list(), timeout=30, message="the kernel's sandbox to end")
+    with jupyterlab(root, "saved.ipynb") as url, notebook_page(url, kernel=False) as page:
+        output = page.locator(".jp-Cell").nth(1).locator(".jp-OutputArea-output")
+        output.wait_for(timeout=30_000)
+        assert page.evaluate(
+            "window.jupyterapp.shell.currentWidget.content.widgets[1].model.trusted"
+        ), "the notebook is not trusted: this would not test what a returning user sees"
+        shown = output.inner_text()
+        assert shown.startswith("SSH into sandbox 'default'"), shown
+        assert "Error displaying widget" not in page.locator(".jp-Notebook").inner_text()
+        assert token[:4] + "…" in shown and token not in page.content()
+        assert "%sandbox_ssh default" in shown and "expose_ssh" not in shown
+        page.screenshot(path=ARTIFACTS / "widget-saved-reopened.png", full_page=True)

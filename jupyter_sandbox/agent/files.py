@@ -390,7 +390,8 @@ def _size(size: float) -> str:
         value = size / 1024**power
         if value >= 1:
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{size:.0f} B"
+    count = int(size)
+    return "1 byte" if count == 1 else f"{count} bytes"
 
 
 def drain(reader) -> None:

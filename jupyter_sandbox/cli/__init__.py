@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import __version__
 from .._config import Paths
 from .._durations import format_relative, format_size, format_size_down, format_span
-from .._errors import CommandError, SandboxError
+from .._errors import CommandError, SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo
 from .._ssh_config import HOST_ALIAS, temporary_ssh_config
 from ..client import Sandbox
@@ -120,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("kill", cmd_kill, "kill sandboxes")
     p.add_argument("sandboxes", nargs="*", metavar="SANDBOX")
-    p.add_argument("--all", action="store_true", help="kill every sandbox")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="kill all your sandboxes (asks first on a terminal; an instructor's --all "
+        "means their own too)",
+    )
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask before --all")
 
     p = command("extend", cmd_extend, "set a sandbox's deadline to a duration from now")
     p.add_argument("sandbox")
@@ -492,13 +498,44 @@ def cmd_recordings(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    refs = [s.id for s in Sandbox.list()] if args.all else args.sandboxes
-    if not refs:
-        raise ValueError("name the sandboxes to kill, or use --all")
-    for ref in refs:
-        Sandbox.connect(ref).kill()
-        print(f"killed {ref}")
+    if args.all == bool(args.sandboxes):
+        raise ValueError("name the sandboxes to kill, or use --all (not both)")
+    if not args.all:
+        for ref in args.sandboxes:
+            Sandbox.connect(ref).kill()
+            print(f"killed {ref}")
+        return 0
+    mine = Sandbox.list(mine=True)
+    if not mine:
+        print("no sandboxes to kill")
+        return 0
+    if sys.stdin.isatty() and not args.yes and not confirm_kill(mine):
+        print("nothing killed")
+        return 1
+    for info in mine:
+        try:
+            Sandbox.connect(info.id).kill()
+        except (SandboxExpired, SandboxNotFound):
+            print(f"{info.id} had ended already")
+        else:
+            print(f"killed {info.id}")
     return 0
+
+
+def confirm_kill(sandboxes: list[SandboxInfo]) -> bool:
+    """Ask on the terminal whether to kill `sandboxes`; only "y" or "yes" says so."""
+    print_table(
+        [("ID", "NAME", "STATUS", "ENDS")] + [(s.id, s.name, s.status, _ends(s)) for s in sandboxes]
+    )
+    count = len(sandboxes)
+    try:
+        answer = input(
+            f"kill {'this sandbox' if count == 1 else f'these {count} sandboxes'} "
+            "and delete their files? [y/N] "
+        )
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 def cmd_extend(args: argparse.Namespace) -> int:

@@ -184,10 +184,13 @@ class AsyncSandbox:
         return cls(await transport.request("GET", f"/v1/sandboxes/{ref}"), transport)
 
     @classmethod
-    async def list(cls, include_ended: bool = False) -> list[SandboxInfo]:
-        data = await shared_transport().request(
-            "GET", "/v1/sandboxes", params={"all": "1"} if include_ended else {}
-        )
+    async def list(cls, include_ended: bool = False, mine: bool = False) -> list[SandboxInfo]:
+        """The sandboxes this caller may see; `mine`: only its own (an instructor of a
+        system service sees everyone's otherwise)."""
+        params = {"all": "1"} if include_ended else {}
+        if mine:
+            params["mine"] = "1"
+        data = await shared_transport().request("GET", "/v1/sandboxes", params=params)
         return [SandboxInfo.from_json(s) for s in data["sandboxes"]]
 
     @classmethod

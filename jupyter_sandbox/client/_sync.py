@@ -263,8 +263,9 @@ class Sandbox:
         return cls(portal().call(AsyncSandbox.connect(ref)))
 
     @classmethod
-    def list(cls, include_ended: bool = False) -> list[SandboxInfo]:
-        return portal().call(AsyncSandbox.list(include_ended))
+    def list(cls, include_ended: bool = False, mine: bool = False) -> list[SandboxInfo]:
+        """See :meth:`AsyncSandbox.list`."""
+        return portal().call(AsyncSandbox.list(include_ended, mine))
 
     @classmethod
     def usage(cls, user: str | None = None) -> Usage:

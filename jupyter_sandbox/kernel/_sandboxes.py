@@ -12,13 +12,15 @@ outlives the grading of their notebook.
 
 from __future__ import annotations
 
+import difflib
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._durations import format_duration, parse_size, parse_timeout
+from .._durations import format_duration, format_size, parse_size, parse_timeout
 from .._errors import SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo
 from ..client import Sandbox
@@ -81,15 +83,27 @@ class SandboxOptions:
             if parse_timeout(self.timeout) != has:
                 shown = "session" if has is None else format_duration(has)
                 found.append(f"--timeout {self.timeout} (it has {shown})")
-        if self.memory is not None and parse_size(self.memory) != info.limits.get("memory"):
-            found.append(f"--memory {self.memory} (it has {info.limits.get('memory')} bytes)")
-        if self.cpus is not None and self.cpus != info.limits.get("cpus"):
-            found.append(f"--cpus {self.cpus:g} (it has {info.limits.get('cpus')})")
+        memory = info.limits.get("memory")
+        if self.memory is not None and parse_size(self.memory) != memory:
+            shown = "no memory limit" if memory is None else format_size(memory)
+            found.append(f"--memory {self.memory} (it has {shown})")
+        cpus = info.limits.get("cpus")
+        if self.cpus is not None and self.cpus != cpus:
+            found.append(
+                f"--cpus {self.cpus:g} (it has {'no CPU limit' if cpus is None else f'{cpus:g}'})"
+            )
         if self.network is not None and self.network != info.network:
             found.append(f"--network {self.network} (it has {info.network})")
         if self.record_terminals and not info.recording:
             found.append("--record-terminals (its terminals are not recorded)")
         return found
+
+
+def typed_name(info: SandboxInfo) -> str:
+    """The name a sandbox was given in its notebook, without its kernel suffix."""
+    kernel = info.labels.get("kernel", "")
+    suffix = f"-{kernel.removeprefix('ipython-')[:8]}"
+    return info.name.removesuffix(suffix) if kernel and info.name.endswith(suffix) else info.name
 
 
 class SandboxConflict(SandboxError):
@@ -109,6 +123,7 @@ class KernelSandboxes:
         self.end_all_with_kernel = end_all_with_kernel
         self._named: dict[str, Sandbox] = {}
         self._owned: dict[str, Sandbox] = {}  # by id: "session" sandboxes created here
+        self._revoke_listeners: dict[str, list[Callable[[], None]]] = {}
         self._lock = threading.RLock()
 
     def service_name(self, name: str) -> str:
@@ -165,8 +180,12 @@ class KernelSandboxes:
             return None
         return sandbox
 
-    def find(self, ref: str) -> Sandbox:
-        """A sandbox by local name, else by service id or name."""
+    def find(self, ref: str, to_create: str | None = None) -> Sandbox:
+        """A sandbox by local name, else by service id or name; never creates one.
+
+        Not found: SandboxNotFound suggesting a close name, and `to_create` (how to
+        make one instead) when given.
+        """
         with self._lock:
             if ref in self._named:
                 return self._named[ref]
@@ -175,15 +194,33 @@ class KernelSandboxes:
                 return Sandbox.connect(candidate)
             except (SandboxNotFound, SandboxExpired):
                 continue
-        raise SandboxNotFound(
-            f"no sandbox named {ref!r} in this kernel, and no sandbox "
+        close = difflib.get_close_matches(ref, self._known_names(), n=1, cutoff=0.6)
+        message = (
+            f"no sandbox named {ref!r}; did you mean {close[0]!r}?"
+            if close
+            else f"no sandbox named {ref!r} in this kernel, and no sandbox "
             f"with that id or name in the service (see `%sandbox list`)"
         )
+        raise SandboxNotFound(
+            message + (f" To create one, use `{to_create}`." if to_create else "")
+        )
+
+    def _known_names(self) -> set[str]:
+        """The names a user may mean: this kernel's local names, the service's names and ids."""
+        known = set(self.names().values())
+        suffix = f"-{self.identity.short}"
+        for info in Sandbox.list():
+            known.update((info.id, info.name, info.name.removesuffix(suffix)))
+        return known
 
     def connect(self, ref: str, name: str | None = None) -> tuple[str, Sandbox]:
-        """Give the sandbox `ref` (id or service name) the local name `name`."""
+        """Give the sandbox `ref` (id or service name) the local name `name`.
+
+        Without `name`, the name its creator typed: a kernel's sandbox is known to the
+        service as NAME-<kernel id prefix>, and is called NAME here too.
+        """
         sandbox = Sandbox.connect(ref)
-        name = name or sandbox.name
+        name = name or typed_name(sandbox.info())
         with self._lock:
             self._named[name] = sandbox
         return name, sandbox
@@ -192,6 +229,7 @@ class KernelSandboxes:
         """Drop every local name of a sandbox that has ended."""
         with self._lock:
             self._owned.pop(sandbox_id, None)
+            self._revoke_listeners.pop(sandbox_id, None)
             for name in [n for n, sb in self._named.items() if sb.id == sandbox_id]:
                 del self._named[name]
 
@@ -200,6 +238,20 @@ class KernelSandboxes:
         (unless every sandbox does)."""
         if not self.end_all_with_kernel:
             self._owned.pop(sandbox_id, None)
+
+    def on_revoke(self, sandbox_id: str, listener: Callable[[], None]) -> None:
+        """Call `listener` when `revoke_ssh` here revokes the sandbox's credentials."""
+        with self._lock:
+            self._revoke_listeners.setdefault(sandbox_id, []).append(listener)
+
+    def revoke_ssh(self, sandbox: Sandbox) -> int:
+        """Revoke every SSH credential of `sandbox`; its widgets here show it."""
+        count = sandbox.revoke_ssh()
+        with self._lock:
+            listeners = list(self._revoke_listeners.get(sandbox.id, ()))
+        for listener in listeners:
+            listener()
+        return count
 
     def kill(self, sandbox: Sandbox) -> None:
         sandbox.kill()

@@ -11,18 +11,10 @@ import time
 from datetime import datetime, timezone
 
 from .._durations import format_duration
+from .._durations import format_size as size
 from .._models import SandboxInfo, SshAccess
 
 PROGRESS_THRESHOLD = 4 * 1024 * 1024  # transfers smaller than this show no bar
-
-
-def size(n: float) -> str:
-    """1.5 KiB, 12.0 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def clock(epoch: float) -> str:
@@ -91,23 +83,51 @@ def ssh_text(
     ssh_status: str = "active",
 ) -> str:
     """What the SSH widget shows, as text. The token appears only with `reveal`."""
+    lines = [
+        f"SSH into sandbox {local_name!r} ({info.id}): {info.status}, credential {ssh_status}",
+        *_access_lines(access, reveal),
+        f"  sandbox:  {lifetime(info)}",
+        *_recorded(info),
+    ]
+    if not reveal:
+        lines.append(_hidden_note(local_name))
+    return "\n".join(lines)
+
+
+def ssh_record(local_name: str, info: SandboxInfo, access: SshAccess, shown_at: float) -> str:
+    """The widget's text forms, which a saved notebook keeps: what it showed and when,
+    not a state that would be stale when the notebook is opened again."""
+    return "\n".join(
+        [
+            f"SSH into sandbox {local_name!r} ({info.id}), shown at {clock(shown_at)}",
+            *_access_lines(access, reveal=False),
+            *_recorded(info),
+            _hidden_note(local_name),
+        ]
+    )
+
+
+def _access_lines(access: SshAccess, reveal: bool) -> list[str]:
     if access.expires_at is None:
         valid = "until revoked or the sandbox ends"
     else:
         valid = f"until {clock(access.expires_at)} (or revoked, or the sandbox ends)"
-    lines = [
-        f"SSH into sandbox {local_name!r} ({info.id}): {info.status}, credential {ssh_status}",
+    return [
         f"  command:  {access.command if reveal else access.masked_command}",
         f"  host key: {access.host_key_fingerprint}",
         f"  valid:    {valid}",
-        f"  sandbox:  {lifetime(info)}",
     ]
-    if not reveal:
-        lines.append(
-            "  (the token is hidden in saved output: copy the command from the live "
-            "widget, or use `sb.expose_ssh().command`)"
-        )
-    return "\n".join(lines)
+
+
+def _recorded(info: SandboxInfo) -> list[str]:
+    return ["  note:     terminal sessions are recorded"] if info.recording else []
+
+
+def _hidden_note(local_name: str) -> str:
+    return (
+        "  (the token is hidden in saved output: copy the command with the live widget's "
+        f"Copy button, or run `%sandbox_ssh {local_name}` for a new one)"
+    )
 
 
 class TransferProgress:
@@ -139,10 +159,12 @@ class TransferProgress:
     def text(self) -> str:
         rate = self.done / max(time.monotonic() - self.started, 1e-6)
         if self.total:
-            filled = int(30 * self.done / self.total)
+            # A directory travels as a tar stream, a little larger than its files.
+            done = min(self.done, self.total)
+            filled = int(30 * done / self.total)
             return (
                 f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
-                f"{100 * self.done // self.total:3d}%  {size(self.done)} / "
+                f"{100 * done // self.total:3d}%  {size(done)} / "
                 f"{size(self.total)}  {size(rate)}/s"
             )
         return f"{self.label} {size(self.done)}  {size(rate)}/s"

@@ -10,12 +10,13 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from .._durations import DURATION_FORMS, parse_duration, parse_size
+from .._durations import DURATION_FORMS, format_size, parse_duration, parse_size
 from .._errors import CommandError, SandboxError, SandboxExpired, SandboxFailed, SandboxNotFound
 from ..client import AsyncSandbox, Sandbox
 from . import _background, _text
@@ -104,8 +105,10 @@ def _cell_parser() -> _Parser:
             "The sandbox is created on first use with the options given; later cells may\n"
             "repeat them but not change them. A non-zero exit is an error in the cell;\n"
             "interrupting the kernel stops the command and keeps the sandbox.\n"
-            "Names are local to the kernel (the service calls it NAME-<kernel id prefix>)."
+            "Names are local to the kernel (the service calls it NAME-<kernel id prefix>).\n"
+            "See also %sandbox? (manage sandboxes) and %sandbox_ssh? (SSH into one)."
         ),
+        epilog=CELL_EXAMPLES,
     )
     p.add_argument(
         "name",
@@ -167,8 +170,11 @@ def _line_parser() -> _Parser:
         prog="%sandbox",
         description=(
             "Manage this kernel's sandboxes. NAME is a local name (as in %%sandbox NAME), or a\n"
-            "sandbox id or service name from `%sandbox list`."
+            "sandbox id or service name from `%sandbox list`.\n\n"
+            "Run a cell in a sandbox with %%sandbox [NAME] (see %%sandbox?); open SSH into one,\n"
+            "with a live widget, with %sandbox_ssh [NAME] (see %sandbox_ssh?)."
         ),
+        epilog=LINE_EXAMPLES,
     )
     commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -199,7 +205,23 @@ def _line_parser() -> _Parser:
         "list the service's sandboxes",
         ("--all", {"action": "store_true", "help": "include ended sandboxes"}),
     )
-    command("kill", "end a sandbox now", ("name", {"metavar": "NAME"}))
+    command(
+        "kill",
+        "end a sandbox now (its files are deleted)",
+        ("name", {"nargs": "?", "metavar": "NAME"}),
+        (
+            "--all",
+            {
+                "action": "store_true",
+                "help": "end all your running sandboxes, those of other notebooks too",
+            },
+        ),
+    )
+    command(
+        "revoke",
+        "revoke a sandbox's SSH credentials; its SSH sessions close, the sandbox keeps running",
+        name_opt,
+    )
     command(
         "restart",
         "start a failed sandbox again, with its files, limits and deadline",
@@ -265,14 +287,21 @@ def _ssh_parser() -> _Parser:
     p = _Parser(
         prog="%sandbox_ssh",
         description=(
-            "Expose SSH into sandbox NAME (created on first use) and show a live widget: the ssh\n"
-            "command with a copy button, the host key, the time left, live logs, and Kill,\n"
-            "Extend and Revoke buttons. The token (the ssh user name) is hidden in everything\n"
-            "saved into the notebook; without a widget front end the output is plain text."
+            "Expose SSH into sandbox NAME and show a live widget: the ssh command with a Copy\n"
+            "button, the host key, the time left, live logs, and Kill, Extend and Revoke\n"
+            "buttons. The token (the ssh user name) is hidden in everything saved into the\n"
+            "notebook; without a widget front end the output is plain text.\n\n"
+            f'Without NAME it is sandbox "{DEFAULT}", created on first use (as by a bare\n'
+            "%%sandbox). A NAME must exist already (made by %%sandbox NAME, or an id or name\n"
+            "from %sandbox list); --new NAME creates it. See also %sandbox? and %%sandbox?."
         ),
+        epilog=SSH_EXAMPLES,
     )
     p.add_argument(
-        "name", nargs="?", default=DEFAULT, metavar="NAME", help=f'sandbox (default "{DEFAULT}")'
+        "name", nargs="?", metavar="NAME", help=f'an existing sandbox (default "{DEFAULT}")'
+    )
+    p.add_argument(
+        "--new", action="store_true", help="create sandbox NAME if it does not exist yet"
     )
     p.add_argument(
         "--ttl",
@@ -284,6 +313,47 @@ def _ssh_parser() -> _Parser:
         "--single-use", action="store_true", help="the credential allows one connection only"
     )
     return p
+
+
+CELL_EXAMPLES = """\
+examples:
+  %%sandbox
+  echo hello; uname -a            # in sandbox "default", made on first use
+
+  %%sandbox web --memory 512M --cpus 1 --timeout 30m
+  make test                       # a named sandbox with limits; it outlives the kernel
+
+  %%sandbox web --bg
+  python3 -m http.server 8000     # in the background; its output: %sandbox logs web
+
+  %%sandbox --image ./site --env MODE=test
+  ls; echo $MODE                  # ./site is copied into the home first
+"""
+
+LINE_EXAMPLES = """\
+examples:
+  %sandbox list                   the running sandboxes (--all: ended ones too)
+  %sandbox info web               status, lifetime, limits and usage
+  %sandbox logs web --follow      follow the background output until interrupted
+  %sandbox upload data.csv data.csv --sandbox web
+  %sandbox download results out/ --sandbox web
+  %sandbox extend web 1h          the deadline is now 1 hour from now
+  %sandbox revoke web             SSH credentials stop working; the sandbox runs on
+  %sandbox restart web            start a failed sandbox again, with its files
+  %sandbox connect sb-1a2b3c4d4e theirs     use another kernel's sandbox as "theirs"
+  sb = %sandbox get web           the Sandbox object, for sb.sh("ls"), sb.fs, ...
+  %sandbox kill web               end it now; --all ends all your sandboxes
+"""
+
+SSH_EXAMPLES = """\
+examples:
+  %sandbox_ssh                    SSH into sandbox "default" (made on first use)
+  %sandbox_ssh web --ttl 1h       a credential for the existing sandbox "web", for 1 hour
+  %sandbox_ssh --new lab          create sandbox "lab" and SSH into it
+  %sandbox_ssh web --single-use   the credential allows one connection only
+
+Copy the command from the widget; `%sandbox revoke web` ends every credential.
+"""
 
 
 def _full_help(parser: _Parser) -> str:
@@ -301,9 +371,10 @@ CELL_PARSER, LINE_PARSER, SSH_PARSER = _cell_parser(), _line_parser(), _ssh_pars
 # -- errors and output ------------------------------------------------------------------
 
 
-def _concise(error: BaseException) -> BaseException:
-    """Make IPython show `error` as one message, without a Python traceback."""
-    text = f"{type(error).__name__}: {error}"
+def _concise(error: BaseException, text: str | None = None) -> BaseException:
+    """Make IPython show `error` as one message (`text`, else its type and message),
+    without a Python traceback."""
+    text = text or f"{type(error).__name__}: {error}"
     error._render_traceback_ = lambda: text.splitlines()  # type: ignore[attr-defined]
     return error
 
@@ -320,6 +391,10 @@ def _magic(parser: _Parser) -> Callable[[F], F]:
                 return None
             except SandboxError as e:
                 raise _concise(e) from None
+            except KeyboardInterrupt as e:
+                if not hasattr(e, "_render_traceback_"):
+                    _concise(e, "interrupted: the magic was stopped")
+                raise e.with_traceback(None) from None
 
         wrapper.__doc__ = _full_help(parser)
         return wrapper  # type: ignore[return-value]
@@ -427,11 +502,10 @@ class SandboxMagics(Magics):
                     f"sandbox {args.name!r} has ended ({e}); run the cell again to start a new one"
                 )
             ) from None
-        except KeyboardInterrupt:
-            sys.stderr.write(
-                f"\ninterrupted: the command was stopped; sandbox {args.name!r} is still running\n"
-            )
-            raise
+        except KeyboardInterrupt as e:
+            raise _concise(
+                e, f"interrupted: the command was stopped; sandbox {args.name!r} is still running"
+            ) from None
 
     @line_magic("sandbox")
     @_magic(LINE_PARSER)
@@ -446,7 +520,12 @@ class SandboxMagics(Magics):
     @_magic(SSH_PARSER)
     def sandbox_ssh(self, line: str) -> None:
         args = SSH_PARSER.parse(line)
-        sandbox = self.sandboxes.open(args.name)
+        if args.name is None or args.new:
+            name = args.name or DEFAULT
+            sandbox = self.sandboxes.open(name)
+        else:
+            name = args.name
+            sandbox = self.sandboxes.find(name, to_create=f"%sandbox_ssh --new {name}")
         access = sandbox.expose_ssh(ttl=args.ttl, single_use=args.single_use)
         widget = None
         if self._in_kernel and not os.environ.get("NBGRADER_EXECUTION"):
@@ -455,14 +534,14 @@ class SandboxMagics(Magics):
             except ImportError:  # anywidget is not installed: plain text
                 pass
             else:
-                widget = SshWidget(sandbox, args.name, access, self.sandboxes)
+                widget = SshWidget(sandbox, name, access, self.sandboxes)
         if widget is not None:
             from IPython.display import display
 
-            display(widget)
+            display(widget, metadata=SshWidget.OUTPUT_METADATA)
         else:
             # Terminal IPython saves no output: there the command is shown in full.
-            print(_text.ssh_text(args.name, sandbox.info(), access, reveal=not self._in_kernel))
+            print(_text.ssh_text(name, sandbox.info(), access, reveal=not self._in_kernel))
 
     # -- %sandbox subcommands -------------------------------------------------------------
 
@@ -487,8 +566,33 @@ class SandboxMagics(Magics):
         print(_text.table(rows, header))
 
     def _kill(self, args: argparse.Namespace) -> None:
-        self.sandboxes.kill(self.sandboxes.find(args.name))
-        print(f"killed sandbox {args.name!r}")
+        if args.all == (args.name is not None):
+            raise UsageError("name the sandbox to kill (`%sandbox kill NAME`), or use --all")
+        if not args.all:
+            self.sandboxes.kill(self.sandboxes.find(args.name))
+            print(f"killed sandbox {args.name!r}")
+            return
+        names = self.sandboxes.names()
+        mine = Sandbox.list(mine=True)
+        for info in mine:
+            local = names.get(info.id)
+            shown = f"sandbox {local!r} ({info.id})" if local else info.id
+            try:
+                self.sandboxes.kill(Sandbox.connect(info.id))
+            except (SandboxExpired, SandboxNotFound):
+                print(f"{shown} had ended already")
+            else:
+                print(f"killed {shown}")
+            self.sandboxes.forget(info.id)
+        if not mine:
+            print("no running sandboxes to kill")
+
+    def _revoke(self, args: argparse.Namespace) -> None:
+        count = self.sandboxes.revoke_ssh(self.sandboxes.find(args.name))
+        print(
+            f"revoked {count} SSH credential{'' if count == 1 else 's'} of sandbox "
+            f"{args.name!r}; it keeps running (`%sandbox_ssh {args.name}` makes a new one)"
+        )
 
     def _restart(self, args: argparse.Namespace) -> None:
         info = self.sandboxes.find(args.name).restart()
@@ -561,4 +665,12 @@ class SandboxMagics(Magics):
             raise UsageError(str(e)) from None
         progress.finish()
         if report:
-            print(f"{direction}ed {src} -> {dst} ({_text.size(progress.done)})")
+            size = format_size(_local_size(Path(src if direction == "upload" else dst)))
+            print(f"{direction}ed {src} -> {dst} ({size})")
+
+
+def _local_size(path: Path) -> int:
+    """The bytes a local file holds, or all the regular files under a directory."""
+    if not path.is_dir():
+        return path.lstat().st_size
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())

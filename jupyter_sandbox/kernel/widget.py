@@ -1,11 +1,18 @@
 """The ``%sandbox_ssh`` widget: SSH command, host key, countdown, live logs, buttons.
 
-A sandbox that fails shows why; its Restart button starts it again, Kill ends it.
+It follows the truth: a credential that expires or is revoked shows so and its
+command is taken back from the views; a sandbox that ends, by anything (a kill
+elsewhere, its deadline, a lapsed lease), shows why and its live actions go; one
+that fails shows why, its Restart button starts it again, Kill ends it. A view
+whose kernel is gone (restarted, shut down) says so itself (widget.js).
 
 The SSH token never enters widget state, which front ends and nbclient save into
 the notebook: the synced state holds only the masked command, and the full
 command travels in a custom message sent to each live view when it asks
-(``{"type": "ready"}``), so a reopened notebook shows nothing secret.
+(``{"type": "ready"}``), so a reopened notebook shows nothing secret. Its
+text/plain and text/html forms are a dated, masked record, and its output is
+marked (``OUTPUT_METADATA``) so that a saved notebook keeps only them (see
+``jupyter_sandbox.serverext.saving``).
 
 Logs follow the sandbox on the background loop and reach the views as custom
 messages batched every 100 ms; views and the replay buffer keep the last
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +33,7 @@ from typing import Any
 import anywidget
 import traitlets
 
-from .._errors import SandboxError
+from .._errors import SandboxError, SandboxExpired, SandboxNotFound
 from .._models import LogEntry, SshAccess
 from ..client import AsyncSandbox, Sandbox
 from . import _background, _text
@@ -44,16 +52,21 @@ class SshWidget(anywidget.AnyWidget):
     _esm = _HERE / "widget.js"
     _css = _HERE / "widget.css"
 
+    # Marks the output that shows it: a saved notebook keeps its text forms only.
+    OUTPUT_METADATA = {"jupyter_sandbox": {"saved_as": "text"}}
+
     sandbox_name = traitlets.Unicode().tag(sync=True)
     sandbox_id = traitlets.Unicode().tag(sync=True)
     status = traitlets.Unicode("running").tag(sync=True)
     failure = traitlets.Unicode().tag(sync=True)  # why it failed, while status is "failed"
+    end_reason = traitlets.Unicode().tag(sync=True)  # why it ended, once status is "ended"
     ssh_status = traitlets.Unicode("active").tag(sync=True)
     masked_command = traitlets.Unicode().tag(sync=True)
     host_key_fingerprint = traitlets.Unicode().tag(sync=True)
     expires_at = traitlets.Float(None, allow_none=True).tag(sync=True)
     ssh_expires_at = traitlets.Float(None, allow_none=True).tag(sync=True)
     message = traitlets.Unicode().tag(sync=True)
+    recording = traitlets.Bool(False).tag(sync=True)  # its terminal sessions are recorded
 
     def __init__(
         self, sandbox: Sandbox, name: str, access: SshAccess, sandboxes: KernelSandboxes
@@ -68,23 +81,33 @@ class SshWidget(anywidget.AnyWidget):
             host_key_fingerprint=access.host_key_fingerprint,
             expires_at=info.expires_at,
             ssh_expires_at=access.expires_at,
+            recording=info.recording,
         )
         self._sandbox = sandbox
         self._access = access
         self._sandboxes = sandboxes
         self._info = info
         self._sent: deque[list[str]] = deque(maxlen=LOG_LIMIT)  # replayed to new views
+        self._shown_at = time.time()
         self.on_msg(self._on_view_message)
         self._follower = _background.submit(self._follow_logs())
+        self._expiry = _background.submit(self._expire_credential())
+        sandboxes.on_revoke(sandbox.id, self._revoked_elsewhere)
 
     def close(self) -> None:
         self._follower.cancel()
+        self._expiry.cancel()
         super().close()
 
     def __repr__(self) -> str:
-        return _text.ssh_text(
-            self.sandbox_name, self._info, self._access, ssh_status=self.ssh_status
-        )
+        return _text.ssh_record(self.sandbox_name, self._info, self._access, self._shown_at)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict, dict] | None:
+        shown = super()._repr_mimebundle_(**kwargs)
+        if shown is not None:
+            data, _ = shown
+            data["text/html"] = f'<pre class="jsbw-saved">{html.escape(data["text/plain"])}</pre>'
+        return shown
 
     # -- messages from views (handled on the kernel's main thread) --------------------------
 
@@ -120,10 +143,26 @@ class SshWidget(anywidget.AnyWidget):
         )
 
     def kill(self) -> None:
-        """End the sandbox."""
+        """End the sandbox; if it had ended already, show why."""
+        try:
+            self._sandbox.info()  # a kill itself does not tell whether there was one to end
+        except (SandboxExpired, SandboxNotFound):
+            self._sandboxes.forget(self.sandbox_id)
+            self._ended(self.end_reason or _end_reason(self.sandbox_id))
+            raise SandboxError(
+                f"nothing to kill: sandbox {self.sandbox_name!r} had already ended "
+                f"({self.end_reason})"
+            ) from None
         self._sandboxes.kill(self._sandbox)
         self._follower.cancel()
-        self.status, self.ssh_status = "killed", "closed"
+        self._ended("killed")
+
+    def _ended(self, reason: str) -> None:
+        """The sandbox is gone: say why, and take the command back from the views."""
+        self.status, self.ssh_status = "ended", "closed"
+        self.end_reason = reason or self.end_reason or "ended"
+        self._expiry.cancel()
+        self._greet()
 
     def restart(self) -> None:
         """Start a failed sandbox again, with its files; its logs are followed again."""
@@ -147,8 +186,22 @@ class SshWidget(anywidget.AnyWidget):
     def revoke(self) -> None:
         """Revoke this SSH credential; its live sessions close."""
         self._sandbox.revoke_ssh(self._access)
-        self.ssh_status = "revoked"
-        self._greet()  # views drop the command
+        self._revoked_elsewhere()
+
+    def _revoked_elsewhere(self) -> None:
+        if self.ssh_status == "active":
+            self.ssh_status = "revoked"
+            self._expiry.cancel()
+            self._greet()  # views drop the command
+
+    async def _expire_credential(self) -> None:
+        """At the credential's TTL: it is expired, and the views drop its command."""
+        if self.ssh_expires_at is None:
+            return
+        await asyncio.sleep(max(0.0, self.ssh_expires_at - time.time()))
+        if self.ssh_status == "active":
+            self.ssh_status = "expired"
+            self._send_greeting()
 
     # -- log following (on the background loop) ---------------------------------------------
 
@@ -166,15 +219,23 @@ class SshWidget(anywidget.AnyWidget):
             batches.flush()
         # The log ends when the sandbox does, or fails (its credentials then wait for a
         # restart).
-        if self.status == "running":
-            self.status = self._info.status if self._info.status != "running" else "ended"
-            self.failure = self._info.failure or ""
-            if self.status != "failed":
-                self.ssh_status = "closed"
+        if self.status != "running":
+            return
+        if self._info.status == "failed":
+            self.status, self.failure = "failed", self._info.failure or ""
+            self._send_greeting()
+        else:
+            self._ended(self._info.end_reason or "")
 
     def _send_lines(self, lines: list[list[str]], skipped: int) -> None:
         self._sent.extend(lines)
         self.send({"type": "logs", "lines": lines, "skipped": skipped})
+
+
+def _end_reason(sandbox_id: str) -> str:
+    """Why the service says a sandbox ended ("" if it does not know it)."""
+    ended = {i.id: i for i in Sandbox.list(include_ended=True)}.get(sandbox_id)
+    return (ended.end_reason or "") if ended else ""
 
 
 class _LogBatches:

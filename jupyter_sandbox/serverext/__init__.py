@@ -21,6 +21,7 @@ from traitlets import Float
 from .handlers import handlers
 from .hub import SandboxHub
 from .reaper import KERNEL_ACTIONS, KernelReaper
+from .saving import keep_widget_text
 
 
 class SandboxExtension(ExtensionApp):
@@ -52,6 +53,7 @@ class SandboxExtension(ExtensionApp):
         )
         self.reconciler = PeriodicCallback(self.reaper.tick, self.reconcile_interval * 1000)
         self.reconciler.start()
+        self.serverapp.contents_manager.register_pre_save_hook(keep_widget_text)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers(self.hub, self.ssh_dir))
