@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from .._config import Paths
-from .._errors import SandboxError, ServiceUnavailable
+from .._errors import SandboxError, SandboxExpired, SandboxNotFound, ServiceUnavailable
 from ..client._transport import raise_for_error
 from ..service.identity import ACTING_FOR_HEADER as ACTING_FOR
 
@@ -71,8 +71,14 @@ class SystemService:
             *(self.request("GET", f"/v1/sandboxes/{s['id']}", acting_for) for s in listed),
             return_exceptions=True,
         )
-        # A sandbox that ended between the list and its details is simply left out.
-        return [d for d in details if isinstance(d, dict)]
+        found = []
+        for detail in details:
+            if isinstance(detail, (SandboxNotFound, SandboxExpired)):
+                continue  # it ended between the list and its details
+            if isinstance(detail, BaseException):
+                raise detail
+            found.append(detail)
+        return found
 
     async def extend_by(self, ref: str, seconds: float, acting_for: str) -> Message:
         """Add `seconds` to the sandbox's time left (a session sandbox gets that much)."""
