@@ -17,6 +17,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import storage_parent, wait_for
+from tests.conftest import _alive, storage_parent, wait_for
 from tests.system_fixtures import (
     SHARED_VENV,
     Classroom,
@@ -521,3 +522,38 @@ def _has_group(gid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_whose_sandbox_it_is_survives_a_killed_service_and_a_lost_database(
+    students: list[OsUser], teacher: OsUser, system: SystemService
+) -> None:
+    """Fault: SIGKILL the service and delete its database while it is down; the sandbox
+    comes back from its own record still its user's, still out of others' reach."""
+    alice, bob = students
+    a = run_json(alice, system, CREATE, "kept")
+    pid = json.loads(system.runtime_file.read_text())["pid"]
+    os.kill(system.proc.pid, signal.SIGSTOP)  # the supervisor waits while the database goes
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(pid), 20, message="the service to die")
+        for suffix in ("", "-wal", "-shm"):
+            (system.data_dir / f"state.sqlite3{suffix}").unlink(missing_ok=True)
+    finally:
+        os.kill(system.proc.pid, signal.SIGCONT)
+
+    def restarted() -> bool:
+        try:
+            return json.loads(system.runtime_file.read_text())["pid"] != pid
+        except (OSError, ValueError):
+            return False
+
+    wait_for(restarted, 60, message="the supervisor to start the service again")
+    check = r"""
+import json, sys
+from jupyter_sandbox import Sandbox
+sb = Sandbox.connect(sys.argv[1])
+print(json.dumps([sb.info().user, sb.info().uid, sb.fs.read_text("mine.txt")]))
+"""
+    assert run_json(alice, system, check, a["id"]) == [alice.name, alice.uid, "kept"]
+    assert run_json(bob, system, LIST) == []
+    assert run_json(teacher, system, LIST) == [[a["id"], "kept", alice.name]]
