@@ -64,6 +64,7 @@ calls = [
     ("PUT", "/files/write", {"params": {"path": "x"}, "content": b"forged"}),
     ("GET", "/files/tar", {"params": {"path": "."}}),
     ("PUT", "/files/tar", {"params": {"path": "."}, "content": b""}),
+    ("GET", "/recordings", {}), ("GET", "/recordings/1.cast", {}),
 ]
 client = httpx.Client(
     transport=httpx.HTTPTransport(uds=socket), base_url="http://sandbox-service",
