@@ -57,19 +57,25 @@ class _Base(HubOAuthenticated, web.RequestHandler):
         if self.current_user is None:
             # Not logged in: pages go to the hub's login; API calls are told so.
             if self.request.path.startswith(self.config.prefix + "api/"):
-                raise web.HTTPError(401, "log in to the hub first")
+                raise web.HTTPError(
+                    401,
+                    "not logged in: open the dashboard in a browser logged in to the hub, "
+                    "or send a hub API token (Authorization: token ...)",
+                )
             self.redirect(self.get_login_url())
             return
         if not await is_instructor(self.current_user, self.config, self.hub_auth):
             raise web.HTTPError(403, self._refusal())
 
     def _refusal(self) -> str:
-        groups = ", ".join(sorted(self.config.instructor_groups)) or "none"
+        groups, roles = sorted(self.config.instructor_groups), sorted(self.config.instructor_roles)
+        who = f"members of the instructor group(s) ({', '.join(groups)})"
+        if roles:
+            who += f" and holders of the role(s) {', '.join(roles)}"
         return (
             f"{self.hub_name} is not an instructor here: the sandbox dashboard is for hub "
-            f"admins and members of the instructor group(s) ({groups}). Ask a hub admin to "
-            "add you if you teach this course; your own sandboxes are in your server's "
-            "Sandboxes panel."
+            f"admins and {who}. Ask a hub admin to add you if you teach this course; your "
+            "own sandboxes are in your server's Sandboxes panel."
         )
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
