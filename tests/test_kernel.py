@@ -378,6 +378,10 @@ def test_connect_from_a_second_kernel(start_kernel) -> None:
         in second.ok(f"%sandbox connect {shared} theirs").stdout
     )
     assert second.ok("%%sandbox theirs\ncat note").stdout == "from-first\n"
+    # Without a local name it gets the name its notebook typed, not "shared-<kernel id>".
+    assert (
+        f"sandbox {shared} is now 'shared' here" in second.ok(f"%sandbox connect {shared}").stdout
+    )
     second.shutdown()  # connected, not owned: it stays
     assert shared in live_ids()
     first.shutdown()

@@ -68,6 +68,10 @@ def jupyterlab(root: Path, notebook: str) -> Iterator[str]:
     by one is trusted by the next, as it is for a user who comes back the next day."""
     ARTIFACTS.mkdir(exist_ok=True)
     port, token = free_port(), secrets.token_hex(16)
+    config = root.parent / f"config-{port}"
+    news = config / "lab/user-settings/@jupyterlab/apputils-extension"
+    news.mkdir(parents=True)  # no "news?" toast over the screenshots
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     log_path = root.parent / f"lab-{port}.log"
     log = log_path.open("wb")
     server = subprocess.Popen(
@@ -84,7 +88,7 @@ def jupyterlab(root: Path, notebook: str) -> Iterator[str]:
             "--LabApp.expose_app_in_browser=True",
             "--ServerApp.disable_check_xsrf=True",
         ],
-        env={**os.environ, "JUPYTER_CONFIG_DIR": str(root.parent / f"config-{port}")},
+        env={**os.environ, "JUPYTER_CONFIG_DIR": str(config)},
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
@@ -134,9 +138,37 @@ def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
             timeout=30_000,
         )
         assert page.locator("button.jsbw-button", has_text="Copy").is_enabled()
-        token = command.inner_text().split()[-1].split("@")[0]
+        full_command = command.inner_text()
+        token = full_command.split()[-1].split("@")[0]
         page.locator(".jsbw-logs", has_text="browser-line-1").wait_for(timeout=30_000)
         page.screenshot(path=ARTIFACTS / "widget-live.png", full_page=True)
+
+        # In a narrow window the command is cut with an ellipsis inside its card, and
+        # Copy still copies all of it.
+        page.set_viewport_size({"width": 560, "height": 1000})
+        page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
+        page.wait_for_function(
+            "(() => { const c = document.querySelector('.jsbw-command');"
+            " return c.scrollWidth > c.clientWidth; })()"
+        )
+        fits = page.evaluate(
+            """() => {
+            const card = document.querySelector('.jsbw-ssh').getBoundingClientRect();
+            return [...document.querySelectorAll('.jsbw-ssh *')].every((n) => {
+                const r = n.getBoundingClientRect();
+                return r.width === 0 || (r.left >= card.left - 0.5 && r.right <= card.right + 0.5);
+            });
+        }"""
+        )
+        assert fits, "something sticks out of the widget's card"
+        assert page.locator(".jsbw-command").evaluate("c => getComputedStyle(c).textOverflow")
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        page.get_by_role("button", name="Copy", exact=True).click()
+        page.locator("button.jsbw-button", has_text="Copied").wait_for()
+        assert page.evaluate("navigator.clipboard.readText()") == full_command
+        page.screenshot(path=ARTIFACTS / "widget-narrow.png", full_page=True)
+        page.evaluate("window.jupyterapp.commands.execute('application:toggle-left-area')")
+        page.set_viewport_size({"width": 1400, "height": 1000})
 
         elapsed = page.evaluate(SHOW_LINES_JS, {"cell": 3, "last": str(LOG_LINES)})
         print(f"{LOG_LINES} log lines shown in the widget view in {elapsed:.0f} ms")
