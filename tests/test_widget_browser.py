@@ -386,14 +386,21 @@ def assert_contrast(page, theme: str, live: bool = True) -> int:
 
 
 def test_widget_follows_expiry_and_a_kernel_restart_in_both_themes(service_env, tmp_path):
-    """A credential's TTL runs out: the widget says expired and Copy/Revoke go. The kernel
+    """A credential's TTL runs out: the widget says expired and Copy/Revoke go; a sandbox
+    whose terminals are recorded says so. The kernel
     restarts (which ends its session sandboxes): the widget says so, and Kill, Extend,
     Copy and Revoke are off. Each state is readable (WCAG AA) in the light and dark theme."""
     root = tmp_path / "root"
     root.mkdir()
-    write_notebook(root / "states.ipynb", [LOAD, "%sandbox_ssh", "%sandbox_ssh --ttl 3s"])
+    cells = [
+        LOAD,
+        "%sandbox_ssh",
+        "%%sandbox rec --record-terminals\ntrue",
+        "%sandbox_ssh rec --ttl 3s",
+    ]
+    write_notebook(root / "states.ipynb", cells)
     with jupyterlab(root, "states.ipynb") as url, notebook_page(url) as page:
-        run_cells(page, 0, 1, 2)
+        run_cells(page, 0, 1, 2, 3)
         widgets = page.locator(".jsbw-ssh")
         widgets.nth(1).wait_for(timeout=30_000)
         live, expiring = widgets.nth(0), widgets.nth(1)
@@ -409,6 +416,9 @@ def test_widget_follows_expiry_and_a_kernel_restart_in_both_themes(service_env, 
             assert expiring.locator("button", has_text=label).is_disabled(), label
             assert live.locator("button", has_text=label).is_enabled(), label
         assert "…" in expiring.locator(".jsbw-command").inner_text()
+        # Only the sandbox whose terminals are recorded says so.
+        assert expiring.locator(".jsbw-recording").inner_text() == "terminal sessions are recorded"
+        assert live.locator(".jsbw-recording").is_hidden()
         ids = {sandbox_id_of(page, 0), sandbox_id_of(page, 1)}
         assert ids <= {s.id for s in Sandbox.list()}
         for theme, name in (("JupyterLab Light", "light"), ("JupyterLab Dark", "dark")):
