@@ -713,6 +713,15 @@ def test_panel_for_a_class(page: Any, service_env: Any, tmp_path: Path) -> None:
         assert abs(header.bounding_box()["y"] - body.bounding_box()["y"]) < 2
         body.evaluate("b => (b.scrollTop = 0)")
 
+        # A row's name opens its card below it, with the charts and every action.
+        busy_row = panel.locator(f".jsb-row[data-id='{busy.id}'] .jsb-row-name")
+        busy_row.click()
+        detail = panel.locator(f".jsb-detail[data-id='{busy.id}'] .jsb-sandbox")
+        expect(detail.locator(".jsb-chart-cpu")).to_be_visible()
+        expect(busy_row).to_have_attribute("aria-expanded", "true")
+        busy_row.click()
+        expect(detail).to_have_count(0)
+
         # Search narrows: by name, by label, by id.
         search = panel.locator(".jsb-search-input")
         search.fill("student-07")

@@ -37,7 +37,7 @@ import {
 } from './api';
 import { Card, ISample } from './card';
 import { HISTORY } from './chart';
-import { button, h, setText } from './dom';
+import { arrange, button, h, setText } from './dom';
 import {
   displayName,
   displayOwner,
@@ -425,7 +425,8 @@ export class SandboxPanel extends Panel {
     }
   }
 
-  private get systemMode(): boolean {
+  /** Whether sandboxes of several OS users are shown (system mode). */
+  private isSystemMode(): boolean {
     if (this.usage?.mode === 'system') {
       return true;
     }
@@ -514,7 +515,7 @@ export class SandboxPanel extends Panel {
     for (const row of rows) {
       const key =
         group === 'owner'
-          ? (this.systemMode ? row.text.user : row.text.owner) || 'unknown owner'
+          ? (this.system ? row.text.user : row.text.owner) || 'unknown owner'
           : row.text.labels || 'no labels';
       byKey.set(key, [...(byKey.get(key) ?? []), row]);
     }
@@ -529,7 +530,7 @@ export class SandboxPanel extends Panel {
     }
     const all = [...this.sandboxes.values()];
     setText(this.count, String(all.length));
-    const system = this.systemMode;
+    const system = (this.system = this.isSystemMode());
     this.node.classList.toggle('jsb-system', system);
     this.renderFilters(all, system);
     const rows = this.shown();
@@ -550,12 +551,12 @@ export class SandboxPanel extends Panel {
     this.filters.get('sort')!.value =
       `${this.state.sort}:${this.state.descending ? 'desc' : 'asc'}`;
     this.filters.get('group')!.value = this.state.group;
-    const cards = rows.map(row => this.card(row));
     if (table) {
+      // Only the cards opened below their rows are kept up to date.
       const details = new Map(
-        [...this.details]
-          .filter(id => ids.has(id))
-          .map(id => [id, this.cards.get(id)!.node])
+        rows
+          .filter(row => this.details.has(row.sandbox.id))
+          .map(row => [row.sandbox.id, this.card(row).node])
       );
       this.table.update(
         this.groups(rows),
@@ -568,19 +569,8 @@ export class SandboxPanel extends Panel {
         details
       );
     } else {
-      const nodes = cards.map(card => card.node);
-      nodes.forEach((node, i) => {
-        const current = this.list.children[i] ?? null;
-        if (current !== node) {
-          this.list.insertBefore(node, current);
-        }
-      });
-      while (this.list.children.length > nodes.length) {
-        this.list.lastElementChild!.remove();
-      }
-      if (!nodes.length && all.length) {
-        this.list.append(h('p', { class: 'jsb-none' }, 'No sandbox matches.'));
-      }
+      const nodes = rows.map(row => this.card(row).node);
+      arrange(this.list, nodes.length || !all.length ? nodes : [this.noMatch]);
     }
     this.renderBulk(table);
   }
@@ -593,18 +583,15 @@ export class SandboxPanel extends Panel {
       card = new Card(sandbox.id, (action, id) => this.act(action, id));
       this.cards.set(sandbox.id, card);
     }
-    const table = this.state.view === 'table';
-    if (!table || this.details.has(sandbox.id)) {
-      card.fill(sandbox, {
-        owner: row.text.owner,
-        user: this.systemMode ? row.text.user : null,
-        samples: this.history.get(sandbox.id) ?? [],
-        ssh: this.commands.get(`${sandbox.id}:ssh`) ?? null,
-        tunnel: this.commands.get(`${sandbox.id}:tunnel`) ?? null,
-        log: this.logs.get(sandbox.id) ?? null,
-        note: this.notes.get(sandbox.id) ?? ''
-      });
-    }
+    card.fill(sandbox, {
+      owner: row.text.owner,
+      user: this.system ? row.text.user : null,
+      samples: this.history.get(sandbox.id) ?? [],
+      ssh: this.commands.get(`${sandbox.id}:ssh`) ?? null,
+      tunnel: this.commands.get(`${sandbox.id}:tunnel`) ?? null,
+      log: this.logs.get(sandbox.id) ?? null,
+      note: this.notes.get(sandbox.id) ?? ''
+    });
     return card;
   }
 
@@ -999,12 +986,14 @@ export class SandboxPanel extends Panel {
     { class: 'jsb-empty' },
     'No sandboxes. Create one here or with %%sandbox.'
   );
+  private readonly noMatch = h('p', { class: 'jsb-none' }, 'No sandbox matches.');
   private readonly cards = new Map<string, Card>();
   private socket: WebSocket | null = null;
   private pending: number | null = null;
   private sandboxes = new Map<string, ISandbox>();
   private notebooks = new Map<string, string>();
   private usage: IQuotaUsage | null = null;
+  private system = false;
   private readonly history = new Map<string, ISample[]>();
   private readonly commands = new Map<string, ISshCommand>();
   private readonly logs = new Map<string, LogView>();
