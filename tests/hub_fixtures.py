@@ -16,6 +16,7 @@ Needs root, the npm package configurable-http-proxy and PyPI jupyterhub.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -148,7 +149,10 @@ class Hub:
         assert "jupyterhub-session-id" in client.cookies, reply.text[:500]
         return client
 
-    def stop(self) -> None:
+    def stop(self) -> list[int]:
+        """Stop the hub (it stops the proxy, the dashboard and the users' servers); the
+        pids of its own children (proxy, dashboard) that are still alive after it."""
+        children = descendants(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -156,6 +160,33 @@ class Hub:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(AssertionError):  # the proxy may still be on its way out
+            wait_for(lambda: not any(map(_alive, children)), 15, message="the hub's children")
+        left = [pid for pid in children if _alive(pid)]
+        for pid in left:  # reported by the caller; never left running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return left
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of `pid`'s children, theirs, and so on."""
+    found: list[int] = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return found
+    for child in map(int, children):
+        found += [child, *descendants(child)]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 @dataclass
@@ -378,7 +409,11 @@ def start_hub(
         except httpx.HTTPError:
             return False
 
-    wait_for(up, 60, interval=0.3, message="the hub to answer")
+    try:
+        wait_for(up, 60, interval=0.3, message="the hub to answer")
+    except BaseException:
+        hub.stop()
+        raise
     names = [user.name for user in [*students, instructor]]
     hub.api("POST", "users", json={"usernames": names})
     return hub
@@ -407,17 +442,15 @@ def hub(hub_users: Any, system_service: SystemService, shared_venv: Path) -> Ite
     base = Path(tempfile.mkdtemp(prefix="jsb-hub-"))
     started = start_hub(base, students, instructor, group, system_service)
     yield started
-    started.stop()
+    left = started.stop()
     try:
+        assert not left, f"processes of the hub (proxy, dashboard) outlived it: {left}"
         for user in [*students, instructor]:
             wait_for(
                 lambda user=user: not user_processes(user.uid),
                 30,
                 message=f"{user.name}'s processes to end with the hub",
             )
-        assert not subprocess.run(["pgrep", "-f", str(base)], capture_output=True).stdout, (
-            "a process of the hub (proxy, dashboard) outlived it"
-        )
     finally:
         kept = Path(tempfile.gettempdir()) / "jupyter-sandbox-tests-hub.log"
         shutil.copy(base / "hub.log", kept)
