@@ -31,6 +31,7 @@ from .._config import Paths, Settings
 from ..backends.local import LocalBackend
 from . import config_file
 from .api import make_app
+from .connections import BoundedUnixSite
 from .identity import Directory
 from .locks import try_lock
 from .manager import Manager
@@ -177,7 +178,8 @@ class Service:
         await runner.setup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.paths.socket)
-        await web.UnixSite(runner, str(self.paths.socket)).start()
+        site = BoundedUnixSite if self.system else web.UnixSite  # 0666: a bound per user
+        await site(runner, str(self.paths.socket)).start()
         os.chmod(self.paths.socket, 0o666 if self.system else 0o600)
         runtime = {
             "pid": os.getpid(),

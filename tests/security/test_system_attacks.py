@@ -1,0 +1,202 @@
+"""Attacks by one student on a system service shared with others.
+
+A real root service on a private run/data dir, real OS users made for the module
+(removed after), each attack made from a process running as a student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jupyter_sandbox.service.connections import MAX_PER_USER
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system mode needs root")
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_PYTHON = "/opt/jupyter-sandbox-test/venv/bin/python"
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+class System:
+    """A private system service and the users made for it."""
+
+    def __init__(self, base: Path, students: list[str], teacher: str) -> None:
+        self.base = base
+        self.students = students
+        self.teacher = teacher
+        self.run_dir = base / "run"
+        self.socket = self.run_dir / "jupyter-sandbox.sock"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "JUPYTER_SANDBOX_SYSTEM_RUN": str(self.run_dir),
+            "JUPYTER_SANDBOX_SYSTEM_DATA": str(base / "data"),
+            "JUPYTER_SANDBOX_CONFIG": str(base / "config.toml"),
+            "JUPYTER_SANDBOX_POOL": "0",
+            "JUPYTER_SANDBOX_SSH_WORKERS": "1",
+            "JUPYTER_SANDBOX_SSH_PORT": "0",
+            "JUPYTER_SANDBOX_MODE": "system",
+        }
+
+    def client_env(self, user: str) -> dict[str, str]:
+        env = {k: v for k, v in self.env.items() if not k.startswith("PYTEST")}
+        return {**env, "HOME": f"/home/{user}"}
+
+    def as_user(self, user: str, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run Python `code` as OS user `user` with the service's client environment."""
+        return subprocess.run(
+            user_argv(user, code),
+            env=self.client_env(user),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd="/",
+        )
+
+
+def user_argv(user: str, code: str) -> list[str]:
+    """Run Python `code` as `user`, with the user's own groups only."""
+    setpriv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+    return [*setpriv, VENV_PYTHON, "-c", code]
+
+
+def request_code(method: str, path: str, body: object = None) -> str:
+    """Python that makes one raw HTTP request to the service and prints status and body."""
+    return f"""
+import http.client, json, os, socket
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(os.environ["JUPYTER_SANDBOX_SYSTEM_RUN"] + "/jupyter-sandbox.sock")
+c = C("localhost", timeout=30)
+body = {json.dumps(body)!r}
+c.request({method!r}, {path!r}, body=None if body == "null" else body)
+r = c.getresponse()
+print(r.status)
+print(r.read().decode())
+"""
+
+
+@pytest.fixture(scope="module")
+def system() -> Iterator[System]:
+    tag = secrets.token_hex(3)
+    base = Path(f"/tmp/jsbx-attack-{tag}")
+    base.mkdir(mode=0o755)
+    os.chmod(base, 0o755)
+    students_group, teachers_group = f"jsbx-st-{tag}", f"jsbx-te-{tag}"
+    students = [f"jsbx-s1-{tag}", f"jsbx-s2-{tag}"]
+    teacher = f"jsbx-t1-{tag}"
+    made_users: list[str] = []
+    made_groups: list[str] = []
+    service = None
+    try:
+        for group in (students_group, teachers_group):
+            _run("groupadd", group)
+            made_groups.append(group)
+        for user in students:
+            _run("useradd", "-m", "-G", students_group, user)
+            made_users.append(user)
+        _run("useradd", "-m", "-G", teachers_group, teacher)
+        made_users.append(teacher)
+        (base / "config.toml").write_text(
+            f'instructors = ["{teachers_group}"]\n[quota.group.{students_group}]\nsandboxes = 2\n'
+        )
+        sys_ = System(base, students, teacher)
+        service = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_sandbox", "serve", "--system", "--no-supervisor"],
+            env=sys_.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(lambda: (sys_.run_dir / "jupyter-sandbox.json").exists(), 60, message="service")
+        sys_.pid = service.pid
+        yield sys_
+    finally:
+        if service is not None:
+            service.send_signal(signal.SIGTERM)
+            try:
+                service.wait(60)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait()
+        for user in made_users:
+            subprocess.run(["userdel", "-r", user], capture_output=True)
+        for group in made_groups:
+            subprocess.run(["groupdel", group], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+FLOOD = """
+import errno, os, socket, time
+path = os.environ["JUPYTER_SANDBOX_SYSTEM_RUN"] + "/jupyter-sandbox.sock"
+held, busy = [], 0
+while busy < 100:
+    s = socket.socket(socket.AF_UNIX)
+    s.setblocking(False)
+    try:
+        s.connect(path)
+    except BlockingIOError:  # the backlog is full: the service is behind, or cannot accept
+        s.close()
+        busy += 1
+        time.sleep(0.02)
+        continue
+    except OSError as e:  # this process's own fd limit
+        break
+    try:  # headers never finished: slowloris
+        s.send(b"GET /v1/status HTTP/1.1\\r\\nHost: x\\r\\n")
+        time.sleep(0.001)
+        if s.recv(100, socket.MSG_PEEK):  # answered at once: refused
+            raise ConnectionRefusedError
+    except BlockingIOError:  # no answer: held
+        held.append(s)
+        busy = 0
+    except OSError:
+        s.close()
+        busy += 1
+print(len(held), flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_student_holding_connections_does_not_shut_out_another(system: System) -> None:
+    """A student who opens connections until their fd limit (slowloris: headers never
+    finished) from several processes must not leave the service unable to accept others."""
+    flooders = [
+        subprocess.Popen(
+            user_argv(system.students[0], FLOOD),
+            env=system.client_env(system.students[0]),
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+        for _ in range(3)
+    ]
+    try:
+        held = [int(flooder.stdout.readline()) for flooder in flooders]
+        assert sum(held) > MAX_PER_USER
+        answer = system.as_user(system.students[1], request_code("GET", "/v1/status"))
+        assert answer.stdout.splitlines()[:1] == ["200"], answer.stdout + answer.stderr
+        refused = system.as_user(system.students[0], request_code("GET", "/v1/status"))
+        assert refused.returncode == 0, refused.stderr
+        status, body = refused.stdout.splitlines()[:2]
+        assert status == "429"
+        assert f"you hold {MAX_PER_USER} connections" in json.loads(body)["message"]
+    finally:
+        for flooder in flooders:
+            flooder.kill()
+            flooder.wait()
