@@ -167,6 +167,7 @@ function render({ model, el: root }) {
       : `ended: ${t.reason || "ended"}`;
     status.dataset.state = running ? (sshActive ? "ok" : "warn")
       : failed ? "failed" : t.state === "unknown" ? "warn" : "ended";
+    box.dataset.state = status.dataset.state;
     const shown = sshActive && command ? command : model.get("masked_command");
     cmd.textContent = shown;
     cmd.title = model.get("masked_command"); // never the token: titles can be read off screen
