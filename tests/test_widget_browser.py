@@ -382,6 +382,9 @@ def assert_contrast(page, theme: str, live: bool = True) -> int:
     assert not poor, (theme, poor)
     kills = [f for f in found if f["kind"] == "ui" and "jsbw-danger" in f["what"]]
     assert bool(kills) == live, found
+    for kind in ("text", "ui"):
+        lowest = min((f for f in found if f["kind"] == kind), key=lambda f: f["ratio"])
+        print(f"{theme}: lowest {kind} contrast {lowest['ratio']:.2f}:1 ({lowest['what']})")
     return len(found)
 
 
