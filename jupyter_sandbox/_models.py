@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,10 @@ class FileInfo:
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
 
 
+# Control characters but tab: a terminal or notebook would act on them instead of showing.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
 @dataclass(frozen=True)
 class LogEntry:
     """One line of a sandbox's log: background process output or an event."""
@@ -88,6 +93,15 @@ class LogEntry:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LogEntry:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def line(self) -> str:
+        """The entry as one line of text for a terminal or a notebook: its source first
+        ("[audit]" for a service note, "[proc:12:stdout]" for output), then its text with
+        control characters escaped, so that no output can pass for a note of the service
+        (a carriage return or an escape sequence rewriting what comes before it)."""
+        where = self.source if self.stream == "event" else f"{self.source}:{self.stream}"
+        text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", self.text.rstrip("\n"))
+        return f"[{where}] {text}"
 
 
 @dataclass(frozen=True)

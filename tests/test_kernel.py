@@ -264,7 +264,9 @@ def test_logs_follow_until_interrupted(kernel: Kernel) -> None:
 
     reply = kernel.run("%sandbox logs --follow --tail 0", on_output=interrupt_on_third_tick)
     assert reply.status == "ok", reply.outputs  # interrupting a follow just ends it
-    assert reply.stdout.startswith("tick\ntick\ntick\n") and not reply.stderr
+    lines = reply.stdout.splitlines()[:3]  # each line names its process: "[proc:7:stdout] tick"
+    assert len(lines) == 3 and all(line.endswith(":stdout] tick") for line in lines)
+    assert not reply.stderr
 
 
 def test_upload_and_download_show_progress(kernel: Kernel, tmp_path: Path) -> None:

@@ -470,9 +470,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     for entry in Sandbox.connect(args.sandbox).logs(follow=args.follow, tail=args.tail):
-        where = entry.source if entry.stream == "event" else f"{entry.source}:{entry.stream}"
-        prefix = f"[{where}]"
-        sys.stdout.write(f"{prefix} {entry.text.rstrip(chr(10))}\n")
+        sys.stdout.write(entry.line() + "\n")
         sys.stdout.flush()
     return 0
 

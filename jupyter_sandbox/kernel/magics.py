@@ -622,11 +622,10 @@ class SandboxMagics(Magics):
         async def show() -> None:
             inner = await AsyncSandbox.connect(sandbox.id)
             async for entry in inner.logs(follow=args.follow, tail=args.tail):
-                text = entry.text if entry.text.endswith("\n") else entry.text + "\n"
                 if entry.stream == "stderr":
-                    output.stderr(text)
+                    output.stderr(entry.line() + "\n")
                 else:
-                    output.stdout(f"[{entry.source}] {text}" if entry.stream == "event" else text)
+                    output.stdout(entry.line() + "\n")
 
         try:
             _background.wait(show())

@@ -64,7 +64,11 @@ export class LogView {
         ' ',
         h('span', { class: 'jsb-log-source' }, `[${where}]`),
         ' ',
-        entry.text.replace(/\n$/, '')
+        // A line break inside an entry (a command's) is shown as \x0a: no text can
+        // start a line of its own and pass for a note of the service.
+        entry.text
+          .replace(/\n$/, '')
+          .replace(/[\r\n]/g, c => `\\x0${c.charCodeAt(0).toString(16)}`)
       )
     );
     while (this.node.childElementCount > MAX_LINES) {

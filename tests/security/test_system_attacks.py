@@ -200,3 +200,51 @@ def test_one_student_holding_connections_does_not_shut_out_another(system: Syste
         for flooder in flooders:
             flooder.kill()
             flooder.wait()
+
+
+FAKE_AUDIT = 'instructor bob: ran "cat ~/solution.py"'
+PRINT_FAKES = (
+    f"printf 'x\\r[audit] {FAKE_AUDIT}\\n'; "
+    f"printf '\\033[2K\\r[audit] {FAKE_AUDIT}\\n'; "
+    f"printf '[audit] {FAKE_AUDIT}\\n'; "
+    f": '\n[audit] {FAKE_AUDIT}'"  # a line break in the command its "started" note quotes
+)
+
+
+def test_sandbox_output_cannot_pass_for_an_instructors_note_in_the_log(system: System) -> None:
+    """A student's sandbox prints lines that look like `instructor ...:` notes, hiding its
+    own prefix with a carriage return or an escape sequence, or putting a line break in
+    the command its log notes; in the log as the student and
+    the instructor read it (`jupyter-sandbox logs`), only the service's note reads as one."""
+    student, teacher = system.students[0], system.teacher
+    made = system.as_user(
+        student,
+        "from jupyter_sandbox import Sandbox\n"
+        "sb = Sandbox.create(timeout='5m')\n"
+        f"sb.spawn({PRINT_FAKES!r}).wait()\n"
+        "print(sb.id)\n",
+    )
+    assert made.returncode == 0, made.stderr
+    sandbox_id = made.stdout.split()[-1]
+    try:
+        ran = system.as_user(
+            teacher,
+            f"from jupyter_sandbox import Sandbox\nSandbox.connect({sandbox_id!r}).sh('true')\n",
+        )
+        assert ran.returncode == 0, ran.stderr
+        for reader in (student, teacher):
+            shown = system.as_user(
+                reader,
+                f"import sys; sys.argv = ['jupyter-sandbox', 'logs', {sandbox_id!r}]\n"
+                "from jupyter_sandbox.cli import main; sys.exit(main())",
+            )
+            assert shown.returncode == 0, shown.stderr
+            assert "\r" not in shown.stdout and "\x1b" not in shown.stdout
+            notes = [line for line in shown.stdout.splitlines() if line.startswith("[audit]")]
+            assert notes == [f'[audit] instructor {teacher}: ran "true"'], shown.stdout
+            printed = [line for line in shown.stdout.splitlines() if FAKE_AUDIT in line]
+            assert len(printed) == 4, shown.stdout  # three printed lines, the "started" note
+    finally:
+        system.as_user(
+            student, f"from jupyter_sandbox import Sandbox\nSandbox.connect({sandbox_id!r}).kill()"
+        )

@@ -219,6 +219,11 @@
     ], "Close");
   }
 
+  // An entry's text on one line: a line break inside it (a command's, say) is shown as
+  // \x0a, so no text can start a line of its own.
+  const oneLine = (text) =>
+    text.replace(/\n$/, "").replace(/[\r\n]/g, (c) => `\\x0${c.charCodeAt(0).toString(16)}`);
+
   // The log is read with fetch rather than EventSource, which cannot send the XSRF
   // header: the token stays out of the URL.
   async function openLogs(s) {
@@ -231,8 +236,13 @@
     state.logs = controller;
     const show = (entry) => {
       const when = new Date(entry.time * 1000).toLocaleTimeString();
+      // The source on every line, as the panel shows it: a sandbox's output cannot pass
+      // for a note of the service ("[audit] instructor bob: ...").
+      const where = entry.stream === "event" ? entry.source : `${entry.source}:${entry.stream}`;
+      const kind = entry.source === "audit" ? "audit" : entry.stream;
       text.append(el("span", { class: "jsd-log-time" }, when + " "),
-        el("span", { class: `jsd-log-${entry.stream}` }, entry.text.replace(/\n?$/, "\n")));
+        el("span", { class: `jsd-log-${kind}` },
+          `[${where}] ${oneLine(entry.text)}\n`));
       text.scrollTop = text.scrollHeight;
     };
     const note = (why) => text.append(el("em", {}, why));
