@@ -134,7 +134,7 @@ class Limit:
     """One key of a user's quota: its value (None: unlimited) and which table set it."""
 
     value: float | None
-    source: str  # 'group "students"', "user alice", "the default quota"; "" if unset
+    source: str  # 'group "students"', "the quota set for alice", "the default quota"; "": none
 
 
 @dataclass(frozen=True)
