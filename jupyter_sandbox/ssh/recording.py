@@ -38,6 +38,8 @@ DIRECTORY = "recordings"
 RECORDING_LIMIT = 64 << 20  # bytes of one recording
 SANDBOX_LIMIT = 256 << 20  # bytes of all recordings of one sandbox
 CHECK_EVERY = 1 << 20  # bytes written between two looks at the sandbox's total
+BLOCK = 4096  # the least a file takes on disk, as counted (some filesystems say 0 blocks)
+MAX_RECORDINGS = 1000  # files of one sandbox: each takes a block and an inode, however small
 MARKER_ROOM = 512  # bytes kept free for the truncation marker
 NAME = re.compile(r"(?P<start>[0-9]{8}T[0-9]{6}Z)-(?P<n>[1-9][0-9]{0,5})\.cast")
 NAME_PATTERN = "YYYYMMDDTHHMMSSZ-N.cast"
@@ -67,10 +69,7 @@ class Recording:
         OSError if the directory cannot be used, or the sandbox's recordings are full."""
         directory = _open_directory(sandbox_dir, create=True)
         try:
-            if _total(directory) >= SANDBOX_LIMIT - MARKER_ROOM:
-                raise OSError(
-                    errno.EDQUOT, f"the sandbox's recordings reached {SANDBOX_LIMIT >> 20} MiB"
-                )
+            _check_room(directory)
             fd, name = _create(directory)
         except BaseException:
             os.close(directory)
@@ -239,11 +238,23 @@ def _open_directory(sandbox_dir: Path, create: bool) -> int:
     return directory
 
 
+def _check_room(directory: int) -> None:
+    """OSError (EDQUOT) if the sandbox's recordings leave no room for another one."""
+    count = sum(1 for _ in os.scandir(directory))
+    if count >= MAX_RECORDINGS:
+        raise OSError(errno.EDQUOT, f"the sandbox has {MAX_RECORDINGS} recordings already")
+    if _total(directory) >= SANDBOX_LIMIT - MARKER_ROOM:
+        raise OSError(errno.EDQUOT, f"the sandbox's recordings reached {SANDBOX_LIMIT >> 20} MiB")
+
+
 def _total(directory: int) -> int:
+    """What the recordings take on disk: a file's blocks, not only its length, so that
+    many tiny recordings count for the disk they fill."""
     total = 0
     for entry in os.scandir(directory):
         with contextlib.suppress(OSError):
-            total += entry.stat(follow_symlinks=False).st_size
+            info = entry.stat(follow_symlinks=False)
+            total += max(info.st_size, info.st_blocks * 512, BLOCK)
     return total
 
 
