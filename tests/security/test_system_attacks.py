@@ -248,3 +248,73 @@ def test_sandbox_output_cannot_pass_for_an_instructors_note_in_the_log(system: S
         system.as_user(
             student, f"from jupyter_sandbox import Sandbox\nSandbox.connect({sandbox_id!r}).kill()"
         )
+
+
+PROBE = """
+import http.client, json, os, socket, sys, urllib.parse
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(os.environ["JUPYTER_SANDBOX_SYSTEM_RUN"] + "/jupyter-sandbox.sock")
+ROUTES = [
+    ("GET", ""), ("DELETE", ""), ("HEAD", ""), ("OPTIONS", ""), ("POST", "/restart"),
+    ("POST", "/timeout"), ("POST", "/lease"), ("POST", "/ssh"), ("POST", "/ssh/revoke"),
+    ("POST", "/exec"), ("POST", "/spawn"), ("GET", "/agent"), ("GET", "/procs"),
+    ("GET", "/procs/1/wait"), ("POST", "/procs/1/signal"), ("GET", "/logs"),
+    ("GET", "/logs?follow=1"), ("GET", "/recordings"), ("GET", "/recordings/x.cast"),
+    ("POST", "/files/stat"), ("GET", "/files/read?path=x"), ("PUT", "/files/write?path=x"),
+    ("GET", "/files/tar?path=x"), ("PUT", "/files/tar?path=x"), ("GET", "/"),
+]
+BODY = {"/timeout": {"timeout": "1m"}, "/lease": {"lease": "x"}, "/exec": {"cmd": "true"},
+        "/spawn": {"cmd": "true"}, "/files/stat": {"path": "."}}
+out = {}
+for ref in json.loads(sys.argv[1]):
+    for method, tail in ROUTES:
+        c = C("localhost", timeout=10)
+        body = BODY.get(tail)
+        c.request(method, "/v1/sandboxes/" + ref + tail,
+                  body=None if body is None else json.dumps(body),
+                  headers={"X-Sandbox-Acting-For": "root"})
+        r = c.getresponse()
+        out[f"{method} {ref}{tail}"] = [r.status, r.read().decode()]
+print(json.dumps(out))
+"""
+
+
+def test_another_students_sandbox_is_unknown_on_every_route_and_spelling(system: System) -> None:
+    """Student 2 tries every route on student 1's sandboxes (running, failed-by-kill, ended)
+    by id, by name, percent-encoded, with a forged acting-for header: each answer is the
+    one an id that never existed gets, with the ref itself swapped in."""
+    first, second = system.students
+    made = system.as_user(
+        first,
+        "from jupyter_sandbox import Sandbox\n"
+        "a = Sandbox.create(name='homework', timeout='5m')\n"
+        "b = Sandbox.create(name='ended-one', timeout='5m'); b.kill()\n"
+        "print(a.id, b.id)\n",
+    )
+    assert made.returncode == 0, made.stderr
+    running, ended = made.stdout.split()
+    try:
+        never = "sb-" + secrets.token_hex(5)
+        encoded = "".join(f"%{ord(c):02x}" for c in running)
+        refs = [never, running, ended, "homework", "ended-one", encoded]
+        probe = system.as_user(
+            second, f"import sys; sys.argv = ['', {json.dumps(refs)!r}]\n" + PROBE
+        )
+        assert probe.returncode == 0, probe.stderr
+        answers = json.loads(probe.stdout)
+        assert answers[f"GET {running}"][0] == 404  # not a route that answers nobody
+        assert "no sandbox with id or name" in answers[f"POST {running}/exec"][1]
+        for key, (status, body) in answers.items():
+            method, rest = key.split(" ", 1)
+            ref = next(r for r in refs if rest.startswith(r))
+            expected_status, expected_body = answers[f"{method} {never}{rest[len(ref) :]}"]
+            decoded = running if ref == encoded else ref
+            assert status == expected_status, (key, status, body)
+            assert body == expected_body.replace(never, decoded), (key, body)
+            assert running not in body or ref in (running, encoded)
+    finally:
+        system.as_user(
+            first, f"from jupyter_sandbox import Sandbox\nSandbox.connect({running!r}).kill()"
+        )
