@@ -447,7 +447,7 @@ export class SandboxPanel extends Panel {
         status: sandbox.status,
         user: sandbox.user ?? '',
         owner,
-        left: timeLeft(sandbox).replace(/ left$/, ''),
+        left: this.rowLeft(sandbox),
         cpu: cpu === null ? '–' : formatPercent(cpu),
         memory:
           memory === null
@@ -698,19 +698,18 @@ export class SandboxPanel extends Panel {
 
   /** Refresh the countdowns without waiting for the next message. */
   private tick(): void {
-    const table = this.state.view === 'table';
-    if (table) {
-      if (this.state.sort === 'left' || this.sandboxes.size) {
-        this.schedule(); // time left is a column
-      }
-      return;
-    }
-    for (const [id, card] of this.cards) {
-      const sandbox = this.sandboxes.get(id);
-      if (sandbox && card.node.isConnected) {
+    for (const sandbox of this.sandboxes.values()) {
+      this.table.tick(sandbox.id, this.rowLeft(sandbox)); // every row counts down alike
+      const card = this.cards.get(sandbox.id);
+      if (card?.node.isConnected) {
         card.tick(sandbox);
       }
     }
+  }
+
+  /** A row's time left: the column's header says "left". */
+  private rowLeft(sandbox: ISandbox): string {
+    return timeLeft(sandbox).replace(/ left$/, '');
   }
 
   // -- actions -----------------------------------------------------------------------------

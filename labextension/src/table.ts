@@ -149,6 +149,14 @@ export class Table {
     this.all.indeterminate = chosen > 0 && chosen < ids.length;
   }
 
+  /** The countdown of a row, every second. */
+  tick(id: string, left: string): void {
+    const row = this.rows.get(id);
+    if (row?.node.isConnected) {
+      setText(row.cells.left, left);
+    }
+  }
+
   /** Forget the row of an ended sandbox. */
   forget(id: string): void {
     this.rows.get(id)?.node.remove();
