@@ -180,6 +180,7 @@ class Connection(asyncssh.SSHServer):
         self.last_active = 0.0
         self.target: Target | None = None
         self.authenticated = False
+        self.logging_in = True  # until the login completes (the start-up limits' concern)
         self._identifying: asyncio.Future | None = None
         self._claiming: asyncio.Future | None = None
 
@@ -245,6 +246,12 @@ class Connection(asyncssh.SSHServer):
         if self.conn is not None:
             self.conn.abort()
 
+    def abort_login(self) -> None:
+        """`abort`, unless the login completed meanwhile: the start-up limits, counted in
+        the service for every worker, may pick a login whose end is still on its way."""
+        if self.logging_in:
+            self.abort()
+
     async def wait_closed(self) -> None:
         if self.conn is not None:
             await self.conn.wait_closed()
@@ -297,6 +304,7 @@ class Connection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         """Serve the login, unless its single-use token was used up by another meanwhile."""
+        self.logging_in = False
         self.gateway.ledger.remove(self)
         target = self.target
         assert target is not None

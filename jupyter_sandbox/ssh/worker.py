@@ -138,7 +138,7 @@ class Worker:
         elif op == "abort":
             for conn in list(self.gateway.connections):
                 if conn.id == message["conn"]:
-                    conn.abort()
+                    conn.abort_login()
 
     async def run(self) -> None:
         """Serve until the service closes the channel (or goes away), then drop every
