@@ -8,7 +8,6 @@ into the page: an SSH credential is only in the answer to a POST, shown when ask
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import html
 import json
@@ -18,17 +17,16 @@ from typing import Any
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import web
 from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .._durations import parse_duration
 from .._errors import SandboxError
+from .._tunnel_socket import GatewayTunnel
 from .access import is_instructor
 from .config import DashboardConfig
 from .service import SystemService
 
 STATIC = Path(__file__).resolve().parent / "static"
 LOG_TAIL = 500
-CHUNK = 64 * 1024
 REF = r"(?P<ref>[\w.-]+)"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -214,7 +212,7 @@ class LogsApi(_Api):
         self.finish()
 
 
-class TunnelSocket(HubOAuthenticated, WebSocketHandler):
+class TunnelSocket(HubOAuthenticated, GatewayTunnel):
     """Carries an SSH connection to the service's gateway, like the server extension's
     tunnel, so ``jupyter-sandbox tunnel --url <hub>/services/sandboxes/`` reaches it."""
 
@@ -230,30 +228,6 @@ class TunnelSocket(HubOAuthenticated, WebSocketHandler):
             await self.service.request("GET", f"/v1/sandboxes/{ref}", user["name"])
             self.address = await self.service.gateway(user["name"])
         await super().get(ref)
-
-    async def open(self, *args: str, **kwargs: str) -> None:
-        try:
-            self.reader, self.writer = await asyncio.open_connection(*self.address)
-        except OSError as e:
-            self.close(1011, f"cannot reach the SSH gateway: {e}")
-            return
-        self._task = asyncio.create_task(self._pump())
-
-    async def _pump(self) -> None:
-        with contextlib.suppress(WebSocketClosedError, ConnectionError):
-            while data := await self.reader.read(CHUNK):
-                await self.write_message(data, binary=True)
-        self.close()
-
-    async def on_message(self, message: str | bytes) -> None:
-        self.writer.write(message.encode() if isinstance(message, str) else message)
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-
-    def on_close(self) -> None:
-        if hasattr(self, "writer"):
-            self._task.cancel()
-            self.writer.close()
 
 
 def handlers(config: DashboardConfig, service: SystemService) -> list[tuple[str, type, dict]]:

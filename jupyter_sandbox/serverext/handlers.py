@@ -28,12 +28,12 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from .._errors import SandboxError
 from .._models import SshAccess
 from .._ssh_config import HOST_ALIAS, write_ssh_config
+from .._tunnel_socket import GatewayTunnel
 from ..ssh.recording import MEDIA_TYPE
 from .hub import Message, SandboxHub
 
 AUTH_RESOURCE = "sandboxes"
 LOG_TAIL = 500
-CHUNK = 64 * 1024
 
 
 @contextlib.contextmanager
@@ -306,7 +306,7 @@ class LogsSocket(_Socket):
         self._task.cancel()
 
 
-class TunnelSocket(_Socket):
+class TunnelSocket(GatewayTunnel, _Socket):
     """Carries an SSH connection to the service's gateway, which picks the sandbox by token."""
 
     @ws_authenticated
@@ -316,30 +316,6 @@ class TunnelSocket(_Socket):
             await self.hub.handle(ref)  # 404 now rather than a dead connection later
             self.address = await self.hub.gateway()
         await super().get(ref)
-
-    async def open(self, *args: str, **kwargs: str) -> None:
-        try:
-            self.reader, self.writer = await asyncio.open_connection(*self.address)
-        except OSError as e:
-            self.close(1011, f"cannot reach the SSH gateway: {e}")
-            return
-        self._task = asyncio.create_task(self._pump())
-
-    async def _pump(self) -> None:
-        with contextlib.suppress(WebSocketClosedError, ConnectionError):
-            while data := await self.reader.read(CHUNK):
-                await self._send(data)
-        self.close()
-
-    async def on_message(self, message: str | bytes) -> None:
-        self.writer.write(message.encode() if isinstance(message, str) else message)
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-
-    def on_close(self) -> None:
-        if hasattr(self, "writer"):
-            self._task.cancel()
-            self.writer.close()
 
 
 def handlers(hub: SandboxHub, ssh_dir: Path) -> list[tuple[str, type, dict[str, Any]]]:
