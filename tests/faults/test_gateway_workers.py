@@ -23,6 +23,7 @@ from jupyter_sandbox import Sandbox, SshAccess
 from jupyter_sandbox.ssh import GatewayLimits, generate_token
 from tests.conftest import UNPINNED_SSH, _alive, _children, _cmdline, wait_for
 from tests.faults._supervised import SupervisedService, supervised_service
+from tests.security.test_gateway_abuse import close_all, closed, idle_connections
 
 WORKERS = 3
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes of these tests run as root")
@@ -231,31 +232,15 @@ def test_limits_are_counted_for_all_workers_together(limited_service: Supervised
         assert subprocess.run(bad, capture_output=True).returncode == 255
         assert time.monotonic() - started >= GatewayLimits().blocked_delay
 
-        idle = []
+        idle = idle_connections(access.port, 40)
         try:
-            for _ in range(40):
-                sock = socket.create_connection(("127.0.0.1", access.port))
-                sock.setblocking(False)
-                idle.append(sock)
 
             def open_ones() -> list[socket.socket]:
-                return [s for s in idle if not _closed(s)]
+                return [s for s in idle if not closed(s)]
 
             wait_for(lambda: len(open_ones()) <= 12, 20, message="the limit to bite")
             assert len(open_ones()) == 12
             result = subprocess.run(ssh(access, "echo in"), capture_output=True, timeout=60)
             assert (result.returncode, result.stdout) == (0, b"in\n"), result.stderr
         finally:
-            for sock in idle:
-                sock.close()
-
-
-def _closed(sock: socket.socket) -> bool:
-    try:
-        while sock.recv(65536):
-            pass
-    except BlockingIOError:
-        return False
-    except ConnectionError:
-        return True
-    return True
+            close_all(idle)
