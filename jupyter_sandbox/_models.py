@@ -78,11 +78,13 @@ class FileInfo:
 
 # Control characters but tab: a terminal or notebook would act on them instead of showing.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+AUDIT_STREAM = "audit"  # the stream of the service's audit entries; never a sandbox's
 
 
 @dataclass(frozen=True)
 class LogEntry:
-    """One line of a sandbox's log: background process output or an event."""
+    """One line of a sandbox's log: background process output or an event, or (stream
+    ``AUDIT_STREAM``) a line of the service's own audit log of it."""
 
     seq: int
     time: float
@@ -96,10 +98,15 @@ class LogEntry:
 
     def line(self) -> str:
         """The entry as one line of text for a terminal or a notebook: its source first
-        ("[audit]" for a service note, "[proc:12:stdout]" for output), then its text with
+        ("[service]" for an entry of the service's audit log, "[proc:12:stdout]" for output), then its text with
         control characters escaped, so that no output can pass for a note of the service
         (a carriage return or an escape sequence rewriting what comes before it)."""
-        where = self.source if self.stream == "event" else f"{self.source}:{self.stream}"
+        if self.stream == AUDIT_STREAM:
+            where = "service"  # the service's own entry: no sandbox can write one
+        elif self.stream == "event":
+            where = self.source
+        else:
+            where = f"{self.source}:{self.stream}"
         text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", self.text.rstrip("\n"))
         return f"[{where}] {text}"
 

@@ -122,11 +122,6 @@ class Agent:
             {"version": protocol.VERSION, "pid": os.getpid(), "uptime": time.time() - self.started},
         )
 
-    def op_note(self, channel: Channel, text: str, source: str = "service") -> None:
-        """Record an event (an SSH login, say) in the sandbox log."""
-        self.log.write(str(source), "event", str(text))
-        channel.send_json(Frame.RESULT, {})
-
     def op_logs(
         self,
         channel: Channel,

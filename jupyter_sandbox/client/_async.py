@@ -451,7 +451,7 @@ class AsyncSandbox:
                 entry = LogEntry.from_json(json.loads(line))
                 if not output_only:
                     yield entry
-                elif entry.stream != "event":
+                elif entry.stream in ("stdout", "stderr"):
                     yield OutputLine(entry.stream, entry.text)
 
 

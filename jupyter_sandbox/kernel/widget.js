@@ -133,8 +133,9 @@ function render({ model, el: root }) {
     if (skipped) fragment.appendChild(el("div", "jsbw-event", `… ${skipped} lines skipped`));
     for (const [stream, source, text] of lines) {
       // Every line says where it comes from, as the panel's do: output cannot pass for a
-      // note of the service ("[audit] instructor bob: ...").
-      const where = stream === "event" ? source : `${source}:${stream}`;
+      // note of the service ("[service] instructor bob: ...").
+      const where =
+        stream === "audit" ? "service" : stream === "event" ? source : `${source}:${stream}`;
       const shown = text.replace(/[\r\n]/g, (c) => `\\x0${c.charCodeAt(0).toString(16)}`);
       const line = el("div", `jsbw-${stream}`, `[${where}] ${shown}`);
       fragment.appendChild(line);

@@ -256,10 +256,12 @@ class _LogBatches:
     def add(self, entry: LogEntry) -> None:
         # Log entries are numbered from 1: anything before the first one we get (older
         # than the tail we asked for) counts as skipped too.
+        # The service's audit entries are numbered apart: they leave no gaps here.
         previous = 0 if self.last_seq is None else self.last_seq
-        if entry.seq > previous + 1:
+        if entry.stream != "audit" and entry.seq > previous + 1:
             self.skipped += entry.seq - previous - 1
-        self.last_seq = entry.seq
+        if entry.stream != "audit":
+            self.last_seq = entry.seq
         self.pending.append([entry.stream, entry.source, entry.text.rstrip("\n")])
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(BATCH_SECONDS, self.flush)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -387,10 +388,7 @@ class Api:
             return
         line = f"instructor {caller.actor}: {what}"
         log.info("sandbox %s of %s: %s", live.record.id, live.record.user, line)
-        try:
-            await live.agent.call("note", source=AUDIT_SOURCE, text=line)
-        except SandboxError as e:  # the sandbox failed or went away meanwhile
-            log.warning("could not note in the log of sandbox %s: %s", live.record.id, e)
+        self.manager.audit_log(live).note(AUDIT_SOURCE, line)
 
     # -- sandboxes ---------------------------------------------------------------------
 
@@ -648,30 +646,41 @@ class Api:
         return web.json_response(info)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
-        """Log entries as JSON lines; `follow=1` keeps streaming new ones."""
+        """Log entries as JSON lines, the sandbox's own merged in time order with the
+        service's audit entries (stream "audit"); `follow=1` keeps streaming new ones.
+
+        `after` and `pid` choose among the sandbox's entries (a process's output has no
+        audit entries); `tail` counts both. The sandbox's entries are read until its
+        agent fails or misbehaves; the audit entries are given whatever it does."""
         live = await self._files(request)
         query = request.query
         follow = _flag(request, "follow")
-        silence = None if follow else ANSWER_TIMEOUT  # following may wait for new entries
-        agent = await live.agent.open(
-            "logs",
-            after=_int(query.get("after"), "after") or 0,
-            tail=_int(query.get("tail"), "tail"),
-            follow=follow,
-            pid=_int(query.get("pid"), "pid", 1, MAX_PID),
-        )
-        async with agent:
-            entry = await _next_log_entry(agent, silence)
+        after = _int(query.get("after"), "after") or 0
+        tail = _int(query.get("tail"), "tail")
+        pid = _int(query.get("pid"), "pid", 1, MAX_PID)
+        audit = self.manager.audit_log(live)
+        watch = audit.watch() if follow and pid is None else None
+        try:
+            ask = {"after": after, "tail": tail, "pid": pid}
+            backlog, intact = await _sandbox_entries(live, ask, follow=False)
+            last = backlog[-1]["seq"] if backlog else None
+            if pid is None:
+                backlog = _merged(backlog, await asyncio.to_thread(audit.entries), tail)
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
-            try:
-                while entry is not None:
-                    await response.write(json.dumps(entry).encode() + b"\n")
-                    entry = await _next_log_entry(agent, silence)
-            except SandboxError as e:
-                log.warning("log stream of %s ended: %s", live.record.id, e)
+            for entry in backlog:
+                await response.write(_ndjson(entry))
+            if follow and intact:
+                if last is not None:  # on from where the backlog ended
+                    ask |= {"after": last, "tail": None}
+                elif tail != 0:  # the log had none of these yet: all that come
+                    ask |= {"tail": None}
+                await _follow_logs(response, live, ask, watch)
             await response.write_eof()
             return response
+        finally:
+            if watch is not None:
+                audit.unwatch(watch)
 
     # -- files -------------------------------------------------------------------------
 
@@ -857,6 +866,79 @@ async def _relay_command(
         await response.write(encode(kind, payload))
         if kind == Frame.EXIT:
             return
+
+
+async def _sandbox_entries(
+    live: Live, ask: dict[str, Any], follow: bool
+) -> tuple[list[dict[str, Any]], bool]:
+    """The sandbox's own log entries asked for, and whether its agent gave them all
+    (an agent that fails or sends what it may not ends the list, logged)."""
+    found: list[dict[str, Any]] = []
+    try:
+        async with await live.agent.open("logs", follow=follow, **ask) as agent:
+            while (entry := await _next_log_entry(agent, ANSWER_TIMEOUT)) is not None:
+                found.append(entry)
+    except SandboxError as e:
+        log.warning("the log of sandbox %s could not be read: %s", live.record.id, e)
+        return found, False
+    return found, True
+
+
+def _merged(
+    sandbox: list[dict[str, Any]], audit: list[dict[str, Any]], tail: int | None
+) -> list[dict[str, Any]]:
+    """Both lists in time order (each already is), the last `tail` of them if asked."""
+    entries = list(heapq.merge(sandbox, audit, key=lambda e: e["time"]))
+    if tail is not None:
+        entries = entries[-tail:] if tail else []
+    return entries
+
+
+async def _follow_logs(
+    response: web.StreamResponse, live: Live, ask: dict[str, Any], watch: asyncio.Queue | None
+) -> None:
+    """New entries of the sandbox and of its audit log as each comes, until the
+    sandbox's log ends; if its agent fails, the audit entries noted meanwhile still come."""
+    try:
+        agent = await live.agent.open("logs", follow=True, **ask)
+    except SandboxError as e:
+        log.warning("log stream of %s ended: %s", live.record.id, e)
+        return
+    async with agent:
+        sandbox = asyncio.ensure_future(_next_log_entry(agent, None))
+        audit = asyncio.ensure_future(watch.get()) if watch is not None else None
+        try:
+            while True:
+                waiting = {sandbox} if audit is None else {sandbox, audit}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if audit in done:
+                    await response.write(_ndjson(audit.result()))
+                    audit = asyncio.ensure_future(watch.get())
+                if sandbox in done:
+                    entry = await _settled(sandbox, live.record.id)
+                    if entry is None:
+                        break
+                    await response.write(_ndjson(entry))
+                    sandbox = asyncio.ensure_future(_next_log_entry(agent, None))
+        finally:
+            for task in (sandbox, audit):
+                if task is not None:
+                    task.cancel()
+    while watch is not None and not watch.empty():
+        await response.write(_ndjson(watch.get_nowait()))
+
+
+async def _settled(task: asyncio.Future, sandbox_id: str) -> dict[str, Any] | None:
+    """The entry a finished read got; None at the end of the log or if it failed."""
+    try:
+        return task.result()
+    except SandboxError as e:
+        log.warning("log stream of %s ended: %s", sandbox_id, e)
+        return None
+
+
+def _ndjson(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry).encode() + b"\n"
 
 
 async def _next_log_entry(agent: AgentStream, silence: float | None) -> dict[str, Any] | None:

@@ -41,6 +41,7 @@ from ..agent.remote import AgentClient
 from ..backends import space
 from ..backends.cgroups import Limits
 from ..backends.local import LocalBackend, Runtime, SandboxSpec
+from .audit_log import AuditLog, AuditTrail
 from .identity import Caller, group_names, service_caller
 from .limits import max_fds, requested
 from .quotas import Quotas, Use, check_create, check_lifetime
@@ -87,6 +88,7 @@ class Manager:
         self._reaper: asyncio.Task | None = None
         self.own_user = service_caller()
         self.quotas = Quotas()  # none, until the config file sets some
+        self.audit = AuditTrail()
         # Sandboxes admitted by `create` and still starting: their user's uid and limits.
         self._claims: dict[str, tuple[int, dict[str, Any]]] = {}
 
@@ -545,6 +547,7 @@ class Manager:
             record.runtime = runtime.to_json()
             self.state.save(record, quiet=True)  # it runs again, recorded or not
         self._notify("restarted", record)
+        self.note(record.id, "service", "sandbox restarted")
         log.info("restarted sandbox %s (%s)", record.id, record.name)
         return record
 
@@ -562,6 +565,7 @@ class Manager:
             live.sample = None
             self.state.save(record, quiet=True)
         self._notify("failed", record)
+        self.note(record.id, "service", f"sandbox failed: {reason}")
         log.warning("sandbox %s failed: %s; its files are kept", record.id, reason)
 
     async def _serve_files(self, live: Live) -> None:
@@ -657,10 +661,22 @@ class Manager:
             record.status, record.ended_at, record.end_reason = ENDED, time.time(), reason
             record.lease_id = None
             self.state.save(record)
+            self.audit.forget(record.id)
             self._notify("ended", record)
             log.info("sandbox %s ended: %s", record.id, reason)
         finally:
             self._ending.pop(record.id, None)
+
+    def audit_log(self, live: Live) -> AuditLog:
+        """The service's audit log of a sandbox (``audit_log``), in its directory."""
+        return self.audit.of(live.record.id, live.runtime.directory)
+
+    def note(self, sandbox_id: str, source: str, text: str) -> None:
+        """Write a line into a sandbox's audit log, which logs() shows with stream
+        "audit"; nothing if the sandbox is gone."""
+        live = self.live.get(sandbox_id)
+        if live is not None:
+            self.audit_log(live).note(source, text)
 
     def _notify(self, event: str, record: SandboxRecord) -> None:
         for listener in list(self.listeners):

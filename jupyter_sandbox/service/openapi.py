@@ -18,6 +18,7 @@ from .. import __version__
 from .._config import host_cpus, host_memory
 from .._durations import MAX_SECONDS
 from .._errors import ERRORS
+from .._models import AUDIT_STREAM
 from ..agent.protocol import COMMAND_WITH_INPUT
 from ..ssh import recording
 from ..untrusted.messages import FILE_TYPES, LOG_STREAMS, MAX_PID
@@ -371,7 +372,7 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
                 "seq": INTEGER,
                 "time": TIME,
                 "source": STRING,
-                "stream": {"enum": list(LOG_STREAMS)},
+                "stream": {"enum": [*LOG_STREAMS, AUDIT_STREAM]},
                 "text": STRING,
             },
             ("seq", "time", "source", "stream", "text"),

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,6 @@ class SshAccessManager:
         self.gateway: Gateway | WorkerPool | None = None
         self._expiry: dict[str, tuple[str, float]] = {}  # token hash -> (sandbox, deadline)
         self._task: asyncio.Task | None = None
-        self._notes: dict[str, asyncio.Task] = {}  # the last note sent, by sandbox
         manager.listeners.append(self._on_sandbox_event)
 
     async def start(self) -> None:
@@ -221,26 +219,8 @@ class SshAccessManager:
         self._note(sandbox_id, text)
 
     def _note(self, sandbox_id: str, text: str) -> None:
-        """Put an event line into the sandbox's log, after the lines noted before it."""
-        live = self.manager.live.get(sandbox_id)
-        if live is None or live.record.status == FAILED:
-            return
-        before = self._notes.get(sandbox_id)
-
-        async def note() -> None:
-            if before is not None:
-                await asyncio.wait({before})
-            await live.agent.call("note", source="ssh", text=text)
-
-        task = asyncio.ensure_future(note())
-        self._notes[sandbox_id] = task
-        task.add_done_callback(partial(self._noted, sandbox_id))
-
-    def _noted(self, sandbox_id: str, task: asyncio.Task) -> None:
-        if self._notes.get(sandbox_id) is task:
-            del self._notes[sandbox_id]
-        if not task.cancelled():
-            task.exception()  # a sandbox that went away meanwhile takes no notes
+        """Put an event line into the sandbox's audit log, which the sandbox cannot touch."""
+        self.manager.note(sandbox_id, "ssh", text)
 
     def _on_sandbox_event(self, event: str, record: SandboxRecord) -> None:
         if event in ("failed", "ended") and self.gateway is not None:

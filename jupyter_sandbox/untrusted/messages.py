@@ -29,7 +29,7 @@ from ..agent.protocol import MAX_FRAME, Frame
 from . import names
 
 # RESULT frames, by what they hold (each operation's bound is in OPS).
-SMALL_RESULT = 4 << 10  # a few numbers: ping, note, exec, remove, tar_in, connect
+SMALL_RESULT = 4 << 10  # a few numbers: ping, exec, remove, tar_in, connect
 FILE_RESULT = 96 << 10  # one file description (a path of up to names.MAX_PATH)
 PROCESS_RESULT = MAX_FRAME + (4 << 10)  # one process, with the command the user ran
 LIST_RESULT = 4 << 20  # a listing of at most MAX_ENTRIES, or a list of processes
@@ -42,6 +42,7 @@ MAX_PID = 1 << 22  # the kernel's largest pid_max
 MAX_SIZE = 1 << 62
 MAX_TIME = 1 << 40  # seconds either side of 1970
 FILE_TYPES = ("file", "dir", "symlink", "other")
+# What an agent may send; never "audit", the stream of the service's own entries.
 LOG_STREAMS = ("stdout", "stderr", "event")
 
 # Error kinds an agent may report, and the error each one becomes on the host.
@@ -296,7 +297,6 @@ OPS: dict[str, Op] = {
     "procs": Op(_processes, LIST_RESULT),
     "proc_wait": Op(process_info, PROCESS_RESULT),
     "proc_signal": Op(process_info, PROCESS_RESULT),
-    "note": Op(_empty, SMALL_RESULT),
     "logs": Op(log_entry, PROCESS_RESULT, Frame.END),
     "stat": Op(file_info, FILE_RESULT),
     "list": Op(_listing, LIST_RESULT),

@@ -44,12 +44,18 @@ export class LogView {
       this.node.append(h('div', { class: 'jsb-log-line jsb-log-error' }, entry.message));
       return;
     }
-    if (this.lastSeq !== null && entry.seq <= this.lastSeq) {
+    // The service's audit entries are numbered apart from the sandbox's own.
+    const last = this.lastSeq.get(entry.stream === 'audit');
+    if (last !== undefined && entry.seq <= last) {
       return;
     }
-    this.lastSeq = entry.seq;
+    this.lastSeq.set(entry.stream === 'audit', entry.seq);
     const where =
-      entry.stream === 'event' ? entry.source : `${entry.source}:${entry.stream}`;
+      entry.stream === 'audit'
+        ? 'service'
+        : entry.stream === 'event'
+          ? entry.source
+          : `${entry.source}:${entry.stream}`;
     const follow =
       this.node.scrollTop + this.node.clientHeight >= this.node.scrollHeight - 4;
     this.node.append(
@@ -80,7 +86,7 @@ export class LogView {
   }
 
   private socket: WebSocket | null = null;
-  private lastSeq: number | null = null;
+  private lastSeq = new Map<boolean, number>();
 }
 
 /** A main-area tab following a sandbox's log; it stops following when closed. */

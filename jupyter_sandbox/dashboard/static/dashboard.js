@@ -237,9 +237,10 @@
     const show = (entry) => {
       const when = new Date(entry.time * 1000).toLocaleTimeString();
       // The source on every line, as the panel shows it: a sandbox's output cannot pass
-      // for a note of the service ("[audit] instructor bob: ...").
-      const where = entry.stream === "event" ? entry.source : `${entry.source}:${entry.stream}`;
-      const kind = entry.source === "audit" ? "audit" : entry.stream;
+      // for a note of the service ("[service] instructor bob: ...").
+      const where = entry.stream === "audit" ? "service"
+        : entry.stream === "event" ? entry.source : `${entry.source}:${entry.stream}`;
+      const kind = entry.stream;
       text.append(el("span", { class: "jsd-log-time" }, when + " "),
         el("span", { class: `jsd-log-${kind}` },
           `[${where}] ${oneLine(entry.text)}\n`));
