@@ -1,7 +1,8 @@
 """What the sandbox's log says about SSH: each connection and each channel, start and end.
 
-The lines go through the gateway's event sink into the sandbox log that ``logs()``,
-the widget and the panel show, so the student sees what the teacher sees. A line
+The lines go through the gateway's event sink into the service's audit log of the
+sandbox (``service.audit_log``), which ``logs()``, the widget and the panel show with
+the sandbox's output, so the student sees what the teacher sees. A line
 names the time (UTC), the client's address and port, the local peer's OS user when
 the client runs on this host, what was asked for (a shell and its pty, the exact
 exec command, SFTP, a forward), and at the end how long it took, how it ended and the
