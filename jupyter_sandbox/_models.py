@@ -98,9 +98,10 @@ class LogEntry:
 
     def line(self) -> str:
         """The entry as one line of text for a terminal or a notebook: its source first
-        ("[service]" for an entry of the service's audit log, "[proc:12:stdout]" for output), then its text with
-        control characters escaped, so that no output can pass for a note of the service
-        (a carriage return or an escape sequence rewriting what comes before it)."""
+        ("[service]" for an entry of the service's audit log, "[proc:12:stdout]" for
+        output), then its text with control characters escaped, so that no output can
+        pass for a note of the service (a carriage return or an escape sequence rewriting
+        what comes before it)."""
         if self.stream == AUDIT_STREAM:
             where = "service"  # the service's own entry: no sandbox can write one
         elif self.stream == "event":

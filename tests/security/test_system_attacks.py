@@ -240,8 +240,8 @@ def test_sandbox_output_cannot_pass_for_an_instructors_note_in_the_log(system: S
             )
             assert shown.returncode == 0, shown.stderr
             assert "\r" not in shown.stdout and "\x1b" not in shown.stdout
-            notes = [line for line in shown.stdout.splitlines() if line.startswith("[audit]")]
-            assert notes == [f'[audit] instructor {teacher}: ran "true"'], shown.stdout
+            notes = [line for line in shown.stdout.splitlines() if line.startswith("[service]")]
+            assert notes == [f'[service] instructor {teacher}: ran "true"'], shown.stdout
             printed = [line for line in shown.stdout.splitlines() if FAKE_AUDIT in line]
             assert len(printed) == 4, shown.stdout  # three printed lines, the "started" note
     finally:
