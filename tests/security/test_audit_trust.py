@@ -11,6 +11,7 @@ still there, and nothing the sandbox sent is marked audit.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,14 @@ from jupyter_sandbox.service import audit_log
 from jupyter_sandbox.service.audit_log import AUDIT_NAME, AuditLog
 from tests.conftest import UNPINNED_SSH, ServiceEnv, sandbox_pids, wait_for
 from tests.security.test_hostile_agent import Conn, HostileAgent, agent_socket
+from tests.system_fixtures import (  # noqa: F401  (fixtures)
+    Classroom,
+    classroom,
+    python_as,
+    root_only,
+    shared_venv,
+    start_system_service,
+)
 
 pytestmark = [
     pytest.mark.unprivileged,
@@ -206,3 +215,75 @@ def test_the_audit_file_is_bounded_and_says_what_it_dropped(tmp_path: Path, monk
     again = AuditLog(tmp_path)
     again.note("ssh", "after a restart")
     assert again.entries()[-1]["seq"] == 201
+
+
+STUDENT_SANDBOX = r"""
+from jupyter_sandbox import Sandbox
+print(Sandbox.create(timeout="10m").id)
+"""
+
+INSTRUCTOR_RUNS = r"""
+import sys
+from jupyter_sandbox import Sandbox
+print(Sandbox.connect(sys.argv[1]).sh(sys.argv[2]).stdout, end="")
+"""
+
+READ_AUDIT = r"""
+import json, sys
+from jupyter_sandbox import Sandbox
+sb = Sandbox.connect(sys.argv[1])
+print(json.dumps([sb.info().status, [e.text for e in sb.logs() if e.stream == "audit"]]))
+"""
+
+
+@root_only
+@pytest.mark.timeout(600)
+def test_an_instructors_action_survives_a_service_sigkill_a_failure_and_a_restart(
+    classroom: Classroom,  # noqa: F811  (the fixture imported above)
+    shared_venv: Path,  # noqa: F811
+):
+    """In system mode, an instructor runs a command in a student's sandbox: the student
+    reads the line as an audit entry, after a SIGKILL of the service, and after the
+    sandbox failed and its student restarted it."""
+    system = start_system_service([classroom.instructor_group])
+    student, teacher = classroom.students[0], classroom.instructors[0]
+
+    def as_student(code: str, *args: str) -> str:
+        done = python_as(student, system, code, *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    def audit() -> tuple[str, list[str]]:
+        return tuple(json.loads(as_student(READ_AUDIT, sandbox_id)))
+
+    try:
+        sandbox_id = as_student(STUDENT_SANDBOX)
+        ran = python_as(teacher, system, INSTRUCTOR_RUNS, sandbox_id, "echo helped")
+        assert ran.stdout == "helped\n", ran.stderr
+        noted = [f'instructor {teacher.name}: ran "echo helped"']
+        assert audit() == ("running", noted)
+        pid = json.loads(system.runtime_file.read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: json.loads(system.runtime_file.read_text() or "{}").get("pid") != pid,
+            60,
+            message="the supervisor to start the service again",
+        )
+        assert audit() == ("running", noted)
+        os.kill(sandbox_pids(system.storage, sandbox_id)["agent"], signal.SIGKILL)
+        wait_for(lambda: audit()[0] == "failed", 30, message="the sandbox to fail")
+        failed = audit()[1]
+        assert failed[0] == noted[0] and failed[1].startswith("sandbox failed: ")
+        as_student(
+            "import sys\nfrom jupyter_sandbox import Sandbox\n"
+            "Sandbox.connect(sys.argv[1]).restart()\nprint('ok')",
+            sandbox_id,
+        )
+        assert audit() == ("running", [*failed, "sandbox restarted"])
+        as_student(
+            "import sys\nfrom jupyter_sandbox import Sandbox\n"
+            "Sandbox.connect(sys.argv[1]).kill()\nprint('ok')",
+            sandbox_id,
+        )
+    finally:
+        system.stop()
