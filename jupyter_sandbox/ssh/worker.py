@@ -111,15 +111,27 @@ class Worker:
             **gateway_options,
         )
         listener.gateway = self.gateway
+        # The service's orders to close sessions, collected for each token being resolved:
+        # one that arrives with the answer finds no connection with that target yet.
+        self._resolving: list[list[tuple[str, str | None]]] = []
 
     async def resolve(self, token: str) -> Target | None:
-        """The service's answer for the token, asked by its hash."""
-        answer = await self.channel.request({"op": "resolve", "token_hash": hash_token(token)})
+        """The service's answer for the token, asked by its hash; None if the service
+        closed its sessions (revoked it, ended its sandbox) while the answer was on its way."""
+        closed: list[tuple[str, str | None]] = []
+        self._resolving.append(closed)
+        try:
+            answer = await self.channel.request({"op": "resolve", "token_hash": hash_token(token)})
+        finally:
+            self._resolving.remove(closed)
         fields = answer["target"]
         if fields is None:
             return None
         fields["agent"] = AgentClient(fields["agent"])
         target = Target(**fields)
+        for sandbox_id, token_hash in closed:
+            if sandbox_id == target.sandbox_id and token_hash in (None, target.token_hash):
+                return None
         if target.single_use:
             target.claim = lambda: self.claim(target.token_hash)
         return target
@@ -135,6 +147,8 @@ class Worker:
         op = message.get("op")
         if op == "close":
             self.gateway.close_sessions(message["sandbox_id"], message.get("token_hash"))
+            for closed in self._resolving:
+                closed.append((message["sandbox_id"], message.get("token_hash")))
         elif op == "abort":
             for conn in list(self.gateway.connections):
                 if conn.id == message["conn"]:

@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncssh
@@ -48,18 +49,80 @@ def test_many_tiny_recordings_cannot_fill_the_disk_or_its_inodes(tmp_path: Path)
     assert len(recording.list_recordings(sandbox_dir)) == files  # all of them still listed
 
 
-def _worker_argv(listening: socket.socket, theirs: socket.socket, loads, keys: Path) -> list:
-    return [
-        sys.executable,
-        "-m",
-        "jupyter_sandbox.ssh.worker",
-        f"--listen-fd={listening.fileno()}",
-        f"--control-fd={theirs.fileno()}",
-        f"--loads-fd={loads.fd}",
-        "--workers=1",
-        f"--host-keys={keys}",
-        f"--parent={os.getpid()}",
-    ]
+class ServiceEnd:
+    """The service's end of a real gateway worker's channel, played by the test: it
+    answers the worker's requests for one token and records what the worker reports."""
+
+    def __init__(self, directory: Path) -> None:
+        self.token = generate_token()
+        agent = AgentClient(str(directory / "no-agent.sock"))  # forwards get a clear refusal
+        self.target = Target("sb-test", agent, {}, hash_token(self.token))
+        self.directory = directory
+        self.listening = socket.create_server(("127.0.0.1", 0))
+        self.logins: list[int] = []  # connection ids, as the worker admitted them
+        self.on_resolve: Callable[[dict, Channel], None] | None = None
+
+    async def run(self, client: Callable[[ServiceEnd, Channel], Awaitable[str]]) -> str:
+        """Start a worker on the listening socket, run `client`, stop the worker."""
+        loads = SharedLoads.create(1)
+        ours, theirs = socket.socketpair()
+        argv = [
+            sys.executable,
+            "-m",
+            "jupyter_sandbox.ssh.worker",
+            f"--listen-fd={self.listening.fileno()}",
+            f"--control-fd={theirs.fileno()}",
+            f"--loads-fd={loads.fd}",
+            "--workers=1",
+            f"--host-keys={self.directory}",
+            f"--parent={os.getpid()}",
+        ]
+        fds = (self.listening.fileno(), theirs.fileno(), loads.fd)
+        worker = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
+        theirs.close()
+        channel = await Channel.over(ours)
+        self.ready, self.logged_in = asyncio.Event(), asyncio.Event()
+        serving = asyncio.ensure_future(channel.serve(lambda m: self._handle(m, channel)))
+        try:
+            await asyncio.wait_for(self.ready.wait(), 30)
+            return await client(self, channel)
+        finally:
+            channel.close()
+            await serving
+            await asyncio.wait_for(worker.wait(), 30)
+            self.listening.close()
+            loads.close()
+
+    def connect(self) -> asyncssh.connection._ConnectionContextManager:
+        port = self.listening.getsockname()[1]
+        return asyncssh.connect(
+            "127.0.0.1", port, username=self.token, known_hosts=None, client_keys=None
+        )
+
+    def _handle(self, message: dict, channel: Channel) -> dict | None:
+        op = message["op"]
+        if op == "resolve":
+            found = message["token_hash"] == self.target.token_hash
+            answer = {"target": target_message(self.target) if found else None}
+            if self.on_resolve is None:
+                return answer
+            channel.send({**answer, "answer": message["id"]})
+            self.on_resolve(message, channel)
+        elif op == "admit":
+            self.logins.append(message["conn"])
+        elif op == "remove":
+            self.logged_in.set()
+        elif op == "ready":
+            self.ready.set()
+        return None
+
+
+async def _still_logged_in(conn: asyncssh.SSHClientConnection) -> bool:
+    """Whether the gateway still serves the connection: a forward it answers (refused, as
+    the sandbox's agent is missing) rather than a closed connection."""
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await conn.open_connection("127.0.0.1", 1)
+    return not conn.is_closed()
 
 
 @pytest.mark.unprivileged
@@ -69,56 +132,38 @@ def test_a_login_that_completed_is_not_dropped_by_a_late_start_up_limit(tmp_path
     its way (a flood keeps the service busy): the worker must then keep the login, as a
     valid token is never refused by the start-up limits. Here the test is the service end
     of a real worker's channel and sends the order just after the login completed."""
-    token = generate_token()
-    target = Target("sb-test", AgentClient(str(tmp_path / "no-agent.sock")), {}, hash_token(token))
-    listening = socket.create_server(("127.0.0.1", 0))
-    loads = SharedLoads.create(1)
 
-    async def scenario() -> str:
-        ours, theirs = socket.socketpair()
-        worker = await asyncio.create_subprocess_exec(
-            *_worker_argv(listening, theirs, loads, tmp_path),
-            pass_fds=(listening.fileno(), theirs.fileno(), loads.fd),
-        )
-        theirs.close()
-        channel = await Channel.over(ours)
-        ready, logged_in = asyncio.Event(), asyncio.Event()
-        logins: list[int] = []
+    async def client(service: ServiceEnd, channel: Channel) -> str:
+        async with service.connect() as conn:
+            await asyncio.wait_for(service.logged_in.wait(), 10)
+            # the service's order to drop the login, sent before it heard the login ended
+            await channel.request({"op": "abort", "conn": service.logins[0]})
+            return "kept" if await _still_logged_in(conn) else "dropped"
 
-        def handle(message: dict) -> dict | None:
-            if message["op"] == "resolve":
-                found = message["token_hash"] == target.token_hash
-                return {"target": target_message(target) if found else None}
-            if message["op"] == "admit":
-                logins.append(message["conn"])
-            if message["op"] == "remove":
-                logged_in.set()
-            if message["op"] == "ready":
-                ready.set()
-            return None
+    outcome = asyncio.run(ServiceEnd(tmp_path).run(client))
+    assert outcome == "kept", "the worker dropped a login that had completed"
 
-        serving = asyncio.ensure_future(channel.serve(handle))
+
+@pytest.mark.unprivileged
+def test_a_token_revoked_while_its_answer_is_on_the_way_does_not_log_in(tmp_path: Path) -> None:
+    """Revoking a token closes its sessions in every worker. The service may revoke it just
+    after it answered a worker's question about it: the answer and the order to close then
+    reach the worker together, before the login it was for has its target. That login must
+    not go on with the revoked token."""
+    service = ServiceEnd(tmp_path)
+
+    def revoke(message: dict, channel: Channel) -> None:
+        target = service.target
+        channel.send({"op": "close", "sandbox_id": target.sandbox_id, "token_hash": None})
+
+    service.on_resolve = revoke
+
+    async def client(service: ServiceEnd, channel: Channel) -> str:
         try:
-            await asyncio.wait_for(ready.wait(), 30)
-            port = listening.getsockname()[1]
-            async with asyncssh.connect(
-                "127.0.0.1", port, username=token, known_hosts=None, client_keys=None
-            ) as conn:
-                await asyncio.wait_for(logged_in.wait(), 10)
-                # the service's order to drop the login, sent before it heard the login ended
-                await channel.request({"op": "abort", "conn": logins[0]})
-                # a forward the logged-in connection answers (its sandbox's agent is missing)
-                with pytest.raises(asyncssh.ChannelOpenError) as refused:
-                    await conn.open_connection("127.0.0.1", 1)
-                return "dropped" if conn.is_closed() else refused.value.reason
-        finally:
-            channel.close()
-            await serving
-            await asyncio.wait_for(worker.wait(), 30)
+            async with service.connect() as conn:
+                return "logged in" if await _still_logged_in(conn) else "closed"
+        except (asyncssh.PermissionDenied, asyncssh.DisconnectError, ConnectionError):
+            return "refused"
 
-    try:
-        outcome = asyncio.run(scenario())
-    finally:
-        listening.close()
-        loads.close()
-    assert outcome != "dropped", "the worker dropped a login that had completed"
+    outcome = asyncio.run(service.run(client))
+    assert outcome != "logged in", "a login went on with a token revoked meanwhile"
