@@ -51,6 +51,17 @@ def wait_for(
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM `proc` and give it `grace` seconds to exit, then SIGKILL it; it is reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # For tests whose subject is not host key pinning (sandboxes come and go per test).
 UNPINNED_SSH = [
     "-o",

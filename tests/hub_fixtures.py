@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import stop_process, wait_for
 from tests.serverext_fixtures import free_port
 from tests.system_fixtures import (
     SHARED_VENV,
@@ -153,13 +153,7 @@ class Hub:
         """Stop the hub (it stops the proxy, the dashboard and the users' servers); the
         pids of its own children (proxy, dashboard) that are still alive after it."""
         children = descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 60)
         with contextlib.suppress(AssertionError):  # the proxy may still be on its way out
             wait_for(lambda: not any(map(_alive, children)), 15, message="the hub's children")
         left = [pid for pid in children if _alive(pid)]

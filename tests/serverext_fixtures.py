@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 EXTENSION = {"jupyter_sandbox.serverext": True}
 SERVICE_VARS = ("JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "JUPYTER_SANDBOX_DIR")
@@ -153,12 +155,7 @@ class JupyterProcess:
         return json.loads(text) if text else None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
         self.log.close()
 
 

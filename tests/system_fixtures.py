@@ -38,7 +38,13 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.conftest import sandbox_mounts, sandbox_processes, storage_parent, wait_for
+from tests.conftest import (
+    sandbox_mounts,
+    sandbox_processes,
+    stop_process,
+    storage_parent,
+    wait_for,
+)
 from tests.security.test_service_collisions import _forget_uid_claims
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,13 +216,7 @@ class SystemService:
 
     def stop(self) -> None:
         """Stop it; fail if any sandbox's process, mount or directory is left."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 60)
         processes = sandbox_processes(self.storage)
         for pid in processes:
             with contextlib.suppress(ProcessLookupError):

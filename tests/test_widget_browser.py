@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import nbformat
 import pytest
-from conftest import sandbox_pids, wait_for
+from conftest import sandbox_pids, stop_process, wait_for
 
 from jupyter_sandbox import Sandbox
 
@@ -104,12 +104,7 @@ def jupyterlab(root: Path, notebook: str) -> Iterator[str]:
         wait_for(up, timeout=60, interval=0.2, message="JupyterLab to start")
         yield f"{base}/lab/tree/{notebook}?token={token}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 30)
         log.close()
         shutil.copy(log_path, ARTIFACTS / "lab.log")
 

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox.service.connections import MAX_PER_USER
-from tests.conftest import wait_for
+from tests.conftest import stop_process, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system mode needs root")
 
@@ -128,12 +127,7 @@ def system() -> Iterator[System]:
         yield sys_
     finally:
         if service is not None:
-            service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(60)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait()
+            stop_process(service, 60)
         for user in made_users:
             subprocess.run(["userdel", "-r", user], capture_output=True)
         for group in made_groups:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_sandbox.ssh.gateway import OTHER_USER
-from tests.conftest import UNPINNED_SSH, wait_for
+from tests.conftest import UNPINNED_SSH, stop_process, wait_for
 from tests.serverext_fixtures import free_port
 from tests.system_fixtures import (
     SHARED_VENV,
@@ -150,12 +150,7 @@ class StudentJupyter:
             return False
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
         self.proc.stdout.close()
 
 
