@@ -10,8 +10,10 @@ is left.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -73,6 +75,23 @@ UNPINNED_SSH = [
     "-o",
     "LogLevel=ERROR",
 ]
+
+
+def unnamed_id() -> int:
+    """An id that no user in the passwd database and no group has."""
+    return next(
+        n
+        for n in range(60_000, 65_000)
+        if not _named(pwd.getpwuid, n) and not _named(grp.getgrgid, n)
+    )
+
+
+def _named(lookup: Callable[[int], object], number: int) -> bool:
+    try:
+        lookup(number)
+    except KeyError:
+        return False
+    return True
 
 
 def storage_parent() -> str:

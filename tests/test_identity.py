@@ -19,7 +19,7 @@ from jupyter_sandbox import Sandbox
 from jupyter_sandbox.backends.storage import RECORD
 from jupyter_sandbox.service.identity import Caller, Directory, acting_for, service_caller
 from jupyter_sandbox.service.state import State
-from tests.conftest import ServiceEnv
+from tests.conftest import ServiceEnv, unnamed_id
 
 pytestmark = pytest.mark.unprivileged
 
@@ -109,7 +109,7 @@ def test_the_service_user_is_never_an_instructor() -> None:
 
 
 def test_a_uid_without_a_passwd_entry_is_named_by_its_number() -> None:
-    uid = next(u for u in range(60_000, 65_000) if not _has_passwd(u))
+    uid = unnamed_id()
     caller = Directory(["teachers"]).caller(uid)
     assert caller == Caller(uid=uid, user=str(uid), groups=frozenset(), instructor=False)
 
@@ -129,11 +129,3 @@ def test_acting_for_is_honoured_only_from_root_or_an_instructor() -> None:
     assert acting_for(teacher, "carol").actor == "carol (via bob)"
     assert acting_for(teacher, "\x1b[2Jcarol\n").acting_for == "[2Jcarol"
     assert acting_for(teacher, None) is teacher
-
-
-def _has_passwd(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True

@@ -10,10 +10,8 @@ where no system service runs, JUPYTER_SANDBOX_MODE=system with none, the config 
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import re
 import secrets
 import shutil
@@ -28,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import _alive, storage_parent, wait_for
+from tests.conftest import _alive, storage_parent, unnamed_id, wait_for
 from tests.system_fixtures import (
     SHARED_VENV,
     Classroom,
@@ -387,7 +385,7 @@ def test_a_student_cannot_read_the_service_or_sandboxes_on_the_host(
 
 
 def test_a_caller_without_a_passwd_entry_is_named_by_uid(system: SystemService) -> None:
-    uid = next(u for u in range(64_000, 65_000) if not _has_passwd(u) and not _has_group(u))
+    uid = unnamed_id()
     home = Path(tempfile.mkdtemp(prefix="jsb-nopasswd-", dir=storage_parent()))
     os.chown(home, uid, uid)
     code = CREATE + "print(json.dumps([[s.user, s.uid] for s in Sandbox.list()]))\nsb.kill()\n"
@@ -507,22 +505,6 @@ def test_instructor_groups_are_read_again_on_sighup(
         system.config.write_text(saved)
         system.reload()
     wait_for(lambda: run_json(bob, system, LIST) == [], 30, message="bob to be a student again")
-
-
-def _has_passwd(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
-
-
-def _has_group(gid: int) -> bool:
-    try:
-        grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return True
 
 
 def test_whose_sandbox_it_is_survives_a_killed_service_and_a_lost_database(
