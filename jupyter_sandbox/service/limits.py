@@ -67,24 +67,24 @@ def cpus(value: Any) -> float | None:
     return count
 
 
-def _whole(name: str, value: Any, low: int) -> int | None:
+def _whole(name: str, value: Any, low: int, most: int, host: str) -> int | None:
+    """`value` as a whole number from `low` to `most`, the figure `host` describes."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidRequest(
             f"invalid {name} {shown(value)}: expected a whole number from {low} up"
         )
+    if value > most:
+        raise _too_much(name, shown(value), host, str(most))
     return value
 
 
 def pids(value: Any) -> int | None:
     """Processes and threads: at least MIN_PIDS, at most what the kernel can hold at all."""
-    count = _whole("pids", value, MIN_PIDS)
     most = max_pids()
-    if count is not None and count > most:
-        host = f"the {most} processes and threads this host's kernel can hold at once"
-        raise _too_much("pids", shown(count), host, str(most))
-    return count
+    host = f"the {most} processes and threads this host's kernel can hold at once"
+    return _whole("pids", value, MIN_PIDS, most, host)
 
 
 def max_pids() -> int:
@@ -93,12 +93,9 @@ def max_pids() -> int:
 
 def fds(value: Any) -> int | None:
     """Open files per process: bwrap's child cannot raise them past the service's own."""
-    count = _whole("fds", value, MIN_FDS)
     most = max_fds()
-    if count is not None and count > most:
-        host = f"the {most} open files a process of this service may have (RLIMIT_NOFILE)"
-        raise _too_much("fds", shown(count), host, str(most))
-    return count
+    host = f"the {most} open files a process of this service may have (RLIMIT_NOFILE)"
+    return _whole("fds", value, MIN_FDS, most, host)
 
 
 def max_fds() -> int:
