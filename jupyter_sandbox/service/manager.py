@@ -357,7 +357,8 @@ class Manager:
                     else f"a sandbox named {name!r} is already running"
                 )
             quota = self.quotas.of(caller.user, caller.groups)
-            check_create(quota, self.use_of(caller.uid), limits.memory, limits.cpus, seconds)
+            use = self.use_of(caller.uid)
+            check_create(quota, use, limits.memory, limits.cpus, seconds, limits.pids or 0)
             if name is not None:
                 self._reserved_names.add((caller.uid, name))
             # A pooled sandbox's tmpfs sizes, fd limit and home were fixed when it started.

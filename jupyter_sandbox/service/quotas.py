@@ -1,4 +1,4 @@
-"""Quotas: how many sandboxes, how much memory, CPU and lifetime each OS user may hold.
+"""Quotas: how many sandboxes, how much memory, CPU, pids and lifetime each OS user may hold.
 
 They come from the ``[quota.*]`` tables of the service's config file::
 
@@ -6,6 +6,7 @@ They come from the ``[quota.*]`` tables of the service's config file::
     sandboxes = 3              # at once (running + failed)
     memory = "4G"              # total of their sandboxes' memory limits
     cpus = 4                   # total of their cpus limits
+    pids = 4096                # total of their pids limits (the kernel's table is shared)
     lifetime = "8h"            # longest deadline from now ("session" is always allowed)
 
     [quota.group.students]     # members of group "students"
@@ -40,12 +41,15 @@ from .config_file import ConfigError
 from .limits import MIN_MEMORY
 
 UNLIMITED = "unlimited"
+# The keys `usage` reports (the shape clients were built to). A table may also set pids,
+# which is enforced, and whose refusal says what is left.
 KEYS = ("sandboxes", "memory", "cpus", "lifetime")
 # What each key accepts, for the message about a bad value.
 ALLOWED = {
     "sandboxes": 'a whole number of sandboxes at once, such as 3, or "unlimited"',
     "memory": 'a size such as "4G" or "512M" (or bytes), or "unlimited"',
     "cpus": 'a number of CPUs such as 4 or 0.5, or "unlimited"',
+    "pids": 'a whole number of processes and threads, such as 4096, or "unlimited"',
     "lifetime": 'a duration such as "8h", "90m" or "1h30m" (or seconds), or "unlimited"',
 }
 
@@ -87,6 +91,7 @@ PARSERS: dict[str, Callable[[Any], float]] = {
     "sandboxes": _sandboxes,
     "memory": _memory,
     "cpus": _cpus,
+    "pids": _sandboxes,  # a whole number, like a count of sandboxes
     "lifetime": _lifetime,
 }
 
@@ -95,12 +100,12 @@ def _table(name: str, table: Any, path: Path | None) -> dict[str, float]:
     """The limits of one ``[quota...]`` table; math.inf for "unlimited"."""
     where = f"{path}: [{name}]" if path else f"[{name}]"
     if not isinstance(table, Mapping):
-        raise QuotaConfigError(f"{where} must be a table of {', '.join(KEYS)}")
+        raise QuotaConfigError(f"{where} must be a table of {', '.join(PARSERS)}")
     limits = {}
     for key, value in table.items():
         if key not in PARSERS:
             raise QuotaConfigError(
-                f"{where}: unknown key {key!r}; a quota table takes {', '.join(KEYS)}"
+                f"{where}: unknown key {key!r}; a quota table takes {', '.join(PARSERS)}"
             )
         if value == UNLIMITED:
             limits[key] = math.inf
@@ -168,20 +173,22 @@ class Quota:
 
 @dataclass(frozen=True)
 class Use:
-    """What a user holds now: sandboxes (running and failed), their memory and CPUs."""
+    """What a user holds now: sandboxes (running and failed), their memory, CPUs and pids."""
 
     sandboxes: int = 0
     memory: int = 0
     cpus: float = 0.0
+    pids: int = 0
 
     @classmethod
     def of(cls, limits: Iterable[Mapping[str, Any]]) -> Use:
-        """The use of sandboxes with these limits (memory in bytes, cpus)."""
+        """The use of sandboxes with these limits (memory in bytes, cpus, pids)."""
         held = list(limits)
         return cls(
             sandboxes=len(held),
             memory=sum(int(lim.get("memory") or 0) for lim in held),
             cpus=round(sum(float(lim.get("cpus") or 0.0) for lim in held), 6),
+            pids=sum(int(lim.get("pids") or 0) for lim in held),
         )
 
     def as_json(self) -> dict[str, float | int]:
@@ -239,7 +246,7 @@ class Quotas:
         """The quota of `user`, a member of `groups`."""
         groups = sorted(set(groups))
         limits = {}
-        for key in KEYS:
+        for key in PARSERS:
             own = self.users.get(user, {}).get(key)
             granted = [(self.groups[g][key], g) for g in groups if key in self.groups.get(g, {})]
             if own is not None:
@@ -271,7 +278,9 @@ def _cpus_text(cpus: float) -> str:
 KILL_ONE = "Kill one (jupyter-sandbox kill ID)"
 
 
-def check_create(quota: Quota, use: Use, memory: int, cpus: float, lifetime: float | None) -> None:
+def check_create(
+    quota: Quota, use: Use, memory: int, cpus: float, lifetime: float | None, pids: int = 0
+) -> None:
     """QuotaExceeded unless a sandbox with these limits fits in what `quota` leaves."""
     count = quota.value("sandboxes")
     if count is not None and use.sandboxes + 1 > count:
@@ -310,6 +319,18 @@ def check_create(quota: Quota, use: Use, memory: int, cpus: float, lifetime: flo
                 f"have {_cpus_text(total)} across their sandboxes at once",
                 f"has {_cpus_text(use.cpus)} and this sandbox asks for {_cpus_text(cpus)}",
                 ask + KILL_ONE[1:],
+            )
+        )
+    total = quota.value("pids")
+    if total is not None and use.pids + pids > total:
+        left = max(0, int(total) - use.pids)
+        raise QuotaExceeded(
+            _message(
+                quota,
+                "pids",
+                f"have {total:g} processes and threads across their sandboxes at once",
+                f"has {use.pids} and this sandbox asks for {pids}",
+                f"Ask for at most pids={left}, k" + KILL_ONE[1:],
             )
         )
     if lifetime is not None:

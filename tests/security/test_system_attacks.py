@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="system mode needs roo
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = "/opt/jupyter-sandbox-test/venv/bin/python"
+STUDENT_PIDS = 3000  # the students' pids quota: two sandboxes of the default 1024 fit
 
 
 def _run(*argv: str) -> None:
@@ -112,7 +113,8 @@ def system() -> Iterator[System]:
         _run("useradd", "-m", "-G", teachers_group, teacher)
         made_users.append(teacher)
         (base / "config.toml").write_text(
-            f'instructors = ["{teachers_group}"]\n[quota.group.{students_group}]\nsandboxes = 2\n'
+            f'instructors = ["{teachers_group}"]\n[quota.group.{students_group}]\n'
+            f"sandboxes = 2\npids = {STUDENT_PIDS}\n"
         )
         sys_ = System(base, students, teacher)
         service = subprocess.Popen(
@@ -312,3 +314,32 @@ def test_another_students_sandbox_is_unknown_on_every_route_and_spelling(system:
         system.as_user(
             first, f"from jupyter_sandbox import Sandbox\nSandbox.connect({running!r}).kill()"
         )
+
+
+def test_a_student_cannot_take_the_kernels_pid_table(system: System) -> None:
+    """The kernel's pid table is every user's: a student asking for as many pids as it
+    holds (then filling them with threads, which cost little memory) is held to the pids
+    quota, summed over their sandboxes, and told what is left."""
+    student = system.students[0]
+    tried = system.as_user(
+        student,
+        "import json\n"
+        "from jupyter_sandbox import QuotaExceeded, Sandbox\n"
+        "first = Sandbox.create(timeout='5m')\n"
+        "try:\n"
+        "    Sandbox.create(timeout='5m', pids=32768)\n"
+        "    print(json.dumps('created'))\n"
+        "except QuotaExceeded as e:\n"
+        "    print(json.dumps(str(e)))\n"
+        "first.kill()\n",
+    )
+    assert tried.returncode == 0, tried.stderr
+    refusal = json.loads(tried.stdout)
+    assert refusal.startswith(
+        f"quota exceeded: user {student} may have {STUDENT_PIDS} processes and threads across "
+        "their sandboxes at once"
+    ), refusal
+    assert (
+        f"has 1024 and this sandbox asks for 32768. Ask for at most pids={STUDENT_PIDS - 1024}"
+        in refusal
+    )
