@@ -138,20 +138,21 @@ def system() -> Iterator[System]:
 
 
 FLOOD = """
-import errno, os, socket, time
+import os, socket, time
 path = os.environ["JUPYTER_SANDBOX_SYSTEM_RUN"] + "/jupyter-sandbox.sock"
-held, busy = [], 0
-while busy < 100:
+held, refused, progress = [], 0, time.monotonic()
+# Until the service refuses 100 in a row, this process runs out of descriptors, or the
+# service has accepted nothing for 5 s (it cannot accept any more).
+while refused < 100 and time.monotonic() - progress < 5:
     s = socket.socket(socket.AF_UNIX)
     s.setblocking(False)
     try:
         s.connect(path)
     except BlockingIOError:  # the backlog is full: the service is behind, or cannot accept
         s.close()
-        busy += 1
-        time.sleep(0.02)
+        time.sleep(0.01)
         continue
-    except OSError as e:  # this process's own fd limit
+    except OSError:  # this process's own fd limit
         break
     try:  # headers never finished: slowloris
         s.send(b"GET /v1/status HTTP/1.1\\r\\nHost: x\\r\\n")
@@ -160,10 +161,10 @@ while busy < 100:
             raise ConnectionRefusedError
     except BlockingIOError:  # no answer: held
         held.append(s)
-        busy = 0
+        refused, progress = 0, time.monotonic()
     except OSError:
         s.close()
-        busy += 1
+        refused, progress = refused + 1, time.monotonic()
 print(len(held), flush=True)
 time.sleep(120)
 """
