@@ -293,6 +293,12 @@ def _exercise_lab(page: Any, lab: JupyterProcess) -> None:
     last = int(re.findall(r"log-line-(\d+)", log_tab.inner_text())[-1])
     expect(log_tab).to_contain_text(f"log-line-{last + 3}")
     assert "Logs: nbbox" in tab_titles(page)
+    # A line of the service's audit log is marked as the service's, apart from output.
+    audited = Sandbox.connect(sandbox_id)
+    audited.revoke_ssh(audited.expose_ssh())
+    expect(log_tab.locator(".jsb-log-audit")).to_have_text(
+        re.compile(r"^\d\d:\d\d:\d\d \[service\] SSH access revoked \(1 credential\(s\)\)$")
+    )
 
     # Copy SSH: the clipboard holds a command that lands in the sandbox, directly...
     laptop = lab.root.parent / "laptop"

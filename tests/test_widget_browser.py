@@ -136,6 +136,12 @@ def test_ssh_widget_in_jupyterlab(lab: str, tmp_path: Path) -> None:
         full_command = command.inner_text()
         token = full_command.split()[-1].split("@")[0]
         page.locator(".jsbw-logs", has_text="browser-line-1").wait_for(timeout=30_000)
+        # A line of the service's audit log is marked as the service's, apart from output.
+        audited = Sandbox.connect(sandbox_id_of(page))
+        audited.revoke_ssh(audited.expose_ssh())  # another credential than the widget's
+        audit = page.locator(".jsbw-logs .jsbw-audit")
+        audit.wait_for(timeout=30_000)
+        assert audit.inner_text() == "[service] SSH access revoked (1 credential(s))"
         page.screenshot(path=ARTIFACTS / "widget-live.png", full_page=True)
 
         # In a narrow window the command is cut with an ellipsis inside its card, and
@@ -265,7 +271,8 @@ def run_cells(page, *indexes: int) -> None:
 
 
 # Runs a cell and times, in the page, until the widget's log view shows the line
-# `last` (among its last few lines: the process's exit event may follow it).
+# `last` (among its last few lines: the process's exit event may follow it), after the
+# source every line starts with.
 SHOW_LINES_JS = """async ({cell, last}) => {
     const start = performance.now();
     const panel = window.jupyterapp.shell.currentWidget;
@@ -275,7 +282,7 @@ SHOW_LINES_JS = """async ({cell, last}) => {
         const check = () => {
             let line = document.querySelector('.jsbw-logs')?.lastChild;
             for (let i = 0; line && i < 5; i++, line = line.previousSibling) {
-                if (line.textContent === last) return resolve();
+                if (line.textContent.endsWith(`:stdout] ${last}`)) return resolve();
             }
             if (performance.now() - start > 30000) reject(new Error('line not shown'));
             else requestAnimationFrame(check);
