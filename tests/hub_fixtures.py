@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import stop_process, wait_for
+from tests.conftest import _alive, _children, stop_process, wait_for
 from tests.serverext_fixtures import free_port
 from tests.system_fixtures import (
     SHARED_VENV,
@@ -166,21 +166,9 @@ class Hub:
 def descendants(pid: int) -> list[int]:
     """Pids of `pid`'s children, theirs, and so on."""
     found: list[int] = []
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return found
-    for child in map(int, children):
+    for child in _children(pid):
         found += [child, *descendants(child)]
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 @dataclass
