@@ -21,10 +21,9 @@ import pytest
 from serverext_fixtures import JupyterProcess
 
 from jupyter_sandbox import Sandbox
-from tests.conftest import sandbox_pids, wait_for
+from tests.conftest import CHROMIUM, sandbox_pids, wait_for
 from tests.test_quotas import quota_service, started  # noqa: F401 (a fixture)
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 WAIT_MS = 30_000
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium")
@@ -45,14 +44,6 @@ def jp_asyncio_loop() -> None:
 @pytest.fixture
 def jp_server_cleanup() -> None:
     """No in-process server here: nothing for pytest-jupyter to clean up."""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UNPINNED_SSH, sandbox_pids
+from tests.conftest import CHROMIUM, UNPINNED_SSH, sandbox_pids
 from tests.hub_fixtures import PASSWORD, Hub, OsUser, UserServer, as_root, system_sandboxes
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 WAIT_MS = 30_000
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium")
@@ -49,14 +48,6 @@ CHECKED = (
     ".jsd-top h1, .jsd-who, .jsd-user, .jsd-name, .jsd-state, .jsd-why, .jsd-left, .jsd-memory,"
     " .jsd-btn"
 )
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
 
 
 def new_page(browser: Any, scheme: str) -> Any:
