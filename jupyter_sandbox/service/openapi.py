@@ -553,9 +553,18 @@ def _paths() -> dict[str, dict[str, Schema]]:
                 {NDJSON: {"schema": STRING}},
                 ON_SANDBOX,
                 query=(
-                    _query("after", {"type": "integer", "minimum": 0}, "entries after this seq"),
+                    _query(
+                        "after",
+                        {"type": "integer", "minimum": 0},
+                        "the sandbox's entries after this seq (audit entries, stream "
+                        '"audit", are numbered apart and all given)',
+                    ),
                     _query("tail", {"type": "integer", "minimum": 0}, "only the last N entries"),
-                    _query("pid", {"type": "integer", "minimum": 1, "maximum": MAX_PID}, "one pid"),
+                    _query(
+                        "pid",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_PID},
+                        "one pid's entries (no audit entries)",
+                    ),
                     _flag("follow", "keep streaming new entries"),
                 ),
             )
