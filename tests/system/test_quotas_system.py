@@ -18,7 +18,7 @@ import pytest
 
 from jupyter_sandbox._config import Settings
 from tests.conftest import wait_for
-from tests.system.test_system_mode import KILL_ALL, as_root, run_json
+from tests.system.test_system_mode import kill_all, run_json, serving
 from tests.system_fixtures import (
     Classroom,
     OsUser,
@@ -26,7 +26,6 @@ from tests.system_fixtures import (
     cli_as,
     popen_as,
     root_only,
-    start_system_service,
 )
 
 pytestmark = [root_only, pytest.mark.timeout(600)]
@@ -93,20 +92,15 @@ lifetime = "2h"
 
 @pytest.fixture(scope="module")
 def system(classroom: Classroom, shared_venv: Path) -> Iterator[SystemService]:
-    service = start_system_service(config=quota_config(classroom))
-    try:
+    with serving(config=quota_config(classroom)) as service:
         yield service
-    finally:
-        as_root(service, KILL_ALL)
-        service.stop()
 
 
 @pytest.fixture
 def users(classroom: Classroom, system: SystemService) -> Iterator[tuple[OsUser, ...]]:
     """(alice, bob, teacher); every sandbox of the service is killed after the test."""
     yield (*classroom.students, *classroom.instructors)
-    done = as_root(system, KILL_ALL)
-    assert done.returncode == 0, done.stderr
+    kill_all(system)
 
 
 def usage_of(user: OsUser, system: SystemService) -> dict[str, Any]:

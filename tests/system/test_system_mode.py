@@ -10,6 +10,7 @@ where no system service runs, JUPYTER_SANDBOX_MODE=system with none, the config 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -110,9 +111,16 @@ def as_root(service: SystemService, code: str, *args: str) -> subprocess.Complet
     )
 
 
-@pytest.fixture(scope="module")
-def system(classroom: Classroom, shared_venv: Path) -> Iterator[SystemService]:
-    service = start_system_service([classroom.instructor_group])
+def kill_all(service: SystemService) -> None:
+    """Kill every sandbox of `service`, as root."""
+    done = as_root(service, KILL_ALL)
+    assert done.returncode == 0, done.stderr
+
+
+@contextlib.contextmanager
+def serving(*args: Any, **kwargs: Any) -> Iterator[SystemService]:
+    """``start_system_service(*args, **kwargs)``; its sandboxes killed and it stopped after."""
+    service = start_system_service(*args, **kwargs)
     try:
         yield service
     finally:
@@ -120,12 +128,17 @@ def system(classroom: Classroom, shared_venv: Path) -> Iterator[SystemService]:
         service.stop()
 
 
+@pytest.fixture(scope="module")
+def system(classroom: Classroom, shared_venv: Path) -> Iterator[SystemService]:
+    with serving([classroom.instructor_group]) as service:
+        yield service
+
+
 @pytest.fixture
 def students(classroom: Classroom, system: SystemService) -> Iterator[list[OsUser]]:
     """The students; every sandbox of the system service is killed after the test."""
     yield classroom.students
-    done = as_root(system, KILL_ALL)
-    assert done.returncode == 0, done.stderr
+    kill_all(system)
 
 
 @pytest.fixture
