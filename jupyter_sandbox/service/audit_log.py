@@ -109,8 +109,8 @@ def _dropped_note(count: int, before: float) -> dict[str, Any]:
         "time": before,
         "source": "service",
         "stream": AUDIT_STREAM,
-        "text": f"{count} earlier audit line(s) dropped to keep the audit log within "
-        f"{AUDIT_LIMIT >> 10} KiB",
+        "text": f"{count} earlier audit line(s) dropped: the audit log keeps its newest "
+        f"{2 * AUDIT_LIMIT >> 10} KiB at most",
     }
 
 
