@@ -190,6 +190,10 @@ class SandboxSession(asyncssh.SSHServerSession):
         sender = asyncio.ensure_future(self._to_agent(stream))
         try:
             status = await self._from_agent(stream)
+        except SandboxError as e:  # an agent that broke the protocol: end, and say why
+            self.chan.write_stderr(f"\r\njupyter-sandbox: {e}\r\n".encode())
+            self.chan.exit(LOST)
+            return f"ended: {e} (exit status {LOST})"
         finally:
             sender.cancel()
             await stream.close()

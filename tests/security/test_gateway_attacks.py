@@ -7,12 +7,14 @@ import errno
 import os
 import socket
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncssh
 import pytest
 
+from jupyter_sandbox.agent.protocol import HEADER, Frame, encode, encode_json
 from jupyter_sandbox.agent.remote import AgentClient
 from jupyter_sandbox.ssh import Target, generate_token, hash_token, recording
 from jupyter_sandbox.ssh.control import Channel
@@ -53,9 +55,10 @@ class ServiceEnd:
     """The service's end of a real gateway worker's channel, played by the test: it
     answers the worker's requests for one token and records what the worker reports."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, agent_socket: Path | None = None) -> None:
         self.token = generate_token()
-        agent = AgentClient(str(directory / "no-agent.sock"))  # forwards get a clear refusal
+        # without an agent, forwards and sessions get a clear refusal
+        agent = AgentClient(str(agent_socket or directory / "no-agent.sock"))
         self.target = Target("sb-test", agent, {}, hash_token(self.token))
         self.directory = directory
         self.listening = socket.create_server(("127.0.0.1", 0))
@@ -167,3 +170,46 @@ def test_a_token_revoked_while_its_answer_is_on_the_way_does_not_log_in(tmp_path
 
     outcome = asyncio.run(service.run(client))
     assert outcome != "logged in", "a login went on with a token revoked meanwhile"
+
+
+def _hostile_agent(path: Path) -> socket.socket:
+    """A replaced agent on `path`: it starts every command, sends a line of output, then a
+    frame of a kind that does not exist, and keeps the connection open."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    held = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            conn.makefile("rb").readline()
+            conn.sendall(encode_json(Frame.RESULT, {"pid": 7}) + encode(Frame.STDOUT, b"hi\n"))
+            conn.sendall(HEADER.pack(99, 0))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+@pytest.mark.unprivileged
+def test_a_replaced_agent_breaking_the_protocol_ends_the_session(tmp_path: Path) -> None:
+    """A session whose agent sends what the protocol does not allow mid-command must end,
+    with a message, rather than leave the client waiting on a channel nobody serves."""
+    agent = _hostile_agent(tmp_path / "agent.sock")
+    service = ServiceEnd(tmp_path, tmp_path / "agent.sock")
+
+    async def client(service: ServiceEnd, channel: Channel) -> asyncssh.SSHCompletedProcess:
+        async with service.connect() as conn:
+            return await asyncio.wait_for(conn.run("true", encoding=None), 20)
+
+    try:
+        result = asyncio.run(service.run(client))
+    finally:
+        agent.close()
+    assert result.stdout == b"hi\n"
+    assert result.exit_status == 255
+    assert b"agent" in result.stderr
