@@ -664,8 +664,9 @@ class Api:
             ask = {"after": after, "tail": tail, "pid": pid}
             backlog, intact = await _sandbox_entries(live, ask, follow=False)
             last = backlog[-1]["seq"] if backlog else None
+            noted = await asyncio.to_thread(audit.entries) if pid is None else []
             if pid is None:
-                backlog = _merged(backlog, await asyncio.to_thread(audit.entries), tail)
+                backlog = _merged(backlog, noted, tail)
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
             for entry in backlog:
@@ -675,7 +676,7 @@ class Api:
                     ask |= {"after": last, "tail": None}
                 elif tail != 0:  # the log had none of these yet: all that come
                     ask |= {"tail": None}
-                await _follow_logs(response, live, ask, watch)
+                await _follow_logs(response, live, ask, watch, noted[-1]["seq"] if noted else 0)
             await response.write_eof()
             return response
         finally:
@@ -895,10 +896,15 @@ def _merged(
 
 
 async def _follow_logs(
-    response: web.StreamResponse, live: Live, ask: dict[str, Any], watch: asyncio.Queue | None
+    response: web.StreamResponse,
+    live: Live,
+    ask: dict[str, Any],
+    watch: asyncio.Queue | None,
+    audit_seen: int,
 ) -> None:
     """New entries of the sandbox and of its audit log as each comes, until the
-    sandbox's log ends; if its agent fails, the audit entries noted meanwhile still come."""
+    sandbox's log ends; if its agent fails, the audit entries noted meanwhile still come.
+    Audit entries up to `audit_seen` were in the backlog already."""
     try:
         agent = await live.agent.open("logs", follow=True, **ask)
     except SandboxError as e:
@@ -912,7 +918,8 @@ async def _follow_logs(
                 waiting = {sandbox} if audit is None else {sandbox, audit}
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if audit in done:
-                    await response.write(_ndjson(audit.result()))
+                    if audit.result()["seq"] > audit_seen:
+                        await response.write(_ndjson(audit.result()))
                     audit = asyncio.ensure_future(watch.get())
                 if sandbox in done:
                     entry = await _settled(sandbox, live.record.id)
@@ -925,7 +932,8 @@ async def _follow_logs(
                 if task is not None:
                     task.cancel()
     while watch is not None and not watch.empty():
-        await response.write(_ndjson(watch.get_nowait()))
+        if (entry := watch.get_nowait())["seq"] > audit_seen:
+            await response.write(_ndjson(entry))
 
 
 async def _settled(task: asyncio.Future, sandbox_id: str) -> dict[str, Any] | None:
