@@ -325,7 +325,7 @@ def _exercise_lab(page: Any, lab: JupyterProcess) -> None:
     nb_card.locator("[data-action=extend]").click()
     page.locator(".jp-Dialog input").fill("2h")
     page.locator(".jp-Dialog .jp-mod-accept").click()
-    expect(nb_card.locator(".jsb-left")).to_have_text(re.compile(r"^(1h 59m|2h 0m) left$"))
+    expect(nb_card.locator(".jsb-left")).to_have_text(re.compile(r"^(1h 59m|2h 0m)$"))
     expect(nb_card.locator(".jsb-note")).to_contain_text("Extended by 2h")
 
     # Terminal: a shell inside the sandbox, in a tab named after it.
@@ -653,11 +653,26 @@ def test_panel_for_a_class(page: Any, service_env: Any, tmp_path: Path) -> None:
         expect(cpu_axis).to_have_text(["200%", "100%", "0"])
         memory_axis = busy_card.locator(".jsb-chart-memory .jsb-chart-axis span")
         expect(memory_axis).to_have_text(["256 MiB", "128 MiB", "0"])
+        # The latest value is a dot at the right edge, seen from the first sample on (one
+        # sample draws no line).
+        cpu_caption = busy_card.locator(".jsb-chart-cpu .jsb-chart-caption")
+        expect(cpu_caption).to_have_text(re.compile(r"^CPU \d"))
+        cpu_dot = busy_card.locator(".jsb-chart-cpu .jsb-chart-dot")
+        expect(cpu_dot).to_be_visible()
+        # "Time left" is said once: its label says it, the value is only the time.
+        expect(busy_card.locator(".jsb-left")).to_have_text(re.compile(r"^(59m \d+s|1h 0m)$"))
+        assert "left left" not in busy_card.inner_text()
         # One busy process: at most one core, as top shows it (never two). How much of
         # one it gets depends on what else this machine runs.
         busy.spawn(BUSY_MINUTE)
         wait_for(lambda: cpu_shown(busy_card) >= 3, 60, message="the busy loop to show")
         assert cpu_shown(busy_card) <= 110
+        svg_box = busy_card.locator(".jsb-chart-cpu svg").bounding_box()
+        dot_box = cpu_dot.bounding_box()
+        dot_x = dot_box["x"] + dot_box["width"] / 2
+        dot_y = dot_box["y"] + dot_box["height"] / 2
+        assert abs(dot_x - (svg_box["x"] + svg_box["width"])) <= 4
+        assert svg_box["y"] < dot_y < svg_box["y"] + svg_box["height"]
         # A tooltip gives the value and time under the pointer.
         chart = busy_card.locator(".jsb-chart-cpu svg")
         box = chart.bounding_box()
@@ -691,6 +706,14 @@ def test_panel_for_a_class(page: Any, service_env: Any, tmp_path: Path) -> None:
         rows = panel.locator(".jsb-row")
         expect(rows).to_have_count(30)
         assert_readable(page, "dark, table")
+        # An owner too long for its column is cut; its tooltip gives it whole.
+        owner_cell = panel.locator(f".jsb-row[data-id='{busy.id}'] .jsb-col-owner")
+        text_width = owner_cell.evaluate(
+            "c => { const r = document.createRange(); r.selectNodeContents(c);"
+            " return r.getBoundingClientRect().width - c.clientWidth; }"
+        )
+        assert text_width > 0, "the owner is expected to be cut in this column"
+        expect(owner_cell).to_have_attribute("title", owner_cell.inner_text())
         shot(page, "thirty-table-dark")
         set_theme(page, "JupyterLab Light")
         assert_readable(page, "light, table")

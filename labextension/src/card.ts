@@ -19,7 +19,7 @@ import {
   displayName,
   formatBytes,
   formatPercent,
-  timeLeft,
+  remaining,
   visibleLabels
 } from './format';
 import { LogView } from './logs';
@@ -210,7 +210,7 @@ export class Card {
     this.failure.hidden = !failed;
     this.fact('owner', context.owner, sandbox.owner);
     this.fact('user', context.user);
-    this.fact('left', timeLeft(sandbox));
+    this.fact('left', remaining(sandbox));
     this.fact('limits', limitsText(sandbox), sandbox.limits_note ?? '');
     this.labels(visibleLabels(sandbox));
     this.recording.hidden = !sandbox.recording;
@@ -263,7 +263,7 @@ export class Card {
 
   /** The countdown, every second. */
   tick(sandbox: ISandbox): void {
-    this.fact('left', timeLeft(sandbox));
+    this.fact('left', remaining(sandbox));
   }
 
   /** The full command of a copy field, for Copy. */

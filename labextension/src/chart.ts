@@ -1,6 +1,7 @@
 /**
  * A small line chart of the last samples, with a scale (its top and bottom values and
- * the time span) and a tooltip giving the value and the time under the pointer.
+ * the time span), a dot on the latest value, and a tooltip giving the value and the time
+ * under the pointer.
  */
 import { formatClock, formatDuration } from './format';
 import { h, setAttr, setText } from './dom';
@@ -50,7 +51,7 @@ export class Chart {
       'div',
       { class: 'jsb-chart-plot' },
       h('div', { class: 'jsb-chart-axis' }, this.top, this.middle, h('span', {}, '0')),
-      this.svg,
+      h('div', { class: 'jsb-chart-area' }, this.svg, this.dot),
       this.tip
     );
     this.node = h(
@@ -61,6 +62,7 @@ export class Chart {
       h('div', { class: 'jsb-chart-time' }, this.span, h('span', {}, 'now'))
     );
     this.tip.hidden = true;
+    this.dot.hidden = true;
     this.svg.onpointermove = event => this.point(event);
     this.svg.onpointerleave = () => this.unpoint();
   }
@@ -82,6 +84,12 @@ export class Chart {
       'points',
       xy.length ? `${offset},${HEIGHT} ${xy.join(' ')} ${HISTORY - 1},${HEIGHT}` : ''
     );
+    // The latest value as a dot: a single sample draws no line, yet it is seen.
+    const latest = points[points.length - 1];
+    this.dot.hidden = !latest;
+    if (latest) {
+      this.dot.style.top = `${(this.y(latest.value) / HEIGHT) * 100}%`;
+    }
     setAttr(
       this.svg,
       'aria-label',
@@ -137,6 +145,7 @@ export class Chart {
   private readonly top = h('span');
   private readonly middle = h('span');
   private readonly span = h('span');
+  private readonly dot = h('span', { class: 'jsb-chart-dot' });
   private readonly tip = h('div', { class: 'jsb-chart-tip', role: 'tooltip' });
   private points: IPoint[] = [];
   private max = 1;

@@ -75,7 +75,8 @@ export function secondsLeft(sandbox: ISandbox, now = Date.now() / 1000): number 
   return sandbox.expires_at === null ? Infinity : sandbox.expires_at - now;
 }
 
-export function timeLeft(sandbox: ISandbox): string {
+/** What is left, for a place already labelled "time left": "59m 56s", "session". */
+export function remaining(sandbox: ISandbox): string {
   const failed = sandbox.status === 'failed';
   if (sandbox.status !== 'running' && !failed) {
     return sandbox.status;
@@ -84,5 +85,13 @@ export function timeLeft(sandbox: ISandbox): string {
     return failed ? 'files kept for the session' : 'session';
   }
   const left = formatDuration(secondsLeft(sandbox));
-  return failed ? `files kept ${left}` : `${left} left`;
+  return failed ? `files kept ${left}` : left;
+}
+
+/** What is left, in a sentence: "59m 56s left". */
+export function timeLeft(sandbox: ISandbox): string {
+  const text = remaining(sandbox);
+  return sandbox.status === 'running' && sandbox.expires_at !== null
+    ? `${text} left`
+    : text;
 }

@@ -44,6 +44,7 @@ import {
   formatBytes,
   formatDuration,
   formatPercent,
+  remaining,
   secondsLeft,
   timeLeft,
   visibleLabels
@@ -447,7 +448,7 @@ export class SandboxPanel extends Panel {
         status: sandbox.status,
         user: sandbox.user ?? '',
         owner,
-        left: this.rowLeft(sandbox),
+        left: remaining(sandbox),
         cpu: cpu === null ? '–' : formatPercent(cpu),
         memory:
           memory === null
@@ -699,17 +700,12 @@ export class SandboxPanel extends Panel {
   /** Refresh the countdowns without waiting for the next message. */
   private tick(): void {
     for (const sandbox of this.sandboxes.values()) {
-      this.table.tick(sandbox.id, this.rowLeft(sandbox)); // every row counts down alike
+      this.table.tick(sandbox.id, remaining(sandbox)); // every row counts down alike
       const card = this.cards.get(sandbox.id);
       if (card?.node.isConnected) {
         card.tick(sandbox);
       }
     }
-  }
-
-  /** A row's time left: the column's header says "left". */
-  private rowLeft(sandbox: ISandbox): string {
-    return timeLeft(sandbox).replace(/ left$/, '');
   }
 
   // -- actions -----------------------------------------------------------------------------
