@@ -702,6 +702,8 @@ def test_panel_for_a_class(page: Any, service_env: Any, tmp_path: Path) -> None:
         )
         expect(panel.locator(".jsb-sandbox")).to_have_count(30)
         assert_cards_laid_out(panel)
+        assert_readable(page, "dark, thirty cards")
+        shot(page, "thirty-cards-dark")
         page.locator("[data-view=table]").click()
         rows = panel.locator(".jsb-row")
         expect(rows).to_have_count(30)
