@@ -223,19 +223,31 @@ export class Card {
         node.disabled = failed;
       }
     }
-    const samples = context.samples;
     const usage = sandbox.usage;
+    // Before the first sample, the usage the sandbox came with is the first point, so
+    // the caption's value is always on its chart; with neither, the caption says none.
+    const samples =
+      context.samples.length || !usage
+        ? context.samples
+        : [
+            {
+              time: Date.now() / 1000,
+              cpu: usage.cpu_percent ?? 0,
+              memory: usage.memory_bytes ?? 0
+            }
+          ];
+    const measured = samples.length > 0;
     const cpuMax = cpuScale(sandbox, samples);
     this.cpu.update(
       points(samples, s => s.cpu),
       cpuMax,
-      `CPU ${formatPercent(usage?.cpu_percent ?? 0)} (100% = one core)`
+      `CPU ${measured ? formatPercent(usage?.cpu_percent ?? 0) : '–'} (100% = one core)`
     );
     const memoryMax = memoryScale(sandbox, samples);
     this.memory.update(
       points(samples, s => s.memory),
       memoryMax,
-      `Memory ${formatBytes(usage?.memory_bytes ?? 0)} of ${
+      `Memory ${measured ? formatBytes(usage?.memory_bytes ?? 0) : '–'} of ${
         sandbox.limits.memory
           ? formatBytes(memoryMax)
           : `${formatBytes(memoryMax)} (no limit)`
