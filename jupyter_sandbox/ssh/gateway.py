@@ -8,6 +8,10 @@ with too many failed logins only gets its unknown tokens answered slowly.
 A token presented from this machine (loopback, or one of the host's own
 addresses: see `peers`) is honoured only for the OS user it was issued to,
 `Target.uid`: a token read from another user's `ps` is refused like a wrong one.
+
+What one token holder may take is capped too, so one user cannot use up a worker's
+file descriptors for everyone: the connections each user (the tokens' issuer) holds,
+counted by the ledger for all workers together, and the channels of each connection.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ..agent.remote import AgentClient
 from . import forwarding, hostkey, peers
 from .algorithms import server_algorithms
 from .audit import ChannelAudit, ConnectionAudit
-from .limits import GatewayLimits, Ledger, LocalLedger
+from .limits import ENV_PREFIX, GatewayLimits, Ledger, LocalLedger
 from .logs import quiet_asyncssh
 from .session import SandboxSession
 
@@ -43,6 +47,23 @@ OTHER_USER = (
     "jupyter-sandbox: this token works only for the OS user it was issued to; "
     "from this machine, use it as that user (or ask for a token of your own)\n"
 )
+
+
+def too_many_connections(uid: int, limit: int) -> str:
+    """The banner of a login refused because its user holds `limit` connections."""
+    return (
+        f"jupyter-sandbox: uid {uid} holds {limit} SSH connections to this gateway already, "
+        "the most one user may; close some (or run several sessions over one connection "
+        "with ssh -o ControlMaster=auto -o ControlPath=...) and try again\n"
+    )
+
+
+def too_many_channels(limit: int) -> str:
+    """The channel-open failure reason of a connection that holds `limit` channels."""
+    return (
+        f"this connection holds {limit} open channels (sessions and forwards), the most "
+        "one may; close some, or open another connection"
+    )
 
 
 @dataclass
@@ -181,6 +202,8 @@ class Connection(asyncssh.SSHServer):
         self.target: Target | None = None
         self.authenticated = False
         self.logging_in = True  # until the login completes (the start-up limits' concern)
+        self.counted_for_user = False  # against its token's user (ledger.reserve)
+        self.channels_refused = False  # has the channel limit bitten yet
         self._identifying: asyncio.Future | None = None
         self._claiming: asyncio.Future | None = None
 
@@ -226,6 +249,8 @@ class Connection(asyncssh.SSHServer):
             return
         self.gateway.connections.discard(self)
         self.gateway.ledger.remove(self)
+        if self.counted_for_user:
+            self.gateway.ledger.release(self)
         for task in (self._identifying, self._claiming):
             if task is not None:
                 task.cancel()
@@ -275,11 +300,35 @@ class Connection(asyncssh.SSHServer):
             self._banner(target.refusal + "\n")
             self.target = None
             return True  # no method succeeds
+        if target is not None and not await self._reserve(target):
+            self.target = None
+            return True
         if target is not None:
             return target.public_key is not None
         if await self.gateway.ledger.failed(self.source):
             await asyncio.sleep(self.gateway.limits.blocked_delay)
         return True
+
+    async def _reserve(self, target: Target) -> bool:
+        """Count this connection against its token's user; if that user holds the most
+        connections one may, say so in a banner and give False."""
+        granted = await self.gateway.ledger.reserve(self, f"uid {target.uid}")
+        if granted and self not in self.gateway.connections:  # it ended meanwhile
+            self.gateway.ledger.release(self)
+            return False
+        self.counted_for_user = granted
+        if not granted:
+            limit = self.gateway.limits.max_connections_per_user
+            log.warning(
+                "SSH: refused a login to sandbox %s: uid %d holds %d connections already "
+                "(%sMAX_CONNECTIONS_PER_USER)",
+                target.sandbox_id,
+                target.uid,
+                limit,
+                ENV_PREFIX,
+            )
+            self._banner(too_many_connections(target.uid, limit))
+        return granted
 
     def _may_use(self, target: Target) -> bool:
         """A local client may use only tokens of its own user; remote ones any token."""
@@ -350,7 +399,31 @@ class Connection(asyncssh.SSHServer):
 
     # -- channels --------------------------------------------------------------------
 
+    def open_channels(self) -> int:
+        """Channels of this connection not closed yet (asyncssh 2.x lists them)."""
+        return 0 if self.conn is None else len(self.conn._channels)
+
+    def _check_channels(self) -> None:
+        """Refuse a new channel of a connection that holds `max_channels` open (asyncssh
+        calls the channel hooks before it makes the channel: it is not counted yet)."""
+        limit = self.gateway.limits.max_channels
+        if self.open_channels() >= limit:
+            if not self.channels_refused:  # once a connection: the client may insist
+                self.channels_refused = True
+                log.warning(
+                    "SSH: a connection from %s to sandbox %s holds %d channels: refusing more "
+                    "(%sMAX_CHANNELS)",
+                    self.source,
+                    self.target.sandbox_id if self.target else "?",
+                    limit,
+                    ENV_PREFIX,
+                )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, too_many_channels(limit)
+            )
+
     def session_requested(self) -> SandboxSession | Awaitable[SandboxSession] | bool:
+        self._check_channels()
         if self._claiming is not None and not self._claiming.done():
             return self._session()
         if not self.authenticated:
@@ -368,15 +441,23 @@ class Connection(asyncssh.SSHServer):
 
     # -- forwarding ------------------------------------------------------------------
 
-    async def connection_requested(
+    def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> asyncssh.SSHTCPSession:
+    ) -> Awaitable[asyncssh.SSHTCPSession]:
+        self._check_channels()
+        return self._tcp_session(dest_host, dest_port)
+
+    async def _tcp_session(self, dest_host: str, dest_port: int) -> asyncssh.SSHTCPSession:
         target = await self._granted()
         return await forwarding.tcp_session(
             target.agent, dest_host, dest_port, self._channel_audit()
         )
 
-    async def unix_connection_requested(self, dest_path: str) -> asyncssh.SSHUNIXSession:
+    def unix_connection_requested(self, dest_path: str) -> Awaitable[asyncssh.SSHUNIXSession]:
+        self._check_channels()
+        return self._unix_session(dest_path)
+
+    async def _unix_session(self, dest_path: str) -> asyncssh.SSHUNIXSession:
         target = await self._granted()
         return await forwarding.unix_session(target.agent, dest_path, self._channel_audit())
 

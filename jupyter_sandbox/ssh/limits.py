@@ -1,9 +1,12 @@
-"""Abuse limits: start-up limits on logins in progress, failed-login blocking per source.
+"""Abuse limits: start-up limits on logins in progress, failed-login blocking per source,
+connections per user and channels per connection.
 
-Both count by *source* (see `peers.identify`): a local user, an IPv4 address or
-an IPv6 /64. Neither ever refuses a valid token: failed logins only slow down
-unknown tokens, and the start-up limits make room for a new connection by
-dropping the idlest login in progress of the source that holds the most.
+The first two count by *source* (see `peers.identify`): a local user, an IPv4 address
+or an IPv6 /64. Neither ever refuses a valid token: failed logins only slow down
+unknown tokens, and the start-up limits make room for a new connection by dropping the
+idlest login in progress of the source that holds the most. The last two do refuse a
+valid token, with a message: a user holding `max_connections_per_user` connections gets
+no more, and a connection holding `max_channels` channels opens no more.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import random
 import resource
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -79,17 +82,24 @@ class GatewayLimits:
     login_timeout: float = 20.0  # from the TCP accept, before the version banner too
     keepalive_interval: float = 30.0
     keepalive_count_max: int = 3
+    # Open channels (sessions, forwards) of one connection, and connections logged in (or
+    # logging in with a valid token) per user: the token's issuer, in every worker.
+    max_channels: int = 64
+    max_connections_per_user: int = 64
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> GatewayLimits:
         """Defaults, overridden by ``JUPYTER_SANDBOX_SSH_MAX_FAILURES``, ``_MAX_STARTUPS``,
-        ``_PER_SOURCE_MAX_STARTUPS`` (both ``start:rate:full``) and ``_LOGIN_TIMEOUT``."""
+        ``_PER_SOURCE_MAX_STARTUPS`` (both ``start:rate:full``), ``_LOGIN_TIMEOUT``,
+        ``_MAX_CHANNELS`` and ``_MAX_CONNECTIONS_PER_USER``."""
         limits = cls()
         settings = {
             "max_failures": ("MAX_FAILURES", int),
             "startups": ("MAX_STARTUPS", MaxStartups.parse),
             "per_source_startups": ("PER_SOURCE_MAX_STARTUPS", MaxStartups.parse),
             "login_timeout": ("LOGIN_TIMEOUT", float),
+            "max_channels": ("MAX_CHANNELS", _at_least_one),
+            "max_connections_per_user": ("MAX_CONNECTIONS_PER_USER", _at_least_one),
         }
         for name, (suffix, parse) in settings.items():
             text = environ.get(ENV_PREFIX + suffix)
@@ -115,6 +125,16 @@ class GatewayLimits:
         return replace(
             self, startups=fit(self.startups), per_source_startups=fit(self.per_source_startups)
         )
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"expected a whole number, 1 or more, not {text!r}")
+    return number
 
 
 class Pending(Protocol):
@@ -249,6 +269,42 @@ class FailedLogins:
                 del self.blocked_until[source]
 
 
+class ConnectionsPerUser:
+    """Connections each user holds (logged in, or logging in with a valid token)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.by_user: dict[str, set[Hashable]] = {}
+        self.user_of: dict[Hashable, str] = {}
+
+    def reserve(self, conn: Hashable, user: str) -> bool:
+        """Count `conn` against `user`, unless `user` holds `limit` connections already."""
+        if self.user_of.get(conn) == user:
+            return True
+        self.release(conn)
+        held = self.by_user.setdefault(user, set())
+        if len(held) >= self.limit:
+            if not held:
+                del self.by_user[user]
+            return False
+        held.add(conn)
+        self.user_of[conn] = user
+        return True
+
+    def release(self, conn: Hashable) -> None:
+        """`conn` ended (nothing happens if it was not counted)."""
+        user = self.user_of.pop(conn, None)
+        if user is None:
+            return
+        held = self.by_user[user]
+        held.discard(conn)
+        if not held:
+            del self.by_user[user]
+
+    def count(self, user: str) -> int:
+        return len(self.by_user.get(user, ()))
+
+
 class Ledger(Protocol):
     """Where a gateway counts failed logins and logins in progress, and tells of the
     sessions it serves: `LocalLedger` in its own process, or the service's one for
@@ -269,6 +325,13 @@ class Ledger(Protocol):
     def closed(self, conn: Pending) -> None:
         """A connection that `opened` ended."""
 
+    async def reserve(self, conn: Pending, user: str) -> bool:
+        """Count a connection with a valid token against its `user`; False (and not
+        counted) if that user holds the most connections one may already."""
+
+    def release(self, conn: Pending) -> None:
+        """A connection that `reserve` counted ended."""
+
 
 class LocalLedger:
     """The `Ledger` of a gateway that serves every connection in its own process."""
@@ -276,6 +339,7 @@ class LocalLedger:
     def __init__(self, limits: GatewayLimits) -> None:
         self.failures = FailedLogins(limits)
         self.startups = StartupLimiter(limits)
+        self.users = ConnectionsPerUser(limits.max_connections_per_user)
 
     async def failed(self, source: str) -> bool:
         blocked = self.failures.blocked(source)
@@ -295,3 +359,9 @@ class LocalLedger:
 
     def closed(self, conn: Pending) -> None:
         """See `opened`."""
+
+    async def reserve(self, conn: Pending, user: str) -> bool:
+        return self.users.reserve(conn, user)
+
+    def release(self, conn: Pending) -> None:
+        self.users.release(conn)

@@ -96,6 +96,13 @@ class ServiceLedger:
     def closed(self, conn: Connection) -> None:
         self.channel.send({"op": "closed", "conn": conn.id})
 
+    async def reserve(self, conn: Connection, user: str) -> bool:
+        answer = await self.channel.request({"op": "reserve", "conn": conn.id, "user": user})
+        return bool(answer["granted"])
+
+    def release(self, conn: Connection) -> None:
+        self.channel.send({"op": "release", "conn": conn.id})
+
 
 class Worker:
     """A `Gateway` on the inherited socket, answering the service's orders."""

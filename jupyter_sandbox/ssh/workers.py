@@ -8,9 +8,10 @@ on the socket and runs a `Gateway` whose bookkeeping is here, in the service:
 
 * tokens are resolved here, by hash (`resolve`), and a single-use token is claimed
   here, so a token is valid or used up for every worker at once;
-* failed logins and logins in progress are counted here, for all workers together
-  (`limits.LocalLedger`): the limits hold as if one process served the port. A login
-  in progress that a limit drops is the one of its source that waits longest;
+* failed logins, logins in progress and each user's connections are counted here, for
+  all workers together (`limits.LocalLedger`): the limits hold as if one process served
+  the port. A login in progress that a limit drops is the one of its source that waits
+  longest; the connections of a worker that dies stop counting;
 * revoking a token or ending a sandbox closes its live sessions in every worker;
 * a worker that dies is started again, and the end of each session it served is
   written to its sandbox's log;
@@ -150,6 +151,7 @@ class Worker:
         self.started = time.monotonic()
         self.logins: dict[int, RemoteLogin] = {}
         self.sessions: dict[int, Session] = {}
+        self.reserved: set[int] = set()  # connections counted against their user
         self.ready = asyncio.get_running_loop().create_future()
 
 
@@ -268,6 +270,8 @@ class WorkerPool:
             self.loads.set(worker.index, SharedLoads.ABSENT)
         for login in worker.logins.values():
             self.ledger.remove(login)
+        for conn in worker.reserved:
+            self.ledger.users.release((worker, conn))
         if not worker.ready.done():
             worker.ready.set_exception(
                 RuntimeError(
@@ -311,6 +315,11 @@ class WorkerPool:
             return {"claimed": self.claim(message["token_hash"])}
         if op == "failed":
             return {"blocked": await self.ledger.failed(message["source"])}
+        if op == "reserve":
+            granted = self.ledger.users.reserve((worker, message["conn"]), message["user"])
+            if granted:
+                worker.reserved.add(message["conn"])
+            return {"granted": granted}
         if op == "event":
             self.on_event(message["sandbox_id"], message["text"])
         elif op == "admit":
@@ -327,6 +336,9 @@ class WorkerPool:
             worker.sessions[message["conn"]] = session
         elif op == "closed":
             worker.sessions.pop(message["conn"], None)
+        elif op == "release" and message["conn"] in worker.reserved:
+            worker.reserved.discard(message["conn"])
+            self.ledger.users.release((worker, message["conn"]))
         elif op == "ready" and not worker.ready.done():
             worker.ready.set_result(None)
         return None
