@@ -166,7 +166,7 @@ class Service:
             lambda config: setattr(manager, "quotas", self._quotas(config))
         )
         await manager.start()
-        ssh = SshAccessManager(manager, self.paths.data_dir / "ssh")
+        ssh = SshAccessManager(manager, self.paths.data_dir / "ssh", system=self.system)
         await ssh.start()
         token = self._api_token() if self.tcp else None
         app = make_app(manager, ssh, token, self.directory)

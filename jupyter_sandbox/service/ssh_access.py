@@ -38,14 +38,14 @@ EXPIRY_INTERVAL = 0.5
 class SshAccessManager:
     """Issues tokens for sandboxes and lets the gateway resolve them."""
 
-    def __init__(self, manager: Manager, key_dir: Path) -> None:
+    def __init__(self, manager: Manager, key_dir: Path, *, system: bool = False) -> None:
         self.manager = manager
         self.state = manager.state
         self.key_dir = key_dir
         self.host, self.port = configured_address()
         self.public_host = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_HOST")
         self.public_port = os.environ.get("JUPYTER_SANDBOX_SSH_PUBLIC_PORT")
-        self.limits = GatewayLimits.from_env()
+        self.limits = GatewayLimits.from_env(system=system)
         self.sftp = manager.settings.sftp
         # Only post-quantum key exchange: passes ssh-audit cleanly, needs OpenSSH >= 9.9.
         self.post_quantum_only = os.environ.get("JUPYTER_SANDBOX_SSH_PQ_ONLY") == "1"

@@ -312,13 +312,12 @@ class Connection(asyncssh.SSHServer):
     async def _reserve(self, target: Target) -> bool:
         """Count this connection against its token's user; if that user holds the most
         connections one may, say so in a banner and give False."""
-        granted = await self.gateway.ledger.reserve(self, f"uid {target.uid}")
-        if granted and self not in self.gateway.connections:  # it ended meanwhile
+        limit = await self.gateway.ledger.reserve(self, f"uid {target.uid}")
+        if limit is None and self not in self.gateway.connections:  # it ended meanwhile
             self.gateway.ledger.release(self)
             return False
-        self.counted_for_user = granted
-        if not granted:
-            limit = self.gateway.limits.max_connections_per_user
+        self.counted_for_user = limit is None
+        if limit is not None:
             log.warning(
                 "SSH: refused a login to sandbox %s: uid %d holds %d connections already "
                 "(%sMAX_CONNECTIONS_PER_USER)",
@@ -328,7 +327,7 @@ class Connection(asyncssh.SSHServer):
                 ENV_PREFIX,
             )
             self._banner(too_many_connections(target.uid, limit))
-        return granted
+        return limit is None
 
     def _may_use(self, target: Target) -> bool:
         """A local client may use only tokens of its own user; remote ones any token."""

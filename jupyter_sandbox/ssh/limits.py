@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MAX_TRACKED = 4096
 BITE_LOG_INTERVAL = 10.0  # at most one log line about the start-up limits this often
 ENV_PREFIX = "JUPYTER_SANDBOX_SSH_"
+SYSTEM_CONNECTIONS_PER_USER = 64  # the system service's default: one student's share
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,20 @@ class GatewayLimits:
     keepalive_interval: float = 30.0
     keepalive_count_max: int = 3
     # Open channels (sessions, forwards) of one connection, and connections logged in (or
-    # logging in with a valid token) per user: the token's issuer, in every worker.
+    # logging in with a valid token) per user: the token's issuer, in every worker. None:
+    # no cap, the default of a per-user service, whose every token is its owner's.
     max_channels: int = 64
-    max_connections_per_user: int = 64
+    max_connections_per_user: int | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> GatewayLimits:
-        """Defaults, overridden by ``JUPYTER_SANDBOX_SSH_MAX_FAILURES``, ``_MAX_STARTUPS``,
+    def from_env(
+        cls, environ: Mapping[str, str] = os.environ, *, system: bool = False
+    ) -> GatewayLimits:
+        """Defaults (with `system`, those of the system service: 64 connections per user),
+        overridden by ``JUPYTER_SANDBOX_SSH_MAX_FAILURES``, ``_MAX_STARTUPS``,
         ``_PER_SOURCE_MAX_STARTUPS`` (both ``start:rate:full``), ``_LOGIN_TIMEOUT``,
         ``_MAX_CHANNELS`` and ``_MAX_CONNECTIONS_PER_USER``."""
-        limits = cls()
+        limits = cls(max_connections_per_user=SYSTEM_CONNECTIONS_PER_USER if system else None)
         settings = {
             "max_failures": ("MAX_FAILURES", int),
             "startups": ("MAX_STARTUPS", MaxStartups.parse),
@@ -272,7 +277,7 @@ class FailedLogins:
 class ConnectionsPerUser:
     """Connections each user holds (logged in, or logging in with a valid token)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.by_user: dict[str, set[Hashable]] = {}
         self.user_of: dict[Hashable, str] = {}
@@ -283,7 +288,7 @@ class ConnectionsPerUser:
             return True
         self.release(conn)
         held = self.by_user.setdefault(user, set())
-        if len(held) >= self.limit:
+        if self.limit is not None and len(held) >= self.limit:
             if not held:
                 del self.by_user[user]
             return False
@@ -325,9 +330,9 @@ class Ledger(Protocol):
     def closed(self, conn: Pending) -> None:
         """A connection that `opened` ended."""
 
-    async def reserve(self, conn: Pending, user: str) -> bool:
-        """Count a connection with a valid token against its `user`; False (and not
-        counted) if that user holds the most connections one may already."""
+    async def reserve(self, conn: Pending, user: str) -> int | None:
+        """Count a connection with a valid token against its `user`; if that user holds
+        the most connections one may already, it is not counted: that limit, else None."""
 
     def release(self, conn: Pending) -> None:
         """A connection that `reserve` counted ended."""
@@ -360,8 +365,8 @@ class LocalLedger:
     def closed(self, conn: Pending) -> None:
         """See `opened`."""
 
-    async def reserve(self, conn: Pending, user: str) -> bool:
-        return self.users.reserve(conn, user)
+    async def reserve(self, conn: Pending, user: str) -> int | None:
+        return None if self.users.reserve(conn, user) else self.users.limit
 
     def release(self, conn: Pending) -> None:
         self.users.release(conn)

@@ -96,9 +96,9 @@ class ServiceLedger:
     def closed(self, conn: Connection) -> None:
         self.channel.send({"op": "closed", "conn": conn.id})
 
-    async def reserve(self, conn: Connection, user: str) -> bool:
+    async def reserve(self, conn: Connection, user: str) -> int | None:
         answer = await self.channel.request({"op": "reserve", "conn": conn.id, "user": user})
-        return bool(answer["granted"])
+        return answer["refused_by"]
 
     def release(self, conn: Connection) -> None:
         self.channel.send({"op": "release", "conn": conn.id})

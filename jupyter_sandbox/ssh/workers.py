@@ -316,10 +316,11 @@ class WorkerPool:
         if op == "failed":
             return {"blocked": await self.ledger.failed(message["source"])}
         if op == "reserve":
-            granted = self.ledger.users.reserve((worker, message["conn"]), message["user"])
-            if granted:
-                worker.reserved.add(message["conn"])
-            return {"granted": granted}
+            users = self.ledger.users
+            if not users.reserve((worker, message["conn"]), message["user"]):
+                return {"refused_by": users.limit}
+            worker.reserved.add(message["conn"])
+            return {"refused_by": None}
         if op == "event":
             self.on_event(message["sandbox_id"], message["text"])
         elif op == "admit":

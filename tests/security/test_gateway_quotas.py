@@ -22,6 +22,7 @@ import pytest
 
 from jupyter_sandbox import Sandbox
 from jupyter_sandbox.ssh import GatewayLimits
+from jupyter_sandbox.ssh.limits import ConnectionsPerUser
 from tests.faults._supervised import SupervisedService
 from tests.faults.test_gateway_workers import (
     all_workers,
@@ -44,7 +45,7 @@ from tests.test_ssh_gateway import (  # noqa: F401
     workdir,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes of these tests run as root")
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes of these tests run as root")
 CHANNELS = 4
 PER_USER = 3
 CHANNEL_REFUSAL = f"holds {CHANNELS} open channels"
@@ -111,6 +112,8 @@ def fresh_echo(port: int) -> bool:
         return echoes(sock)
 
 
+@root_only
+@needs_openssh
 def test_channels_of_one_connection_are_capped(gw: Gw, sandbox) -> None:  # noqa: F811
     """Attack: one connection opening forward after forward (`ssh -L`, idle sockets). Past
     the cap the gateway refuses the channel with a reason the client prints; another
@@ -151,6 +154,7 @@ def _attempt(check, port: int) -> bool:
         return False
 
 
+@root_only
 @needs_openssh
 def test_connections_of_one_user_are_capped(gw: Gw, sandbox) -> None:  # noqa: F811
     """Attack: a user holding many connections. Past the cap the login is refused with a
@@ -197,6 +201,8 @@ def capped_service(
     )
 
 
+@root_only
+@needs_openssh
 def test_the_cap_holds_across_workers_and_a_killed_workers_connections_stop_counting(
     capped_service: SupervisedService,
 ) -> None:
@@ -243,3 +249,38 @@ def test_the_cap_holds_across_workers_and_a_killed_workers_connections_stop_coun
             assert full.returncode == 255 and USER_REFUSAL in full.stderr.decode()
         finally:
             stop_all(procs)
+
+
+@pytest.mark.unprivileged
+def test_the_caps_are_read_from_the_environment_and_checked() -> None:
+    """64 channels a connection; 64 connections a user in the system service, no cap in
+    a per-user one (every token is its owner's); both follow their variables, and a bad
+    value names the variable."""
+    assert (GatewayLimits().max_channels, GatewayLimits().max_connections_per_user) == (64, None)
+    assert GatewayLimits.from_env({}, system=True).max_connections_per_user == 64
+    limits = GatewayLimits.from_env(
+        {
+            "JUPYTER_SANDBOX_SSH_MAX_CHANNELS": "8",
+            "JUPYTER_SANDBOX_SSH_MAX_CONNECTIONS_PER_USER": "5",
+        }
+    )
+    assert (limits.max_channels, limits.max_connections_per_user) == (8, 5)
+    for bad in ("0", "-3", "lots"):
+        with pytest.raises(ValueError, match="JUPYTER_SANDBOX_SSH_MAX_CHANNELS: expected"):
+            GatewayLimits.from_env({"JUPYTER_SANDBOX_SSH_MAX_CHANNELS": bad})
+
+
+@pytest.mark.unprivileged
+def test_each_user_is_counted_apart_and_a_connection_once() -> None:
+    """The counter: one user's connections never use another's room, counting a
+    connection again changes nothing, and releasing an unknown one is harmless."""
+    users = ConnectionsPerUser(2)
+    assert users.reserve("a1", "uid 1") and users.reserve("a1", "uid 1")
+    assert users.reserve("a2", "uid 1") and not users.reserve("a3", "uid 1")
+    assert users.reserve("b1", "uid 2") and users.count("uid 1") == 2
+    users.release("a1")
+    users.release("nobody knows")
+    assert users.reserve("a3", "uid 1") and users.count("uid 1") == 2
+    for conn in ("a2", "a3", "b1"):
+        users.release(conn)
+    assert users.by_user == {} and users.user_of == {}
