@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..agent.remote import AgentClient
@@ -73,10 +74,14 @@ class FairListener(socket.socket):
 
 
 class ServiceLedger:
-    """The `limits.Ledger` of a worker: the service counts for every worker."""
+    """The `limits.Ledger` of a worker: the service counts for every worker (and, with
+    no cap on connections per user, nobody counts them)."""
 
-    def __init__(self, channel: Channel, listener: FairListener) -> None:
+    def __init__(
+        self, channel: Channel, listener: FairListener, connections_per_user: int | None
+    ) -> None:
         self.channel, self.listener = channel, listener
+        self.connections_per_user = connections_per_user
 
     async def failed(self, source: str) -> bool:
         return bool((await self.channel.request({"op": "failed", "source": source}))["blocked"])
@@ -97,23 +102,33 @@ class ServiceLedger:
         self.channel.send({"op": "closed", "conn": conn.id})
 
     async def reserve(self, conn: Connection, user: str) -> int | None:
+        if self.connections_per_user is None:
+            return None
         answer = await self.channel.request({"op": "reserve", "conn": conn.id, "user": user})
         return answer["refused_by"]
 
     def release(self, conn: Connection) -> None:
-        self.channel.send({"op": "release", "conn": conn.id})
+        if self.connections_per_user is not None:
+            self.channel.send({"op": "release", "conn": conn.id})
 
 
 class Worker:
     """A `Gateway` on the inherited socket, answering the service's orders."""
 
-    def __init__(self, channel: Channel, listener: FairListener, gateway_options: dict) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        listener: FairListener,
+        gateway_options: dict,
+        connections_per_user: int | None = None,
+    ) -> None:
         self.channel, self.listener = channel, listener
+        limits = replace(GatewayLimits.from_env(), max_connections_per_user=connections_per_user)
         self.gateway = Gateway(
             self.resolve,
             on_event=self.event,
-            ledger=ServiceLedger(channel, listener),
-            limits=GatewayLimits.from_env(),
+            ledger=ServiceLedger(channel, listener, connections_per_user),
+            limits=limits,
             sock=listener,
             **gateway_options,
         )
@@ -190,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--post-quantum-only", action="store_true")
+    # the service's cap (counted there); none: nothing to count
+    parser.add_argument("--max-connections-per-user", type=int)
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the service's
@@ -209,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             await Channel.over(control),
             listening,
             {"host_key_dir": args.host_keys, "post_quantum_only": args.post_quantum_only},
+            args.max_connections_per_user,
         )
         serving = asyncio.ensure_future(worker.run())
         stopping = asyncio.ensure_future(stop.wait())

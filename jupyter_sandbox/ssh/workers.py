@@ -243,6 +243,8 @@ class WorkerPool:
         ]
         if self.post_quantum_only:
             argv.append("--post-quantum-only")
+        if self.limits.max_connections_per_user is not None:
+            argv.append(f"--max-connections-per-user={self.limits.max_connections_per_user}")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -111,6 +111,8 @@ class ServiceEnd:
                 return answer
             channel.send({**answer, "answer": message["id"]})
             self.on_resolve(message, channel)
+        elif op == "reserve":
+            return {"refused_by": None}  # no cap on the connections of its user
         elif op == "admit":
             self.logins.append(message["conn"])
         elif op == "remove":
