@@ -140,7 +140,7 @@ def _assert_names_the_disk(error: DiskFull, disk: SmallDisk) -> None:
     assert isinstance(error, OSError)  # DiskFull is also an OSError, as open() would raise
     assert str(disk.storage) in message and "tmpfs" in message, message
     assert f"{format_size(disk.size)} in all" in message, message
-    assert re.search(r"[\d.]+ (B|KiB|MiB) free", message), message
+    assert re.search(r"[\d.]+ (bytes?|KiB|MiB) free", message), message
     assert "JUPYTER_SANDBOX_DIR" in message and "End sandboxes" in message, message
 
 
