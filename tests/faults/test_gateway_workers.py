@@ -146,15 +146,15 @@ def test_many_concurrent_logins_all_get_in(service: SupervisedService) -> None:
 
 
 def test_revoking_closes_the_sessions_in_every_worker(service: SupervisedService) -> None:
-    """Nine live sessions spread over the three workers (three each); one revoke closes
-    all of them within seconds, and the token no longer logs in."""
+    """Nine live sessions spread over the three workers (each holds some); one revoke
+    closes all of them within seconds, and the token no longer logs in."""
     with Sandbox.create() as sb:
         access = sb.expose_ssh()
         pids = all_workers(service)
         procs = held_sessions(access, 9)
         try:
             spread = sessions_by_worker(service, access.port)
-            assert sorted(spread) == pids and set(spread.values()) == {3}, spread
+            assert sorted(spread) == pids, spread
             revoked_at = time.monotonic()
             assert sb.revoke_ssh() == 1
             for proc in procs:
