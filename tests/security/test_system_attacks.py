@@ -185,7 +185,9 @@ def test_one_student_holding_connections_does_not_shut_out_another(system: Syste
     ]
     try:
         held = [int(flooder.stdout.readline()) for flooder in flooders]
-        assert sum(held) > MAX_PER_USER
+        # The flood reached the cap (connections the service has not refused yet may
+        # count as held, so it can look larger).
+        assert sum(held) >= MAX_PER_USER, held
         answer = system.as_user(system.students[1], request_code("GET", "/v1/status"))
         assert answer.stdout.splitlines()[:1] == ["200"], answer.stdout + answer.stderr
         refused = system.as_user(system.students[0], request_code("GET", "/v1/status"))
