@@ -139,6 +139,7 @@ def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
 
 
 SFTP_CHOICES = ("auto", "builtin", "openssh")
+BACKENDS = ("local", "kubernetes")
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,11 @@ class Settings:
     Terminal sessions are not recorded unless a sandbox is created with
     ``record_terminals=True``; JUPYTER_SANDBOX_RECORD_TERMINALS=on records those of every
     sandbox created while it is on (see ``ssh.recording``).
+
+    Sandboxes run where the backend puts them (JUPYTER_SANDBOX_BACKEND or ``serve
+    --backend``): "local" (the default), bubblewrap containers on this host; "kubernetes",
+    pods of a cluster (``pip install jupyter-sandbox[kubernetes]``; see
+    docs/kubernetes.md). Another name stops the service at start, naming the choices.
     """
 
     idle_timeout: float = 600.0
@@ -181,6 +187,7 @@ class Settings:
     seccomp: bool = True
     sftp: str = "auto"
     record_terminals: bool = False
+    backend: str = "local"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -198,4 +205,5 @@ class Settings:
             seccomp=_env_switch("JUPYTER_SANDBOX_SECCOMP", cls.seccomp),
             sftp=_env_choice("JUPYTER_SANDBOX_SFTP", SFTP_CHOICES, cls.sftp),
             record_terminals=_env_switch("JUPYTER_SANDBOX_RECORD_TERMINALS", cls.record_terminals),
+            backend=os.environ.get("JUPYTER_SANDBOX_BACKEND", "").strip().lower() or cls.backend,
         )
