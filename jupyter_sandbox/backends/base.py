@@ -21,7 +21,7 @@ from .cgroups import Limits
 if TYPE_CHECKING:  # agent.remote may import backends modules (TLS credentials)
     from ..agent.remote import AgentClient
 
-__all__ = ["Backend", "Limits", "Runtime", "SandboxSpec"]
+__all__ = ["Backend", "Limits", "Records", "Runtime", "SandboxSpec"]
 
 
 @dataclass
@@ -59,7 +59,29 @@ class Runtime(Protocol):
         ...
 
 
-class Backend(Protocol):
+class Records(Protocol):
+    """Where each sandbox's own record lives (the state writes and reads them here)."""
+
+    def write_record(self, sandbox_id: str, data: bytes) -> None:
+        """Replace the sandbox's own record with `data`, atomically.
+
+        Called ON THE EVENT LOOP, synchronously, by every `State.save` whose record
+        changed: it must not wait on the network. The local backend writes a file and
+        raises OSError when it cannot (the caller tells the user what was not kept). A
+        backend whose records are remote queues the write and returns at once: it keeps
+        only the latest data of each sandbox, writes them in the background in order,
+        retries failures and logs them. Does nothing for a sandbox being stopped.
+        """
+        ...
+
+    def read_records(self) -> dict[str, bytes]:
+        """Every record of this service's sandboxes, by sandbox id; an unreadable one is
+        left out and logged. Called once, after `prepare`, in a thread of its own while
+        the event loop runs (``asyncio.to_thread``): it may block."""
+        ...
+
+
+class Backend(Records, Protocol):
     """Starts, finds and stops sandboxes, and keeps each sandbox's own record."""
 
     #: The service's storage directory on its own host: disk-full errors name it and
@@ -176,22 +198,6 @@ class Backend(Protocol):
     def unadopted(self, known: set[str]) -> list[str]:
         """Ids of this service's sandboxes that have a record `known` does not name (it
         could not be read): the manager adopts them as failed, never sweeps them."""
-        ...
-
-    # -- records -----------------------------------------------------------------------
-
-    def write_record(self, sandbox_id: str, data: bytes) -> None:
-        """Replace the sandbox's own record with `data`, atomically and durably.
-
-        Called from the state's writer thread, never the event loop; it blocks until
-        the record is stored, and raises OSError when it cannot be (the state retries).
-        Does nothing for a sandbox being stopped.
-        """
-        ...
-
-    def read_records(self) -> dict[str, bytes]:
-        """Every record of this service's sandboxes, by sandbox id. Called once at start,
-        in a thread (not on the event loop); an unreadable one is left out and logged."""
         ...
 
     def keep_record_aside(self, sandbox_id: str) -> str:
