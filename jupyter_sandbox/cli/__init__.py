@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from .._config import Paths
@@ -25,6 +26,9 @@ from .._models import SandboxInfo
 from .._ssh_config import HOST_ALIAS, temporary_ssh_config
 from ..client import Sandbox
 from . import tunnel
+
+if TYPE_CHECKING:
+    from ..service.hub_auth import HubSettings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the machine's one service for every user (as root; socket in "
         "/run/jupyter-sandbox, callers told apart by their uid)",
+    )
+    p.add_argument(
+        "--hub-auth",
+        action="store_true",
+        help="with --tcp: callers are JupyterHub users, named by their hub API tokens "
+        "(needs JUPYTERHUB_API_URL; also JUPYTER_SANDBOX_AUTH=hub)",
     )
     return parser
 
@@ -654,12 +664,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..service.app import check_system_mode_allowed
 
         check_system_mode_allowed(args.tcp)
+    hub_settings(args)  # a hub mode without its hub stops here, saying what to set
     if args.no_supervisor:
         return serve_unsupervised(args)
     from ..service.supervisor import ALREADY_RUNNING, Supervisor, SupervisorRunning
 
     service_args = ["--tcp", args.tcp] if args.tcp else []
     service_args += ["--system"] if args.system else []
+    service_args += ["--hub-auth"] if args.hub_auth else []
     tcp = tcp_address(args.tcp) if args.tcp else None
     paths = Paths.system() if args.system else None
     try:
@@ -685,7 +697,7 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
 
     try:
         paths = Paths.system() if args.system else None
-        asyncio.run(Service(paths, tcp=tcp).run(ready))
+        asyncio.run(Service(paths, tcp=tcp, hub=hub_settings(args)).run(ready))
     except AlreadyRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return ALREADY_RUNNING
@@ -703,6 +715,24 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
         # Another service's storage or host uids are not this one's: no restart helps.
         return STORAGE_IN_USE if isinstance(e, StorageInUse) else 1
     return 0
+
+
+def hub_settings(args: argparse.Namespace) -> HubSettings | None:
+    """The hub of `serve --hub-auth` (or JUPYTER_SANDBOX_AUTH=hub), None without one;
+    SystemExit saying what to set where it cannot run."""
+    from ..service.hub_auth import HubSettings, auth_mode
+
+    try:
+        if auth_mode(args.hub_auth) != "hub":
+            return None
+        if args.system or not args.tcp:
+            raise ValueError(
+                "hub authentication is for a service that hub users reach over TCP: use "
+                "`serve --tcp HOST:PORT --hub-auth`, without --system"
+            )
+        return HubSettings.from_env()
+    except ValueError as e:
+        raise SystemExit(f"jupyter-sandbox: {e}") from None
 
 
 def tcp_address(text: str) -> tuple[str, int]:

@@ -163,3 +163,29 @@ def runtime_info(paths: Paths) -> dict[str, Any] | None:
         return json.loads(paths.runtime_file.read_text())
     except (OSError, ValueError):
         return None
+
+
+SERVICE_URL_ENV, SERVICE_TOKEN_ENV = "JUPYTER_SANDBOX_URL", "JUPYTER_SANDBOX_TOKEN"
+HUB_TOKEN_ENV = "JUPYTERHUB_API_TOKEN"
+
+
+def remote_credentials() -> tuple[dict[str, str], str]:
+    """The Authorization header for the service at JUPYTER_SANDBOX_URL, and what to check
+    if it is refused: JUPYTER_SANDBOX_TOKEN (the service's own token) as a bearer token,
+    else the hub user's JUPYTERHUB_API_TOKEN (a service started with --hub-auth)."""
+    if token := os.environ.get(SERVICE_TOKEN_ENV):
+        return {"Authorization": f"Bearer {token}"}, (
+            f"the client sent {SERVICE_TOKEN_ENV}: check that it is the token in the "
+            "service's runtime file, or unset it to send your JupyterHub token instead"
+        )
+    if token := os.environ.get(HUB_TOKEN_ENV):
+        return {"Authorization": f"token {token}"}, (
+            f"the client sent your JupyterHub token, ${HUB_TOKEN_ENV}: check that it is "
+            "current (restart your server from the hub's control panel for a new one) and "
+            f"that {SERVICE_URL_ENV} is the sandbox service of this hub"
+        )
+    return {}, (
+        f"the client sent no token: set {HUB_TOKEN_ENV} (your JupyterHub API token; a "
+        f"notebook server started by the hub has it) or {SERVICE_TOKEN_ENV} (the service's "
+        "own token, from its runtime file)"
+    )

@@ -19,10 +19,16 @@ from typing import Any
 import httpx
 
 from .._config import Paths
-from .._errors import ServiceUnavailable, error_from
+from .._errors import PermissionDenied, ServiceUnavailable, error_from
 from ..agent import protocol
 from ..untrusted.messages import MAX_RESULT
-from ._service import find_or_start, find_system, is_supervised, service_mode
+from ._service import (
+    find_or_start,
+    find_system,
+    is_supervised,
+    remote_credentials,
+    service_mode,
+)
 
 _TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 _POOL = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own
@@ -110,11 +116,10 @@ class Transport:
 
     def _new_client(self, limits: httpx.Limits = _POOL) -> httpx.AsyncClient:
         if self.remote:
-            token = os.environ.get("JUPYTER_SANDBOX_TOKEN", "")
             return httpx.AsyncClient(
                 base_url=self.remote,
                 timeout=_TIMEOUT,
-                headers={"Authorization": f"Bearer {token}"},
+                headers=remote_credentials()[0],
                 limits=limits,
             )
         return httpx.AsyncClient(
@@ -184,7 +189,7 @@ class Transport:
             except httpx.TransportError as e:
                 await self._give_up_or_retry(e, call, attempt, answered=False)
                 continue
-            await raise_for_error(response)
+            await self._raise_for_error(response)
             return response.json()
         raise AssertionError("unreachable")
 
@@ -200,11 +205,24 @@ class Transport:
             try:
                 async with client.stream(method, url, **kwargs) as response:
                     answered = True
-                    await raise_for_error(response)
+                    await self._raise_for_error(response)
                     yield response
                     return
             except httpx.TransportError as e:
                 await self._give_up_or_retry(e, call, attempt, answered)
+
+    async def _raise_for_error(self, response: httpx.Response) -> None:
+        """`raise_for_error`; a remote service's 401 also says which credential was sent
+        and what to check."""
+        if response.status_code == 401 and self.remote:
+            try:
+                await raise_for_error(response)
+            except PermissionDenied as e:
+                hint = remote_credentials()[1]
+                raise PermissionDenied(
+                    f"the sandbox service at {self.remote} refused the request: {e} ({hint})"
+                ) from None
+        await raise_for_error(response)
 
     async def _give_up_or_retry(
         self, error: httpx.TransportError, call: Call, attempt: int, answered: bool

@@ -22,10 +22,12 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .._durations import MAX_SECONDS, shown
 from .._errors import (
@@ -46,6 +48,7 @@ from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
 from . import openapi
 from .command_input import CommandInput, read_request_line
+from .hub_auth import HubDirectory, HubUnavailable, Unauthenticated
 from .identity import ACTING_FOR_HEADER, Caller, Directory, acting_for, peer_uid, service_caller
 from .manager import Live, Manager, check_env, failed_message
 from .ssh_access import SshAccessManager
@@ -120,17 +123,24 @@ def make_app(
     manager: Manager,
     ssh: SshAccessManager,
     token: str | None = None,
-    directory: Directory | None = None,
+    directory: Directory | HubDirectory | None = None,
 ) -> web.Application:
-    """The API; `directory` identifies callers by their peer credentials (system mode),
-    else every caller is the service's own user."""
+    """The API; `directory` identifies callers by their peer credentials (system mode) or
+    TCP callers by their JupyterHub token (hub mode), else every caller is the service's
+    own user."""
+    hub = directory if isinstance(directory, HubDirectory) else None
+    _quiet_unparsed_requests()
     app = web.Application(
-        middlewares=[_errors_middleware, _auth_middleware(token), _caller_middleware(directory)],
+        middlewares=[
+            _errors_middleware,
+            _auth_middleware(token, hub),
+            _caller_middleware(None if hub else directory, hub is not None),
+        ],
         client_max_size=MAX_BODY,
     )
     app["manager"] = manager
     app["activity"] = Activity()
-    app["mode"] = "user" if directory is None else "system"
+    app["mode"] = "user" if directory is None else "hub" if hub else "system"
     app["directory"] = directory
     api = Api(manager, ssh)
     app.add_routes(
@@ -234,13 +244,39 @@ _HTTP_MESSAGES = {
 }
 
 
-def _auth_middleware(token: str | None):
-    """TCP listeners require the bearer token; the Unix socket is guarded by its mode."""
+class _UnparsedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse with the bytes it stopped at, which may be
+    an Authorization header's token (one too long, or with a control character): log
+    what was wrong, never those bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = "answered %d to a request that is not valid HTTP (%s)"
+            record.args, record.exc_info = (error.code, type(error).__name__), None
+        return True
+
+
+def _quiet_unparsed_requests() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _UnparsedRequests) for f in logger.filters):
+        logger.addFilter(_UnparsedRequests())
+
+
+def _auth_middleware(token: str | None, hub: HubDirectory | None = None):
+    """TCP listeners require the bearer token, or in hub mode a hub user's token (which
+    names the caller); the Unix socket is guarded by its mode."""
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         peer = request.transport.get_extra_info("sockname") if request.transport else None
-        if isinstance(peer, tuple):
+        if isinstance(peer, tuple) and hub is not None:
+            try:
+                request["caller"] = await hub.caller(request.headers.getall("Authorization", []))
+            except (Unauthenticated, HubUnavailable) as e:
+                kind = "PermissionDenied" if e.status == 401 else "ServiceUnavailable"
+                return web.json_response({"error": kind, "message": str(e)}, status=e.status)
+        elif isinstance(peer, tuple):
             given = request.headers.get("Authorization", "")
             if token is None or not secrets.compare_digest(given, f"Bearer {token}"):
                 return web.json_response(
@@ -252,14 +288,17 @@ def _auth_middleware(token: str | None):
     return auth
 
 
-def _caller_middleware(directory: Directory | None):
-    """Set ``request["caller"]``: from SO_PEERCRED of the Unix socket in system mode, else
-    the service's own user."""
+def _caller_middleware(directory: Directory | None, hub: bool = False):
+    """Set ``request["caller"]``: from SO_PEERCRED of the Unix socket in system mode; in
+    hub mode as the hub token named it, and on the Unix socket (0600) the service's own
+    user as an instructor (the operator's view); else the service's own user."""
     own = service_caller()
+    if hub:
+        own = replace(own, instructor=True)
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
-        caller = own
+        caller = request.get("caller", own)
         if directory is not None:
             sock = request.transport.get_extra_info("socket") if request.transport else None
             if sock is None or sock.family != socket.AF_UNIX:
@@ -345,7 +384,7 @@ def _flag(request: web.Request, name: str) -> bool:
     return value in ("1", "true")
 
 
-def _usage_subject(request: web.Request) -> Caller:
+async def _usage_subject(request: web.Request) -> Caller:
     """Whose usage a request asks for: the caller's own, or (an instructor's request with
     `user=NAME`) that user's."""
     caller: Caller = request["caller"]
@@ -356,11 +395,14 @@ def _usage_subject(request: web.Request) -> Caller:
         raise PermissionDenied(
             "only an instructor may see another user's usage: leave out user= for your own"
         )
+    directory = request.app["directory"]
+    if isinstance(directory, HubDirectory):
+        return await directory.named(name)
     try:
         uid = pwd.getpwnam(name).pw_uid
     except (KeyError, ValueError):  # ValueError: a NUL in the name
         raise InvalidRequest(f"no user named {shown(name)} on this machine") from None
-    return request.app["directory"].caller(uid)  # instructors exist in system mode only
+    return directory.caller(uid)  # instructors exist in system mode only
 
 
 class Api:
@@ -422,7 +464,7 @@ class Api:
         """The caller's quota (null: unlimited), where each key of it is set, and what the
         caller's running and failed sandboxes hold against it; an instructor may ask for
         another user's with `user=NAME`."""
-        caller = _usage_subject(request)
+        caller = await _usage_subject(request)
         quota = self.manager.quotas.of(caller.user, caller.groups)
         return web.json_response(
             {

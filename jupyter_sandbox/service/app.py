@@ -32,6 +32,7 @@ from ..backends.local import LocalBackend
 from . import config_file
 from .api import make_app
 from .connections import BoundedUnixSite
+from .hub_auth import HubDirectory, HubSettings, open_hub_directory
 from .identity import Directory
 from .locks import try_lock
 from .manager import Manager
@@ -83,16 +84,18 @@ class Service:
         paths: Paths | None = None,
         settings: Settings | None = None,
         tcp: tuple[str, int] | None = None,
+        hub: HubSettings | None = None,
     ) -> None:
         self.paths = paths or Paths.default()
         self.settings = settings or Settings.from_env()
         self.tcp = tcp
+        self.hub = hub  # hub mode: TCP callers are hub users, named by their tokens
         self.stopping = asyncio.Event()
         self._lock_fd: int | None = None
-        self.config_path = config_file.path(self.system)
+        self.config_path = config_file.path(self.system or hub is not None)
         # Called with the config file's tables at start and after each SIGHUP reload.
         self.config_listeners: list[Callable[[dict[str, Any]], None]] = []
-        self.directory: Directory | None = None
+        self.directory: Directory | HubDirectory | None = None
 
     @property
     def system(self) -> bool:
@@ -103,7 +106,8 @@ class Service:
         return config_file.load(self.config_path)
 
     def _quotas(self, config: dict[str, Any]) -> Quotas:
-        return Quotas.parse(config, self.config_path, administered=self.system)
+        administered = self.system or self.hub is not None
+        return Quotas.parse(config, self.config_path, administered=administered)
 
     def _apply_config(self, config: dict[str, Any]) -> None:
         groups = config_file.instructor_groups(config, self.config_path)
@@ -168,7 +172,9 @@ class Service:
         await manager.start()
         ssh = SshAccessManager(manager, self.paths.data_dir / "ssh", system=self.system)
         await ssh.start()
-        token = self._api_token() if self.tcp else None
+        token = self._api_token() if self.tcp and not self.hub else None
+        if self.hub:
+            self.directory = open_hub_directory(self.hub, self.paths.data_dir, manager)
         app = make_app(manager, ssh, token, self.directory)
         self._apply_config(config)
         app["pid"], app["version"], app["started_at"] = os.getpid(), __version__, time.time()
@@ -207,7 +213,7 @@ class Service:
             ready()
         idle = asyncio.create_task(
             asyncio.Event().wait()  # the machine's service stays, idle or not
-            if self.system
+            if self.system or self.hub
             else self._idle_watch(manager, app["activity"])
         )
         try:
@@ -217,6 +223,8 @@ class Service:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.runtime_file.unlink()
             await runner.cleanup()
+            if isinstance(self.directory, HubDirectory):
+                await self.directory.close()
             await ssh.close()
             await manager.close()
             await asyncio.to_thread(state.close)

@@ -1,0 +1,400 @@
+"""Hub users authenticate to the sandbox service with their JupyterHub tokens.
+
+A real JupyterHub issues and checks the tokens (tests/hub/token_hub.py), a real service
+runs `serve --tcp HOST:PORT --hub-auth`, and each user's calls are made by the real
+client in a process of its own that has only JUPYTER_SANDBOX_URL and
+JUPYTERHUB_API_TOKEN, as a kernel in a Zero to JupyterHub user pod has. Nothing is
+mocked. The hub starts no servers, so none of this needs root.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.hub.token_hub import (
+    ADMIN,
+    CACHE_SECONDS,
+    INSTRUCTOR,
+    LIMITED,
+    LIMITED_GROUP,
+    NUMERIC,
+    OS_NAMED,
+    HubAuthService,
+    TokenHub,
+    hub_auth_service,
+    requirements,
+    start_token_hub,
+)
+
+pytestmark = pytest.mark.unprivileged
+HUB_UID_BASE = 1 << 31
+MISSING = "sb-0000000000"
+
+
+@pytest.fixture(scope="module")
+def token_hub() -> Iterator[TokenHub]:
+    requirements()
+    base = Path(tempfile.mkdtemp(prefix="jsb-tokenhub-"))
+    hub = start_token_hub(base)
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+@pytest.fixture(scope="module")
+def service(token_hub: TokenHub) -> Iterator[HubAuthService]:
+    with hub_auth_service(token_hub) as started:
+        yield started
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(service: HubAuthService, token_hub: TokenHub) -> Iterator[None]:
+    """After each test: the hub and the service are up again, and every sandbox the test
+    made is ended by the operator, leaving no process, mount or directory."""
+    yield
+    if token_hub.proc is None:
+        token_hub.start()
+    if service.proc is None:
+        service.start()
+    service.clean_up()
+    sandboxes = service.storage / "sandboxes"
+    wait_for(
+        lambda: not sandboxes.exists() or not any(sandboxes.iterdir()),
+        20,
+        message="the ended sandboxes' directories to go",
+    )
+
+
+def create(service: HubAuthService, token: str, name: str, check: bool = True) -> dict:
+    """A sandbox `name` of the token's user that outlives the client process."""
+    code = (
+        f"sb = Sandbox.create(name={name!r}, timeout='10m')\n"
+        "info = sb.info()\n"
+        "print(json.dumps({'id': info.id, 'name': info.name, 'user': info.user, 'uid': info.uid}))"
+    )
+    return service.client(token, code, check=check)
+
+
+def listed(service: HubAuthService, token: str) -> set[str]:
+    return set(service.client(token, "print(json.dumps([s.id for s in Sandbox.list()]))"))
+
+
+def client_error(service: HubAuthService, token: str | None, code: str) -> dict:
+    """The type and message of the error `code` raises in the real client."""
+    wrapped = (
+        "try:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "except js.SandboxError as e:\n"
+        "    print(json.dumps({'type': type(e).__name__, 'message': str(e)}))\n"
+        "else:\n"
+        "    print(json.dumps(None))\n"
+    )
+    return service.client(token, wrapped)
+
+
+def hub_user_calls(hub: TokenHub, user: str) -> int:
+    """How many GET /hub/api/user requests of `user` the hub has logged."""
+    return hub.log.count(f"GET /hub/api/user ({user}@")
+
+
+# -- attacks ---------------------------------------------------------------------------
+
+
+def test_the_token_of_a_hub_service_is_not_a_user(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    """A hub service's token (another service's, the sandbox service's own, the hub
+    admin service's) names no user: 401 saying so. Nor is there a --tcp token of the
+    service's own that would pass in hub mode."""
+    for token in (token_hub.other_token, token_hub.service_token, token_hub.admin_token):
+        reply = service.call("GET", "/v1/sandboxes", token)
+        assert reply.status_code == 401
+        assert "not to a user" in reply.json()["message"]
+        assert "the hub service" in reply.json()["message"]
+    runtime = json.loads(
+        (Path(service.env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json").read_text()
+    )
+    assert runtime["token"] is None
+    assert not (service.data_dir / "api-token").exists()
+    bearer = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
+    assert service.call("GET", "/v1/sandboxes", None, headers=bearer).status_code == 401
+
+
+def test_a_user_named_like_a_number_gets_no_uid_of_that_number(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    """Hub user "0" is not uid 0 (root, an instructor by uid) and sees nobody else's."""
+    alice = create(service, token_hub.token("alice"), "hers")
+    zero = token_hub.token(NUMERIC)
+    usage = service.call("GET", "/v1/usage", zero).json()
+    assert usage["user"] == NUMERIC
+    assert usage["uid"] >= HUB_UID_BASE
+    assert usage["instructor"] is False
+    assert alice["id"] not in listed(service, zero)
+    assert service.call("GET", f"/v1/sandboxes/{alice['id']}", zero).status_code == 404
+    mine = create(service, zero, "mine")
+    assert mine["uid"] == usage["uid"] and mine["user"] == NUMERIC
+
+
+def test_a_user_named_like_an_os_user_gets_none_of_its_sandboxes(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    """The service's own OS user (over its Unix socket) and the hub user of that name
+    are two users: the hub user does not see, name or count the OS user's sandbox."""
+    made = service.operator("POST", "/v1/sandboxes", json={"name": "os-own", "timeout": "10m"})
+    assert made.status_code == 201, made.text
+    os_sandbox = made.json()
+    token = token_hub.token(OS_NAMED)
+    usage = service.call("GET", "/v1/usage", token).json()
+    assert usage["user"] == OS_NAMED
+    assert usage["uid"] != os_sandbox["uid"] and usage["uid"] >= HUB_UID_BASE
+    assert usage["usage"]["sandboxes"] == 0
+    assert os_sandbox["id"] not in listed(service, token)
+    for ref in (os_sandbox["id"], "os-own"):
+        assert service.call("GET", f"/v1/sandboxes/{ref}", token).status_code == 404
+
+
+def raw_request(service: HubAuthService, head: bytes) -> tuple[int, bytes]:
+    """Send `head` (a request without a body) as is; the status and body of the answer."""
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+def test_malformed_doubled_and_huge_tokens_are_refused_and_the_service_serves_on(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    alice, bob = token_hub.token("alice"), token_hub.token("bob")
+    asked = hub_user_calls(token_hub, "alice")
+    cases = [
+        f"Authorization: token {alice}\r\nAuthorization: token {bob}",  # two users at once
+        f"Authorization: token {alice}, token {bob}",
+        f"Authorization: token {alice} {bob}",
+        f"Authorization: token {'a' * 600}",
+        "Authorization: token caf\xe9\xff",
+        "Authorization: basic YWxpY2U6cGFzcw==",
+        f"Authorization: {alice}",
+    ]
+    for header in cases:
+        head = f"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n"
+        status, body = raw_request(service, head.encode("latin-1"))
+        assert status == 401, (header, body)
+        assert json.loads(body)["error"] == "PermissionDenied"
+    control = b"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: token \x7f\x01a\r\n"
+    assert raw_request(service, control + b"Connection: close\r\n\r\n")[0] == 400
+    huge = b"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: token " + b"a" * 100_000
+    status, _ = raw_request(service, huge + b"\r\nConnection: close\r\n\r\n")
+    assert status in (400, 431)
+    assert hub_user_calls(token_hub, "alice") == asked  # none of these reached the hub
+    assert service.call("GET", "/v1/sandboxes", alice).status_code == 200
+
+
+# -- scoping ----------------------------------------------------------------------------
+
+
+def test_two_hub_users_each_see_only_their_own_sandboxes(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    alice, bob = token_hub.token("alice"), token_hub.token("bob")
+    hers, his = create(service, alice, "work"), create(service, bob, "work")
+    assert hers["uid"] != his["uid"]
+    assert listed(service, alice) == {hers["id"]}
+    assert listed(service, bob) == {his["id"]}
+    by_name = service.client(alice, "print(json.dumps(Sandbox.connect('work').info().id))")
+    assert by_name == hers["id"]
+    for path in ("", "/logs"):  # another's answers exactly like a missing one
+        other = service.call("GET", f"/v1/sandboxes/{his['id']}{path}", alice)
+        missing = service.call("GET", f"/v1/sandboxes/{MISSING}{path}", alice)
+        assert other.status_code == missing.status_code == 404
+        assert other.json() == json.loads(missing.text.replace(MISSING, his["id"]))
+    error = client_error(service, alice, f"Sandbox.connect({his['id']!r}).sh('true')")
+    assert error["type"] == "SandboxNotFound"
+
+
+def test_an_instructor_and_a_hub_admin_see_both_and_act_on_the_record(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    """A member of the instructor group and a hub admin see every user's sandbox; what
+    they do in a student's sandbox is in that sandbox's log for the student to read."""
+    hers = create(service, token_hub.token("alice"), "work")
+    his = create(service, token_hub.token("bob"), "work")
+    for user in (INSTRUCTOR, ADMIN):
+        token = token_hub.token(user)
+        assert service.call("GET", "/v1/usage", token).json()["instructor"] is True
+        assert {hers["id"], his["id"]} <= listed(service, token)
+    service.client(
+        token_hub.token(INSTRUCTOR), f"Sandbox.connect({hers['id']!r}).sh('true'); print(1)"
+    )
+    reply = service.call(
+        "POST",
+        f"/v1/sandboxes/{his['id']}/timeout",
+        token_hub.token(ADMIN),
+        json={"timeout": "20m"},
+        headers={"X-Sandbox-Acting-For": "the-dashboard-user"},
+    )
+    assert reply.status_code == 200, reply.text
+    alices_log = service.client(
+        token_hub.token("alice"),
+        "print(json.dumps([e.text for e in Sandbox.connect('work').logs()]))",
+    )
+    assert any(f"instructor {INSTRUCTOR}:" in line and "true" in line for line in alices_log)
+    bobs_log = [
+        json.loads(line)["text"]
+        for line in service.call(
+            "GET", f"/v1/sandboxes/{his['id']}/logs", token_hub.token("bob")
+        ).text.splitlines()
+    ]
+    assert any(f"the-dashboard-user (via {ADMIN})" in line for line in bobs_log), bobs_log
+    usage = service.call("GET", "/v1/usage", token_hub.token(INSTRUCTOR), params={"user": "alice"})
+    assert usage.json()["user"] == "alice" and usage.json()["usage"]["sandboxes"] == 1
+    refused = service.call("GET", "/v1/usage", token_hub.token("bob"), params={"user": "alice"})
+    assert refused.status_code == 403
+
+
+def test_quotas_of_a_hub_group_apply(service: HubAuthService, token_hub: TokenHub) -> None:
+    """The config file's [quota.group.limited] holds for the hub group "limited"; other
+    users get the default quota."""
+    dave = token_hub.token(LIMITED)
+    create(service, dave, "first")
+    error = client_error(service, dave, "Sandbox.create(name='second', timeout='10m')")
+    assert error["type"] == "QuotaExceeded"
+    assert f'group "{LIMITED_GROUP}"' in error["message"], error
+    alice = token_hub.token("alice")
+    create(service, alice, "first")
+    create(service, alice, "second")
+
+
+# -- tokens and the hub --------------------------------------------------------------------
+
+
+def test_a_burst_of_calls_with_one_new_token_asks_the_hub_once(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    token, _ = token_hub.new_token("bob")
+    before = hub_user_calls(token_hub, "bob")
+    with ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(lambda _: service.call("GET", "/v1/usage", token), range(40)))
+    assert {r.status_code for r in replies} == {200}
+    wait_for(lambda: hub_user_calls(token_hub, "bob") > before, 10, message="the hub's log")
+    assert hub_user_calls(token_hub, "bob") == before + 1
+
+
+def test_a_revoked_token_stops_working_within_the_cache_time(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    token, token_id = token_hub.new_token("alice")
+    assert service.call("GET", "/v1/sandboxes", token).status_code == 200
+    token_hub.revoke("alice", token_id)
+    revoked = time.monotonic()
+    wait_for(
+        lambda: service.call("GET", "/v1/sandboxes", token).status_code == 401,
+        CACHE_SECONDS + 5,
+        interval=0.1,
+        message="the revoked token to be refused",
+    )
+    assert time.monotonic() - revoked <= CACHE_SECONDS + 1.0
+    reply = service.call("GET", "/v1/sandboxes", token)
+    assert "the hub does not know this token" in reply.json()["message"]
+
+
+def test_no_token_and_a_wrong_token_get_401_saying_what_to_check(
+    service: HubAuthService,
+) -> None:
+    reply = service.call("GET", "/v1/sandboxes", None)
+    assert reply.status_code == 401
+    assert "Authorization: token" in reply.json()["message"]
+    error = client_error(service, None, "Sandbox.list()")
+    assert error["type"] == "PermissionDenied"
+    assert "Authorization: token" in error["message"]
+    assert "set JUPYTERHUB_API_TOKEN" in error["message"]
+    error = client_error(service, "0123456789abcdef" * 2, "Sandbox.list()")
+    assert error["type"] == "PermissionDenied"
+    assert "the hub does not know this token" in error["message"]
+    assert "$JUPYTERHUB_API_TOKEN" in error["message"]
+
+
+def test_with_the_hub_stopped_calls_get_503_and_work_again_once_it_is_back(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    fresh, _ = token_hub.new_token("bob")  # never shown to the service: not cached
+    known = token_hub.token("alice")
+    assert service.call("GET", "/v1/sandboxes", known).status_code == 200
+    token_hub.stop()
+    reply = service.call("GET", "/v1/sandboxes", fresh)
+    assert reply.status_code == 503
+    message = reply.json()["message"]
+    assert token_hub.api_url in message and "Retry" in message
+    error = client_error(service, fresh, "Sandbox.list()")
+    assert error["type"] == "ServiceUnavailable" and token_hub.api_url in error["message"]
+    assert service.operator("GET", "/v1/status").status_code == 200  # the service serves on
+    token_hub.start()
+    wait_for(
+        lambda: service.call("GET", "/v1/sandboxes", fresh).status_code == 200,
+        30,
+        message="the token to work once the hub is back",
+    )
+    assert "answers again" in service.log
+
+
+def test_no_token_is_ever_logged(service: HubAuthService, token_hub: TokenHub) -> None:
+    """Not a good one, a wrong one, one the hub could not be asked about, nor one sent in
+    a header the HTTP parser refuses (too long, or with a control character after it)."""
+    good, _ = token_hub.new_token("alice")
+    wrong, unasked = "f00d" * 8, "beef" * 8
+    assert service.call("GET", "/v1/sandboxes", good).status_code == 200
+    assert service.call("GET", "/v1/sandboxes", wrong).status_code == 401
+    for after in (b"\x01", b"a" * 9000):
+        head = b"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: token "
+        head += good.encode() + after + b"\r\nConnection: close\r\n\r\n"
+        assert raw_request(service, head)[0] == 400
+    token_hub.stop()
+    assert service.call("GET", "/v1/sandboxes", unasked).status_code == 503
+    token_hub.start()
+    log = service.log
+    assert "the hub at" in log and "not valid HTTP" in log  # what happened is logged
+    issued = [token for token, _ in token_hub.tokens.values()]
+    for token in (good, wrong, unasked, token_hub.service_token, *issued):
+        assert token not in log
+
+
+def test_each_hub_user_keeps_its_uid_and_sandboxes_across_restarts(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    """The uid of each hub user is on disk before it is used: a restarted service gives
+    alice the same uid and her sandbox; with the file damaged, the sandboxes' records
+    give it back, and a user new to the service gets a uid nobody had."""
+    alice, bob = token_hub.token("alice"), token_hub.token("bob")
+    hers = create(service, alice, "kept")
+    bobs_uid = service.call("GET", "/v1/usage", bob).json()["uid"]
+    service.stop()
+    service.start()
+    again = service.call("GET", "/v1/usage", alice).json()
+    assert again["uid"] == hers["uid"]
+    assert listed(service, alice) == {hers["id"]}
+    assert hers["id"] not in listed(service, bob)
+    service.stop()
+    uids_file = service.data_dir / "hub-uids.json"
+    uids_file.write_text("{damaged")
+    service.start()
+    assert service.call("GET", "/v1/usage", alice).json()["uid"] == hers["uid"]
+    assert listed(service, alice) == {hers["id"]}
+    newcomer = service.call("GET", "/v1/usage", token_hub.token(LIMITED)).json()["uid"]
+    assert newcomer not in (hers["uid"], bobs_uid)
+    assert list(service.data_dir.glob("hub-uids.json.damaged-*"))
+    assert "cannot be read" in service.log
