@@ -9,13 +9,20 @@ enforces the same rbac.yaml on the backend's real calls.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from jupyter_sandbox import Sandbox
+
+pytestmark = pytest.mark.unprivileged
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -90,7 +97,6 @@ def rendered() -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
 
 
-@pytest.mark.unprivileged
 def test_every_yaml_file_parses_into_named_objects() -> None:
     files = sorted(DEPLOY.glob("*.yaml"))
     assert {f.name for f in files} >= {"kustomization.yaml", "rbac.yaml", "serviceaccount.yaml"}
@@ -108,7 +114,6 @@ def test_every_yaml_file_parses_into_named_objects() -> None:
             )
 
 
-@pytest.mark.unprivileged
 def test_kustomization_lists_every_manifest() -> None:
     manifests = {p.name for p in DEPLOY.glob("*.yaml")} - NOT_APPLIED
     listed = kustomization()["resources"]
@@ -116,7 +121,6 @@ def test_kustomization_lists_every_manifest() -> None:
     assert len(listed) == len(set(listed))
 
 
-@pytest.mark.unprivileged
 def test_kustomize_renders_every_object_into_the_namespace(rendered) -> None:
     namespace = kustomization()["namespace"]
     written = sorted((o["kind"], o["metadata"]["name"]) for o in applied())
@@ -129,7 +133,6 @@ def test_kustomize_renders_every_object_into_the_namespace(rendered) -> None:
     ]
 
 
-@pytest.mark.unprivileged
 def test_nothing_in_the_install_reaches_beyond_its_namespace(rendered) -> None:
     kinds = {o["kind"] for o in rendered}
     assert not kinds & CLUSTER_KINDS, f"cluster-scoped objects: {kinds & CLUSTER_KINDS}"
@@ -142,7 +145,6 @@ def test_nothing_in_the_install_reaches_beyond_its_namespace(rendered) -> None:
     }
 
 
-@pytest.mark.unprivileged
 def test_role_grants_exactly_what_the_backend_needs() -> None:
     role = one(applied(), "Role")
     granted: dict[tuple[str, str], set[str]] = {}
@@ -161,3 +163,249 @@ def test_role_grants_exactly_what_the_backend_needs() -> None:
     assert set(granted) == set(ALLOWED), f"missing from the Role: {set(ALLOWED) - set(granted)}"
     # No way into a running pod through the API server: the agent has its own channel.
     assert not {r for _, r in granted} & {"pods/exec", "pods/attach", "pods/portforward"}
+
+
+# -- the service's Deployment against the code it runs ------------------------------------
+
+SETTING = re.compile(r"\b(?:JUPYTER_SANDBOX|JUPYTERHUB)_[A-Z0-9_]*[A-Z0-9]\b")
+
+
+def service_container() -> dict[str, Any]:
+    (container,) = one(applied(), "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def pod_labels() -> dict[str, str]:
+    return one(applied(), "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def deployment_env(namespace: str = "jhub") -> dict[str, str]:
+    """The service container's environment as the kubelet would set it: literal values,
+    the pod's namespace for its fieldRef; Secret references left out."""
+    env = {}
+    for var in service_container()["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[var["name"]] = namespace
+    return env
+
+
+def package_source() -> str:
+    return "\n".join(p.read_text() for p in (ROOT / "jupyter_sandbox").rglob("*.py"))
+
+
+def test_every_setting_the_install_names_is_one_the_code_reads() -> None:
+    """A setting renamed in the code, or misspelt in a manifest, a comment of one, the Helm
+    values or the guide, fails here instead of being silently ignored in a cluster."""
+    source = package_source()
+    texts = {p.name: p.read_text() for p in DEPLOY.iterdir() if p.is_file()}
+    texts["docs/kubernetes.md"] = (ROOT / "docs" / "kubernetes.md").read_text()
+    named = {(name, where) for where, text in texts.items() for name in SETTING.findall(text)}
+    assert {name for name, _ in named} >= set(filter(SETTING.fullmatch, deployment_env()))
+    unknown = sorted((name, where) for name, where in named if name not in source)
+    assert not unknown, f"settings no module of jupyter_sandbox mentions: {unknown}"
+
+
+def test_the_service_reads_the_deployment_env_as_its_comments_say(monkeypatch) -> None:
+    from jupyter_sandbox._config import Settings
+    from jupyter_sandbox.backends.kubernetes.config import KubernetesSettings
+    from jupyter_sandbox.service.hub_auth import HubSettings
+    from jupyter_sandbox.service.ssh_port import configured_address
+    from jupyter_sandbox.ssh.workers import worker_count
+
+    env = deployment_env(namespace="jhub")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings.from_env().backend == "kubernetes"
+    kube = KubernetesSettings.from_env(env)
+    assert (kube.namespace, kube.instance, kube.home) == ("jhub", "default", "emptydir")
+    assert kube.image == env["JUPYTER_SANDBOX_K8S_IMAGE"] == KubernetesSettings.image
+    # Every address of the pod, on the port the container and the Service declare.
+    assert configured_address() == ("", 2222)
+    ports = {p["name"]: p["containerPort"] for p in service_container()["ports"]}
+    assert ports == {"api": 8080, "ssh": 2222}
+    assert worker_count() == 2 == int(float(service_container()["resources"]["limits"]["cpu"]))
+    assert HubSettings.from_env().api_url == "http://hub:8081/hub/api"
+
+
+def test_the_container_command_is_one_the_cli_takes() -> None:
+    """`jupyter-sandbox serve` accepts every flag the Deployment gives it, and reads them as
+    a hub-authenticated service on every address's port 8080."""
+    from jupyter_sandbox.cli import build_parser, cmd_serve, tcp_address
+
+    program, *args = service_container()["args"]
+    assert program == "jupyter-sandbox"
+    parsed = build_parser().parse_args(args)
+    assert parsed.func is cmd_serve
+    assert parsed.hub_auth and not parsed.system
+    assert tcp_address(parsed.tcp) == ("0.0.0.0", 8080)
+    shown = subprocess.run(
+        [sys.executable, "-m", "jupyter_sandbox", *args[:1], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in shown.stdout, f"`serve --help` does not list {flag}"
+
+
+def test_the_service_pod_is_admitted_to_the_agents_and_is_no_sandbox() -> None:
+    """The sandbox pods' ingress policy, as the backend makes it, admits the service pod
+    (contract: pods labelled jupyter-sandbox.io/role=service), and nothing the backend
+    selects as one of its sandboxes, so no reaper ever takes the service for one."""
+    from jupyter_sandbox.backends.kubernetes import objects
+
+    labels = pod_labels()
+    instance = deployment_env()["JUPYTER_SANDBOX_K8S_INSTANCE"]
+    policy = objects.ingress_policy(instance, objects.Anchor("anchor", "uid"))
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchLabels"].items() <= labels.items()
+    assert rule["ports"] == [{"protocol": "TCP", "port": objects.AGENT_PORT}]
+    assert not objects.instance_labels(instance).items() <= labels.items()
+    # The service pod's own policy selects it by the same label.
+    own = one(applied(), "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+    assert own.items() <= labels.items()
+
+
+def test_services_and_policies_lead_to_the_ports_the_container_listens_on() -> None:
+    ports = {p["name"]: p["containerPort"] for p in service_container()["ports"]}
+    labels = pod_labels()
+    services = [o for o in applied() if o["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} == {"jupyter-sandbox", "jupyter-sandbox-ssh"}
+    for service in services:
+        assert service["spec"]["selector"].items() <= labels.items()
+        for port in service["spec"]["ports"]:
+            assert port["port"] == ports[port["targetPort"]], port
+    own = one(applied(), "NetworkPolicy")["spec"]
+    assert sorted(p["port"] for rule in own["ingress"] for p in rule["ports"]) == [2222, 8080]
+    # Notebook servers under Zero to JupyterHub may leave their pod for both ports.
+    (egress,) = load("z2jh-values.yaml")[0]["singleuser"]["networkPolicy"]["egress"]
+    (target,) = egress["to"]
+    assert target["podSelector"]["matchLabels"].items() <= labels.items()
+    assert sorted(p["port"] for p in egress["ports"]) == sorted(ports.values())
+
+
+def test_notebook_servers_use_the_in_cluster_service_with_their_hub_token(monkeypatch) -> None:
+    from jupyter_sandbox.client._service import remote_credentials
+    from jupyter_sandbox.client._transport import Transport
+
+    extra_env = load("z2jh-values.yaml")[0]["singleuser"]["extraEnv"]
+    for name, value in extra_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("JUPYTER_SANDBOX_TOKEN", raising=False)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "a-server-token")
+    api = next(
+        o for o in applied() if o["kind"] == "Service" and o["spec"]["ports"][0]["name"] == "api"
+    )
+    assert (
+        Transport().remote == f"http://{api['metadata']['name']}:{api['spec']['ports'][0]['port']}"
+    )
+    assert remote_credentials()[0] == {"Authorization": "token a-server-token"}
+    assert extra_env["JUPYTER_SANDBOX_SSH_HOST"] == "jupyter-sandbox-ssh"
+
+
+def test_the_config_file_in_the_configmap_is_one_the_service_takes(tmp_path) -> None:
+    from jupyter_sandbox.service import config_file
+    from jupyter_sandbox.service.quotas import Quotas
+
+    config_map = one(applied(), "ConfigMap")
+    mount = next(m for m in service_container()["volumeMounts"] if m["name"] == "config")
+    assert deployment_env()["JUPYTER_SANDBOX_CONFIG"] == f"{mount['mountPath']}/config.toml"
+    path = tmp_path / "config.toml"
+    path.write_text(config_map["data"]["config.toml"])
+    tables = config_file.load(path)
+    assert config_file.instructor_groups(tables, path) == frozenset()
+    Quotas.parse(tables, path, administered=True)
+
+
+def probe_command() -> list[str]:
+    container = service_container()
+    commands = [container[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe")]
+    assert commands[0] == commands[1] == container["livenessProbe"]["exec"]["command"]
+    return commands[0]
+
+
+def test_the_health_probe_answers_for_a_running_service_only(service_env, tmp_path) -> None:
+    """The probes' command, run as the kubelet runs it, succeeds against a real service
+    (GET /v1/status on its Unix socket) and fails where no service answers."""
+    Sandbox.list()  # the session's service is running
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": service_env.env["JUPYTER_RUNTIME_DIR"]}
+    probe = subprocess.run(probe_command(), env=env, capture_output=True, timeout=30)
+    assert probe.returncode == 0, probe.stderr.decode()
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path)
+    probe = subprocess.run(probe_command(), env=env, capture_output=True, timeout=30)
+    assert probe.returncode != 0
+
+
+def test_everything_the_service_writes_is_on_a_writable_volume(monkeypatch) -> None:
+    """The root filesystem is read-only: the service's state, storage, socket and home
+    are on the pod's volumes (its state on the data claim), and nothing else."""
+    from jupyter_sandbox._config import Paths
+
+    container = service_container()
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = deployment_env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    writable = [Path(p) for p, m in mounts.items() if not m.get("readOnly")]
+    paths = Paths.default()
+    volumes = {
+        v["name"]: v for v in one(applied(), "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
+    for path in (paths.data_dir, paths.storage_dir, paths.runtime_dir, Path(env["HOME"])):
+        (mount,) = (m for m in writable if path.is_relative_to(m))
+        assert mount in {Path("/var/lib/jupyter-sandbox"), Path("/run/jupyter-sandbox")}, path
+    claim = volumes[mounts["/var/lib/jupyter-sandbox"]["name"]]["persistentVolumeClaim"]
+    assert claim["claimName"] == one(applied(), "PersistentVolumeClaim")["metadata"]["name"]
+    assert paths.database.is_relative_to("/var/lib/jupyter-sandbox")
+
+
+def schema_errors(value: Any, type_name: str, where: str) -> list[str]:
+    """Where `value` does not fit the Kubernetes API type `type_name` (as the official
+    client's models describe it): unknown fields (a misspelt one is silently dropped by
+    the API server) and values of the wrong JSON type (such as an unquoted number in
+    an env var's value)."""
+    from kubernetes_asyncio import client
+
+    if type_name.startswith("list["):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list"]
+        return [
+            e
+            for i, v in enumerate(value)
+            for e in schema_errors(v, type_name[5:-1], f"{where}[{i}]")
+        ]
+    if type_name.startswith("dict("):
+        if not isinstance(value, dict):
+            return [f"{where}: expected a mapping"]
+        inner = type_name[5:-1].split(", ", 1)[1]
+        return [e for k, v in value.items() for e in schema_errors(v, inner, f"{where}.{k}")]
+    primitives = {"str": str, "int": int, "bool": bool, "float": (int, float)}
+    if type_name in primitives:
+        ok = isinstance(value, primitives[type_name]) and not (
+            type_name == "int" and isinstance(value, bool)
+        )
+        return [] if ok else [f"{where}: {value!r} is not a {type_name}"]
+    if type_name == "object":  # IntOrString, and free-form fields
+        return []
+    model = getattr(client, type_name)
+    if not isinstance(value, dict):
+        return [f"{where}: expected a {type_name} mapping"]
+    fields = {json: python for python, json in model.attribute_map.items()}
+    errors = [f"{where}.{key}: no such field of {type_name}" for key in value if key not in fields]
+    for key, item in value.items():
+        if key in fields:
+            errors += schema_errors(item, model.openapi_types[fields[key]], f"{where}.{key}")
+    return errors
+
+
+def test_every_object_fits_the_kubernetes_api_schema() -> None:
+    for obj in applied():
+        group_version = obj["apiVersion"].split("/")[-1].capitalize()
+        where = f"{obj['kind']} {obj['metadata']['name']}"
+        errors = schema_errors(obj, f"{group_version}{obj['kind']}", where)
+        assert not errors, "\n".join(errors)
