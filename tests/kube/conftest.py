@@ -1,0 +1,158 @@
+"""Fixtures for tests against the fake Kubernetes cluster (tests/kube/fake_cluster.py).
+
+No real API server or kubelet can run on this machine, so these start the fake one as a
+subprocess, the way the service's tests do: the official client, the backend, the
+service and the agents in the pods are real. Teardown checks that no pod process is
+left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "jupyter-sandbox"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+@dataclass
+class FakeCluster:
+    """A running fake cluster: its kubeconfig, namespace and fault controls."""
+
+    kubeconfig: str
+    control: str
+    process: subprocess.Popen
+    directory: Path
+    namespace: str = NAMESPACE
+    seen_pids: set[int] = field(default_factory=set)
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> object:
+        response = httpx.request(method, self.control + path, json=body, timeout=30)
+        if response.status_code >= 400:
+            raise RuntimeError(f"fake cluster control {path}: {response.text}")
+        return response.json()
+
+    def objects(self, kind: str, namespace: str | None = None) -> list[dict]:
+        """Every object of a kind ("pods" or "Pod"), in a namespace or all."""
+        query = f"?namespace={namespace}" if namespace else ""
+        return self._call("GET", f"/objects/{kind}{query}")
+
+    def names(self, kind: str) -> set[str]:
+        return {o["metadata"]["name"] for o in self.objects(kind, self.namespace)}
+
+    def delete(self, kind: str, name: str, grace: int | None = None) -> dict:
+        """Delete an object behind every client's back, through the normal deletion path."""
+        body = {"kind": kind, "name": name, "namespace": self.namespace}
+        if grace is not None:
+            body["grace"] = grace
+        return self._call("POST", "/delete", body)
+
+    def outage(self, seconds: float) -> None:
+        """The API port refuses connections for `seconds` (open watches are cut)."""
+        self._call("POST", "/outage", {"seconds": seconds})
+
+    def expire_watches(self) -> int:
+        """Every open watch gets a 410 Expired event; older resourceVersions are compacted."""
+        return self._call("POST", "/expire_watches")["expired_watches"]
+
+    def stats(self) -> dict:
+        """Request counts per "verb resource", watch events sent, objects per kind."""
+        return self._call("GET", "/stats")
+
+    def reset_stats(self) -> None:
+        self._call("POST", "/stats/reset")
+
+    def pod_pids(self) -> dict[str, list[int]]:
+        """Host pids of each running pod's processes, by "namespace/name"."""
+        pids = self._call("GET", "/pod_pids")
+        self.seen_pids |= {pid for group in pids.values() for pid in group}
+        return pids
+
+    def stop(self) -> None:
+        """SIGTERM the cluster (it kills every pod process) and wait for it."""
+        if self.process.poll() is None:
+            with contextlib.suppress(Exception):
+                self.pod_pids()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired as exc:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(
+                    "the fake cluster did not stop within 30 s of SIGTERM"
+                ) from exc
+
+
+def alive(pid: int) -> bool:
+    """True for a live process (a zombie is not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_fake_cluster(
+    directory: Path, rbac: Path | None = None, bookmark_interval: float | None = None
+) -> Iterator[FakeCluster]:
+    """Start `python3 -m tests.kube.fake_cluster` and stop it after; no pod process may
+    outlive it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "tests.kube.fake_cluster", "--dir", str(directory)]
+    if rbac is not None:
+        argv += ["--rbac", str(rbac)]
+    if bookmark_interval is not None:
+        argv += ["--bookmark-interval", str(bookmark_interval)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    errors = open(directory / "cluster.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+        line = process.stdout.readline() if ready else b""
+        if not line:
+            process.kill()
+            process.wait()
+            log = (directory / "cluster.log").read_text(errors="replace")
+            raise RuntimeError(f"the fake cluster did not start within {START_TIMEOUT} s: {log}")
+        info = json.loads(line)
+        cluster = FakeCluster(info["kubeconfig"], info["control"], process, directory)
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+        deadline = time.monotonic() + 5
+        while (left := [p for p in cluster.seen_pids if alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"pod processes outlived the fake cluster: {left}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        errors.close()
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
+    """A fake cluster shared by the tests of a module."""
+    with running_fake_cluster(tmp_path_factory.mktemp("fake-cluster")) as cluster:
+        yield cluster
