@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from jupyter_sandbox import Sandbox
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -238,7 +240,7 @@ def test_the_container_command_is_one_the_cli_takes() -> None:
     assert program == "jupyter-sandbox"
     parsed = build_parser().parse_args(args)
     assert parsed.func is cmd_serve
-    assert parsed.hub_auth and not parsed.system
+    assert parsed.hub_auth and parsed.no_supervisor and not parsed.system
     assert tcp_address(parsed.tcp) == ("0.0.0.0", 8080)
     shown = subprocess.run(
         [sys.executable, "-m", "jupyter_sandbox", *args[:1], "--help"],
@@ -409,3 +411,77 @@ def test_every_object_fits_the_kubernetes_api_schema() -> None:
         where = f"{obj['kind']} {obj['metadata']['name']}"
         errors = schema_errors(obj, f"{group_version}{obj['kind']}", where)
         assert not errors, "\n".join(errors)
+
+
+def deployed_service_class():
+    """tests/hub's hub-auth service, started with the Deployment's own arguments (its
+    --tcp address made a free local one)."""
+    from tests.hub import token_hub
+
+    class DeployedService(token_hub.HubAuthService):
+        def start(self) -> None:
+            args = service_container()["args"][1:]  # after "jupyter-sandbox"
+            args[args.index("--tcp") + 1] = self.url.removeprefix("http://")
+            runtime_file = Path(self.env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json"
+            with open(self.log_file, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "jupyter_sandbox", *args],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+
+            def listening() -> bool:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"the service exited {self.proc.returncode}: {self.log}")
+                return runtime_file.exists() and self.url in runtime_file.read_text()
+
+            wait_for(listening, 60, message="the service to listen")
+
+    return DeployedService
+
+
+def test_the_hub_role_in_the_values_is_all_the_service_needs(monkeypatch, tmp_path) -> None:
+    """A real JupyterHub gives the service's token only the scopes of z2jh-values.yaml,
+    and callers' tokens no more than a notebook server's; the service runs as the
+    Deployment runs it. It still identifies each caller (name, admin flag, groups), and
+    an instructor still looks up a user who never called. The service's token can read
+    nothing else of the hub."""
+    from tests.hub import token_hub
+
+    token_hub.requirements()
+    monkeypatch.setattr(token_hub, "HubAuthService", deployed_service_class())
+    role = load("z2jh-values.yaml")[0]["hub"]["loadRoles"]["jupyter-sandbox"]
+    assert role["services"] == ["jupyter-sandbox"]
+    granted = '"scopes": ["read:users"], "services": ["sandboxes"]'
+    assert token_hub.HUB_CONFIG.count(granted) == 1, "the test hub's roles have changed"
+    narrowed = f'"scopes": {role["scopes"]!r}, "services": ["sandboxes"]'
+    monkeypatch.setattr(token_hub, "HUB_CONFIG", token_hub.HUB_CONFIG.replace(granted, narrowed))
+    hub = token_hub.start_token_hub(tmp_path)
+    try:
+        service_auth = {"Authorization": f"token {hub.service_token}"}
+        for path in ("users", f"users/{token_hub.INSTRUCTOR}/tokens", "groups"):
+            reply = httpx.get(f"{hub.api_url}/{path}", headers=service_auth, timeout=30)
+            assert reply.status_code == 403, f"the service's token may read /{path}"
+
+        def server_like_token(user: str) -> str:
+            # A subset of the "server" role of a notebook server's JUPYTERHUB_API_TOKEN.
+            made = hub.api("POST", f"users/{user}/tokens", json={"scopes": ["users:activity!user"]})
+            return made["token"]
+
+        with token_hub.hub_auth_service(hub) as service:
+            student = token_hub.STUDENTS[0]
+            mine = service.call("GET", "/v1/usage", server_like_token(student))
+            assert mine.status_code == 200, mine.text
+            assert (mine.json()["user"], mine.json()["instructor"]) == (student, False)
+            admin = server_like_token(token_hub.ADMIN)
+            assert service.call("GET", "/v1/usage", admin).json()["instructor"] is True
+            # The instructor (by hub group) has never called: only the service's token
+            # can tell who they are.
+            theirs = service.call("GET", f"/v1/usage?user={token_hub.INSTRUCTOR}", admin)
+            assert theirs.status_code == 200, theirs.text
+            assert theirs.json()["user"] == token_hub.INSTRUCTOR
+            assert theirs.json()["instructor"] is True
+    finally:
+        hub.stop()
