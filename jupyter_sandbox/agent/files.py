@@ -24,6 +24,8 @@ HOST_FULL = 1 << 20  # free bytes of the host's disk below which it, not a quota
 # A directory on the host disk that holds this sandbox (the agent's state directory, a
 # descriptor set at start): its free space is that disk's, whatever the home is.
 host_disk: int | None = None
+# How the agent starts a helper process of its own (set by the agent from its isolation).
+own_popen = subprocess.Popen
 
 
 def resolve(path: str) -> str:
@@ -268,9 +270,10 @@ def write_with_fresh_process(source: int, target: int, path: str) -> None:
     long-lived agent writing its third large upload crawls at the disk's pace
     while a fresh process writes into the page cache at memory speed.
     """
-    done = subprocess.run(["cat"], stdin=source, stdout=target, stderr=subprocess.PIPE)
-    if done.returncode:
-        output = done.stderr.decode(errors="replace").strip()
+    cat = own_popen(["cat"], stdin=source, stdout=target, stderr=subprocess.PIPE)
+    _, errors = cat.communicate()
+    if cat.returncode:
+        output = errors.decode(errors="replace").strip()
         for code in FULL_ERRNOS:  # cat says why in the sandbox's C.UTF-8 locale
             if os.strerror(code) in output:
                 raise OSError(code, os.strerror(code), path)

@@ -81,6 +81,9 @@ class Isolation:
     def __init__(self, spawner: Spawner, state_dir: int) -> None:
         self.spawner = spawner
         self.state_dir = state_dir  # a descriptor: no path leads there any more
+        self.host_disk = state_dir  # on the host's disk, as the sandbox's directory is
+
+    own_popen = staticmethod(subprocess.Popen)  # the agent's own helpers, in its namespaces
 
     def popen(self, args: list, **kwargs) -> subprocess.Popen:
         """``subprocess.Popen``, started in the user's pid namespace."""

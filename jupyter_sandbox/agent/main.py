@@ -1,6 +1,6 @@
 """The agent: runs inside every sandbox and does all work there (stdlib only).
 
-Started by the backend as ``python3 -E -s -S main.pyc LISTEN_FD LOCKDOWN_FD USER_CGROUP``
+Started by the local backend as ``python3 -E -s -S main.pyc LISTEN_FD LOCKDOWN_FD USER_CGROUP``
 with the listening Unix socket inherited as LISTEN_FD, a syscall filter to
 install after its setup as LOCKDOWN_FD, and the user's cgroup ``tasks`` files
 as USER_CGROUP (numbers separated by commas); "-" stands for none. A last
@@ -8,13 +8,18 @@ argument ``files-only`` makes it serve file operations and logs only, and run
 no command (the files of a sandbox that failed stay reachable). It first puts itself
 out of reach of user code (``isolation``), then serves: each accepted connection
 carries one request (see ``protocol``) and is served by its own thread.
+
+In a Kubernetes pod it is started as ``python3 -E -s -S main.py --pod [files-only]``:
+the pod's main process, set up by ``pod`` instead, serving TLS on a TCP port
+(``tls_server``) instead of a Unix socket.
 Everything the agent does (processes, files, TCP connections) happens inside
 the sandbox's namespaces and as the sandbox user: a path or an address given by
 a client can only ever reach what the sandbox itself can reach.
 
 One module per concern: ``channel`` (framing of a connection), ``isolation``,
 ``logs``, ``processes`` (exec, spawn, signals, ptys), ``files`` (file operations
-and tar streams) and ``relay`` (connections from inside).
+and tar streams) and ``relay`` (connections from inside); ``pod`` and ``tls_server``
+for pod mode.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import signal
 import socket
 import sys
 import time
+from functools import partial
 
 import files
 import isolation
@@ -38,6 +44,7 @@ from processes import Processes
 from protocol import Frame
 
 REQUEST_LIMIT = 1 << 20
+POD = "--pod"
 
 
 class Agent:
@@ -46,7 +53,8 @@ class Agent:
     def __init__(self, isolated: isolation.Isolation, files_only: bool = False) -> None:
         self.isolated = isolated
         self.log = Log(isolated.state_dir)
-        files.host_disk = isolated.state_dir
+        files.host_disk = isolated.host_disk
+        files.own_popen = isolated.own_popen
         self.processes = Processes(self.log, isolated)
         self.started = time.time()
         parts = (self, files) if files_only else (self, self.processes, files, relay)
@@ -57,11 +65,16 @@ class Agent:
             if name.startswith("op_")
         }
 
-    def serve(self, listener: socket.socket) -> None:
+    def serve(self, listener: socket.socket, secure=None) -> None:
+        """Accept connections; each is served on its own thread, through `secure` if given
+        (``secure(conn, handle)`` serves `conn` by calling `handle` on a plain one)."""
         while True:
             conn, _ = listener.accept()
             try:
-                start_thread(self.handle, conn)
+                if secure is None:
+                    start_thread(self.handle, conn)
+                else:
+                    start_thread(secure, conn, self.handle)
             except RuntimeError:  # no thread to be had: the sandbox hit its pid limit
                 conn.close()
 
@@ -157,6 +170,9 @@ class Agent:
 def main() -> None:
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    if sys.argv[1:2] == [POD]:
+        pod_main(sys.argv[2:] == [protocol.FILES_ONLY])
+        return
     listen_fd = int(sys.argv[1])
     lockdown_fd = None if sys.argv[2] == "-" else int(sys.argv[2])
     user_cgroup = [] if sys.argv[3] == "-" else [int(fd) for fd in sys.argv[3].split(",")]
@@ -176,6 +192,25 @@ def main() -> None:
     agent = Agent(isolated, files_only)
     start_thread(agent.watch_user_init)
     agent.serve(listener)
+
+
+def pod_main(files_only: bool) -> None:
+    """The agent as a pod's main process (see ``pod``)."""
+    import pod  # imported here: the local agent's start-up time counts
+    import tls_server
+
+    try:
+        isolated, credentials = pod.enter()  # first: nothing may see the credentials
+        context = tls_server.server_context(credentials.cert, credentials.key, credentials.peer)
+        del credentials
+        listener = pod.listen()
+        os.chdir(protocol.SANDBOX_HOME)
+    except (pod.SetupError, OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        sys.exit(f"{pod.FAILED}: {e}")
+    sys.stdin.close()
+    agent = Agent(isolated, files_only)
+    start_thread(agent.watch_user_init)
+    agent.serve(listener, partial(tls_server.serve, context, start_thread))
 
 
 if __name__ == "__main__":

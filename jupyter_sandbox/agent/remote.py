@@ -6,6 +6,10 @@ before anyone sees it: frame sizes before their payload is read, frame kinds
 against the operation, RESULT, EXIT and ERROR payloads against their shapes.
 Answers have deadlines (``untrusted.streams``), so a silent agent cannot hold a
 caller forever.
+
+An agent is reached through its Unix socket (a local sandbox) or over TCP with
+TLS 1.3 (a pod): there the client trusts only the sandbox's agent certificate (the
+pin is the check, not a name) and presents the service's pair for that sandbox.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .._errors import FileError, SandboxError, SandboxExpired
@@ -24,6 +30,7 @@ from ..untrusted.messages import ProtocolViolation
 from ..untrusted.streams import ANSWER_TIMEOUT, INACTIVITY, AgentTimeout
 from . import protocol
 from .protocol import Frame
+from .tls_server import load_pair
 
 PARSE_ON_LOOP = 64 << 10  # bytes of a RESULT parsed on the event loop; larger ones are not
 # Larger results are parsed in this one thread, one at a time: however many hostile
@@ -54,14 +61,22 @@ async def _within(awaitable: Awaitable[T], seconds: float | None, what: str) -> 
 class AgentStream:
     """An open request to the agent: checked frames in, frames out.
 
-    Frames go out through a second descriptor of the socket: when the agent stops
-    reading and closes (it refused a request and said why), a failed send must not
-    tear down the reading side before the agent's answer has been read.
+    Over a Unix socket, frames go out through a second descriptor of the socket: when
+    the agent stops reading and closes (it refused a request and said why), a failed
+    send must not tear down the reading side before the agent's answer has been read.
+    Over TLS the bytes must pass through the transport that encrypts them: they go
+    through the writer (with drain), and the agent's side makes sure its answer
+    arrives before any reset (it ends with a close_notify, then reads and drops what
+    is still coming); the reader keeps what arrived either way.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, op: str) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, op: str, tls: bool
+    ) -> None:
         self.reader, self.writer, self.op = reader, writer, op
-        self._out = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        self._out = (
+            None if tls else socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        )
 
     async def recv(self, timeout: float | None = None) -> tuple[int, bytes] | None:
         """The next frame, or None when the agent closed the connection.
@@ -85,8 +100,16 @@ class AgentStream:
 
     async def send(self, kind: int, payload: bytes = b"", timeout: float | None = None) -> None:
         """Send a frame; with `timeout`, AgentTimeout if the agent takes none of it that long."""
-        loop = asyncio.get_running_loop()
-        await _within(loop.sock_sendall(self._out, protocol.encode(kind, payload)), timeout, "read")
+        await _within(self._write(protocol.encode(kind, payload)), timeout, "read")
+
+    async def _write(self, data: bytes) -> None:
+        if self._out is not None:
+            await asyncio.get_running_loop().sock_sendall(self._out, data)
+        else:
+            if self.writer.is_closing():  # the agent ended the connection: sends go nowhere
+                raise ConnectionResetError("the sandbox's agent closed the connection")
+            self.writer.write(data)
+            await self.writer.drain()
 
     async def send_json(self, kind: int, obj: object) -> None:
         await self.send(kind, json.dumps(obj).encode())
@@ -127,7 +150,8 @@ class AgentStream:
             yield payload
 
     async def close(self) -> None:
-        self._out.close()
+        if self._out is not None:
+            self._out.close()
         self.writer.close()
         try:
             await self.writer.wait_closed()
@@ -156,36 +180,153 @@ class _ResetEndsReader(asyncio.StreamReader):
             super().set_exception(exc)
 
 
-async def _open_unix_connection(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+class AgentIdentityMismatch(ProtocolViolation):
+    """The agent's address answered with a certificate other than the sandbox's pinned one."""
+
+
+@dataclass(frozen=True)
+class TlsEndpoint:
+    """Where a pod's agent listens, with what pins the connection: the agent's
+    certificate (the only one trusted) and the service's pair for this sandbox (PEM)."""
+
+    host: str
+    port: int
+    agent_cert: bytes = field(repr=False)
+    service_cert: bytes = field(repr=False)
+    service_key: bytes = field(repr=False)
+
+    PEM_FIELDS = ("agent_cert", "service_cert", "service_key")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            **{name: getattr(self, name).decode("ascii") for name in self.PEM_FIELDS},
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> TlsEndpoint:
+        """The endpoint `to_json` gave; ValueError for anything else."""
+        if not isinstance(data, dict):
+            raise ValueError("a TLS endpoint must be an object")
+        host, port = data.get("host"), data.get("port")
+        pems = [data.get(name) for name in cls.PEM_FIELDS]
+        if not isinstance(host, str) or not host or type(port) is not int or not 0 < port < 65536:
+            raise ValueError("a TLS endpoint needs a host and a port from 1 to 65535")
+        if not all(isinstance(pem, str) and "-----BEGIN" in pem for pem in pems):
+            raise ValueError(f"a TLS endpoint needs {', '.join(cls.PEM_FIELDS)} as PEM text")
+        return cls(host, port, *(pem.encode("ascii") for pem in pems))
+
+
+def _client_context(endpoint: TlsEndpoint) -> ssl.SSLContext:
+    """TLS 1.3 trusting only the agent's certificate, presenting the service's pair."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False  # the pin is the check: no name could say more
+    context.load_verify_locations(cadata=endpoint.agent_cert.decode("ascii"))
+    load_pair(context, endpoint.service_cert, endpoint.service_key)
+    return context
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def _stream_protocol() -> tuple[asyncio.StreamReader, asyncio.StreamReaderProtocol]:
+    reader = _ResetEndsReader(limit=protocol.MAX_FRAME * 2, loop=asyncio.get_running_loop())
+    return reader, asyncio.StreamReaderProtocol(reader, loop=asyncio.get_running_loop())
+
+
+async def _open_unix_connection(path: str) -> Connection:
     loop = asyncio.get_running_loop()
-    reader = _ResetEndsReader(limit=protocol.MAX_FRAME * 2, loop=loop)
-    stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport, _ = await loop.create_unix_connection(lambda: stream_protocol, path)
+    reader, stream_protocol = _stream_protocol()
+    try:
+        transport, _ = await loop.create_unix_connection(lambda: stream_protocol, path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise SandboxExpired(f"the sandbox is not running ({e.strerror})") from None
+    return reader, asyncio.StreamWriter(transport, stream_protocol, reader, loop)
+
+
+async def _open_tls_connection(endpoint: TlsEndpoint, context: ssl.SSLContext) -> Connection:
+    loop = asyncio.get_running_loop()
+    reader, stream_protocol = _stream_protocol()
+    where = f"{endpoint.host}:{endpoint.port}"
+    try:
+        transport, _ = await loop.create_connection(
+            lambda: stream_protocol,
+            endpoint.host,
+            endpoint.port,
+            ssl=context,
+            server_hostname="",
+            ssl_handshake_timeout=ANSWER_TIMEOUT,
+        )
+    except ssl.SSLCertVerificationError as e:
+        raise AgentIdentityMismatch(
+            f"the sandbox's agent at {where} did not present the sandbox's certificate "
+            f"({e.verify_message}): refused. Another pod may hold that address now; "
+            "restart the sandbox if it does not come back"
+        ) from None
+    except ssl.SSLError as e:
+        raise SandboxError(
+            f"the TLS handshake with the sandbox's agent at {where} failed ({e.reason}); "
+            "the pod may run other credentials: restart the sandbox"
+        ) from None
+    except (ConnectionError, OSError) as e:
+        raise SandboxExpired(
+            f"the sandbox's agent at {where} cannot be reached ({e.strerror or e}): "
+            "the sandbox is not running"
+        ) from None
     return reader, asyncio.StreamWriter(transport, stream_protocol, reader, loop)
 
 
 class AgentClient:
-    """Talks to the agent of one sandbox through its Unix socket."""
+    """Talks to the agent of one sandbox: through its Unix socket (a path), or over
+    TLS (a `TlsEndpoint`)."""
 
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
+    def __init__(self, where: str | TlsEndpoint) -> None:
+        if isinstance(where, TlsEndpoint):
+            self.socket_path, self.tls = None, where
+        elif isinstance(where, str) and where:
+            self.socket_path, self.tls = where, None
+        else:
+            raise TypeError(f"an agent is reached by a socket path or a TlsEndpoint, not {where!r}")
+        self._context: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.tls or self.socket_path!r})"
+
+    def endpoint(self) -> dict[str, Any]:
+        """Where the agent is, as JSON-able data: another process (an SSH gateway worker)
+        rebuilds the client from it with `from_endpoint`. Holds a key: never log it."""
+        if self.tls is not None:
+            return {"tls": self.tls.to_json()}
+        return {"unix": self.socket_path}
+
+    @classmethod
+    def from_endpoint(cls, endpoint: dict[str, Any]) -> AgentClient:
+        """The client `endpoint()` describes; ValueError for anything else."""
+        if isinstance(endpoint, dict) and "tls" in endpoint:
+            return cls(TlsEndpoint.from_json(endpoint["tls"]))
+        path = endpoint.get("unix") if isinstance(endpoint, dict) else None
+        if not isinstance(path, str) or not path:
+            raise ValueError("not an agent endpoint: expected {'unix': path} or {'tls': {...}}")
+        return cls(path)
+
+    async def _connect(self) -> Connection:
+        if self.tls is None:
+            return await _open_unix_connection(self.socket_path)
+        if self._context is None:
+            self._context = _client_context(self.tls)
+        return await _open_tls_connection(self.tls, self._context)
 
     async def open(self, op: str, **args: Any) -> AgentStream:
         """Connect and send the request for `op`; the agent's answer comes as frames."""
         if op not in messages.OPS:
             raise SandboxError(f"no such agent operation: {op}")
-        try:
-            reader, writer = await _within(
-                _open_unix_connection(self.socket_path), ANSWER_TIMEOUT, "accept the connection"
-            )
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise SandboxExpired(f"the sandbox is not running ({e.strerror})") from None
-        stream = AgentStream(reader, writer, op)
+        reader, writer = await _within(self._connect(), ANSWER_TIMEOUT, "accept the connection")
+        stream = AgentStream(reader, writer, op, tls=self.tls is not None)
         try:
             await _within(
-                asyncio.get_running_loop().sock_sendall(
-                    stream._out, protocol.request_line(op, **args)
-                ),
+                stream._write(protocol.request_line(op, **args)),
                 ANSWER_TIMEOUT,
                 "read the request",
             )

@@ -1,0 +1,244 @@
+"""TLS for the agent's TCP listener (pod mode; stdlib only).
+
+Only a client presenting the one certificate the agent was given (the service's
+per-sandbox certificate, loaded as the only CA) gets in, over TLS 1.3. A client
+without it, with another, or not speaking TLS is dropped without an answer; the
+handshake runs on the connection's own thread, with a deadline, so a client that
+never finishes it holds nothing but that thread, and only that long.
+
+An OpenSSL connection must not be read and written by two threads at once, yet the
+agent reads a connection on one thread while others write to it (a command's
+input and output, a relayed connection). So each TLS connection is carried by one
+thread that alone uses the TLS object (through memory BIOs) and bridges it to a
+socketpair; the agent serves the other end of the pair as it serves a Unix
+connection. End of stream passes both ways (a close_notify for the agent's, a
+shutdown of the pair for the client's). When the agent is done with a connection,
+what it sent goes out, then a close_notify and a FIN, and whatever the client
+still sends is read and dropped for a moment: a reset never overtakes the answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import ssl
+import time
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to complete the TLS handshake
+LINGER = 2.0  # seconds the rest of a finished connection's input is read and dropped
+CHUNK = 256 * 1024
+BUFFERED = 1 << 20  # bytes held per direction before that side is read no further
+
+
+class HandshakeFailed(Exception):
+    """The client did not complete a TLS handshake the agent accepts."""
+
+
+def server_context(cert: bytes, key: bytes, peer: bytes) -> ssl.SSLContext:
+    """TLS 1.3 only, the agent's pair, and `peer` as the one certificate admitted."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=peer.decode("ascii"))
+    context.num_tickets = 0  # no resumption: every connection shows the certificate
+    load_pair(context, cert, key)
+    return context
+
+
+def load_pair(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Load a certificate and key from memory: a memfd, never a path on a filesystem."""
+    fd = os.memfd_create("tls-pair", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, cert.rstrip(b"\n") + b"\n" + key)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def serve(context: ssl.SSLContext, start_thread, raw: socket.socket, handle) -> None:
+    """One accepted TCP connection: handshake, then `handle` (on a thread started with
+    `start_thread`) serves the agent's end of a socketpair bridged to it."""
+    try:
+        tls, incoming, outgoing = _handshake(context, raw)
+    except (HandshakeFailed, OSError, ssl.SSLError):
+        _close(raw)
+        return
+    agent_end, inner = socket.socketpair()
+    try:
+        start_thread(handle, agent_end)
+    except RuntimeError:  # no thread to be had
+        for sock in (agent_end, inner, raw):
+            _close(sock)
+        return
+    try:
+        _Bridge(raw, inner, tls, incoming, outgoing).run()
+    finally:
+        _close(inner)
+        _close(raw)
+
+
+def _handshake(context: ssl.SSLContext, raw: socket.socket):
+    """The server side of the handshake, within HANDSHAKE_TIMEOUT; raises if it fails."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=True)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+        _send_within(raw, outgoing.read(), deadline)
+        raw.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            data = raw.recv(CHUNK)
+        except TimeoutError:
+            raise HandshakeFailed("the client took too long") from None
+        if not data:
+            raise HandshakeFailed("the client closed the connection")
+        incoming.write(data)
+    _send_within(raw, outgoing.read(), deadline)
+    raw.setblocking(False)
+    return tls, incoming, outgoing
+
+
+def _send_within(raw: socket.socket, data: bytes, deadline: float) -> None:
+    if data:
+        raw.settimeout(max(deadline - time.monotonic(), 0.001))
+        raw.sendall(data)
+
+
+class _Bridge:
+    """Carries one TLS connection between the network and the agent's socketpair."""
+
+    def __init__(self, raw, inner, tls, incoming, outgoing) -> None:
+        self.raw, self.inner, self.tls = raw, inner, tls
+        self.incoming, self.outgoing = incoming, outgoing
+        self.to_net = bytearray()  # TLS records for the client
+        self.to_agent = bytearray()  # the client's plaintext for the agent
+        self.client_sending = True  # no close_notify or EOF from the client yet
+        self.agent_sending = True  # no EOF from the agent yet
+        self.agent_reading = True  # the agent has not closed its end
+        self.agent_told_eof = False
+        inner.setblocking(False)
+
+    def run(self) -> None:
+        poller = select.poll()
+        try:
+            self._read_records()  # the client's first request may have come with its Finished
+        except ssl.SSLError:
+            return
+        while self._busy():
+            raw_events = select.POLLOUT if self.to_net else 0
+            if self.client_sending and len(self.to_agent) < BUFFERED:
+                raw_events |= select.POLLIN
+            inner_events = select.POLLOUT if self.to_agent and self.agent_reading else 0
+            if self.agent_sending and len(self.to_net) < BUFFERED:
+                inner_events |= select.POLLIN
+            poller.register(self.raw, raw_events)
+            if inner_events or self.agent_reading:
+                poller.register(self.inner, inner_events)
+            else:
+                with contextlib.suppress(KeyError):
+                    poller.unregister(self.inner)
+            try:
+                for fd, events in poller.poll():
+                    if fd == self.raw.fileno():
+                        self._on_network(events)
+                    else:
+                        self._on_agent(events)
+            except (OSError, ssl.SSLError):  # the client went away, or sent garbage
+                return
+        self._linger()
+
+    def _busy(self) -> bool:
+        to_agent = self.agent_reading and (self.client_sending or self.to_agent)
+        return bool(self.agent_sending or self.to_net or to_agent)
+
+    def _on_network(self, events: int) -> None:
+        if events & (select.POLLHUP | select.POLLERR):  # a reset: nobody to answer any more
+            raise ConnectionResetError("the client's connection was reset")
+        if events & select.POLLIN:
+            try:
+                data = self.raw.recv(CHUNK)
+            except BlockingIOError:
+                data = None
+            except ConnectionError:
+                data = b""
+            if data == b"":
+                self.incoming.write_eof()
+            elif data:
+                self.incoming.write(data)
+            self._read_records()
+        if events & select.POLLOUT and self.to_net:
+            with contextlib.suppress(BlockingIOError):
+                del self.to_net[: self.raw.send(self.to_net)]
+
+    def _read_records(self) -> None:
+        """Decrypt what arrived; the client's end of stream ends the agent's input."""
+        while self.client_sending:
+            try:
+                data = self.tls.read(CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""
+            if not data:
+                self.client_sending = False
+            elif self.agent_reading:
+                self.to_agent += data
+        self.to_net += self.outgoing.read()
+        self._pass_eof()
+
+    def _on_agent(self, events: int) -> None:
+        if events & select.POLLHUP:  # the agent closed its end: it reads nothing more
+            self._agent_closed()
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and self.agent_sending:
+            try:
+                data = self.inner.recv(CHUNK)
+            except BlockingIOError:
+                data = None
+            except ConnectionError:
+                data = b""
+            if data:
+                self.tls.write(data)
+            elif data == b"":
+                self.agent_sending = False
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    self.tls.unwrap()  # close_notify: the client's input ends here
+            self.to_net += self.outgoing.read()
+        if events & select.POLLOUT and self.to_agent and self.agent_reading:
+            try:
+                del self.to_agent[: self.inner.send(self.to_agent)]
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                self._agent_closed()
+            self._pass_eof()
+
+    def _agent_closed(self) -> None:
+        self.agent_reading = False
+        self.to_agent.clear()
+
+    def _pass_eof(self) -> None:
+        if not self.client_sending and not self.to_agent and not self.agent_told_eof:
+            self.agent_told_eof = True
+            with contextlib.suppress(OSError):
+                self.inner.shutdown(socket.SHUT_WR)
+
+    def _linger(self) -> None:
+        """All sent: a FIN, then drop what the client still sends, briefly."""
+        with contextlib.suppress(OSError):
+            self.raw.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            while self.client_sending and (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select([self.raw], [], [], left)
+                if ready and not self.raw.recv(CHUNK):
+                    return
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
