@@ -330,6 +330,12 @@ class AgentClient:
                 ANSWER_TIMEOUT,
                 "read the request",
             )
+        except ConnectionError as e:
+            await stream.close()
+            raise SandboxExpired(
+                f"the sandbox's agent closed the connection before taking the request ({e}): "
+                "the sandbox is ending, or its agent does not accept this service's credentials"
+            ) from None
         except BaseException:
             await stream.close()
             raise
