@@ -282,13 +282,9 @@ class AgentClient:
     """Talks to the agent of one sandbox: through its Unix socket (a path), or over
     TLS (a `TlsEndpoint`)."""
 
-    def __init__(self, where: str | TlsEndpoint) -> None:
-        if isinstance(where, TlsEndpoint):
-            self.socket_path, self.tls = None, where
-        elif isinstance(where, str) and where:
-            self.socket_path, self.tls = where, None
-        else:
-            raise TypeError(f"an agent is reached by a socket path or a TlsEndpoint, not {where!r}")
+    def __init__(self, where: str | os.PathLike | TlsEndpoint) -> None:
+        self.tls = where if isinstance(where, TlsEndpoint) else None
+        self.socket_path = None if self.tls is not None else os.fspath(where)
         self._context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
@@ -313,7 +309,7 @@ class AgentClient:
 
     async def _connect(self) -> Connection:
         if self.tls is None:
-            return await _open_unix_connection(self.socket_path)
+            return await _open_unix_connection(str(self.socket_path))
         if self._context is None:
             self._context = _client_context(self.tls)
         return await _open_tls_connection(self.tls, self._context)

@@ -168,6 +168,8 @@ def test_commands_run_over_tls_with_their_exit_codes(pod: Pod):
     code, out, err = run(sh(pod.client, "echo out; echo err >&2; exit 7"))
     assert (code, out, err) == (7, "out\n", "err\n")
     assert run(sh(pod.client, "id -u; echo $HOME"))[1] == "1000\n/home/sandbox\n"
+    # the agent blocks the signals it waits for; its commands must not inherit that
+    assert run(sh(pod.client, "grep SigBlk /proc/self/status"))[1] == "SigBlk:\t0000000000000000\n"
 
 
 @pytest.mark.unprivileged
