@@ -46,7 +46,7 @@ from urllib.parse import quote
 import httpx
 
 from .._errors import InvalidRequest, PermissionDenied, ServiceUnavailable
-from .identity import Caller
+from .identity import HUB_UID_BASE, HUB_UID_LAST, Caller
 
 log = logging.getLogger("jupyter_sandbox.service")
 
@@ -54,8 +54,6 @@ AUTH_ENV = "JUPYTER_SANDBOX_AUTH"  # "hub": as `serve --hub-auth`; "token": --tc
 CACHE_ENV, REJECT_CACHE_ENV = "JUPYTER_SANDBOX_HUB_CACHE", "JUPYTER_SANDBOX_HUB_REJECT_CACHE"
 API_URL_ENV, API_TOKEN_ENV = "JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN"
 MAX_CACHE = 30.0
-HUB_UID_BASE = 1 << 31  # above any OS account, subordinate or host-uid range
-HUB_UID_LAST = (1 << 32) - 2  # (uid_t)-1 is no uid
 UIDS_FILE = "hub-uids.json"
 HUB_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 MAX_CACHED = 10_000  # tokens remembered at once; the oldest are forgotten first

@@ -23,6 +23,9 @@ from dataclasses import dataclass, replace
 ACTING_FOR_HEADER = "X-Sandbox-Acting-For"
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _CACHE_SECONDS = 10.0  # how long a uid's name and groups are reused before looked up again
+# The uids of JupyterHub users (`serve --hub-auth`): above every OS account, subordinate
+# and host-uid range, so a hub user's uid is never an OS user's ((uid_t)-1 is no uid).
+HUB_UID_BASE, HUB_UID_LAST = 1 << 31, (1 << 32) - 2
 
 
 @dataclass(frozen=True)

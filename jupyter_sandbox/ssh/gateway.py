@@ -8,6 +8,9 @@ with too many failed logins only gets its unknown tokens answered slowly.
 A token presented from this machine (loopback, or one of the host's own
 addresses: see `peers`) is honoured only for the OS user it was issued to,
 `Target.uid`: a token read from another user's `ps` is refused like a wrong one.
+A token of a JupyterHub user (a uid from `HUB_UID_BASE` up, `serve --hub-auth`) is
+never any local user's, so it is honoured from other machines only: in a cluster, from
+the users' pods, which are never the gateway's own.
 
 What one token holder may take is capped too, so one user cannot use up a worker's
 file descriptors for everyone: the connections each user (the tokens' issuer) holds,
@@ -31,6 +34,7 @@ from pathlib import Path
 import asyncssh
 
 from ..agent.remote import AgentClient
+from ..service.identity import HUB_UID_BASE
 from . import forwarding, hostkey, peers
 from .algorithms import server_algorithms
 from .audit import ChannelAudit, ConnectionAudit
@@ -46,6 +50,11 @@ SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 OTHER_USER = (
     "jupyter-sandbox: this token works only for the OS user it was issued to; "
     "from this machine, use it as that user (or ask for a token of your own)\n"
+)
+HUB_USER = (
+    "jupyter-sandbox: this token was issued to a JupyterHub user, and no local user of "
+    "the gateway's machine is one: use it from your notebook server (its terminal, or "
+    "the Jupyter tunnel)\n"
 )
 
 
@@ -344,7 +353,7 @@ class Connection(asyncssh.SSHServer):
             who,
             target.uid,
         )
-        self._banner(OTHER_USER)
+        self._banner(HUB_USER if target.uid >= HUB_UID_BASE else OTHER_USER)
 
     def _banner(self, text: str) -> None:
         if self.conn is not None:  # OpenSSH prints the banner on stderr

@@ -4,14 +4,19 @@ A real JupyterHub issues and checks the tokens (tests/hub/token_hub.py), a real 
 runs `serve --tcp HOST:PORT --hub-auth`, and each user's calls are made by the real
 client in a process of its own that has only JUPYTER_SANDBOX_URL and
 JUPYTERHUB_API_TOKEN, as a kernel in a Zero to JupyterHub user pod has. Nothing is
-mocked. The hub starts no servers, so none of this needs root.
+mocked. The hub starts no servers, so all but the SSH test (which needs a network
+namespace for a user pod of its own) run unprivileged too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
+import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,7 +41,6 @@ from tests.hub.token_hub import (
     start_token_hub,
 )
 
-pytestmark = pytest.mark.unprivileged
 HUB_UID_BASE = 1 << 31
 MISSING = "sb-0000000000"
 
@@ -111,6 +115,7 @@ def hub_user_calls(hub: TokenHub, user: str) -> int:
 # -- attacks ---------------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 def test_the_token_of_a_hub_service_is_not_a_user(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -131,6 +136,7 @@ def test_the_token_of_a_hub_service_is_not_a_user(
     assert service.call("GET", "/v1/sandboxes", None, headers=bearer).status_code == 401
 
 
+@pytest.mark.unprivileged
 def test_a_user_named_like_a_number_gets_no_uid_of_that_number(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -147,6 +153,7 @@ def test_a_user_named_like_a_number_gets_no_uid_of_that_number(
     assert mine["uid"] == usage["uid"] and mine["user"] == NUMERIC
 
 
+@pytest.mark.unprivileged
 def test_a_user_named_like_an_os_user_gets_none_of_its_sandboxes(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -177,6 +184,7 @@ def raw_request(service: HubAuthService, head: bytes) -> tuple[int, bytes]:
     return status, data.partition(b"\r\n\r\n")[2]
 
 
+@pytest.mark.unprivileged
 def test_malformed_doubled_and_huge_tokens_are_refused_and_the_service_serves_on(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -208,6 +216,7 @@ def test_malformed_doubled_and_huge_tokens_are_refused_and_the_service_serves_on
 # -- scoping ----------------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 def test_two_hub_users_each_see_only_their_own_sandboxes(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -227,6 +236,7 @@ def test_two_hub_users_each_see_only_their_own_sandboxes(
     assert error["type"] == "SandboxNotFound"
 
 
+@pytest.mark.unprivileged
 def test_an_instructor_and_a_hub_admin_see_both_and_act_on_the_record(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -267,6 +277,7 @@ def test_an_instructor_and_a_hub_admin_see_both_and_act_on_the_record(
     assert refused.status_code == 403
 
 
+@pytest.mark.unprivileged
 def test_quotas_of_a_hub_group_apply(service: HubAuthService, token_hub: TokenHub) -> None:
     """The config file's [quota.group.limited] holds for the hub group "limited"; other
     users get the default quota."""
@@ -283,6 +294,7 @@ def test_quotas_of_a_hub_group_apply(service: HubAuthService, token_hub: TokenHu
 # -- tokens and the hub --------------------------------------------------------------------
 
 
+@pytest.mark.unprivileged
 def test_a_burst_of_calls_with_one_new_token_asks_the_hub_once(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -295,6 +307,7 @@ def test_a_burst_of_calls_with_one_new_token_asks_the_hub_once(
     assert hub_user_calls(token_hub, "bob") == before + 1
 
 
+@pytest.mark.unprivileged
 def test_a_revoked_token_stops_working_within_the_cache_time(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -313,6 +326,7 @@ def test_a_revoked_token_stops_working_within_the_cache_time(
     assert "the hub does not know this token" in reply.json()["message"]
 
 
+@pytest.mark.unprivileged
 def test_no_token_and_a_wrong_token_get_401_saying_what_to_check(
     service: HubAuthService,
 ) -> None:
@@ -329,6 +343,7 @@ def test_no_token_and_a_wrong_token_get_401_saying_what_to_check(
     assert "$JUPYTERHUB_API_TOKEN" in error["message"]
 
 
+@pytest.mark.unprivileged
 def test_with_the_hub_stopped_calls_get_503_and_work_again_once_it_is_back(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -352,6 +367,7 @@ def test_with_the_hub_stopped_calls_get_503_and_work_again_once_it_is_back(
     assert "answers again" in service.log
 
 
+@pytest.mark.unprivileged
 def test_no_token_is_ever_logged(service: HubAuthService, token_hub: TokenHub) -> None:
     """Not a good one, a wrong one, one the hub could not be asked about, nor one sent in
     a header the HTTP parser refuses (too long, or with a control character after it)."""
@@ -373,6 +389,7 @@ def test_no_token_is_ever_logged(service: HubAuthService, token_hub: TokenHub) -
         assert token not in log
 
 
+@pytest.mark.unprivileged
 def test_each_hub_user_keeps_its_uid_and_sandboxes_across_restarts(
     service: HubAuthService, token_hub: TokenHub
 ) -> None:
@@ -398,3 +415,75 @@ def test_each_hub_user_keeps_its_uid_and_sandboxes_across_restarts(
     assert newcomer not in (hers["uid"], bobs_uid)
     assert list(service.data_dir.glob("hub-uids.json.damaged-*"))
     assert "cannot be read" in service.log
+
+
+# -- SSH ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def another_pod() -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair, as a user pod is to the
+    gateway's: (the namespace, the gateway side's address). Root only."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("a network namespace of its own needs root and iproute2")
+    tag = f"{os.getpid() % 100000}"
+    ns, outside, inside = f"jsbpod{tag}", f"jsbh{tag}", f"jsbp{tag}"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    steps = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside],
+        ["ip", "link", "set", inside, "netns", ns],
+        ["ip", "addr", "add", f"{subnet}.1/30", "dev", outside],
+        ["ip", "link", "set", outside, "up"],
+        ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{subnet}.2/30", "dev", inside],
+        ["ip", "netns", "exec", ns, "ip", "link", "set", inside, "up"],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, timeout=30)
+        yield ns, f"{subnet}.1"
+    finally:
+        subprocess.run(["ip", "link", "del", outside], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def ssh_argv(access: dict, known_hosts: Path) -> list[str]:
+    return [
+        "ssh",
+        *("-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes"),
+        *("-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=/dev/null"),
+        *("-p", str(access["port"]), f"{access['username']}@{access['hostname']}"),
+    ]
+
+
+def test_a_hub_users_ssh_token_works_from_another_pod_not_from_the_gateways_own(
+    token_hub: TokenHub, tmp_path: Path
+) -> None:
+    """expose_ssh gives a hub user a token issued to their uid. From another network
+    namespace (a user pod) it logs in; from the gateway's own machine, where no local
+    user is a hub user, it is refused with a banner saying where to use it."""
+    with (
+        another_pod() as (ns, address),
+        hub_auth_service(token_hub, JUPYTER_SANDBOX_SSH_HOST=address) as service,
+    ):
+        alice = token_hub.token("alice")
+        code = (
+            "sb = Sandbox.create(name='remote', timeout='10m')\n"
+            "a = sb.expose_ssh()\n"
+            "print(json.dumps({'id': sb.id, 'uid': sb.info().uid, 'username': a.username,"
+            " 'hostname': a.hostname, 'port': a.port, 'known': a.known_hosts_line}))"
+        )
+        access = service.client(alice, code)
+        assert access["hostname"] == address
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(access["known"] + "\n")
+        argv = [*ssh_argv(access, known_hosts), "hostname"]
+        remote = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=60
+        )
+        assert remote.returncode == 0, remote.stderr
+        assert remote.stdout.strip() == access["id"]
+        local = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert local.returncode != 0
+        assert "issued to a JupyterHub user" in local.stderr
+        assert f"issued to uid {access['uid']}" in service.log

@@ -299,7 +299,7 @@ class HubAuthService:
 
 
 @contextlib.contextmanager
-def hub_auth_service(hub: TokenHub) -> Iterator[HubAuthService]:
+def hub_auth_service(hub: TokenHub, **extra_env: str) -> Iterator[HubAuthService]:
     base = Path(tempfile.mkdtemp(prefix="jsb-hubauth-"))
     storage = Path(tempfile.mkdtemp(prefix="jsb-", dir=storage_parent()))
     os.chmod(storage, 0o711)
@@ -316,6 +316,7 @@ def hub_auth_service(hub: TokenHub) -> Iterator[HubAuthService]:
         "JUPYTER_SANDBOX_HUB_CACHE": str(CACHE_SECONDS),
         "JUPYTERHUB_API_URL": hub.api_url,
         "JUPYTERHUB_API_TOKEN": hub.service_token,
+        **extra_env,
     }
     service = HubAuthService(env, f"http://127.0.0.1:{free_port()}", base / "serve.log", storage)
     service.start()
