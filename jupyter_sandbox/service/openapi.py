@@ -646,7 +646,9 @@ def document(bounds: Bounds) -> Schema:
             "version": __version__,
             "description": "Sandboxes: create, run commands, move files, expose SSH. Over the "
             "Unix socket the filesystem is the authentication; over TCP every request needs "
-            "'Authorization: Bearer <token>' (the token is in the runtime file).",
+            "'Authorization: Bearer <token>' (the token is in the runtime file); a service "
+            "started with --hub-auth takes a JupyterHub user's token instead, as "
+            "'Authorization: token <hub token>'.",
         },
         "paths": _paths(),
         "components": {
