@@ -30,7 +30,7 @@ from ..untrusted.messages import ProtocolViolation
 from ..untrusted.streams import ANSWER_TIMEOUT, INACTIVITY, AgentTimeout
 from . import protocol
 from .protocol import Frame
-from .tls_server import load_pair
+from .tls_server import load_pair, tune
 
 PARSE_ON_LOOP = 64 << 10  # bytes of a RESULT parsed on the event loop; larger ones are not
 # Larger results are parsed in this one thread, one at a time: however many hostile
@@ -275,6 +275,7 @@ async def _open_tls_connection(endpoint: TlsEndpoint, context: ssl.SSLContext) -
             f"the sandbox's agent at {where} cannot be reached ({e.strerror or e}): "
             "the sandbox is not running"
         ) from None
+    tune(transport.get_extra_info("socket"))
     return reader, asyncio.StreamWriter(transport, stream_protocol, reader, loop)
 
 

@@ -30,6 +30,8 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to complete the TLS handshake
 LINGER = 2.0  # seconds the rest of a finished connection's input is read and dropped
 CHUNK = 256 * 1024
 BUFFERED = 1 << 20  # bytes held per direction before that side is read no further
+# Seconds idle before the first probe, seconds between probes, probes unanswered.
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 30), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
 
 
 class HandshakeFailed(Exception):
@@ -61,6 +63,7 @@ def serve(context: ssl.SSLContext, start_thread, raw: socket.socket, handle) -> 
     """One accepted TCP connection: handshake, then `handle` (on a thread started with
     `start_thread`) serves the agent's end of a socketpair bridged to it."""
     try:
+        tune(raw)
         tls, incoming, outgoing = _handshake(context, raw)
     except (HandshakeFailed, OSError, ssl.SSLError):
         _close(raw)
@@ -77,6 +80,15 @@ def serve(context: ssl.SSLContext, start_thread, raw: socket.socket, handle) -> 
     finally:
         _close(inner)
         _close(raw)
+
+
+def tune(sock: socket.socket) -> None:
+    """No delay for small frames (a terminal's keystrokes), and keepalives: a peer that
+    vanished without a FIN (a partitioned node) is noticed within about a minute."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _handshake(context: ssl.SSLContext, raw: socket.socket):

@@ -356,6 +356,53 @@ def test_clients_that_never_handshake_block_nobody_and_are_dropped(pod: Pod):
             sock.close()
 
 
+def _agent_threads(pod: Pod) -> int:
+    status = run(sh(pod.client, "cat /proc/1/status"))[1]
+    return int(status.split("Threads:", 1)[1].split()[0])
+
+
+@pytest.mark.unprivileged
+def test_hostile_and_abandoned_connections_leave_no_thread_behind(fresh_pod: Pod):
+    """Attack: clients that stop at every stage (before the handshake, in it, right
+    after it, after a request, mid-answer) and garbage after a good handshake; the
+    agent ends up with the threads it started with."""
+    baseline = _attacker_context(None, fresh_pod)
+    good = _attacker_context(
+        (fresh_pod.credentials.service_cert, fresh_pod.credentials.service_key), fresh_pod
+    )
+    before = _agent_threads(fresh_pod)
+
+    def hostile(stage: str) -> None:
+        with socket.create_connection((fresh_pod.address, PORT), timeout=10) as raw:
+            if stage == "silent":
+                return
+            if stage == "plaintext":
+                raw.sendall(b'{"op":"ping"}\n')
+                return
+            context = baseline if stage == "no certificate" else good
+            sock = raw
+            try:
+                sock = context.wrap_socket(raw, server_hostname=None)
+                if stage == "garbage":
+                    socket.socket.sendall(sock, os.urandom(4096))  # not a TLS record
+                elif stage == "request":
+                    sock.sendall(b'{"op":"exec","cmd":"sleep 30"}\n')
+                elif stage == "mid-answer":
+                    sock.sendall(b'{"op":"exec","cmd":"yes | head -c 50000000"}\n')
+                    sock.recv(100)
+            except (ssl.SSLError, ConnectionError):
+                pass
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.close()  # with a zero linger: a reset
+
+    stages = ("silent", "plaintext", "no certificate", "handshake", "garbage", "request")
+    for stage in (*stages, "mid-answer") * 5:
+        hostile(stage)
+    assert run(fresh_pod.client.call("ping"))["pid"] == 1
+    wait_for(lambda: _agent_threads(fresh_pod) <= before, timeout=20, message="threads to end")
+    assert run(fresh_pod.client.call("procs"))["processes"] == []
+
+
 @pytest.mark.unprivileged
 def test_an_agent_with_another_certificate_is_refused_by_the_client(pod: Pod):
     """Attack: something else answers at the sandbox's address (the pod replaced, the
