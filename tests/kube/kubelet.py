@@ -25,9 +25,12 @@ import contextlib
 import copy
 import logging
 import os
+import random
 import re
 import shutil
 import signal
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,24 +59,42 @@ class NotYet(Exception):
 
 
 class IpPool:
-    """Unique pod IPs on loopback, handed out in turn so a freed one is reused last."""
+    """Unique pod IPs on loopback, handed out in turn so a freed one is reused last.
+
+    Other fake clusters may run on this machine at the same time: the pool starts at a
+    random place and skips every address some socket of this host already uses.
+    """
+
+    SIZE = 253 * 254  # 127.0.2.1 - 127.0.254.254
 
     def __init__(self) -> None:
         self.used: set[str] = set()
-        self.next = 0
+        self.next = random.randrange(self.SIZE)
 
     def take(self) -> str:
-        for _ in range(253 * 254):
+        busy = self.used | addresses_in_use()
+        for _ in range(self.SIZE):
             x, y = divmod(self.next, 254)
-            self.next = (self.next + 1) % (253 * 254)
+            self.next = (self.next + 1) % self.SIZE
             ip = f"127.0.{x + 2}.{y + 1}"
-            if ip not in self.used:
+            if ip not in busy:
                 self.used.add(ip)
                 return ip
-        raise RuntimeError("no free pod IP left in 127.0.2.0-127.0.254.255")
+        raise RuntimeError("no free pod IP left in 127.0.2.1-127.0.254.254")
 
     def give_back(self, ip: str) -> None:
         self.used.discard(ip)
+
+
+def addresses_in_use() -> set[str]:
+    """The local IPv4 addresses of this host's TCP and UDP sockets."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/udp"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                local = line.split()[1].split(":")[0]
+                found.add(socket.inet_ntoa(struct.pack("<I", int(local, 16))))
+    return found
 
 
 def expand(text: str, env: dict[str, str]) -> str:
