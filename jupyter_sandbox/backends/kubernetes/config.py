@@ -5,8 +5,11 @@
 * JUPYTER_SANDBOX_K8S_IMAGE: the sandbox image, which must have python3 (default
   ``python:3.12-slim``);
 * JUPYTER_SANDBOX_K8S_RUNTIME_CLASS: a RuntimeClass for sandbox pods (gVisor, Kata);
-* JUPYTER_SANDBOX_K8S_HOME: ``emptydir`` (default: the home goes with the pod) or
-  ``pvc`` (a PersistentVolumeClaim per sandbox, kept until the sandbox ends);
+* JUPYTER_SANDBOX_K8S_HOME: ``emptydir`` (default) or ``pvc`` (a PersistentVolumeClaim
+  per sandbox, kept until the sandbox ends). An emptyDir home lives and dies with its
+  pod: when a sandbox fails (its pod deleted, evicted, out of memory) its files are
+  gone, and its failure says so; a restart starts with an empty home. With ``pvc`` a
+  failed sandbox's files stay readable and a restart finds them;
 * JUPYTER_SANDBOX_K8S_STORAGE_CLASS: the claims' storage class (default: the cluster's);
 * JUPYTER_SANDBOX_K8S_INSTANCE: tells this service's objects from another's in the same
   namespace (default "default");
@@ -107,8 +110,9 @@ async def api_configuration():
     from kubernetes_asyncio import client, config
 
     configuration = client.Configuration()
-    if os.environ.get("KUBECONFIG") or os.path.exists(os.path.expanduser("~/.kube/config")):
-        await config.load_kube_config(client_configuration=configuration)
+    path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if os.environ.get("KUBECONFIG") or os.path.exists(path):
+        await config.load_kube_config(config_file=path, client_configuration=configuration)
     else:
         config.load_incluster_config(client_configuration=configuration)
     return configuration
