@@ -137,7 +137,7 @@ def test_missing_user_namespaces_fail_loudly(tmp_path):
         "from jupyter_sandbox.backends.local import LocalBackend, SandboxSpec\n"
         "from jupyter_sandbox import IsolationUnavailable\n"
         f"backend = LocalBackend(Path({str(storage)!r}))\n"
-        "backend.prepare()\n"
+        "asyncio.run(backend.prepare())\n"
         "try:\n"
         "    asyncio.run(backend.start(SandboxSpec('sb-nouserns')))\n"
         "except IsolationUnavailable as e:\n"

@@ -24,7 +24,6 @@ import pytest
 
 from jupyter_sandbox._errors import SandboxError
 from jupyter_sandbox.agent.protocol import Frame
-from jupyter_sandbox.agent.remote import AgentClient
 from jupyter_sandbox.backends.local import LocalBackend, SandboxSpec
 from jupyter_sandbox.ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
 from jupyter_sandbox.ssh.limits import FailedLogins
@@ -79,7 +78,7 @@ class Sandbox:
 
     def __init__(self, loop: Loop, backend: LocalBackend, runtime) -> None:
         self.loop, self.backend, self.runtime = loop, backend, runtime
-        self.agent = AgentClient(runtime.socket)
+        self.agent = backend.agent(runtime)
 
     def sh(self, cmd: str) -> tuple[int, bytes]:
         """Run `cmd` inside the sandbox; exit code and stdout."""
@@ -209,11 +208,11 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def sandbox(loop: Loop, workdir: Path) -> Iterator[Sandbox]:
     backend = LocalBackend(workdir / "storage")
-    backend.prepare()
+    loop.run(backend.prepare())
     if backend.unavailable:
         pytest.skip(backend.unavailable)
     sb_id = f"sb-ssh{next(_uids)}"
-    runtime = loop.run(backend.start(SandboxSpec(id=sb_id, host_uid=next(_uids))))
+    runtime = loop.run(backend.start(SandboxSpec(id=sb_id)))
     yield Sandbox(loop, backend, runtime)
     loop.run(backend.stop(runtime))
     assert not os.path.exists(runtime.directory)

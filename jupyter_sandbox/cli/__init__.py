@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from .._config import Paths
+from .._config import BACKENDS, Paths, Settings
 from .._durations import format_relative, format_size, format_size_down, format_span
 from .._errors import CommandError, SandboxError, SandboxExpired, SandboxNotFound
 from .._models import SandboxInfo
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --tcp: callers are JupyterHub users, named by their hub API tokens "
         "(needs JUPYTERHUB_API_URL; also JUPYTER_SANDBOX_AUTH=hub)",
+    )
+    p.add_argument(
+        "--backend",
+        metavar="NAME",
+        help=f"where sandboxes run: {' or '.join(BACKENDS)} (default: "
+        "$JUPYTER_SANDBOX_BACKEND, else local)",
     )
     return parser
 
@@ -672,6 +679,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service_args = ["--tcp", args.tcp] if args.tcp else []
     service_args += ["--system"] if args.system else []
     service_args += ["--hub-auth"] if args.hub_auth else []
+    service_args += ["--backend", args.backend] if args.backend else []
     tcp = tcp_address(args.tcp) if args.tcp else None
     paths = Paths.system() if args.system else None
     try:
@@ -682,6 +690,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve_unsupervised(args: argparse.Namespace) -> int:
+    from ..backends import UnknownBackend
     from ..backends.storage import StorageInUse
     from ..service.app import AlreadyRunning, Service
     from ..service.config_file import ConfigError
@@ -697,7 +706,10 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
 
     try:
         paths = Paths.system() if args.system else None
-        asyncio.run(Service(paths, tcp=tcp, hub=hub_settings(args)).run(ready))
+        settings = Settings.from_env()
+        if args.backend:
+            settings = dataclasses.replace(settings, backend=args.backend.strip().lower())
+        asyncio.run(Service(paths, settings, tcp=tcp, hub=hub_settings(args)).run(ready))
     except AlreadyRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return ALREADY_RUNNING
@@ -707,7 +719,7 @@ def serve_unsupervised(args: argparse.Namespace) -> int:
         # One line for whoever started it (a client shows it as is); a traceback in the
         # log only for what is not an everyday failure.
         message = " ".join(f"the sandbox service could not start: {e}".split())
-        everyday = isinstance(e, (OSError, SandboxError, StorageInUse, ConfigError))
+        everyday = isinstance(e, (OSError, SandboxError, StorageInUse, ConfigError, UnknownBackend))
         logging.getLogger("jupyter_sandbox.service").error(
             "%s", message, exc_info=None if everyday else e
         )

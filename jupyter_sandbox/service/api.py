@@ -456,7 +456,7 @@ class Api:
                     "port": self.ssh.gateway.port if self.ssh.gateway else None,
                 },
                 "isolation": backend.unavailable or "ok",
-                "cgroups": backend.cgroups.unavailable or f"v{backend.cgroups.version}",
+                "cgroups": backend.limits_status(),
             }
         )
 
@@ -651,7 +651,13 @@ class Api:
                 "the agent socket is offered to the service's own user only: transfers go "
                 "through the service's API"
             )
-        return web.json_response({"socket": live.runtime.socket})
+        socket_path = live.agent.endpoint().get("unix")
+        if socket_path is None:
+            raise PermissionDenied(
+                "this service's sandboxes do not run on this host, so their agents have no "
+                "socket here: transfers go through the service's API"
+            )
+        return web.json_response({"socket": socket_path})
 
     async def spawn(self, request: web.Request) -> web.Response:
         live = self._live(request)

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from .. import __version__
 from .._config import Paths, Settings
-from ..backends.local import LocalBackend
+from ..backends import make_backend
 from . import config_file
 from .api import make_app
 from .connections import BoundedUnixSite
@@ -158,9 +158,10 @@ class Service:
             self.directory = Directory(config_file.instructor_groups(config, self.config_path))
         self._lock()
         private_log(self.paths)
-        backend = LocalBackend(self.paths.storage_dir)
-        # Claims the storage and host uids, for as long as this process lives.
-        await asyncio.to_thread(backend.prepare, self.paths.data_dir, self.settings.uid_base)
+        backend = make_backend(self.settings, self.paths.storage_dir)
+        # Claims the storage (and host uids, or the cluster's objects) for as long as
+        # this process lives.
+        await backend.prepare(self.paths.data_dir, self.settings.uid_base)
         if backend.unavailable:
             log.error("isolation unavailable: %s", backend.unavailable)
         state = await State.open(self.paths.database, backend, self.settings.lease_ttl)
@@ -227,6 +228,7 @@ class Service:
                 await self.directory.close()
             await ssh.close()
             await manager.close()
+            await backend.close()
             await asyncio.to_thread(state.close)
             log.info("service stopped")
 

@@ -30,7 +30,6 @@ from .._durations import parse_duration, parse_timeout, shown
 from .._errors import (
     DiskFull,
     InvalidRequest,
-    IsolationUnavailable,
     SandboxError,
     SandboxExists,
     SandboxExpired,
@@ -39,8 +38,7 @@ from .._errors import (
 )
 from ..agent.remote import AgentClient
 from ..backends import space
-from ..backends.cgroups import Limits
-from ..backends.local import LocalBackend, Runtime, SandboxSpec
+from ..backends.base import Backend, Limits, Runtime, SandboxSpec
 from .audit_log import AuditLog, AuditTrail
 from .identity import Caller, group_names, service_caller
 from .limits import max_fds, requested
@@ -69,7 +67,7 @@ class Live:
 
 
 class Manager:
-    def __init__(self, state: State, backend: LocalBackend, settings: Settings) -> None:
+    def __init__(self, state: State, backend: Backend, settings: Settings) -> None:
         self.state = state
         self.backend = backend
         self.settings = settings
@@ -79,7 +77,6 @@ class Manager:
         self.pool_starting: set[str] = set()
         self._create_lock = asyncio.Lock()
         self._reserved_names: set[tuple[int, str]] = set()  # (uid, name) being created
-        self._reserved_uids: set[int | None] = set()
         self._refilling: asyncio.Future | None = None
         self._pool_paused_until = 0.0  # after a full disk, the pool waits before it refills
         self._background: set[asyncio.Future] = set()
@@ -133,9 +130,9 @@ class Manager:
                     await self.backend.halt(runtime)
                 except Exception:
                     log.exception("stopping what is left of failed sandbox %s failed", record.id)
-                self.live[record.id] = Live(record, runtime, AgentClient(runtime.socket))
+                self.live[record.id] = Live(record, runtime, self.backend.agent(runtime))
             else:
-                await self._readopt(Live(record, runtime, AgentClient(runtime.socket)))
+                await self._readopt(Live(record, runtime, self.backend.agent(runtime)))
         await self.reap()  # deadlines and leases that lapsed while no service ran
         self._reaper = asyncio.create_task(self._reap_forever())
         self.refill_pool()
@@ -369,22 +366,20 @@ class Manager:
             )
             pooled = self._take_pooled() if network == "none" and fixed else None
             sandbox_id = pooled[0] if pooled else "sb-" + secrets.token_hex(5)
-            host_uid = None if pooled else self._reserve_uid()
             self._claims[sandbox_id] = (caller.uid, limits.as_dict())
         try:
+            if pooled is not None and not await self._fit_pooled(*pooled, limits):
+                # It cannot take these limits (it is being dropped): a fresh sandbox instead.
+                claim = self._claims.pop(sandbox_id)
+                sandbox_id, pooled = "sb-" + secrets.token_hex(5), None
+                self._claims[sandbox_id] = claim
             if pooled is not None:
                 runtime = pooled[1]
-                try:
-                    self.backend.set_limits(runtime, limits)
-                except Exception:
-                    await self._drop_pooled(*pooled)  # no longer pooled: it must not linger
-                    raise
             else:
-                spec = SandboxSpec(sandbox_id, network, limits, host_uid, self.settings.seccomp)
+                spec = SandboxSpec(sandbox_id, network, limits, self.settings.seccomp)
                 runtime = await self.backend.start(spec)
         finally:
             self._reserved_names.discard((caller.uid, name))
-            self._reserved_uids.discard(host_uid)
             # From here to its entry in self.live nothing awaits: no other create can
             # see this sandbox as neither claimed nor live.
             self._claims.pop(sandbox_id, None)
@@ -415,7 +410,7 @@ class Manager:
             if space.is_full(e):
                 raise space.full_error(self.backend.storage) from None
             raise
-        self.live[sandbox_id] = Live(record, runtime, AgentClient(runtime.socket))
+        self.live[sandbox_id] = Live(record, runtime, self.backend.agent(runtime))
         self._notify("created", record)
         log.info(
             "created sandbox %s (%s)%s", sandbox_id, record.name, " from the pool" * bool(pooled)
@@ -440,10 +435,26 @@ class Manager:
             sandbox_id, runtime = self.pool.popitem()
             if self.backend.serving(runtime):
                 return sandbox_id, runtime
-            task = asyncio.ensure_future(self._drop_pooled(sandbox_id, runtime))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._drop_later(sandbox_id, runtime)
         return None
+
+    async def _fit_pooled(self, sandbox_id: str, runtime: Runtime, limits: Limits) -> bool:
+        """Give a sandbox taken from the pool `limits`; False, and it is dropped, when it
+        cannot take them (a backend whose sandboxes' limits are fixed at their start)."""
+        try:
+            fits = self.backend.set_limits(runtime, limits)
+        except Exception:
+            await self._drop_pooled(sandbox_id, runtime)  # no longer pooled: must not linger
+            raise
+        if not fits:
+            self._drop_later(sandbox_id, runtime)
+        return fits
+
+    def _drop_later(self, sandbox_id: str, runtime: Runtime) -> None:
+        """End a sandbox taken out of the pool, in the background."""
+        task = asyncio.ensure_future(self._drop_pooled(sandbox_id, runtime))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _drop_pooled(self, sandbox_id: str, runtime: Runtime) -> None:
         record = self.state.get(sandbox_id)
@@ -464,12 +475,11 @@ class Manager:
             and not self._closing
         ):
             sandbox_id = "sb-" + secrets.token_hex(5)
-            host_uid = self._reserve_uid()
             limits = self.default_limits()
             self.pool_starting.add(sandbox_id)
             try:
                 runtime = await self.backend.start(
-                    SandboxSpec(sandbox_id, "none", limits, host_uid, self.settings.seccomp)
+                    SandboxSpec(sandbox_id, "none", limits, self.settings.seccomp)
                 )
             except DiskFull as e:
                 self._pause_pool(e)
@@ -478,7 +488,6 @@ class Manager:
                 log.exception("could not start a pooled sandbox")
                 return
             finally:
-                self._reserved_uids.discard(host_uid)
                 self.pool_starting.discard(sandbox_id)
             record = SandboxRecord(
                 id=sandbox_id,
@@ -511,21 +520,6 @@ class Manager:
         while self.pool:
             await self._drop_pooled(*self.pool.popitem())
 
-    def _reserve_uid(self) -> int | None:
-        """A host uid of this service's own range that none of its sandboxes uses (as root)."""
-        uids = self.backend.claim.uids
-        if not self.backend.privileged or uids is None:
-            return None
-        used = {s.runtime.host_uid for s in self.live.values()} | self._reserved_uids
-        used |= {runtime.host_uid for runtime in self.pool.values()}
-        uid = next((u for u in range(uids.first, uids.first + uids.size) if u not in used), None)
-        if uid is None:
-            raise IsolationUnavailable(
-                f"all {uids.size} host uids of this service are in use: end some sandboxes"
-            )
-        self._reserved_uids.add(uid)
-        return uid
-
     async def kill(self, ref: str, reason: str = "killed") -> SandboxRecord:
         live = self.get(ref)
         await self._end_live(live, reason)
@@ -543,7 +537,7 @@ class Manager:
                 )
             await self.backend.halt(live.runtime)  # its files-only agent, if one runs
             runtime = await self.backend.start(self._spec(live), resume=True)
-            live.runtime, live.agent, live.sample = runtime, AgentClient(runtime.socket), None
+            live.runtime, live.agent, live.sample = runtime, self.backend.agent(runtime), None
             record.status, record.failure, record.failed_at = RUNNING, None, None
             record.runtime = runtime.to_json()
             self.state.save(record, quiet=True)  # it runs again, recorded or not
@@ -580,7 +574,7 @@ class Manager:
                     return
                 await self.backend.halt(runtime)  # that agent ended too: start another
             live.runtime = await self.backend.start(self._spec(live), resume=True, files_only=True)
-            live.agent = AgentClient(live.runtime.socket)
+            live.agent = self.backend.agent(live.runtime)
             live.record.runtime = live.runtime.to_json()
             self.state.save(live.record, quiet=True)  # a full disk must not hide the files
             log.info("serving the files of failed sandbox %s", live.record.id)
@@ -590,9 +584,7 @@ class Manager:
         record = live.record
         names = ("memory", "cpus", "pids", "fds", "disk")
         limits = Limits(**{name: record.limits.get(name) for name in names})
-        return SandboxSpec(
-            record.id, record.network, limits, live.runtime.host_uid, self.settings.seccomp
-        )
+        return SandboxSpec(record.id, record.network, limits, self.settings.seccomp)
 
     async def _end_live(self, live: Live, reason: str) -> None:
         """End a sandbox once no start or failure of it is under way."""

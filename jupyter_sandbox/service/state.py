@@ -2,9 +2,10 @@
 
 Reads are served from memory. Every change is kept in two places:
 
-* the sandbox's own record file, in its directory (written through the backend,
-  which owns the directories), at once, whenever the change matters for re-adopting
-  the sandbox: its settings, status, runtime, lease id and SSH credential hashes.
+* the sandbox's own record, kept by the backend (``base.Records``: a file in the
+  sandbox's directory, a Secret of the cluster), written at once whenever the change
+  matters for re-adopting the sandbox: its settings, status, runtime, lease id and
+  SSH credential hashes.
   Lease renewals are not written there; a sandbox re-adopted from its file alone gets
   a fresh lease period.
 * the SQLite database (WAL), written by a background thread that waits out another
@@ -29,9 +30,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .._typed import typed
+from ..backends.base import Records
 from .identity import user_name
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -143,20 +145,10 @@ class SshToken:
     uid: int = field(default_factory=os.getuid)
 
 
-class RecordFiles(Protocol):
-    """Where each sandbox's own record lives: its directory, which the backend owns."""
-
-    def write_record(self, sandbox_id: str, data: bytes) -> None:
-        """Replace the record of a sandbox atomically."""
-
-    def read_records(self) -> dict[str, bytes]:
-        """The record of every sandbox directory that has one, by sandbox id."""
-
-
 class State:
     """Records of sandboxes and SSH tokens: in memory, in each sandbox's directory, in SQLite."""
 
-    def __init__(self, database: Path, files: RecordFiles, writer: _Writer) -> None:
+    def __init__(self, database: Path, files: Records, writer: _Writer) -> None:
         self.database = database
         self.files = files
         self._writer = writer
@@ -167,7 +159,7 @@ class State:
         self.unreadable: dict[str, str] = {}
 
     @classmethod
-    async def open(cls, database: Path, files: RecordFiles, lease_grace: float) -> State:
+    async def open(cls, database: Path, files: Records, lease_grace: float) -> State:
         """Load the database and the sandboxes' own records; log one line if they disagree.
 
         A session sandbox known only from its own record gets `lease_grace` seconds

@@ -149,7 +149,7 @@ class Worker:
         fields = answer["target"]
         if fields is None:
             return None
-        fields["agent"] = AgentClient(fields["agent"])
+        fields["agent"] = AgentClient.from_endpoint(fields["agent"])
         target = Target(**fields)
         for sandbox_id, token_hash in closed:
             if sandbox_id == target.sandbox_id and token_hash in (None, target.token_hash):

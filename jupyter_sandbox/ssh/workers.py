@@ -78,9 +78,9 @@ def worker_count(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def target_message(target: Target) -> Message:
-    """A target as the channel carries it: the agent as its socket path, no callables."""
+    """A target as the channel carries it: the agent as its endpoint, no callables."""
     message = {f.name: getattr(target, f.name) for f in fields(target) if f.name != "claim"}
-    return message | {"agent": target.agent.socket_path}
+    return message | {"agent": target.agent.endpoint()}
 
 
 class SharedLoads:
