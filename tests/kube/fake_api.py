@@ -60,6 +60,7 @@ class Resource:
     generation: bool = False  # metadata.generation counts spec changes
     status_subresource: bool = False  # the main endpoint ignores status changes
     returns_object: bool = False  # DELETE answers the object rather than a Status
+    custom: bool = False  # a custom resource (its list items keep kind and apiVersion)
 
     @property
     def api_version(self) -> str:
@@ -84,11 +85,11 @@ RESOURCES = (
     Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", generation=True),
     Resource(
         "agents.x-k8s.io", "v1beta1", "sandboxes", "Sandbox", generation=True,
-        status_subresource=True,
+        status_subresource=True, custom=True,
     ),
     Resource(
         "extensions.agents.x-k8s.io", "v1beta1", "sandboxwarmpools", "SandboxWarmPool",
-        generation=True, status_subresource=True,
+        generation=True, status_subresource=True, custom=True,
     ),
 )  # fmt: skip
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
@@ -1166,6 +1167,7 @@ class Watch:
     namespace: str
     labels: Callable[[dict], bool]
     fields: Callable[[dict], bool]
+    version: int  # the last resourceVersion it sent (or started from)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def matches(self, obj: dict | None) -> bool:
@@ -1228,7 +1230,7 @@ class ApiServer:
     async def close(self) -> None:
         if self._reopen:
             self._reopen.cancel()
-        self._cut_watches(None)
+        self._cut_watches()
         if self.runner:
             await self.runner.cleanup()
 
@@ -1243,7 +1245,7 @@ class ApiServer:
         if self.site is not None:
             await self.site.stop()
             self.site = None
-        self._cut_watches(None)
+        self._cut_watches()
         for handler in self.runner.server.connections:
             handler.force_close()
             if handler.transport is not None:
@@ -1267,12 +1269,14 @@ class ApiServer:
         """Compact the history and send every open watch a 410 Expired ERROR event."""
         self.store.compact()
         count = len(self.watches)
-        self._cut_watches(expired(f"too old resource version: ... ({self.store.compacted})"))
+        for watch in list(self.watches):
+            message = f"too old resource version: {watch.version} ({self.store.compacted})"
+            watch.queue.put_nowait(("ERROR", expired(message)))
         return count
 
-    def _cut_watches(self, error: ApiError | None) -> None:
+    def _cut_watches(self) -> None:
         for watch in list(self.watches):
-            watch.queue.put_nowait(("ERROR", error) if error else None)
+            watch.queue.put_nowait(None)
 
     def stats(self) -> dict:
         return {
@@ -1302,7 +1306,8 @@ class ApiServer:
             return web.json_response(error.status(), status=500)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
+        credentials = request.headers.get("Authorization")
+        if credentials is not None and credentials != f"Bearer {self.token}":
             raise ApiError(401, "Unauthorized", "Unauthorized")
         path = request.path
         if path in ("/healthz", "/readyz", "/livez"):
@@ -1323,6 +1328,9 @@ class ApiServer:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         params = dict(request.query)
         verb = req.verb(request.method, params)
+        if credentials is None:  # anonymous: allowed to ask the version and health only
+            anonymous = Rbac([], "", "system:anonymous")
+            raise anonymous.forbidden(verb, req.resource, req.subresource, req.namespace, req.name)
         self.requests[
             f"{verb} {req.resource.plural}{'/' + req.subresource if req.subresource else ''}"
         ] += 1
@@ -1349,8 +1357,6 @@ class ApiServer:
                     "MethodNotAllowed",
                     "the server does not allow this method on the requested resource",
                 )
-            if r.plural == "events":
-                body.setdefault("metadata", {}).setdefault("generateName", "event-")
             return web.json_response(store.create(r, ns, self._object_body(body)), status=201)
         if verb == "update":
             return web.json_response(store.replace(r, ns, name, body, req.subresource))
@@ -1504,8 +1510,18 @@ class ApiServer:
             "kind": req.resource.list_kind,
             "apiVersion": req.resource.api_version,
             "metadata": meta,
-            "items": [copy.deepcopy(o) for o in page],
+            "items": [self._list_item(req.resource, o) for o in page],
         }
+
+    @staticmethod
+    def _list_item(resource: Resource, obj: dict) -> dict:
+        """A list's item: built-in types carry no kind and apiVersion there (custom
+        resources do), as kube-apiserver encodes them."""
+        item = copy.deepcopy(obj)
+        if not resource.custom:
+            item.pop("kind", None)
+            item.pop("apiVersion", None)
+        return item
 
     async def _watch(self, request: web.Request, req: Request, params: dict) -> web.StreamResponse:
         watch = Watch(
@@ -1513,6 +1529,7 @@ class ApiServer:
             req.namespace,
             label_selector(params.get("labelSelector")),
             field_selector(req.resource, params.get("fieldSelector")),
+            self.store.rv,
         )
         rv = params.get("resourceVersion")
         timeout = _int_param(params, "timeoutSeconds")
@@ -1525,6 +1542,7 @@ class ApiServer:
                 since = int(rv)
             except ValueError as exc:
                 raise bad_request(f"resourceVersion: invalid value {rv!r}") from exc
+            watch.version = since
             if since < self.store.compacted:
                 backlog = [
                     (
@@ -1554,9 +1572,9 @@ class ApiServer:
                     )
                 except TimeoutError:
                     if bookmarks and deadline - time.monotonic() > 0:
-                        await self._send(
-                            response, req.resource, "BOOKMARK", self._bookmark(req.resource)
-                        )
+                        bookmark = self._bookmark(req.resource)
+                        await self._send(response, req.resource, "BOOKMARK", bookmark)
+                        watch.version = self.store.rv
                     continue
                 if item is None:  # cut by an outage
                     break
@@ -1565,6 +1583,7 @@ class ApiServer:
                     await self._send(response, req.resource, "ERROR", obj.status())
                     break
                 await self._send(response, req.resource, kind, obj)
+                watch.version = int(obj["metadata"]["resourceVersion"])
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             pass

@@ -138,6 +138,36 @@ def test_list_selects_by_label_and_field(fake_cluster: FakeCluster) -> None:
     }
 
 
+def test_list_pages_with_limit_and_continue(fake_cluster: FakeCluster) -> None:
+    ns = fake_cluster.namespace
+    names = [f"page-{i}" for i in range(5)]
+
+    async def scenario(v1: client.CoreV1Api) -> list[list[str]]:
+        for name in names:
+            await v1.create_namespaced_config_map(ns, configmap(name, {"paged": "yes"}))
+        pages, token = [], None
+        while True:
+            listed = await v1.list_namespaced_config_map(
+                ns, label_selector="paged", limit=2, _continue=token
+            )
+            pages.append([i.metadata.name for i in listed.items])
+            token = listed.metadata._continue
+            if not token:
+                break
+            assert listed.metadata.remaining_item_count == 5 - sum(map(len, pages))
+        raw = await v1.api_client.call_api(
+            f"/api/v1/namespaces/{ns}/configmaps", "GET", query_params=[("limit", "1")],
+            auth_settings=["BearerToken"], _preload_content=False,
+        )  # fmt: skip
+        item = json.loads(await raw.read())["items"][0]
+        assert "kind" not in item and "apiVersion" not in item  # as the real server lists
+        for name in names:
+            await v1.delete_namespaced_config_map(name, ns)
+        return pages
+
+    assert run(fake_cluster, scenario) == [names[0:2], names[2:4], names[4:]]
+
+
 def test_replace_on_a_stale_version_conflicts_and_patches_merge(fake_cluster: FakeCluster) -> None:
     ns = fake_cluster.namespace
 
@@ -426,7 +456,9 @@ def test_rbac_answers_forbidden_for_what_the_role_does_not_allow(tmp_path: Path)
         run(cluster, scenario)
 
 
-def test_a_wrong_token_is_unauthorized(fake_cluster: FakeCluster, tmp_path: Path) -> None:
+def test_a_wrong_token_is_unauthorized_and_none_is_anonymous(
+    fake_cluster: FakeCluster, tmp_path: Path
+) -> None:
     settings = json.loads(Path(fake_cluster.kubeconfig).read_text())
     settings["users"][0]["user"]["token"] = "wrong"
     wrong = tmp_path / "kubeconfig"
@@ -438,6 +470,16 @@ def test_a_wrong_token_is_unauthorized(fake_cluster: FakeCluster, tmp_path: Path
         assert caught.value.status == 401 and status_of(caught.value)["reason"] == "Unauthorized"
 
     run(dataclasses.replace(fake_cluster, kubeconfig=str(wrong)), scenario)
+    del settings["users"][0]["user"]["token"]
+    wrong.write_text(json.dumps(settings))
+
+    async def anonymous(v1: client.CoreV1Api) -> None:
+        with pytest.raises(ApiException) as caught:
+            await v1.list_namespaced_pod(fake_cluster.namespace)
+        assert caught.value.status == 403
+        assert 'User "system:anonymous" cannot list' in status_of(caught.value)["message"]
+
+    run(dataclasses.replace(fake_cluster, kubeconfig=str(wrong)), anonymous)
 
 
 def test_stats_count_requests_per_verb_and_resource(fake_cluster: FakeCluster) -> None:
