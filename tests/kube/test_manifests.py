@@ -35,11 +35,11 @@ NOT_APPLIED = {"kustomization.yaml", "z2jh-values.yaml"}
 # Secrets, ConfigMaps, PVC homes and NetworkPolicies, and the optional agent-sandbox
 # resources. A rule granting anything else, or another verb, fails the test.
 ALLOWED = {
-    ("", "pods"): {"get", "list", "watch", "create", "delete"},
-    ("", "secrets"): {"get", "list", "create", "update", "patch", "delete"},
-    ("", "configmaps"): {"get", "list", "create", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "create", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "list", "create", "delete"},
+    ("", "pods"): {"list", "watch", "create", "delete"},
+    ("", "secrets"): {"get", "list", "create", "patch", "delete"},
+    ("", "configmaps"): {"get", "create"},
+    ("", "persistentvolumeclaims"): {"list", "create", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"create"},
     ("agents.x-k8s.io", "sandboxes"): {"get", "list", "watch", "create", "patch", "delete"},
     ("extensions.agents.x-k8s.io", "sandboxwarmpools"): {
         "get",
