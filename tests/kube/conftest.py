@@ -82,6 +82,14 @@ class FakeCluster:
         self.seen_pids |= {pid for group in pids.values() for pid in group}
         return pids
 
+    def node(self, **capacity: str) -> dict[str, int]:
+        """The node's allocatable resources; change them with cpu="2", memory="1Gi",
+        ephemeral_storage="10Gi" (pods that do not fit stay Pending, Unschedulable)."""
+        if not capacity:
+            return self._call("GET", "/node")
+        body = {key.replace("_", "-"): value for key, value in capacity.items()}
+        return self._call("POST", "/node", body)
+
     def stop(self) -> None:
         """SIGTERM the cluster (it kills every pod process) and wait for it."""
         if self.process.poll() is None:

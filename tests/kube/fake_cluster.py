@@ -16,6 +16,9 @@ Control API (plain HTTP on its own port, never affected by the faults it injects
     GET  /stats                     request counts per verb and resource, watch events sent
     POST /stats/reset               start counting again
     GET  /pod_pids                  {namespace/name: [host pids of the pod's processes]}
+    GET  /node                      the node's allocatable cpu (millicores), memory, disk
+    POST /node        {"cpu"?, "memory"?, "ephemeral-storage"?}   change it (quantities):
+                                    pods that no longer fit stay Pending, Unschedulable
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from tests.kube.fake_api import (
     new_token,
     resource_named,
 )
-from tests.kube.kubelet import Kubelet
+from tests.kube.kubelet import Kubelet, millicores, parse_bytes
 
 NAMESPACE = "jupyter-sandbox"
 
@@ -67,6 +70,8 @@ class Cluster:
                 web.get("/stats", self._stats),
                 web.post("/stats/reset", self._reset_stats),
                 web.get("/pod_pids", self._pod_pids),
+                web.get("/node", self._node),
+                web.post("/node", self._node),
             ]
         )
         self.control_runner = web.AppRunner(self.control, access_log=None)
@@ -130,6 +135,20 @@ class Cluster:
         self.api.requests.clear()
         self.api.watch_events.clear()
         return web.json_response({})
+
+    async def _node(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            body = await request.json()
+            try:
+                if "cpu" in body:
+                    self.kubelet.capacity["cpu"] = millicores(body["cpu"])
+                for name in ("memory", "ephemeral-storage"):
+                    if name in body:
+                        self.kubelet.capacity[name] = parse_bytes(body[name])
+            except (TypeError, ValueError) as exc:
+                return web.json_response({"error": f"not a quantity: {exc}"}, status=400)
+            self.kubelet.wake_waiting()
+        return web.json_response(dict(self.kubelet.capacity))
 
     async def _pod_pids(self, request: web.Request) -> web.Response:
         return web.json_response({key: sorted(pids) for key, pids in self.kubelet.pids().items()})

@@ -1,4 +1,9 @@
-"""A fake kubelet (with the scheduler's binding step), for tests: none can run here.
+"""A fake kubelet and scheduler of one node, for tests: no real one can run here.
+
+The scheduler part binds a pod to the node once its PVCs exist and its resource
+requests fit the node's allocatable cpu, memory and ephemeral-storage (this machine's,
+or what the fake cluster's control API sets); until then the pod stays Pending with
+PodScheduled False, reason Unschedulable and the real scheduler's message.
 
 It runs every pod of the fake API server's store on this machine: container 0's command
 in bubblewrap (tests/kube/pod_runner.py) with the pod's uid/gid, env (value,
@@ -32,6 +37,7 @@ import signal
 import socket
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,9 +152,10 @@ class PodWorker:
 class Kubelet:
     """Runs the pods of a store on this machine."""
 
-    def __init__(self, store: Store, directory: Path) -> None:
+    def __init__(self, store: Store, directory: Path, capacity: dict[str, int] | None = None):
         self.store = store
         self.directory = directory
+        self.capacity = Counter(capacity or node_capacity(directory))
         self.workers: dict[str, PodWorker] = {}
         self.ips = IpPool()
         self.api_url = ""
@@ -204,14 +211,17 @@ class Kubelet:
                 worker.wake.set()
             elif event.type != "DELETED":
                 self._ensure_worker(event.obj)
-            return
         if event.resource is PVCS and event.type == "DELETED":
             meta = event.obj["metadata"]
             shutil.rmtree(self._claim_dir(meta["namespace"], meta["name"]), ignore_errors=True)
-        if event.resource in (SECRETS, CONFIGMAPS, PVCS):
-            for worker in self.workers.values():
-                if worker.container is None:
-                    worker.wake.set()
+        if event.resource in (PODS, SECRETS, CONFIGMAPS, PVCS):
+            self.wake_waiting()
+
+    def wake_waiting(self) -> None:
+        """Let every pod that waits to be scheduled or started look again."""
+        for worker in self.workers.values():
+            if worker.container is None:
+                worker.wake.set()
 
     def _ensure_worker(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -249,7 +259,16 @@ class Kubelet:
         pod = self._pod(worker)
         if pod is None:
             return
-        self._schedule(pod)
+        while not pod["spec"].get("nodeName"):  # the scheduler's part
+            if pod["metadata"].get("deletionTimestamp"):
+                return
+            if (why := self._unschedulable(pod)) is None:
+                self._bind(pod)
+                break
+            self._set_unschedulable(worker, pod, why)
+            await self._wait(worker, 5.0)
+            if (pod := self._pod(worker)) is None:
+                return
         while True:  # wait until the container can start
             pod = self._pod(worker)
             if pod is None or pod["metadata"].get("deletionTimestamp"):
@@ -298,10 +317,53 @@ class Kubelet:
             worker.wake.clear()
         await self._finish(worker, self._pod(worker), started)
 
-    def _schedule(self, pod: dict) -> None:
+    def _unschedulable(self, pod: dict) -> str | None:
+        """Why the scheduler cannot bind the pod to this node (None: it can)."""
+        namespace = pod["metadata"]["namespace"]
+        for volume in pod["spec"].get("volumes") or []:
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            if claim is None:
+                continue
+            pvc = self.store.find(PVCS, namespace, claim)
+            if pvc is None or pvc["metadata"].get("deletionTimestamp"):
+                state = "not found" if pvc is None else "is being deleted"
+                return (
+                    f'0/1 nodes are available: persistentvolumeclaim "{claim}" {state}. '
+                    "preemption: 0/1 nodes are available: 1 Preemption is not helpful for "
+                    "scheduling."
+                )
+        used = Counter()
+        for other in self.store.items(PODS):
+            if other["spec"].get("nodeName") == NODE_NAME and other["status"].get("phase") not in (
+                "Succeeded",
+                "Failed",
+            ):
+                used.update(requests_of(other))
+        wanted = requests_of(pod)
+        short = [r for r in RESOURCE_NAMES if wanted[r] and used[r] + wanted[r] > self.capacity[r]]
+        if not short:
+            return None
+        listed = ", ".join(f"1 Insufficient {r}" for r in short)
+        return (
+            f"0/1 nodes are available: {listed}. preemption: 0/1 nodes are available: 1 No "
+            "preemption victims found for incoming pod."
+        )
+
+    def _set_unschedulable(self, worker: PodWorker, pod: dict, why: str) -> None:
+        old = {c["type"]: c for c in pod["status"].get("conditions") or []}.get("PodScheduled")
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "lastProbeTime": None,
+            "lastTransitionTime": old["lastTransitionTime"] if old else now_rfc3339(),
+            "reason": "Unschedulable",
+            "message": why,
+        }
+        status = dict(pod["status"], phase="Pending", conditions=[condition])
+        self.store.write_status(PODS, worker.namespace, worker.name, status)
+
+    def _bind(self, pod: dict) -> None:
         """The scheduler's binding: the pod goes to this node."""
-        if pod["spec"].get("nodeName"):
-            return
         new = copy.deepcopy(pod)
         new["spec"]["nodeName"] = NODE_NAME
         new["status"]["conditions"] = [
@@ -521,7 +583,7 @@ class Kubelet:
                 empty = volume["emptyDir"] or {}
                 if empty.get("medium") == "Memory":
                     sources[name] = None
-                    sizes[name] = _bytes(empty.get("sizeLimit"))
+                    sizes[name] = parse_bytes(empty.get("sizeLimit"))
                     continue
                 path.mkdir(parents=True, exist_ok=True)
             elif "configMap" in volume or "secret" in volume:
@@ -659,13 +721,45 @@ class Kubelet:
         self.store.write_status(PODS, worker.namespace, worker.name, status)
 
 
-def _bytes(quantity: str | int | None) -> int | None:
+RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
+
+
+def node_capacity(directory: Path) -> dict[str, int]:
+    """What this machine offers as allocatable: cpu in millicores, memory and disk in bytes."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    directory.mkdir(parents=True, exist_ok=True)
+    disk = shutil.disk_usage(directory).total
+    return {"cpu": (os.cpu_count() or 1) * 1000, "memory": memory, "ephemeral-storage": disk}
+
+
+def millicores(quantity: str | int | float | None) -> int:
+    """A cpu quantity ("500m", "2", 0.5) in millicores."""
+    text = str(quantity or 0)
+    if text.endswith("m"):
+        return int(float(text[:-1]))
+    return int(float(text) * 1000)
+
+
+def requests_of(pod: dict) -> Counter:
+    """The pod's resource requests, as the scheduler adds them up."""
+    total: Counter = Counter()
+    for container in pod["spec"].get("containers") or []:
+        requests = (container.get("resources") or {}).get("requests") or {}
+        if "cpu" in requests:
+            total["cpu"] += millicores(requests["cpu"])
+        for name in ("memory", "ephemeral-storage"):
+            if name in requests:
+                total[name] += parse_bytes(requests[name]) or 0
+    return total
+
+
+def parse_bytes(quantity: str | int | None) -> int | None:
     """A Kubernetes quantity ("64Mi", "1G", "512") as bytes."""
     if quantity is None:
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(quantity))
     if not m:
-        return None
+        raise ValueError(f"{quantity!r} is not a quantity such as 64Mi or 1G")
     factors = {
         None: 1,
         "k": 10**3,

@@ -394,3 +394,46 @@ def test_a_killed_cluster_takes_its_pods_with_it(tmp_path: Path) -> None:
         cluster.process.kill()  # no chance to clean up: bwrap --die-with-parent does it
         cluster.process.wait()
         wait_for(lambda: not [p for p in pids if alive(p)], 5, message="pods to die")
+
+
+def test_a_pod_that_does_not_fit_stays_pending_until_the_node_has_room(
+    fake_cluster: FakeCluster,
+) -> None:
+    ns = fake_cluster.namespace
+    capacity = fake_cluster.node()
+
+    def unschedulable(_: str, pod: dict) -> bool:
+        conditions = {c["type"]: c for c in pod["status"].get("conditions") or []}
+        return conditions.get("PodScheduled", {}).get("reason") == "Unschedulable"
+
+    async def scenario(v1: client.CoreV1Api) -> list[str]:
+        await prepare(v1, ns)
+        messages = []
+        home = {"name": "home", "persistentVolumeClaim": {"claimName": "kl-no-claim"}}
+        made = await v1.create_namespaced_pod(ns, pod_manifest("kl-noclaim", ["true"], home))
+        events = await until(v1, ns, "kl-noclaim", unschedulable, made.metadata.resource_version)
+        pod = events[-1][1]
+        assert not pod["spec"].get("nodeName") and pod["status"]["phase"] == "Pending"
+        messages.append(pod["status"]["conditions"][0]["message"])
+        gone = await v1.delete_namespaced_pod("kl-noclaim", ns)  # unscheduled: at once
+        assert gone.metadata.deletion_grace_period_seconds == 0
+        await asyncio.to_thread(fake_cluster.node, memory="128Mi")
+        made = await v1.create_namespaced_pod(ns, pod_manifest("kl-big", ["python3", "-c", SERVER]))
+        events = await until(v1, ns, "kl-big", unschedulable, made.metadata.resource_version)
+        messages.append(events[-1][1]["status"]["conditions"][0]["message"])
+        await asyncio.to_thread(fake_cluster.node, memory=str(capacity["memory"]))
+        await until(v1, ns, "kl-big", ready, events[-1][1]["metadata"]["resourceVersion"])
+        await v1.delete_namespaced_pod("kl-big", ns, grace_period_seconds=0)
+        await asyncio.to_thread(wait_for, lambda: f"{ns}/kl-big" not in fake_cluster.pod_pids())
+        return messages
+
+    try:
+        messages = run(fake_cluster, scenario)
+    finally:
+        fake_cluster.node(memory=str(capacity["memory"]))
+    assert messages == [
+        '0/1 nodes are available: persistentvolumeclaim "kl-no-claim" not found. preemption: '
+        "0/1 nodes are available: 1 Preemption is not helpful for scheduling.",
+        "0/1 nodes are available: 1 Insufficient memory. preemption: 0/1 nodes are available: "
+        "1 No preemption victims found for incoming pod.",
+    ]
