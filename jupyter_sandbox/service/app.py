@@ -31,14 +31,14 @@ from .._config import Paths, Settings
 from ..backends import make_backend
 from . import config_file
 from .api import make_app
-from .connections import BoundedUnixSite
+from .connections import BoundedSockSite, BoundedUnixSite
 from .hub_auth import HubDirectory, HubSettings, open_hub_directory
 from .identity import Directory
 from .locks import try_lock
 from .manager import Manager
 from .quotas import Quotas
 from .ssh_access import SshAccessManager
-from .ssh_port import API_LISTEN_FD_ENV, inherited_socket
+from .ssh_port import API_LISTEN_FD_ENV, bind_listener, inherited_socket
 from .state import State
 
 log = logging.getLogger("jupyter_sandbox.service")
@@ -92,7 +92,7 @@ class Service:
         self.hub = hub  # hub mode: TCP callers are hub users, named by their tokens
         self.stopping = asyncio.Event()
         self._lock_fd: int | None = None
-        self.config_path = config_file.path(self.system or hub is not None)
+        self.config_path = config_file.path(self.shared)
         # Called with the config file's tables at start and after each SIGHUP reload.
         self.config_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.directory: Directory | HubDirectory | None = None
@@ -101,13 +101,18 @@ class Service:
     def system(self) -> bool:
         return self.paths.mode == "system"
 
+    @property
+    def shared(self) -> bool:
+        """Serving many users (system or hub mode): an administrator's config file and
+        quotas, a cap on each user's SSH connections, no exit when idle."""
+        return self.system or self.hub is not None
+
     def _read_config(self) -> dict[str, Any]:
         """The config file's tables (see config_file.path for where it is)."""
         return config_file.load(self.config_path)
 
     def _quotas(self, config: dict[str, Any]) -> Quotas:
-        administered = self.system or self.hub is not None
-        return Quotas.parse(config, self.config_path, administered=administered)
+        return Quotas.parse(config, self.config_path, administered=self.shared)
 
     def _apply_config(self, config: dict[str, Any]) -> None:
         groups = config_file.instructor_groups(config, self.config_path)
@@ -171,7 +176,7 @@ class Service:
             lambda config: setattr(manager, "quotas", self._quotas(config))
         )
         await manager.start()
-        ssh = SshAccessManager(manager, self.paths.data_dir / "ssh", system=self.system)
+        ssh = SshAccessManager(manager, self.paths.data_dir / "ssh", system=self.shared)
         await ssh.start()
         token = self._api_token() if self.tcp and not self.hub else None
         if self.hub:
@@ -197,7 +202,10 @@ class Service:
         }
         if self.tcp:
             sock = inherited_socket(API_LISTEN_FD_ENV)  # held by the supervisor
-            site = web.SockSite(runner, sock) if sock else web.TCPSite(runner, *self.tcp)
+            if self.hub:  # every hub user's port: a bound per peer address
+                site = BoundedSockSite(runner, sock or bind_listener(*self.tcp))
+            else:
+                site = web.SockSite(runner, sock) if sock else web.TCPSite(runner, *self.tcp)
             await site.start()
             host, port = site._server.sockets[0].getsockname()[:2]
             runtime.update(url=f"http://{host}:{port}", token=token)
@@ -214,7 +222,7 @@ class Service:
             ready()
         idle = asyncio.create_task(
             asyncio.Event().wait()  # the machine's service stays, idle or not
-            if self.system or self.hub
+            if self.shared
             else self._idle_watch(manager, app["activity"])
         )
         try:

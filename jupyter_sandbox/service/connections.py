@@ -1,20 +1,24 @@
-"""A bound on the connections each user holds open to a system service.
+"""A bound on the connections each user holds open to a system or hub service.
 
 The system service's socket is everyone's (0666). Without a bound, one user who opens
 connections until the service runs out of file descriptors (idle ones, or requests
 whose headers never end) would leave it unable to accept anyone else's. Each uid (by
 SO_PEERCRED) may hold MAX_PER_USER at once; root, which the dashboard runs as, is not
-bound. A connection over the bound is answered at once with an error, and closed once
-the client has sent its request (so that it reads the answer), or after LINGER seconds;
-at most MAX_LINGERING such connections are kept open meanwhile, others closed at once.
+bound. A hub service's TCP port (`serve --hub-auth`) is every hub user's: there each
+peer address (a user's pod) may hold MAX_PER_USER, as connections are opened before
+any token is read. A connection over the bound is answered at once with an error, and
+closed once the client has sent its request (so that it reads the answer), or after
+LINGER seconds; at most MAX_LINGERING such connections are kept open meanwhile, others
+closed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from aiohttp import web
 
@@ -46,22 +50,37 @@ def _refusal(limit: int) -> bytes:
 _LINGERING = -1  # the key under which refused connections still open are counted
 
 
+# Whom a connection counts against: a key, or None for a peer no bound applies to.
+PeerKey = Callable[[asyncio.BaseTransport], Hashable | None]
+
+
+def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    uid = peer_uid(transport.get_extra_info("socket"))
+    return None if uid == 0 else uid
+
+
+def _peer_address(transport: asyncio.BaseTransport) -> str:
+    return str(transport.get_extra_info("peername")[0])
+
+
 class _Bounded(asyncio.Protocol):
     """The service's protocol for one connection, if its user is within the bound."""
 
-    def __init__(self, make: Callable[[], asyncio.Protocol], held: Counter, limit: int) -> None:
-        self.make, self.held, self.limit = make, held, limit
+    def __init__(
+        self, make: Callable[[], asyncio.Protocol], held: Counter, limit: int, key: PeerKey
+    ) -> None:
+        self.make, self.held, self.limit, self.key = make, held, limit, key
         self.inner: asyncio.Protocol | None = None
-        self.uid: int | None = None
+        self.peer: Hashable | None = None
         self.transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        uid = peer_uid(transport.get_extra_info("socket"))
-        if uid != 0 and self.held[uid] >= self.limit:
+        peer = self.key(transport)
+        if peer is not None and self.held[peer] >= self.limit:
             self._refuse(transport)
             return
-        self.uid = uid
-        self.held[uid] += 1
+        self.peer = peer
+        self.held[peer] += 1
         self.inner = self.make()
         self.inner.connection_made(transport)
 
@@ -79,9 +98,9 @@ class _Bounded(asyncio.Protocol):
             self.held[_LINGERING] -= 1
         if self.inner is None:
             return
-        self.held[self.uid] -= 1
-        if not self.held[self.uid]:
-            del self.held[self.uid]
+        self.held[self.peer] -= 1
+        if not self.held[self.peer]:
+            del self.held[self.peer]
         self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -116,5 +135,30 @@ class BoundedUnixSite(web.UnixSite):
         assert make is not None
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(
-            lambda: _Bounded(make, self.held, self.limit), self._path, backlog=self._backlog
+            lambda: _Bounded(make, self.held, self.limit, _peer_uid),
+            self._path,
+            backlog=self._backlog,
+        )
+
+
+class BoundedSockSite(web.SockSite):
+    """A TCP site on a listening socket at which each peer address holds at most `limit`
+    connections."""
+
+    def __init__(
+        self, runner: web.BaseRunner, sock: socket.socket, limit: int = MAX_PER_USER
+    ) -> None:
+        super().__init__(runner, sock)
+        self.limit = limit
+        self.held: Counter = Counter()
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        make = self._runner.server
+        assert make is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Bounded(make, self.held, self.limit, _peer_address),
+            sock=self._sock,
+            backlog=self._backlog,
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from jupyter_sandbox.service.connections import MAX_PER_USER
 from tests.conftest import wait_for
 from tests.hub.token_hub import (
     ADMIN,
@@ -172,16 +173,56 @@ def test_a_user_named_like_an_os_user_gets_none_of_its_sandboxes(
         assert service.call("GET", f"/v1/sandboxes/{ref}", token).status_code == 404
 
 
-def raw_request(service: HubAuthService, head: bytes) -> tuple[int, bytes]:
-    """Send `head` (a request without a body) as is; the status and body of the answer."""
-    host, port = service.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+def raw_request(
+    service: HubAuthService, head: bytes, source: str = "127.0.0.1"
+) -> tuple[int, bytes]:
+    """Send `head` (a request without a body) from address `source` as is; the status
+    and body of the answer."""
+    with socket.create_connection(address(service), timeout=30, source_address=(source, 0)) as sock:
         sock.sendall(head)
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
     status = int(data.split(b" ", 2)[1])
     return status, data.partition(b"\r\n\r\n")[2]
+
+
+def address(service: HubAuthService) -> tuple[str, int]:
+    host, port = service.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+@pytest.mark.unprivileged
+def test_one_pod_holding_connections_does_not_shut_out_another(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    """Connections are opened before any token is read: each peer address (a user's pod)
+    may hold MAX_PER_USER, one more is answered 429 saying what to do, and another
+    address is served meanwhile."""
+    token = token_hub.token("alice")
+    head = (
+        f"GET /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: token {token}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    held = []
+    try:
+        for _ in range(MAX_PER_USER):
+            held.append(socket.create_connection(address(service), source_address=("127.0.0.3", 0)))
+        _, body = wait_for(
+            lambda: (answer := raw_request(service, head, "127.0.0.3"))[0] == 429 and answer,
+            20,
+            message="a connection over the bound to be refused",
+        )
+        assert "close some" in json.loads(body)["message"]
+        assert raw_request(service, head, "127.0.0.4")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(
+        lambda: raw_request(service, head, "127.0.0.3")[0] == 200,
+        20,
+        message="the address to be served once it holds fewer",
+    )
 
 
 @pytest.mark.unprivileged
