@@ -1,0 +1,221 @@
+"""The kubernetes backend used through the real service and the real client, on the fake
+cluster (tests/kube: a fake API server and kubelet, the only mocked parts; each pod's
+agent really runs, in bubblewrap on a loopback pod IP, reached over TLS)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from jupyter_sandbox import Sandbox, SandboxFailed, ServiceUnavailable
+from tests.conftest import wait_for
+from tests.kube.conftest import FakeCluster, running_fake_cluster
+
+if TYPE_CHECKING:
+    from tests.kube_fixtures import KubeService
+
+pytest_plugins = ["tests.kube_fixtures"]
+
+pytestmark = pytest.mark.timeout(120)
+RBAC = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "rbac.yaml"
+
+
+@pytest.fixture(scope="module")
+def fake_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
+    """The fake cluster, answering 403 to anything the service's Role does not allow: every
+    call the backend makes here fits deploy/kubernetes/rbac.yaml."""
+    with running_fake_cluster(tmp_path_factory.mktemp("fake-cluster"), rbac=RBAC) as cluster:
+        yield cluster
+
+
+def test_create_run_files_kill_leaves_nothing(kube_service_env: KubeService):
+    service = kube_service_env
+    sb = Sandbox.create(timeout="2m", memory="256M", cpus=0.5)
+    pod = service.pod(sb.id)
+    assert pod["metadata"]["name"] == f"jsb-{sb.id}-0"
+    result = sb.sh("echo hello from $(hostname); id -u; echo $HOME; pwd")
+    assert result.stdout.split() == [
+        "hello",
+        "from",
+        sb.id,
+        "1000",
+        "/home/sandbox",
+        "/home/sandbox",
+    ]
+    sb.fs.write_text("notes/a.txt", "kept\n")
+    assert sb.fs.read_text("notes/a.txt") == "kept\n"
+    assert sb.sh("cat notes/a.txt").stdout == "kept\n"
+    secret = service.of_sandbox("secrets", sb.id)
+    assert [s["metadata"]["name"] for s in secret] == [f"jsb-{sb.id}"]
+    assert service.pod_processes(), "the pod's agent runs on this host"
+    sb.kill()
+    wait_for(lambda: not service.leftovers(), 20, message="the sandbox's objects to go")
+    wait_for(lambda: not service.pod_processes(), 20, message="the pod's processes to end")
+    assert not (service.storage / "sandboxes" / sb.id).exists()
+
+
+def test_pod_is_locked_down_and_sized_from_the_limits(make_kube_service):
+    service = make_kube_service(JUPYTER_SANDBOX_K8S_RUNTIME_CLASS="gvisor")
+    with Sandbox.create(timeout="2m", memory="256M", cpus=0.5) as sb:
+        spec = service.pod(sb.id)["spec"]
+        [container] = spec["containers"]
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["resources"]["limits"]["memory"] == str(256 << 20)
+        assert container["resources"]["limits"]["cpu"] == "500m"
+        assert container["resources"]["requests"] == container["resources"]["limits"]
+        assert spec["runtimeClassName"] == "gvisor"
+        # No service-account token reaches the sandbox: nothing of the API's.
+        token = sb.sh("cat /var/run/secrets/kubernetes.io/serviceaccount/token", check=False)
+        assert token.exit_code != 0 and not token.stdout
+        env = sb.sh("env").stdout
+        assert "BEGIN" not in env and "JUPYTER_SANDBOX_AGENT" not in env, (
+            "the agent's credentials must not reach user code"
+        )
+
+
+def test_service_sigkilled_readopts_its_pods_and_deletes_unrecorded_leftovers(
+    kube_service_env: KubeService,
+):
+    service = kube_service_env
+    sb = Sandbox.create(timeout="5m")
+    sb.fs.write_text("work.txt", "written before the kill\n")
+    sleeper = sb.spawn("sleep 300")
+    pod = service.pod(sb.id)["metadata"]["name"]
+    # What a service killed in the middle of a start leaves: objects, no record.
+    leftover = "sb-feedfacade"
+    service.create_object("secrets", service.leftover_secret(leftover))
+    service.create_object("pods", service.leftover_pod(leftover))
+    wait_for(lambda: service.of_sandbox("pods", leftover), 10, message="the leftover pod")
+    service.kill()
+    assert service.pod(sb.id)["metadata"]["name"] == pod, "pods outlive the service"
+    service.start()
+    wait_for(lambda: not service.leftovers_of(leftover), 20, message="the leftover to be deleted")
+    again = Sandbox.connect(sb.id)
+    assert again.info().status == "running"
+    assert again.fs.read_text("work.txt") == "written before the kill\n"
+    assert sleeper.pid in [p.pid for p in again.processes()]
+    assert again.sh("echo still here").stdout == "still here\n"
+    assert service.pod(sb.id)["metadata"]["name"] == pod, "re-adopted, not started again"
+    again.kill()
+
+
+def test_a_new_service_on_a_fresh_disk_readopts_from_the_secrets_alone(
+    kube_service_env: KubeService,
+):
+    """A service pod rescheduled elsewhere has no database: the Secrets' records suffice."""
+    service = kube_service_env
+    sb = Sandbox.create(name="survivor", timeout="5m", memory="300M")
+    sb.fs.write_text("work.txt", "in the pod, not on the service's disk\n")
+    service.kill()
+    shutil.rmtree(service.env["JUPYTER_DATA_DIR"])
+    shutil.rmtree(service.storage)
+    service.storage.mkdir()
+    service.start()
+    again = Sandbox.connect("survivor")
+    info = again.info()
+    assert (again.id, info.status, info.limits["memory"]) == (sb.id, "running", 300 << 20)
+    assert again.fs.read_text("work.txt") == "in the pod, not on the service's disk\n"
+    assert again.sh("echo adopted").stdout == "adopted\n"
+    again.kill()
+
+
+def test_pod_deleted_behind_the_services_back_fails_and_keeps_a_pvc_home(make_kube_service):
+    service = make_kube_service(JUPYTER_SANDBOX_K8S_HOME="pvc")
+    sb = Sandbox.create(timeout="5m")
+    sb.fs.write_text("work.txt", "kept on the claim\n")
+    assert [c["metadata"]["name"] for c in service.of_sandbox("persistentvolumeclaims", sb.id)] == [
+        f"jsb-{sb.id}-home"
+    ]
+    service.cluster.delete("pods", service.pod(sb.id)["metadata"]["name"])
+    wait_for(lambda: sb.info().status == "failed", 20, message="the sandbox to fail")
+    failure = sb.info().failure
+    assert "deleted behind the service's back" in failure
+    assert "home is kept on its PersistentVolumeClaim" in failure
+    with pytest.raises(SandboxFailed, match="deleted behind the service's back"):
+        sb.sh("true")
+    assert sb.fs.read_text("work.txt") == "kept on the claim\n"
+    files_pod = service.pod(sb.id)
+    assert files_pod["spec"]["containers"][0]["command"][-1] == "files-only"
+    sb.restart()
+    assert sb.sh("cat work.txt").stdout == "kept on the claim\n"
+    assert service.pod(sb.id)["metadata"]["name"] == f"jsb-{sb.id}-2"
+    sb.kill()
+
+
+def test_api_server_away_for_30_s(kube_service_env: KubeService):
+    service = kube_service_env
+    sb = Sandbox.create(timeout="5m")
+    service.cluster.outage(30)
+    began = time.monotonic()
+    assert sb.sh("echo works without the API").stdout == "works without the API\n"
+    sb.fs.write_text("during.txt", "written during the outage\n")
+    with pytest.raises(ServiceUnavailable, match="cannot be reached"):
+        Sandbox.create(timeout="1m")
+    assert time.monotonic() - began < 25, "a create fails within a bound, it does not hang"
+    assert service.sandbox_ids() == {sb.id}, "a create that failed leaves nothing"
+    second = wait_for(_created, 60, interval=1.0, message="a create to work after the outage")
+    assert sb.info().status == "running"
+    assert sb.fs.read_text("during.txt") == "written during the outage\n"
+    # The pod watch is back: a deletion now is seen.
+    service.cluster.delete("pods", service.pod(second.id)["metadata"]["name"])
+    wait_for(lambda: second.info().status == "failed", 20, message="the deletion to be seen")
+    second.kill()
+    sb.kill()
+
+
+def test_expired_watch_misses_no_deletion(kube_service_env: KubeService):
+    service = kube_service_env
+    sb = Sandbox.create(timeout="5m")
+    lists = service.cluster.stats()["requests"].get("list pods", 0)
+    service.cluster.expire_watches()
+    service.cluster.delete("pods", service.pod(sb.id)["metadata"]["name"])
+    wait_for(lambda: sb.info().status == "failed", 20, message="the deletion to be seen")
+    assert service.cluster.stats()["requests"].get("list pods", 0) > lists, "it listed again"
+    failure = sb.info().failure
+    assert "deleted behind the service's back" in failure
+    assert "emptyDir volume and is gone with the pod: no files are kept" in failure
+    sb.kill()
+
+
+def _created() -> Sandbox | None:
+    try:
+        return Sandbox.create(timeout="2m")
+    except ServiceUnavailable:
+        return None
+
+
+def test_warm_pool_pods_are_claimed_refilled_and_drained(make_kube_service):
+    service = make_kube_service(JUPYTER_SANDBOX_POOL="1")
+    pooled = wait_for(lambda: _ready_sandboxes(service), 30, message="a pooled pod")
+    sb = Sandbox.create(timeout="2m")
+    assert {sb.id} == pooled, "the create took the pooled pod"
+    assert sb.sh("echo from the pool").stdout == "from the pool\n"
+    refilled = wait_for(lambda: _ready_sandboxes(service) - {sb.id}, 30, message="a refill")
+    other = Sandbox.create(timeout="2m", cpus=0.25)  # a running pod cannot take other CPUs
+    assert other.id not in refilled
+    resources = service.pod(other.id)["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["cpu"] == "250m"
+    sb.kill()
+    other.kill()
+    # The fixture's end stops the service, which drains the pool: nothing may be left.
+
+
+def _ready_sandboxes(service: KubeService) -> set[str]:
+    return {
+        p["metadata"]["labels"]["jupyter-sandbox.io/sandbox"]
+        for p in service.objects("pods")
+        if any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p.get("status", {}).get("conditions", [])
+        )
+        and not p["metadata"].get("deletionTimestamp")
+    }
