@@ -4,7 +4,9 @@ agent really runs, in bubblewrap on a loopback pod IP, reached over TLS)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +153,23 @@ def test_pod_deleted_behind_the_services_back_fails_and_keeps_a_pvc_home(make_ku
     sb.kill()
 
 
+def test_agent_killed_on_the_node_fails_the_sandbox_saying_so(kube_service_env: KubeService):
+    service = kube_service_env
+    sb = Sandbox.create(timeout="2m")
+    pod = service.pod(sb.id)["metadata"]["name"]
+    agents = [  # the container's command (pid 1 inside) is the first, not its bwrap
+        pid
+        for pid in service.pod_processes()[pod]
+        if _argv(pid)[:1] == [b"python3"] and b"--pod" in _argv(pid)
+    ]
+    os.kill(min(agents), signal.SIGKILL)
+    wait_for(lambda: sb.info().status == "failed", 20, message="the sandbox to fail")
+    failure = sb.info().failure
+    assert "its agent was killed (SIGKILL, exit status 137)" in failure
+    assert "no files are kept" in failure
+    sb.kill()
+
+
 def test_api_server_away_for_30_s(kube_service_env: KubeService):
     service = kube_service_env
     sb = Sandbox.create(timeout="5m")
@@ -184,6 +203,10 @@ def test_expired_watch_misses_no_deletion(kube_service_env: KubeService):
     assert "deleted behind the service's back" in failure
     assert "emptyDir volume and is gone with the pod: no files are kept" in failure
     sb.kill()
+
+
+def _argv(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
 
 
 def _created() -> Sandbox | None:
