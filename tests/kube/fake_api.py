@@ -42,7 +42,7 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-HISTORY_LIMIT = 50_000  # watch events kept for resuming watches; older ones are compacted
+HISTORY_LIMIT = 10_000  # watch events kept for resuming watches; older ones are compacted
 DEFAULT_WATCH_TIMEOUT = 1800.0  # the server ends a watch without timeoutSeconds after this
 MAX_OBJECT_BYTES = 1024 * 1024  # ConfigMap and Secret data limit
 NAMESPACES = ("default", "kube-system", "jupyter-sandbox")
@@ -831,8 +831,10 @@ class Store:
         grace = max(0, int(grace))
         if meta.get("deletionTimestamp") and grace > 0:
             ends = parse_rfc3339(meta["deletionTimestamp"])
-            if time.time() + grace >= ends and new == current:
-                return copy.deepcopy(current), False  # only a shorter grace changes anything
+            if time.time() + grace >= ends:  # only a shorter grace moves the deadline
+                if new == current:
+                    return copy.deepcopy(current), False
+                return self._commit(resource, "MODIFIED", new, current), False
         if grace == 0 and not meta.get("finalizers"):
             meta.setdefault("deletionTimestamp", now_rfc3339())
             meta["deletionGracePeriodSeconds"] = 0
@@ -1585,7 +1587,7 @@ class ApiServer:
                 await self._send(response, req.resource, kind, obj)
                 watch.version = int(obj["metadata"]["resourceVersion"])
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the client went away
             pass
         finally:
             self.watches.discard(watch)
