@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .. import _tls_transport
 from .._errors import FileError, SandboxError, SandboxExpired
 from ..untrusted import messages
 from ..untrusted.messages import ProtocolViolation
@@ -66,8 +67,8 @@ class AgentStream:
     send must not tear down the reading side before the agent's answer has been read.
     Over TLS the bytes must pass through the transport that encrypts them: they go
     through the writer (with drain), and the agent's side makes sure its answer
-    arrives before any reset (it ends with a close_notify, then reads and drops what
-    is still coming); the reader keeps what arrived either way.
+    arrives before any reset (it ends with a close_notify and a FIN, then reads and
+    drops what is still coming); the reader keeps what arrived either way.
     """
 
     def __init__(
@@ -251,13 +252,8 @@ async def _open_tls_connection(endpoint: TlsEndpoint, context: ssl.SSLContext) -
     reader, stream_protocol = _stream_protocol()
     where = f"{endpoint.host}:{endpoint.port}"
     try:
-        transport, _ = await loop.create_connection(
-            lambda: stream_protocol,
-            endpoint.host,
-            endpoint.port,
-            ssl=context,
-            server_hostname="",
-            ssl_handshake_timeout=ANSWER_TIMEOUT,
+        transport = await _tls_transport.open_connection(
+            stream_protocol, endpoint.host, endpoint.port, context
         )
     except ssl.SSLCertVerificationError as e:
         raise AgentIdentityMismatch(

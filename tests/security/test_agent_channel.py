@@ -25,7 +25,12 @@ import pytest
 from jupyter_sandbox._errors import FileError, SandboxError
 from jupyter_sandbox.agent import tls_server
 from jupyter_sandbox.agent.protocol import Frame
-from jupyter_sandbox.agent.remote import AgentClient, AgentIdentityMismatch, TlsEndpoint
+from jupyter_sandbox.agent.remote import (
+    AgentClient,
+    AgentIdentityMismatch,
+    AgentStream,
+    TlsEndpoint,
+)
 from jupyter_sandbox.backends.tls import SandboxCredentials
 from jupyter_sandbox.untrusted import messages
 from tests.conftest import ROOT, wait_for
@@ -230,45 +235,111 @@ def test_logs_of_a_background_process_stream_to_the_end(pod: Pod):
     assert "".join(run(logs())) == "line1\nline2\nline3\n"
 
 
-@pytest.mark.unprivileged
-def test_a_tcp_connection_is_relayed_both_ways(pod: Pod):
-    """A server inside echoes 1 MiB back while it still arrives, then closes."""
+def _serve_inside(pod: Pod, body: str) -> int:
+    """Start a one-connection TCP server in the sandbox running `body` (with the
+    connection as `c`); its port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = (
-        "import socket\n"
-        f"s = socket.create_server(('127.0.0.1', {port}))\n"
-        "c, _ = s.accept()\n"
+    server = f"import socket\ns = socket.create_server(('127.0.0.1', {port}))\nc, _ = s.accept()\n"
+    run(pod.client.call("spawn", argv=["python3", "-c", server + body]))
+    return port
+
+
+async def _connect_inside(pod: Pod, port: int) -> AgentStream:
+    """A relayed connection to `port` inside, once its server listens."""
+    deadline = time.monotonic() + 10
+    while True:
+        stream = await pod.client.open("connect", host="127.0.0.1", port=port)
+        try:
+            await stream.result()
+            return stream
+        except SandboxError:
+            await stream.close()
+            assert time.monotonic() < deadline, "the server inside never listened"
+            await asyncio.sleep(0.05)
+
+
+async def _read_to_end(stream: AgentStream) -> bytes:
+    received = bytearray()
+    while chunk := await asyncio.wait_for(stream.reader.read(1 << 16), 10):
+        received += chunk
+    return bytes(received)
+
+
+@pytest.mark.unprivileged
+def test_a_tcp_connection_is_relayed_both_ways(pod: Pod):
+    """A server inside echoes 1 MiB back while it still arrives, then closes."""
+    body = (
         "got = 0\n"
         "while got < 1 << 20 and (d := c.recv(65536)):\n"
         "    got += len(d); c.sendall(d)\n"
         "c.close()\n"
     )
-    run(pod.client.call("spawn", argv=["python3", "-c", server]))
+    port = _serve_inside(pod, body)
     data = os.urandom(1 << 20)
 
     async def relay() -> bytes:
-        async def connected():
-            try:
-                stream = await pod.client.open("connect", host="127.0.0.1", port=port)
-                await stream.result()
-                return stream
-            except SandboxError:
-                await asyncio.sleep(0.05)
-                return None
-
-        deadline = time.monotonic() + 10
-        while (stream := await connected()) is None:
-            assert time.monotonic() < deadline, "the server inside never listened"
-        async with stream:
+        async with await _connect_inside(pod, port) as stream:
             stream.writer.write(data)
-            echoed = bytearray()
-            while chunk := await asyncio.wait_for(stream.reader.read(1 << 16), 10):
-                echoed += chunk
-            return bytes(echoed)
+            return await _read_to_end(stream)
 
     assert run(relay()) == data
+
+
+@pytest.mark.unprivileged
+def test_the_services_end_of_stream_reaches_the_server_inside(pod: Pod):
+    """Half-close from the service: the server reads to its end, then answers."""
+    body = (
+        "got = 0\n"
+        "while d := c.recv(65536):\n"
+        "    got += len(d)\n"
+        "c.sendall(b'got %d' % got)\n"
+        "c.close()\n"
+    )
+    port = _serve_inside(pod, body)
+
+    async def relay() -> bytes:
+        async with await _connect_inside(pod, port) as stream:
+            assert stream.writer.can_write_eof()
+            stream.writer.write(b"x" * 300_000)
+            stream.writer.write_eof()
+            return await _read_to_end(stream)
+
+    assert run(relay()) == b"got 300000"
+
+
+@pytest.mark.unprivileged
+def test_after_the_server_inside_ends_its_side_the_service_still_sends(pod: Pod):
+    """Half-close from inside: the server says all it has and shuts its sending side,
+    then still reads what the service sends, to its end."""
+    body = (
+        "c.sendall(b'hello')\n"
+        "c.shutdown(socket.SHUT_WR)\n"
+        "got = 0\n"
+        "while d := c.recv(65536):\n"
+        "    got += len(d)\n"
+        "open('/home/sandbox/received.txt', 'w').write(str(got))\n"
+    )
+    port = _serve_inside(pod, body)
+
+    async def relay() -> bytes:
+        async with await _connect_inside(pod, port) as stream:
+            greeting = await _read_to_end(stream)
+            stream.writer.write(b"y" * 200_000)
+            await stream.writer.drain()
+            stream.writer.write_eof()
+            return greeting
+
+    assert run(relay()) == b"hello"
+
+    def received() -> bytes | None:
+        try:
+            return run(read_file(pod.client, "received.txt"))
+        except FileNotFoundError:
+            return None
+
+    assert wait_for(received, message="the server inside to read to the end") == b"200000"
 
 
 # -- who gets in ----------------------------------------------------------------------
