@@ -68,7 +68,11 @@ def serve(context: ssl.SSLContext, start_thread, raw: socket.socket, handle) -> 
     except (HandshakeFailed, OSError, ssl.SSLError):
         _close(raw)
         return
-    agent_end, inner = socket.socketpair()
+    try:
+        agent_end, inner = socket.socketpair()
+    except OSError:  # out of descriptors
+        _close(raw)
+        return
     try:
         start_thread(handle, agent_end)
     except RuntimeError:  # no thread to be had
@@ -244,10 +248,11 @@ class _Bridge:
         """All sent: a FIN, then drop what the client still sends, briefly."""
         with contextlib.suppress(OSError):
             self.raw.shutdown(socket.SHUT_WR)
+            poller = select.poll()
+            poller.register(self.raw, select.POLLIN)
             deadline = time.monotonic() + LINGER
             while self.client_sending and (left := deadline - time.monotonic()) > 0:
-                ready, _, _ = select.select([self.raw], [], [], left)
-                if ready and not self.raw.recv(CHUNK):
+                if poller.poll(left * 1000) and not self.raw.recv(CHUNK):
                     return
 
 
