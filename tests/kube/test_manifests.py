@@ -9,11 +9,13 @@ enforces the same rbac.yaml on the backend's real calls.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 import yaml
 
 from jupyter_sandbox import Sandbox
-from tests.conftest import wait_for
+from tests.conftest import storage_parent, wait_for
 
 pytestmark = pytest.mark.unprivileged
 
@@ -413,31 +415,60 @@ def test_every_object_fits_the_kubernetes_api_schema() -> None:
         assert not errors, "\n".join(errors)
 
 
+def start_as_deployed(env: dict[str, str], url: str, log_file: Path) -> subprocess.Popen:
+    """The service started with the Deployment's own arguments (its --tcp address made
+    `url`, a free local one), once it listens there."""
+    args = service_container()["args"][1:]  # after "jupyter-sandbox"
+    args[args.index("--tcp") + 1] = url.removeprefix("http://")
+    runtime_file = Path(env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json"
+    runtime_file.unlink(missing_ok=True)
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_sandbox", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the service exited {proc.returncode}: {log_file.read_text()}")
+        return runtime_file.exists() and url in runtime_file.read_text()
+
+    wait_for(listening, 60, message="the service to listen")
+    return proc
+
+
+def server_like_token(hub, user: str) -> str:
+    """A token of `user` with a subset of the "server" role: no more than the
+    JUPYTERHUB_API_TOKEN the hub gives a notebook server."""
+    made = hub.api("POST", f"users/{user}/tokens", json={"scopes": ["users:activity!user"]})
+    return made["token"]
+
+
+def notebook(url: str, token: str, *args: str) -> Any:
+    """Run CLIENT as a kernel in a Zero to JupyterHub user pod would: the real client with
+    z2jh-values.yaml's environment (the service at `url` standing in for its Service's
+    name) and the server's hub token, nothing else of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "PYTHON"))}
+    env |= load("z2jh-values.yaml")[0]["singleuser"]["extraEnv"]
+    env |= {"PYTHONPATH": str(ROOT), "JUPYTERHUB_API_TOKEN": token}
+    env["JUPYTER_SANDBOX_URL"] = url
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 def deployed_service_class():
-    """tests/hub's hub-auth service, started with the Deployment's own arguments (its
-    --tcp address made a free local one)."""
+    """tests/hub's hub-auth service, started as the Deployment starts it."""
     from tests.hub import token_hub
 
     class DeployedService(token_hub.HubAuthService):
         def start(self) -> None:
-            args = service_container()["args"][1:]  # after "jupyter-sandbox"
-            args[args.index("--tcp") + 1] = self.url.removeprefix("http://")
-            runtime_file = Path(self.env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json"
-            with open(self.log_file, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "jupyter_sandbox", *args],
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-
-            def listening() -> bool:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"the service exited {self.proc.returncode}: {self.log}")
-                return runtime_file.exists() and self.url in runtime_file.read_text()
-
-            wait_for(listening, 60, message="the service to listen")
+            self.proc = start_as_deployed(self.env, self.url, self.log_file)
 
     return DeployedService
 
@@ -465,17 +496,12 @@ def test_the_hub_role_in_the_values_is_all_the_service_needs(monkeypatch, tmp_pa
             reply = httpx.get(f"{hub.api_url}/{path}", headers=service_auth, timeout=30)
             assert reply.status_code == 403, f"the service's token may read /{path}"
 
-        def server_like_token(user: str) -> str:
-            # A subset of the "server" role of a notebook server's JUPYTERHUB_API_TOKEN.
-            made = hub.api("POST", f"users/{user}/tokens", json={"scopes": ["users:activity!user"]})
-            return made["token"]
-
         with token_hub.hub_auth_service(hub) as service:
             student = token_hub.STUDENTS[0]
-            mine = service.call("GET", "/v1/usage", server_like_token(student))
+            mine = service.call("GET", "/v1/usage", server_like_token(hub, student))
             assert mine.status_code == 200, mine.text
             assert (mine.json()["user"], mine.json()["instructor"]) == (student, False)
-            admin = server_like_token(token_hub.ADMIN)
+            admin = server_like_token(hub, token_hub.ADMIN)
             assert service.call("GET", "/v1/usage", admin).json()["instructor"] is True
             # The instructor (by hub group) has never called: only the service's token
             # can tell who they are.
@@ -485,3 +511,90 @@ def test_the_hub_role_in_the_values_is_all_the_service_needs(monkeypatch, tmp_pa
             assert theirs.json()["instructor"] is True
     finally:
         hub.stop()
+
+
+# Where the Deployment's paths land when its container is run on this machine.
+POD_PATHS = ("/var/lib/jupyter-sandbox", "/run/jupyter-sandbox", "/etc/jupyter-sandbox")
+
+
+def as_run_here(env: dict[str, str], base: Path) -> dict[str, str]:
+    """The Deployment's environment with the pod's paths moved under `base`."""
+    moved = {}
+    for name, value in env.items():
+        for pod_path in POD_PATHS:
+            if value == pod_path or value.startswith(pod_path + "/"):
+                value = str(base / value.lstrip("/"))
+        moved[name] = value
+    return moved
+
+
+CLIENT = """
+import json, sys
+from jupyter_sandbox import Sandbox
+if sys.argv[1] == "create":
+    sb = Sandbox.create(timeout="2m")
+    print(json.dumps({"id": sb.id, "out": sb.sh("id -u; hostname").stdout}))
+else:
+    Sandbox.connect(sys.argv[2]).kill()
+    print("{}")
+"""
+
+
+def test_the_deployment_runs_here_on_the_fake_cluster_under_its_role(tmp_path) -> None:
+    """The service container, run on this machine as the Deployment runs it (its args, its
+    env; only the pod's paths moved, its ports made free ones and KUBECONFIG standing in for
+    the pod's service account) against the fake cluster enforcing rbac.yaml and a real
+    JupyterHub: its probe passes, and a hub user's notebook client, with only the
+    z2jh-values.yaml environment and a server-like token, gets a sandbox pod that runs
+    their commands and goes when killed."""
+    from tests.hub import token_hub
+    from tests.kube.conftest import running_fake_cluster
+    from tests.kube_fixtures import KubeService, end_kube_service
+    from tests.serverext_fixtures import free_port
+
+    token_hub.requirements()
+    url = f"http://127.0.0.1:{free_port()}"
+
+    class DeployedKubeService(KubeService):
+        def start(self) -> None:
+            self.proc = start_as_deployed({**os.environ, **self.env}, url, self.log_file)
+
+    base = Path(tempfile.mkdtemp(prefix="jsb-deployed-", dir=storage_parent()))
+    (base / "hub").mkdir()
+    hub = token_hub.start_token_hub(base / "hub")
+    try:
+        with running_fake_cluster(base / "cluster", rbac=DEPLOY / "rbac.yaml") as cluster:
+            env = as_run_here(deployment_env(namespace=cluster.namespace), base)
+            config = Path(env["JUPYTER_SANDBOX_CONFIG"])
+            config.parent.mkdir(parents=True)
+            config.write_text(one(applied(), "ConfigMap")["data"]["config.toml"])
+            env |= {
+                "JUPYTERHUB_API_URL": hub.api_url,
+                "JUPYTERHUB_API_TOKEN": hub.service_token,  # the Secret's, in the pod
+                "JUPYTER_SANDBOX_SSH_PORT": "0",  # 2222 may be taken on this machine
+            }
+            service = DeployedKubeService(cluster, base, env)
+            service.instance = env["JUPYTER_SANDBOX_K8S_INSTANCE"]
+            service.storage = Path(env["JUPYTER_SANDBOX_DIR"])
+            service.start()
+            try:
+                probe = subprocess.run(
+                    probe_command(), env={**os.environ, **service.env}, capture_output=True
+                )
+                assert probe.returncode == 0, probe.stderr.decode()
+                token = server_like_token(hub, token_hub.STUDENTS[0])
+                made = notebook(url, token, "create")
+                assert made["out"] == f"1000\n{made['id']}\n"
+                pod = service.pod(made["id"])
+                assert pod["metadata"]["labels"]["jupyter-sandbox.io/instance"] == "default"
+                assert notebook(url, token, "kill", made["id"]) == {}
+                wait_for(lambda: not service.leftovers(), 30, message="the sandbox's objects to go")
+                # Every call the service made fitted the Role (a refused one is logged,
+                # then retried or worked around).
+                refused = [line for line in service.log().splitlines() if "is forbidden" in line]
+                assert not refused, "\n".join(refused)
+            finally:
+                end_kube_service(service)
+    finally:
+        hub.stop()
+        shutil.rmtree(base, ignore_errors=True)
