@@ -671,19 +671,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..service.app import check_system_mode_allowed
 
         check_system_mode_allowed(args.tcp)
-    hub_settings(args)  # a hub mode without its hub stops here, saying what to set
+    hub = hub_settings(args)  # a hub mode without its hub stops here, saying what to set
     if args.no_supervisor:
         return serve_unsupervised(args)
+    from ..service.hub_auth import API_TOKEN_ENV
     from ..service.supervisor import ALREADY_RUNNING, Supervisor, SupervisorRunning
 
     service_args = ["--tcp", args.tcp] if args.tcp else []
     service_args += ["--system"] if args.system else []
-    service_args += ["--hub-auth"] if args.hub_auth else []
+    # The service gets no credential from the environment but its own hub token, and
+    # JUPYTER_SANDBOX_AUTH=hub is said again as --hub-auth.
+    service_args += ["--hub-auth"] if hub else []
+    keep_env = (API_TOKEN_ENV,) if hub else ()
     service_args += ["--backend", args.backend] if args.backend else []
     tcp = tcp_address(args.tcp) if args.tcp else None
     paths = Paths.system() if args.system else None
     try:
-        return Supervisor(service_args, paths, ready_fd=args.ready_fd, api_address=tcp).run()
+        return Supervisor(
+            service_args, paths, ready_fd=args.ready_fd, api_address=tcp, keep_env=keep_env
+        ).run()
     except SupervisorRunning as e:
         print(f"jupyter-sandbox: {e}", file=sys.stderr)
         return ALREADY_RUNNING

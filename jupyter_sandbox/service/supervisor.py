@@ -98,8 +98,12 @@ class Supervisor:
         paths: Paths | None = None,
         ready_fd: int | None = None,
         api_address: tuple[str, int] | None = None,
+        keep_env: tuple[str, ...] = (),
     ) -> None:
         self.paths = paths or Paths.default()
+        # Credentials the service itself needs (a hub service's JUPYTERHUB_API_TOKEN):
+        # passed on where `service_environment` drops every other.
+        self.keep_env = keep_env
         self.command = [
             sys.executable,
             "-m",
@@ -201,6 +205,7 @@ class Supervisor:
     def _start(self, ready: threading.Event) -> subprocess.Popen:
         read_fd, write_fd = os.pipe()
         env = service_environment(os.environ)
+        env.update({name: os.environ[name] for name in self.keep_env if name in os.environ})
         passed = [write_fd]
         for name, sock in self._sockets.items():
             passed.append(sock.fileno())

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -252,6 +253,8 @@ def test_malformed_doubled_and_huge_tokens_are_refused_and_the_service_serves_on
     assert status in (400, 431)
     assert hub_user_calls(token_hub, "alice") == asked  # none of these reached the hub
     assert service.call("GET", "/v1/sandboxes", alice).status_code == 200
+    bearer = {"Authorization": f"Bearer {alice}"}  # the other scheme JupyterHub takes
+    assert service.call("GET", "/v1/sandboxes", None, headers=bearer).status_code == 200
 
 
 # -- scoping ----------------------------------------------------------------------------
@@ -316,6 +319,8 @@ def test_an_instructor_and_a_hub_admin_see_both_and_act_on_the_record(
     assert usage.json()["user"] == "alice" and usage.json()["usage"]["sandboxes"] == 1
     refused = service.call("GET", "/v1/usage", token_hub.token("bob"), params={"user": "alice"})
     assert refused.status_code == 403
+    nobody = service.call("GET", "/v1/usage", token_hub.token(ADMIN), params={"user": "nobody"})
+    assert nobody.status_code == 400 and "the hub has no user named" in nobody.json()["message"]
 
 
 @pytest.mark.unprivileged
@@ -436,10 +441,10 @@ def test_each_hub_user_keeps_its_uid_and_sandboxes_across_restarts(
 ) -> None:
     """The uid of each hub user is on disk before it is used: a restarted service gives
     alice the same uid and her sandbox; with the file damaged, the sandboxes' records
-    give it back, and a user new to the service gets a uid nobody had."""
+    give every user with a sandbox theirs back, and a user new to the service gets a uid
+    none of them has."""
     alice, bob = token_hub.token("alice"), token_hub.token("bob")
-    hers = create(service, alice, "kept")
-    bobs_uid = service.call("GET", "/v1/usage", bob).json()["uid"]
+    hers, his = create(service, alice, "kept"), create(service, bob, "his")
     service.stop()
     service.start()
     again = service.call("GET", "/v1/usage", alice).json()
@@ -453,9 +458,35 @@ def test_each_hub_user_keeps_its_uid_and_sandboxes_across_restarts(
     assert service.call("GET", "/v1/usage", alice).json()["uid"] == hers["uid"]
     assert listed(service, alice) == {hers["id"]}
     newcomer = service.call("GET", "/v1/usage", token_hub.token(LIMITED)).json()["uid"]
-    assert newcomer not in (hers["uid"], bobs_uid)
+    assert newcomer not in (hers["uid"], his["uid"])
+    assert service.call("GET", "/v1/usage", bob).json()["uid"] == his["uid"]
     assert list(service.data_dir.glob("hub-uids.json.damaged-*"))
     assert "cannot be read" in service.log
+
+
+@pytest.mark.unprivileged
+def test_serve_says_what_to_set_and_takes_hub_mode_from_the_environment(
+    token_hub: TokenHub, tmp_path: Path
+) -> None:
+    """Without JUPYTERHUB_API_URL, or without --tcp, `serve --hub-auth` does not start
+    and says what to set; JUPYTER_SANDBOX_AUTH=hub alone is hub mode, also in the
+    service its supervisor starts (which gets no credential but its own hub token)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
+    env.update(JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTER_DATA_DIR=str(tmp_path / "d"))
+    serve = [sys.executable, "-m", "jupyter_sandbox", "serve"]
+    expected = {
+        "--tcp 127.0.0.1:0 --hub-auth": "needs JUPYTERHUB_API_URL",
+        "--hub-auth": "use `serve --tcp HOST:PORT --hub-auth`",
+    }
+    for args, says in expected.items():
+        done = subprocess.run(
+            [*serve, *args.split()], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode != 0 and says in done.stderr, done.stderr
+    with hub_auth_service(token_hub, flag=False, JUPYTER_SANDBOX_AUTH="hub") as service:
+        assert "Authorization: token" in service.call("GET", "/v1/usage", None).json()["message"]
+        reply = service.call("GET", "/v1/usage", token_hub.token(ADMIN), params={"user": "bob"})
+        assert reply.status_code == 200 and reply.json()["user"] == "bob"  # its own hub token
 
 
 # -- SSH ----------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ class HubAuthService:
     url: str
     log_file: Path
     storage: Path
+    flag: bool = True  # `--hub-auth` (else JUPYTER_SANDBOX_AUTH=hub in `env` says it)
     proc: subprocess.Popen | None = None
 
     @property
@@ -211,18 +212,12 @@ class HubAuthService:
         runtime_file = Path(self.env["JUPYTER_RUNTIME_DIR"]) / "jupyter-sandbox.json"
         with contextlib.suppress(FileNotFoundError):
             runtime_file.unlink()
-        host_port = self.url.removeprefix("http://")
+        serve = [sys.executable, "-m", "jupyter_sandbox", "serve"]
+        serve += ["--tcp", self.url.removeprefix("http://")]
+        serve += ["--hub-auth"] if self.flag else []
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "jupyter_sandbox",
-                    "serve",
-                    "--tcp",
-                    host_port,
-                    "--hub-auth",
-                ],
+                serve,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -299,7 +294,9 @@ class HubAuthService:
 
 
 @contextlib.contextmanager
-def hub_auth_service(hub: TokenHub, **extra_env: str) -> Iterator[HubAuthService]:
+def hub_auth_service(
+    hub: TokenHub, flag: bool = True, **extra_env: str
+) -> Iterator[HubAuthService]:
     base = Path(tempfile.mkdtemp(prefix="jsb-hubauth-"))
     storage = Path(tempfile.mkdtemp(prefix="jsb-", dir=storage_parent()))
     os.chmod(storage, 0o711)
@@ -318,7 +315,8 @@ def hub_auth_service(hub: TokenHub, **extra_env: str) -> Iterator[HubAuthService
         "JUPYTERHUB_API_TOKEN": hub.service_token,
         **extra_env,
     }
-    service = HubAuthService(env, f"http://127.0.0.1:{free_port()}", base / "serve.log", storage)
+    url = f"http://127.0.0.1:{free_port()}"
+    service = HubAuthService(env, url, base / "serve.log", storage, flag)
     service.start()
     try:
         yield service
