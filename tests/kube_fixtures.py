@@ -58,6 +58,8 @@ class KubeService:
             "JUPYTER_SANDBOX_K8S_INSTANCE": self.instance,
             "JUPYTER_SANDBOX_K8S_START_TIMEOUT": "20",
             "JUPYTER_SANDBOX_POOL": "0",
+            # Requests equal limits: the fake node (as a real one) schedules by them.
+            "JUPYTER_SANDBOX_DEFAULT_CPUS": "0.25",
             "JUPYTER_SANDBOX_LEASE_TTL": "4",
             "JUPYTER_SANDBOX_IDLE_TIMEOUT": "120",
             "JUPYTER_SANDBOX_SSH_PORT": "0",

@@ -223,10 +223,10 @@ def test_warm_pool_pods_are_claimed_refilled_and_drained(make_kube_service):
     assert {sb.id} == pooled, "the create took the pooled pod"
     assert sb.sh("echo from the pool").stdout == "from the pool\n"
     refilled = wait_for(lambda: _ready_sandboxes(service) - {sb.id}, 30, message="a refill")
-    other = Sandbox.create(timeout="2m", cpus=0.25)  # a running pod cannot take other CPUs
+    other = Sandbox.create(timeout="2m", cpus=0.5)  # a running pod cannot take other CPUs
     assert other.id not in refilled
     resources = service.pod(other.id)["spec"]["containers"][0]["resources"]
-    assert resources["limits"]["cpu"] == "250m"
+    assert resources["limits"]["cpu"] == "500m"
     sb.kill()
     other.kill()
     # The fixture's end stops the service, which drains the pool: nothing may be left.
