@@ -1,9 +1,10 @@
 """A fake kubelet and scheduler of one node, for tests: no real one can run here.
 
 The scheduler part binds a pod to the node once its PVCs exist and its resource
-requests fit the node's allocatable cpu, memory and ephemeral-storage (this machine's,
-or what the fake cluster's control API sets); until then the pod stays Pending with
-PodScheduled False, reason Unschedulable and the real scheduler's message.
+requests fit the node's allocatable cpu, memory and ephemeral-storage (a large node's,
+64 cpu, 256Gi and 1Ti, or what the fake cluster's control API sets); until then the pod
+stays Pending with PodScheduled False, reason Unschedulable and the real scheduler's
+message.
 
 It runs every pod of the fake API server's store on this machine: container 0's command
 in bubblewrap (tests/kube/pod_runner.py) with the pod's uid/gid, env (value,
@@ -155,7 +156,7 @@ class Kubelet:
     def __init__(self, store: Store, directory: Path, capacity: dict[str, int] | None = None):
         self.store = store
         self.directory = directory
-        self.capacity = Counter(capacity or node_capacity(directory))
+        self.capacity = Counter(capacity or NODE_CAPACITY)
         self.workers: dict[str, PodWorker] = {}
         self.ips = IpPool()
         self.api_url = ""
@@ -724,12 +725,9 @@ class Kubelet:
 RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
 
 
-def node_capacity(directory: Path) -> dict[str, int]:
-    """What this machine offers as allocatable: cpu in millicores, memory and disk in bytes."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    directory.mkdir(parents=True, exist_ok=True)
-    disk = shutil.disk_usage(directory).total
-    return {"cpu": (os.cpu_count() or 1) * 1000, "memory": memory, "ephemeral-storage": disk}
+# The node's allocatable resources unless the control API says otherwise: a large
+# cluster node's, not this machine's, so the pods of tests fit (limits are not enforced).
+NODE_CAPACITY = {"cpu": 64_000, "memory": 256 * 2**30, "ephemeral-storage": 2**40}
 
 
 def millicores(quantity: str | int | float | None) -> int:
