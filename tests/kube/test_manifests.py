@@ -540,7 +540,8 @@ else:
 """
 
 
-def test_the_deployment_runs_here_on_the_fake_cluster_under_its_role(tmp_path) -> None:
+@pytest.mark.parametrize("home", ["emptydir", "pvc"])
+def test_the_deployment_runs_here_on_the_fake_cluster_under_its_role(home: str) -> None:
     """The service container, run on this machine as the Deployment runs it (its args, its
     env; only the pod's paths moved, its ports made free ones and KUBECONFIG standing in for
     the pod's service account) against the fake cluster enforcing rbac.yaml and a real
@@ -572,6 +573,7 @@ def test_the_deployment_runs_here_on_the_fake_cluster_under_its_role(tmp_path) -
                 "JUPYTERHUB_API_URL": hub.api_url,
                 "JUPYTERHUB_API_TOKEN": hub.service_token,  # the Secret's, in the pod
                 "JUPYTER_SANDBOX_SSH_PORT": "0",  # 2222 may be taken on this machine
+                "JUPYTER_SANDBOX_K8S_HOME": home,  # the Deployment's, and the other choice
             }
             service = DeployedKubeService(cluster, base, env)
             service.instance = env["JUPYTER_SANDBOX_K8S_INSTANCE"]
@@ -587,6 +589,9 @@ def test_the_deployment_runs_here_on_the_fake_cluster_under_its_role(tmp_path) -
                 assert made["out"] == f"1000\n{made['id']}\n"
                 pod = service.pod(made["id"])
                 assert pod["metadata"]["labels"]["jupyter-sandbox.io/instance"] == "default"
+                claims = service.of_sandbox("persistentvolumeclaims", made["id"])
+                homes = [f"jsb-{made['id']}-home"] if home == "pvc" else []
+                assert [c["metadata"]["name"] for c in claims] == homes
                 assert notebook(url, token, "kill", made["id"]) == {}
                 wait_for(lambda: not service.leftovers(), 30, message="the sandbox's objects to go")
                 # Every call the service made fitted the Role (a refused one is logged,
