@@ -9,13 +9,15 @@ a member of one of the config file's ``instructors`` groups.
 
 The hub's answers are kept for JUPYTER_SANDBOX_HUB_CACHE seconds (default 10, at most
 30), keyed by a hash of the token (the token itself is never kept, logged or shown), and
-concurrent requests with one new token ask the hub once; a token the hub rejects is
+concurrent requests with one new token ask the hub once (and at most MAX_ASKING
+questions are with the hub at a time); a token the hub rejects is
 remembered as rejected for JUPYTER_SANDBOX_HUB_REJECT_CACHE seconds (default 2, at most
 the former). A revoked token stops working within JUPYTER_SANDBOX_HUB_CACHE seconds.
 
-The service's own JUPYTERHUB_API_TOKEN (as a hub service, with the ``read:users`` scope)
-is optional: with it, an instructor may ask for the usage of any hub user by name;
-without it, only of users who have called the service since it started.
+The service's own JUPYTERHUB_API_TOKEN (as a hub service, with the scopes
+``read:users:name`` and ``read:users:groups``) is optional: with it, an instructor may
+ask for the usage of any hub user by name; without it, only of users who have called the
+service since it started.
 
 Uids: each hub user name gets a number of its own, from `HUB_UID_BASE` up in the order
 the names first call, recorded in ``<data dir>/hub-uids.json`` (written atomically)
@@ -57,6 +59,8 @@ MAX_CACHE = 30.0
 UIDS_FILE = "hub-uids.json"
 HUB_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 MAX_CACHED = 10_000  # tokens remembered at once; the oldest are forgotten first
+# Questions to the hub at once: a flood of made-up tokens waits here, not at the hub.
+MAX_ASKING = 32
 # What a JupyterHub token can look like (hex, or URL-safe base64 for OAuth ones).
 _TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{1,512}")
 _SCHEMES = ("token", "bearer")
@@ -246,6 +250,7 @@ class HubDirectory:
         self._asking: dict[bytes, asyncio.Future[_HubUser | None]] = {}
         self._seen: dict[str, _HubUser] = {}  # by name: for an instructor's lookups
         self._hub_down = False
+        self._asking_hub = asyncio.Semaphore(MAX_ASKING)
 
     def set_instructor_groups(self, groups: Iterable[str]) -> None:
         """Take a new list of instructor groups (a reloaded config file)."""
@@ -271,8 +276,8 @@ class HubDirectory:
         if user is None:
             raise InvalidRequest(
                 f"no hub user named {name!r} has called this service since it started (give "
-                f"the service a hub token with the read:users scope in {API_TOKEN_ENV} to "
-                "ask the hub about any user)"
+                f"the service a hub token with the scopes read:users:name and "
+                f"read:users:groups in {API_TOKEN_ENV} to ask the hub about any user)"
             )
         return await self._caller(user)
 
@@ -331,7 +336,8 @@ class HubDirectory:
     async def _ask(self, path: str, token: str) -> httpx.Response:
         url = self.settings.api_url + path
         try:
-            reply = await self._client.get(url, headers={"Authorization": f"token {token}"})
+            async with self._asking_hub:
+                reply = await self._client.get(url, headers={"Authorization": f"token {token}"})
         except httpx.HTTPError as e:
             raise self._unavailable(f"cannot be reached ({type(e).__name__})") from None
         if self._hub_down and reply.status_code < 500:

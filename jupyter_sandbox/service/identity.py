@@ -1,10 +1,11 @@
-"""Who is calling the service: the OS user behind each API request.
+"""Who is calling the service: the OS user (or hub user) behind each API request.
 
 Per-user mode: every caller is the service's own user (the socket is 0600, the TCP
 API needs the bearer token), never an instructor. System mode: the kernel's
 SO_PEERCRED of the Unix-socket connection names the uid; its login name and groups
 come from the passwd and group databases, and members of a configured instructor
-group (and root) are instructors.
+group (and root) are instructors. Hub mode (`service.hub_auth`): a TCP caller is the
+JupyterHub user its token names, with a uid from HUB_UID_BASE up.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ HUB_UID_BASE, HUB_UID_LAST = 1 << 31, (1 << 32) - 2
 
 @dataclass(frozen=True)
 class Caller:
-    """The OS user behind a request."""
+    """The OS user (or hub user) behind a request."""
 
     uid: int
-    user: str  # login name (pwd), or str(uid) if none
+    user: str  # login name (pwd), or str(uid) if none; a hub user's hub name
     groups: frozenset[str]  # names of all the user's groups (primary + supplementary)
     instructor: bool  # member of a configured instructor group, or uid 0
     acting_for: str | None = None  # hub user an on-behalf-of request names

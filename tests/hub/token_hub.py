@@ -5,7 +5,8 @@ The hub runs DummyAuthenticator and starts no servers: its users need no OS acco
 so this runs unprivileged too. Users: two students, an instructor (hub group
 "teachers", the config file's instructor group), a hub admin, a student in the group
 "limited" (a quota of one sandbox), a user named like a number and one named like the
-service's own OS user. Hub services: the sandbox service itself (``read:users``), the
+service's own OS user. Hub services: the sandbox service itself (``read:users:name``,
+``read:users:groups``: what deploy/kubernetes/z2jh-values.yaml gives it), the
 tests' own admin service, and another service whose token must not pass for a user.
 
 Needs the npm package configurable-http-proxy and PyPI jupyterhub.
@@ -77,7 +78,8 @@ c.JupyterHub.services = [
     {"name": "other-service", "api_token": s["other_token"]},
 ]
 c.JupyterHub.load_roles = [
-    {"name": "sandboxes", "scopes": ["read:users"], "services": ["sandboxes"]},
+    {"name": "sandboxes", "scopes": ["read:users:name", "read:users:groups"],
+     "services": ["sandboxes"]},
     {"name": "hub-tests", "scopes": ["admin:users", "tokens", "admin:groups", "list:users"],
      "services": ["hub-tests"]},
 ]
