@@ -52,6 +52,7 @@ class _TlsLayer(asyncio.Protocol):
         self.app_transport = _TlsTransport(self)
         self.eof_sent = False
         self.peer_ended = False  # its close_notify (or a FIN) has come
+        self.eof_passed = False  # and the protocol was told
         self.broken: ConnectionError | None = None  # a record that did not decrypt
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,6 +108,8 @@ class _TlsLayer(asyncio.Protocol):
         self._read()  # records that came along with the peer's last handshake message
 
     def _read(self) -> None:
+        """Decrypt what arrived; the records of one read reach the protocol as one piece."""
+        received = []
         while not self.peer_ended:
             try:
                 data = self.tls.read(CHUNK)
@@ -117,11 +120,15 @@ class _TlsLayer(asyncio.Protocol):
             except ssl.SSLError as e:
                 self.broken = ConnectionResetError(f"a TLS record did not check out ({e.reason})")
                 self.transport.abort()  # connection_lost follows
-                return
-            if data:
-                self.app.data_received(data)
-                continue
-            self.peer_ended = True
+                break
+            if not data:
+                self.peer_ended = True
+            else:
+                received.append(data)
+        if received:
+            self.app.data_received(b"".join(received))
+        if self.peer_ended and not self.eof_passed:
+            self.eof_passed = True
             if not self.app.eof_received():
                 self.app_transport.close()
         self.send_pending()  # what reading made (a key update's answer)
