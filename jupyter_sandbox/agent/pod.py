@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 
 import protocol
@@ -39,10 +40,12 @@ PORT_ENV = "JUPYTER_SANDBOX_AGENT_PORT"
 DEFAULT_ADDRESS = "0.0.0.0"
 DEFAULT_PORT = 7000
 PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
 WATCHED = {signal.SIGCHLD, signal.SIGTERM}
 REAP_INTERVAL = 2.0  # seconds between reaps even without a SIGCHLD (one may be missed)
 BACKLOG = 128
 FAILED = "sandbox agent (pod mode): cannot start"
+WARNING = "sandbox agent (pod mode): warning"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
@@ -100,7 +103,8 @@ class PodIsolation:
             info = signal.sigtimedwait(WATCHED, REAP_INTERVAL)
             if info is not None and info.si_signo == signal.SIGTERM and info.si_pid == 0:
                 os._exit(0)
-            self.reap_orphans()
+            with contextlib.suppress(OSError):  # /proc unreadable for a moment: next time
+                self.reap_orphans()
 
     def reap_orphans(self) -> list[int]:
         """Reap every zombie child the agent did not start itself; their pids."""
@@ -123,6 +127,14 @@ def enter() -> tuple[PodIsolation, Credentials]:
     if _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise SetupError(f"prctl(PR_SET_DUMPABLE): {os.strerror(ctypes.get_errno())}")
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)  # every later thread inherits it
+    if os.getpid() != 1:  # an init in front (tini, a shared pid namespace): orphans still ours
+        _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        print(
+            f"{WARNING}: it is pid {os.getpid()}, not the container's pid 1, so user code "
+            "can signal it (kill -1); make it the container's command",
+            file=sys.stderr,
+            flush=True,
+        )
     credentials = _take_credentials()
     os.environ["HOME"] = protocol.SANDBOX_HOME
     os.environ.setdefault("USER", protocol.SANDBOX_USER)

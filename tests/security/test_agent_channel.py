@@ -62,7 +62,9 @@ def _free_address() -> str:
 class Pod:
     """One pod-mode agent in a bubblewrap container, and the service's client for it."""
 
-    def __init__(self, directory: Path, files_only: bool = False) -> None:
+    def __init__(
+        self, directory: Path, files_only: bool = False, behind_init: bool = False
+    ) -> None:
         self.directory = directory
         self.credentials = SandboxCredentials.generate("sb-channeltest")
         self.address = _free_address()
@@ -79,9 +81,12 @@ class Pod:
             "JUPYTER_SANDBOX_AGENT_PEER": self.credentials.service_cert.decode(),
         }
         command = ["python3", "-E", "-s", "-S", f"{AGENT_DIR}/main.py", "--pod"]
+        command += ["files-only"] if files_only else []
+        if behind_init:  # a shell as the container's pid 1, the agent its child
+            command = ["/bin/sh", "-c", f"{shlex.join(command)} & wait"]
         self.log = open(directory / "agent.log", "wb")  # noqa: SIM115 (closed in stop)
         self.container = pod_runner.start_container(
-            command + (["files-only"] if files_only else []),
+            command,
             env,
             mounts,
             self.address,
@@ -97,7 +102,7 @@ class Pod:
         if self.container.poll() is not None:
             raise AssertionError(f"the agent ended: {self.agent_log()}")
         try:
-            return run(self.client.call("ping"))["pid"] == 1
+            return run(self.client.call("ping"))["pid"] > 0
         except SandboxError:
             return False
 
@@ -600,3 +605,25 @@ def test_a_files_only_agent_serves_files_and_runs_nothing(tmp_path: Path):
             run(sh(files_only.client, "true"))
     finally:
         files_only.stop()
+
+
+@pytest.mark.unprivileged
+def test_an_agent_behind_another_init_still_reaps_and_says_what_it_lacks(tmp_path: Path):
+    """Started under some other pid 1 (an init the image brings): it warns that user
+    code can signal it, and, as a subreaper, still reaps what user code orphans."""
+    behind = Pod(tmp_path, behind_init=True)
+    try:
+        assert run(behind.client.call("ping"))["pid"] == 2
+        assert "not the container's pid 1" in behind.agent_log()
+        codes = run(sh(behind.client, "for i in 1 2 3; do (sleep 0.2 &); done; exit 5"))[0]
+        assert codes == 5
+        orphans = run(sh(behind.client, "ps -eo ppid=,comm= | grep -c '^ *2 sleep$'"))[1]
+        assert int(orphans) == 3
+
+        def no_zombies() -> bool:
+            states = run(sh(behind.client, "ps -eo stat=,comm="))[1]
+            return "sleep" not in states and not any(s.startswith("Z") for s in states.split("\n"))
+
+        wait_for(no_zombies, timeout=10, message="the orphans to be reaped")
+    finally:
+        behind.stop()
