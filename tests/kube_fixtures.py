@@ -15,6 +15,7 @@ module or session scoped service.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -154,6 +155,11 @@ class KubeService:
         ]
         assert len(pods) == 1, f"pods of {sandbox_id}: {[p['metadata']['name'] for p in pods]}"
         return pods[0]
+
+    def record(self, sandbox_id: str) -> dict:
+        """The record the sandbox's Secret holds."""
+        [secret] = self.of_sandbox("secrets", sandbox_id)
+        return json.loads(base64.b64decode(secret["data"]["record"]))
 
     def leftovers_of(self, sandbox_id: str) -> list[str]:
         """`resource/name` of every object of one sandbox."""

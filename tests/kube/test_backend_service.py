@@ -177,6 +177,7 @@ def test_api_server_away_for_30_s(kube_service_env: KubeService):
     began = time.monotonic()
     assert sb.sh("echo works without the API").stdout == "works without the API\n"
     sb.fs.write_text("during.txt", "written during the outage\n")
+    extended = sb.extend_timeout("7m").expires_at  # its record waits for the API server
     with pytest.raises(ServiceUnavailable, match="cannot be reached"):
         Sandbox.create(timeout="1m")
     assert time.monotonic() - began < 25, "a create fails within a bound, it does not hang"
@@ -184,6 +185,11 @@ def test_api_server_away_for_30_s(kube_service_env: KubeService):
     second = wait_for(_created, 60, interval=1.0, message="a create to work after the outage")
     assert sb.info().status == "running"
     assert sb.fs.read_text("during.txt") == "written during the outage\n"
+    wait_for(
+        lambda: service.record(sb.id)["record"]["expires_at"] == extended,
+        20,
+        message="the record changed during the outage to reach the Secret",
+    )
     # The pod watch is back: a deletion now is seen.
     service.cluster.delete("pods", service.pod(second.id)["metadata"]["name"])
     wait_for(lambda: second.info().status == "failed", 20, message="the deletion to be seen")
