@@ -5,6 +5,13 @@ own sandbox storage, so tests never touch a real user's service. After each
 test, the fixtures check that no sandbox process, directory or cgroup outlives
 the sandboxes the service still lists; after the session, that nothing at all
 is left.
+
+The service runs on the local backend unless a test module opts in to more with
+``pytestmark = pytest.mark.backends("local", "kubernetes")`` (a test narrows that with
+its own ``backends`` mark); such tests run once per backend, ``[local]`` and
+``[kubernetes]`` in their ids, and ``--backend NAME`` runs one backend's only. The
+kubernetes half uses the fake cluster of tests/kube, or a real one (tests/backend_fixtures.py
+says when); its leak checks look at the cluster's objects and the pods' processes.
 """
 
 from __future__ import annotations
@@ -30,11 +37,84 @@ from jupyter_sandbox import Sandbox
 from jupyter_sandbox.backends.cgroups import Controller
 from jupyter_sandbox.client._async import shared_transport
 from jupyter_sandbox.client._sync import portal
+from tests.backend_fixtures import (
+    BACKENDS,
+    Cluster,
+    PodProcesses,
+    RealCluster,
+    kubernetes_env,
+    new_instance,
+    real_cluster_wanted,
+    sandbox_objects,
+)
+from tests.kube.conftest import running_fake_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 # No test's client may find a system service of this machine (auto mode looks there
 # first); tests of system mode point their own service and clients elsewhere.
 os.environ["JUPYTER_SANDBOX_SYSTEM_RUN"] = "/nonexistent/jupyter-sandbox-tests/run"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("jupyter-sandbox")
+    group.addoption(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        help="run the service's tests on this backend only (repeatable)",
+    )
+    group.addoption(
+        "--cluster",
+        action="store_true",
+        help="run the kubernetes half on the real cluster of KUBECONFIG, not the fake one",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends(*names): the backends a test's service runs on (default: local)"
+    )
+    config.addinivalue_line(
+        "markers",
+        "cluster: runs on the kubernetes backend; with -m cluster or --cluster on the real "
+        "cluster of KUBECONFIG (skipped without it)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "xfail_on(backend, reason): a known bug of that backend (strict xfail there only)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test of the session's service runs once per backend it opts in to."""
+    if "service_env" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    names = marker.args if marker else ("local",)
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown backends {unknown}")
+    params = [
+        pytest.param(name, marks=[pytest.mark.cluster] if name == "kubernetes" else [])
+        for name in names
+    ]
+    metafunc.parametrize("backend", params, indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`--backend` deselects the other backends' tests; `xfail_on` marks known bugs."""
+    chosen = config.getoption("backend")
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec else None
+        for bug in item.iter_markers("xfail_on"):
+            if bug.args[0] == backend:
+                item.add_marker(pytest.mark.xfail(strict=True, reason=bug.kwargs["reason"]))
+        (drop if chosen and backend is not None and backend not in chosen else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def wait_for(
@@ -114,11 +194,16 @@ def storage_parent() -> str:
 
 
 class ServiceEnv:
-    """The environment of this test session's sandbox service."""
+    """The environment of this test session's sandbox service: on the local backend,
+    or, given a `cluster`, on the kubernetes backend as objects of its own instance."""
 
-    def __init__(self, base: Path, storage: Path) -> None:
+    def __init__(self, base: Path, storage: Path, cluster: Cluster | None = None) -> None:
         self.base = base
         self.storage = storage
+        self.cluster = cluster
+        self.backend = "kubernetes" if cluster else "local"
+        self.instance = new_instance() if cluster else ""
+        self.pods = PodProcesses(cluster) if cluster else None
         self.env = {
             "JUPYTER_RUNTIME_DIR": str(base / "rt"),
             "JUPYTER_DATA_DIR": str(base / "data"),
@@ -130,7 +215,10 @@ class ServiceEnv:
             # Tests fail logins on purpose, all from 127.0.0.1; the limit itself is
             # tested against the gateway directly.
             "JUPYTER_SANDBOX_SSH_MAX_FAILURES": "100000",
+            "JUPYTER_SANDBOX_BACKEND": "local",
         }
+        if cluster:
+            self.env.update(kubernetes_env(cluster, self.instance))
 
     @property
     def runtime_file(self) -> Path:
@@ -260,11 +348,37 @@ def cgroup_dirs() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def service_env() -> Iterator[ServiceEnv]:
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend of the session's service for this test (a session-scoped parameter)."""
+    return getattr(request, "param", "local")
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """The cluster of the kubernetes half: the fake one, or the real one of KUBECONFIG."""
+    if not real_cluster_wanted(request.config):
+        with running_fake_cluster(tmp_path_factory.mktemp("fake-cluster")) as cluster:
+            # Pods request what their sandbox may use (2 cpus, 1 GiB, 10 GiB of disk by
+            # default) and tests run several at once: a node the size of a cluster of many,
+            # as the fake enforces none of it. Its scheduler's own tests are in tests/kube.
+            cluster.node(cpu="100", memory="1Ti", ephemeral_storage="10Ti")
+            yield cluster
+        return
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if not kubeconfig:
+        pytest.skip("tests on a real cluster need KUBECONFIG naming it (docs/kubernetes.md)")
+    yield RealCluster(kubeconfig, os.environ.get("JUPYTER_SANDBOX_K8S_NAMESPACE", "default"))
+
+
+@pytest.fixture(scope="session")
+def service_env(request: pytest.FixtureRequest, backend: str) -> Iterator[ServiceEnv]:
+    cluster = request.getfixturevalue("kube_cluster") if backend == "kubernetes" else None
     base = Path(tempfile.mkdtemp(prefix="jsb-test-"))
     storage = Path(tempfile.mkdtemp(prefix="jsb-", dir=storage_parent()))
     os.chmod(storage, 0o711)
-    env = ServiceEnv(base, storage)
+    env = ServiceEnv(base, storage, cluster)
     saved = {k: os.environ.get(k) for k in env.env}
     os.environ.update(env.env)
     yield env
@@ -278,15 +392,21 @@ def service_env() -> Iterator[ServiceEnv]:
             os.environ[key] = value
     leftovers = {pid: _sandbox_of(pid, storage) for pid in sandbox_processes(storage)}
     mounted = sandbox_mounts(storage)
+    objects, orphans = _cluster_objects(env), _pod_orphans(env)
+    if cluster:  # the instance's own objects (its anchor owns them) go with it
+        cluster.delete("configmaps", f"jupyter-sandbox-{env.instance}")
     remaining = list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
     if env.log_file.exists():  # kept for a post-mortem of the last session
-        kept = Path(tempfile.gettempdir()) / f"jupyter-sandbox-tests-{os.getuid()}.log"
+        suffix = "" if backend == "local" else f"-{backend}"
+        kept = Path(tempfile.gettempdir()) / f"jupyter-sandbox-tests-{os.getuid()}{suffix}.log"
         shutil.copy(env.log_file, kept)
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(storage, ignore_errors=True)
     assert not leftovers, f"sandbox processes left after the session: {leftovers}"
     assert not remaining, f"sandbox directories left after the session: {remaining}"
     assert not mounted, f"sandbox homes still mounted after the session: {mounted}"
+    assert not objects, f"sandbox objects left in the cluster after the session: {objects}"
+    assert not orphans, f"pod processes left after the session: {orphans}"
 
 
 @pytest.fixture(autouse=True)
@@ -297,6 +417,8 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     env: ServiceEnv = request.getfixturevalue("service_env")
     before = {s.id for s in Sandbox.list()} if env.service_pid() else set()
+    if env.pods:
+        env.pods.look()
     yield
     if env.service_pid() is None:
         return
@@ -310,6 +432,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     dirs = {p.name for p in sandboxes_dir.iterdir()} if sandboxes_dir.exists() else set()
     owners = {_sandbox_of(pid, env.storage) for pid in sandbox_processes(env.storage)} - {"?"}
     mounted = sandbox_mounts(env.storage)
+    objects = _cluster_objects(env)
     live = {s.id for s in Sandbox.list()}
     known = live | set(service_status()["pool"])
     assert dirs <= known, f"directories of ended sandboxes left: {sorted(dirs - known)}"
@@ -318,6 +441,26 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked, f"cgroups of ended sandboxes left: {leaked}"
     assert owners <= known, f"processes of ended sandboxes left: {sorted(owners - known)}"
     assert mounted <= known, f"homes of ended sandboxes still mounted: {sorted(mounted - known)}"
+    left = {kind: sorted(ids - known) for kind, ids in objects.items() if ids - known}
+    assert not left, f"cluster objects of ended sandboxes left: {left}"
+    orphans = _pod_orphans(env)
+    assert not orphans, f"processes of deleted pods left: {orphans}"
+
+
+def _cluster_objects(env: ServiceEnv) -> dict[str, set[str]]:
+    """On kubernetes: the sandboxes that have objects in the cluster, by kind."""
+    return sandbox_objects(env.cluster, env.instance) if env.cluster else {}
+
+
+def _pod_orphans(env: ServiceEnv) -> dict[int, str]:
+    """On kubernetes: live processes of pods that are gone (given a few seconds to be
+    reaped, as the kernel kills a pid namespace's processes after its init)."""
+    if env.pods is None:
+        return {}
+    orphans = env.pods.orphans(_alive)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not any(_alive(pid) for pid in orphans), 5, message="pods' processes")
+    return {pid: pod for pid, pod in orphans.items() if _alive(pid)}
 
 
 def _sandbox_of(pid: int, storage: Path) -> str:

@@ -1,0 +1,141 @@
+"""The backends the session's service runs its tests on, and what each leaves behind.
+
+A test module opts in to both with ``pytestmark = pytest.mark.backends("local",
+"kubernetes")``; tests/conftest.py parametrizes its tests over those names (session-scoped,
+so the service switches backend once). The kubernetes half runs against the fake cluster
+of tests/kube (no real API server or kubelet can run here: those two are fakes, the
+service, the backend, the official client and the agents in the pods are real), or,
+with ``--cluster``, ``-m cluster`` or JUPYTER_SANDBOX_TEST_CLUSTER=1, against the real
+cluster that KUBECONFIG names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from typing import Any, Protocol
+
+import pytest
+from _pytest.mark.expression import Expression
+
+BACKENDS = ("local", "kubernetes")
+# The kinds of object a sandbox has of its own (its pods, its record's Secret, its home).
+SANDBOX_KINDS = ("pods", "secrets", "persistentvolumeclaims")
+SANDBOX_LABEL = "jupyter-sandbox.io/sandbox"
+INSTANCE_LABEL = "jupyter-sandbox.io/instance"
+
+
+class Cluster(Protocol):
+    """What the leak checks ask of a cluster (the fake one's control API has these)."""
+
+    kubeconfig: str
+    namespace: str
+
+    def objects(self, kind: str, namespace: str | None = None) -> list[dict]: ...
+    def delete(self, kind: str, name: str, grace: int | None = None) -> Any: ...
+    def pod_pids(self) -> dict[str, list[int]]: ...
+
+
+def real_cluster_wanted(config: pytest.Config) -> bool:
+    """Whether the kubernetes half runs on a real cluster: ``--cluster``,
+    JUPYTER_SANDBOX_TEST_CLUSTER=1, or a ``-m`` expression that selects ``cluster`` tests."""
+    if config.getoption("cluster") or os.environ.get("JUPYTER_SANDBOX_TEST_CLUSTER") == "1":
+        return True
+    expression = config.getoption("markexpr")
+    return bool(expression) and Expression.compile(expression).evaluate(
+        lambda name, **_: name == "cluster"
+    )
+
+
+class RealCluster:
+    """The cluster of KUBECONFIG, looked at through the official client. Its pods'
+    processes are not on this machine, so `pod_pids` has none to report."""
+
+    def __init__(self, kubeconfig: str, namespace: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+
+    def objects(self, kind: str, namespace: str | None = None) -> list[dict]:
+        return asyncio.run(self._call(kind, "list", namespace or self.namespace))
+
+    def delete(self, kind: str, name: str, grace: int | None = None) -> Any:
+        return asyncio.run(self._call(kind, "delete", self.namespace, name))
+
+    def pod_pids(self) -> dict[str, list[int]]:
+        return {}
+
+    async def _call(self, kind: str, verb: str, namespace: str, name: str = "") -> Any:
+        from kubernetes_asyncio import client, config
+
+        configuration = client.Configuration()
+        await config.load_kube_config(self.kubeconfig, client_configuration=configuration)
+        singular = {
+            "pods": "pod",
+            "secrets": "secret",
+            "persistentvolumeclaims": "persistent_volume_claim",
+            "configmaps": "config_map",
+        }[kind]
+        async with client.ApiClient(configuration) as api:
+            core = client.CoreV1Api(api)
+            if verb == "delete":
+                method = getattr(core, f"delete_namespaced_{singular}")
+                return await method(name, namespace, propagation_policy="Background")
+            found = await getattr(core, f"list_namespaced_{singular}")(namespace)
+            return [api.sanitize_for_serialization(item) for item in found.items]
+
+
+def new_instance() -> str:
+    """An instance name of this session's own: its objects are told from anyone else's."""
+    return f"tests-{secrets.token_hex(4)}"
+
+
+def kubernetes_env(cluster: Cluster, instance: str) -> dict[str, str]:
+    """The service's settings for sandboxes in `cluster`, as objects of `instance`."""
+    return {
+        "JUPYTER_SANDBOX_BACKEND": "kubernetes",
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "JUPYTER_SANDBOX_K8S_NAMESPACE": cluster.namespace,
+        "JUPYTER_SANDBOX_K8S_INSTANCE": instance,
+    }
+
+
+def sandbox_objects(cluster: Cluster, instance: str) -> dict[str, set[str]]:
+    """Per kind of SANDBOX_KINDS: the sandboxes of `instance` that have such an object."""
+    found: dict[str, set[str]] = {}
+    for kind in SANDBOX_KINDS:
+        for item in cluster.objects(kind, cluster.namespace):
+            labels = item["metadata"].get("labels") or {}
+            if labels.get(INSTANCE_LABEL) == instance and SANDBOX_LABEL in labels:
+                found.setdefault(kind, set()).add(labels[SANDBOX_LABEL])
+    return found
+
+
+def pod_sandbox(pod: str) -> str:
+    """The sandbox id of a pod named ``namespace/jsb-<id>-<generation>``."""
+    name = pod.rsplit("/", 1)[-1]
+    return name.removeprefix("jsb-").rsplit("-", 1)[0]
+
+
+class PodProcesses:
+    """The host pids each pod of the fake cluster has had, to find those that outlive
+    their pod."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.seen: dict[int, str] = {}
+
+    def look(self) -> dict[str, list[int]]:
+        """The pods running now and their pids (remembered)."""
+        running = self.cluster.pod_pids()
+        self.seen.update({pid: pod for pod, pids in running.items() for pid in pids})
+        return running
+
+    def orphans(self, alive: Any) -> dict[int, str]:
+        """Processes of pods that no longer run but that are still alive. Each is looked
+        at once: a later process may reuse its pid."""
+        running = self.look()
+        ended = {pid: pod for pid, pod in self.seen.items() if pod not in running}
+        for pid in ended:
+            del self.seen[pid]
+        return {pid: pod for pid, pod in ended.items() if alive(pid)}
