@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 from _pytest.mark.expression import Expression
 
+if TYPE_CHECKING:
+    from tests.kube_fixtures import KubeService
+
 BACKENDS = ("local", "kubernetes")
-# The kinds of object a sandbox has of its own (its pods, its record's Secret, its home).
-SANDBOX_KINDS = ("pods", "secrets", "persistentvolumeclaims")
-SANDBOX_LABEL = "jupyter-sandbox.io/sandbox"
-INSTANCE_LABEL = "jupyter-sandbox.io/instance"
 
 
 class Cluster(Protocol):
@@ -85,30 +83,15 @@ class RealCluster:
             return [api.sanitize_for_serialization(item) for item in found.items]
 
 
-def new_instance() -> str:
-    """An instance name of this session's own: its objects are told from anyone else's."""
-    return f"tests-{secrets.token_hex(4)}"
-
-
-def kubernetes_env(cluster: Cluster, instance: str) -> dict[str, str]:
-    """The service's settings for sandboxes in `cluster`, as objects of `instance`."""
-    return {
-        "JUPYTER_SANDBOX_BACKEND": "kubernetes",
-        "KUBECONFIG": str(cluster.kubeconfig),
-        "JUPYTER_SANDBOX_K8S_NAMESPACE": cluster.namespace,
-        "JUPYTER_SANDBOX_K8S_INSTANCE": instance,
-    }
-
-
-def sandbox_objects(cluster: Cluster, instance: str) -> dict[str, set[str]]:
-    """Per kind of SANDBOX_KINDS: the sandboxes of `instance` that have such an object."""
-    found: dict[str, set[str]] = {}
-    for kind in SANDBOX_KINDS:
-        for item in cluster.objects(kind, cluster.namespace):
-            labels = item["metadata"].get("labels") or {}
-            if labels.get(INSTANCE_LABEL) == instance and SANDBOX_LABEL in labels:
-                found.setdefault(kind, set()).add(labels[SANDBOX_LABEL])
-    return found
+def kubernetes_settings(service: KubeService, real: bool) -> dict[str, str]:
+    """What a session service needs, on top of the local one's settings, to run its
+    sandboxes as objects of `service`'s own instance in its cluster (a real cluster's
+    pods get the default start timeout: images may need pulling)."""
+    wanted = ["JUPYTER_SANDBOX_BACKEND", "KUBECONFIG", "JUPYTER_SANDBOX_K8S_NAMESPACE"]
+    wanted += ["JUPYTER_SANDBOX_K8S_INSTANCE"] + (
+        [] if real else ["JUPYTER_SANDBOX_K8S_START_TIMEOUT"]
+    )
+    return {key: service.env[key] for key in wanted}
 
 
 def pod_sandbox(pod: str) -> str:

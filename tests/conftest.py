@@ -42,10 +42,9 @@ from tests.backend_fixtures import (
     Cluster,
     PodProcesses,
     RealCluster,
-    kubernetes_env,
-    new_instance,
+    kubernetes_settings,
+    pod_sandbox,
     real_cluster_wanted,
-    sandbox_objects,
 )
 from tests.kube.conftest import running_fake_cluster
 
@@ -202,7 +201,7 @@ class ServiceEnv:
         self.storage = storage
         self.cluster = cluster
         self.backend = "kubernetes" if cluster else "local"
-        self.instance = new_instance() if cluster else ""
+        self.kube = None  # the kubernetes instance's objects and processes
         self.pods = PodProcesses(cluster) if cluster else None
         self.env = {
             "JUPYTER_RUNTIME_DIR": str(base / "rt"),
@@ -218,7 +217,11 @@ class ServiceEnv:
             "JUPYTER_SANDBOX_BACKEND": "local",
         }
         if cluster:
-            self.env.update(kubernetes_env(cluster, self.instance))
+            from tests.kube_fixtures import KubeService  # it imports this module
+
+            self.kube = KubeService(cluster, base, {})
+            self.kube.storage = storage
+            self.env.update(kubernetes_settings(self.kube, isinstance(cluster, RealCluster)))
 
     @property
     def runtime_file(self) -> Path:
@@ -360,10 +363,6 @@ def kube_cluster(
     """The cluster of the kubernetes half: the fake one, or the real one of KUBECONFIG."""
     if not real_cluster_wanted(request.config):
         with running_fake_cluster(tmp_path_factory.mktemp("fake-cluster")) as cluster:
-            # Pods request what their sandbox may use (2 cpus, 1 GiB, 10 GiB of disk by
-            # default) and tests run several at once: a node the size of a cluster of many,
-            # as the fake enforces none of it. Its scheduler's own tests are in tests/kube.
-            cluster.node(cpu="100", memory="1Ti", ephemeral_storage="10Ti")
             yield cluster
         return
     kubeconfig = os.environ.get("KUBECONFIG")
@@ -392,9 +391,11 @@ def service_env(request: pytest.FixtureRequest, backend: str) -> Iterator[Servic
             os.environ[key] = value
     leftovers = {pid: _sandbox_of(pid, storage) for pid in sandbox_processes(storage)}
     mounted = sandbox_mounts(storage)
-    objects, orphans = _cluster_objects(env), _pod_orphans(env)
-    if cluster:  # the instance's own objects (its anchor owns them) go with it
-        cluster.delete("configmaps", f"jupyter-sandbox-{env.instance}")
+    if env.kube:
+        env.kube.check_clean()
+    orphans = _pod_orphans(env)
+    if env.kube:  # the instance's own objects (its anchor owns them) go with it
+        cluster.delete("configmaps", f"jupyter-sandbox-{env.kube.instance}")
     remaining = list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
     if env.log_file.exists():  # kept for a post-mortem of the last session
         suffix = "" if backend == "local" else f"-{backend}"
@@ -405,7 +406,6 @@ def service_env(request: pytest.FixtureRequest, backend: str) -> Iterator[Servic
     assert not leftovers, f"sandbox processes left after the session: {leftovers}"
     assert not remaining, f"sandbox directories left after the session: {remaining}"
     assert not mounted, f"sandbox homes still mounted after the session: {mounted}"
-    assert not objects, f"sandbox objects left in the cluster after the session: {objects}"
     assert not orphans, f"pod processes left after the session: {orphans}"
 
 
@@ -432,7 +432,8 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     dirs = {p.name for p in sandboxes_dir.iterdir()} if sandboxes_dir.exists() else set()
     owners = {_sandbox_of(pid, env.storage) for pid in sandbox_processes(env.storage)} - {"?"}
     mounted = sandbox_mounts(env.storage)
-    objects = _cluster_objects(env)
+    objects = env.kube.sandbox_ids() if env.kube else set()
+    running = env.kube.pod_processes() if env.kube else {}
     live = {s.id for s in Sandbox.list()}
     known = live | set(service_status()["pool"])
     assert dirs <= known, f"directories of ended sandboxes left: {sorted(dirs - known)}"
@@ -441,15 +442,11 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked, f"cgroups of ended sandboxes left: {leaked}"
     assert owners <= known, f"processes of ended sandboxes left: {sorted(owners - known)}"
     assert mounted <= known, f"homes of ended sandboxes still mounted: {sorted(mounted - known)}"
-    left = {kind: sorted(ids - known) for kind, ids in objects.items() if ids - known}
-    assert not left, f"cluster objects of ended sandboxes left: {left}"
+    assert objects <= known, f"cluster objects of ended sandboxes left: {sorted(objects - known)}"
+    in_pods = {pod_sandbox(pod) for pod in running}
+    assert in_pods <= known, f"processes of ended sandboxes left: {sorted(in_pods - known)}"
     orphans = _pod_orphans(env)
     assert not orphans, f"processes of deleted pods left: {orphans}"
-
-
-def _cluster_objects(env: ServiceEnv) -> dict[str, set[str]]:
-    """On kubernetes: the sandboxes that have objects in the cluster, by kind."""
-    return sandbox_objects(env.cluster, env.instance) if env.cluster else {}
 
 
 def _pod_orphans(env: ServiceEnv) -> dict[int, str]:
