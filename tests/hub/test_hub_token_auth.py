@@ -42,6 +42,7 @@ from tests.hub.token_hub import (
     requirements,
     start_token_hub,
 )
+from tests.kernel_fixtures import Kernel
 
 HUB_UID_BASE = 1 << 31
 MISSING = "sb-0000000000"
@@ -559,3 +560,28 @@ def test_a_hub_users_ssh_token_works_from_another_pod_not_from_the_gateways_own(
         assert local.returncode != 0
         assert "issued to a JupyterHub user" in local.stderr
         assert f"issued to uid {access['uid']}" in service.log
+
+
+@pytest.mark.unprivileged
+def test_the_magics_in_a_kernel_work_as_the_hub_user(
+    service: HubAuthService, token_hub: TokenHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel of alice's notebook server (JUPYTER_SANDBOX_URL and her
+    JUPYTERHUB_API_TOKEN, nothing else) runs `%%sandbox` cells and `%sandbox_ssh` in a
+    sandbox that is hers: bob does not see it."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "kernel-runtime"))
+    for name in ("JUPYTER_SANDBOX_TOKEN", "JUPYTER_SANDBOX_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"JUPYTER_SANDBOX_URL": service.url, "JUPYTERHUB_API_TOKEN": token_hub.token("alice")}
+    kernel = Kernel(env)
+    try:
+        assert kernel.ok("%%sandbox\necho hello from $(hostname)").stdout.startswith(
+            "hello from sb-"
+        )
+        shown = kernel.ok("%sandbox_ssh")
+        assert "ssh" in " ".join(o.text for o in shown.outputs)
+        [sandbox] = [s for s in service.sandboxes() if s["user"] == "alice"]
+        assert sandbox["uid"] >= HUB_UID_BASE
+        assert sandbox["id"] not in listed(service, token_hub.token("bob"))
+    finally:
+        kernel.shutdown()
