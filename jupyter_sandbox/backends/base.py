@@ -163,7 +163,8 @@ class Backend(Records, Protocol):
 
     def set_limits(self, runtime: Runtime, limits: Limits) -> bool:
         """Give a pooled sandbox `limits` (same memory, fds and disk, other cpus/pids);
-        False when it cannot take them (the manager then starts a fresh sandbox)."""
+        False, changing nothing, when it cannot take them: the manager then puts it back
+        in the pool and starts a fresh sandbox for these limits."""
         ...
 
     def agent(self, runtime: Runtime) -> AgentClient:

@@ -369,7 +369,7 @@ class Manager:
             self._claims[sandbox_id] = (caller.uid, limits.as_dict())
         try:
             if pooled is not None and not await self._fit_pooled(*pooled, limits):
-                # It cannot take these limits (it is being dropped): a fresh sandbox instead.
+                # It cannot take these limits (it is pooled again): a fresh sandbox instead.
                 claim = self._claims.pop(sandbox_id)
                 sandbox_id, pooled = "sb-" + secrets.token_hex(5), None
                 self._claims[sandbox_id] = claim
@@ -439,15 +439,15 @@ class Manager:
         return None
 
     async def _fit_pooled(self, sandbox_id: str, runtime: Runtime, limits: Limits) -> bool:
-        """Give a sandbox taken from the pool `limits`; False, and it is dropped, when it
-        cannot take them (a backend whose sandboxes' limits are fixed at their start)."""
+        """Give a sandbox taken from the pool `limits`; False, and it goes back to the pool
+        as it was, when it cannot take them (a backend whose limits are fixed at start)."""
         try:
             fits = self.backend.set_limits(runtime, limits)
         except Exception:
             await self._drop_pooled(sandbox_id, runtime)  # no longer pooled: must not linger
             raise
         if not fits:
-            self._drop_later(sandbox_id, runtime)
+            self.pool[sandbox_id] = runtime
         return fits
 
     def _drop_later(self, sandbox_id: str, runtime: Runtime) -> None:
