@@ -270,6 +270,7 @@ class Kubelet:
             await self._wait(worker, 5.0)
             if (pod := self._pod(worker)) is None:
                 return
+        self._set_status(worker, "Pending", {"waiting": {"reason": "ContainerCreating"}})
         while True:  # wait until the container can start
             pod = self._pod(worker)
             if pod is None or pod["metadata"].get("deletionTimestamp"):
@@ -711,15 +712,27 @@ class Kubelet:
             "lastState": {},
             "ready": ready and running,
             "restartCount": 0,
-            "image": container.get("image", ""),
+            "image": full_image_name(container.get("image", "")),
             "imageID": "",
             "started": running,
         }
         if created:
             entry["containerID"] = self._container_id(worker)
-            entry["imageID"] = container.get("image", "") + "@sha256:" + "0" * 64
+            repository = full_image_name(container.get("image", "")).rsplit(":", 1)[0]
+            entry["imageID"] = f"{repository}@sha256:{'0' * 64}"  # the image is not pulled
         status["containerStatuses"] = [entry]
         self.store.write_status(PODS, worker.namespace, worker.name, status)
+
+
+def full_image_name(image: str) -> str:
+    """The image as containerd reports it (python:3.12-slim: docker.io/library/python:3.12-slim)."""
+    first, _, rest = image.partition("/")
+    if not rest:
+        image = f"docker.io/library/{image}"
+    elif "." not in first and ":" not in first and first != "localhost":
+        image = f"docker.io/{image}"
+    last = image.rsplit("/", 1)[-1]
+    return image if ":" in last or "@" in last else f"{image}:latest"
 
 
 RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")

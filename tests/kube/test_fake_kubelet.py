@@ -178,6 +178,8 @@ def test_pod_becomes_ready_on_its_ip_and_deletion_kills_its_processes(
         events = await until(v1, ns, "kl-ready", ready, made.metadata.resource_version)
         phases = [pod["status"].get("phase") for _, pod in events]
         assert phases[0] == "Pending" and phases[-1] == "Running"
+        states = [(p["status"].get("containerStatuses") or [{}])[0].get("state") for _, p in events]
+        assert {"waiting": {"reason": "ContainerCreating"}} in states  # as a kubelet reports
         pod = events[-1][1]
         status = pod["status"]
         assert pod["spec"]["nodeName"] and status["hostIP"] and status["startTime"]
@@ -270,7 +272,8 @@ def test_a_missing_secret_holds_the_pod_until_it_exists(fake_cluster: FakeCluste
 
         def waiting(_: str, pod: dict) -> bool:
             statuses = pod["status"].get("containerStatuses") or [{}]
-            return "waiting" in statuses[0].get("state", {})
+            waiting = statuses[0].get("state", {}).get("waiting", {})
+            return waiting.get("reason") == "CreateContainerConfigError"
 
         events = await until(v1, ns, "kl-wait", waiting, made.metadata.resource_version)
         state = events[-1][1]["status"]["containerStatuses"][0]["state"]["waiting"]
