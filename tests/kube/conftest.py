@@ -61,9 +61,10 @@ class FakeCluster:
             body["grace"] = grace
         return self._call("POST", "/delete", body)
 
-    def outage(self, seconds: float) -> None:
-        """The API port refuses connections for `seconds` (open watches are cut)."""
-        self._call("POST", "/outage", {"seconds": seconds})
+    def outage(self, seconds: float, mode: str = "refuse") -> None:
+        """The API port refuses connections for `seconds` (open watches are cut); with
+        mode="hang" it accepts them and answers nothing (a network partition)."""
+        self._call("POST", "/outage", {"seconds": seconds, "mode": mode})
 
     def expire_watches(self) -> int:
         """Every open watch gets a 410 Expired event; older resourceVersions are compacted."""

@@ -1210,6 +1210,7 @@ class ApiServer:
         self.runner: web.AppRunner | None = None
         self.site: web.TCPSite | None = None
         self.down_until = 0.0
+        self.frozen_until = 0.0
         self._reopen: asyncio.Task | None = None
         self.log_reader: Callable[[str, str], str] | None = None  # the kubelet sets it
         store.listeners.append(self._fan_out)
@@ -1241,9 +1242,17 @@ class ApiServer:
         return f"http://{self.host}:{self.port}"
 
     # faults
-    async def outage(self, seconds: float) -> None:
-        """Refuse connections for `seconds`: the listener closes, every connection and
-        open watch is cut, then the same port listens again."""
+    async def outage(self, seconds: float, mode: str = "refuse") -> None:
+        """The API is away for `seconds`. mode "refuse": the listener closes, every
+        connection and open watch is cut, then the same port listens again. mode "hang"
+        (a network partition): connections open but nothing is answered or sent, not even
+        on open watches, until the time is up; then everything goes on (client timeouts
+        are the client's)."""
+        if mode == "hang":
+            self.frozen_until = max(self.frozen_until, time.monotonic() + seconds)
+            return
+        if mode != "refuse":
+            raise ValueError(f"outage mode {mode!r} is not refuse or hang")
         if self.site is not None:
             await self.site.stop()
             self.site = None
@@ -1297,7 +1306,13 @@ class ApiServer:
                 watch.queue.put_nowait(seen)
 
     # requests
+    async def _frozen(self) -> None:
+        """Wait out a "hang" outage."""
+        while (delay := self.frozen_until - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        await self._frozen()
         try:
             return await self._handle(request)
         except ApiError as error:
@@ -1603,6 +1618,7 @@ class ApiServer:
     async def _send(
         self, response: web.StreamResponse, resource: Resource, kind: str, obj: dict
     ) -> None:
+        await self._frozen()
         self.watch_events[f"{kind} {resource.plural}"] += 1
         await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 

@@ -11,7 +11,8 @@ in each pod) is real.
 Control API (plain HTTP on its own port, never affected by the faults it injects):
     GET  /objects/{kind}[?namespace=NS]   the objects of a kind ("pods" or "Pod")
     POST /delete      {"kind", "name", "namespace"?, "grace"?}   delete behind a client's back
-    POST /outage      {"seconds"}   the API port refuses connections for that long
+    POST /outage      {"seconds", "mode"?}   the API port refuses connections for that long
+                                    (mode "hang": it accepts them but answers nothing)
     POST /expire_watches            every open watch gets 410; older versions are compacted
     GET  /stats                     request counts per verb and resource, watch events sent
     POST /stats/reset               start counting again
@@ -121,9 +122,13 @@ class Cluster:
         return web.json_response({"object": obj, "gone": gone})
 
     async def _outage(self, request: web.Request) -> web.Response:
-        seconds = float((await request.json())["seconds"])
-        await self.api.outage(seconds)
-        return web.json_response({"down_for": seconds, "port": self.api.port})
+        body = await request.json()
+        seconds, mode = float(body["seconds"]), body.get("mode", "refuse")
+        try:
+            await self.api.outage(seconds, mode)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"down_for": seconds, "mode": mode, "port": self.api.port})
 
     async def _expire(self, request: web.Request) -> web.Response:
         return web.json_response({"expired_watches": self.api.expire_watches()})

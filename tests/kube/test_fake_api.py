@@ -333,6 +333,29 @@ def test_outage_refuses_connections_and_cuts_watches(fake_cluster: FakeCluster) 
     run(fake_cluster, scenario)
 
 
+def test_a_hanging_outage_answers_nothing_until_it_ends(fake_cluster: FakeCluster) -> None:
+    ns = fake_cluster.namespace
+
+    async def scenario(v1: client.CoreV1Api) -> None:
+        version = (await v1.list_namespaced_config_map(ns)).metadata.resource_version
+        stream = watch.Watch().stream(
+            v1.list_namespaced_config_map, ns, resource_version=version, timeout_seconds=20
+        )
+        async with stream as events:
+            await asyncio.to_thread(fake_cluster.outage, 1.5, "hang")
+            began = time.monotonic()
+            with pytest.raises(asyncio.TimeoutError):
+                await v1.list_namespaced_config_map(ns, _request_timeout=0.5)
+            made = asyncio.ensure_future(v1.create_namespaced_config_map(ns, configmap("hang-1")))
+            event = await events.__anext__()  # sent only once the partition heals
+            assert time.monotonic() - began >= 1.4
+            assert (event["type"], event["object"].metadata.name) == ("ADDED", "hang-1")
+            await made
+        await v1.delete_namespaced_config_map("hang-1", ns)
+
+    run(fake_cluster, scenario)
+
+
 def test_garbage_collection_follows_owner_references(fake_cluster: FakeCluster) -> None:
     ns = fake_cluster.namespace
 
