@@ -241,6 +241,7 @@ class KubernetesBackend:
     ) -> PodRuntime:
         """Create the sandbox's Secret (and PVC) unless resumed, then a pod; return once
         the pod is ready and its agent answers over TLS."""
+        self._check_ready()
         sandbox_id = spec.id
         directory = self.sandboxes_dir / sandbox_id
         created: list[tuple[str, str]] = []  # what to delete if this start fails
@@ -301,7 +302,6 @@ class KubernetesBackend:
 
     async def _create_sandbox(self, spec: SandboxSpec, created: list[tuple[str, str]]) -> None:
         """The Secret and PVC of a new sandbox, each added to `created` once made."""
-        self._check_ready()
         pairs = await asyncio.to_thread(SandboxCredentials.generate, spec.id)
         body = objects.secret(self.kube.instance, spec.id, secret_keys(pairs), self.anchor)
         await self.api.create("secrets", body)
@@ -570,7 +570,9 @@ class KubernetesBackend:
         grace = self.kube.start_timeout + REAP_GRACE
         while True:
             await asyncio.sleep(REAP_EVERY)
-            keep = self.starting | self.stopping | set(self.records.pending) | set(self.unremoved)
+            # Anything this service runs, starts, stops or still writes is accounted for.
+            keep = self.starting | self.stopping | set(self.pairs) | set(self.unremoved)
+            keep |= set(self.records.pending)
             try:
                 found = await reaper.inventory(self.api, self.watch)
                 await self._reap(found.unaccounted(keep, older_than=grace))
