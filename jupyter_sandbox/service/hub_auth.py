@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -243,7 +244,10 @@ class HubDirectory:
         self.settings = settings
         self.uids = uids
         self.instructor_groups = frozenset(instructor_groups)
-        self._client = httpx.AsyncClient(timeout=HUB_TIMEOUT, trust_env=False)
+        # No proxy from the environment sees the tokens; an https:// hub's certificate is
+        # checked against the system's CAs (or SSL_CERT_FILE).
+        trusted = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
+        self._client = httpx.AsyncClient(timeout=HUB_TIMEOUT, trust_env=False, verify=trusted)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per hub call is noise
         # sha256 of a token -> (when the answer goes stale, the user or None: rejected)
         self._cache: dict[bytes, tuple[float, _HubUser | None]] = {}
