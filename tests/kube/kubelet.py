@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.kube import pod_runner
-from tests.kube.fake_api import BY_PLURAL, ApiError, Event, Store, now_rfc3339
+from tests.kube.fake_api import BY_PLURAL, ApiError, Event, Resource, Store, now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,6 @@ class PodWorker:
     container: pod_runner.Container | None = None
     pod_ip: str = ""
     task: asyncio.Task | None = None
-    conditions: dict[str, dict] = field(default_factory=dict)
 
 
 class Kubelet:
@@ -454,6 +453,9 @@ class Kubelet:
             await self._wait(worker, None)  # an ended pod stays until it is deleted
 
     def _clean_up(self, worker: PodWorker) -> None:
+        """Forget a pod: its container (if a failure left it running), IP and volumes."""
+        if worker.container is not None:
+            pod_runner.stop_container(worker.container)
         self.workers.pop(worker.uid, None)
         if worker.pod_ip:
             self.ips.give_back(worker.pod_ip)
@@ -499,7 +501,7 @@ class Kubelet:
                 stderr=output.fileno(),
             )
 
-    def _lookup(self, resource, namespace: str, ref: dict, key: str | None) -> str | None:
+    def _lookup(self, resource: Resource, namespace: str, ref: dict, key: str | None) -> str | None:
         """A key of a secret/config map (decoded), or None when optional and missing."""
         obj = self.store.find(resource, namespace, ref.get("name", ""))
         kind = "secret" if resource is SECRETS else "configmap"
