@@ -1401,7 +1401,10 @@ class ApiServer:
                 return web.json_response(listed)
             obj, gone = store.delete(r, ns, name, grace, propagation, options.get("preconditions"))
             if r.returns_object or not gone:
-                return web.json_response(obj, status=200 if gone else 202)
+                # 202 only for the old orphanDependents=false, as kube-apiserver does; a
+                # graceful or finalizer-held deletion answers 200 and the object.
+                held = not gone and options.get("orphanDependents") is False
+                return web.json_response(obj, status=202 if held else 200)
             details = {"name": name, "kind": r.plural, "uid": obj["metadata"]["uid"]}
             if r.group:
                 details["group"] = r.group
