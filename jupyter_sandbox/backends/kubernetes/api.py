@@ -135,10 +135,12 @@ class Api:
         return True
 
     async def watch(
-        self, resource: str, selector: str, version: str, seconds: int
+        self, resource: str, selector: str, version: str, seconds: int, idle: float
     ) -> AsyncIterator[dict]:
         """The events of a watch from `version` (bookmarks included), until the server
-        ends it; ApiError (410 for a version too old) or ApiUnreachable."""
+        ends it; ApiError (410 for a version too old) or ApiUnreachable, also when
+        nothing (not even a bookmark) comes for `idle` seconds: a connection the
+        network dropped without a word."""
         query = {
             "labelSelector": selector,
             "watch": "true",
@@ -146,7 +148,7 @@ class Api:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(seconds),
         }
-        timeout = aiohttp.ClientTimeout(sock_connect=REQUEST_TIMEOUT, sock_read=seconds + 30)
+        timeout = aiohttp.ClientTimeout(sock_connect=REQUEST_TIMEOUT, sock_read=idle)
         response = await self._send("GET", self.path(resource), query=query, timeout=timeout)
         try:
             if response.status != 200:

@@ -22,6 +22,9 @@ from .objects import SANDBOX
 log = logging.getLogger("jupyter_sandbox.service")
 
 WATCH_SECONDS = 300  # how long one watch request lasts before it is renewed
+# Seconds of silence after which a watch is taken for cut: the API server sends a bookmark
+# about every minute, so a partition that keeps the connection open is noticed.
+WATCH_IDLE = 90.0
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0  # seconds between attempts while the server is away
 
 
@@ -130,7 +133,9 @@ class PodWatch:
 
     async def _follow(self) -> None:
         """One watch request, from the last version, until the server ends it."""
-        async for event in self.api.watch("pods", self.selector, self.version, WATCH_SECONDS):
+        async for event in self.api.watch(
+            "pods", self.selector, self.version, WATCH_SECONDS, WATCH_IDLE
+        ):
             if not self.connected:
                 self.connected = True
                 log.info("pod watch: the Kubernetes API server answers again")
