@@ -156,10 +156,15 @@ class KubeService:
         assert len(pods) == 1, f"pods of {sandbox_id}: {[p['metadata']['name'] for p in pods]}"
         return pods[0]
 
+    def secret_key(self, sandbox_id: str, key: str) -> bytes | None:
+        """One key of the sandbox's Secret, decoded."""
+        [secret] = self.of_sandbox("secrets", sandbox_id)
+        value = secret.get("data", {}).get(key)
+        return None if value is None else base64.b64decode(value)
+
     def record(self, sandbox_id: str) -> dict:
         """The record the sandbox's Secret holds."""
-        [secret] = self.of_sandbox("secrets", sandbox_id)
-        return json.loads(base64.b64decode(secret["data"]["record"]))
+        return json.loads(self.secret_key(sandbox_id, "record"))
 
     def leftovers_of(self, sandbox_id: str) -> list[str]:
         """`resource/name` of every object of one sandbox."""
@@ -180,14 +185,23 @@ class KubeService:
 
     def create_object(self, resource: str, body: dict) -> dict:
         """Create an object through the fake's API, as another client of it would."""
+        return self._api("POST", resource, "", json=body)
+
+    def patch_object(self, resource: str, name: str, patch: dict) -> dict:
+        """Merge-patch an object through the fake's API (someone else's edit)."""
+        headers = {"Content-Type": "application/merge-patch+json"}
+        return self._api("PATCH", resource, name, content=json.dumps(patch), headers=headers)
+
+    def _api(self, method: str, resource: str, name: str, headers=None, **kwargs) -> dict:
         config = yaml.safe_load(Path(self.cluster.kubeconfig).read_text())
         server = config["clusters"][0]["cluster"]["server"]
         token = config["users"][0]["user"]["token"]
-        answer = httpx.post(
-            f"{server}/api/v1/namespaces/{self.cluster.namespace}/{resource}",
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
+        answer = httpx.request(
+            method,
+            f"{server}/api/v1/namespaces/{self.cluster.namespace}/{resource}/{name}".rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", **(headers or {})},
             timeout=10,
+            **kwargs,
         )
         answer.raise_for_status()
         return answer.json()

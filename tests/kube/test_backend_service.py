@@ -4,6 +4,7 @@ agent really runs, in bubblewrap on a loopback pod IP, reached over TLS)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -130,6 +131,28 @@ def test_a_new_service_on_a_fresh_disk_readopts_from_the_secrets_alone(
     again.kill()
 
 
+def test_a_damaged_record_is_kept_aside_and_its_sandbox_adopted_as_failed(
+    kube_service_env: KubeService,
+):
+    service = kube_service_env
+    sb = Sandbox.create(timeout="5m")
+    service.kill()
+    shutil.rmtree(service.env["JUPYTER_DATA_DIR"])  # nothing but the Secret tells of it
+    damaged = b'{"format": 1, "record": {"id": "'
+    service.patch_object("secrets", f"jsb-{sb.id}", {"data": {"record": _b64(damaged)}})
+    service.start()
+    info = Sandbox.connect(sb.id).info()
+    assert info.status == "failed"
+    assert "its record does not check out" in info.failure
+    assert f"key record-unreadable of Secret jsb-{sb.id}" in info.failure
+    wait_for(
+        lambda: service.secret_key(sb.id, "record-unreadable") == damaged,
+        10,
+        message="the damaged record to be kept aside",
+    )
+    Sandbox.connect(sb.id).kill()
+
+
 def test_pod_deleted_behind_the_services_back_fails_and_keeps_a_pvc_home(make_kube_service):
     service = make_kube_service(JUPYTER_SANDBOX_K8S_HOME="pvc")
     sb = Sandbox.create(timeout="5m")
@@ -209,6 +232,10 @@ def test_expired_watch_misses_no_deletion(kube_service_env: KubeService):
     assert "deleted behind the service's back" in failure
     assert "emptyDir volume and is gone with the pod: no files are kept" in failure
     sb.kill()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def _argv(pid: int) -> list[bytes]:
