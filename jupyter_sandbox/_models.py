@@ -175,7 +175,7 @@ class Usage:
     user: str
     uid: int
     instructor: bool
-    mode: str  # "system" (one service for the machine) or "user" (this user's own)
+    mode: str  # "system" (one service for the machine), "hub" (hub users, by token), "user"
     quota: dict[str, Any]
     usage: dict[str, Any]
     source: dict[str, str | None] = field(default_factory=dict)

@@ -639,7 +639,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if args.json:
         print_json({name: getattr(usage, name) for name in USAGE_FIELDS})
         return 0
-    service = "the system service" if usage.mode == "system" else "your own service"
+    service = {"system": "the system service", "hub": "the hub's sandbox service"}.get(
+        usage.mode, "your own service"
+    )
     role = ", instructor" if usage.instructor else ""
     print(f"user {usage.user} (uid {usage.uid}{role}), on {service}")
     shown = {

@@ -219,7 +219,7 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
                 "user": STRING,
                 "uid": INTEGER,
                 "instructor": BOOLEAN,
-                "mode": {"enum": ["user", "system"]},
+                "mode": {"enum": ["user", "system", "hub"]},
                 "quota": _object(
                     {
                         "sandboxes": _null({"type": "integer", "minimum": 0}),

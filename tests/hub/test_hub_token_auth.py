@@ -36,6 +36,7 @@ from tests.hub.token_hub import (
     LIMITED_GROUP,
     NUMERIC,
     OS_NAMED,
+    ROOT,
     HubAuthService,
     TokenHub,
     hub_auth_service,
@@ -147,7 +148,7 @@ def test_a_user_named_like_a_number_gets_no_uid_of_that_number(
     alice = create(service, token_hub.token("alice"), "hers")
     zero = token_hub.token(NUMERIC)
     usage = service.call("GET", "/v1/usage", zero).json()
-    assert usage["user"] == NUMERIC
+    assert usage["user"] == NUMERIC and usage["mode"] == "hub"
     assert usage["uid"] >= HUB_UID_BASE
     assert usage["instructor"] is False
     assert alice["id"] not in listed(service, zero)
@@ -585,3 +586,33 @@ def test_the_magics_in_a_kernel_work_as_the_hub_user(
         assert sandbox["id"] not in listed(service, token_hub.token("bob"))
     finally:
         kernel.shutdown()
+
+
+@pytest.mark.unprivileged
+def test_the_cli_works_as_the_hub_user(service: HubAuthService, token_hub: TokenHub) -> None:
+    """`jupyter-sandbox usage` and `list` in a user pod (only JUPYTER_SANDBOX_URL and the
+    hub token) speak for that hub user."""
+    hers = create(service, token_hub.token("alice"), "alices-own")
+    create(service, token_hub.token("bob"), "bobs-own")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "PYTHON"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        JUPYTER_SANDBOX_URL=service.url,
+        JUPYTERHUB_API_TOKEN=token_hub.token("alice"),
+    )
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "jupyter_sandbox", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    usage = cli("usage")
+    assert f"user alice (uid {hers['uid']}), on the hub's sandbox service" in usage
+    listing = cli("list")
+    assert "alices-own" in listing and "bobs-own" not in listing
