@@ -83,6 +83,11 @@ class FakeCluster:
         self.seen_pids |= {pid for group in pids.values() for pid in group}
         return pids
 
+    def command_pids(self) -> dict[str, int]:
+        """The host pid of each running container's command (pid 1 inside its pod, e.g.
+        the agent), by "namespace/name"."""
+        return self._call("GET", "/command_pids")
+
     def node(self, **capacity: str) -> dict[str, int]:
         """The node's allocatable resources; change them with cpu="2", memory="1Gi",
         ephemeral_storage="10Gi" (pods that do not fit stay Pending, Unschedulable)."""

@@ -17,6 +17,7 @@ Control API (plain HTTP on its own port, never affected by the faults it injects
     GET  /stats                     request counts per verb and resource, watch events sent
     POST /stats/reset               start counting again
     GET  /pod_pids                  {namespace/name: [host pids of the pod's processes]}
+    GET  /command_pids              {namespace/name: host pid of the container's command}
     GET  /node                      the node's allocatable cpu (millicores), memory, disk
     POST /node        {"cpu"?, "memory"?, "ephemeral-storage"?}   change it (quantities):
                                     pods that no longer fit stay Pending, Unschedulable
@@ -71,6 +72,7 @@ class Cluster:
                 web.get("/stats", self._stats),
                 web.post("/stats/reset", self._reset_stats),
                 web.get("/pod_pids", self._pod_pids),
+                web.get("/command_pids", self._command_pids),
                 web.get("/node", self._node),
                 web.post("/node", self._node),
             ]
@@ -154,6 +156,9 @@ class Cluster:
                 return web.json_response({"error": f"not a quantity: {exc}"}, status=400)
             self.kubelet.wake_waiting()
         return web.json_response(dict(self.kubelet.capacity))
+
+    async def _command_pids(self, request: web.Request) -> web.Response:
+        return web.json_response(self.kubelet.command_pids())
 
     async def _pod_pids(self, request: web.Request) -> web.Response:
         return web.json_response({key: sorted(pids) for key, pids in self.kubelet.pids().items()})

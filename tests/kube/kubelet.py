@@ -188,8 +188,17 @@ class Kubelet:
             self._clean_up(worker)
 
     def pids(self) -> dict[str, set[int]]:
+        """Host pids of each running pod's processes (bwrap's included)."""
         return {
             f"{w.namespace}/{w.name}": pod_runner.pids_of(w.container)
+            for w in self.workers.values()
+            if w.container is not None and w.container.poll() is None
+        }
+
+    def command_pids(self) -> dict[str, int]:
+        """The host pid of each running container's command (pid 1 in its pod)."""
+        return {
+            f"{w.namespace}/{w.name}": w.container.container_pid
             for w in self.workers.values()
             if w.container is not None and w.container.poll() is None
         }

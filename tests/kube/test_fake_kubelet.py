@@ -200,6 +200,9 @@ def test_pod_becomes_ready_on_its_ip_and_deletion_kills_its_processes(
         assert seen["state"] and seen["home"] == []
         pids = await asyncio.to_thread(fake_cluster.pod_pids)
         assert len(pids[f"{ns}/kl-ready"]) >= 2  # bwrap and the server
+        command = (await asyncio.to_thread(fake_cluster.command_pids))[f"{ns}/kl-ready"]
+        assert command in pids[f"{ns}/kl-ready"]
+        assert Path(f"/proc/{command}/cmdline").read_bytes().split(b"\0")[:2] == [b"python3", b"-c"]
         began = time.monotonic()
         deleted = await v1.delete_namespaced_pod("kl-ready", ns, grace_period_seconds=1)
         assert (
