@@ -213,6 +213,7 @@ def test_every_setting_the_install_names_is_one_the_code_reads() -> None:
 
 def test_the_service_reads_the_deployment_env_as_its_comments_say(monkeypatch) -> None:
     from jupyter_sandbox._config import Settings
+    from jupyter_sandbox._durations import parse_size
     from jupyter_sandbox.backends.kubernetes.config import KubernetesSettings
     from jupyter_sandbox.service.hub_auth import HubSettings
     from jupyter_sandbox.service.ssh_port import configured_address
@@ -221,7 +222,12 @@ def test_the_service_reads_the_deployment_env_as_its_comments_say(monkeypatch) -
     env = deployment_env(namespace="jhub")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert Settings.from_env().backend == "kubernetes"
+    settings = Settings.from_env()
+    assert settings.backend == "kubernetes"
+    assert settings.default_memory == parse_size(env["JUPYTER_SANDBOX_DEFAULT_MEMORY"])
+    assert settings.default_disk == parse_size(env["JUPYTER_SANDBOX_DEFAULT_DISK"])
+    assert settings.default_cpus == float(env["JUPYTER_SANDBOX_DEFAULT_CPUS"])
+    assert settings.pool_size == int(env["JUPYTER_SANDBOX_POOL"])
     kube = KubernetesSettings.from_env(env)
     assert (kube.namespace, kube.instance, kube.home) == ("jhub", "default", "emptydir")
     assert kube.image == env["JUPYTER_SANDBOX_K8S_IMAGE"] == KubernetesSettings.image
@@ -593,13 +599,17 @@ def test_the_deployment_runs_here_on_the_fake_cluster_under_its_role(home: str) 
                 homes = [f"jsb-{made['id']}-home"] if home == "pvc" else []
                 assert [c["metadata"]["name"] for c in claims] == homes
                 assert notebook(url, token, "kill", made["id"]) == {}
-                wait_for(lambda: not service.leftovers(), 30, message="the sandbox's objects to go")
-                # Every call the service made fitted the Role (a refused one is logged,
-                # then retried or worked around).
-                refused = [line for line in service.log().splitlines() if "is forbidden" in line]
-                assert not refused, "\n".join(refused)
+                wait_for(
+                    lambda: not service.leftovers_of(made["id"]),
+                    30,
+                    message="the sandbox's objects to go",
+                )
             finally:
-                end_kube_service(service)
+                end_kube_service(service)  # which drains the pool: nothing may be left
+            # Every call the service made fitted the Role (a refused one is logged, then
+            # retried or worked around).
+            refused = [line for line in service.log().splitlines() if "is forbidden" in line]
+            assert not refused, "\n".join(refused)
     finally:
         hub.stop()
         shutil.rmtree(base, ignore_errors=True)
