@@ -491,10 +491,14 @@ def test_the_hub_role_in_the_values_is_all_the_service_needs(monkeypatch, tmp_pa
     monkeypatch.setattr(token_hub, "HubAuthService", deployed_service_class())
     role = load("z2jh-values.yaml")[0]["hub"]["loadRoles"]["jupyter-sandbox"]
     assert role["services"] == ["jupyter-sandbox"]
-    granted = '"scopes": ["read:users"], "services": ["sandboxes"]'
-    assert token_hub.HUB_CONFIG.count(granted) == 1, "the test hub's roles have changed"
-    narrowed = f'"scopes": {role["scopes"]!r}, "services": ["sandboxes"]'
-    monkeypatch.setattr(token_hub, "HUB_CONFIG", token_hub.HUB_CONFIG.replace(granted, narrowed))
+    # The test hub's service "sandboxes" is the sandbox service: give it the values' scopes.
+    config, found = re.subn(
+        r'(\{"name": "sandboxes", "scopes": )\[[^\]]*\]',
+        lambda m: m.group(1) + json.dumps(role["scopes"]),
+        token_hub.HUB_CONFIG,
+    )
+    assert found == 1, "tests/hub/token_hub.py no longer has one role for the service"
+    monkeypatch.setattr(token_hub, "HUB_CONFIG", config)
     hub = token_hub.start_token_hub(tmp_path)
     try:
         service_auth = {"Authorization": f"token {hub.service_token}"}
