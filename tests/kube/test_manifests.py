@@ -617,3 +617,26 @@ def test_the_deployment_runs_here_on_the_fake_cluster_under_its_role(home: str) 
     finally:
         hub.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_image_runs_what_the_deployment_runs() -> None:
+    """The Dockerfile's image (not built here: no container engine runs on this machine)
+    runs the Deployment's command by default, as the pod's user, on its ports, and
+    installs an extra the package has."""
+    from jupyter_sandbox.service.config_file import tomllib
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    last: dict[str, str] = {}  # each instruction's last use: the final stage's
+    for line in dockerfile.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            last[word] = rest
+    assert json.loads(last["CMD"]) == service_container()["args"]
+    security = one(applied(), "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert last["USER"] == f"{security['runAsUser']}:{security['runAsGroup']}"
+    exposed = sorted(int(p) for p in last["EXPOSE"].split())
+    assert exposed == sorted(p["containerPort"] for p in service_container()["ports"])
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # pip install "jupyter-sandbox[X]" (a release) and "$(ls ...whl)[X]" (the checkout)
+    installed = re.findall(r"(?:jupyter-sandbox|\.whl\))\[(\w+)\]", dockerfile)
+    assert len(installed) == 2 and set(installed) <= set(extras["optional-dependencies"])
