@@ -37,7 +37,7 @@ from tests.conftest import stop_process, storage_parent, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_LABEL = "jupyter-sandbox.io/instance"
 SANDBOX_LABEL = "jupyter-sandbox.io/sandbox"
-PER_SANDBOX = ("pods", "secrets", "persistentvolumeclaims")
+PER_SANDBOX = ("pods", "secrets", "persistentvolumeclaims", "sandboxes")
 
 
 class KubeService:

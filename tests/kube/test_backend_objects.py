@@ -9,7 +9,7 @@ import pytest
 
 from jupyter_sandbox._errors import InvalidRequest
 from jupyter_sandbox.backends.cgroups import Limits
-from jupyter_sandbox.backends.kubernetes import objects, status
+from jupyter_sandbox.backends.kubernetes import agent_sandbox, objects, status
 from jupyter_sandbox.backends.kubernetes.config import KubernetesSettings
 
 pytestmark = pytest.mark.unprivileged
@@ -194,11 +194,15 @@ def test_settings_from_env_and_their_errors(tmp_path, monkeypatch):
         "JUPYTER_SANDBOX_K8S_STORAGE_CLASS": "fast",
         "JUPYTER_SANDBOX_K8S_INSTANCE": "course-1",
         "JUPYTER_SANDBOX_K8S_START_TIMEOUT": "30",
+        "JUPYTER_SANDBOX_K8S_MODE": "agent-sandbox",
     }
     assert KubernetesSettings.from_env(env) == KubernetesSettings(
-        "sandboxes", "python:3.13-slim", "kata", "pvc", "fast", "course-1", 30.0
+        "sandboxes", "python:3.13-slim", "kata", "pvc", "fast", "course-1", 30.0, "agent-sandbox"
     )
-    for name, bad in [("HOME", "nfs"), ("INSTANCE", "Not_A_Name"), ("START_TIMEOUT", "soon")]:
+    bad_values = [
+        ("HOME", "nfs"), ("INSTANCE", "Not_A_Name"), ("START_TIMEOUT", "soon"), ("MODE", "vm")
+    ]  # fmt: skip
+    for name, bad in bad_values:
         with pytest.raises(InvalidRequest, match=f"JUPYTER_SANDBOX_K8S_{name}"):
             KubernetesSettings.from_env({f"JUPYTER_SANDBOX_K8S_{name}": bad})
 
@@ -244,3 +248,15 @@ def test_pod_status_in_words():
     assert status.pending(unschedulable) == (
         "PodScheduled: Unschedulable (0/3 nodes have enough memory)"
     )
+
+
+def test_agent_sandbox_wraps_the_same_pod():
+    pod = make_pod()
+    resource = agent_sandbox.sandbox(pod)
+    assert resource["apiVersion"] == "agents.x-k8s.io/v1beta1"
+    assert resource["kind"] == "Sandbox"
+    assert resource["metadata"] == pod["metadata"]
+    assert resource["spec"]["podTemplate"] == {
+        "metadata": {"labels": pod["metadata"]["labels"]},
+        "spec": pod["spec"],
+    }

@@ -27,7 +27,7 @@ from ..._typed import typed
 from ...agent.remote import AgentClient
 from ..base import Limits, SandboxSpec
 from ..tls import SandboxCredentials
-from . import objects, reaper, status
+from . import agent_sandbox, objects, reaper, status
 from .api import Api, ApiError, ApiUnreachable
 from .config import KubernetesSettings, api_configuration
 from .records import RecordWriter
@@ -76,6 +76,7 @@ class PodRuntime:
     home: str  # "emptydir" or "pvc"
     network: str = "none"
     pod_ip: str = ""
+    pod_uid: str = ""  # tells the pod started from one its controller made in its place
     memory: int | None = None
     cpus: float | None = None
     disk: int | None = None
@@ -102,6 +103,8 @@ class KubernetesBackend:
         self.kube = kube or KubernetesSettings.from_env()
         self.sandboxes_dir = storage_dir / "sandboxes"
         self.selector = objects.selector(self.kube.instance)
+        # What one start of a sandbox is: a pod, or an agent-sandbox Sandbox making one.
+        self.workload = agent_sandbox.RESOURCE if self.kube.mode == "agent-sandbox" else "pods"
         self.unavailable: str | None = None
         self.api: Api | None = None
         self.watch: PodWatch | None = None
@@ -149,11 +152,15 @@ class KubernetesBackend:
             )
             for policy in (objects.ingress_policy, objects.no_egress_policy):
                 await self._ensure("networkpolicies", policy(self.kube.instance, self.anchor))
+            if self.workload != "pods":
+                await self._check_sandbox_api()
             self.watch = PodWatch(self.api, self.selector)
             await self.watch.start()
-        except ApiError as e:
+        except BaseException as e:
             await self.api.close()
-            raise self._error(e, "setting up the sandbox namespace") from None
+            if isinstance(e, ApiError):
+                raise self._error(e, "setting up the sandbox namespace") from None
+            raise
         self._spawn(self._reap_forever())
         log.info(
             "kubernetes backend: namespace %s, instance %s, image %s",
@@ -161,6 +168,16 @@ class KubernetesBackend:
             self.kube.instance,
             self.kube.image,
         )
+
+    async def _check_sandbox_api(self) -> None:
+        try:
+            await self.api.list(self.workload, self.selector)
+        except ApiError as e:
+            if e.status == 404:
+                raise IsolationUnavailable(
+                    agent_sandbox.missing(self.kube.namespace, e.message)
+                ) from None
+            raise
 
     async def _ensure_anchor(self) -> objects.Anchor:
         name = objects.anchor_name(self.kube.instance)
@@ -266,8 +283,9 @@ class KubernetesBackend:
                 files_only=files_only,
             )
             name = body["metadata"]["name"]
-            await self.api.create("pods", body)
-            created.insert(0, ("pods", name))
+            workload = body if self.workload == "pods" else agent_sandbox.sandbox(body)
+            await self.api.create(self.workload, workload)
+            created.insert(0, (self.workload, name))
             pod = await self._ready(name)
             runtime = PodRuntime(
                 sandbox_id=sandbox_id,
@@ -277,6 +295,7 @@ class KubernetesBackend:
                 home=self.kube.home,
                 network=spec.network,
                 pod_ip=pod["status"]["podIP"],
+                pod_uid=pod["metadata"].get("uid", ""),
                 memory=spec.limits.memory,
                 cpus=spec.limits.cpus,
                 disk=spec.limits.disk,
@@ -369,10 +388,7 @@ class KubernetesBackend:
     async def _undo(self, sandbox_id: str, created: list[tuple[str, str]], resume: bool) -> None:
         """Delete what a failed start made (a new sandbox leaves nothing behind)."""
         try:
-            for resource, name in created:
-                if resource == "pods":
-                    self.deleted_pods.add(name)
-                await self.api.delete(resource, name, grace=0 if resource == "pods" else None)
+            await self._delete(created)
         except ApiError as e:
             log.warning("could not undo the start of %s (%s): retrying", sandbox_id, e.message)
             self._retry_removal(sandbox_id, created)
@@ -389,9 +405,7 @@ class KubernetesBackend:
         names.discard("")
         if also:
             names.add(also)
-        for name in sorted(names):
-            self.deleted_pods.add(name)
-            await self.api.delete("pods", name, grace=0)
+        await self._delete([(self.workload, name) for name in sorted(names)])
         return sorted(names)
 
     async def _gone(self, names: list[str]) -> None:
@@ -423,7 +437,7 @@ class KubernetesBackend:
         if runtime.pod and runtime.pod not in pods:
             pods.append(runtime.pod)
         doomed = [("secrets", objects.secret_name(sandbox_id))]
-        doomed += [("pods", name) for name in pods]
+        doomed += [(self.workload, name) for name in pods]
         if self.kube.home == "pvc" or runtime.home == "pvc":
             doomed.append(("persistentvolumeclaims", objects.pvc_name(sandbox_id)))
         try:
@@ -448,7 +462,7 @@ class KubernetesBackend:
 
     async def _delete(self, doomed: list[tuple[str, str]]) -> None:
         for resource, name in doomed:
-            if resource == "pods":
+            if resource == self.workload:
                 self.deleted_pods.add(name)
             await self.api.delete(resource, name, grace=0 if resource == "pods" else None)
 
@@ -474,7 +488,7 @@ class KubernetesBackend:
     def serving(self, runtime: PodRuntime) -> bool:
         """Its pod is the one started, ready, not being deleted (from the watch)."""
         pod = self.watch.pods.get(runtime.pod) if self.watch and runtime.pod else None
-        return status.ready(pod) and pod["status"].get("podIP") == runtime.pod_ip
+        return status.ready(pod) and _same_pod(pod, runtime)
 
     async def failure(
         self, runtime: PodRuntime, memory: int | None = None, service_was_down: bool = False
@@ -487,7 +501,13 @@ class KubernetesBackend:
             return "the service does not know its pod"
         pod = self.watch.pods.get(runtime.pod)
         if pod is not None and not status.ended(pod):
-            return None
+            if _same_pod(pod, runtime):
+                return None
+            return (
+                f"its pod {runtime.pod} was replaced by its controller after it ended or was "
+                "deleted: its processes are gone"
+                + ("" if runtime.home == "pvc" else ", and with them its emptyDir home")
+            )
         reason = status.explain(
             pod, memory or runtime.memory, runtime.home, runtime.pod in self.deleted_pods
         )
@@ -545,12 +565,18 @@ class KubernetesBackend:
     async def sweep_orphans(self, known: set[str]) -> list[str]:
         """Delete the objects of sandboxes without a record that `known` does not name."""
         try:
-            found = await reaper.inventory(self.api, self.watch, self._listed_secrets)
+            found = await reaper.inventory(
+                self.api, self.watch, self._listed_secrets, self._extra_kinds()
+            )
             self._listed_secrets = None
             return await self._reap(found.unaccounted(known | self.starting))
         except ApiError as e:
             log.warning("could not look for objects left behind: %s", e.message)
             return []
+
+    def _extra_kinds(self) -> tuple[str, ...]:
+        """What the reaper lists besides Secrets and PVCs (pods come from the watch)."""
+        return () if self.workload == "pods" else (self.workload,)
 
     async def _reap(self, leftovers: dict[str, list[tuple[str, str]]]) -> list[str]:
         for sandbox_id, doomed in leftovers.items():
@@ -574,7 +600,7 @@ class KubernetesBackend:
             keep = self.starting | self.stopping | set(self.pairs) | set(self.unremoved)
             keep |= set(self.records.pending)
             try:
-                found = await reaper.inventory(self.api, self.watch)
+                found = await reaper.inventory(self.api, self.watch, None, self._extra_kinds())
                 await self._reap(found.unaccounted(keep, older_than=grace))
             except ApiError as e:
                 log.info("the look for objects left behind waits: %s", e.message)
@@ -630,6 +656,12 @@ class KubernetesBackend:
             await self.api.patch("secrets", name, body)
         except ApiError as e:
             log.warning("could not keep the unreadable record in %s: %s", name, e.message)
+
+
+def _same_pod(pod: dict, runtime: PodRuntime) -> bool:
+    """Is `pod` the one `runtime` started (not one made in its place under its name)?"""
+    uid = pod["metadata"].get("uid", "")
+    return pod["status"].get("podIP") == runtime.pod_ip and uid == (runtime.pod_uid or uid)
 
 
 def agent_sources() -> dict[str, str]:

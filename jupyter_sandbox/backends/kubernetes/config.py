@@ -13,7 +13,10 @@
 * JUPYTER_SANDBOX_K8S_STORAGE_CLASS: the claims' storage class (default: the cluster's);
 * JUPYTER_SANDBOX_K8S_INSTANCE: tells this service's objects from another's in the same
   namespace (default "default");
-* JUPYTER_SANDBOX_K8S_START_TIMEOUT: seconds a pod may take to become ready (120).
+* JUPYTER_SANDBOX_K8S_START_TIMEOUT: seconds a pod may take to become ready (120);
+* JUPYTER_SANDBOX_K8S_MODE: ``pods`` (default: the backend creates bare pods) or
+  ``agent-sandbox`` (it creates agent-sandbox ``Sandbox`` resources, whose controller
+  makes the pods; see ``agent_sandbox``).
 
 The API server is reached with the kubeconfig of KUBECONFIG (or ~/.kube/config), else
 with the service account of the pod the service runs in.
@@ -30,6 +33,7 @@ from ..._errors import InvalidRequest
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 HOMES = ("emptydir", "pvc")
+MODES = ("pods", "agent-sandbox")
 LABEL_VALUE_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 DNS_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
@@ -46,6 +50,7 @@ class KubernetesSettings:
     storage_class: str | None = None
     instance: str = "default"
     start_timeout: float = 120.0
+    mode: str = "pods"
 
     def __post_init__(self) -> None:
         checks = (
@@ -63,6 +68,10 @@ class KubernetesSettings:
         if self.home not in HOMES:
             raise InvalidRequest(
                 f"JUPYTER_SANDBOX_K8S_HOME={self.home!r}: expected one of {', '.join(HOMES)}"
+            )
+        if self.mode not in MODES:
+            raise InvalidRequest(
+                f"JUPYTER_SANDBOX_K8S_MODE={self.mode!r}: expected one of {', '.join(MODES)}"
             )
         if not self.image or any(c.isspace() for c in self.image):
             raise InvalidRequest(f"JUPYTER_SANDBOX_K8S_IMAGE={self.image!r} is not an image name")
@@ -92,6 +101,7 @@ class KubernetesSettings:
             storage_class=get("STORAGE_CLASS"),
             instance=get("INSTANCE") or cls.instance,
             start_timeout=start_timeout,
+            mode=(get("MODE") or cls.mode).lower(),
         )
 
 

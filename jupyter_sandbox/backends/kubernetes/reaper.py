@@ -16,8 +16,6 @@ from . import objects
 from .api import Api
 from .watch import PodWatch
 
-RESOURCES = ("pods", "secrets", "persistentvolumeclaims")
-
 
 def age(body: dict, now: float | None = None) -> float:
     """Seconds since the object was created (0 if that is not known)."""
@@ -65,14 +63,16 @@ class Inventory:
         return found
 
 
-async def inventory(api: Api, watch: PodWatch, secrets: list[dict] | None = None) -> Inventory:
-    """What the instance has now: pods from the watch, Secrets and PVCs listed (the
-    Secrets given, if a list of them was just made)."""
+async def inventory(
+    api: Api, watch: PodWatch, secrets: list[dict] | None = None, extra: tuple[str, ...] = ()
+) -> Inventory:
+    """What the instance has now: pods from the watch, Secrets, PVCs and the `extra`
+    resources listed (the Secrets given, if a list of them was just made)."""
     found = Inventory()
     found.add("pods", watch.pods.values())
     if secrets is None:
         secrets = (await api.list("secrets", watch.selector)).get("items", [])
     found.add("secrets", secrets)
-    claims = await api.list("persistentvolumeclaims", watch.selector)
-    found.add("persistentvolumeclaims", claims.get("items", []))
+    for resource in ("persistentvolumeclaims", *extra):
+        found.add(resource, (await api.list(resource, watch.selector)).get("items", []))
     return found
