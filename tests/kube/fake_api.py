@@ -366,19 +366,34 @@ def validate(resource: Resource, obj: dict, old: dict | None) -> None:
         )
     for key, value in (meta.get("labels") or {}).items():
         label_name = key.rsplit("/", 1)[-1]
-        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
+        shown = json.dumps(value)
+        if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+            why = (
+                "a valid label must be an empty string or consist of alphanumeric characters, "
+                "'-', '_' or '.', and must start and end with an alphanumeric character (e.g. "
+                "'MyValue',  or 'my_value',  or '12345', regex used for validation is "
+                "'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+            )
+            causes.append(
+                ("metadata.labels", "FieldValueInvalid", f"Invalid value: {shown}: {why}")
+            )
+        elif len(value) > 63:
             causes.append(
                 (
-                    f"metadata.labels: Invalid value: {json.dumps(value)}",
+                    "metadata.labels",
                     "FieldValueInvalid",
-                    "a valid label must be an empty string or consist of alphanumeric "
-                    "characters, '-', '_' or '.', and must start and end with an "
-                    "alphanumeric character (at most 63 characters)",
+                    f"Invalid value: {shown}: must be no more than 63 characters",
                 )
             )
         if len(label_name) > 63 or not _LABEL_NAME.match(label_name):
+            why = (
+                "name part must consist of alphanumeric characters, '-', '_' or '.', and must "
+                "start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  "
+                "or '123-abc', regex used for validation is "
+                "'([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
+            )
             causes.append(
-                ("metadata.labels", "FieldValueInvalid", f'Invalid value: "{key}": bad key')
+                ("metadata.labels", "FieldValueInvalid", f'Invalid value: "{key}": {why}')
             )
     if resource.plural in ("configmaps", "secrets"):
         size = 0

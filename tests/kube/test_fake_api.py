@@ -94,6 +94,11 @@ def test_create_conflicts_and_not_found_are_real_status_objects(fake_cluster: Fa
             await v1.create_namespaced_config_map(ns, configmap("Not_Valid"))
         assert caught.value.status == 422
         assert status_of(caught.value)["details"]["causes"][0]["field"] == "metadata.name"
+        with pytest.raises(ApiException) as caught:
+            await v1.create_namespaced_config_map(ns, configmap("api-two", {"ok": "not ok!"}))
+        cause = status_of(caught.value)["details"]["causes"][0]
+        assert cause["field"] == "metadata.labels" and cause["reason"] == "FieldValueInvalid"
+        assert cause["message"].startswith('Invalid value: "not ok!": a valid label must be')
         await v1.delete_namespaced_config_map("api-one", ns)
 
     run(fake_cluster, scenario)
