@@ -41,7 +41,7 @@ import re
 import ssl
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -112,7 +112,7 @@ class HubSettings:
     """Where the hub is and how long its answers are kept."""
 
     api_url: str  # ending in /hub/api
-    service_token: str | None  # the service's own, as a hub service
+    service_token: str | None = field(repr=False)  # the service's own, as a hub service
     cache_seconds: float = 10.0
     reject_seconds: float = 2.0
 
@@ -161,6 +161,8 @@ class HubUids:
             uids = data["uids"]
             if not all(isinstance(u, str) and type(n) is int for u, n in uids.items()):
                 raise TypeError("not a table of names and numbers")
+            if not all(HUB_UID_BASE <= n <= HUB_UID_LAST for n in uids.values()):
+                raise ValueError("a uid is outside the range of hub users")
             if len(set(uids.values())) != len(uids):
                 raise ValueError("a uid is given to two names")
             return dict(uids)

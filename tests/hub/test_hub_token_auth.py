@@ -464,6 +464,11 @@ def test_each_hub_user_keeps_its_uid_and_sandboxes_across_restarts(
     assert service.call("GET", "/v1/usage", bob).json()["uid"] == his["uid"]
     assert list(service.data_dir.glob("hub-uids.json.damaged-*"))
     assert "cannot be read" in service.log
+    service.stop()  # a file that gives alice root's uid is no better than a damaged one
+    uids_file.write_text(json.dumps({"uids": {"alice": 0}}))
+    service.start()
+    assert service.call("GET", "/v1/usage", alice).json()["uid"] == hers["uid"]
+    assert "outside the range of hub users" in service.log
 
 
 @pytest.mark.unprivileged
