@@ -12,8 +12,8 @@ PVC binder with pvc-protection. With a Role manifest it enforces that Role's rul
 The kubelet (tests/kube/kubelet.py) is the other fake part; everything that talks to
 this server (the official client, the backend, the service) is real.
 
-Left out, knowingly: managedFields and server-side apply, strategic-merge list semantics
-(a strategic merge patch is applied as a JSON merge patch), admission beyond the checks
+Left out, knowingly: managedFields and server-side apply, strategic merge patch beyond
+the common list fields (MERGE_KEYS) and its main directives, admission beyond the checks
 below, API discovery beyond the groups served, and the watch cache's 5-minute window
 (history is kept until `compact()` or HISTORY_LIMIT events).
 """
@@ -273,6 +273,84 @@ def merge_patch(target: Any, patch: Any) -> Any:
             result.pop(key, None)
         else:
             result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+# Lists a strategic merge patch merges element by element (by this key) rather than
+# replacing, as the built-in types' patchMergeKey tags say; finalizers merge as a set.
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "imagePullSecrets": "name",
+    "ownerReferences": "uid",
+    "conditions": "type",
+}
+SET_LISTS = ("finalizers",)
+
+
+def _merge_key(path: tuple[str, ...]) -> str | None:
+    if path[-1] == "ports":  # a container's ports by containerPort, a service's by port
+        return "containerPort" if {"containers", "initContainers"} & set(path) else "port"
+    return MERGE_KEYS.get(path[-1])
+
+
+def strategic_merge_patch(target: Any, patch: Any, path: tuple[str, ...] = ()) -> Any:
+    """A strategic merge patch of a built-in type: a JSON merge patch, except that the
+    lists above merge by key (or as a set), with the $patch, $deleteFromPrimitiveList and
+    $setElementOrder directives."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field_name = key.split("/", 1)[1]
+            result[field_name] = [x for x in result.get(field_name) or [] if x not in value]
+        elif key.startswith(("$setElementOrder/", "$retainKeys", "$patch")):
+            continue
+        elif value is None:
+            result.pop(key, None)
+        elif isinstance(value, list) and key in SET_LISTS:
+            existing = list(result.get(key) or [])
+            result[key] = existing + [v for v in value if v not in existing]
+        elif isinstance(value, list) and (merge_key := _merge_key((*path, key))):
+            result[key] = _merge_list(result.get(key) or [], value, merge_key, (*path, key))
+        elif isinstance(value, dict) and value.get("$patch") == "delete":
+            result.pop(key, None)
+        elif isinstance(value, dict):
+            result[key] = strategic_merge_patch(result.get(key), value, (*path, key))
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _merge_list(current: list, patch: list, merge_key: str, path: tuple[str, ...]) -> list:
+    if any(isinstance(item, dict) and item.get("$patch") == "replace" for item in patch):
+        return [copy.deepcopy(i) for i in patch if not (isinstance(i, dict) and "$patch" in i)]
+    result = [copy.deepcopy(item) for item in current]
+    for item in patch:
+        if not isinstance(item, dict) or merge_key not in item:
+            raise bad_request(f"map: {item} does not contain declared merge key: {merge_key}")
+        index = next(
+            (
+                i
+                for i, old in enumerate(result)
+                if isinstance(old, dict) and old.get(merge_key) == item[merge_key]
+            ),
+            None,
+        )
+        if item.get("$patch") == "delete":
+            if index is not None:
+                result.pop(index)
+        elif index is None:
+            result.append(strategic_merge_patch({}, item, path))
+        else:
+            result[index] = strategic_merge_patch(result[index], item, path)
     return result
 
 
@@ -783,7 +861,18 @@ class Store:
         ):
             if not isinstance(body, dict):
                 raise bad_request("a merge patch must be a JSON object")
-            patched = merge_patch(current, body)
+            if content_type.startswith("application/merge-patch+json"):
+                patched = merge_patch(current, body)
+            elif resource.custom:
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format - accepted media types "
+                    "include: application/json-patch+json, application/merge-patch+json, "
+                    "application/apply-patch+yaml",
+                )
+            else:
+                patched = strategic_merge_patch(current, body)
             if not (body.get("metadata") or {}).get("resourceVersion"):
                 patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         else:

@@ -214,6 +214,45 @@ def test_replace_on_a_stale_version_conflicts_and_patches_merge(fake_cluster: Fa
     run(fake_cluster, scenario)
 
 
+def test_strategic_merge_patches_merge_lists_by_key_and_merge_patches_replace_them(
+    fake_cluster: FakeCluster,
+) -> None:
+    ns = fake_cluster.namespace
+
+    async def scenario(v1: client.CoreV1Api) -> None:
+        owner = await v1.create_namespaced_config_map(ns, configmap("smp-owner"))
+        ref = owner_ref(owner)
+        body = configmap("smp-one") | {"metadata": {"name": "smp-one", "finalizers": ["a/one"]}}
+        await v1.create_namespaced_config_map(ns, body)
+        # The client's default for a dict is a strategic merge patch: finalizers add up,
+        # ownerReferences merge by uid.
+        patched = await v1.patch_namespaced_config_map(
+            "smp-one", ns, {"metadata": {"finalizers": ["a/two"], "ownerReferences": [ref]}}
+        )
+        assert patched.metadata.finalizers == ["a/one", "a/two"]
+        again = dict(ref, blockOwnerDeletion=True)
+        patched = await v1.patch_namespaced_config_map(
+            "smp-one", ns, {"metadata": {"ownerReferences": [again]}}
+        )
+        assert [(r.uid, r.block_owner_deletion) for r in patched.metadata.owner_references] == [
+            (owner.metadata.uid, True)
+        ]
+        patched = await v1.patch_namespaced_config_map(
+            "smp-one", ns, {"metadata": {"$deleteFromPrimitiveList/finalizers": ["a/one"]}}
+        )
+        assert patched.metadata.finalizers == ["a/two"]
+        # A JSON merge patch replaces the list.
+        patched = await v1.patch_namespaced_config_map(
+            "smp-one", ns, {"metadata": {"finalizers": None}},
+            _content_type="application/merge-patch+json",
+        )  # fmt: skip
+        assert not patched.metadata.finalizers
+        for name in ("smp-one", "smp-owner"):
+            await v1.delete_namespaced_config_map(name, ns)
+
+    run(fake_cluster, scenario)
+
+
 def test_watch_resumes_from_a_version_and_follows_the_selector(fake_cluster: FakeCluster) -> None:
     ns = fake_cluster.namespace
 
