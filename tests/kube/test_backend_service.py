@@ -180,12 +180,9 @@ def test_agent_killed_on_the_node_fails_the_sandbox_saying_so(kube_service_env: 
     service = kube_service_env
     sb = Sandbox.create(timeout="2m")
     pod = service.pod(sb.id)["metadata"]["name"]
-    agents = [  # the container's command (pid 1 inside) is the first, not its bwrap
-        pid
-        for pid in service.pod_processes()[pod]
-        if _argv(pid)[:1] == [b"python3"] and b"--pod" in _argv(pid)
-    ]
-    os.kill(min(agents), signal.SIGKILL)
+    agent = service.cluster.command_pids()[f"{service.cluster.namespace}/{pod}"]
+    assert b"--pod" in _argv(agent), "the container's command is the agent"
+    os.kill(agent, signal.SIGKILL)
     wait_for(lambda: sb.info().status == "failed", 20, message="the sandbox to fail")
     failure = sb.info().failure
     assert "its agent was killed (SIGKILL, exit status 137)" in failure
