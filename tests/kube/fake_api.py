@@ -43,6 +43,7 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 10_000  # watch events kept for resuming watches; older ones are compacted
+TOO_LARGE_WAIT = 3.0  # seconds a request for a future resourceVersion waits before 504
 DEFAULT_WATCH_TIMEOUT = 1800.0  # the server ends a watch without timeoutSeconds after this
 MAX_OBJECT_BYTES = 1024 * 1024  # ConfigMap and Secret data limit
 NAMESPACES = ("default", "kube-system", "jupyter-sandbox")
@@ -1463,6 +1464,8 @@ class ApiServer:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         body = await self._body(request)
         store, r, ns, name = self.store, req.resource, req.namespace, req.name
+        if verb in ("watch", "list"):
+            await self._catch_up(params.get("resourceVersion"))
         if verb == "watch":
             return await self._watch(request, req, params)
         if verb == "list":
@@ -1596,6 +1599,34 @@ class ApiServer:
             for obj in self.store.items(req.resource, req.namespace or None)
             if labels(obj["metadata"].get("labels") or {}) and fields(obj)
         ]
+
+    async def _catch_up(self, version: str | None) -> None:
+        """A version from the future (e.g. of another server): wait up to TOO_LARGE_WAIT
+        for the store to reach it, then refuse with 504 as kube-apiserver does."""
+        if version in (None, "", "0"):
+            return
+        try:
+            wanted = int(version)
+        except ValueError as exc:
+            raise bad_request(f"resourceVersion: invalid value {version!r}") from exc
+        deadline = time.monotonic() + TOO_LARGE_WAIT
+        while wanted > self.store.rv:
+            if time.monotonic() > deadline:
+                raise ApiError(
+                    504,
+                    "Timeout",
+                    f"Too large resource version: {wanted}, current: {self.store.rv}",
+                    {
+                        "causes": [
+                            {
+                                "reason": "ResourceVersionTooLarge",
+                                "message": "Too large resource version",
+                            }
+                        ],
+                        "retryAfterSeconds": 1,
+                    },
+                )
+            await asyncio.sleep(0.05)
 
     def _list(self, req: Request, params: dict) -> dict:
         rv = params.get("resourceVersion")

@@ -351,6 +351,24 @@ def test_expired_watch_raises_410_and_old_versions_stay_compacted(
     run(fake_cluster, scenario)
 
 
+def test_a_version_from_the_future_is_refused_after_a_wait(fake_cluster: FakeCluster) -> None:
+    async def scenario(v1: client.CoreV1Api) -> None:
+        current = int(
+            (await v1.list_namespaced_pod(fake_cluster.namespace)).metadata.resource_version
+        )
+        began = time.monotonic()
+        with pytest.raises(ApiException) as caught:
+            await v1.list_namespaced_pod(
+                fake_cluster.namespace, resource_version=str(current + 10**6)
+            )
+        assert time.monotonic() - began >= 2.9
+        assert caught.value.status == 504
+        status = status_of(caught.value)
+        assert status["reason"] == "Timeout" and status["message"].startswith("Too large resource")
+
+    run(fake_cluster, scenario)
+
+
 def test_outage_refuses_connections_and_cuts_watches(fake_cluster: FakeCluster) -> None:
     ns = fake_cluster.namespace
 
