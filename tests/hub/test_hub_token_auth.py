@@ -621,3 +621,48 @@ def test_the_cli_works_as_the_hub_user(service: HubAuthService, token_hub: Token
     assert f"user alice (uid {hers['uid']}), on the hub's sandbox service" in usage
     listing = cli("list")
     assert "alices-own" in listing and "bobs-own" not in listing
+
+
+# -- the kubernetes backend ----------------------------------------------------------------
+
+
+def test_hub_users_on_the_kubernetes_backend(token_hub: TokenHub, tmp_path: Path) -> None:
+    """As deployed under Zero to JupyterHub: the service on the kubernetes backend (the
+    fake cluster of tests/kube, the only mocked part) with hub authentication. Each hub
+    user's sandbox is a pod of its own, seen by its user and the instructor only, and the
+    hub group's quota holds. Root only: the fake kubelet runs pods in bubblewrap as uid
+    1000."""
+    if os.geteuid() != 0:
+        pytest.skip("the fake kubelet runs pods as uid 1000, which needs root")
+    pytest.importorskip("kubernetes_asyncio")
+    from tests.kube.conftest import running_fake_cluster
+
+    with (
+        running_fake_cluster(tmp_path / "cluster") as cluster,
+        hub_auth_service(
+            token_hub,
+            JUPYTER_SANDBOX_BACKEND="kubernetes",
+            KUBECONFIG=str(cluster.kubeconfig),
+            JUPYTER_SANDBOX_K8S_NAMESPACE=cluster.namespace,
+            JUPYTER_SANDBOX_K8S_START_TIMEOUT="30",
+            JUPYTER_SANDBOX_DEFAULT_CPUS="0.25",
+        ) as service,
+    ):
+        alice, dave = token_hub.token("alice"), token_hub.token(LIMITED)
+        hers = create(service, alice, "in-a-pod")
+        ran = service.client(
+            alice, "print(json.dumps(Sandbox.connect('in-a-pod').sh('hostname').stdout))"
+        )
+        assert ran.strip() == hers["id"]
+        pods = {
+            p["metadata"]["labels"]["jupyter-sandbox.io/sandbox"]
+            for p in cluster.objects("pods", cluster.namespace)
+        }
+        assert hers["id"] in pods
+        assert hers["id"] not in listed(service, token_hub.token("bob"))
+        assert hers["id"] in listed(service, token_hub.token(INSTRUCTOR))
+        create(service, dave, "one")
+        error = client_error(service, dave, "Sandbox.create(name='two', timeout='10m')")
+        assert error["type"] == "QuotaExceeded"
+        service.clean_up()
+        wait_for(lambda: not cluster.objects("pods", cluster.namespace), 30, message="pods to go")
