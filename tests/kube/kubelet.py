@@ -20,7 +20,10 @@ SIGTERM, SIGKILL after the grace period, then the final delete.
 Knowingly left out: the image (the host's programs run the command), resource limits
 (recorded, not enforced: no OOMKilled), restarts (restartPolicy Always/OnFailure pods
 end like Never ones), init and sidecar containers, liveness/startup probes, exec and
-httpGet probes, NetworkPolicy (pods share the host network), and pod events.
+httpGet probes, NetworkPolicy (pods share the host network), and pod events. A pod's
+processes run as the fake cluster's own host uid (root when it runs as root) mapped to
+runAsUser/runAsGroup inside a user namespace, not as that host uid; fsGroup is ignored;
+secret volumes are files on disk, not a tmpfs.
 """
 
 from __future__ import annotations
