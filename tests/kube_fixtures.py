@@ -11,6 +11,10 @@ cluster, no pod process on this host, no sandbox directory.
 
 `start_kube_service(cluster, base, **env)` is the same without the fixture, for a
 module or session scoped service.
+
+Tests outside tests/kube get `fake_cluster` from here (one per session, under the
+service's Role); inside tests/kube, tests/kube/conftest.py's own (one per module) wins.
+Use it with ``pytest_plugins = ["tests.kube_fixtures"]``.
 """
 
 from __future__ import annotations
@@ -265,6 +269,16 @@ def end_kube_service(service: KubeService) -> None:
                 service.cli("kill", info["id"], check=False)
     service.stop()
     service.check_clean()
+
+
+@pytest.fixture(scope="session")
+def fake_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A fake cluster for the session, answering 403 to what the service's Role forbids."""
+    from tests.kube.conftest import running_fake_cluster
+
+    rbac = ROOT / "deploy" / "kubernetes" / "rbac.yaml"
+    with running_fake_cluster(tmp_path_factory.mktemp("fake-cluster"), rbac=rbac) as cluster:
+        yield cluster
 
 
 @pytest.fixture
