@@ -34,23 +34,15 @@ DEPLOY = ROOT / "deploy" / "kubernetes"
 NOT_APPLIED = {"kustomization.yaml", "z2jh-values.yaml"}
 
 # Everything the service may do, per (API group, resource): the backend's pods, their
-# Secrets, ConfigMaps, PVC homes and NetworkPolicies, and the optional agent-sandbox
-# resources. A rule granting anything else, or another verb, fails the test.
+# Secrets, ConfigMaps, PVC homes and NetworkPolicies, and the agent-sandbox mode's
+# Sandboxes. A rule granting anything else, or another verb, fails the test.
 ALLOWED = {
     ("", "pods"): {"list", "watch", "create", "delete"},
     ("", "secrets"): {"get", "list", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "create"},
     ("", "persistentvolumeclaims"): {"list", "create", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"create"},
-    ("agents.x-k8s.io", "sandboxes"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("extensions.agents.x-k8s.io", "sandboxwarmpools"): {
-        "get",
-        "list",
-        "watch",
-        "create",
-        "patch",
-        "delete",
-    },
+    ("agents.x-k8s.io", "sandboxes"): {"list", "create", "delete"},
 }
 # Kinds that reach beyond one namespace: none of them may be part of the install.
 CLUSTER_KINDS = {
@@ -230,6 +222,7 @@ def test_the_service_reads_the_deployment_env_as_its_comments_say(monkeypatch) -
     assert settings.pool_size == int(env["JUPYTER_SANDBOX_POOL"])
     kube = KubernetesSettings.from_env(env)
     assert (kube.namespace, kube.instance, kube.home) == ("jhub", "default", "emptydir")
+    assert kube.mode == "pods"
     assert kube.image == env["JUPYTER_SANDBOX_K8S_IMAGE"] == KubernetesSettings.image
     # Every address of the pod, on the port the container and the Service declare.
     assert configured_address() == ("", 2222)
