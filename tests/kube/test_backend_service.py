@@ -99,9 +99,14 @@ def test_service_sigkilled_readopts_its_pods_and_deletes_unrecorded_leftovers(
     service.create_object("pods", service.leftover_pod(leftover))
     wait_for(lambda: service.of_sandbox("pods", leftover), 10, message="the leftover pod")
     service.kill()
+    unstarted = service.storage / "sandboxes" / "sb-0dd0dd0dd0"  # killed before its Secret
+    unstarted.mkdir()
+    (service.storage / "sandboxes" / leftover).mkdir()  # and the leftover's own
     assert service.pod(sb.id)["metadata"]["name"] == pod, "pods outlive the service"
     service.start()
     wait_for(lambda: not service.leftovers_of(leftover), 20, message="the leftover to be deleted")
+    assert not unstarted.exists()
+    assert sorted(p.name for p in (service.storage / "sandboxes").iterdir()) == [sb.id]
     again = Sandbox.connect(sb.id)
     assert again.info().status == "running"
     assert again.fs.read_text("work.txt") == "written before the kill\n"

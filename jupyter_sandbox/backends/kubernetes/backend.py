@@ -563,16 +563,25 @@ class KubernetesBackend:
         return sorted(self.recorded - known)
 
     async def sweep_orphans(self, known: set[str]) -> list[str]:
-        """Delete the objects of sandboxes without a record that `known` does not name."""
+        """Delete the objects and directories of sandboxes without a record that `known`
+        does not name."""
         try:
             found = await reaper.inventory(
                 self.api, self.watch, self._listed_secrets, self._extra_kinds()
             )
-            self._listed_secrets = None
-            return await self._reap(found.unaccounted(known | self.starting))
         except ApiError as e:
             log.warning("could not look for objects left behind: %s", e.message)
             return []
+        self._listed_secrets = None
+        keep = known | self.starting
+        swept = set(await self._reap(found.unaccounted(keep)))
+        # A start killed before its Secret was made leaves its directory alone.
+        keep |= found.recorded()
+        for directory in await asyncio.to_thread(_subdirectories, self.sandboxes_dir):
+            if directory.name not in keep:
+                await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+                swept.add(directory.name)
+        return sorted(swept)
 
     def _extra_kinds(self) -> tuple[str, ...]:
         """What the reaper lists besides Secrets and PVCs (pods come from the watch)."""
@@ -590,6 +599,9 @@ class KubernetesBackend:
                 await self._delete(doomed)
             except ApiError:
                 self._retry_removal(sandbox_id, doomed)
+            await asyncio.to_thread(
+                shutil.rmtree, self.sandboxes_dir / sandbox_id, ignore_errors=True
+            )
         return sorted(leftovers)
 
     async def _reap_forever(self) -> None:
@@ -656,6 +668,10 @@ class KubernetesBackend:
             await self.api.patch("secrets", name, body)
         except ApiError as e:
             log.warning("could not keep the unreadable record in %s: %s", name, e.message)
+
+
+def _subdirectories(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
 
 
 def _same_pod(pod: dict, runtime: PodRuntime) -> bool:
