@@ -39,8 +39,9 @@ AGENT_SOURCES = Path(__file__).resolve().parent.parent.parent / "agent"
 HOST_ONLY = ("__init__.py", "remote.py")  # agent/ modules the service alone uses
 SYSCALL_FILTER = "the container runtime's RuntimeDefault seccomp profile"
 LIMITS_NOTE = (
-    "the pids limit is not enforced per pod (the node's pod pid limit applies), and live "
-    "CPU and memory use is not measured for pods"
+    "the pids and open-files limits are not enforced per pod (the node's pod pid limit and "
+    "the container runtime's file limit apply), and live CPU and memory use is not "
+    "measured for pods"
 )
 PING_TIMEOUT = 10.0  # seconds a ready pod's agent has to answer
 GONE_WAIT = 15.0  # seconds halt and stop wait for a deleted pod to be gone
