@@ -48,7 +48,7 @@ from ..untrusted.messages import MAX_PID, MAX_SIZE
 from ..untrusted.streams import ANSWER_TIMEOUT, GRACE, INACTIVITY, AgentTimeout
 from . import openapi
 from .command_input import CommandInput, read_request_line
-from .hub_auth import HubDirectory, HubUnavailable, Unauthenticated
+from .hub_auth import UNKNOWN_TOKEN, HubDirectory, HubUnavailable, Unauthenticated
 from .identity import ACTING_FOR_HEADER, Caller, Directory, acting_for, peer_uid, service_caller
 from .manager import Live, Manager, check_env, failed_message
 from .ssh_access import SshAccessManager
@@ -271,11 +271,12 @@ def _auth_middleware(token: str | None, hub: HubDirectory | None = None):
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         peer = request.transport.get_extra_info("sockname") if request.transport else None
         if isinstance(peer, tuple) and hub is not None:
+            authorization = request.headers.getall("Authorization", [])
             try:
-                request["caller"] = await hub.caller(request.headers.getall("Authorization", []))
+                request["caller"] = await hub.caller(authorization)
             except (Unauthenticated, HubUnavailable) as e:
-                kind = "PermissionDenied" if e.status == 401 else "ServiceUnavailable"
-                return web.json_response({"error": kind, "message": str(e)}, status=e.status)
+                return _hub_refusal(e)
+            return await _while_token_holds(request, handler, hub, authorization)
         elif isinstance(peer, tuple):
             given = request.headers.get("Authorization", "")
             if token is None or not secrets.compare_digest(given, f"Bearer {token}"):
@@ -286,6 +287,35 @@ def _auth_middleware(token: str | None, hub: HubDirectory | None = None):
         return await handler(request)
 
     return auth
+
+
+def _hub_refusal(error: Unauthenticated | HubUnavailable) -> web.Response:
+    kind = "PermissionDenied" if error.status == 401 else "ServiceUnavailable"
+    return web.json_response({"error": kind, "message": str(error)}, status=error.status)
+
+
+async def _while_token_holds(
+    request: web.Request, handler: Handler, hub: HubDirectory, authorization: list[str]
+) -> web.StreamResponse:
+    """`handler`'s answer, unless the hub stops knowing the request's token while it runs
+    (a followed log, the event feed, a long command): then the request ends, with 401 if
+    nothing of its answer was sent yet, else by closing its connection."""
+    handling = asyncio.ensure_future(handler(request))
+    watching = asyncio.ensure_future(hub.until_unknown(authorization))
+    try:
+        await asyncio.wait((handling, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not handling.done():
+            handling.cancel()
+            await asyncio.gather(handling, return_exceptions=True)
+    if not handling.cancelled():
+        return handling.result()
+    log.info("ended %s %s: the hub no longer knows its token", request.method, request.path)
+    if request.writer is None or not request.writer.output_size:
+        return _hub_refusal(Unauthenticated(UNKNOWN_TOKEN))
+    request.transport.close()
+    raise asyncio.CancelledError  # as for a client gone: aiohttp ends the request quietly
 
 
 def _caller_middleware(directory: Directory | None, hub: bool = False):

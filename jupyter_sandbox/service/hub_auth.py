@@ -12,7 +12,8 @@ The hub's answers are kept for JUPYTER_SANDBOX_HUB_CACHE seconds (default 10, at
 concurrent requests with one new token ask the hub once (and at most MAX_ASKING
 questions are with the hub at a time); a token the hub rejects is
 remembered as rejected for JUPYTER_SANDBOX_HUB_REJECT_CACHE seconds (default 2, at most
-the former). A revoked token stops working within JUPYTER_SANDBOX_HUB_CACHE seconds.
+the former). A revoked token stops working within JUPYTER_SANDBOX_HUB_CACHE seconds for
+new requests; one still running (a followed log, the event feed) ends within twice that.
 
 The service's own JUPYTERHUB_API_TOKEN (as a hub service, with the scopes
 ``read:users:name`` and ``read:users:groups``) is optional: with it, an instructor may
@@ -270,6 +271,18 @@ class HubDirectory:
         Unauthenticated or HubUnavailable otherwise."""
         user = await self._user(_token(authorization))
         return await self._caller(user)
+
+    async def until_unknown(self, authorization: Sequence[str]) -> None:
+        """Return once the hub no longer knows the token, asked again every cache period
+        (at least a second); while the hub cannot be asked, the token holds."""
+        while True:
+            await asyncio.sleep(max(self.settings.cache_seconds, 1.0))
+            try:
+                await self.caller(authorization)
+            except Unauthenticated:
+                return
+            except HubUnavailable:
+                continue
 
     async def named(self, name: str) -> Caller:
         """The hub user `name`, for an instructor asking about them."""

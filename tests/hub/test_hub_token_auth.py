@@ -19,11 +19,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from jupyter_sandbox.service.connections import MAX_PER_USER
@@ -372,6 +374,60 @@ def test_a_revoked_token_stops_working_within_the_cache_time(
     assert time.monotonic() - revoked <= CACHE_SECONDS + 1.0
     reply = service.call("GET", "/v1/sandboxes", token)
     assert "the hub does not know this token" in reply.json()["message"]
+
+
+class Stream:
+    """A stream at `path` read with `token` in a thread of its own until it ends."""
+
+    def __init__(self, service: HubAuthService, token: str, path: str) -> None:
+        self.url, self.token, self.status = service.url + path, token, None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        headers = {"Authorization": f"token {self.token}"}
+        timeout = httpx.Timeout(30, read=None)
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream("GET", self.url, headers=headers, timeout=timeout) as reply,
+        ):
+            self.status = reply.status_code
+            for _ in reply.iter_raw():
+                pass
+
+    @property
+    def open(self) -> bool:
+        return self.thread.is_alive()
+
+
+@pytest.mark.unprivileged
+def test_a_revoked_token_ends_the_streams_it_holds_open(
+    service: HubAuthService, token_hub: TokenHub
+) -> None:
+    """A followed log and the event feed, opened with a token the hub then revokes, end
+    within twice the cache time; the same streams of a token still good stay open."""
+    token, token_id = token_hub.new_token("alice")
+    other, other_id = token_hub.new_token("alice")
+    hers = create(service, token_hub.token("alice"), "followed")
+    paths = ("/v1/events", f"/v1/sandboxes/{hers['id']}/logs?follow=1")
+    doomed = [Stream(service, token, path) for path in paths]
+    kept = [Stream(service, other, path) for path in paths]
+    try:
+        wait_for(lambda: all(s.status == 200 for s in doomed + kept), 10, message="streams")
+        token_hub.revoke("alice", token_id)
+        revoked = time.monotonic()
+        wait_for(
+            lambda: not any(s.open for s in doomed),
+            2 * CACHE_SECONDS + 5,
+            interval=0.1,
+            message="the revoked token's streams to end",
+        )
+        assert time.monotonic() - revoked <= 2 * CACHE_SECONDS + 1.5
+        assert all(s.open for s in kept)
+    finally:
+        token_hub.revoke("alice", other_id)  # which ends the other streams too
+        wait_for(lambda: not any(s.open for s in kept), 2 * CACHE_SECONDS + 5, message="the rest")
+    assert "the hub no longer knows its token" in service.log
 
 
 @pytest.mark.unprivileged
