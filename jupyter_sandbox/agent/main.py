@@ -32,7 +32,6 @@ import signal
 import socket
 import sys
 import time
-from functools import partial
 
 import files
 import isolation
@@ -65,16 +64,12 @@ class Agent:
             if name.startswith("op_")
         }
 
-    def serve(self, listener: socket.socket, secure=None) -> None:
-        """Accept connections; each is served on its own thread, through `secure` if given
-        (``secure(conn, handle)`` serves `conn` by calling `handle` on a plain one)."""
+    def serve(self, listener: socket.socket) -> None:
+        """Accept connections; each is served on its own thread."""
         while True:
             conn, _ = listener.accept()
             try:
-                if secure is None:
-                    start_thread(self.handle, conn)
-                else:
-                    start_thread(secure, conn, self.handle)
+                start_thread(self.handle, conn)
             except RuntimeError:  # no thread to be had: the sandbox hit its pid limit
                 conn.close()
 
@@ -210,7 +205,7 @@ def pod_main(files_only: bool) -> None:
     sys.stdin.close()
     agent = Agent(isolated, files_only)
     start_thread(agent.watch_user_init)
-    agent.serve(listener, partial(tls_server.serve, context, start_thread))
+    tls_server.Server(context, start_thread).serve(listener, agent.handle)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Only a client presenting the one certificate the agent was given (the service's
 per-sandbox certificate, loaded as the only CA) gets in, over TLS 1.3. A client
 without it, with another, or not speaking TLS is dropped without an answer; the
-handshake runs on the connection's own thread, with a deadline, so a client that
-never finishes it holds nothing but that thread, and only that long.
+handshakes run on one thread (``Server``), each with a deadline, so a client that
+never finishes its handshake holds a descriptor and only that long, never a thread:
+another pod's flood of silent connections uses up neither the pod's pids limit nor
+the places of handshakes under way that the service's own need.
 
 An OpenSSL connection must not be read and written by two threads at once, yet the
 agent reads a connection on one thread while others write to it (a command's
@@ -20,6 +22,7 @@ still sends is read and dropped for a moment: a reset never overtakes the answer
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import socket
@@ -27,6 +30,8 @@ import ssl
 import time
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to complete the TLS handshake
+MAX_HANDSHAKES = 256  # handshakes under way at once (a descriptor and a TLS object each)
+BACKLOG_ROUND = 64  # connections accepted at a time before the handshakes are served
 LINGER = 2.0  # seconds the rest of a finished connection's input is read and dropped
 CHUNK = 256 * 1024
 BUFFERED = 1 << 20  # bytes held per direction before that side is read no further
@@ -59,31 +64,115 @@ def load_pair(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
         os.close(fd)
 
 
-def serve(context: ssl.SSLContext, start_thread, raw: socket.socket, handle) -> None:
-    """One accepted TCP connection: handshake, then `handle` (on a thread started with
-    `start_thread`) serves the agent's end of a socketpair bridged to it."""
-    try:
-        tune(raw)
-        tls, incoming, outgoing = _handshake(context, raw)
-    except (HandshakeFailed, OSError, ssl.SSLError):
-        _close(raw)
-        return
-    try:
-        agent_end, inner = socket.socketpair()
-    except OSError:  # out of descriptors
-        _close(raw)
-        return
-    try:
-        start_thread(handle, agent_end)
-    except RuntimeError:  # no thread to be had
-        for sock in (agent_end, inner, raw):
-            _close(sock)
-        return
-    try:
-        _Bridge(raw, inner, tls, incoming, outgoing).run()
-    finally:
-        _close(inner)
-        _close(raw)
+class Server:
+    """Accepts TCP connections and runs every TLS handshake under way on one thread.
+
+    The handshakes are non-blocking, driven by one poll loop with the listening socket:
+    a client that never finishes its handshake holds a descriptor and a TLS object until
+    its deadline, never a thread. At most MAX_HANDSHAKES are under way; a new connection
+    over that ends the oldest handshake of the client address with the most under way,
+    so another pod's flood of silent connections ends its own, not the service's (whose
+    handshake takes milliseconds). Each connection that completes one is served on a
+    thread of its own (``_bridge``).
+    """
+
+    def __init__(self, context: ssl.SSLContext, start_thread) -> None:
+        self.context, self.start_thread = context, start_thread
+        self._poller = select.poll()
+        self._pending: dict[int, _Handshake] = {}  # by descriptor, oldest first
+
+    def serve(self, listener: socket.socket, handle) -> None:
+        """Serve `listener` for ever; `handle` serves each connection's plain end."""
+        listener.setblocking(False)
+        self._poller.register(listener, select.POLLIN)
+        while True:
+            now = time.monotonic()
+            for handshake in [h for h in self._pending.values() if h.deadline <= now]:
+                self._drop(handshake)
+            wait = min((h.deadline for h in self._pending.values()), default=now + 60) - now
+            ready = self._poller.poll(max(wait, 0.001) * 1000)
+            for fd, events in ready:
+                if (handshake := self._pending.get(fd)) is not None:
+                    self._step(handshake, events, handle)
+            if any(fd == listener.fileno() for fd, _ in ready):  # last: new ones may
+                self._accept(listener)  # take the descriptors of those just ended
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(BACKLOG_ROUND):
+            try:
+                raw, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:  # out of descriptors: make room, or wait a moment
+                if e.errno in (errno.EMFILE, errno.ENFILE) and self._pending:
+                    self._drop(next(iter(self._pending.values())))
+                elif e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    time.sleep(0.1)
+                return
+            self._admit(raw)
+
+    def _admit(self, raw: socket.socket) -> None:
+        try:
+            tune(raw)
+            raw.setblocking(False)
+            handshake = _Handshake(self.context, raw)
+        except (OSError, ssl.SSLError):
+            _close(raw)
+            return
+        if len(self._pending) >= MAX_HANDSHAKES:
+            by_source: dict[str, list[_Handshake]] = {}
+            for pending in self._pending.values():
+                by_source.setdefault(pending.source, []).append(pending)
+            self._drop(max(by_source.values(), key=len)[0])
+        self._pending[raw.fileno()] = handshake
+        self._poller.register(raw, select.POLLIN)
+
+    def _step(self, handshake: _Handshake, events: int, handle) -> None:
+        try:
+            done = handshake.step(events)
+        except (HandshakeFailed, OSError, ssl.SSLError):
+            self._drop(handshake)
+            return
+        if handshake.unsent:
+            self._poller.modify(handshake.raw, select.POLLIN | select.POLLOUT)
+        elif done:
+            self._forget(handshake)
+            try:
+                self.start_thread(self._bridge, handshake, handle)
+            except RuntimeError:  # no thread to be had: the pod is at its pids limit
+                _close(handshake.raw)
+        else:
+            self._poller.modify(handshake.raw, select.POLLIN)
+
+    def _forget(self, handshake: _Handshake) -> None:
+        del self._pending[handshake.fd]
+        with contextlib.suppress(KeyError, ValueError):
+            self._poller.unregister(handshake.fd)
+
+    def _drop(self, handshake: _Handshake) -> None:
+        self._forget(handshake)
+        _close(handshake.raw)
+
+    def _bridge(self, handshake: _Handshake, handle) -> None:
+        """`handle` (on a thread of its own) serves the agent's end of a socketpair
+        bridged to the client's TLS connection."""
+        raw = handshake.raw
+        try:
+            agent_end, inner = socket.socketpair()
+        except OSError:  # out of descriptors
+            _close(raw)
+            return
+        try:
+            self.start_thread(handle, agent_end)
+        except RuntimeError:  # no thread to be had
+            for sock in (agent_end, inner, raw):
+                _close(sock)
+            return
+        try:
+            _Bridge(raw, inner, handshake.tls, handshake.incoming, handshake.outgoing).run()
+        finally:
+            _close(inner)
+            _close(raw)
 
 
 def tune(sock: socket.socket) -> None:
@@ -95,35 +184,43 @@ def tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-def _handshake(context: ssl.SSLContext, raw: socket.socket):
-    """The server side of the handshake, within HANDSHAKE_TIMEOUT; raises if it fails."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_side=True)
-    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            pass
-        _send_within(raw, outgoing.read(), deadline)
-        raw.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            data = raw.recv(CHUNK)
-        except TimeoutError:
-            raise HandshakeFailed("the client took too long") from None
-        if not data:
-            raise HandshakeFailed("the client closed the connection")
-        incoming.write(data)
-    _send_within(raw, outgoing.read(), deadline)
-    raw.setblocking(False)
-    return tls, incoming, outgoing
+class _Handshake:
+    """The server side of one TLS handshake on a non-blocking socket, step by step."""
 
+    def __init__(self, context: ssl.SSLContext, raw: socket.socket) -> None:
+        self.raw, self.fd = raw, raw.fileno()
+        self.source = str(raw.getpeername()[0])
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        self.unsent = b""
+        self.done = False
 
-def _send_within(raw: socket.socket, data: bytes, deadline: float) -> None:
-    if data:
-        raw.settimeout(max(deadline - time.monotonic(), 0.001))
-        raw.sendall(data)
+    def step(self, events: int) -> bool:
+        """Take what the client sent, answer it; True once the handshake is complete
+        (and all of the agent's part of it is sent)."""
+        if events & select.POLLIN:
+            try:
+                data = self.raw.recv(CHUNK)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                raise HandshakeFailed("the client closed the connection")
+            if data:
+                self.incoming.write(data)
+            if not self.done:
+                try:
+                    self.tls.do_handshake()
+                    self.done = True
+                except ssl.SSLWantReadError:
+                    pass
+            self.unsent += self.outgoing.read()
+        elif events & (select.POLLHUP | select.POLLERR):
+            raise HandshakeFailed("the client's connection was reset")
+        if self.unsent:
+            with contextlib.suppress(BlockingIOError):
+                self.unsent = self.unsent[self.raw.send(self.unsent) :]
+        return self.done and not self.unsent
 
 
 class _Bridge:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +145,51 @@ def test_a_real_sigterm_from_outside_still_ends_the_agent(pod_agent: PodAgent) -
 
     pod_agent.container.signal_command(signal.SIGTERM)
     wait_for(lambda: pod_agent.container.poll() is not None, 10, message="the agent to end")
+
+
+PIDS_LIMIT = 200  # a node's podPidsLimit; the fake kubelet enforces none, so set here
+
+
+@pytest.fixture
+def pids_limited(pod_agent: PodAgent) -> Iterator[PodAgent]:
+    """The pod agent in a pids cgroup of PIDS_LIMIT, as a node with a podPidsLimit runs it."""
+    cgroup = Path(f"/sys/fs/cgroup/pids/attack-pod-{os.getpid()}-{random.randrange(1 << 30)}")
+    if not Path("/sys/fs/cgroup/pids/cgroup.procs").exists():
+        pytest.skip("needs the cgroup v1 pids controller to emulate a pod's pids limit")
+    cgroup.mkdir()
+    try:
+        (cgroup / "pids.max").write_text(str(PIDS_LIMIT))
+        (cgroup / "cgroup.procs").write_text(str(pod_agent.container.container_pid))
+        yield pod_agent
+    finally:
+        pod_agent.stop()
+        wait_for(lambda: not (cgroup / "cgroup.procs").read_text().split(), 10)
+        cgroup.rmdir()
+
+
+def _silent_connections(ip: str, sources: list[str], each: int) -> list[socket.socket]:
+    """`each` TCP connections to the agent from every source address, that never speak."""
+    opened = []
+    for source in sources:
+        for _ in range(each):
+            sock = socket.socket()
+            sock.bind((source, 0))
+            sock.connect((ip, PORT))
+            opened.append(sock)
+    return opened
+
+
+@pytest.mark.parametrize("sources", [1, 40], ids=["one-pod", "forty-pods"])
+def test_a_flood_of_silent_connections_from_other_pods_shuts_nobody_out(
+    pids_limited: PodAgent, sources: int
+) -> None:
+    agent = pids_limited
+    addresses = [f"127.0.{random.randrange(2, 255)}.{n + 1}" for n in range(sources)]
+    opened = _silent_connections(agent.ip, addresses, (PIDS_LIMIT + 100) // sources + 1)
+    try:
+        assert agent.answers(), "the service's ping got no answer during the flood"
+        code, output = agent.run("import os; os.wait4(os.fork() or os._exit(7) or 0, 0)")
+        assert code == 0, f"user code could not fork during the flood: {output}"
+    finally:
+        for sock in opened:
+            sock.close()
