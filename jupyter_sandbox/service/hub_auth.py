@@ -181,9 +181,6 @@ class HubUids:
             )
             return {}
 
-    def get(self, user: str) -> int | None:
-        return self._uids.get(user)
-
     async def uid(self, user: str) -> int:
         """`user`'s uid; a new one is written to the file before it is returned."""
         if (known := self._uids.get(user)) is not None:

@@ -10,6 +10,7 @@ namespace for a user pod of its own) run unprivileged too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -28,7 +29,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jupyter_sandbox import ServiceUnavailable
 from jupyter_sandbox.service.connections import MAX_PER_USER
+from jupyter_sandbox.service.hub_auth import HubUids
 from tests.conftest import wait_for
 from tests.hub.token_hub import (
     ADMIN,
@@ -722,3 +725,36 @@ def test_hub_users_on_the_kubernetes_backend(token_hub: TokenHub, tmp_path: Path
         assert error["type"] == "QuotaExceeded"
         service.clean_up()
         wait_for(lambda: not cluster.objects("pods", cluster.namespace), 30, message="pods to go")
+
+
+def test_a_full_disk_gives_a_new_hub_user_no_uid_and_loses_none(tmp_path: Path) -> None:
+    """The uid file on a filesystem with no room left: a user new to the service gets
+    ServiceUnavailable saying where and what to do, the uids already given out stay as
+    they were on disk, and once there is room the new user gets the next uid. Root only
+    (a small tmpfs of its own)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        uids = HubUids(disk / "hub-uids.json")
+        first = asyncio.run(uids.uid("alice"))
+        saved = (disk / "hub-uids.json").read_bytes()
+        filler = disk / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        with pytest.raises(ServiceUnavailable) as refused:
+            asyncio.run(uids.uid("bob"))
+        assert str(disk / "hub-uids.json") in str(refused.value)
+        assert "free space there" in str(refused.value)
+        assert (disk / "hub-uids.json").read_bytes() == saved
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "hub-uids.json"]
+        filler.unlink()
+        assert asyncio.run(uids.uid("bob")) == first + 1
+        again = HubUids(disk / "hub-uids.json")  # as a restarted service reads them
+        assert [asyncio.run(again.uid(name)) for name in ("alice", "bob")] == [first, first + 1]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
