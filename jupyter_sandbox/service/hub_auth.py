@@ -7,6 +7,14 @@ name, groups and admin flag there, so a notebook server's token is enough. The c
 that hub user: its groups are the hub groups, it is an instructor if it is a hub admin or
 a member of one of the config file's ``instructors`` groups.
 
+Every token names its user there, whatever it was made for, so the token's scopes must
+also grant access to this service (``access:services!service=$JUPYTERHUB_SERVICE_NAME``)
+or to the user's own servers (``access:servers!server=<user>/...``: a notebook server's
+token; whoever may use that server may act as its user anyway). A token scoped down for
+another use (another hub service's OAuth token of the user, one that may only read
+activity) is refused: it must not open the user's sandboxes, nor a hub admin's token
+everyone's.
+
 The hub's answers are kept for JUPYTER_SANDBOX_HUB_CACHE seconds (default 10, at most
 30), keyed by a hash of the token (the token itself is never kept, logged or shown), and
 concurrent requests with one new token ask the hub once (and at most MAX_ASKING
@@ -57,6 +65,7 @@ log = logging.getLogger("jupyter_sandbox.service")
 AUTH_ENV = "JUPYTER_SANDBOX_AUTH"  # "hub": as `serve --hub-auth`; "token": --tcp's own token
 CACHE_ENV, REJECT_CACHE_ENV = "JUPYTER_SANDBOX_HUB_CACHE", "JUPYTER_SANDBOX_HUB_REJECT_CACHE"
 API_URL_ENV, API_TOKEN_ENV = "JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN"
+SERVICE_NAME_ENV = "JUPYTERHUB_SERVICE_NAME"  # this service's name at the hub
 MAX_CACHE = 30.0
 UIDS_FILE = "hub-uids.json"
 HUB_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -116,6 +125,7 @@ class HubSettings:
     service_token: str | None = field(repr=False)  # the service's own, as a hub service
     cache_seconds: float = 10.0
     reject_seconds: float = 2.0
+    service_name: str | None = None  # as a hub service: tokens with access to it are taken
 
     @classmethod
     def from_env(cls) -> HubSettings:
@@ -135,6 +145,7 @@ class HubSettings:
             service_token=os.environ.get(API_TOKEN_ENV) or None,
             cache_seconds=cache,
             reject_seconds=_seconds(REJECT_CACHE_ENV, min(cls.reject_seconds, cache), cache),
+            service_name=os.environ.get(SERVICE_NAME_ENV, "").strip() or None,
         )
 
 
@@ -230,6 +241,7 @@ class _HubUser:
     name: str
     groups: frozenset[str]
     admin: bool
+    scopes: frozenset[str] | None = None  # of the token asked about; None: a hub before 2.0
 
 
 class HubDirectory:
@@ -347,7 +359,17 @@ class HubDirectory:
             return None
         if reply.status_code != 200:
             raise self._unavailable(f"answered {reply.status_code} to GET /user")
-        return self._parsed(reply, "GET /user")
+        user = self._parsed(reply, "GET /user")
+        if user.scopes is not None and not _grants_access(user, self.settings.service_name):
+            service = self.settings.service_name or "<this service's name at the hub>"
+            raise Unauthenticated(
+                f"this token of hub user {user.name!r} was made for another use: its scopes "
+                f"grant access neither to this service (access:services!service={service}) "
+                "nor to the user's own server. Send your notebook server's "
+                f"$JUPYTERHUB_API_TOKEN, or a token with the scope "
+                f"access:services!service={service}"
+            )
+        return user
 
     async def _ask(self, path: str, token: str) -> httpx.Response:
         url = self.settings.api_url + path
@@ -377,7 +399,10 @@ class HubDirectory:
             model: Any = reply.json()
             kind, name = model.get("kind", "user"), model["name"]
             groups = model.get("groups") or []
+            scopes = model.get("scopes")
             if not (isinstance(name, str) and isinstance(groups, list)):
+                raise TypeError
+            if scopes is not None and not isinstance(scopes, list):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             raise self._unavailable(f"gave an answer to {request} that is not a user") from None
@@ -395,7 +420,17 @@ class HubDirectory:
             name,
             frozenset(g for g in groups if isinstance(g, str)),
             model.get("admin") is True,
+            None if scopes is None else frozenset(s for s in scopes if isinstance(s, str)),
         )
+
+
+def _grants_access(user: _HubUser, service_name: str | None) -> bool:
+    """Do the token's scopes give access to this service, or to its user's own servers?"""
+    wanted = {"access:services", "access:servers", f"access:servers!user={user.name}"}
+    if service_name:
+        wanted.add(f"access:services!service={service_name}")
+    own_server = f"access:servers!server={user.name}/"
+    return any(scope in wanted or scope.startswith(own_server) for scope in user.scopes or ())
 
 
 def _token(authorization: Sequence[str]) -> str:
