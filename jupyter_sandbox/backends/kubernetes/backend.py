@@ -46,7 +46,8 @@ LIMITS_NOTE = (
 PING_TIMEOUT = 10.0  # seconds a ready pod's agent has to answer
 GONE_WAIT = 15.0  # seconds halt and stop wait for a deleted pod to be gone
 READ_TIMEOUT = 60.0  # seconds read_records waits for the API server
-REAP_EVERY = 60.0  # seconds between two looks for objects no record accounts for
+REAP_EVERY = 600.0  # seconds between two looks for objects no record accounts for (it lists
+# every Secret of the instance: a few MB for a thousand sandboxes)
 REAP_GRACE = 60.0  # seconds past the start timeout before such an object is a leftover
 RETRY_REMOVAL = 5.0  # seconds between attempts to delete what a stop could not
 
