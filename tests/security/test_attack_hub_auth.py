@@ -250,3 +250,37 @@ def test_a_students_token_scoped_for_another_service_is_refused(
     access to that service) does not open the user's sandboxes."""
     reply = _usage(service, hub.token(STUDENT, ["read:users:name!user"]))
     assert reply.status_code == 401, reply.text
+
+
+def test_no_route_method_or_spelling_answers_without_a_token(service: HubService) -> None:
+    """Every way in that a user pod could try without a token gets 401, never data."""
+    paths = [
+        "/v1/status",
+        "/v1/openapi.json",
+        "/v1/events",
+        "/v1/sandboxes",
+        "/v1/sandboxes/x/logs?follow=1",
+        "/v1/sandboxes/x/files/read?path=/etc/passwd",
+        "/v1/sandboxes/x/agent",
+        "/v1/%73andboxes",
+        "//v1/sandboxes",
+        "/v1/sandboxes/",
+        "/v1/./sandboxes",
+        "/nothing-here",
+    ]
+    with httpx.Client(base_url=service.url, timeout=30) as client:
+        for path in paths:
+            for method in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE"):
+                reply = client.request(method, path)
+                assert reply.status_code == 401, (method, path, reply.status_code, reply.text)
+        upgrade = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        reply = client.get("/v1/events", headers=upgrade)
+        assert reply.status_code == 401, reply.text
+        for header in ("token", "Bearer", "Basic dXNlcjpwYXNz", "token a b"):
+            reply = client.get("/v1/sandboxes", headers={"Authorization": header})
+            assert reply.status_code == 401, (header, reply.text)
