@@ -229,7 +229,9 @@ def test_the_service_reads_the_deployment_env_as_its_comments_say(monkeypatch) -
     ports = {p["name"]: p["containerPort"] for p in service_container()["ports"]}
     assert ports == {"api": 8080, "ssh": 2222}
     assert worker_count() == 2 == int(float(service_container()["resources"]["limits"]["cpu"]))
-    assert HubSettings.from_env().api_url == "http://hub:8081/hub/api"
+    hub = HubSettings.from_env()
+    assert hub.api_url == "http://hub:8081/hub/api"
+    assert [hub.service_name] == list(load("z2jh-values.yaml")[0]["hub"]["services"])
 
 
 def test_the_container_command_is_one_the_cli_takes() -> None:
@@ -440,10 +442,10 @@ def start_as_deployed(env: dict[str, str], url: str, log_file: Path) -> subproce
 
 
 def server_like_token(hub, user: str) -> str:
-    """A token of `user` with a subset of the "server" role: no more than the
-    JUPYTERHUB_API_TOKEN the hub gives a notebook server."""
-    made = hub.api("POST", f"users/{user}/tokens", json={"scopes": ["users:activity!user"]})
-    return made["token"]
+    """A token of `user` with the scopes of the "server" role, for the user's default
+    server: what the hub gives a notebook server as its JUPYTERHUB_API_TOKEN."""
+    scopes = ["users:activity!user", f"access:servers!server={user}/"]
+    return hub.api("POST", f"users/{user}/tokens", json={"scopes": scopes})["token"]
 
 
 def notebook(url: str, token: str, *args: str) -> Any:
