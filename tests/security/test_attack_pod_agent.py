@@ -75,7 +75,9 @@ class PodAgent:
         return asyncio.run(self._run(code, timeout))
 
     async def _run(self, code: str, timeout: float) -> tuple[int, str]:
-        argv = ["python3", "-c", code]
+        return await self._run_argv(["python3", "-c", code], timeout)
+
+    async def _run_argv(self, argv: list[str], timeout: float) -> tuple[int, str]:
         async with await self.client.open("exec", argv=argv, stdin=False) as stream:
             await stream.result()
             output = b""
@@ -193,3 +195,58 @@ def test_a_flood_of_silent_connections_from_other_pods_shuts_nobody_out(
     finally:
         for sock in opened:
             sock.close()
+
+
+# User code looks everywhere a key could be left: the files of the pod, every process's
+# environment and command line, and the agent's memory, descriptors and maps.
+KEY_HUNT = r"""
+import ctypes, os, sys
+needles = [n.encode() for n in sys.argv[1:]] + [b"PRIVATE KEY"]
+found = []
+def look(path, data):
+    for needle in needles:
+        if needle in data:
+            found.append(f"{path}: {needle[:20]!r}")
+for top in ("/tmp", "/run", "/home", "/opt", "/dev/shm", "/var", "/etc"):
+    for root, dirs, files in os.walk(top):
+        for name in files:
+            try:
+                with open(os.path.join(root, name), "rb") as f:
+                    look(os.path.join(root, name), f.read(1 << 22))
+            except OSError:
+                pass
+for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+    for part in ("environ", "cmdline", "mem", "maps", "stack", "syscall", "auxv"):
+        try:
+            with open(f"/proc/{pid}/{part}", "rb") as f:
+                data = f.read(1 << 20)
+            if pid == "1" and part in ("environ", "mem", "maps", "auxv") and data:
+                found.append(f"/proc/1/{part} is readable")
+            look(f"/proc/{pid}/{part}", data)
+        except OSError:
+            pass
+    if pid == "1":
+        for fd in os.listdir("/proc/1/fd") if os.access("/proc/1/fd", os.R_OK) else ():
+            try:
+                os.close(os.open(f"/proc/1/fd/{fd}", os.O_RDONLY))
+                found.append(f"/proc/1/fd/{fd} opens")
+            except OSError:
+                pass
+libc = ctypes.CDLL(None, use_errno=True)
+PTRACE_ATTACH = 16
+if libc.ptrace(PTRACE_ATTACH, 1, 0, 0) == 0:
+    found.append("ptrace attached to the agent")
+buf = ctypes.create_string_buffer(64)
+local = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 64)
+remote = (ctypes.c_void_p * 2)(0x400000, 64)
+if libc.process_vm_readv(1, local, 1, remote, 1, 0) > 0:
+    found.append("process_vm_readv read the agent's memory")
+print("\n".join(found) or "nothing")
+"""
+
+
+def test_user_code_finds_no_key_anywhere_in_the_pod(pod_agent: PodAgent) -> None:
+    pems = (pod_agent.credentials.agent_key, pod_agent.credentials.service_cert)
+    needles = [pem.decode().splitlines()[1] for pem in pems]  # a line of each body
+    code, output = asyncio.run(pod_agent._run_argv(["python3", "-c", KEY_HUNT, *needles], 60))
+    assert (code, output.strip()) == (0, "nothing")
