@@ -85,13 +85,19 @@ class RealCluster:
 
 def kubernetes_settings(service: KubeService, real: bool) -> dict[str, str]:
     """What a session service needs, on top of the local one's settings, to run its
-    sandboxes as objects of `service`'s own instance in its cluster (a real cluster's
-    pods get the default start timeout: images may need pulling)."""
+    sandboxes as objects of `service`'s own instance in its cluster.
+
+    Homes are PersistentVolumeClaims (unless JUPYTER_SANDBOX_K8S_HOME says otherwise):
+    the behaviour tests expect a failed sandbox's files to be kept, as the local backend
+    keeps them; an emptyDir home goes with its pod. A real cluster's pods get the default
+    start timeout: images may need pulling."""
     wanted = ["JUPYTER_SANDBOX_BACKEND", "KUBECONFIG", "JUPYTER_SANDBOX_K8S_NAMESPACE"]
-    wanted += ["JUPYTER_SANDBOX_K8S_INSTANCE"] + (
-        [] if real else ["JUPYTER_SANDBOX_K8S_START_TIMEOUT"]
-    )
-    return {key: service.env[key] for key in wanted}
+    wanted += ["JUPYTER_SANDBOX_K8S_INSTANCE"]
+    if not real:
+        wanted += ["JUPYTER_SANDBOX_K8S_START_TIMEOUT"]
+    settings = {key: service.env[key] for key in wanted}
+    settings["JUPYTER_SANDBOX_K8S_HOME"] = os.environ.get("JUPYTER_SANDBOX_K8S_HOME", "pvc")
+    return settings
 
 
 def pod_sandbox(pod: str) -> str:

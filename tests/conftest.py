@@ -312,6 +312,32 @@ def sandbox_pids(storage: Path, sandbox_id: str) -> dict[str, int]:
     return {"outer": _parent(init), "init": init, "agent": agent}
 
 
+POD_AGENT = "/opt/jupyter-sandbox/agent/main.py"
+
+
+def kill_agent(env: ServiceEnv, sandbox_id: str, sig: int = signal.SIGKILL) -> None:
+    """Kill a sandbox's agent behind the service's back: the local sandbox's agent
+    process, or the command (pid 1) of the sandbox pod's container."""
+    if env.kube is None:
+        os.kill(sandbox_pids(env.storage, sandbox_id)["agent"], sig)
+        return
+    if isinstance(env.cluster, RealCluster):
+        pytest.skip("the processes of a real cluster's pods are not on this machine")
+    pod = env.kube.pod(sandbox_id)["metadata"]["name"]
+    pids = env.cluster.pod_pids()[f"{env.cluster.namespace}/{pod}"]
+    os.kill(next(pid for pid in pids if POD_AGENT in _cmdline(pid)), sig)
+
+
+def agent_killed(env: ServiceEnv) -> str:
+    """The reason a sandbox failed after `kill_agent` (SIGKILL), as the service words it."""
+    if env.kube is None:
+        return "its agent was killed by signal 9 (SIGKILL); files kept"
+    return (
+        "its agent was killed (SIGKILL, exit status 137); "
+        "its home is kept on its PersistentVolumeClaim"
+    )
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -391,8 +417,7 @@ def service_env(request: pytest.FixtureRequest, backend: str) -> Iterator[Servic
             os.environ[key] = value
     leftovers = {pid: _sandbox_of(pid, storage) for pid in sandbox_processes(storage)}
     mounted = sandbox_mounts(storage)
-    if env.kube:
-        env.kube.check_clean()
+    unclean = _kube_unclean(env)
     orphans = _pod_orphans(env)
     if env.kube:  # the instance's own objects (its anchor owns them) go with it
         cluster.delete("configmaps", f"jupyter-sandbox-{env.kube.instance}")
@@ -406,7 +431,19 @@ def service_env(request: pytest.FixtureRequest, backend: str) -> Iterator[Servic
     assert not leftovers, f"sandbox processes left after the session: {leftovers}"
     assert not remaining, f"sandbox directories left after the session: {remaining}"
     assert not mounted, f"sandbox homes still mounted after the session: {mounted}"
+    assert not unclean, f"after the session: {unclean}"
     assert not orphans, f"pod processes left after the session: {orphans}"
+
+
+def _kube_unclean(env: ServiceEnv) -> str:
+    """On kubernetes: what of the instance is left in the cluster ("" when nothing)."""
+    if env.kube is None:
+        return ""
+    try:
+        env.kube.check_clean()
+    except AssertionError as e:
+        return str(e)
+    return ""
 
 
 @pytest.fixture(autouse=True)

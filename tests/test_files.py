@@ -12,7 +12,7 @@ import pytest
 from jupyter_sandbox import FileError, FileNotFound, PermissionDenied, Sandbox
 from tests.conftest import ServiceEnv
 
-pytestmark = pytest.mark.unprivileged
+pytestmark = [pytest.mark.unprivileged, pytest.mark.backends("local", "kubernetes")]
 MiB = 1 << 20
 
 

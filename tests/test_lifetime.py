@@ -15,7 +15,7 @@ import pytest
 from jupyter_sandbox import Sandbox, SandboxExpired, SandboxNotFound
 from tests.conftest import ServiceEnv, wait_for
 
-pytestmark = pytest.mark.unprivileged
+pytestmark = [pytest.mark.unprivileged, pytest.mark.backends("local", "kubernetes")]
 
 OWNER = """
 import sys, time

@@ -12,6 +12,8 @@ from nbclient import NotebookClient
 
 from jupyter_sandbox import Sandbox
 
+pytestmark = pytest.mark.backends("local", "kubernetes")
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 

@@ -11,7 +11,7 @@ import pytest
 from jupyter_sandbox import InvalidRequest, Sandbox, SshAccess
 from tests.conftest import ServiceEnv, wait_for
 
-pytestmark = pytest.mark.unprivileged
+pytestmark = [pytest.mark.unprivileged, pytest.mark.backends("local", "kubernetes")]
 
 
 def pinned(access: SshAccess, known_hosts: Path) -> list[str]:
