@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
@@ -33,6 +34,7 @@ class Cluster(Protocol):
     def objects(self, kind: str, namespace: str | None = None) -> list[dict]: ...
     def delete(self, kind: str, name: str, grace: int | None = None) -> Any: ...
     def pod_pids(self) -> dict[str, list[int]]: ...
+    def command_pids(self) -> dict[str, int]: ...
 
 
 def real_cluster_wanted(config: pytest.Config) -> bool:
@@ -61,6 +63,9 @@ class RealCluster:
         return asyncio.run(self._call(kind, "delete", self.namespace, name))
 
     def pod_pids(self) -> dict[str, list[int]]:
+        return {}
+
+    def command_pids(self) -> dict[str, int]:
         return {}
 
     async def _call(self, kind: str, verb: str, namespace: str, name: str = "") -> Any:
@@ -128,3 +133,22 @@ class PodProcesses:
         for pid in ended:
             del self.seen[pid]
         return {pid: pod for pid, pod in ended.items() if alive(pid)}
+
+
+def direct_kubernetes_backend(
+    cluster: Cluster, storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, KubeService]:
+    """A kubernetes backend with no service above it (for tests of what sits beside the
+    service, like the SSH gateway), with the session service's settings and an instance
+    of its own; and the view of that instance, to check that nothing of it is left."""
+    from jupyter_sandbox._config import Settings
+    from jupyter_sandbox.backends.kubernetes import KubernetesBackend
+    from jupyter_sandbox.backends.kubernetes.config import KubernetesSettings
+    from tests.kube_fixtures import KubeService
+
+    view = KubeService(cluster, storage.parent, {})
+    view.storage = storage
+    settings = kubernetes_settings(view, isinstance(cluster, RealCluster))
+    monkeypatch.setenv("KUBECONFIG", settings["KUBECONFIG"])
+    backend = KubernetesBackend(storage, Settings(), KubernetesSettings.from_env(settings))
+    return backend, view

@@ -85,8 +85,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Every test of the session's service runs once per backend it opts in to."""
-    if "service_env" not in metafunc.fixturenames:
+    """Every test of the session's service (or of a `backend`'s sandbox) runs once per
+    backend it opts in to."""
+    if "service_env" not in metafunc.fixturenames and "backend" not in metafunc.fixturenames:
         return
     marker = metafunc.definition.get_closest_marker("backends")
     names = marker.args if marker else ("local",)
@@ -312,9 +313,6 @@ def sandbox_pids(storage: Path, sandbox_id: str) -> dict[str, int]:
     return {"outer": _parent(init), "init": init, "agent": agent}
 
 
-POD_AGENT = "/opt/jupyter-sandbox/agent/main.py"
-
-
 def kill_agent(env: ServiceEnv, sandbox_id: str, sig: int = signal.SIGKILL) -> None:
     """Kill a sandbox's agent behind the service's back: the local sandbox's agent
     process, or the command (pid 1) of the sandbox pod's container."""
@@ -324,8 +322,7 @@ def kill_agent(env: ServiceEnv, sandbox_id: str, sig: int = signal.SIGKILL) -> N
     if isinstance(env.cluster, RealCluster):
         pytest.skip("the processes of a real cluster's pods are not on this machine")
     pod = env.kube.pod(sandbox_id)["metadata"]["name"]
-    pids = env.cluster.pod_pids()[f"{env.cluster.namespace}/{pod}"]
-    os.kill(next(pid for pid in pids if POD_AGENT in _cmdline(pid)), sig)
+    os.kill(env.cluster.command_pids()[f"{env.cluster.namespace}/{pod}"], sig)
 
 
 def agent_killed(env: ServiceEnv) -> str:

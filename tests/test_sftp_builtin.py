@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from jupyter_sandbox.agent import protocol
 from jupyter_sandbox.agent import sftp_server as builtin
 from jupyter_sandbox.ssh import sftp
+from tests.test_ssh_gateway import GATEWAY_MARKS as gateway_marks
 from tests.test_ssh_gateway import (  # noqa: F401
     SFTP_SERVER_KINDS,
     Gw,
@@ -40,7 +41,6 @@ from tests.test_ssh_gateway import (  # noqa: F401
     token,
     workdir,
 )
-from tests.test_ssh_gateway import pytestmark as gateway_marks
 
 MiB = 1 << 20
 ROOT = os.geteuid() == 0

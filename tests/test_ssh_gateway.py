@@ -24,11 +24,13 @@ import pytest
 
 from jupyter_sandbox._errors import SandboxError
 from jupyter_sandbox.agent.protocol import Frame
+from jupyter_sandbox.backends.base import Backend
 from jupyter_sandbox.backends.local import LocalBackend, SandboxSpec
 from jupyter_sandbox.ssh import Gateway, GatewayLimits, Target, generate_token, hash_token
 from jupyter_sandbox.ssh.limits import FailedLogins
 from jupyter_sandbox.ssh.sftp import SFTP_SERVERS
 from jupyter_sandbox.ssh.tokens import ALPHABET, token_matches
+from tests.backend_fixtures import direct_kubernetes_backend
 
 TOOLS = ("ssh", "scp", "sftp", "ssh-keygen", "rsync", "tmux", "curl", "ssh-audit")
 APT_PACKAGES = "openssh-client openssh-sftp-server rsync tmux curl (and pip install ssh-audit)"
@@ -40,7 +42,7 @@ needs_openssh_sftp = pytest.mark.skipif(
     reason="needs sftp-server: apt-get install openssh-sftp-server",
 )
 SFTP_SERVER_KINDS = [pytest.param("openssh", marks=needs_openssh_sftp), "builtin"]
-pytestmark = [
+GATEWAY_MARKS = [
     pytest.mark.skipif(os.geteuid() != 0, reason="runs as root"),
     # On CI a missing tool is a failure, not a skip: the install step must provide it.
     pytest.mark.skipif(
@@ -48,6 +50,19 @@ pytestmark = [
         reason=f"needs {', '.join(MISSING)}: apt-get install {APT_PACKAGES}",
     ),
 ]
+# The tests with a sandbox run with each backend's (a sandbox pod on the fake cluster).
+pytestmark = [*GATEWAY_MARKS, pytest.mark.backends("local", "kubernetes")]
+# The fake kubelet's pods share the host's network namespace: there a sandbox's
+# 127.0.0.1 is the host's, so what "reaches the sandbox, not the host" cannot be told.
+SANDBOX_LOOPBACK = pytest.mark.backends("local")
+WHOAMI_BUG = pytest.mark.xfail_on(
+    "kubernetes", reason="the pod's uid 1000 has no passwd entry: whoami fails"
+)
+SFTP_BUG = pytest.mark.xfail_on(
+    "kubernetes",
+    reason="in a pod OpenSSH's scp and sftp-server find no user 1000, and the built-in "
+    "SFTP server is looked for at the local backend's path",
+)
 MiB = 1 << 20
 WAIT = 30.0
 _uids = itertools.count(1_200_100 + (os.getpid() % 1000) * 50)
@@ -76,7 +91,7 @@ class Loop:
 class Sandbox:
     """A running sandbox and shortcuts to its agent."""
 
-    def __init__(self, loop: Loop, backend: LocalBackend, runtime) -> None:
+    def __init__(self, loop: Loop, backend: Backend, runtime) -> None:
         self.loop, self.backend, self.runtime = loop, backend, runtime
         self.agent = backend.agent(runtime)
 
@@ -206,16 +221,32 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def sandbox(loop: Loop, workdir: Path) -> Iterator[Sandbox]:
-    backend = LocalBackend(workdir / "storage")
-    loop.run(backend.prepare())
-    if backend.unavailable:
-        pytest.skip(backend.unavailable)
+def sandbox(
+    loop: Loop,
+    workdir: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Sandbox]:
+    """A sandbox of the test's backend, started and stopped by that backend directly."""
+    view = None
+    if backend == "kubernetes":
+        cluster = request.getfixturevalue("kube_cluster")
+        sandboxes, view = direct_kubernetes_backend(cluster, workdir / "storage", monkeypatch)
+    else:
+        sandboxes = LocalBackend(workdir / "storage")
+    loop.run(sandboxes.prepare())
+    if sandboxes.unavailable:
+        pytest.skip(sandboxes.unavailable)
     sb_id = f"sb-ssh{next(_uids)}"
-    runtime = loop.run(backend.start(SandboxSpec(id=sb_id)))
-    yield Sandbox(loop, backend, runtime)
-    loop.run(backend.stop(runtime))
+    runtime = loop.run(sandboxes.start(SandboxSpec(id=sb_id)))
+    yield Sandbox(loop, sandboxes, runtime)
+    loop.run(sandboxes.stop(runtime))
     assert not os.path.exists(runtime.directory)
+    if view:
+        loop.run(sandboxes.close())
+        view.check_clean()
+        cluster.delete("configmaps", f"jupyter-sandbox-{view.instance}")
 
 
 @pytest.fixture
@@ -377,6 +408,7 @@ def test_failed_logins_block_a_source_for_a_while() -> None:
 # -- sessions ---------------------------------------------------------------------------
 
 
+@WHOAMI_BUG
 def test_command_runs_as_sandbox_user_in_its_home(gw: Gw, token: str) -> None:
     result = run(gw.ssh(token, "whoami; pwd; hostname; echo $JSB_TEST"))
     assert result.returncode == 0, result.stderr
@@ -426,6 +458,7 @@ def test_unknown_token_is_denied(gw: Gw, token: str) -> None:
     assert gw.events == []
 
 
+@WHOAMI_BUG
 def test_public_key_is_required_when_set(gw: Gw, sandbox: Sandbox, workdir: Path) -> None:
     keys = {}
     for name in ("good", "other"):
@@ -543,6 +576,7 @@ def transfer_cases(*tools: str) -> list:
     return cases
 
 
+@SFTP_BUG
 @pytest.mark.parametrize(("tool", "sftp_server"), transfer_cases("scp -O", "scp", "sftp"))
 def test_file_transfer_64mib_byte_identical(gw: Gw, token: str, workdir: Path, tool: str) -> None:
     transfer = _sftp(gw, token) if tool == "sftp" else _scp(gw, token, *tool.split()[1:])
@@ -550,12 +584,14 @@ def test_file_transfer_64mib_byte_identical(gw: Gw, token: str, workdir: Path, t
     _round_trip(workdir, *transfer, 64 * MiB, subdir)
 
 
+@SFTP_BUG
 @pytest.mark.parametrize(("tool", "sftp_server"), transfer_cases("scp -O", "sftp"))
 def test_file_transfer_256mib_byte_identical(gw: Gw, token: str, workdir: Path, tool: str) -> None:
     transfer = _sftp(gw, token) if tool == "sftp" else _scp(gw, token, "-O")
     _round_trip(workdir, *transfer, 256 * MiB, "subdir")
 
 
+@SFTP_BUG
 @pytest.mark.parametrize("sftp_server", SFTP_SERVER_KINDS)
 def test_sftp_cannot_follow_symlinks_out_of_the_sandbox(
     gw: Gw, token: str, sandbox: Sandbox, workdir: Path
@@ -594,6 +630,7 @@ def test_rsync_over_ssh(gw: Gw, token: str, workdir: Path) -> None:
 # -- forwarding -------------------------------------------------------------------------
 
 
+@SANDBOX_LOOPBACK
 def test_local_forward_reaches_the_sandbox_not_the_host(gw: Gw, token: str, http_pair: int) -> None:
     local = free_port()
     forward = gw.ssh(token)
@@ -603,6 +640,7 @@ def test_local_forward_reaches_the_sandbox_not_the_host(gw: Gw, token: str, http
     assert body == b"from-sandbox\n"
 
 
+@SANDBOX_LOOPBACK
 def test_stdio_forward_reaches_the_sandbox(gw: Gw, token: str, http_pair: int) -> None:
     args = gw.ssh(token)
     args[1:1] = ["-W", f"localhost:{http_pair}"]
@@ -610,6 +648,7 @@ def test_stdio_forward_reaches_the_sandbox(gw: Gw, token: str, http_pair: int) -
     assert result.stdout.endswith(b"\r\n\r\nfrom-sandbox\n")
 
 
+@SANDBOX_LOOPBACK
 def test_socks_forward_reaches_the_sandbox(gw: Gw, token: str, http_pair: int) -> None:
     local = free_port()
     forward = gw.ssh(token)
