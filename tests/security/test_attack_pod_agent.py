@@ -8,6 +8,7 @@ IP); the service side is the real `AgentClient` over TLS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -250,3 +251,91 @@ def test_user_code_finds_no_key_anywhere_in_the_pod(pod_agent: PodAgent) -> None
     needles = [pem.decode().splitlines()[1] for pem in pems]  # a line of each body
     code, output = asyncio.run(pod_agent._run_argv(["python3", "-c", KEY_HUNT, *needles], 60))
     assert (code, output.strip()) == (0, "nothing")
+
+
+class HostileAgent:
+    """A TLS agent with the sandbox's own credentials (the agent was replaced) that
+    misbehaves after the handshake: `behave(tls)` is given each connection."""
+
+    def __init__(self, behave) -> None:
+        import ssl
+        import threading
+
+        from jupyter_sandbox.agent import tls_server
+
+        self.credentials = SandboxCredentials.generate("sb-hostile001")
+        creds = self.credentials
+        self.context = tls_server.server_context(
+            creds.agent_cert, creds.agent_key, creds.service_cert
+        )
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.behave, self.ssl, self.open = behave, ssl, []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                tls = self.context.wrap_socket(raw, server_side=True)
+                tls.recv(65536)  # the request line
+                self.open.append(tls)
+                self.behave(tls)
+            except (OSError, self.ssl.SSLError):
+                raw.close()
+
+    def client(self) -> AgentClient:
+        return AgentClient(self.credentials.endpoint("127.0.0.1", self.port))
+
+    def close(self) -> None:
+        self.listener.close()
+        for tls in self.open:
+            with contextlib.suppress(OSError):
+                tls.close()
+
+
+def _close_notify_but_keep_tcp_open(tls) -> None:
+    tls.unwrap()  # the plain socket stays open, unused
+
+
+def _garbage_record(tls) -> None:
+    raw = socket.socket(fileno=os.dup(tls.fileno()))
+    raw.sendall(b"\x17\x03\x03\x00\x40" + os.urandom(0x40))  # application data, wrong MAC
+    raw.detach()
+
+
+def _huge_frame_then_silence(tls) -> None:
+    from jupyter_sandbox.agent import protocol
+
+    tls.sendall(protocol.HEADER.pack(Frame.RESULT, 1 << 30))
+
+
+def _trickle(tls) -> None:
+    from jupyter_sandbox.agent import protocol
+
+    tls.sendall(protocol.HEADER.pack(Frame.RESULT, 100) + b"{")  # and nothing more
+
+
+@pytest.mark.parametrize(
+    "behave",
+    [_close_notify_but_keep_tcp_open, _garbage_record, _huge_frame_then_silence, _trickle],
+    ids=["close-notify-only", "garbage-record", "huge-frame", "trickle"],
+)
+def test_a_replaced_agent_gets_an_error_within_the_deadline_over_tls(behave) -> None:
+    import time
+
+    from jupyter_sandbox._errors import SandboxError
+
+    hostile = HostileAgent(behave)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SandboxError) as raised:
+            asyncio.run(hostile.client().call("ping", answer_timeout=3))
+        assert time.monotonic() - started < 10, f"held for {time.monotonic() - started:.1f} s"
+        assert "agent" in str(raised.value) or "sandbox" in str(raised.value)
+    finally:
+        hostile.close()
