@@ -41,7 +41,11 @@ needs_openssh_sftp = pytest.mark.skipif(
     not HAVE_OPENSSH_SFTP and not os.environ.get("CI"),
     reason="needs sftp-server: apt-get install openssh-sftp-server",
 )
-SFTP_SERVER_KINDS = [pytest.param("openssh", marks=needs_openssh_sftp), "builtin"]
+# Legacy scp and OpenSSH's sftp-server look up the sandbox user, as whoami does.
+PASSWD_BUG = pytest.mark.xfail_on(
+    "kubernetes", reason="in a pod OpenSSH's scp and sftp-server find no user 1000"
+)
+SFTP_SERVER_KINDS = [pytest.param("openssh", marks=[needs_openssh_sftp, PASSWD_BUG]), "builtin"]
 GATEWAY_MARKS = [
     pytest.mark.skipif(os.geteuid() != 0, reason="runs as root"),
     # On CI a missing tool is a failure, not a skip: the install step must provide it.
@@ -57,11 +61,6 @@ pytestmark = [*GATEWAY_MARKS, pytest.mark.backends("local", "kubernetes")]
 SANDBOX_LOOPBACK = pytest.mark.backends("local")
 WHOAMI_BUG = pytest.mark.xfail_on(
     "kubernetes", reason="the pod's uid 1000 has no passwd entry: whoami fails"
-)
-SFTP_BUG = pytest.mark.xfail_on(
-    "kubernetes",
-    reason="in a pod OpenSSH's scp and sftp-server find no user 1000, and the built-in "
-    "SFTP server is looked for at the local backend's path",
 )
 MiB = 1 << 20
 WAIT = 30.0
@@ -569,14 +568,13 @@ def transfer_cases(*tools: str) -> list:
     """(tool, SFTP server) pairs: legacy `scp -O` (no SFTP) once, SFTP tools with each server."""
     cases = []
     for tool in tools:
-        kinds = ["auto"] if tool == "scp -O" else SFTP_SERVER_KINDS
+        kinds = [pytest.param("auto", marks=PASSWD_BUG)] if tool == "scp -O" else SFTP_SERVER_KINDS
         for kind in kinds:
             value, marks = (kind, ()) if isinstance(kind, str) else (kind.values[0], kind.marks)
             cases.append(pytest.param(tool, value, marks=marks, id=f"{tool}-{value}"))
     return cases
 
 
-@SFTP_BUG
 @pytest.mark.parametrize(("tool", "sftp_server"), transfer_cases("scp -O", "scp", "sftp"))
 def test_file_transfer_64mib_byte_identical(gw: Gw, token: str, workdir: Path, tool: str) -> None:
     transfer = _sftp(gw, token) if tool == "sftp" else _scp(gw, token, *tool.split()[1:])
@@ -584,14 +582,12 @@ def test_file_transfer_64mib_byte_identical(gw: Gw, token: str, workdir: Path, t
     _round_trip(workdir, *transfer, 64 * MiB, subdir)
 
 
-@SFTP_BUG
 @pytest.mark.parametrize(("tool", "sftp_server"), transfer_cases("scp -O", "sftp"))
 def test_file_transfer_256mib_byte_identical(gw: Gw, token: str, workdir: Path, tool: str) -> None:
     transfer = _sftp(gw, token) if tool == "sftp" else _scp(gw, token, "-O")
     _round_trip(workdir, *transfer, 256 * MiB, "subdir")
 
 
-@SFTP_BUG
 @pytest.mark.parametrize("sftp_server", SFTP_SERVER_KINDS)
 def test_sftp_cannot_follow_symlinks_out_of_the_sandbox(
     gw: Gw, token: str, sandbox: Sandbox, workdir: Path

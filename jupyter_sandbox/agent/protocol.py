@@ -31,8 +31,11 @@ SANDBOX_UID = 1000
 STATE_MOUNT = "/run/sandbox"
 AGENT_MOUNT = "/run/sandbox-agent"  # the agent's files, read-only, byte-compiled
 PYTHON = "/usr/bin/python3"  # the sandbox's Python: runs the agent and its programs
-# The built-in SFTP server, for sandboxes without OpenSSH's (a program, not an agent module).
+POD_AGENT_DIR = "/opt/jupyter-sandbox/agent"  # in a pod: the agent's sources (a ConfigMap)
+# The built-in SFTP server, for sandboxes without OpenSSH's (a program, not an agent module):
+# byte-compiled in a local sandbox's agent mount, a source file in a pod.
 SFTP_SERVER = f"{AGENT_MOUNT}/sftp_server.pyc"
+POD_SFTP_SERVER = f"{POD_AGENT_DIR}/sftp_server.py"
 EXIT_USER_INIT_LOST = 73  # the agent's exit code when the sandbox's init process died
 FILES_ONLY = "files-only"  # the agent's last argument when it serves file operations only
 

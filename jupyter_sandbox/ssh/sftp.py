@@ -12,7 +12,7 @@ OpenSSH's sftp-server where the host has one and the built-in server
 
 from __future__ import annotations
 
-from .._errors import SandboxError
+from .._errors import FileError, FileNotFound, PermissionDenied
 from ..agent import protocol
 from ..agent.remote import AgentClient
 
@@ -22,7 +22,12 @@ SFTP_SERVERS = (
     "/usr/libexec/sftp-server",  # Alpine, Arch
     "/usr/lib/ssh/sftp-server",  # Arch (older)
 )
-BUILTIN_ARGV = [protocol.PYTHON, "-E", "-s", "-S", "-B", protocol.SFTP_SERVER]
+# The built-in server where each backend puts the agent's code, with the Python that runs
+# the agent there: the local sandbox's /usr/bin/python3, a pod's python3 on its image's PATH.
+BUILTIN_SERVERS = (
+    (protocol.PYTHON, protocol.SFTP_SERVER),
+    ("python3", protocol.POD_SFTP_SERVER),
+)
 SETTING = "JUPYTER_SANDBOX_SFTP"  # read into Settings.sftp
 
 
@@ -32,19 +37,35 @@ class SubsystemUnavailable(Exception):
 
 async def sftp_server_argv(agent: AgentClient, choice: str = "auto") -> list[str]:
     """The command that serves SFTP inside the sandbox, as `choice` (Settings.sftp) says."""
-    if choice == "builtin":
-        return BUILTIN_ARGV
-    for path in SFTP_SERVERS:
-        try:
-            info = await agent.call("stat", path=path)
-        except SandboxError:
-            continue
-        if info["type"] in ("file", "symlink"):
-            return [path]
-    if choice == "auto":
-        return BUILTIN_ARGV
+    if choice != "builtin":
+        for path in SFTP_SERVERS:
+            if await _is_file(agent, path):
+                return [path]
+        if choice != "auto":
+            raise SubsystemUnavailable(
+                f"SFTP is unavailable: {SETTING}=openssh, but the sandbox has no OpenSSH "
+                "sftp-server (install the openssh-sftp-server package on the host, or unset "
+                f"{SETTING} to use the built-in server)"
+            )
+    return await _builtin_argv(agent)
+
+
+async def _builtin_argv(agent: AgentClient) -> list[str]:
+    """The built-in server's command: the sandbox's answers only choose a known layout."""
+    for python, program in BUILTIN_SERVERS:
+        if await _is_file(agent, program):
+            return [python, "-E", "-s", "-S", "-B", program]
     raise SubsystemUnavailable(
-        f"SFTP is unavailable: {SETTING}=openssh, but the sandbox has no OpenSSH "
-        "sftp-server (install the openssh-sftp-server package on the host, or unset "
-        f"{SETTING} to use the built-in server)"
+        "SFTP is unavailable: the sandbox's agent has no built-in SFTP server at "
+        f"{' or '.join(program for _, program in BUILTIN_SERVERS)} (restart the sandbox so "
+        "its agent is installed again)"
     )
+
+
+async def _is_file(agent: AgentClient, path: str) -> bool:
+    """Whether the sandbox has a program at `path`; an unreachable agent raises SandboxError."""
+    try:
+        info = await agent.call("stat", path=path)
+    except (FileNotFound, FileError, PermissionDenied):
+        return False
+    return info["type"] in ("file", "symlink")

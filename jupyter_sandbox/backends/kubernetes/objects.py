@@ -12,6 +12,7 @@ import base64
 import hashlib
 from dataclasses import dataclass
 
+from ...agent import protocol
 from ..cgroups import Limits
 from .config import KubernetesSettings
 
@@ -23,7 +24,7 @@ NETWORK = "jupyter-sandbox.io/network"
 ROLE = "jupyter-sandbox.io/role"
 MANAGER = "jupyter-sandbox"
 AGENT_PORT = 7000
-AGENT_DIR = "/opt/jupyter-sandbox/agent"
+AGENT_DIR = protocol.POD_AGENT_DIR
 HOME = "/home/sandbox"
 STATE = "/run/sandbox"
 UID = 1000
