@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tests.kube_fixtures import KubeService
 
 BACKENDS = ("local", "kubernetes")
+MANAGED = "app.kubernetes.io/managed-by=jupyter-sandbox"
 
 
 class Cluster(Protocol):
@@ -49,18 +50,20 @@ def real_cluster_wanted(config: pytest.Config) -> bool:
 
 
 class RealCluster:
-    """The cluster of KUBECONFIG, looked at through the official client. Its pods'
-    processes are not on this machine, so `pod_pids` has none to report."""
+    """The cluster of KUBECONFIG, looked at with the backend's own API client. Its pods'
+    processes are not on this machine, so `pod_pids` and `command_pids` have none."""
 
     def __init__(self, kubeconfig: str, namespace: str) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
 
     def objects(self, kind: str, namespace: str | None = None) -> list[dict]:
-        return asyncio.run(self._call(kind, "list", namespace or self.namespace))
+        """This project's objects of a kind (none of a kind the cluster does not serve,
+        like agent-sandbox's Sandboxes where that is not installed)."""
+        return asyncio.run(self._call("list", kind, namespace or self.namespace))
 
     def delete(self, kind: str, name: str, grace: int | None = None) -> Any:
-        return asyncio.run(self._call(kind, "delete", self.namespace, name))
+        return asyncio.run(self._call("delete", kind, self.namespace, name))
 
     def pod_pids(self) -> dict[str, list[int]]:
         return {}
@@ -68,24 +71,21 @@ class RealCluster:
     def command_pids(self) -> dict[str, int]:
         return {}
 
-    async def _call(self, kind: str, verb: str, namespace: str, name: str = "") -> Any:
-        from kubernetes_asyncio import client, config
+    async def _call(self, verb: str, kind: str, namespace: str, name: str = "") -> Any:
+        from jupyter_sandbox.backends.kubernetes.api import Api, ApiError
+        from jupyter_sandbox.backends.kubernetes.config import api_configuration
 
-        configuration = client.Configuration()
-        await config.load_kube_config(self.kubeconfig, client_configuration=configuration)
-        singular = {
-            "pods": "pod",
-            "secrets": "secret",
-            "persistentvolumeclaims": "persistent_volume_claim",
-            "configmaps": "config_map",
-        }[kind]
-        async with client.ApiClient(configuration) as api:
-            core = client.CoreV1Api(api)
+        api = Api(await api_configuration(), namespace)
+        try:
             if verb == "delete":
-                method = getattr(core, f"delete_namespaced_{singular}")
-                return await method(name, namespace, propagation_policy="Background")
-            found = await getattr(core, f"list_namespaced_{singular}")(namespace)
-            return [api.sanitize_for_serialization(item) for item in found.items]
+                return await api.delete(kind, name)
+            return (await api.list(kind, MANAGED))["items"]
+        except ApiError as e:
+            if e.status == 404:
+                return []
+            raise
+        finally:
+            await api.close()
 
 
 def kubernetes_settings(service: KubeService, real: bool) -> dict[str, str]:
