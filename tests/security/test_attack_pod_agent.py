@@ -339,3 +339,31 @@ def test_a_replaced_agent_gets_an_error_within_the_deadline_over_tls(behave) -> 
         assert "agent" in str(raised.value) or "sandbox" in str(raised.value)
     finally:
         hostile.close()
+
+
+# User code tries to take the agent's port, to answer the service in its place.
+PORT_GRAB = r"""
+import socket, sys
+ip, port = sys.argv[1], int(sys.argv[2])
+taken = []
+for address in (ip, "0.0.0.0"):
+    for options in ((), (socket.SO_REUSEADDR,), (socket.SO_REUSEADDR, socket.SO_REUSEPORT)):
+        sock = socket.socket()
+        for option in options:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        try:
+            sock.bind((address, port))
+            sock.listen()
+            taken.append(f"{address} with {options}")
+        except OSError:
+            pass
+        sock.close()
+print("\n".join(taken) or "nothing")
+"""
+
+
+def test_user_code_cannot_listen_on_the_agents_port(pod_agent: PodAgent) -> None:
+    argv = ["python3", "-c", PORT_GRAB, pod_agent.ip, str(PORT)]
+    code, output = asyncio.run(pod_agent._run_argv(argv, 30))
+    assert (code, output.strip()) == (0, "nothing")
+    assert pod_agent.answers()
