@@ -186,6 +186,12 @@ def kill_all(sandboxes: list[Sandbox]) -> None:
         list(pool.map(lambda sb: sb.kill(), sandboxes))
 
 
+def object_kib(service: KubeService, kind: str) -> float:
+    """The mean size, as JSON, of the service's objects of `kind` in the cluster."""
+    found = service.objects(kind)
+    return statistics.mean(len(json.dumps(o)) for o in found) / 1024 if found else 0.0
+
+
 def fit(points: list[tuple[int, int]]) -> tuple[float, float]:
     """Least-squares line through (sandboxes, KiB): its intercept and slope."""
     slope, intercept = statistics.linear_regression(*zip(*points, strict=True))
@@ -339,7 +345,8 @@ def ramp(
         f"{len(running)} creates, 8 at a time (each with one `sh`)",
         f"{made / spent:.1f} sandboxes/s; service CPU {(cpu_seconds(pid) - cpu) * 1000 / made:.0f}"
         f" ms per sandbox; {requests.total() / made:.1f} API requests per sandbox",
-        "",
+        f"objects' JSON: Secret {object_kib(service, 'secrets'):.1f} KiB, pod (what a watch "
+        f"event carries) {object_kib(service, 'pods'):.1f} KiB",
     )
     return running, memory
 
