@@ -351,7 +351,9 @@ def ramp(
     return running, memory
 
 
-def bench_cold_service(cluster: FakeCluster, sizes: Sizes, work: Path, out: Results) -> tuple:
+def bench_cold_service(
+    cluster: FakeCluster, sizes: Sizes, work: Path, out: Results
+) -> tuple[list[float], Logins]:
     """Pool off: idle traffic, memory by running sandboxes, logins, lifecycles, latency."""
     service = kube_service(cluster, pool=0)
     try:
@@ -389,7 +391,9 @@ def bench_cold_service(cluster: FakeCluster, sizes: Sizes, work: Path, out: Resu
         "writes: " + (by_key(writes, minutes) if writes else "none"),
     )
     if writes:
-        out.notes.append(f"API writes while sandboxes were idle: {dict(writes)}")
+        out.notes.append(
+            f"API writes while sandboxes were idle (a bug: renewals must not write): {dict(writes)}"
+        )
     out.row(
         f"service CPU, {n} idle sandboxes",
         f"{idle_cpu / sizes.idle:.1%} of a core; {idle_cpu * 1000 / sizes.idle / n:.2f} ms/s "
