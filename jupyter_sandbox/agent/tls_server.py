@@ -6,7 +6,7 @@ without it, with another, or not speaking TLS is dropped without an answer; the
 handshakes run on one thread (``Server``), each with a deadline, so a client that
 never finishes its handshake holds a descriptor and only that long, never a thread:
 another pod's flood of silent connections uses up neither the pod's pids limit nor
-the places of handshakes under way that the service's own need.
+the places the service's own handshakes need.
 
 An OpenSSL connection must not be read and written by two threads at once, yet the
 agent reads a connection on one thread while others write to it (a command's
@@ -30,7 +30,10 @@ import ssl
 import time
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to complete the TLS handshake
-MAX_HANDSHAKES = 256  # handshakes under way at once (a descriptor and a TLS object each)
+# Handshakes under way (a descriptor and a TLS object each): over QUIET_HANDSHAKES, a new
+# connection ends the oldest if it has been under way for STALE seconds (a live client
+# finishes in milliseconds); at MAX_HANDSHAKES, the oldest whatever its age.
+QUIET_HANDSHAKES, MAX_HANDSHAKES, STALE = 64, 512, 1.0
 BACKLOG_ROUND = 64  # connections accepted at a time before the handshakes are served
 LINGER = 2.0  # seconds the rest of a finished connection's input is read and dropped
 CHUNK = 256 * 1024
@@ -69,11 +72,11 @@ class Server:
 
     The handshakes are non-blocking, driven by one poll loop with the listening socket:
     a client that never finishes its handshake holds a descriptor and a TLS object until
-    its deadline, never a thread. At most MAX_HANDSHAKES are under way; a new connection
-    over that ends the oldest handshake of the client address with the most under way,
-    so another pod's flood of silent connections ends its own, not the service's (whose
-    handshake takes milliseconds). Each connection that completes one is served on a
-    thread of its own (``_bridge``).
+    its deadline, never a thread. Past QUIET_HANDSHAKES under way, a new connection ends
+    the oldest handshake if it is stale, and at MAX_HANDSHAKES the oldest in any case:
+    another pod's flood of silent connections ends its own, never the service's (whose
+    handshakes take milliseconds, however many it opens at once). Each connection that
+    completes one is served on a thread of its own (``_bridge``).
     """
 
     def __init__(self, context: ssl.SSLContext, start_thread) -> None:
@@ -119,11 +122,11 @@ class Server:
         except (OSError, ssl.SSLError):
             _close(raw)
             return
-        if len(self._pending) >= MAX_HANDSHAKES:
-            by_source: dict[str, list[_Handshake]] = {}
-            for pending in self._pending.values():
-                by_source.setdefault(pending.source, []).append(pending)
-            self._drop(max(by_source.values(), key=len)[0])
+        if len(self._pending) >= QUIET_HANDSHAKES:
+            oldest = next(iter(self._pending.values()))
+            stale = oldest.started <= time.monotonic() - STALE
+            if stale or len(self._pending) >= MAX_HANDSHAKES:
+                self._drop(oldest)
         self._pending[raw.fileno()] = handshake
         self._poller.register(raw, select.POLLIN)
 
@@ -189,10 +192,10 @@ class _Handshake:
 
     def __init__(self, context: ssl.SSLContext, raw: socket.socket) -> None:
         self.raw, self.fd = raw, raw.fileno()
-        self.source = str(raw.getpeername()[0])
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        self.started = time.monotonic()
+        self.deadline = self.started + HANDSHAKE_TIMEOUT
         self.unsent = b""
         self.done = False
 

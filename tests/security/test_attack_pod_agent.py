@@ -182,13 +182,17 @@ def _silent_connections(ip: str, sources: list[str], each: int) -> list[socket.s
     return opened
 
 
-@pytest.mark.parametrize("sources", [1, 40], ids=["one-pod", "forty-pods"])
+@pytest.mark.parametrize(
+    ("sources", "each"),
+    [(1, PIDS_LIMIT + 100), (40, PIDS_LIMIT // 40 + 3), (1, 700)],
+    ids=["one-pod", "forty-pods", "more-than-the-handshake-places"],
+)
 def test_a_flood_of_silent_connections_from_other_pods_shuts_nobody_out(
-    pids_limited: PodAgent, sources: int
+    pids_limited: PodAgent, sources: int, each: int
 ) -> None:
     agent = pids_limited
     addresses = [f"127.0.{random.randrange(2, 255)}.{n + 1}" for n in range(sources)]
-    opened = _silent_connections(agent.ip, addresses, (PIDS_LIMIT + 100) // sources + 1)
+    opened = _silent_connections(agent.ip, addresses, each)
     try:
         assert agent.answers(), "the service's ping got no answer during the flood"
         code, output = agent.run("import os; os.wait4(os.fork() or os._exit(7) or 0, 0)")
@@ -367,3 +371,26 @@ def test_user_code_cannot_listen_on_the_agents_port(pod_agent: PodAgent) -> None
     code, output = asyncio.run(pod_agent._run_argv(argv, 30))
     assert (code, output.strip()) == (0, "nothing")
     assert pod_agent.answers()
+
+
+async def _pings(client: AgentClient, count: int) -> list[BaseException]:
+    answers = await asyncio.gather(
+        *(client.call("ping") for _ in range(count)), return_exceptions=True
+    )
+    return [answer for answer in answers if isinstance(answer, BaseException)]
+
+
+def test_a_burst_of_the_services_own_connections_all_get_through(pod_agent: PodAgent) -> None:
+    """The bounds on handshakes under way end stale ones, never a burst of live ones."""
+    failed = asyncio.run(_pings(pod_agent.client, 400))
+    assert not failed, f"{len(failed)} of 400 pings failed, such as {failed[0]!r}"
+
+
+def test_a_burst_gets_through_during_a_flood_from_another_pod(pids_limited: PodAgent) -> None:
+    opened = _silent_connections(pids_limited.ip, ["127.0.9.9"], PIDS_LIMIT + 100)
+    try:
+        failed = asyncio.run(_pings(pids_limited.client, 100))
+        assert not failed, f"{len(failed)} of 100 pings failed, such as {failed[0]!r}"
+    finally:
+        for sock in opened:
+            sock.close()
