@@ -51,6 +51,16 @@ def anchor_name(instance: str) -> str:
     return f"jupyter-sandbox-{instance}"
 
 
+def shared_name(instance: str, what: str) -> str:
+    """The name of an object the instance shares among its sandboxes (a NetworkPolicy,
+    the agent code). Each instance has its own: another instance's policy selects only
+    that instance's pods, and its objects go when that instance is uninstalled. The
+    default instance keeps the unprefixed names it always had."""
+    return (
+        f"jupyter-sandbox-{what}" if instance == "default" else f"jupyter-sandbox-{instance}-{what}"
+    )
+
+
 def secret_name(sandbox_id: str) -> str:
     return f"jsb-{sandbox_id}"
 
@@ -112,11 +122,11 @@ def anchor_config_map(instance: str) -> dict:
     }
 
 
-def agent_code_name(sources: dict[str, str]) -> str:
+def agent_code_name(instance: str, sources: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for name in sorted(sources):
         digest.update(f"{name}\0{len(sources[name])}\0{sources[name]}".encode())
-    return f"jupyter-sandbox-agent-{digest.hexdigest()[:12]}"
+    return shared_name(instance, f"agent-{digest.hexdigest()[:12]}")
 
 
 def agent_code(instance: str, sources: dict[str, str], anchor: Anchor) -> dict:
@@ -124,7 +134,7 @@ def agent_code(instance: str, sources: dict[str, str], anchor: Anchor) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(agent_code_name(sources), instance_labels(instance), anchor),
+        "metadata": metadata(agent_code_name(instance, sources), instance_labels(instance), anchor),
         "data": dict(sources),
     }
 
@@ -273,7 +283,7 @@ def ingress_policy(instance: str, anchor: Anchor) -> dict:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": metadata("jupyter-sandbox-ingress", instance_labels(instance), anchor),
+        "metadata": metadata(shared_name(instance, "ingress"), instance_labels(instance), anchor),
         "spec": {
             "podSelector": {
                 "matchLabels": instance_labels(instance),
@@ -295,7 +305,7 @@ def no_egress_policy(instance: str, anchor: Anchor) -> dict:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": metadata("jupyter-sandbox-no-egress", instance_labels(instance), anchor),
+        "metadata": metadata(shared_name(instance, "no-egress"), instance_labels(instance), anchor),
         "spec": {
             "podSelector": {"matchLabels": {**instance_labels(instance), NETWORK: "none"}},
             "policyTypes": ["Egress"],
