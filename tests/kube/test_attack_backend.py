@@ -82,3 +82,99 @@ def test_second_instance_in_the_namespace_gets_its_own_policies_and_agent_code(
     again = create(second)
     assert policies_of(fake_cluster, second.pod(again)) == {("Ingress",), ("Egress",)}
     assert second.cli("exec", again, "true").returncode == 0
+
+
+PROBE = r"""
+ls -A /var/run/secrets /run/secrets 2>&1
+echo "--- env"; env
+echo "--- host"; hostname; id -u
+grep -E '^(CapEff|CapPrm|NoNewPrivs)' /proc/self/status
+echo "--- environ"
+for f in /proc/[0-9]*/environ; do tr '\0' '\n' < "$f" 2>/dev/null; done \
+  | grep -c 'PRIVATE KEY' || true
+echo "--- api"
+python3 - "$API" <<'PY'
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen(sys.argv[1] + "/api/v1/namespaces/jupyter-sandbox/secrets", timeout=5)
+    print("api: answered")
+except urllib.error.HTTPError as e:
+    print("api:", e.code)
+except OSError as e:
+    print("api: unreachable", e)
+PY
+"""
+
+
+def test_inside_a_pod_no_token_no_keys_no_other_secret_and_the_spec_is_fenced(
+    make_kube_service, fake_cluster
+) -> None:
+    import yaml
+
+    from jupyter_sandbox import Sandbox
+
+    service = make_kube_service(JUPYTER_SANDBOX_K8S_RUNTIME_CLASS="gvisor")
+    other = create(service)
+    server = yaml.safe_load(Path(fake_cluster.kubeconfig).read_text())["clusters"][0]
+    with Sandbox.create(timeout="5m") as sandbox:
+        out = sandbox.sh(PROBE, env={"API": server["cluster"]["server"]}).stdout
+        mounts, rest = out.split("--- env\n")
+        env, rest = rest.split("--- host\n")
+        host, rest = rest.split("--- environ\n")
+        environ, api = rest.split("--- api\n")
+        assert "kubernetes.io" not in mounts, mounts
+        assert "PRIVATE KEY" not in env and "BEGIN" not in env, env
+        assert "JUPYTER_SANDBOX_AGENT" not in env, env
+        lines = host.split()
+        assert lines[0] == sandbox.id and lines[1] != "0", host
+        assert "CapEff:\t0000000000000000" in host and "NoNewPrivs:\t1" in host, host
+        assert environ.strip() == "0", "a process's environment holds a private key"
+        # No token: the API server does not hand out another sandbox's Secret.
+        assert api.strip() in ("api: 401", "api: 403") or "unreachable" in api, api
+        spec = service.pod(sandbox.id)["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["runtimeClassName"] == "gvisor"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    [container] = spec["containers"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert not [v for v in spec["volumes"] if "secret" in v or "projected" in v]
+    assert all(
+        "secretKeyRef" not in str(e)
+        or e["valueFrom"]["secretKeyRef"]["key"] in ("agent-cert", "agent-key", "service-cert")
+        for e in container["env"]
+    )
+    assert other != sandbox.id
+
+
+def test_a_secret_of_another_name_claiming_a_sandbox_is_not_trusted_after_a_restart(
+    make_kube_service,
+) -> None:
+    from jupyter_sandbox.backends.kubernetes.objects import secret
+    from jupyter_sandbox.backends.tls import SandboxCredentials
+
+    service = make_kube_service()
+    victim = create(service)
+    service.cli("exec", victim, "sh", "-c", "echo precious > notes.txt")
+    # Someone who may create Secrets in the namespace makes one with the sandbox's labels,
+    # its record, and TLS pairs of their own (listed after the sandbox's own Secret).
+    pairs = SandboxCredentials.generate(victim)
+    keys = {
+        "agent-cert": pairs.agent_cert,
+        "agent-key": pairs.agent_key,
+        "service-cert": pairs.service_cert,
+        "service-key": pairs.service_key,
+        "record": service.secret_key(victim, "record"),
+    }
+    forged = secret(service.instance, victim, keys, None)
+    forged["metadata"]["name"] = "zz-forged"
+    service.create_object("secrets", forged)
+    try:
+        service.kill()
+        service.start()
+        # The sandbox is still reached with its own pairs, its files intact.
+        done = service.cli("exec", victim, "cat", "notes.txt", check=False)
+        assert done.returncode == 0 and done.stdout == "precious\n", done.stderr
+    finally:
+        service.cluster.delete("secrets", "zz-forged")

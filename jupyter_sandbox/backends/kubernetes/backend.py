@@ -644,6 +644,17 @@ class KubernetesBackend:
             sandbox_id = body["metadata"].get("labels", {}).get(objects.SANDBOX)
             if not sandbox_id:
                 continue
+            if body["metadata"]["name"] != objects.secret_name(sandbox_id):
+                # Only the sandbox's own Secret speaks for it: another one with its labels
+                # (made by someone else) must not give it other TLS pairs or a record.
+                log.warning(
+                    "Secret %s claims sandbox %s but is not its Secret %s: ignored (delete "
+                    "it, or remove its jupyter-sandbox labels)",
+                    body["metadata"]["name"],
+                    sandbox_id,
+                    objects.secret_name(sandbox_id),
+                )
+                continue
             self.secrets.add(sandbox_id)
             pairs = pairs_of(body)
             if pairs is not None:
