@@ -13,6 +13,7 @@ making `--requests` requests each burst, read from the hub's log.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,7 +42,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--users", type=int, default=50)
     args = parser.parse_args()
-    hub = start_token_hub(Path(tempfile.mkdtemp(prefix="jsb-bench-hub-")))
+    base = Path(tempfile.mkdtemp(prefix="jsb-bench-hub-"))
+    hub = start_token_hub(base)
     try:
         names = [f"bench{i}" for i in range(args.users)]
         hub.api("POST", "users", json={"usernames": names})
@@ -85,6 +87,7 @@ def main() -> None:
             asked = hub.log.count("GET /hub/api/user (") - before
     finally:
         hub.stop()
+        shutil.rmtree(base, ignore_errors=True)
     print(f"GET /v1/usage, cached token:      {cached:6.2f} ms median")
     print(f"GET /v1/usage, new token (hub):   {new:6.2f} ms median")
     print(f"GET /v1/usage, Unix socket:       {unix:6.2f} ms median")

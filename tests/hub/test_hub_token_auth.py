@@ -63,6 +63,9 @@ def token_hub() -> Iterator[TokenHub]:
         yield hub
     finally:
         hub.stop()
+        kept = Path(tempfile.gettempdir()) / "jupyter-sandbox-tests-tokenhub.log"
+        shutil.copy(base / "hub.log", kept)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

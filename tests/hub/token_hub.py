@@ -129,14 +129,15 @@ class TokenHub:
         self.api("DELETE", f"users/{user}/tokens/{token_id}")
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(self.base / "jupyterhub_config.py")],
-            cwd=self.base,
-            env={**os.environ, "JUPYTERHUB_CRYPT_KEY": ""},
-            stdout=open(self.base / "hub.log", "ab"),  # noqa: SIM115  (the child holds it)
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.base / "hub.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(self.base / "jupyterhub_config.py")],
+                cwd=self.base,
+                env={**os.environ, "JUPYTERHUB_CRYPT_KEY": ""},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
         def up() -> bool:
             if self.proc.poll() is not None:
