@@ -60,12 +60,12 @@ def explain(pod: dict | None, memory: int | None, home: str, deleted_by_us: bool
     gone = "its home was an emptyDir volume and is gone with the pod: no files are kept"
     kept = gone if home == "emptydir" else "its home is kept on its PersistentVolumeClaim"
     if pod is None or pod["metadata"].get("deletionTimestamp"):
-        name = pod["metadata"]["name"] if pod else "its pod"
+        which = f"its pod {pod['metadata']['name']}" if pod else "its pod"
         who = "by this service" if deleted_by_us else "behind the service's back"
         status = (pod or {}).get("status") or {}
         if status.get("reason") == "Evicted":
             return f"its pod was evicted ({status.get('message') or 'node pressure'}); {kept}"
-        return f"its pod {name} was deleted {who} (kubectl delete, a node drain...); {kept}"
+        return f"{which} was deleted {who} (kubectl delete, a node drain...); {kept}"
     status = pod.get("status") or {}
     if status.get("reason") == "Evicted":
         return f"its pod was evicted ({status.get('message') or 'node pressure'}); {kept}"
