@@ -5,8 +5,10 @@ the real CLI and client, each test checking that nothing of it is left behind.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -237,14 +239,19 @@ def test_service_killed_while_a_create_waits_for_its_pod_leaves_nothing(
 
 
 def test_start_with_no_cluster_says_so_and_what_to_do(tmp_path: Path, fake_cluster) -> None:
-    """A missing kubeconfig and an API server that does not answer: the service does not
-    start, and says why and what to do."""
-    cases = {
-        "missing": (str(tmp_path / "no-such-kubeconfig"), "KUBECONFIG"),
-        "unreachable": (str(unreachable_kubeconfig(tmp_path)), "cannot be reached"),
-    }
-    for name, (kubeconfig, said) in cases.items():
-        service = KubeService(fake_cluster, tmp_path / name, {"KUBECONFIG": kubeconfig})
+    """A missing kubeconfig, an API server that does not answer, bad settings, no
+    permission: the service does not start, and says why and what to do."""
+    settings = [
+        ({"KUBECONFIG": str(tmp_path / "no-such-kubeconfig")}, "set KUBECONFIG"),
+        ({"KUBECONFIG": str(unreachable_kubeconfig(tmp_path))}, "cannot be reached"),
+        # Bad settings, and a namespace the service's Role does not cover (403).
+        ({"JUPYTER_SANDBOX_K8S_NAMESPACE": "Bad_Name"}, "not a valid Kubernetes name"),
+        ({"JUPYTER_SANDBOX_K8S_IMAGE": "python 3"}, "is not an image name"),
+        ({"JUPYTER_SANDBOX_K8S_HOME": "nfs"}, "expected one of emptydir, pvc"),
+        ({"JUPYTER_SANDBOX_K8S_NAMESPACE": "elsewhere"}, "Give its service account the Role"),
+    ]
+    for number, (env, said) in enumerate(settings):
+        service = KubeService(fake_cluster, tmp_path / f"setting-{number}", env)
         with pytest.raises(AssertionError, match="the service exited at start") as failed:
             service.start()
         assert said in str(failed.value), str(failed.value)[-2000:]
@@ -288,3 +295,49 @@ def test_second_service_of_the_same_instance_is_refused(
             second.start()
     finally:
         second.stop()
+
+
+def test_kill_while_the_api_server_hangs_removes_everything_once_it_is_back(
+    make_kube_service, fake_cluster
+) -> None:
+    service = make_kube_service()
+    sandbox = create(service)
+    fake_cluster.outage(4, mode="hang")
+    done = service.cli("kill", sandbox, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = service.cli("list", "--json")
+    assert sandbox not in listed.stdout
+    wait_for(lambda: not service.leftovers(), 40, message="its objects to go")
+    # The service still serves: a new sandbox starts.
+    assert service.cli("exec", create(service), "true").returncode == 0
+
+
+def test_damaged_record_in_a_secret_is_adopted_as_failed_kept_and_killable(
+    make_kube_service,
+) -> None:
+    service = make_kube_service()
+    sandbox = create(service)
+    other = create(service)
+    damaged = base64.b64encode(b'{"id": "' + other.encode() + b'", "status": ').decode()
+
+    def damage() -> None:
+        service.kill()
+        service.patch_object("secrets", f"jsb-{sandbox}", {"data": {"record": damaged}})
+
+    # The service's database still knows the sandbox: it keeps serving.
+    damage()
+    service.start()
+    assert service.cli("exec", sandbox, "true").returncode == 0
+    # A new service pod with a fresh disk has only the records.
+    damage()
+    database = Path(service.env["JUPYTER_DATA_DIR"]) / "sandbox" / "state.sqlite3"
+    assert database.exists()
+    shutil.rmtree(database.parent)
+    service.start()
+    # The other sandbox serves; the damaged one is known, failed, saying why and what to do.
+    assert service.cli("exec", other, "true").returncode == 0
+    done = service.cli("exec", sandbox, "true", check=False)
+    assert done.returncode != 0 and "kill" in done.stderr, done.stderr
+    assert service.secret_key(sandbox, "record-unreadable") == base64.b64decode(damaged)
+    service.cli("kill", sandbox)
+    wait_for(lambda: not service.leftovers_of(sandbox), 20, message="its objects to go")
