@@ -201,6 +201,8 @@ def test_pod_deleted_behind_the_service_while_a_command_streams(make_kube_servic
     ) as streaming:
         assert streaming.stdout.readline() == "started\n"
         pod = service.pod(sandbox)["metadata"]["name"]
+        # Its watch is expired (410: listed again) as the pod goes.
+        service.cluster.expire_watches()
         service.cluster.delete("pods", pod, grace=0)
         _, stderr = streaming.communicate(timeout=30)
     assert streaming.returncode != 0 and "connection ended" in stderr, stderr
@@ -246,8 +248,6 @@ def test_start_with_no_cluster_says_so_and_what_to_do(tmp_path: Path, fake_clust
         ({"KUBECONFIG": str(unreachable_kubeconfig(tmp_path))}, "cannot be reached"),
         # Bad settings, and a namespace the service's Role does not cover (403).
         ({"JUPYTER_SANDBOX_K8S_NAMESPACE": "Bad_Name"}, "not a valid Kubernetes name"),
-        ({"JUPYTER_SANDBOX_K8S_IMAGE": "python 3"}, "is not an image name"),
-        ({"JUPYTER_SANDBOX_K8S_HOME": "nfs"}, "expected one of emptydir, pvc"),
         ({"JUPYTER_SANDBOX_K8S_NAMESPACE": "elsewhere"}, "Give its service account the Role"),
     ]
     for number, (env, said) in enumerate(settings):
@@ -287,7 +287,6 @@ def test_second_service_of_the_same_instance_is_refused(
     make_kube_service, fake_cluster, tmp_path: Path
 ) -> None:
     first = make_kube_service()
-    create(first)
     second = KubeService(fake_cluster, tmp_path / "second", {})
     second.env["JUPYTER_SANDBOX_K8S_INSTANCE"] = second.instance = first.instance
     try:
@@ -315,21 +314,15 @@ def test_kill_while_the_api_server_hangs_removes_everything_once_it_is_back(
 def test_damaged_record_in_a_secret_is_adopted_as_failed_kept_and_killable(
     make_kube_service,
 ) -> None:
+    """A record that does not parse, on a fresh disk (a new service pod: only the
+    records are left). With its database the service takes the sandbox from there."""
     service = make_kube_service()
     sandbox = create(service)
     other = create(service)
     damaged = base64.b64encode(b'{"id": "' + other.encode() + b'", "status": ').decode()
 
-    def damage() -> None:
-        service.kill()
-        service.patch_object("secrets", f"jsb-{sandbox}", {"data": {"record": damaged}})
-
-    # The service's database still knows the sandbox: it keeps serving.
-    damage()
-    service.start()
-    assert service.cli("exec", sandbox, "true").returncode == 0
-    # A new service pod with a fresh disk has only the records.
-    damage()
+    service.kill()
+    service.patch_object("secrets", f"jsb-{sandbox}", {"data": {"record": damaged}})
     database = Path(service.env["JUPYTER_DATA_DIR"]) / "sandbox" / "state.sqlite3"
     assert database.exists()
     shutil.rmtree(database.parent)
