@@ -312,11 +312,6 @@ def test_owner_and_labels_name_the_kernel_and_notebook(start_kernel) -> None:
     assert "this kernel" in kernel.ok("%sandbox list").stdout
 
 
-@pytest.mark.xfail_on(
-    "kubernetes",
-    strict=False,
-    reason="a race: a request right after the pod's agent dies may say ended, not failed",
-)
 def test_a_failed_sandbox_says_why_and_restarts_with_its_files(service_env, kernel: Kernel):
     """The host kills a cell's sandbox's agent: the next cell is refused with the reason and
     the magics that help, `%sandbox list` shows it failed, `%sandbox restart` brings it back."""

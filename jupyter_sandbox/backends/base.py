@@ -145,13 +145,19 @@ class Backend(Records, Protocol):
         ...
 
     async def failure(
-        self, runtime: Runtime, memory: int | None = None, service_was_down: bool = False
+        self,
+        runtime: Runtime,
+        memory: int | None = None,
+        service_was_down: bool = False,
+        agent_lost: bool = False,
     ) -> str | None:
         """Why the sandbox can no longer serve, in words for its user; None while it can.
 
         Called for every running sandbox every few seconds: no request to the agent.
         `memory` is its memory limit in bytes, to name when it ran out of memory;
-        `service_was_down` says the end happened while no service ran.
+        `service_was_down` says the end happened while no service ran; `agent_lost` says
+        a request found the agent unreachable just now: a backend whose view of the
+        sandbox lags waits a bounded moment for it rather than answer None too early.
         """
         ...
 

@@ -709,7 +709,11 @@ class LocalBackend:
         return bool(runtime.pid_start) and _start_time(runtime.pid, True) == runtime.pid_start
 
     async def failure(
-        self, runtime: Runtime, memory: int | None = None, service_was_down: bool = False
+        self,
+        runtime: Runtime,
+        memory: int | None = None,
+        service_was_down: bool = False,
+        agent_lost: bool = False,
     ) -> str | None:
         """Why the sandbox can no longer serve, in words; None while it can.
 
@@ -718,7 +722,8 @@ class LocalBackend:
         processes of the user's still running, or the host restarted since it started.
         Cheap enough for every sandbox every few seconds: no request to the agent.
         `memory` is the sandbox's memory limit, named when it ran out of memory;
-        `service_was_down` says the end happened while no service ran.
+        `service_was_down` says the end happened while no service ran. Its view never
+        lags (`agent_lost` changes nothing): a refused socket is seen at once.
         """
         if self.serving(runtime):
             return None

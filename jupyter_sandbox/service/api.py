@@ -232,7 +232,7 @@ async def _failed_instead(request: web.Request, error: SandboxExpired) -> Sandbo
     A call that finds the agent gone is often the first to notice a failure."""
     manager: Manager = request.app["manager"]
     live = manager.find(request.match_info.get("ref", ""), request.get("caller"))
-    if live is not None and await manager.check(live):
+    if live is not None and await manager.check(live, agent_lost=True):
         return SandboxFailed(failed_message(live.record))
     return error
 

@@ -257,10 +257,13 @@ class Manager:
             await self._serve_files(live)
         return live
 
-    async def check(self, live: Live) -> bool:
-        """Fail a running sandbox now if it can no longer serve; True if it has failed."""
+    async def check(self, live: Live, agent_lost: bool = False) -> bool:
+        """Fail a running sandbox now if it can no longer serve; True if it has failed.
+        `agent_lost`: a request found its agent unreachable just now."""
         if live.record.status == RUNNING:
-            reason = await self.backend.failure(live.runtime, _memory(live.record))
+            reason = await self.backend.failure(
+                live.runtime, _memory(live.record), agent_lost=agent_lost
+            )
             if reason is not None:
                 await self._fail(live, reason)
         return live.record.status == FAILED

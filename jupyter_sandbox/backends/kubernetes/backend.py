@@ -45,6 +45,9 @@ LIMITS_NOTE = (
 )
 PING_TIMEOUT = 10.0  # seconds a ready pod's agent has to answer
 GONE_WAIT = 15.0  # seconds halt and stop wait for a deleted pod to be gone
+# Seconds a request that found the agent unreachable waits for the watch to tell the pod's
+# end: a kubelet notices a container's exit within its 1 s relist and reports it at once.
+AGENT_LOST_WAIT = 5.0
 READ_TIMEOUT = 60.0  # seconds read_records waits for the API server
 REAP_EVERY = 600.0  # seconds between two looks for objects no record accounts for (it lists
 # every Secret of the instance: a few MB for a thousand sandboxes)
@@ -493,15 +496,23 @@ class KubernetesBackend:
         return status.ready(pod) and _same_pod(pod, runtime)
 
     async def failure(
-        self, runtime: PodRuntime, memory: int | None = None, service_was_down: bool = False
+        self,
+        runtime: PodRuntime,
+        memory: int | None = None,
+        service_was_down: bool = False,
+        agent_lost: bool = False,
     ) -> str | None:
         """Why the sandbox's pod can no longer serve, from the watch; None while it can.
 
         While the API server cannot be reached the watch keeps what it last knew, and
-        sandboxes keep serving."""
+        sandboxes keep serving. An agent just found unreachable in a pod the watch still
+        sees running: the watch gets AGENT_LOST_WAIT seconds to tell the pod's end."""
         if not runtime.pod:
             return "the service does not know its pod"
         pod = self.watch.pods.get(runtime.pod)
+        if agent_lost and not status.ended(pod) and _same_pod(pod, runtime):
+            with contextlib.suppress(asyncio.TimeoutError):
+                pod = await self.watch.wait(runtime.pod, status.ended, AGENT_LOST_WAIT)
         if pod is not None and not status.ended(pod):
             if _same_pod(pod, runtime):
                 return None
