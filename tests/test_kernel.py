@@ -489,9 +489,6 @@ def widget_state(kernel: Kernel) -> tuple[str, str, str, str]:
     return tuple(out.rstrip("\n").split("|", 3))
 
 
-@pytest.mark.xfail_on(
-    "kubernetes", strict=False, reason="a race: the log stream ends before the end is recorded"
-)
 def test_ssh_widget_follows_expiry_revocation_and_any_end(kernel: Kernel) -> None:
     """The widget's state is the truth: a TTL that runs out, `%sandbox revoke`, a kill from
     elsewhere and a deadline each show, and views lose the command; a Kill that finds

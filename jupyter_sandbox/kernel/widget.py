@@ -34,7 +34,7 @@ import anywidget
 import traitlets
 
 from .._errors import SandboxError, SandboxExpired, SandboxNotFound
-from .._models import LogEntry, SshAccess
+from .._models import LogEntry, SandboxInfo, SshAccess
 from ..client import AsyncSandbox, Sandbox
 from . import _background, _text
 from ._sandboxes import KernelSandboxes
@@ -207,12 +207,14 @@ class SshWidget(anywidget.AnyWidget):
 
     async def _follow_logs(self) -> None:
         batches = _LogBatches(self._send_lines)
+        end_reason = ""
         try:
             sandbox = await AsyncSandbox.connect(self.sandbox_id)
             async for entry in sandbox.logs(follow=True, tail=TAIL):
                 batches.add(entry)
-            with contextlib.suppress(SandboxError):
-                self._info = await sandbox.info()
+            self._info = await sandbox.info()
+        except SandboxExpired:  # its log ends once its end is recorded: say why
+            end_reason = await _ended_reason(self.sandbox_id)
         except SandboxError:
             pass
         finally:
@@ -225,7 +227,7 @@ class SshWidget(anywidget.AnyWidget):
             self.status, self.failure = "failed", self._info.failure or ""
             self._send_greeting()
         else:
-            self._ended(self._info.end_reason or "")
+            self._ended(end_reason or self._info.end_reason or "")
 
     def _send_lines(self, lines: list[list[str]], skipped: int) -> None:
         self._sent.extend(lines)
@@ -234,7 +236,19 @@ class SshWidget(anywidget.AnyWidget):
 
 def _end_reason(sandbox_id: str) -> str:
     """Why the service says a sandbox ended ("" if it does not know it)."""
-    ended = {i.id: i for i in Sandbox.list(include_ended=True)}.get(sandbox_id)
+    return _reason_of(Sandbox.list(include_ended=True), sandbox_id)
+
+
+async def _ended_reason(sandbox_id: str) -> str:
+    """As ``_end_reason``, on the kernel's event loop ("" if the service cannot say)."""
+    with contextlib.suppress(SandboxError):
+        return _reason_of(await AsyncSandbox.list(include_ended=True), sandbox_id)
+    return ""
+
+
+def _reason_of(infos: list[SandboxInfo], sandbox_id: str) -> str:
+    """Why the sandbox `sandbox_id` among `infos` ended ("" if it is not among them)."""
+    ended = {i.id: i for i in infos}.get(sandbox_id)
     return (ended.end_reason or "") if ended else ""
 
 

@@ -755,6 +755,8 @@ class Api:
                 elif tail != 0:  # the log had none of these yet: all that come
                     ask |= {"tail": None}
                 await _follow_logs(response, live, ask, watch, noted[-1]["seq"] if noted else 0)
+            if follow:  # a sandbox being stopped: its info() tells why once its log ends
+                await self.manager.end_recorded(live.record.id)
             await response.write_eof()
             return response
         finally:

@@ -51,6 +51,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENDED_KEPT_FOR = 86400.0
 HEALTH_INTERVAL = 2.0
+END_WAIT = 30.0  # seconds a followed log waits for its sandbox's end to be recorded
 POOL_RETRY = 60.0  # seconds the warm pool waits after its disk was full
 
 
@@ -644,6 +645,13 @@ class Manager:
         if record.id not in self._ending:
             self._ending[record.id] = asyncio.ensure_future(self._stop(record, runtime, reason))
         await asyncio.shield(self._ending[record.id])
+
+    async def end_recorded(self, sandbox_id: str) -> None:
+        """Once an end of the sandbox under way is recorded (at most END_WAIT seconds):
+        its followed log ends with its agent, before the end is in its record."""
+        ending = self._ending.get(sandbox_id)
+        if ending is not None:
+            await asyncio.wait({ending}, timeout=END_WAIT)
 
     async def _stop(self, record: SandboxRecord, runtime: Runtime | None, reason: str) -> None:
         try:
