@@ -15,7 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
 from tests.conftest import wait_for
 from tests.kube.conftest import running_fake_cluster
@@ -116,8 +118,6 @@ PY
 def test_inside_a_pod_no_token_no_keys_no_other_secret_and_the_spec_is_fenced(
     make_kube_service, fake_cluster
 ) -> None:
-    import yaml
-
     from jupyter_sandbox import Sandbox
 
     service = make_kube_service(JUPYTER_SANDBOX_K8S_RUNTIME_CLASS="gvisor")
@@ -334,3 +334,30 @@ def test_damaged_record_in_a_secret_is_adopted_as_failed_kept_and_killable(
     assert service.secret_key(sandbox, "record-unreadable") == base64.b64decode(damaged)
     service.cli("kill", sandbox)
     wait_for(lambda: not service.leftovers_of(sandbox), 20, message="its objects to go")
+
+
+def test_service_killed_while_a_kill_waits_for_the_api_server(
+    make_kube_service, fake_cluster
+) -> None:
+    """A kill the API server could not carry out yet, then SIGKILL: the next service does
+    not bring the sandbox back, and removes its objects."""
+    service = make_kube_service()
+    sandbox = create(service)
+    fake_cluster.outage(5, mode="refuse")
+    assert service.cli("kill", sandbox, check=False, timeout=60).returncode == 0
+    service.kill()
+    wait_for(lambda: api_answers(fake_cluster), 20, message="the API server to answer")
+    service.start()
+    assert sandbox not in service.cli("list", "--json").stdout
+    wait_for(lambda: not service.leftovers(), 40, message="its objects to go")
+
+
+def api_answers(cluster) -> bool:
+    """Does the cluster's API port accept connections (no outage in refuse mode)?"""
+    server = yaml.safe_load(Path(cluster.kubeconfig).read_text())["clusters"][0]["cluster"]
+    address = httpx.URL(server["server"])
+    try:
+        socket.create_connection((address.host, address.port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -107,6 +107,9 @@ class KubernetesBackend:
         self.settings = settings
         self.kube = kube or KubernetesSettings.from_env()
         self.sandboxes_dir = storage_dir / "sandboxes"
+        # One empty file per sandbox whose stop has not deleted everything yet: a service
+        # killed meanwhile must not adopt it again from the record its Secret still holds.
+        self.removing_dir = storage_dir / "removing"
         self.selector = objects.selector(self.kube.instance)
         # What one start of a sandbox is: a pod, or an agent-sandbox Sandbox making one.
         self.workload = agent_sandbox.RESOURCE if self.kube.mode == "agent-sandbox" else "pods"
@@ -141,6 +144,7 @@ class KubernetesBackend:
 
         self._loop = asyncio.get_running_loop()
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.removing_dir.mkdir(exist_ok=True, mode=0o700)
         try:
             configuration = await api_configuration()
         except ConfigException as e:
@@ -441,10 +445,9 @@ class KubernetesBackend:
         pods = sorted({p["metadata"]["name"] for p in self.watch.of_sandbox(sandbox_id)})
         if runtime.pod and runtime.pod not in pods:
             pods.append(runtime.pod)
-        doomed = [("secrets", objects.secret_name(sandbox_id))]
-        doomed += [(self.workload, name) for name in pods]
-        if self.kube.home == "pvc" or runtime.home == "pvc":
-            doomed.append(("persistentvolumeclaims", objects.pvc_name(sandbox_id)))
+        doomed = self._doomed(sandbox_id, pods, runtime.home == "pvc")
+        marker = self.removing_dir / sandbox_id
+        await asyncio.to_thread(marker.touch)
         try:
             await self._delete(doomed)
         except ApiError as e:
@@ -455,6 +458,7 @@ class KubernetesBackend:
             )
             self._retry_removal(sandbox_id, doomed)
         else:
+            marker.unlink(missing_ok=True)
             await self._gone(pods)
             self.deleted_pods.difference_update(pods)
         finally:
@@ -464,6 +468,14 @@ class KubernetesBackend:
             self.generations.pop(sandbox_id, None)
             self.stopping.discard(sandbox_id)
         await asyncio.to_thread(shutil.rmtree, runtime.directory, ignore_errors=True)
+
+    def _doomed(self, sandbox_id: str, pods: list[str], pvc: bool) -> list[tuple[str, str]]:
+        """What removing a sandbox deletes: its Secret (first: its record), pods, PVC."""
+        doomed = [("secrets", objects.secret_name(sandbox_id))]
+        doomed += [(self.workload, name) for name in pods]
+        if self.kube.home == "pvc" or pvc:
+            doomed.append(("persistentvolumeclaims", objects.pvc_name(sandbox_id)))
+        return doomed
 
     async def _delete(self, doomed: list[tuple[str, str]]) -> None:
         for resource, name in doomed:
@@ -486,6 +498,7 @@ class KubernetesBackend:
             except ApiError:
                 continue
             del self.unremoved[sandbox_id]
+            (self.removing_dir / sandbox_id).unlink(missing_ok=True)
             log.info("deleted what was left of sandbox %s", sandbox_id)
 
     # -- what the watch knows ------------------------------------------------------------
@@ -650,6 +663,11 @@ class KubernetesBackend:
         except ApiError as e:
             raise self._error(e, "reading the sandboxes' records") from None
         self._listed_secrets = listed.get("items", [])
+        removing = {path.name for path in self.removing_dir.iterdir()}
+        for sandbox_id in sorted(removing):
+            pods = [p["metadata"]["name"] for p in self.watch.of_sandbox(sandbox_id)]
+            log.info("sandbox %s was killed: deleting what is left of it", sandbox_id)
+            self._retry_removal(sandbox_id, self._doomed(sandbox_id, pods, False))
         records = {}
         for body in self._listed_secrets:
             sandbox_id = body["metadata"].get("labels", {}).get(objects.SANDBOX)
@@ -665,6 +683,8 @@ class KubernetesBackend:
                     sandbox_id,
                     objects.secret_name(sandbox_id),
                 )
+                continue
+            if sandbox_id in removing:
                 continue
             self.secrets.add(sandbox_id)
             pairs = pairs_of(body)
