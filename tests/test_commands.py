@@ -15,7 +15,6 @@ from tests.conftest import wait_for
 pytestmark = [pytest.mark.unprivileged, pytest.mark.backends("local", "kubernetes")]
 
 
-@pytest.mark.xfail_on("kubernetes", reason="the pod's uid 1000 has no passwd entry: whoami fails")
 def test_create_with_options_and_run(service_env):
     with Sandbox.create(
         timeout="10m", memory="512M", cpus=1, env={"A": "1"}, labels={"course": "linux101"}

@@ -59,7 +59,6 @@ def live_session(access: SshAccess, known_hosts: Path) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.xfail_on("kubernetes", reason="the pod's uid 1000 has no passwd entry: whoami fails")
 def test_expose_ssh_lands_in_the_sandbox(sandbox, tmp_path):
     access = sandbox.expose_ssh()
     assert len(access.username) >= 22 and access.username.isalnum()

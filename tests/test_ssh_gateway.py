@@ -41,11 +41,7 @@ needs_openssh_sftp = pytest.mark.skipif(
     not HAVE_OPENSSH_SFTP and not os.environ.get("CI"),
     reason="needs sftp-server: apt-get install openssh-sftp-server",
 )
-# Legacy scp and OpenSSH's sftp-server look up the sandbox user, as whoami does.
-PASSWD_BUG = pytest.mark.xfail_on(
-    "kubernetes", reason="in a pod OpenSSH's scp and sftp-server find no user 1000"
-)
-SFTP_SERVER_KINDS = [pytest.param("openssh", marks=[needs_openssh_sftp, PASSWD_BUG]), "builtin"]
+SFTP_SERVER_KINDS = [pytest.param("openssh", marks=needs_openssh_sftp), "builtin"]
 GATEWAY_MARKS = [
     pytest.mark.skipif(os.geteuid() != 0, reason="runs as root"),
     # On CI a missing tool is a failure, not a skip: the install step must provide it.
@@ -59,9 +55,6 @@ pytestmark = [*GATEWAY_MARKS, pytest.mark.backends("local", "kubernetes")]
 # The fake kubelet's pods share the host's network namespace: there a sandbox's
 # 127.0.0.1 is the host's, so what "reaches the sandbox, not the host" cannot be told.
 SANDBOX_LOOPBACK = pytest.mark.backends("local")
-WHOAMI_BUG = pytest.mark.xfail_on(
-    "kubernetes", reason="the pod's uid 1000 has no passwd entry: whoami fails"
-)
 MiB = 1 << 20
 WAIT = 30.0
 _uids = itertools.count(1_200_100 + (os.getpid() % 1000) * 50)
@@ -407,7 +400,6 @@ def test_failed_logins_block_a_source_for_a_while() -> None:
 # -- sessions ---------------------------------------------------------------------------
 
 
-@WHOAMI_BUG
 def test_command_runs_as_sandbox_user_in_its_home(gw: Gw, token: str) -> None:
     result = run(gw.ssh(token, "whoami; pwd; hostname; echo $JSB_TEST"))
     assert result.returncode == 0, result.stderr
@@ -457,7 +449,6 @@ def test_unknown_token_is_denied(gw: Gw, token: str) -> None:
     assert gw.events == []
 
 
-@WHOAMI_BUG
 def test_public_key_is_required_when_set(gw: Gw, sandbox: Sandbox, workdir: Path) -> None:
     keys = {}
     for name in ("good", "other"):
@@ -568,7 +559,7 @@ def transfer_cases(*tools: str) -> list:
     """(tool, SFTP server) pairs: legacy `scp -O` (no SFTP) once, SFTP tools with each server."""
     cases = []
     for tool in tools:
-        kinds = [pytest.param("auto", marks=PASSWD_BUG)] if tool == "scp -O" else SFTP_SERVER_KINDS
+        kinds = ["auto"] if tool == "scp -O" else SFTP_SERVER_KINDS
         for kind in kinds:
             value, marks = (kind, ()) if isinstance(kind, str) else (kind.values[0], kind.marks)
             cases.append(pytest.param(tool, value, marks=marks, id=f"{tool}-{value}"))

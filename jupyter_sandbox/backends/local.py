@@ -42,6 +42,7 @@ from .._typed import typed
 from ..agent import protocol
 from ..agent.remote import AgentClient
 from . import failures, homes, seccomp, space
+from .accounts import account_files
 from .base import SandboxSpec
 from .cgroups import USER, Controller, Group, Limits
 from .removal import remove_tree
@@ -937,11 +938,8 @@ def write_etc(etc: Path, hostname: str) -> None:
     """The generated /etc files of a sandbox: its user, groups, hostname and hosts."""
     etc.mkdir(mode=0o755, exist_ok=True)
     os.chmod(etc, 0o755)
-    user, uid, home = protocol.SANDBOX_USER, protocol.SANDBOX_UID, protocol.SANDBOX_HOME
     files = {
-        "passwd": f"root:x:0:0:root:/root:/bin/bash\n{user}:x:{uid}:{uid}:Sandbox user:"
-        f"{home}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        "group": f"root:x:0:\n{user}:x:{uid}:\nnogroup:x:65534:\n",
+        **account_files(),
         "hostname": f"{hostname}\n",
         "hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost\n",
     }

@@ -68,6 +68,23 @@ class NotYet(Exception):
         self.reason, self.message = reason, message
 
 
+def _sub_path(volume: Path, mount: dict) -> Path:
+    """What a volumeMount's subPath binds: that file or directory of the volume (for a
+    configMap or secret, the key's file), made as an empty directory when it is missing,
+    as a kubelet does."""
+    sub_path = mount["subPath"]
+    if sub_path.startswith("/") or ".." in Path(sub_path).parts:
+        raise NotYet(
+            "CreateContainerConfigError",
+            f'volumeMount "{mount["name"]}": subPath {sub_path!r} must be a relative path '
+            "without '..'",
+        )
+    path = volume / sub_path
+    if not path.exists():
+        path.mkdir(parents=True)
+    return path
+
+
 class IpPool:
     """Unique pod IPs on loopback, handed out in turn so a freed one is reused last.
 
@@ -664,7 +681,7 @@ class Kubelet:
                 tmpfs[target] = sizes[name]
                 continue
             mounts[target] = (
-                sources[name] / mount["subPath"] if mount.get("subPath") else sources[name]
+                _sub_path(sources[name], mount) if mount.get("subPath") else sources[name]
             )
             secret_or_config = {"secret", "configMap"} & set(volumes[name])
             if mount.get("readOnly") or secret_or_config:

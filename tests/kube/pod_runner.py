@@ -126,7 +126,8 @@ def start_container(
         "/etc/passwd": IMAGE_PASSWD,
         "/etc/group": IMAGE_GROUP,
     }
-    etc_fds = {path: _data_fd(text) for path, text in etc.items()}
+    # A volume mounted over one of them (a subPath over /etc/passwd) takes its place.
+    etc_fds = {path: _data_fd(text) for path, text in etc.items() if path not in mounts}
     info_read, info_write = os.pipe()
     try:
         argv = container_argv(

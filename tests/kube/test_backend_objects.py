@@ -11,6 +11,7 @@ from jupyter_sandbox._errors import InvalidRequest
 from jupyter_sandbox.backends.cgroups import Limits
 from jupyter_sandbox.backends.kubernetes import agent_sandbox, objects, status
 from jupyter_sandbox.backends.kubernetes.config import KubernetesSettings
+from jupyter_sandbox.backends.local import write_etc
 
 pytestmark = pytest.mark.unprivileged
 
@@ -105,6 +106,24 @@ def test_volumes_and_mounts():
         "name": "home",
         "persistentVolumeClaim": {"claimName": "jsb-sb-0123456789-home"},
     }
+
+
+def test_passwd_and_group_name_uid_1000_as_on_the_local_backend(tmp_path):
+    pod = make_pod(settings=KubernetesSettings(instance="lab"))
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    accounts = objects.accounts("lab", ANCHOR)
+    for key in ("passwd", "group"):
+        mount = mounts[f"/etc/{key}"]
+        assert (mount["subPath"], mount["readOnly"]) == (key, True)
+        assert volumes[mount["name"]]["configMap"] == {"name": accounts["metadata"]["name"]}
+    assert accounts["metadata"]["name"].startswith("jupyter-sandbox-lab-accounts-")
+    assert accounts["metadata"]["ownerReferences"][0]["name"] == ANCHOR.name
+    write_etc(tmp_path, "sb-0123456789")
+    assert accounts["data"] == {key: (tmp_path / key).read_text() for key in ("passwd", "group")}
+    sandbox = [line for line in accounts["data"]["passwd"].splitlines() if ":1000:" in line]
+    assert sandbox == ["sandbox:x:1000:1000:Sandbox user:/home/sandbox:/bin/bash"]
+    assert "sandbox:x:1000:" in accounts["data"]["group"].splitlines()
 
 
 def test_options_runtime_class_image_files_only():

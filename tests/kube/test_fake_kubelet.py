@@ -333,6 +333,54 @@ def test_a_pvc_home_outlives_its_pods_and_goes_with_the_claim(fake_cluster: Fake
     run(fake_cluster, scenario)
 
 
+def test_a_sub_path_mount_binds_one_key_of_a_config_map(fake_cluster: FakeCluster) -> None:
+    ns = fake_cluster.namespace
+    shows = "import pwd; print(pwd.getpwuid(1000).pw_name, open('/etc/group').read().split())"
+    files = {"passwd": "sandbox:x:1000:1000::/home/sandbox:/bin/sh\n", "group": "sandbox:x:1000:\n"}
+
+    def with_accounts(name: str, command: list[str], sub_path: str) -> dict:
+        manifest = pod_manifest(name, command)
+        del manifest["spec"]["containers"][0]["readinessProbe"]
+        manifest["spec"]["volumes"].append({"name": "etc", "configMap": {"name": "kl-etc"}})
+        manifest["spec"]["containers"][0]["volumeMounts"] += [
+            {"name": "etc", "mountPath": "/etc/passwd", "subPath": sub_path, "readOnly": True},
+            {"name": "etc", "mountPath": "/etc/group", "subPath": "group"},
+        ]
+        return manifest
+
+    async def scenario(v1: client.CoreV1Api) -> tuple[str, dict]:
+        await prepare(v1, ns)
+        await v1.create_namespaced_config_map(ns, {"metadata": {"name": "kl-etc"}, "data": files})
+        made = await v1.create_namespaced_pod(
+            ns, with_accounts("kl-sub", ["python3", "-c", shows], "passwd")
+        )
+        events = await until(
+            v1, ns, "kl-sub", lambda _, p: p["status"].get("phase") in ("Succeeded", "Failed"),
+            made.metadata.resource_version,
+        )  # fmt: skip
+        log = await v1.read_namespaced_pod_log("kl-sub", ns)
+        assert events[-1][1]["status"]["phase"] == "Succeeded", log
+        await v1.delete_namespaced_pod("kl-sub", ns)
+        made = await v1.create_namespaced_pod(ns, with_accounts("kl-escape", ["true"], "../x"))
+
+        def refused(_: str, pod: dict) -> bool:
+            statuses = pod["status"].get("containerStatuses") or [{}]
+            return statuses[0].get("state", {}).get("waiting", {}).get("reason") == (
+                "CreateContainerConfigError"
+            )
+
+        events = await until(v1, ns, "kl-escape", refused, made.metadata.resource_version)
+        await v1.delete_namespaced_pod("kl-escape", ns, grace_period_seconds=0)
+        await v1.delete_namespaced_config_map("kl-etc", ns)
+        return log, events[-1][1]["status"]["containerStatuses"][0]["state"]["waiting"]
+
+    log, waiting = run(fake_cluster, scenario)
+    assert log == "sandbox ['sandbox:x:1000:']\n"  # each file is the key's, the rest of /etc stays
+    assert waiting["message"] == (
+        "volumeMount \"etc\": subPath '../x' must be a relative path without '..'"
+    )
+
+
 def test_owned_pods_are_collected_with_their_owner_or_without_one(
     fake_cluster: FakeCluster,
 ) -> None:

@@ -159,6 +159,7 @@ class KubernetesBackend:
             self.code = await self._ensure(
                 "configmaps", objects.agent_code(self.kube.instance, agent_sources(), self.anchor)
             )
+            await self._ensure("configmaps", objects.accounts(self.kube.instance, self.anchor))
             for policy in (objects.ingress_policy, objects.no_egress_policy):
                 await self._ensure("networkpolicies", policy(self.kube.instance, self.anchor))
             if self.workload != "pods":

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ...agent import protocol
+from ..accounts import account_files
 from ..cgroups import Limits
 from .config import KubernetesSettings
 
@@ -122,11 +123,16 @@ def anchor_config_map(instance: str) -> dict:
     }
 
 
-def agent_code_name(instance: str, sources: dict[str, str]) -> str:
+def _digest(files: dict[str, str]) -> str:
+    """12 hex digits naming `files`' contents (a changed file gets a new object)."""
     digest = hashlib.sha256()
-    for name in sorted(sources):
-        digest.update(f"{name}\0{len(sources[name])}\0{sources[name]}".encode())
-    return shared_name(instance, f"agent-{digest.hexdigest()[:12]}")
+    for name in sorted(files):
+        digest.update(f"{name}\0{len(files[name])}\0{files[name]}".encode())
+    return digest.hexdigest()[:12]
+
+
+def agent_code_name(instance: str, sources: dict[str, str]) -> str:
+    return shared_name(instance, f"agent-{_digest(sources)}")
 
 
 def agent_code(instance: str, sources: dict[str, str], anchor: Anchor) -> dict:
@@ -136,6 +142,22 @@ def agent_code(instance: str, sources: dict[str, str], anchor: Anchor) -> dict:
         "kind": "ConfigMap",
         "metadata": metadata(agent_code_name(instance, sources), instance_labels(instance), anchor),
         "data": dict(sources),
+    }
+
+
+def accounts_name(instance: str) -> str:
+    return shared_name(instance, f"accounts-{_digest(account_files())}")
+
+
+def accounts(instance: str, anchor: Anchor) -> dict:
+    """The passwd and group files naming uid 1000 `sandbox`, as the local backend's
+    (an image such as python:3.12-slim has no user 1000); each pod mounts them over
+    /etc/passwd and /etc/group."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(accounts_name(instance), instance_labels(instance), anchor),
+        "data": account_files(),
     }
 
 
@@ -240,6 +262,10 @@ def pod(
             {"name": "home", "mountPath": HOME},
             {"name": "state", "mountPath": STATE},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(
+                {"name": "accounts", "mountPath": f"/etc/{key}", "subPath": key, "readOnly": True}
+                for key in account_files()
+            ),
         ],
         "workingDir": HOME,
     }
@@ -265,6 +291,7 @@ def pod(
             home,
             {"name": "state", "emptyDir": {"medium": "Memory"}},
             {"name": "tmp", "emptyDir": {}},
+            {"name": "accounts", "configMap": {"name": accounts_name(settings.instance)}},
         ],
     }
     if settings.runtime_class:
