@@ -22,6 +22,11 @@ def test_create_with_options_and_run(service_env):
         result = sb.sh("echo $A; whoami; pwd; hostname")
         assert result.stdout.split() == ["1", "sandbox", "/home/sandbox", sb.id]
         assert result.exit_code == 0 and result.stderr == ""
+        user = sb.sh("id; getent passwd sandbox; getent group sandbox").stdout
+        assert user == (
+            "uid=1000(sandbox) gid=1000(sandbox) groups=1000(sandbox)\n"
+            "sandbox:x:1000:1000:Sandbox user:/home/sandbox:/bin/bash\nsandbox:x:1000:\n"
+        )
         info = sb.info()
         assert info.labels == {"course": "linux101"}
         assert info.limits["memory"] == 512 * 1024 * 1024 and info.limits["cpus"] == 1
