@@ -361,3 +361,42 @@ def api_answers(cluster) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_service_killed_during_the_restart_of_a_failed_pvc_sandbox_keeps_its_files(
+    make_kube_service, fake_cluster
+) -> None:
+    service = make_kube_service(JUPYTER_SANDBOX_K8S_HOME="pvc")
+    sandbox = create(service)
+    service.cli("exec", sandbox, "sh", "-c", "echo precious > notes.txt")
+    service.cluster.delete("pods", service.pod(sandbox)["metadata"]["name"], grace=0)
+    wait_for(
+        lambda: service.cli("exec", sandbox, "true", check=False).returncode != 0,
+        20,
+        message="the sandbox to fail",
+    )
+    cpu = fake_cluster.node()["cpu"]
+    fake_cluster.node(cpu="0")  # the restarted pod stays Pending
+    try:
+        command = [sys.executable, "-m", "jupyter_sandbox", "restart", sandbox]
+        with subprocess.Popen(
+            command, env={**os.environ, **service.env}, stdout=subprocess.DEVNULL
+        ) as restarting:
+            wait_for(
+                lambda: [
+                    p
+                    for p in service.of_sandbox("pods", sandbox)
+                    if p["metadata"]["name"].endswith("-1")
+                ],
+                20,
+                message="the restart's pod",
+            )
+            service.kill()
+            restarting.wait(30)
+    finally:
+        fake_cluster.node(cpu=f"{cpu}m")
+    service.start()
+    assert service.of_sandbox("persistentvolumeclaims", sandbox)
+    if service.cli("exec", sandbox, "true", check=False).returncode != 0:
+        service.cli("restart", sandbox)
+    assert service.cli("exec", sandbox, "cat", "notes.txt").stdout == "precious\n"
