@@ -9,7 +9,7 @@ is left.
 The service runs on the local backend unless a test module opts in to more with
 ``pytestmark = pytest.mark.backends("local", "kubernetes")`` (a test narrows that with
 its own ``backends`` mark); such tests run once per backend, ``[local]`` and
-``[kubernetes]`` in their ids, and ``--backend NAME`` runs one backend's only. The
+``[kubernetes]`` in their ids; ``--backend NAME`` leaves out the other backend's. The
 kubernetes half uses the fake cluster of tests/kube, or a real one (tests/backend_fixtures.py
 says when); its leak checks look at the cluster's objects and the pods' processes.
 """
@@ -102,13 +102,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("backend", params, indirect=True, scope="session")
 
 
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by backend
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`--backend` deselects the other backends' tests; `xfail_on` marks known bugs."""
+    """`--backend` deselects the other backends' tests; `xfail_on` marks known bugs; the
+    kubernetes half runs last: while its service runs, the environment names the cluster,
+    and a test that starts a service of its own from that environment must not be
+    among them."""
     chosen = config.getoption("backend")
     keep, drop = [], []
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        backend = callspec.params.get("backend") if callspec else None
+        backend = _backend_of(item)
         for bug in item.iter_markers("xfail_on"):
             if bug.args[0] == backend:
                 strict = bug.kwargs.get("strict", True)  # False only for a race's bug
@@ -116,7 +119,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (drop if chosen and backend is not None and backend not in chosen else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    items[:] = sorted(keep, key=lambda item: _backend_of(item) == "kubernetes")
+
+
+def _backend_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("backend") if callspec else None
 
 
 def wait_for(
@@ -203,7 +211,6 @@ class ServiceEnv:
         self.base = base
         self.storage = storage
         self.cluster = cluster
-        self.backend = "kubernetes" if cluster else "local"
         self.kube = None  # the kubernetes instance's objects and processes
         self.pods = PodProcesses(cluster) if cluster else None
         self.env = {
