@@ -32,8 +32,9 @@ class SandboxExpired(SandboxError):
 
 
 class SandboxFailed(SandboxError):
-    """The sandbox ended unexpectedly (out of memory, killed, host restart); its files are
-    kept until its deadline or a kill: download them, ``restart()`` it, or ``kill()`` it."""
+    """The sandbox ended unexpectedly (out of memory, killed, host restart): ``restart()``
+    it or ``kill()`` it. Its files are kept until its deadline or a kill (download them)
+    unless the message says they are not (kubernetes with an emptyDir home)."""
 
     status = 409
 

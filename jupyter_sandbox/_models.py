@@ -23,6 +23,10 @@ class CommandResult:
         return self.exit_code == 0
 
 
+#: How to have a failed sandbox's files kept where a failure loses them (kubernetes).
+KEEP_HOMES = "set JUPYTER_SANDBOX_K8S_HOME=pvc on the service to keep homes across failures"
+
+
 @dataclass(frozen=True)
 class SandboxInfo:
     """A sandbox as listed by the service."""
@@ -47,6 +51,9 @@ class SandboxInfo:
     user: str = ""  # the OS user who created it
     uid: int = -1  # their uid (-1: a service too old to say)
     recording: bool = False  # its terminal sessions over SSH are recorded
+    # Its files outlive a failure (a failed one's are there until its deadline or a kill);
+    # False: a failure loses its home (kubernetes with an emptyDir home).
+    files_kept: bool = True
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SandboxInfo:

@@ -119,3 +119,27 @@ def test_every_backend_has_what_the_service_uses(backend_class: type, tmp_path: 
         assert list(inspect.signature(method).parameters) == list(
             inspect.signature(declared).parameters
         ), member
+
+
+def runtime_classes() -> list[type]:
+    from jupyter_sandbox.backends.local import Runtime
+
+    try:
+        from jupyter_sandbox.backends.kubernetes.backend import PodRuntime
+    except ModuleNotFoundError:
+        return [Runtime]
+    return [Runtime, PodRuntime]
+
+
+@pytest.mark.unprivileged
+@pytest.mark.parametrize("runtime_class", runtime_classes(), ids=lambda c: c.__name__)
+def test_every_runtime_has_what_the_service_reads(runtime_class: type) -> None:
+    """What base.Runtime declares (e.g. whether its files survive a failure), each backend's
+    runtime has: as a field or a property, and to_json."""
+    import dataclasses
+
+    from jupyter_sandbox.backends import base
+
+    fields = {f.name for f in dataclasses.fields(runtime_class)}
+    for member in protocol_members(base.Runtime):
+        assert member in fields or hasattr(runtime_class, member), member

@@ -249,6 +249,10 @@ def test_a_failed_sandbox_shows_its_state_and_reason(service_env: ServiceEnv):
             line for line in cli("info", sb.id).stdout.splitlines() if line[:6] == "status"
         )
         assert status.split(None, 1)[1].startswith(f"failed: {reason}") and "s ago)" in status
+        info = cli("info", sb.id).stdout.splitlines()
+        files = next(line for line in info if line.startswith("files"))
+        assert "kept until its deadline or a kill" in files and "not kept" not in files
         listed = next(s for s in json.loads(cli("list", "--json").stdout) if s["id"] == sb.id)
         assert listed["status"] == "failed" and reason in listed["failure"]
+        assert listed["files_kept"] is True  # local, and kubernetes with a PVC home
         assert listed["failed_at"] <= time.time()

@@ -325,7 +325,11 @@ def test_a_failed_sandbox_says_why_and_restarts_with_its_files(service_env, kern
     assert "%sandbox restart default" in reply.error.text
     listed = kernel.ok("%sandbox list").stdout
     assert "failed" in listed and reason in listed
-    assert "failed:   its agent was killed" in kernel.ok("%sandbox info").stdout
+    shown = kernel.ok("%sandbox info").stdout
+    assert "failed:   its agent was killed" in shown
+    assert "its files are kept: `%sandbox download`" in shown and "not kept" not in shown
+    assert sandbox_of(kernel).files_kept is True  # local, and kubernetes with a PVC home
+    assert "%sandbox download --sandbox default" in reply.error.text
     assert "running again" in kernel.ok("%sandbox restart default").stdout
     assert kernel.ok("%%sandbox\ncat work.txt").stdout == "kept\n"
 

@@ -53,6 +53,11 @@ class Runtime(Protocol):
     limits_note: str | None
     #: What the sandbox's info says about its syscall filter (e.g. "seccomp: ...").
     syscall_filter: str
+    #: Do its files outlive a failure (its processes killed, out of memory, its pod gone)
+    #: until its deadline or a kill? The local backend: always; kubernetes: only with a
+    #: PersistentVolumeClaim home (JUPYTER_SANDBOX_K8S_HOME=pvc), as an emptyDir home
+    #: goes with its pod. The service tells users so when the sandbox fails.
+    files_survive_failure: bool
 
     def to_json(self) -> str:
         """The runtime as JSON text, read back by `Backend.runtime`."""

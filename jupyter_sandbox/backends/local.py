@@ -148,6 +148,10 @@ class Runtime:
     def socket(self) -> str:
         return os.path.join(self.directory, protocol.AGENT_SOCKET)
 
+    @property
+    def files_survive_failure(self) -> bool:
+        return True  # its home is a directory of the host's, which a failure leaves alone
+
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
 

@@ -23,7 +23,7 @@ from .. import __version__
 from .._config import BACKENDS, Paths, Settings
 from .._durations import format_relative, format_size, format_size_down, format_span
 from .._errors import CommandError, SandboxError, SandboxExpired, SandboxNotFound
-from .._models import SandboxInfo
+from .._models import KEEP_HOMES, SandboxInfo
 from .._ssh_config import HOST_ALIAS, temporary_ssh_config
 from ..client import Sandbox
 from . import tunnel
@@ -280,6 +280,7 @@ SANDBOX_FIELDS = (
     "ended_at",
     "end_reason",
     "recording",
+    "files_kept",
 )
 INFO_FIELDS = ("limits_note", "syscall_filter", "usage")
 USAGE_FIELDS = ("user", "uid", "instructor", "mode", "quota", "source", "usage")
@@ -388,12 +389,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("owner", info.owner or "-"),
         ("usage", _usage(info.usage)),
     ]
+    if info.status == "failed":
+        lines.append(("files", _files_after_failure(info)))
     if info.limits_note:
         lines.append(("note", info.limits_note))
     if info.syscall_filter:
         lines.append(("syscalls", info.syscall_filter))
     print_table(lines)
     return 0
+
+
+def _files_after_failure(info: SandboxInfo) -> str:
+    """What became of a failed sandbox's files, and the ways out."""
+    ref = info.id
+    if info.files_kept:
+        return (
+            f"kept until its deadline or a kill: `jupyter-sandbox download {ref} ...`, "
+            f"`jupyter-sandbox restart {ref}` or `jupyter-sandbox kill {ref}`"
+        )
+    return (
+        f"not kept: `jupyter-sandbox restart {ref}` starts it with an empty home, or "
+        f"`jupyter-sandbox kill {ref}`; {KEEP_HOMES}"
+    )
 
 
 def _lifetime(info: SandboxInfo) -> str:

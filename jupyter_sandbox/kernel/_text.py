@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from .._durations import format_duration
 from .._durations import format_size as size
-from .._models import SandboxInfo, SshAccess
+from .._models import KEEP_HOMES, SandboxInfo, SshAccess
 
 PROGRESS_THRESHOLD = 4 * 1024 * 1024  # transfers smaller than this show no bar
 
@@ -32,8 +32,10 @@ def state(info: SandboxInfo) -> str:
     """Its lifetime while it runs; why it failed (and how long its files stay) or ended."""
     if info.status == "running":
         return lifetime(info)
-    if info.status == "failed":
+    if info.status == "failed" and info.files_kept:
         return f"{info.failure}; files kept, {lifetime(info)}"
+    if info.status == "failed":
+        return f"{info.failure}; files not kept (a restart starts with an empty home)"
     return info.end_reason or ""
 
 
@@ -55,12 +57,14 @@ def info_text(local_name: str, info: SandboxInfo) -> str:
         f"  limits:   {limits}",
     ]
     if info.status == "failed":
-        lines.insert(
-            1,
-            f"  failed:   {info.failure} (at {clock(info.failed_at or 0)}); its files are "
-            f"kept: `%sandbox download`, `%sandbox restart {local_name}` or "
-            f"`%sandbox kill {local_name}`",
+        kept = (
+            "its files are kept: `%sandbox download`, "
+            f"`%sandbox restart {local_name}` or `%sandbox kill {local_name}`"
+            if info.files_kept
+            else f"its files are not kept: `%sandbox restart {local_name}` starts it with an "
+            f"empty home, or `%sandbox kill {local_name}`; {KEEP_HOMES}"
         )
+        lines.insert(1, f"  failed:   {info.failure} (at {clock(info.failed_at or 0)}); {kept}")
     if info.limits_note:
         lines.append(f"  note:     {info.limits_note}")
     usage = info.usage or {}

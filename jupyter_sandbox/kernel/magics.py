@@ -371,6 +371,14 @@ CELL_PARSER, LINE_PARSER, SSH_PARSER = _cell_parser(), _line_parser(), _ssh_pars
 # -- errors and output ------------------------------------------------------------------
 
 
+def _files_kept(sandbox: Sandbox) -> bool:
+    """Are the files of a sandbox that just failed still there? (Yes, if it cannot tell.)"""
+    try:
+        return sandbox.info().files_kept
+    except SandboxError:
+        return True
+
+
 def _concise(error: BaseException, text: str | None = None) -> BaseException:
     """Make IPython show `error` as one message (`text`, else its type and message),
     without a Python traceback."""
@@ -489,9 +497,10 @@ class SandboxMagics(Magics):
             ) from None
         except SandboxFailed as e:
             name = args.name
+            download = f"`%sandbox download --sandbox {name} SRC DST`, "
             raise _concise(
                 SandboxFailed(
-                    f"{e} (here: `%sandbox download --sandbox {name} SRC DST`, "
+                    f"{e} (here: {download if _files_kept(sandbox) else ''}"
                     f"`%sandbox restart {name}` or `%sandbox kill {name}`)"
                 )
             ) from None

@@ -200,7 +200,10 @@ function render({ model, el: root }) {
     const t = truth();
     const expires = model.get("expires_at");
     const kept = expires === null ? "while its kernel runs" : `for ${duration(expires - now())}`;
-    sandboxLeft.textContent = t.state === "failed"
+    sandboxLeft.textContent = t.state === "failed" && !model.get("files_kept")
+      ? "sandbox failed: its files are not kept (Restart starts it with an empty home, or Kill;"
+        + " JUPYTER_SANDBOX_K8S_HOME=pvc on the service keeps homes across failures)"
+      : t.state === "failed"
       ? `sandbox failed: its files are kept ${kept} (download them, Restart or Kill)`
       : t.state === "unknown" ? `sandbox: ${t.detail}`
       : t.state !== "running" ? `sandbox ended: ${t.detail || t.reason || "ended"}`

@@ -59,6 +59,7 @@ class SshWidget(anywidget.AnyWidget):
     sandbox_id = traitlets.Unicode().tag(sync=True)
     status = traitlets.Unicode("running").tag(sync=True)
     failure = traitlets.Unicode().tag(sync=True)  # why it failed, while status is "failed"
+    files_kept = traitlets.Bool(True).tag(sync=True)  # its files outlive a failure
     end_reason = traitlets.Unicode().tag(sync=True)  # why it ended, once status is "ended"
     ssh_status = traitlets.Unicode("active").tag(sync=True)
     masked_command = traitlets.Unicode().tag(sync=True)
@@ -77,6 +78,7 @@ class SshWidget(anywidget.AnyWidget):
             sandbox_id=sandbox.id,
             status=info.status,
             failure=info.failure or "",
+            files_kept=info.files_kept,
             masked_command=access.masked_command,
             host_key_fingerprint=access.host_key_fingerprint,
             expires_at=info.expires_at,
@@ -225,6 +227,7 @@ class SshWidget(anywidget.AnyWidget):
             return
         if self._info.status == "failed":
             self.status, self.failure = "failed", self._info.failure or ""
+            self.files_kept = self._info.files_kept
             self._send_greeting()
         else:
             self._ended(end_reason or self._info.end_reason or "")

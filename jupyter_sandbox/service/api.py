@@ -111,6 +111,9 @@ def record_json(record: SandboxRecord, live: Live | None = None) -> dict[str, An
         "failure": record.failure,
         "failed_at": record.failed_at,
         "recording": record.recording,
+        # Its files outlive a failure (a failed one: they are there until its deadline or
+        # a kill); an ended sandbox's are gone.
+        "files_kept": live is not None and live.runtime.files_survive_failure,
     }
     if live is not None:
         data["limits_note"] = live.runtime.limits_note
@@ -233,7 +236,7 @@ async def _failed_instead(request: web.Request, error: SandboxExpired) -> Sandbo
     manager: Manager = request.app["manager"]
     live = manager.find(request.match_info.get("ref", ""), request.get("caller"))
     if live is not None and await manager.check(live, agent_lost=True):
-        return SandboxFailed(failed_message(live.record))
+        return SandboxFailed(failed_message(live))
     return error
 
 
@@ -532,7 +535,8 @@ class Api:
             if not self.manager.visible(record, caller):
                 return
             with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait({"event": event, "sandbox": record_json(record)})
+                sandbox = record_json(record, self.manager.live.get(record.id))
+                queue.put_nowait({"event": event, "sandbox": sandbox})
 
         self.manager.listeners.append(listener)
         try:
@@ -584,7 +588,7 @@ class Api:
             await self._audit(
                 request, live, f"extended by {_given(body.get('timeout'))} (deadline {deadline})"
             )
-        return web.json_response(record_json(record))
+        return web.json_response(record_json(record, live))
 
     async def renew(self, request: web.Request) -> web.Response:
         body = await _json(request, ("lease",))

@@ -167,10 +167,10 @@ class Manager:
         record.runtime = runtime.to_json()
         self.state.save(record, quiet=True)
         log.warning(
-            "sandbox %s: %s; adopted it as failed, its files are kept: download them, restart "
-            "it or kill it",
+            "sandbox %s: %s; adopted it as failed. %s",
             record.id,
             why,
+            files_after_failure(runtime),
         )
 
     async def _readopt(self, live: Live) -> None:
@@ -246,7 +246,7 @@ class Manager:
         """A sandbox that can run commands; SandboxFailed for one that failed."""
         live = self.get(ref, caller)
         if live.record.status == FAILED:
-            raise SandboxFailed(failed_message(live.record))
+            raise SandboxFailed(failed_message(live))
         return live
 
     async def files(self, ref: str, caller: Caller | None = None) -> Live:
@@ -565,7 +565,12 @@ class Manager:
             self.state.save(record, quiet=True)
         self._notify("failed", record)
         self.note(record.id, "service", f"sandbox failed: {reason}")
-        log.warning("sandbox %s failed: %s; its files are kept", record.id, reason)
+        log.warning(
+            "sandbox %s failed: %s; %s",
+            record.id,
+            reason,
+            "its files are kept" if live.runtime.files_survive_failure else "its files are gone",
+        )
 
     async def _serve_files(self, live: Live) -> None:
         """Make sure a failed sandbox has an agent serving its files (started once, kept)."""
@@ -726,12 +731,25 @@ def record_error(sandbox_id: str, error: OSError, outcome: str, storage: Path) -
     return DiskFull(text) if space.is_full(error) else SandboxError(text)
 
 
-def failed_message(record: SandboxRecord) -> str:
-    """What SandboxFailed says: which sandbox, why, and the ways out."""
+def failed_message(live: Live) -> str:
+    """What SandboxFailed says: which sandbox, why, whether its files are kept, and the
+    ways out."""
+    record = live.record
     name = repr(record.name) + (f" ({record.id})" if record.name != record.id else "")
+    return f"sandbox {name} failed: {record.failure}. {files_after_failure(live.runtime)}"
+
+
+def files_after_failure(runtime: Runtime) -> str:
+    """What became of a failed sandbox's files, and what to do, in a sentence."""
+    if runtime.files_survive_failure:
+        return (
+            "Its files are kept until its deadline or a kill: download its files, restart "
+            "it with sb.restart(), or kill it"
+        )
     return (
-        f"sandbox {name} failed: {record.failure}. Its files are kept until its deadline "
-        "or a kill: download its files, restart it with sb.restart(), or kill it"
+        "Its files are not kept: restart it with sb.restart() to start again with an empty "
+        "home, or kill it; set JUPYTER_SANDBOX_K8S_HOME=pvc on the service to keep homes "
+        "across failures"
     )
 
 

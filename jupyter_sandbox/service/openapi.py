@@ -145,6 +145,12 @@ def _schemas(bounds: Bounds) -> dict[str, Schema]:
                 "type": "boolean",
                 "description": "its SSH terminal sessions are recorded (asciicast v2)",
             },
+            "files_kept": {
+                "type": "boolean",
+                "description": "its files outlive a failure of the sandbox: a failed one's "
+                "are there until its deadline or a kill (false: a failure loses its home, a "
+                "restart starts with an empty one; false once it ended)",
+            },
         },
         SANDBOX_REQUIRED,
     )

@@ -192,7 +192,7 @@ class SshAccessManager:
                 live.agent,
                 {},
                 token_hash,
-                refusal=failed_message(live.record),
+                refusal=failed_message(live),
                 uid=token.uid,
             )
         return Target(

@@ -27,8 +27,13 @@ export interface ISandbox {
   limits: { memory?: number | null; cpus?: number | null; pids?: number | null };
   network: string;
   limits_note?: string | null;
-  /** Why a "failed" sandbox stopped, in words; its files are kept. */
+  /** Why a "failed" sandbox stopped, in words. */
   failure?: string | null;
+  /**
+   * Whether its files outlive a failure: a failed sandbox's are there until its deadline or
+   * a kill. False where a failure loses its home (kubernetes with an emptyDir home).
+   */
+  files_kept?: boolean;
   failed_at?: number | null;
   usage?: IUsage | null;
   /** The notebook of the kernel that made it, when the server had it at the time. */

@@ -17,6 +17,8 @@ import { Chart, HISTORY, IPoint } from './chart';
 import { button, h, place, setAttr, setText, setValue } from './dom';
 import {
   displayName,
+  FILES_LOST,
+  filesKept,
   formatBytes,
   formatPercent,
   remaining,
@@ -206,7 +208,9 @@ export class Card {
     setAttr(this.name, 'title', `service name: ${sandbox.name}`);
     setAttr(this.status, 'class', `jsb-status jsb-status-${sandbox.status}`);
     setText(this.status, sandbox.status);
-    setText(this.failure, failed ? (sandbox.failure ?? 'failed') : '');
+    const lost = failed && !filesKept(sandbox);
+    const why = sandbox.failure ?? 'failed';
+    setText(this.failure, !failed ? '' : lost ? `${why}. ${FILES_LOST}` : why);
     this.failure.hidden = !failed;
     this.fact('owner', context.owner, sandbox.owner);
     this.fact('user', context.user);
@@ -219,6 +223,11 @@ export class Card {
       const name = node.dataset.action ?? '';
       if (name === 'restart') {
         node.hidden = !failed;
+        const title = lost
+          ? 'Start the failed sandbox again, with an empty home: its files are not kept'
+          : 'Start the failed sandbox again, with its files';
+        setAttr(node, 'title', title);
+        setAttr(node, 'aria-label', title);
       } else if (LIVE_ACTIONS.has(name)) {
         node.disabled = failed;
       }

@@ -75,11 +75,24 @@ export function secondsLeft(sandbox: ISandbox, now = Date.now() / 1000): number 
   return sandbox.expires_at === null ? Infinity : sandbox.expires_at - now;
 }
 
+/** What to do about a failed sandbox whose files went with it. */
+export const FILES_LOST =
+  'Its files are not kept: Restart starts it with an empty home. ' +
+  'JUPYTER_SANDBOX_K8S_HOME=pvc on the service keeps homes across failures.';
+
+/** Whether a failed sandbox's files are still there (services too old to say: they are). */
+export function filesKept(sandbox: ISandbox): boolean {
+  return sandbox.files_kept ?? true;
+}
+
 /** What is left, for a place already labelled "time left": "59m 56s", "session". */
 export function remaining(sandbox: ISandbox): string {
   const failed = sandbox.status === 'failed';
   if (sandbox.status !== 'running' && !failed) {
     return sandbox.status;
+  }
+  if (failed && !filesKept(sandbox)) {
+    return 'files not kept';
   }
   if (sandbox.expires_at === null) {
     return failed ? 'files kept for the session' : 'session';

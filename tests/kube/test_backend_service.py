@@ -8,6 +8,8 @@ import base64
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from jupyter_sandbox import Sandbox, SandboxFailed, ServiceUnavailable
+from jupyter_sandbox.kernel import _text
 from tests.conftest import wait_for
 from tests.kube.conftest import FakeCluster, running_fake_cluster
 
@@ -170,8 +173,10 @@ def test_pod_deleted_behind_the_services_back_fails_and_keeps_a_pvc_home(make_ku
     failure = sb.info().failure
     assert "deleted behind the service's back" in failure
     assert "home is kept on its PersistentVolumeClaim" in failure
-    with pytest.raises(SandboxFailed, match="deleted behind the service's back"):
+    with pytest.raises(SandboxFailed, match="deleted behind the service's back") as failed:
         sb.sh("true")
+    assert "Its files are kept until its deadline" in str(failed.value)
+    assert sb.info().files_kept is True
     assert sb.fs.read_text("work.txt") == "kept on the claim\n"
     files_pod = service.pod(sb.id)
     assert files_pod["spec"]["containers"][0]["command"][-1] == "files-only"
@@ -192,6 +197,41 @@ def test_agent_killed_on_the_node_fails_the_sandbox_saying_so(kube_service_env: 
     failure = sb.info().failure
     assert "its agent was killed (SIGKILL, exit status 137)" in failure
     assert "no files are kept" in failure
+    sb.kill()
+
+
+def test_an_emptydir_home_lost_to_a_failure_is_told_as_lost(kube_service_env: KubeService):
+    """With the default emptyDir home a failed sandbox's files are gone: its info, its
+    SandboxFailed, the CLI and the magics' text say so and what to do, never "kept"."""
+    service = kube_service_env
+    sb = Sandbox.create(timeout="5m")
+    sb.fs.write_text("work.txt", "lost with the pod\n")
+    assert sb.info().files_kept is False  # what a failure would do, told before one
+    service.cluster.delete("pods", service.pod(sb.id)["metadata"]["name"])
+    wait_for(lambda: sb.info().status == "failed", 20, message="the sandbox to fail")
+    info = sb.info()
+    assert info.files_kept is False
+    with pytest.raises(SandboxFailed) as failed:
+        sb.sh("true")
+    message = str(failed.value)
+    assert "Its files are not kept" in message and "kept until" not in message
+    assert "start again with an empty home" in message
+    assert "JUPYTER_SANDBOX_K8S_HOME=pvc" in message
+    cli = subprocess.run(
+        [sys.executable, "-m", "jupyter_sandbox", "info", sb.id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    files = next(line for line in cli.splitlines() if line.startswith("files"))
+    assert "not kept" in files and "starts it with an empty home" in files, cli
+    assert "JUPYTER_SANDBOX_K8S_HOME=pvc" in files, cli
+    shown = _text.info_text("default", info)
+    assert "its files are not kept: `%sandbox restart default` starts it" in shown
+    assert "files kept" not in _text.state(info) and "files not kept" in _text.state(info)
+    sb.restart()  # as told: it runs again, with an empty home
+    assert "work.txt" not in [entry.name for entry in sb.fs.list(".")]
     sb.kill()
 
 

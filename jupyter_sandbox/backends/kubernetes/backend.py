@@ -89,6 +89,10 @@ class PodRuntime:
     limits_note: str | None = LIMITS_NOTE
     syscall_filter: str = SYSCALL_FILTER
 
+    @property
+    def files_survive_failure(self) -> bool:
+        return self.home == "pvc"  # an emptyDir home is gone with the pod
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
