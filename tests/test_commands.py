@@ -90,8 +90,16 @@ def test_keyboard_interrupt_stops_remote_command(sandbox):
     def interrupt_on_first_line(line: str) -> None:
         os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C (or a kernel interrupt) sends
 
-    with pytest.raises(KeyboardInterrupt):
-        sandbox.sh("echo started; exec sleep 300 # marker-ki", on_stdout=interrupt_on_first_line)
+    # Python's own Ctrl-C handler, also where this run inherited SIGINT ignored (as a
+    # background job of a non-interactive shell does).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sandbox.sh(
+                "echo started; exec sleep 300 # marker-ki", on_stdout=interrupt_on_first_line
+            )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     wait_for(
         lambda: "marker-ki" not in sandbox.sh("ps -eo args").stdout,
         10,
