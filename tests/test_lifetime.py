@@ -115,10 +115,6 @@ def test_extend_turns_a_session_sandbox_into_a_duration_one(service_env):
         sb.kill()
 
 
-# Not yet on kubernetes: the restarted service's sweep deletes the objects of a pool start
-# the kill interrupted but leaves its directory, which the leak check (rightly) reports
-# after this test and every later one; an xfail cannot cover that. Opt in once fixed.
-@pytest.mark.backends("local")
 def test_service_sigkill_and_restart_readopts_sandboxes(service_env):
     keeper, kept_id = start_owner(service_env, "10m", "work")
     orphan, orphan_id = start_owner(service_env)
