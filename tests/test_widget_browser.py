@@ -32,6 +32,7 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 LOG_LINES = 10_000
 
+pytest_plugins = ["tests.kube_fixtures"]
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium")
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -227,6 +228,38 @@ def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
         status.filter(has_text="running").wait_for(timeout=30_000)
         assert restart.is_hidden()
         assert {s.id: s.status for s in Sandbox.list()}[sandbox_id] == "running"
+        kill_from_widget(page)
+        status.filter(has_text="ended: killed").wait_for(timeout=30_000)
+
+
+def test_ssh_widget_says_an_emptydir_home_is_lost(make_kube_service, tmp_path: Path) -> None:
+    """On kubernetes with an emptyDir home, a sandbox whose pod is deleted lost its files:
+    the widget says they are not kept and what to do, never that they are kept."""
+    service = make_kube_service()  # default settings: emptyDir homes
+    root = tmp_path / "root"
+    root.mkdir()
+    write_notebook(root / "widget.ipynb", CELLS)
+    with jupyterlab(root, "widget.ipynb") as lab, notebook_page(lab) as page:
+        run_cells(page, 0, 1)
+        status = page.locator(".jsbw-status")
+        status.filter(has_text="running").wait_for(timeout=30_000)
+        sandbox_id = sandbox_id_of(page)
+        service.cluster.delete("pods", service.pod(sandbox_id)["metadata"]["name"])
+        status.filter(has_text="failed: its pod").wait_for(timeout=30_000)
+        left = page.locator(".jsbw-sandbox-left")
+        left.filter(has_text="its files are not kept").wait_for(timeout=30_000)
+        assert "empty home" in left.inner_text() and "JUPYTER_SANDBOX_K8S_HOME=pvc" in (
+            left.inner_text()
+        )
+        assert "its files are kept" not in page.locator(".jsbw-ssh").inner_text()
+        page.screenshot(path=ARTIFACTS / "widget-failed-emptydir.png", full_page=True)
+        page.evaluate(
+            "window.jupyterapp.commands.execute('apputils:change-theme',"
+            " {theme: 'JupyterLab Dark'})"
+        )
+        page.wait_for_function("document.body.dataset.jpThemeName === 'JupyterLab Dark'")
+        page.wait_for_selector("#jupyterlab-splash", state="detached")
+        page.screenshot(path=ARTIFACTS / "widget-failed-emptydir-dark.png", full_page=True)
         kill_from_widget(page)
         status.filter(has_text="ended: killed").wait_for(timeout=30_000)
 
