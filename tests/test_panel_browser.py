@@ -24,6 +24,7 @@ from jupyter_sandbox import Sandbox
 from tests.conftest import CHROMIUM, sandbox_pids, wait_for
 from tests.test_quotas import quota_service, started  # noqa: F401 (a fixture)
 
+pytest_plugins = ["tests.kube_fixtures"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 WAIT_MS = 30_000
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium")
@@ -503,6 +504,38 @@ def test_failed_sandbox_in_panel(page: Any, service_env: Any, tmp_path: Path) ->
     finally:
         for sandbox in [*crowd, broken]:
             sandbox.kill()
+        lab.stop()
+
+
+def test_failed_sandbox_whose_home_is_lost_in_panel(
+    page: Any, make_kube_service: Any, tmp_path: Path
+) -> None:
+    """On kubernetes with an emptyDir home, a sandbox whose pod is deleted lost its files:
+    its card says they are not kept and what to do, never "files kept". Light and dark."""
+    service = make_kube_service()  # default settings: emptyDir homes
+    lab = server(tmp_path, service, "lab")
+    lost = Sandbox.create(name="lost", timeout="10m")
+    try:
+        panel = open_panel(page, f"{lab.url}lab?token={lab.token}")
+        failed_card = card(panel, lost.id)
+        expect(failed_card).to_have_attribute("data-status", "running")
+        service.cluster.delete("pods", service.pod(lost.id)["metadata"]["name"])
+        expect(failed_card).to_have_attribute("data-status", "failed")
+        failure = lost.info().failure
+        assert failure and "no files are kept" in failure
+        told = failed_card.locator(".jsb-failure")
+        expect(told).to_contain_text(failure)
+        expect(told).to_contain_text("Restart starts it with an empty home")
+        expect(told).to_contain_text("JUPYTER_SANDBOX_K8S_HOME=pvc")
+        expect(failed_card.locator(".jsb-left")).to_have_text("files not kept")
+        restart = failed_card.locator("[data-action=restart]")
+        expect(restart).to_be_visible()
+        expect(restart).to_have_attribute("title", re.compile("with an empty home"))
+        shot(page, "failed-emptydir-light")
+        set_theme(page, "JupyterLab Dark")
+        shot(page, "failed-emptydir-dark")
+    finally:
+        lost.kill()
         lab.stop()
 
 

@@ -77,8 +77,8 @@ export function secondsLeft(sandbox: ISandbox, now = Date.now() / 1000): number 
 
 /** What to do about a failed sandbox whose files went with it. */
 export const FILES_LOST =
-  'Its files are not kept: Restart starts it with an empty home. ' +
-  'JUPYTER_SANDBOX_K8S_HOME=pvc on the service keeps homes across failures.';
+  'Its files are not kept: Restart starts it with an empty home ' +
+  '(JUPYTER_SANDBOX_K8S_HOME=pvc on the service keeps homes across failures).';
 
 /** Whether a failed sandbox's files are still there (services too old to say: they are). */
 export function filesKept(sandbox: ISandbox): boolean {
