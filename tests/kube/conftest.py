@@ -8,6 +8,7 @@ left behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,12 +17,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+from kubernetes_asyncio import client, config
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "jupyter-sandbox"
@@ -110,6 +112,27 @@ class FakeCluster:
                 raise AssertionError(
                     "the fake cluster did not stop within 30 s of SIGTERM"
                 ) from exc
+
+
+@contextlib.asynccontextmanager
+async def core(cluster: FakeCluster) -> AsyncIterator[client.CoreV1Api]:
+    """The official async client's core API, configured from the cluster's kubeconfig."""
+    configuration = client.Configuration()
+    await config.load_kube_config(
+        config_file=cluster.kubeconfig, client_configuration=configuration
+    )
+    async with client.ApiClient(configuration) as api:
+        yield client.CoreV1Api(api)
+
+
+def run(cluster: FakeCluster, scenario: Callable[[client.CoreV1Api], Awaitable[object]]) -> object:
+    """Run `scenario` against the cluster's core API in a fresh event loop; its result."""
+
+    async def main() -> object:
+        async with core(cluster) as v1:
+            return await scenario(v1)
+
+    return asyncio.run(main())
 
 
 def alive(pid: int) -> bool:

@@ -12,37 +12,17 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import ApiException
 
 from tests.conftest import wait_for
-from tests.kube.conftest import FakeCluster, running_fake_cluster
+from tests.kube.conftest import FakeCluster, run, running_fake_cluster
 
 pytestmark = pytest.mark.unprivileged
-
-
-@asynccontextmanager
-async def core(cluster: FakeCluster) -> AsyncIterator[client.CoreV1Api]:
-    configuration = client.Configuration()
-    await config.load_kube_config(
-        config_file=cluster.kubeconfig, client_configuration=configuration
-    )
-    async with client.ApiClient(configuration) as api:
-        yield client.CoreV1Api(api)
-
-
-def run(cluster: FakeCluster, scenario: Callable[[client.CoreV1Api], Awaitable[object]]) -> object:
-    async def main() -> object:
-        async with core(cluster) as v1:
-            return await scenario(v1)
-
-    return asyncio.run(main())
 
 
 def status_of(error: ApiException) -> dict:

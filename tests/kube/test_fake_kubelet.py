@@ -13,16 +13,15 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.rest import ApiException
 
 from tests.conftest import wait_for
-from tests.kube.conftest import FakeCluster, alive, running_fake_cluster
+from tests.kube.conftest import FakeCluster, alive, run, running_fake_cluster
 
 pytestmark = pytest.mark.unprivileged
 
@@ -96,24 +95,6 @@ def pod_manifest(name: str, command: list[str], home: dict | None = None, grace:
             ],
         },
     }  # fmt: skip
-
-
-@asynccontextmanager
-async def core(cluster: FakeCluster) -> AsyncIterator[client.CoreV1Api]:
-    configuration = client.Configuration()
-    await config.load_kube_config(
-        config_file=cluster.kubeconfig, client_configuration=configuration
-    )
-    async with client.ApiClient(configuration) as api:
-        yield client.CoreV1Api(api)
-
-
-def run(cluster: FakeCluster, scenario: Callable[[client.CoreV1Api], Awaitable[object]]) -> object:
-    async def main() -> object:
-        async with core(cluster) as v1:
-            return await scenario(v1)
-
-    return asyncio.run(main())
 
 
 async def until(
