@@ -68,6 +68,36 @@ def requirements() -> None:
     pytest.importorskip("jupyterhub")
 
 
+def hub_api(api_url: str, token: str, method: str, path: str, timeout: float, **kwargs: Any) -> Any:
+    """A call with `token` to the hub REST API at `api_url` (``.../hub/api``); the JSON reply,
+    None if empty."""
+    reply = httpx.request(
+        method,
+        f"{api_url}/{path}",
+        headers={"Authorization": f"token {token}"},
+        timeout=timeout,
+        **kwargs,
+    )
+    reply.raise_for_status()
+    return reply.json() if reply.content else None
+
+
+def wait_hub_answers(proc: subprocess.Popen, api_url: str, log: Path) -> None:
+    """Wait until the hub started as `proc` answers at `api_url`; should it exit first, fail
+    with the tail of its `log`."""
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"jupyterhub exited {proc.returncode}:\n{tail}")
+        try:
+            return httpx.get(f"{api_url}/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 60, interval=0.2, message="the hub to answer")
+
+
 @dataclass
 class Hub:
     """A running JupyterHub; `users` are its students, `instructor` its teacher."""
@@ -88,15 +118,7 @@ class Hub:
 
     def api(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> Any:
         """A call to the hub's REST API (``/hub/api/...``), by default as the admin."""
-        response = httpx.request(
-            method,
-            f"{self.url}/hub/api/{path}",
-            headers={"Authorization": f"token {token or self.admin_token}"},
-            timeout=60,
-            **kwargs,
-        )
-        response.raise_for_status()
-        return response.json() if response.content else None
+        return hub_api(f"{self.url}/hub/api", token or self.admin_token, method, path, 60, **kwargs)
 
     def token(self, user: OsUser) -> str:
         """An API token of `user`, made through the hub's API."""
@@ -383,16 +405,8 @@ def start_hub(
         service=service,
     )
 
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"jupyterhub exited {proc.returncode}:\n{hub.log[-4000:]}")
-        try:
-            return httpx.get(f"{hub.url}/hub/api/", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(up, 60, interval=0.3, message="the hub to answer")
+        wait_hub_answers(proc, f"{hub.url}/hub/api", base / "hub.log")
     except BaseException:
         hub.stop()
         raise

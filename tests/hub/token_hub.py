@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from tests.conftest import sandbox_mounts, sandbox_processes, stop_process, storage_parent, wait_for
+from tests.hub_fixtures import hub_api, wait_hub_answers
 from tests.serverext_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,15 +104,7 @@ class TokenHub:
         return (self.base / "hub.log").read_text(errors="replace")
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        reply = httpx.request(
-            method,
-            f"{self.api_url}/{path}",
-            headers={"Authorization": f"token {self.admin_token}"},
-            timeout=30,
-            **kwargs,
-        )
-        reply.raise_for_status()
-        return reply.json() if reply.content else None
+        return hub_api(self.api_url, self.admin_token, method, path, 30, **kwargs)
 
     def token(self, user: str) -> str:
         """An API token of `user` (one per user, made once)."""
@@ -138,18 +131,7 @@ class TokenHub:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"jupyterhub exited {self.proc.returncode}:\n{self.log[-3000:]}"
-                )
-            try:
-                return httpx.get(f"{self.api_url}/", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, interval=0.2, message="the hub to answer")
+        wait_hub_answers(self.proc, self.api_url, self.base / "hub.log")
 
     def stop(self) -> None:
         """Stop the hub and its proxy; nothing of them is left."""
