@@ -121,6 +121,15 @@ class _Bounded(asyncio.Protocol):
             self.inner.resume_writing()
 
 
+def _bounded(
+    site: web.BaseSite, held: Counter, limit: int, peer: PeerKey
+) -> Callable[[], _Bounded]:
+    """A protocol factory for `site`'s server that holds each peer to `limit` connections."""
+    make = site._runner.server
+    assert make is not None
+    return lambda: _Bounded(make, held, limit, peer)
+
+
 class BoundedUnixSite(web.UnixSite):
     """A Unix-socket site on which each uid holds at most `limit` connections."""
 
@@ -131,11 +140,8 @@ class BoundedUnixSite(web.UnixSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        make = self._runner.server
-        assert make is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(
-            lambda: _Bounded(make, self.held, self.limit, _peer_uid),
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            _bounded(self, self.held, self.limit, _peer_uid),
             self._path,
             backlog=self._backlog,
         )
@@ -154,11 +160,8 @@ class BoundedSockSite(web.SockSite):
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        make = self._runner.server
-        assert make is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Bounded(make, self.held, self.limit, _peer_address),
+        self._server = await asyncio.get_running_loop().create_server(
+            _bounded(self, self.held, self.limit, _peer_address),
             sock=self._sock,
             backlog=self._backlog,
         )
