@@ -66,6 +66,8 @@ class KubeService:
             # Requests equal limits: the fake node (as a real one) schedules by them.
             "JUPYTER_SANDBOX_DEFAULT_CPUS": "0.25",
             "JUPYTER_SANDBOX_LEASE_TTL": "4",
+            # The instance's Lease: a restart after a SIGKILL waits up to this for it.
+            "JUPYTER_SANDBOX_K8S_LEASE_SECONDS": "3",
             "JUPYTER_SANDBOX_IDLE_TIMEOUT": "120",
             "JUPYTER_SANDBOX_SSH_PORT": "0",
             "PYTHONPATH": os.pathsep.join(

@@ -84,6 +84,7 @@ RESOURCES = (
     Resource("", "v1", "events", "Event"),
     Resource("", "v1", "namespaces", "Namespace", namespaced=False, status_subresource=True),
     Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", generation=True),
+    Resource("coordination.k8s.io", "v1", "leases", "Lease"),
     Resource(
         "agents.x-k8s.io", "v1beta1", "sandboxes", "Sandbox", generation=True,
         status_subresource=True, custom=True,

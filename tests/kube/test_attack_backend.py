@@ -277,23 +277,61 @@ def unreachable_kubeconfig(directory: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two services of one instance are not refused: the second adopts the first's "
-    "sandboxes and ends its session sandboxes whose leases it never sees renewed; "
-    "refusing needs a Lease (RBAC and deploy change)",
-)
+def lease_of(service: KubeService) -> dict:
+    """The spec of the service's instance Lease."""
+    [lease] = service.objects("leases")
+    return lease["spec"]
+
+
 def test_second_service_of_the_same_instance_is_refused(
     make_kube_service, fake_cluster, tmp_path: Path
 ) -> None:
+    """A second service of one instance (replicas: 2, a rolling update) would adopt the
+    first's sandboxes and end them; it is refused, and the first's sandboxes go on."""
     first = make_kube_service()
+    sandbox = create(first)
+    pod = first.pod(sandbox)["metadata"]["uid"]
+    holder = lease_of(first)["holderIdentity"]
     second = KubeService(fake_cluster, tmp_path / "second", {})
     second.env["JUPYTER_SANDBOX_K8S_INSTANCE"] = second.instance = first.instance
     try:
-        with pytest.raises(AssertionError, match="another service"):
+        with pytest.raises(AssertionError) as refused:
             second.start()
     finally:
         second.stop()
+    message = str(refused.value)
+    assert f"another service of instance {first.instance} holds its lease" in message, message
+    assert holder in message and "replicas: 1" in message, message
+    # It waited one lease duration for the lease to lapse; it did not, nothing was adopted.
+    assert lease_of(first)["holderIdentity"] == holder
+    assert first.pod(sandbox)["metadata"]["uid"] == pod
+    assert first.cli("exec", sandbox, "true").returncode == 0
+
+
+def test_restart_after_sigkill_takes_the_lease_once_it_lapses(make_kube_service) -> None:
+    service = make_kube_service()
+    sandbox = create(service)
+    before = lease_of(service)
+    service.kill()
+    service.start()
+    after = lease_of(service)
+    assert after["holderIdentity"] != before["holderIdentity"]
+    assert after["leaseTransitions"] == before["leaseTransitions"] + 1
+    assert "waiting up to 3 s for it to lapse" in service.log()
+    # The new service adopted the sandbox it left.
+    assert service.cli("exec", sandbox, "true").returncode == 0
+    assert service.pod(sandbox)["metadata"]["name"].endswith("-0")
+
+
+def test_clean_stop_releases_the_lease_at_once(make_kube_service) -> None:
+    service = make_kube_service()
+    sandbox = create(service)
+    service.stop()
+    assert not lease_of(service).get("holderIdentity")
+    service.start()
+    assert "waiting up to" not in service.log()
+    assert lease_of(service)["holderIdentity"]
+    assert service.cli("exec", sandbox, "true").returncode == 0
 
 
 def test_kill_while_the_api_server_hangs_removes_everything_once_it_is_back(

@@ -42,6 +42,7 @@ ALLOWED = {
     ("", "configmaps"): {"get", "create"},
     ("", "persistentvolumeclaims"): {"list", "create", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"create"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
     ("agents.x-k8s.io", "sandboxes"): {"list", "create", "delete"},
 }
 # Kinds that reach beyond one namespace: none of them may be part of the install.

@@ -23,6 +23,7 @@ PREFIXES = {
     "persistentvolumeclaims": "/api/v1",
     "events": "/api/v1",
     "networkpolicies": "/apis/networking.k8s.io/v1",
+    "leases": "/apis/coordination.k8s.io/v1",
     "sandboxes": "/apis/agents.x-k8s.io/v1beta1",
 }
 MERGE_PATCH = "application/merge-patch+json"

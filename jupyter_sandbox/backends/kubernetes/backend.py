@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..tls import SandboxCredentials
 from . import agent_sandbox, objects, reaper, status
 from .api import Api, ApiError, ApiUnreachable
 from .config import KubernetesSettings, api_configuration
+from .lease import InstanceLease
 from .records import RecordWriter
 from .watch import PodWatch
 
@@ -122,6 +124,7 @@ class KubernetesBackend:
         self.watch: PodWatch | None = None
         self.records: RecordWriter | None = None
         self.anchor: objects.Anchor | None = None
+        self.lease: InstanceLease | None = None
         self.code = ""  # the agent-code ConfigMap's name
         self.pairs: dict[str, SandboxCredentials] = {}  # by sandbox, from their Secrets
         self.secrets: set[str] = set()  # sandboxes whose Secret exists, as far as known
@@ -160,6 +163,10 @@ class KubernetesBackend:
         self.records = RecordWriter(self.api)
         try:
             self.anchor = await self._ensure_anchor()
+            self.lease = InstanceLease(
+                self.api, self.kube.instance, self.anchor, self.kube.lease_seconds, self._lost
+            )
+            await self.lease.acquire()
             self.code = await self._ensure(
                 "configmaps", objects.agent_code(self.kube.instance, agent_sources(), self.anchor)
             )
@@ -171,10 +178,13 @@ class KubernetesBackend:
             self.watch = PodWatch(self.api, self.selector)
             await self.watch.start()
         except BaseException as e:
+            if self.lease is not None:
+                await self.lease.release()
             await self.api.close()
             if isinstance(e, ApiError):
                 raise self._error(e, "setting up the sandbox namespace") from None
             raise
+        self._spawn(self.lease.keep())
         self._spawn(self._reap_forever())
         log.info(
             "kubernetes backend: namespace %s, instance %s, image %s",
@@ -230,8 +240,24 @@ class KubernetesBackend:
             task.cancel()
         if self.watch is not None:
             await self.watch.close()
+        if self.lease is not None:
+            await self.lease.release()
         if self.api is not None:
             await self.api.close()
+
+    def _lost(self, holder: str) -> None:
+        """The instance's Lease is another service's now: that one adopts the sandboxes,
+        so this one must neither reap nor write another record. It ends at once, as a
+        SIGKILL would (which it survives by design), and its Deployment restarts it."""
+        log.critical(
+            "another service of instance %s (%s) took its lease while this one could not "
+            "renew it: exiting. Run one replica per instance (Deployment replicas: 1, strategy "
+            "Recreate)",
+            self.kube.instance,
+            holder,
+        )
+        logging.shutdown()
+        os._exit(3)
 
     def limits_status(self) -> str:
         return "kubernetes pod resources"

@@ -14,6 +14,8 @@
 * JUPYTER_SANDBOX_K8S_INSTANCE: tells this service's objects from another's in the same
   namespace (default "default");
 * JUPYTER_SANDBOX_K8S_START_TIMEOUT: seconds a pod may take to become ready (120);
+* JUPYTER_SANDBOX_K8S_LEASE_SECONDS: the duration of the instance's Lease (15), which one
+  service of the instance holds at a time; a restart after a crash waits up to that;
 * JUPYTER_SANDBOX_K8S_MODE: ``pods`` (default: the backend creates bare pods) or
   ``agent-sandbox`` (it creates agent-sandbox ``Sandbox`` resources, whose controller
   makes the pods; see ``agent_sandbox``).
@@ -51,6 +53,7 @@ class KubernetesSettings:
     instance: str = "default"
     start_timeout: float = 120.0
     mode: str = "pods"
+    lease_seconds: int = 15
 
     def __post_init__(self) -> None:
         checks = (
@@ -77,6 +80,8 @@ class KubernetesSettings:
             raise InvalidRequest(f"JUPYTER_SANDBOX_K8S_IMAGE={self.image!r} is not an image name")
         if not self.start_timeout > 0:
             raise InvalidRequest("JUPYTER_SANDBOX_K8S_START_TIMEOUT must be a positive number")
+        if not self.lease_seconds > 0:
+            raise InvalidRequest("JUPYTER_SANDBOX_K8S_LEASE_SECONDS must be a positive number")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> KubernetesSettings:
@@ -93,6 +98,13 @@ class KubernetesSettings:
             raise InvalidRequest(
                 f"JUPYTER_SANDBOX_K8S_START_TIMEOUT={timeout!r} is not a number of seconds"
             ) from None
+        lease = get("LEASE_SECONDS")
+        try:
+            lease_seconds = int(lease) if lease else cls.lease_seconds
+        except ValueError:
+            raise InvalidRequest(
+                f"JUPYTER_SANDBOX_K8S_LEASE_SECONDS={lease!r} is not a whole number of seconds"
+            ) from None
         return cls(
             namespace=get("NAMESPACE") or own_namespace() or cls.namespace,
             image=get("IMAGE") or cls.image,
@@ -102,6 +114,7 @@ class KubernetesSettings:
             instance=get("INSTANCE") or cls.instance,
             start_timeout=start_timeout,
             mode=(get("MODE") or cls.mode).lower(),
+            lease_seconds=lease_seconds,
         )
 
 
