@@ -198,13 +198,19 @@ class KubeService:
         headers = {"Content-Type": "application/merge-patch+json"}
         return self._api("PATCH", resource, name, content=json.dumps(patch), headers=headers)
 
+    def replace_object(self, resource: str, body: dict) -> dict:
+        """Replace an object through the fake's API (someone else's write)."""
+        return self._api("PUT", resource, body["metadata"]["name"], json=body)
+
     def _api(self, method: str, resource: str, name: str, headers=None, **kwargs) -> dict:
+        from jupyter_sandbox.backends.kubernetes.api import PREFIXES
+
         config = yaml.safe_load(Path(self.cluster.kubeconfig).read_text())
-        server = config["clusters"][0]["cluster"]["server"]
+        server = config["clusters"][0]["cluster"]["server"] + PREFIXES.get(resource, "/api/v1")
         token = config["users"][0]["user"]["token"]
         answer = httpx.request(
             method,
-            f"{server}/api/v1/namespaces/{self.cluster.namespace}/{resource}/{name}".rstrip("/"),
+            f"{server}/namespaces/{self.cluster.namespace}/{resource}/{name}".rstrip("/"),
             headers={"Authorization": f"Bearer {token}", **(headers or {})},
             timeout=10,
             **kwargs,

@@ -323,6 +323,38 @@ def test_restart_after_sigkill_takes_the_lease_once_it_lapses(make_kube_service)
     assert service.pod(sandbox)["metadata"]["name"].endswith("-0")
 
 
+def test_service_whose_lease_another_takes_exits_and_its_sandboxes_run_on(
+    make_kube_service,
+) -> None:
+    """Another service took the Lease (this one could not renew it in time): it must
+    neither reap nor adopt any more, so it exits; the restarted one waits the other's
+    Lease out and serves the sandboxes that ran all along."""
+    service = make_kube_service()
+    sandbox = create(service)
+    pod = service.pod(sandbox)["metadata"]["uid"]
+
+    def take() -> bool:  # as another service would: with the resourceVersion it read
+        [lease] = service.objects("leases")
+        lease["spec"]["holderIdentity"] = "intruder/1/0"
+        try:
+            service.replace_object("leases", lease)
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code != 409:  # renewed meanwhile: read again
+                raise
+            return False
+        return True
+
+    wait_for(take, 10, message="the Lease to be taken")
+    wait_for(lambda: service.proc.poll() is not None, 20, message="the service to exit")
+    assert service.proc.returncode == 3
+    assert "took its lease while this one could not renew it: exiting" in service.log()
+    service.proc = None
+    service.start()
+    assert lease_of(service)["holderIdentity"] != "intruder/1/0"
+    assert service.pod(sandbox)["metadata"]["uid"] == pod
+    assert service.cli("exec", sandbox, "true").returncode == 0
+
+
 def test_clean_stop_releases_the_lease_at_once(make_kube_service) -> None:
     service = make_kube_service()
     sandbox = create(service)

@@ -42,7 +42,7 @@ def test_start_ping_exec_stop_and_what_a_lifecycle_costs(kubeconfig, tmp_path):
     cluster = kubeconfig
 
     async def lifecycle() -> dict:
-        backend = backend_for(cluster, tmp_path, instance="direct1")
+        backend = backend_for(cluster, tmp_path, instance="direct1", lease_seconds=3)
         await backend.prepare(None, 0)
         assert await asyncio.to_thread(backend.read_records) == {}
         cluster.reset_stats()
@@ -56,15 +56,20 @@ def test_start_ping_exec_stop_and_what_a_lifecycle_costs(kubeconfig, tmp_path):
         assert await backend.records.flush(10) == 0
         [secret] = instance_objects(cluster, "secrets", "direct1")
         assert "record" in secret["data"]
+        # A second backend of the instance is refused while the first holds its Lease.
+        refused = backend_for(cluster, tmp_path / "refused", instance="direct1")
+        with pytest.raises(IsolationUnavailable, match="another service of instance direct1"):
+            await refused.prepare(None, 0)
+        await backend.close()  # releases the Lease; the sandbox keeps running
         again = backend_for(cluster, tmp_path / "again", instance="direct1")
         await again.prepare(None, 0)
         assert await asyncio.to_thread(again.read_records) == {"sb-d1rect0001": b'{"second": 2}'}
-        assert again.runtime("sb-d1rect0001", runtime.to_json()).pod == runtime.pod
-        await again.close()
-        await backend.stop(runtime)
+        adopted = again.runtime("sb-d1rect0001", runtime.to_json())
+        assert adopted.pod == runtime.pod
+        await again.stop(adopted)
         stats = cluster.stats()
-        assert not os.path.exists(runtime.directory)
-        await backend.close()
+        assert not os.path.exists(adopted.directory)
+        await again.close()
         return stats
 
     stats = asyncio.run(lifecycle())

@@ -238,6 +238,7 @@ def test_an_emptydir_home_lost_to_a_failure_is_told_as_lost(kube_service_env: Ku
 def test_api_server_away_for_30_s(kube_service_env: KubeService):
     service = kube_service_env
     sb = Sandbox.create(timeout="5m")
+    [lease] = service.objects("leases")
     service.cluster.outage(30)
     began = time.monotonic()
     assert sb.sh("echo works without the API").stdout == "works without the API\n"
@@ -255,6 +256,12 @@ def test_api_server_away_for_30_s(kube_service_env: KubeService):
         20,
         message="the record changed during the outage to reach the Secret",
     )
+    # Renewing the instance's Lease failed all along, which did not stop the service:
+    # it holds the Lease still, renewed again.
+    assert "renewing the instance's lease failed" in service.log()
+    [renewed] = service.objects("leases")
+    assert renewed["spec"]["holderIdentity"] == lease["spec"]["holderIdentity"]
+    assert renewed["spec"]["renewTime"] > lease["spec"]["renewTime"]
     # The pod watch is back: a deletion now is seen.
     service.cluster.delete("pods", service.pod(second.id)["metadata"]["name"])
     wait_for(lambda: second.info().status == "failed", 20, message="the deletion to be seen")

@@ -78,8 +78,7 @@ class InstanceLease:
         """Take the Lease, waiting up to one duration for another holder's to lapse;
         IsolationUnavailable naming that holder if it does not."""
         watched: tuple[str, str] | None = None  # (holder, renewTime) as last seen
-        since = deadline = time.monotonic()  # since when unchanged; when to give up
-        deadline += self.duration + self.every
+        since = began = time.monotonic()  # since when unchanged; since when waiting
         waited = False
         while True:
             current = await self._read()
@@ -88,32 +87,37 @@ class InstanceLease:
                     return
                 continue
             spec = current.get("spec") or {}
+            duration = self._duration_of(spec)
             seen = (spec.get("holderIdentity") or "", spec.get("renewTime") or "")
             if seen != watched:
                 watched, since = seen, time.monotonic()
-            lapsed = time.monotonic() - since >= self.duration
+            lapsed = time.monotonic() - since >= duration
             if self._free(spec) or lapsed:
                 if await self._write(current):
                     return
                 continue
-            if time.monotonic() >= deadline:
+            if time.monotonic() - began >= duration * 4 / 3:
                 raise IsolationUnavailable(self._refusal(*seen))
             if not waited:
                 log.info(
                     "the lease of instance %s is held by %s: waiting up to %d s for it to lapse",
                     self.instance,
                     seen[0],
-                    self.duration,
+                    duration,
                 )
                 waited = True
-            await asyncio.sleep(self.every)
+            await asyncio.sleep(duration / 3)
+
+    def _duration_of(self, spec: dict) -> float:
+        """The holder's lease duration (its own, which may not be this service's)."""
+        duration = spec.get("leaseDurationSeconds")
+        return duration if isinstance(duration, int) and duration > 0 else self.duration
 
     def _free(self, spec: dict) -> bool:
         if not spec.get("holderIdentity"):
             return True
         renewed = parse_time(spec.get("renewTime") or spec.get("acquireTime"))
-        duration = spec.get("leaseDurationSeconds") or self.duration
-        return renewed is None or renewed + duration < time.time()
+        return renewed is None or renewed + self._duration_of(spec) < time.time()
 
     def _refusal(self, holder: str, renewed: str) -> str:
         at = parse_time(renewed)
