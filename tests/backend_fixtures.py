@@ -98,8 +98,8 @@ def kubernetes_settings(service: KubeService, real: bool) -> dict[str, str]:
     start timeout: images may need pulling."""
     wanted = ["JUPYTER_SANDBOX_BACKEND", "KUBECONFIG", "JUPYTER_SANDBOX_K8S_NAMESPACE"]
     wanted += ["JUPYTER_SANDBOX_K8S_INSTANCE"]
-    if not real:
-        wanted += ["JUPYTER_SANDBOX_K8S_START_TIMEOUT"]
+    if not real:  # a restart after a SIGKILL waits that Lease out
+        wanted += ["JUPYTER_SANDBOX_K8S_START_TIMEOUT", "JUPYTER_SANDBOX_K8S_LEASE_SECONDS"]
     settings = {key: service.env[key] for key in wanted}
     settings["JUPYTER_SANDBOX_K8S_HOME"] = os.environ.get("JUPYTER_SANDBOX_K8S_HOME", "pvc")
     return settings
