@@ -144,6 +144,26 @@ def wait_for(
         time.sleep(interval)
 
 
+def sandbox_cli(
+    env: dict[str, str],
+    *args: str,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
+    """The jupyter-sandbox CLI run with `args`, `env` added to this process's environment;
+    its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "jupyter_sandbox", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        input=input,
+    )
+
+
 def stop_process(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM `proc` and give it `grace` seconds to exit, then SIGKILL it; it is reaped."""
     if proc.poll() is None:
@@ -262,15 +282,7 @@ class ServiceEnv:
     def run_cli(
         self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None
     ) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "jupyter_sandbox", *args],
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=check,
-            input=input,
-        )
+        return sandbox_cli(self.env, *args, check=check, timeout=timeout, input=input)
 
     def run_python(self, code: str, **kwargs) -> subprocess.Popen:
         """A separate Python process in this service environment."""

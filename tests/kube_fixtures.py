@@ -36,7 +36,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import stop_process, storage_parent, wait_for
+from tests.conftest import sandbox_cli, stop_process, storage_parent, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_LABEL = "jupyter-sandbox.io/instance"
@@ -123,14 +123,7 @@ class KubeService:
     def cli(
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "jupyter_sandbox", *args],
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=check,
-        )
+        return sandbox_cli(self.env, *args, check=check, timeout=timeout)
 
     # -- the cluster, as far as this instance goes --------------------------------------
 

@@ -39,6 +39,7 @@ from jupyter_sandbox.client._sync import portal
 from jupyter_sandbox.service.identity import group_names, user_name
 from jupyter_sandbox.service.quotas import KEYS, QuotaConfigError, Quotas, Use, check_create
 from tests.conftest import (
+    sandbox_cli,
     sandbox_mounts,
     sandbox_pids,
     sandbox_processes,
@@ -108,14 +109,7 @@ class QuotaService:
         wait_for(lambda: len(self.log()) > len(before), 10, message="the reload's log line")
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "jupyter_sandbox", *args],
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=check,
-        )
+        return sandbox_cli(self.env, *args, check=check)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
