@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import storage_parent, wait_for
+from tests.hub_fixtures import hub_api, wait_hub_answers
 
 pytest.importorskip("jupyterhub")
 if shutil.which("configurable-http-proxy") is None:
@@ -75,14 +76,10 @@ class MiniHub:
         body: dict = {"note": "attack tests"}
         if scopes is not None:
             body["scopes"] = scopes
-        reply = httpx.post(
-            f"{self.api_url}/users/{user}/tokens",
-            headers={"Authorization": f"token {self.admin_token}"},
-            json=body,
-            timeout=30,
+        made = hub_api(
+            self.api_url, self.admin_token, "POST", f"users/{user}/tokens", 30, json=body
         )
-        reply.raise_for_status()
-        return reply.json()["token"]
+        return made["token"]
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +106,16 @@ def hub() -> Iterator[MiniHub]:
         )
     api_url = f"http://127.0.0.1:{settings['public']}/hub/api"
 
-    def up() -> bool:
-        assert proc.poll() is None, (base / "hub.log").read_text()[-3000:]
-        try:
-            return httpx.get(f"{api_url}/", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(up, 60, interval=0.3, message="the hub to answer")
-        httpx.post(
-            f"{api_url}/users",
-            headers={"Authorization": f"token {settings['admin_token']}"},
+        wait_hub_answers(proc, api_url, base / "hub.log")
+        hub_api(
+            api_url,
+            settings["admin_token"],
+            "POST",
+            "users",
+            30,
             json={"usernames": [ADMIN, STUDENT]},
-            timeout=30,
-        ).raise_for_status()
+        )
         yield MiniHub(api_url, settings["admin_token"], settings["sandbox_token"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
