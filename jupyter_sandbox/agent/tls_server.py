@@ -277,12 +277,7 @@ class _Bridge:
         if events & (select.POLLHUP | select.POLLERR):  # a reset: nobody to answer any more
             raise ConnectionResetError("the client's connection was reset")
         if events & select.POLLIN:
-            try:
-                data = self.raw.recv(CHUNK)
-            except BlockingIOError:
-                data = None
-            except ConnectionError:
-                data = b""
+            data = _receive(self.raw)
             if data == b"":
                 self.incoming.write_eof()
             elif data:
@@ -312,12 +307,7 @@ class _Bridge:
         if events & select.POLLHUP:  # the agent closed its end: it reads nothing more
             self._agent_closed()
         if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and self.agent_sending:
-            try:
-                data = self.inner.recv(CHUNK)
-            except BlockingIOError:
-                data = None
-            except ConnectionError:
-                data = b""
+            data = _receive(self.inner)
             if data:
                 self.tls.write(data)
             elif data == b"":
@@ -354,6 +344,16 @@ class _Bridge:
             while self.client_sending and (left := deadline - time.monotonic()) > 0:
                 if poller.poll(left * 1000) and not self.raw.recv(CHUNK):
                     return
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket has: None if nothing yet, b"" at its end (or a reset)."""
+    try:
+        return sock.recv(CHUNK)
+    except BlockingIOError:
+        return None
+    except ConnectionError:
+        return b""
 
 
 def _close(sock: socket.socket) -> None:
