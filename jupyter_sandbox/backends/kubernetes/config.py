@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..._errors import InvalidRequest
 
@@ -91,20 +93,17 @@ class KubernetesSettings:
         def get(name: str) -> str | None:
             return env.get(f"JUPYTER_SANDBOX_K8S_{name}") or None
 
-        timeout = get("START_TIMEOUT")
-        try:
-            start_timeout = float(timeout) if timeout else cls.start_timeout
-        except ValueError:
-            raise InvalidRequest(
-                f"JUPYTER_SANDBOX_K8S_START_TIMEOUT={timeout!r} is not a number of seconds"
-            ) from None
-        lease = get("LEASE_SECONDS")
-        try:
-            lease_seconds = int(lease) if lease else cls.lease_seconds
-        except ValueError:
-            raise InvalidRequest(
-                f"JUPYTER_SANDBOX_K8S_LEASE_SECONDS={lease!r} is not a whole number of seconds"
-            ) from None
+        def number(name: str, parse: Callable[[str], Any], default: Any, what: str) -> Any:
+            value = get(name)
+            try:
+                return parse(value) if value else default
+            except ValueError:
+                raise InvalidRequest(
+                    f"JUPYTER_SANDBOX_K8S_{name}={value!r} is not {what}"
+                ) from None
+
+        start_timeout = number("START_TIMEOUT", float, cls.start_timeout, "a number of seconds")
+        lease_seconds = number("LEASE_SECONDS", int, cls.lease_seconds, "a whole number of seconds")
         return cls(
             namespace=get("NAMESPACE") or own_namespace() or cls.namespace,
             image=get("IMAGE") or cls.image,
