@@ -217,12 +217,7 @@ def test_ssh_widget_shows_a_failure_and_restarts(lab: str, service_env) -> None:
         assert "files are kept" in page.locator(".jsbw-sandbox-left").inner_text()
         assert page.get_by_role("button", name="Kill", exact=True).is_enabled()
         page.screenshot(path=ARTIFACTS / "widget-failed.png", full_page=True)
-        page.evaluate(
-            "window.jupyterapp.commands.execute('apputils:change-theme',"
-            " {theme: 'JupyterLab Dark'})"
-        )
-        page.wait_for_function("document.body.dataset.jpThemeName === 'JupyterLab Dark'")
-        page.wait_for_selector("#jupyterlab-splash", state="detached")
+        set_theme(page, "JupyterLab Dark")
         page.screenshot(path=ARTIFACTS / "widget-failed-dark.png", full_page=True)
         restart.click()
         status.filter(has_text="running").wait_for(timeout=30_000)
@@ -253,12 +248,7 @@ def test_ssh_widget_says_an_emptydir_home_is_lost(make_kube_service, tmp_path: P
         )
         assert "its files are kept" not in page.locator(".jsbw-ssh").inner_text()
         page.screenshot(path=ARTIFACTS / "widget-failed-emptydir.png", full_page=True)
-        page.evaluate(
-            "window.jupyterapp.commands.execute('apputils:change-theme',"
-            " {theme: 'JupyterLab Dark'})"
-        )
-        page.wait_for_function("document.body.dataset.jpThemeName === 'JupyterLab Dark'")
-        page.wait_for_selector("#jupyterlab-splash", state="detached")
+        set_theme(page, "JupyterLab Dark")
         page.screenshot(path=ARTIFACTS / "widget-failed-emptydir-dark.png", full_page=True)
         kill_from_widget(page)
         status.filter(has_text="ended: killed").wait_for(timeout=30_000)
