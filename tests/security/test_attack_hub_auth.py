@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import storage_parent, wait_for
+from tests.conftest import stop_process, storage_parent, wait_for
 from tests.hub_fixtures import hub_api, wait_hub_answers
 
 pytest.importorskip("jupyterhub")
@@ -178,12 +178,7 @@ def service(hub: MiniHub) -> Iterator[HubService]:
         wait_for(up, 60, interval=0.2, message="the hub-mode service to listen")
         yield HubService(url, base / "data" / "sandbox" / "service.log")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
         left = list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(storage, ignore_errors=True)
