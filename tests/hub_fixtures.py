@@ -264,6 +264,33 @@ async def _execute(server: UserServer, kernel_id: str, code: str, timeout: float
     return result
 
 
+# What every test hub's jupyterhub_config.py says first (after `c = get_config()`, with
+# its settings as `s`): its local ports and files, DummyAuthenticator, all users allowed.
+HUB_BASICS = """c.JupyterHub.bind_url = s["bind_url"]
+c.JupyterHub.hub_bind_url = s["hub_bind_url"]
+c.ConfigurableHTTPProxy.api_url = s["proxy_api"]
+c.ConfigurableHTTPProxy.pid_file = s["pid_file"]
+c.JupyterHub.db_url = s["db_url"]
+c.JupyterHub.cookie_secret_file = s["cookie_secret_file"]
+c.JupyterHub.authenticator_class = "dummy"
+c.DummyAuthenticator.password = s["password"]
+c.Authenticator.allow_all = True
+"""
+
+
+def hub_basic_settings(base: Path, ports: dict[str, int], password: str) -> dict[str, str]:
+    """The settings HUB_BASICS reads: the hub's ports, its files in `base`, the password."""
+    return {
+        "bind_url": f"http://127.0.0.1:{ports['public']}",
+        "hub_bind_url": f"http://127.0.0.1:{ports['hub']}",
+        "proxy_api": f"http://127.0.0.1:{ports['proxy_api']}",
+        "pid_file": str(base / "proxy.pid"),
+        "db_url": f"sqlite:///{base / 'jupyterhub.sqlite'}",
+        "cookie_secret_file": str(base / "cookie_secret"),
+        "password": password,
+    }
+
+
 def hub_config(
     base: Path,
     ports: dict[str, int],
@@ -295,15 +322,10 @@ def hub_config(
         "JUPYTER_SANDBOX_SYSTEM_RUN": str(service.run_dir),
     }
     settings = {
-        "bind_url": f"http://127.0.0.1:{ports['public']}",
-        "hub_bind_url": f"http://127.0.0.1:{ports['hub']}",
-        "proxy_api": f"http://127.0.0.1:{ports['proxy_api']}",
+        **hub_basic_settings(base, ports, PASSWORD),
         "dashboard_url": f"http://127.0.0.1:{ports['dashboard']}",
-        "db_url": f"sqlite:///{base / 'jupyterhub.sqlite'}",
-        "cookie_secret_file": str(base / "jupyterhub_cookie_secret"),
         "singleuser": str(singleuser(venv)),
         "python": sys.executable,
-        "password": PASSWORD,
         "admin_token": admin_token,
         "group": instructor_group,
         "instructor": instructor,
@@ -312,25 +334,18 @@ def hub_config(
         "ta_role": TA_ROLE,
         "user_env": user_env,
         "dashboard_env": dashboard_env,
-        "pid_file": str(base / "jupyterhub-proxy.pid"),
     }
     return CONFIG_TEMPLATE.replace("SETTINGS", repr(settings))
 
 
-CONFIG_TEMPLATE = """
+CONFIG_TEMPLATE = (
+    """
 s = SETTINGS
 HUB_ADMIN, HUB_TA, TA_ROLE = s["hub_admin"], s["hub_ta"], s["ta_role"]
 c = get_config()  # noqa
-c.JupyterHub.bind_url = s["bind_url"]
-c.JupyterHub.hub_bind_url = s["hub_bind_url"]
-c.ConfigurableHTTPProxy.api_url = s["proxy_api"]
-c.ConfigurableHTTPProxy.pid_file = s["pid_file"]
-c.JupyterHub.db_url = s["db_url"]
-c.JupyterHub.cookie_secret_file = s["cookie_secret_file"]
-c.JupyterHub.authenticator_class = "dummy"
-c.DummyAuthenticator.password = s["password"]
-c.Authenticator.allow_all = True
-c.JupyterHub.spawner_class = "jupyterhub.spawner.LocalProcessSpawner"
+"""
+    + HUB_BASICS
+    + """c.JupyterHub.spawner_class = "jupyterhub.spawner.LocalProcessSpawner"
 c.Spawner.cmd = [s["singleuser"]]
 c.Spawner.environment = s["user_env"]
 c.Spawner.start_timeout = 90
@@ -359,6 +374,7 @@ c.JupyterHub.load_roles = [
      "services": ["hub-tests"]},
 ]
 """
+)
 
 
 def singleuser(venv: Path) -> Path:

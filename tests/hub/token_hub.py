@@ -33,7 +33,7 @@ import httpx
 import pytest
 
 from tests.conftest import sandbox_mounts, sandbox_processes, stop_process, storage_parent, wait_for
-from tests.hub_fixtures import hub_api, wait_hub_answers
+from tests.hub_fixtures import HUB_BASICS, hub_api, hub_basic_settings, wait_hub_answers
 from tests.serverext_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,19 +59,13 @@ def requirements() -> None:
     pytest.importorskip("jupyterhub")
 
 
-HUB_CONFIG = """
+HUB_CONFIG = (
+    """
 s = SETTINGS
 c = get_config()  # noqa
-c.JupyterHub.bind_url = s["bind_url"]
-c.JupyterHub.hub_bind_url = s["hub_bind_url"]
-c.ConfigurableHTTPProxy.api_url = s["proxy_api"]
-c.ConfigurableHTTPProxy.pid_file = s["pid_file"]
-c.JupyterHub.db_url = s["db_url"]
-c.JupyterHub.cookie_secret_file = s["cookie_secret_file"]
-c.JupyterHub.authenticator_class = "dummy"
-c.DummyAuthenticator.password = s["password"]
-c.Authenticator.allow_all = True
-c.Authenticator.admin_users = {s["admin"]}
+"""
+    + HUB_BASICS
+    + """c.Authenticator.admin_users = {s["admin"]}
 c.JupyterHub.load_groups = s["groups"]
 c.JupyterHub.services = [
     {"name": "sandboxes", "api_token": s["service_token"]},
@@ -85,6 +79,7 @@ c.JupyterHub.load_roles = [
      "services": ["hub-tests"]},
 ]
 """
+)
 
 
 @dataclass
@@ -153,13 +148,7 @@ def start_token_hub(base: Path) -> TokenHub:
         other_token=secrets.token_hex(24),
     )
     settings = {
-        "bind_url": f"http://127.0.0.1:{ports['public']}",
-        "hub_bind_url": f"http://127.0.0.1:{ports['hub']}",
-        "proxy_api": f"http://127.0.0.1:{ports['proxy_api']}",
-        "pid_file": str(base / "proxy.pid"),
-        "db_url": f"sqlite:///{base / 'jupyterhub.sqlite'}",
-        "cookie_secret_file": str(base / "cookie_secret"),
-        "password": secrets.token_urlsafe(12),
+        **hub_basic_settings(base, ports, secrets.token_urlsafe(12)),
         "admin": ADMIN,
         "groups": {TEACHERS: {"users": [INSTRUCTOR]}, LIMITED_GROUP: {"users": [LIMITED]}},
         "service_token": hub.service_token,
