@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,8 @@ import httpx
 import pytest
 
 from tests.conftest import stop_process, storage_parent, wait_for
-from tests.hub_fixtures import hub_api, wait_hub_answers
+from tests.hub_fixtures import HUB_BASICS, hub_api, hub_basic_settings, wait_hub_answers
+from tests.serverext_fixtures import free_port
 
 pytest.importorskip("jupyterhub")
 if shutil.which("configurable-http-proxy") is None:
@@ -32,18 +32,13 @@ if shutil.which("configurable-http-proxy") is None:
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN, STUDENT, OTHER_SERVICE, SANDBOX_SERVICE = "boss", "alice", "other", "jupyter-sandbox"
 
-HUB_CONFIG = """
+HUB_CONFIG = (
+    """
 s = SETTINGS
 c = get_config()  # noqa
-c.JupyterHub.bind_url = f"http://127.0.0.1:{s['public']}"
-c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{s['hub']}"
-c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{s['proxy_api']}"
-c.ConfigurableHTTPProxy.pid_file = s["base"] + "/proxy.pid"
-c.JupyterHub.db_url = "sqlite:///" + s["base"] + "/hub.sqlite"
-c.JupyterHub.cookie_secret_file = s["base"] + "/cookie_secret"
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allow_all = True
-c.Authenticator.admin_users = {s["admin_user"]}
+"""
+    + HUB_BASICS
+    + """c.Authenticator.admin_users = {s["admin_user"]}
 c.JupyterHub.services = [
     {"name": "hub-tests", "api_token": s["admin_token"]},
     {"name": s["other"]},
@@ -57,12 +52,7 @@ c.JupyterHub.load_roles = [
      "services": [s["sandbox"]]},
 ]
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+)
 
 
 @dataclass
@@ -85,9 +75,9 @@ class MiniHub:
 @pytest.fixture(scope="module")
 def hub() -> Iterator[MiniHub]:
     base = Path(tempfile.mkdtemp(prefix="attack-hub-"))
+    ports = {name: free_port() for name in ("public", "hub", "proxy_api")}
     settings = {
-        "base": str(base),
-        **{name: _free_port() for name in ("public", "hub", "proxy_api")},
+        **hub_basic_settings(base, ports, secrets.token_urlsafe(12)),
         "admin_token": secrets.token_hex(24),
         "sandbox_token": secrets.token_hex(24),
         "admin_user": ADMIN,
@@ -104,7 +94,7 @@ def hub() -> Iterator[MiniHub]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    api_url = f"http://127.0.0.1:{settings['public']}/hub/api"
+    api_url = f"{settings['bind_url']}/hub/api"
 
     try:
         wait_hub_answers(proc, api_url, base / "hub.log")
@@ -156,7 +146,7 @@ def service(hub: MiniHub) -> Iterator[HubService]:
     }
     for key in ("JUPYTER_SANDBOX_URL", "JUPYTER_SANDBOX_TOKEN", "JUPYTER_SANDBOX_AUTH"):
         env.pop(key, None)
-    port = _free_port()
+    port = free_port()
     serve = ["serve", "--no-supervisor", "--tcp", f"127.0.0.1:{port}", "--hub-auth"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_sandbox", *serve],
