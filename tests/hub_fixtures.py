@@ -464,7 +464,7 @@ def hub(hub_users: Any, system_service: SystemService, shared_venv: Path) -> Ite
                 message=f"{user.name}'s processes to end with the hub",
             )
     finally:
-        kept = Path(tempfile.gettempdir()) / "jupyter-sandbox-tests-hub.log"
+        kept = Path(tempfile.gettempdir()) / f"jupyter-sandbox-tests-{os.getuid()}-hub.log"
         shutil.copy(base / "hub.log", kept)
         shutil.rmtree(base, ignore_errors=True)
 

@@ -63,7 +63,7 @@ def token_hub() -> Iterator[TokenHub]:
         yield hub
     finally:
         hub.stop()
-        kept = Path(tempfile.gettempdir()) / "jupyter-sandbox-tests-tokenhub.log"
+        kept = Path(tempfile.gettempdir()) / f"jupyter-sandbox-tests-{os.getuid()}-tokenhub.log"
         shutil.copy(base / "hub.log", kept)
         shutil.rmtree(base, ignore_errors=True)
 

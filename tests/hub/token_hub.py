@@ -303,7 +303,7 @@ def hub_auth_service(
                 list((storage / "sandboxes").iterdir()) if (storage / "sandboxes").exists() else []
             )
             shutil.rmtree(storage, ignore_errors=True)
-            kept = Path(tempfile.gettempdir()) / "jupyter-sandbox-tests-hubauth.log"
+            kept = Path(tempfile.gettempdir()) / f"jupyter-sandbox-tests-{os.getuid()}-hubauth.log"
             with contextlib.suppress(OSError):
                 kept.write_text(service.log)
             shutil.rmtree(base, ignore_errors=True)
